@@ -1,0 +1,259 @@
+"""The streaming merge executor: plan every tensor, then merge and write one at a time.
+
+Planning reads only headers and the recipe, so every input error (missing
+tensor, shape mismatch, bad parameter) is raised before any output exists.
+Execution holds the inputs of one tensor at a time; peak memory is a small
+multiple of the largest tensor, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from langmerge.errors import LangmergeError
+from langmerge.io.metadata import copy_tokenizer, write_config, write_model_card
+from langmerge.io.output import atomic_output_dir, check_output_free
+from langmerge.io.reader import CheckpointReader
+from langmerge.io.writer import ShardedWriter
+from langmerge.methods.kernels import TensorParameters, merge_tensor
+from langmerge.recipe import Recipe, load_recipe
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHARD_BYTES = 5 * 10**9
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def layer_position(name: str, num_layers: int) -> float:
+    """mergekit's ``t`` for gradients: layer i of n at i/(n-1); embeddings at 0; other non-layer tensors at 1."""
+    index = layer_index(name)
+    if index is None:
+        return 0.0 if "embed" in name or name.endswith(("wte.weight", "wpe.weight")) else 1.0
+    return index / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    params: TensorParameters | None  # None: not floating point, copied from the reference model
+    seed: int = 0
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    base: CheckpointReader | None
+    inputs: list[CheckpointReader]
+    jobs: list[TensorJob]
+    compute_dtype: torch.dtype | None
+
+    @property
+    def reference(self) -> CheckpointReader:
+        return self.base if self.base is not None else self.inputs[0]
+
+    def close(self) -> None:
+        for reader in [self.base, *self.inputs]:
+            if reader is not None:
+                reader.close()
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    out_dir: Path
+    method: str
+    tensors: int
+    bytes_written: int
+    seconds: float
+
+    def summary(self) -> str:
+        gb = self.bytes_written / 1e9
+        return (
+            f"merged {self.tensors} tensors ({gb:.2f} GB) with {self.method} in {self.seconds:.1f} s "
+            f"({gb / max(self.seconds, 1e-9):.2f} GB/s) -> {self.out_dir}"
+        )
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed independent of the order tensors are processed in."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def plan_merge(recipe: Recipe) -> MergePlan:
+    """Open the inputs and resolve every tensor's job; raises LangmergeError on bad input."""
+    with ExitStack() as stack:
+        base = None
+        if recipe.method.uses_base:
+            base = CheckpointReader(recipe.base_model, label=recipe.base_model)
+            stack.callback(base.close)
+        inputs = []
+        for entry in recipe.inputs:
+            reader = CheckpointReader(entry.model, label=entry.model)
+            stack.callback(reader.close)
+            inputs.append(reader)
+        reference = base if base is not None else inputs[0]
+        others = inputs if base is not None else inputs[1:]
+
+        names = reference.names
+        known = set(names)
+        for reader in others:
+            missing = [n for n in names if n not in reader.entries]
+            if missing:
+                raise LangmergeError(
+                    f"model {reader.label}: tensor {missing[0]!r} is missing"
+                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                )
+            extra = [n for n in reader.names if n not in known]
+            if extra:
+                raise LangmergeError(
+                    f"model {reader.label}: tensor {extra[0]!r} is not in {reference.label}"
+                    + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+                )
+            for n in names:
+                if reader.shape(n) != reference.shape(n):
+                    raise LangmergeError(
+                        f"tensor {n!r}: shape {list(reader.shape(n))} in {reader.label} "
+                        f"but {list(reference.shape(n))} in {reference.label}"
+                    )
+
+        config = reference.config() or {}
+        indices = [i for i in (layer_index(n) for n in names) if i is not None]
+        num_layers = int(config.get("num_hidden_layers") or (max(indices) + 1 if indices else 1))
+
+        jobs = []
+        for n in names:
+            native = reference.dtype(n)
+            if not native.is_floating_point:
+                jobs.append(TensorJob(n, reference.shape(n), native, None))
+                continue
+            params = recipe.tensor_parameters(n, layer_position(n, num_layers))
+            out_dtype = recipe.out_dtype or recipe.dtype or native
+            jobs.append(TensorJob(n, reference.shape(n), out_dtype, params, _tensor_seed(recipe.seed(n), n)))
+        stack.pop_all()
+    return MergePlan(recipe, base, inputs, jobs, recipe.dtype)
+
+
+def _load(reader: CheckpointReader, name: str, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+    t = reader.get(name)
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise LangmergeError(f"model {reader.label}: tensor {name!r} contains NaN or Inf")
+    return t.to(device=device, dtype=dtype or t.dtype)
+
+
+def merge_job(plan: MergePlan, job: TensorJob, device: torch.device) -> torch.Tensor:
+    """Compute one output tensor (in its output dtype, on the CPU)."""
+    if job.params is None:
+        return plan.reference.get(job.name)
+    base = _load(plan.base, job.name, plan.compute_dtype, device) if plan.base is not None else None
+    dtype = plan.compute_dtype or (base.dtype if base is not None else None)
+    inputs = [_load(r, job.name, dtype, device) for r in plan.inputs]
+    generators = None
+    if plan.recipe.method.sparsification == "random":
+        generators = []
+        for i in range(len(inputs)):
+            g = torch.Generator(device=device)
+            g.manual_seed(_tensor_seed(job.seed, str(i)))
+            generators.append(g)
+    merged = merge_tensor(plan.recipe.method, base, inputs, job.params, generators)
+    out = merged.to(dtype=job.out_dtype).cpu()
+    if not bool(torch.isfinite(out).all()):
+        raise LangmergeError(
+            f"tensor {job.name!r}: the merge produced NaN or Inf (weights summing to zero with normalize?)"
+        )
+    return out
+
+
+def _device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LangmergeError("--device cuda: no CUDA GPU is available")
+    return device
+
+
+def merge(
+    recipe,
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    device: str = "cpu",
+    threads: int | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: bool = True,
+) -> MergeReport:
+    """Merge per ``recipe`` (path, YAML text, dict or Recipe) into the folder ``out_dir``."""
+    recipe = load_recipe(recipe)
+    check_output_free(out_dir, force)
+    if threads:
+        torch.set_num_threads(threads)
+    dev = _device(device)
+    start = time.perf_counter()
+    plan = plan_merge(recipe)
+    try:
+        specs = [(j.name, j.shape, j.out_dtype) for j in plan.jobs]
+        tokenizer_dir = _tokenizer_folder(recipe, plan)
+        with atomic_output_dir(out_dir, force=force) as tmp:
+            writer = ShardedWriter(tmp, specs, shard_bytes)
+            written = 0
+            bar = tqdm(total=len(plan.jobs), unit="tensor", desc=f"merge ({recipe.method.name})", disable=not progress)
+            try:
+                with torch.no_grad():
+                    for job in plan.jobs:
+                        out = merge_job(plan, job, dev)
+                        writer.write(job.name, out)
+                        written += out.numel() * out.element_size()
+                        bar.update(1)
+                        bar.set_postfix_str(f"{written / 1e9 / max(time.perf_counter() - start, 1e-9):.2f} GB/s")
+                writer.finish()
+            except BaseException:
+                writer.abort()
+                raise
+            finally:
+                bar.close()
+            float_dtypes = {j.out_dtype for j in plan.jobs if j.params is not None}
+            write_config(tmp, plan.reference.config(), next(iter(float_dtypes)) if len(float_dtypes) == 1 else None, plan.reference.label)
+            copy_tokenizer(tokenizer_dir, tmp)
+            write_model_card(
+                tmp,
+                method=recipe.method.name,
+                summary=recipe.method.summary,
+                base=recipe.base_model,
+                inputs=[e.model for e in recipe.inputs],
+                recipe=recipe.to_dict(),
+            )
+    finally:
+        plan.close()
+    report = MergeReport(Path(out_dir), recipe.method.name, len(plan.jobs), writer.total_bytes, time.perf_counter() - start)
+    log.info(report.summary())
+    return report
+
+
+def _tokenizer_folder(recipe: Recipe, plan: MergePlan) -> Path:
+    source = recipe.tokenizer_source
+    if source == "base":
+        return plan.reference.folder
+    for entry, reader in zip(recipe.inputs, plan.inputs):
+        if entry.model == source:
+            return reader.folder
+    if source == recipe.base_model and plan.base is not None:
+        return plan.base.folder
+    if source == "union":
+        raise LangmergeError("recipe key 'tokenizer_source': 'union' needs vocabulary alignment, which this merge does not do")
+    raise LangmergeError(
+        f"recipe key 'tokenizer_source': {source!r} is neither 'base' nor one of the recipe's models"
+    )

@@ -1,0 +1,1 @@
+"""Checkpoint input and output: lazy sharded reader, streaming sharded writer, metadata."""

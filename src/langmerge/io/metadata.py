@@ -1,0 +1,80 @@
+"""Everything in a model folder besides the weights: config, tokenizer, model card."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from langmerge.errors import LangmergeError
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+GENERATION_FILES = ("generation_config.json",)
+
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
+
+
+def write_config(out: Path, config: dict | None, dtype: torch.dtype | None, source: str) -> None:
+    if config is None:
+        raise LangmergeError(f"model {source}: config.json is missing; the merged model needs one")
+    config = dict(config)
+    if dtype is not None:
+        # transformers 5 reads "dtype"; older versions read "torch_dtype".
+        config["dtype"] = DTYPE_NAMES[dtype]
+        if "torch_dtype" in config:
+            config["torch_dtype"] = DTYPE_NAMES[dtype]
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def copy_tokenizer(source: Path, out: Path) -> list[str]:
+    """Copy the tokenizer and generation config files that ``source`` has."""
+    copied = []
+    for name in TOKENIZER_FILES + GENERATION_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
+            copied.append(name)
+    return copied
+
+
+def write_model_card(out: Path, *, method: str, summary: str, base: str | None, inputs: list[str], recipe: dict) -> None:
+    """A README.md whose YAML front matter the Hub (and people) can read."""
+    front = {
+        "base_model": ([base] if base else []) + [m for m in inputs if m != base],
+        "library_name": "transformers",
+        "tags": ["langmerge", "merge", method],
+    }
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(),
+        "---",
+        "# Merged model",
+        "",
+        f"Made with [langmerge](https://pypi.org/project/langmerge/) by **{method}**: {summary}.",
+        "",
+        f"Base model: `{base}`" if base else "No base model (weighted average).",
+        "",
+        "Inputs:",
+        *[f"- `{m}`" for m in inputs],
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True).rstrip(),
+        "```",
+        "",
+    ]
+    (out / "README.md").write_text("\n".join(lines))
+    (out / "langmerge_recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True))

@@ -1,0 +1,117 @@
+"""Lazy reader of a Hugging Face checkpoint folder.
+
+Only headers are read up front; a tensor's bytes are read when asked for.
+Index files are untrusted: a weight map entry that leaves the model folder
+(``../``, an absolute path, a symlink pointing outside) is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from langmerge.errors import LangmergeError
+from langmerge.io.safetensors_format import TensorEntry, read_header, read_tensor
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _inside(folder: Path, relative: str, index_path: Path) -> Path:
+    """Resolve an index entry, refusing anything outside ``folder``."""
+    if Path(relative).is_absolute():
+        raise LangmergeError(f"{index_path}: weight map entry {relative!r} is an absolute path; refused")
+    root = folder.resolve()
+    target = (folder / relative).resolve()
+    if root != target and root not in target.parents:
+        raise LangmergeError(f"{index_path}: weight map entry {relative!r} points outside the model folder; refused")
+    return target
+
+
+class CheckpointReader:
+    """The tensors of one model folder, by name, read on demand."""
+
+    def __init__(self, folder: str | Path, label: str | None = None):
+        self.folder = Path(folder)
+        self.label = label or str(folder)
+        if not self.folder.is_dir():
+            raise LangmergeError(f"model {self.label}: folder {self.folder} does not exist")
+        self.entries = self._index()
+        self._handles: dict[Path, object] = {}
+
+    def _index(self) -> dict[str, TensorEntry]:
+        index_path = self.folder / INDEX_FILE
+        single = self.folder / SINGLE_FILE
+        if index_path.is_file():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise LangmergeError(f"{index_path}: unreadable index ({exc!r})") from exc
+            if not isinstance(weight_map, dict):
+                raise LangmergeError(f"{index_path}: 'weight_map' is not an object")
+            files: dict[Path, list[str]] = {}
+            for name, rel in weight_map.items():
+                files.setdefault(_inside(self.folder, str(rel), index_path), []).append(name)
+            entries: dict[str, TensorEntry] = {}
+            for path, names in files.items():
+                if not path.is_file():
+                    raise LangmergeError(f"{index_path}: shard {path.name} is missing")
+                header = read_header(path)
+                for name in names:
+                    if name not in header:
+                        raise LangmergeError(f"{index_path}: tensor {name!r} is not in shard {path.name}")
+                    entries[name] = header[name]
+            return entries
+        if single.is_file():
+            return read_header(_inside(self.folder, SINGLE_FILE, single))
+        shards = sorted(self.folder.glob("*.safetensors"))
+        if len(shards) == 1:
+            return read_header(_inside(self.folder, shards[0].name, shards[0]))
+        if any(self.folder.glob("*.bin")):
+            raise LangmergeError(
+                f"model {self.label}: only pickle (.bin) weights in {self.folder}; "
+                "convert them to safetensors (pickle files can run code when loaded)"
+            )
+        raise LangmergeError(f"model {self.label}: no safetensors weights in {self.folder}")
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name].shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.entries[name].dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            entry = self.entries[name]
+        except KeyError:
+            raise LangmergeError(f"model {self.label}: tensor {name!r} is missing") from None
+        handle = self._handles.get(entry.file)
+        if handle is None:
+            handle = self._handles[entry.file] = open(entry.file, "rb")
+        return read_tensor(entry, handle)
+
+    def config(self) -> dict | None:
+        path = self.folder / "config.json"
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except ValueError as exc:
+            raise LangmergeError(f"{path}: invalid JSON ({exc})") from exc
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

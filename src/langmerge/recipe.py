@@ -1,0 +1,304 @@
+"""Merge recipes: mergekit's YAML format for the methods langmerge shares with it.
+
+A recipe is validated in two steps. ``load_recipe`` checks its shape (keys,
+types, method, parameter names, model references); ``Recipe.tensor_parameters``
+resolves the per-tensor values (conditional ``filter`` values and layer
+gradients) and checks their ranges. Every error names the recipe key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from langmerge.errors import LangmergeError
+from langmerge.methods.kernels import TensorParameters
+from langmerge.methods.registry import MergeMethod, ParameterSpec, get_method
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+# mergekit keys that langmerge does not implement: refused by name rather than ignored.
+UNSUPPORTED_KEYS = {
+    "slices": "per-slice layer ranges (frankenmerges) are not supported; list whole models under 'models'",
+    "modules": "multi-module merges are not supported",
+    "chat_template": "set the chat template on the tokenizer source model instead",
+}
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class TokenizerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: str = "base"
+
+
+class RecipeFile(BaseModel):
+    """The YAML document as written."""
+
+    model_config = ConfigDict(extra="forbid")
+    merge_method: str
+    base_model: str | None = None
+    models: list[ModelEntry] = Field(min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    tokenizer: TokenizerSettings | None = None
+
+
+def _dtype(value: str | None, key: str) -> torch.dtype | None:
+    if value is None:
+        return None
+    try:
+        return DTYPES[value.removeprefix("torch.")]
+    except KeyError:
+        raise LangmergeError(f"recipe key {key!r}: unknown dtype {value!r}; use one of float32, float16, bfloat16") from None
+
+
+def _check_scalar(spec: ParameterSpec, value: Any, key: str) -> Any:
+    if spec.type is bool:
+        if not isinstance(value, bool):
+            raise LangmergeError(f"recipe key {key!r}: expected true or false, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise LangmergeError(f"recipe key {key!r}: expected a number, got {value!r}")
+    if spec.type is int:
+        if int(value) != value:
+            raise LangmergeError(f"recipe key {key!r}: expected a whole number, got {value!r}")
+        value = int(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise LangmergeError(f"recipe key {key!r}: expected a finite number, got {value!r}")
+    if spec.minimum is not None and value < spec.minimum:
+        raise LangmergeError(f"recipe key {key!r}: {value!r} is below the minimum {spec.minimum}")
+    if spec.maximum is not None and value > spec.maximum:
+        raise LangmergeError(f"recipe key {key!r}: {value!r} is above the maximum {spec.maximum}")
+    return value
+
+
+def _check_setting(spec: ParameterSpec, setting: Any, key: str) -> None:
+    """Validate a setting's shape: scalar, gradient list, or list of {filter, value}."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, list):
+        if not setting:
+            raise LangmergeError(f"recipe key {key!r}: empty list")
+        if all(isinstance(e, dict) for e in setting):
+            for i, cond in enumerate(setting):
+                extra = set(cond) - {"filter", "value"}
+                if extra or "value" not in cond:
+                    raise LangmergeError(
+                        f"recipe key {key}[{i}]: a conditional value needs 'value' and an optional 'filter'"
+                    )
+                if cond.get("filter") is not None and not isinstance(cond["filter"], str):
+                    raise LangmergeError(f"recipe key {key}[{i}].filter: expected a string")
+                _check_setting(spec, cond["value"], f"{key}[{i}].value")
+            return
+        if any(isinstance(e, (dict, list)) for e in setting):
+            raise LangmergeError(f"recipe key {key!r}: mixes conditional values with plain values")
+        for i, e in enumerate(setting):
+            _check_scalar(spec, e, f"{key}[{i}]")
+        return
+    _check_scalar(spec, setting, key)
+
+
+def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
+    """mergekit's resolution of one setting for one tensor.
+
+    A list of numbers is a gradient interpolated at ``t`` (the layer's
+    position in [0, 1]); other plain lists pick ``int(t * (n - 1))``; a list of
+    ``{filter, value}`` takes the first whose filter is absent, ``*``, or a
+    substring of the tensor name (None when none matches).
+    """
+    if isinstance(setting, dict):
+        setting = [setting]
+    if not isinstance(setting, list):
+        return setting
+    if all(isinstance(e, dict) for e in setting):
+        for cond in setting:
+            f = cond.get("filter")
+            if f is None or f == "*" or f in tensor_name:
+                return evaluate_setting(cond["value"], tensor_name, t)
+        return None
+    if all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
+        scaled = t * (len(setting) - 1)
+        i0 = int(scaled)
+        i1 = min(len(setting) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * setting[i0] + frac * setting[i1]
+    return setting[int(t * (len(setting) - 1))]
+
+
+class Recipe:
+    """A validated recipe with model references resolved to input positions."""
+
+    def __init__(self, raw: RecipeFile, source: str = "<recipe>"):
+        self.raw = raw
+        self.source = source
+        self.method: MergeMethod = get_method(raw.merge_method)
+        self.dtype = _dtype(raw.dtype, "dtype")
+        self.out_dtype = _dtype(raw.out_dtype, "out_dtype")
+        if raw.tokenizer_source is not None and raw.tokenizer is not None:
+            raise LangmergeError("recipe keys 'tokenizer_source' and 'tokenizer' both given; keep one")
+        self.tokenizer_source = raw.tokenizer.source if raw.tokenizer else (raw.tokenizer_source or "base")
+
+        if self.method.uses_base and raw.base_model is None:
+            raise LangmergeError(f"recipe key 'base_model' is required by merge_method {self.method.name!r}")
+        self.base_model = raw.base_model
+        # Inputs that contribute a task vector (or, for linear, a weighted term).
+        # As in mergekit, a base model listed under 'models' is not a task vector.
+        if self.method.uses_base:
+            self.inputs = [e for e in raw.models if e.model != raw.base_model]
+        else:
+            self.inputs = list(raw.models)
+        if not self.inputs:
+            raise LangmergeError("recipe key 'models': no model to merge besides the base")
+        seen = set()
+        for i, e in enumerate(self.inputs):
+            if e.model in seen:
+                raise LangmergeError(f"recipe key 'models[{i}].model': {e.model!r} is listed twice")
+            seen.add(e.model)
+
+        specs = self.method.parameters
+        for key, value in raw.parameters.items():
+            if key == "protect" and self.method.slack:
+                continue
+            if key not in specs:
+                raise LangmergeError(
+                    f"recipe key 'parameters.{key}': not a parameter of {self.method.name}; "
+                    f"known: {', '.join(sorted(specs) + (['protect'] if self.method.slack else []))}"
+                )
+            _check_setting(specs[key], value, f"parameters.{key}")
+        for i, e in enumerate(raw.models):
+            for key, value in e.parameters.items():
+                where = f"models[{i}].parameters.{key}"
+                if key not in specs:
+                    raise LangmergeError(f"recipe key {where!r}: not a parameter of {self.method.name}")
+                if specs[key].scope != "model":
+                    raise LangmergeError(f"recipe key {where!r}: {key} is a global parameter; set it under 'parameters'")
+                _check_setting(specs[key], value, where)
+
+        self.protected = self._protected()
+
+    def _protected(self) -> list[bool]:
+        if not self.method.slack:
+            return [False] * len(self.inputs)
+        refs = self.raw.parameters.get("protect", [])
+        if isinstance(refs, str):
+            refs = [refs]
+        if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+            raise LangmergeError("recipe key 'parameters.protect': expected a list of model references")
+        names = [e.model for e in self.inputs]
+        for r in refs:
+            if r not in names:
+                raise LangmergeError(
+                    f"recipe key 'parameters.protect': {r!r} is not one of the merged models ({', '.join(names)})"
+                )
+        return [n in refs for n in names]
+
+    def _value(self, name: str, model_index: int | None, tensor: str, t: float) -> Any:
+        spec = self.method.parameters[name]
+        settings = []
+        if model_index is not None:
+            settings.append((self.inputs[model_index].parameters.get(name), f"{self.inputs[model_index].model}"))
+        settings.append((self.raw.parameters.get(name), "parameters"))
+        for setting, _ in settings:
+            if setting is None:
+                continue
+            value = evaluate_setting(setting, tensor, t)
+            if value is not None:
+                return value
+        if spec.default is None:
+            who = f"model {self.inputs[model_index].model!r}" if model_index is not None else "the recipe"
+            raise LangmergeError(f"recipe: parameter {name!r} is required for {who} (tensor {tensor})")
+        return spec.default
+
+    def tensor_parameters(self, tensor: str, t: float) -> TensorParameters:
+        """Resolve every parameter of the method for one tensor at layer position ``t``."""
+        specs = self.method.parameters
+        n = len(self.inputs)
+        values: dict[str, Any] = {}
+        for name, spec in specs.items():
+            if spec.scope == "model":
+                values[name] = [
+                    _check_scalar(spec, self._value(name, i, tensor, t), f"models[{i}].parameters.{name} ({tensor})")
+                    for i in range(n)
+                ]
+            else:
+                values[name] = _check_scalar(spec, self._value(name, None, tensor, t), f"parameters.{name} ({tensor})")
+        slack = values.get("slack", 0.0)
+        if slack > 0 and not any(self.protected):
+            raise LangmergeError("recipe key 'parameters.protect' is required when slack > 0 (name the SFT model)")
+        return TensorParameters(
+            weights=values["weight"],
+            normalize=values["normalize"],
+            densities=values.get("density", [1.0] * n),
+            rescale=values.get("rescale", False),
+            lam=values.get("lambda", 1.0),
+            slack=slack,
+            protected=self.protected,
+        )
+
+    def seed(self, tensor: str) -> int:
+        return int(self._value("seed", None, tensor, 0.0)) if "seed" in self.method.parameters else 0
+
+    def to_dict(self) -> dict:
+        return self.raw.model_dump(exclude_none=True, exclude_defaults=False)
+
+
+def _format_validation(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "<top>"
+    if err["type"] == "extra_forbidden" and loc in UNSUPPORTED_KEYS:
+        return f"{source}: recipe key {loc!r}: {UNSUPPORTED_KEYS[loc]}"
+    if err["type"] == "extra_forbidden":
+        return f"{source}: recipe key {loc!r}: unknown key"
+    if err["type"] == "missing":
+        return f"{source}: recipe key {loc!r} is required"
+    return f"{source}: recipe key {loc!r}: {err['msg']}"
+
+
+def load_recipe(recipe: str | Path | dict | Recipe) -> Recipe:
+    """A recipe from a YAML file path, a YAML string, a dict, or a Recipe (returned as is)."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    source = "<recipe>"
+    if isinstance(recipe, Path) or (isinstance(recipe, str) and "\n" not in recipe and recipe.endswith((".yaml", ".yml"))):
+        path = Path(recipe)
+        source = str(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise LangmergeError(f"{path}: cannot read recipe ({exc.strerror or exc})") from exc
+        recipe = text
+    if isinstance(recipe, str):
+        try:
+            recipe = yaml.safe_load(recipe)
+        except yaml.YAMLError as exc:
+            raise LangmergeError(f"{source}: invalid YAML ({exc})") from exc
+    if not isinstance(recipe, dict):
+        raise LangmergeError(f"{source}: a recipe is a YAML mapping with 'merge_method' and 'models'")
+    try:
+        raw = RecipeFile.model_validate(recipe)
+    except ValidationError as exc:
+        raise LangmergeError(_format_validation(exc, source)) from None
+    try:
+        return Recipe(raw, source)
+    except LangmergeError as exc:
+        raise LangmergeError(f"{source}: {exc}") from None
