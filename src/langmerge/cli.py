@@ -17,7 +17,7 @@ from pathlib import Path
 
 from langmerge.errors import LangmergeError
 
-COMMAND_PROVIDERS = ("langmerge.cli",)
+COMMAND_PROVIDERS = ("langmerge.cli", "langmerge.training.cli", "langmerge.evaluation.cli", "langmerge.check")
 
 
 def parse_size(text: str) -> int:
@@ -44,6 +44,7 @@ def _merge(args) -> int:
         threads=args.threads,
         shard_bytes=args.shard_size,
         progress=not args.no_progress,
+        allow_pickle=args.allow_pickle,
     )
     print(report.summary())
     return 0
@@ -88,6 +89,9 @@ def add_commands(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the tensor arithmetic")
     p.add_argument("--shard-size", type=parse_size, default=5 * 10**9, help="max bytes per shard (default 5GB)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--allow-pickle", action="store_true", help="read .bin (pickle) weights with torch.load(weights_only=True)"
+    )
     p.set_defaults(handler=_merge)
 
     p = sub.add_parser("demo", help="merge a small generated model trio and show the result")

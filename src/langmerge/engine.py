@@ -20,9 +20,11 @@ import torch
 from tqdm.auto import tqdm
 
 from langmerge.errors import LangmergeError
-from langmerge.io.metadata import copy_tokenizer, write_config, write_model_card
+from langmerge.io.metadata import write_config, write_model_card
 from langmerge.io.output import atomic_output_dir, check_output_free
 from langmerge.io.reader import CheckpointReader
+from langmerge.io.sources import open_recipe_sources
+from langmerge.io.vocab import VocabPlan, merge_aligned_job, plan_vocabulary
 from langmerge.io.writer import ShardedWriter
 from langmerge.methods.kernels import TensorParameters, merge_tensor
 from langmerge.recipe import Recipe, load_recipe
@@ -39,10 +41,10 @@ def layer_index(name: str) -> int | None:
 
 
 def layer_position(name: str, num_layers: int) -> float:
-    """mergekit's ``t`` for gradients: layer i of n at i/(n-1); embeddings at 0; other non-layer tensors at 1."""
+    """mergekit's ``t`` for gradients: layer i of n at i/(n-1) (1 when n == 1); tensors outside layers at 0."""
     index = layer_index(name)
     if index is None:
-        return 0.0 if "embed" in name or name.endswith(("wte.weight", "wpe.weight")) else 1.0
+        return 0.0
     return index / (num_layers - 1) if num_layers > 1 else 1.0
 
 
@@ -62,6 +64,7 @@ class MergePlan:
     inputs: list[CheckpointReader]
     jobs: list[TensorJob]
     compute_dtype: torch.dtype | None
+    vocab: VocabPlan | None = None  # output vocabulary and tokenizer (io/vocab.py)
 
     @property
     def reference(self) -> CheckpointReader:
@@ -95,18 +98,15 @@ def _tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def plan_merge(recipe: Recipe) -> MergePlan:
+def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
     """Open the inputs and resolve every tensor's job; raises LangmergeError on bad input."""
     with ExitStack() as stack:
-        base = None
-        if recipe.method.uses_base:
-            base = CheckpointReader(recipe.base_model, label=recipe.base_model)
-            stack.callback(base.close)
-        inputs = []
-        for entry in recipe.inputs:
-            reader = CheckpointReader(entry.model, label=entry.model)
-            stack.callback(reader.close)
-            inputs.append(reader)
+        # Sources: checkpoints, LoRA adapters applied to the base, and vocabulary-aligned views (io/sources.py).
+        base, inputs = open_recipe_sources(recipe, stack, allow_pickle=allow_pickle)
+        vocab = plan_vocabulary(recipe, base, inputs)
+        offset = 1 if base is not None else 0
+        base = vocab.wrap(base, 0) if base is not None else None
+        inputs = [vocab.wrap(reader, offset + i) for i, reader in enumerate(inputs)]
         reference = base if base is not None else inputs[0]
         others = inputs if base is not None else inputs[1:]
 
@@ -146,7 +146,7 @@ def plan_merge(recipe: Recipe) -> MergePlan:
             out_dtype = recipe.out_dtype or recipe.dtype or native
             jobs.append(TensorJob(n, reference.shape(n), out_dtype, params, _tensor_seed(recipe.seed(n), n)))
         stack.pop_all()
-    return MergePlan(recipe, base, inputs, jobs, recipe.dtype)
+    return MergePlan(recipe, base, inputs, jobs, recipe.dtype, vocab)
 
 
 def _load(reader: CheckpointReader, name: str, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
@@ -158,6 +158,8 @@ def _load(reader: CheckpointReader, name: str, dtype: torch.dtype | None, device
 
 def merge_job(plan: MergePlan, job: TensorJob, device: torch.device) -> torch.Tensor:
     """Compute one output tensor (in its output dtype, on the CPU)."""
+    if plan.vocab is not None and plan.vocab.is_aligned(job.name):
+        return merge_aligned_job(plan, job, device)
     if job.params is None:
         return plan.reference.get(job.name)
     base = _load(plan.base, job.name, plan.compute_dtype, device) if plan.base is not None else None
@@ -195,6 +197,7 @@ def merge(
     threads: int | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool = True,
+    allow_pickle: bool = False,
 ) -> MergeReport:
     """Merge per ``recipe`` (path, YAML text, dict or Recipe) into the folder ``out_dir``."""
     recipe = load_recipe(recipe)
@@ -203,10 +206,9 @@ def merge(
         torch.set_num_threads(threads)
     dev = _device(device)
     start = time.perf_counter()
-    plan = plan_merge(recipe)
+    plan = plan_merge(recipe, allow_pickle=allow_pickle)
     try:
         specs = [(j.name, j.shape, j.out_dtype) for j in plan.jobs]
-        tokenizer_dir = _tokenizer_folder(recipe, plan)
         with atomic_output_dir(out_dir, force=force) as tmp:
             writer = ShardedWriter(tmp, specs, shard_bytes)
             written = 0
@@ -226,8 +228,14 @@ def merge(
             finally:
                 bar.close()
             float_dtypes = {j.out_dtype for j in plan.jobs if j.params is not None}
-            write_config(tmp, plan.reference.config(), next(iter(float_dtypes)) if len(float_dtypes) == 1 else None, plan.reference.label)
-            copy_tokenizer(tokenizer_dir, tmp)
+            write_config(
+                tmp,
+                plan.reference.config(),
+                next(iter(float_dtypes)) if len(float_dtypes) == 1 else None,
+                plan.reference.label,
+                updates=plan.vocab.config_updates(),
+            )
+            plan.vocab.write_tokenizer(tmp)
             write_model_card(
                 tmp,
                 method=recipe.method.name,
@@ -241,19 +249,3 @@ def merge(
     report = MergeReport(Path(out_dir), recipe.method.name, len(plan.jobs), writer.total_bytes, time.perf_counter() - start)
     log.info(report.summary())
     return report
-
-
-def _tokenizer_folder(recipe: Recipe, plan: MergePlan) -> Path:
-    source = recipe.tokenizer_source
-    if source == "base":
-        return plan.reference.folder
-    for entry, reader in zip(recipe.inputs, plan.inputs):
-        if entry.model == source:
-            return reader.folder
-    if source == recipe.base_model and plan.base is not None:
-        return plan.base.folder
-    if source == "union":
-        raise LangmergeError("recipe key 'tokenizer_source': 'union' needs vocabulary alignment, which this merge does not do")
-    raise LangmergeError(
-        f"recipe key 'tokenizer_source': {source!r} is neither 'base' nor one of the recipe's models"
-    )

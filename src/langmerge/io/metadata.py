@@ -27,10 +27,19 @@ GENERATION_FILES = ("generation_config.json",)
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
 
 
-def write_config(out: Path, config: dict | None, dtype: torch.dtype | None, source: str) -> None:
+def write_config(out: Path, config: dict | None, dtype: torch.dtype | None, source: str, updates: dict | None = None) -> None:
+    """Write ``config`` with the output dtype and ``updates`` (e.g. vocab_size, tie_word_embeddings).
+
+    An update also applies inside ``text_config`` where that nested config has the key
+    (multimodal configs such as Gemma 3 keep the language model's settings there).
+    """
     if config is None:
         raise LangmergeError(f"model {source}: config.json is missing; the merged model needs one")
     config = dict(config)
+    for key, value in (updates or {}).items():
+        config[key] = value
+        if isinstance(config.get("text_config"), dict) and key in config["text_config"]:
+            config["text_config"] = dict(config["text_config"], **{key: value})
     if dtype is not None:
         # transformers 5 reads "dtype"; older versions read "torch_dtype".
         config["dtype"] = DTYPE_NAMES[dtype]

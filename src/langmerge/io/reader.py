@@ -71,8 +71,9 @@ class CheckpointReader:
             return read_header(_inside(self.folder, shards[0].name, shards[0]))
         if any(self.folder.glob("*.bin")):
             raise LangmergeError(
-                f"model {self.label}: only pickle (.bin) weights in {self.folder}; "
-                "convert them to safetensors (pickle files can run code when loaded)"
+                f"model {self.label}: only pickle (.bin) weights in {self.folder}; pickle files can run code "
+                "when loaded: convert them to safetensors, or pass --allow-pickle to load them with "
+                "torch.load(weights_only=True)"
             )
         raise LangmergeError(f"model {self.label}: no safetensors weights in {self.folder}")
 
@@ -115,3 +116,17 @@ class CheckpointReader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def has_safetensors(folder: Path) -> bool:
+    return (folder / INDEX_FILE).is_file() or any(folder.glob("*.safetensors"))
+
+
+def open_checkpoint(folder: str | Path, label: str | None = None, *, allow_pickle: bool = False):
+    """A reader for a model folder: safetensors, or (only with ``allow_pickle``) pickle ``.bin`` files."""
+    folder = Path(folder)
+    if allow_pickle and folder.is_dir() and not has_safetensors(folder) and any(folder.glob("*.bin")):
+        from langmerge.io.pickle_reader import PickleReader
+
+        return PickleReader(folder, label)
+    return CheckpointReader(folder, label)

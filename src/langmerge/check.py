@@ -1,0 +1,180 @@
+"""``langmerge check RECIPE.yaml``: what a merge would meet, before any merge.
+
+The report lists each model's kind, architecture, dtypes, tensor count,
+vocabulary and embedding tying; the tensors whose names or shapes differ; the
+vocabulary differences and what the merge does about each; and every reason
+the merge would fail. Exit code 0 when the merge would succeed, 1 when it
+would fail, 2 when the recipe or a model cannot be read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+from langmerge.errors import LangmergeError
+from langmerge.io.lora import AdapterMismatch
+from langmerge.io.sources import open_model, source_kind
+from langmerge.io.vocab import describe_model, plan_vocabulary
+
+MAX_LISTED = 10
+
+
+@dataclass
+class CheckReport:
+    recipe: str
+    method: str
+    models: list[dict] = field(default_factory=list)
+    differences: list[str] = field(default_factory=list)
+    vocabulary: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 2 if self.unreadable else (1 if self.problems else 0)
+
+    def to_dict(self) -> dict:
+        return {
+            "recipe": self.recipe,
+            "method": self.method,
+            "models": self.models,
+            "differences": self.differences,
+            "vocabulary": self.vocabulary,
+            "problems": self.problems,
+            "unreadable": self.unreadable,
+            "merge_would_succeed": self.exit_code == 0,
+        }
+
+    def text(self) -> str:
+        lines = [f"recipe {self.recipe}: merge_method {self.method}", "", "models:"]
+        for m in self.models:
+            vocab = f"{m['tokens']} tokens" if m["tokens"] is not None else "no tokenizer.json"
+            lines.append(
+                f"  [{m['role']}] {m['model']}: {m['kind']}, {m['architecture']}, {m['tensors']} tensors, "
+                f"dtypes {m['dtypes']}, {vocab}, {m['embedding_rows']} embedding rows, "
+                f"embeddings {'tied' if m['tied'] else 'untied'}"
+            )
+        sections = [("differences", self.differences), ("vocabulary and embeddings", self.vocabulary)]
+        for title, items in sections:
+            lines += ["", f"{title}:"] + ([f"  - {x}" for x in items] or ["  none"])
+        if self.unreadable:
+            lines += ["", "unreadable input:"] + [f"  - {x}" for x in self.unreadable]
+        lines += ["", "problems (the merge would fail):"] + ([f"  - {x}" for x in self.problems] or ["  none"])
+        verdict = {0: "OK: the merge would succeed", 1: "FAIL: the merge would fail", 2: "FAIL: unreadable input"}
+        lines += ["", verdict[self.exit_code]]
+        return "\n".join(lines)
+
+
+def _model_info(source, role: str) -> dict:
+    config = source.config() or {}
+    text_config = config.get("text_config") or {}
+    arch = ",".join(config.get("architectures") or []) or "unknown architecture"
+    model_type = config.get("model_type") or text_config.get("model_type")
+    dtypes = Counter(str(source.dtype(n)).removeprefix("torch.") for n in source.names)
+    vocab = describe_model(source)
+    return {
+        "model": source.label,
+        "role": role,
+        "kind": source_kind(source),
+        "architecture": f"{arch} ({model_type})" if model_type else arch,
+        "tensors": len(source.names),
+        "dtypes": dict(dtypes),
+        "tokens": len(vocab.tokens) if vocab.tokens is not None else None,
+        "embedding_rows": vocab.rows,
+        "tied": vocab.tied,
+    }
+
+
+def _listed(items: list[str]) -> str:
+    shown = ", ".join(items[:MAX_LISTED])
+    return shown + (f" (and {len(items) - MAX_LISTED} more)" if len(items) > MAX_LISTED else "")
+
+
+def _compare(reference, other, vocab_names: set[str], report: CheckReport) -> None:
+    missing = [n for n in reference.names if n not in other.entries]
+    extra = [n for n in other.names if n not in reference.entries]
+    if missing:
+        report.differences.append(f"{other.label} lacks {len(missing)} tensors of {reference.label}: {_listed(missing)}")
+    if extra:
+        report.differences.append(f"{other.label} has {len(extra)} tensors {reference.label} lacks: {_listed(extra)}")
+    shapes = [
+        f"{n} {list(other.shape(n))} vs {list(reference.shape(n))}"
+        for n in reference.names
+        if n in other.entries and tuple(other.shape(n)) != tuple(reference.shape(n))
+    ]
+    vocab_shapes = [s for s in shapes if s.split(" ", 1)[0] in vocab_names]
+    other_shapes = [s for s in shapes if s.split(" ", 1)[0] not in vocab_names]
+    if vocab_shapes:
+        report.differences.append(f"{other.label}: vocabulary tensors differ in rows: {_listed(vocab_shapes)}")
+    if other_shapes:
+        report.differences.append(f"{other.label}: {len(other_shapes)} shapes differ from {reference.label}: {_listed(other_shapes)}")
+    ref_arch = (reference.config() or {}).get("architectures")
+    other_arch = (other.config() or {}).get("architectures")
+    if ref_arch != other_arch:
+        report.differences.append(f"architecture {other_arch} in {other.label} but {ref_arch} in {reference.label}")
+
+
+def check_recipe(recipe_arg, *, allow_pickle: bool = False) -> CheckReport:
+    from langmerge.engine import plan_merge
+    from langmerge.recipe import load_recipe
+
+    try:
+        recipe = load_recipe(recipe_arg)
+    except LangmergeError as exc:
+        report = CheckReport(str(recipe_arg), "?")
+        report.unreadable.append(str(exc))
+        return report
+    report = CheckReport(recipe.source, recipe.method.name)
+    entries = ([("base", recipe.base_model, None)] if recipe.method.uses_base else []) + [
+        ("input", e.model, recipe.base_model) for e in recipe.inputs
+    ]
+    with ExitStack() as stack:
+        sources = []
+        for role, path, base_ref in entries:
+            try:
+                source = open_model(path, base_ref=base_ref, allow_pickle=allow_pickle)
+            except AdapterMismatch as exc:
+                report.problems.append(str(exc))
+                continue
+            except LangmergeError as exc:
+                report.unreadable.append(str(exc))
+                continue
+            stack.callback(source.close)
+            sources.append(source)
+            report.models.append(_model_info(source, role))
+        if report.unreadable or len(sources) != len(entries):
+            return report
+        reference = sources[0]
+        vocab_names = {n for s in sources for n in describe_model(s).vocab_names}
+        for other in sources[1:]:
+            _compare(reference, other, vocab_names, report)
+        base = sources[0] if recipe.method.uses_base else None
+        try:
+            vocab = plan_vocabulary(recipe, base, sources[1:] if base is not None else sources)
+            report.vocabulary.extend(vocab.notes)
+        except LangmergeError as exc:
+            report.vocabulary.append(f"vocabulary: {exc}")
+    try:
+        plan = plan_merge(recipe, allow_pickle=allow_pickle)
+        plan.close()
+    except LangmergeError as exc:
+        if str(exc) not in " ".join(report.problems):
+            report.problems.append(str(exc))
+    return report
+
+
+def _check(args) -> int:
+    report = check_recipe(args.recipe, allow_pickle=args.allow_pickle)
+    print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else report.text())
+    return report.exit_code
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("check", help="report what a merge would meet (architectures, shapes, vocabularies) before merging")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--allow-pickle", action="store_true", help="read .bin (pickle) weights with torch.load(weights_only=True)")
+    p.set_defaults(handler=_check)

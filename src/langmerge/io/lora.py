@@ -1,0 +1,268 @@
+"""PEFT LoRA adapters as merge inputs, applied to their base one tensor at a time.
+
+An adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) can
+stand wherever a model can. ``LoraSource`` has the base's tensor names and
+shapes; ``get(name)`` returns ``W + scale * B @ A`` (transposed for
+``fan_in_fan_out``; ``(B @ A).T`` for LoRA on an embedding) computed in float32,
+with ``scale = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``). Tensors the
+adapter saves whole (``modules_to_save``, resized embeddings) replace the base's.
+Only the tensors of one job are ever in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from langmerge.errors import LangmergeError
+from langmerge.io.safetensors_format import read_header, read_tensor
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_PICKLE = "adapter_model.bin"
+_PEFT_PREFIX = "base_model.model."
+
+
+class AdapterMismatch(LangmergeError):
+    """The adapter was not trained on the recipe's base model (names, shapes or recorded base differ)."""
+
+
+def is_adapter(folder: str | Path) -> bool:
+    return (Path(folder) / ADAPTER_CONFIG).is_file()
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int
+    alpha: float
+    use_rslora: bool
+    fan_in_fan_out: bool
+    rank_pattern: dict
+    alpha_pattern: dict
+    base_model_name_or_path: str | None
+
+    def _pattern(self, pattern: dict, module: str, default):
+        # PEFT matches a pattern key against the end of the module name.
+        for key, value in pattern.items():
+            if re.match(rf"(.*\.)?({key})$", module):
+                return value
+        return default
+
+    def scale(self, module: str, rank: int) -> float:
+        r = int(self._pattern(self.rank_pattern, module, self.r))
+        if r != rank:
+            raise LangmergeError(f"LoRA module {module!r}: rank {rank} in the weights but r={r} in {ADAPTER_CONFIG}")
+        alpha = float(self._pattern(self.alpha_pattern, module, self.alpha))
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def read_adapter_config(folder: Path) -> LoraSettings:
+    path = folder / ADAPTER_CONFIG
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise LangmergeError(f"{path}: unreadable adapter config ({exc})") from exc
+    if not isinstance(cfg, dict):
+        raise LangmergeError(f"{path}: not a JSON object")
+    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise LangmergeError(f"{path}: peft_type {peft_type!r} is not supported (only LORA)")
+    for key in ("use_dora", "trainable_token_indices", "layer_replication"):
+        if cfg.get(key):
+            raise LangmergeError(f"{path}: {key!r} is not supported")
+    try:
+        return LoraSettings(
+            r=int(cfg["r"]),
+            alpha=float(cfg.get("lora_alpha", cfg["r"])),
+            use_rslora=bool(cfg.get("use_rslora", False)),
+            fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
+            rank_pattern=dict(cfg.get("rank_pattern") or {}),
+            alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
+            base_model_name_or_path=cfg.get("base_model_name_or_path") or None,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LangmergeError(f"{path}: bad LoRA settings ({exc!r})") from exc
+
+
+def _adapter_tensors(folder: Path, allow_pickle: bool) -> dict[str, object]:
+    """Name -> TensorEntry (safetensors) or tensor (pickle, only when allowed)."""
+    st = folder / ADAPTER_WEIGHTS
+    if st.is_file():
+        return dict(read_header(st))
+    if (folder / ADAPTER_PICKLE).is_file():
+        if not allow_pickle:
+            raise LangmergeError(
+                f"adapter {folder}: only pickle weights ({ADAPTER_PICKLE}); pickle files can run code when loaded: "
+                "convert them to safetensors, or pass --allow-pickle"
+            )
+        from langmerge.io.pickle_reader import load_pickle_state_dict
+
+        return dict(load_pickle_state_dict(folder / ADAPTER_PICKLE))
+    raise LangmergeError(f"adapter {folder}: no {ADAPTER_WEIGHTS} in the folder")
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    a_key: str
+    b_key: str
+    module: str
+    embedding: bool  # lora_embedding_A/B: delta is (B @ A).T
+
+
+def check_adapter_base(settings: LoraSettings, adapter: Path, base_ref: str, base_config: dict | None) -> None:
+    """Refuse an adapter whose recorded base is not the recipe's base model.
+
+    A recorded local folder must be the same folder; a recorded hub id must equal
+    the recipe's reference, the base config's ``_name_or_path``, or the last part of
+    the base folder's path (a local mirror of the hub repository).
+    """
+    recorded = settings.base_model_name_or_path
+    if recorded is None:
+        log.warning("adapter %s records no base model; checking tensor names and shapes only", adapter)
+        return
+    base_path = Path(base_ref)
+    recorded_path = Path(recorded)
+    if recorded_path.is_dir():
+        if recorded_path.resolve() == base_path.resolve():
+            return
+    elif recorded in (base_ref, (base_config or {}).get("_name_or_path")) or recorded.rstrip("/").split("/")[-1] == base_path.resolve().name:
+        return
+    raise AdapterMismatch(
+        f"adapter {adapter}: its base is {recorded!r} ({ADAPTER_CONFIG} base_model_name_or_path) but the recipe's "
+        f"base_model is {base_ref!r}; a LoRA adapter only applies to the model it was trained on "
+        f"(if this is the same model, set base_model_name_or_path to {base_ref!r})"
+    )
+
+
+class LoraSource:
+    """A base checkpoint with a LoRA adapter applied, tensor by tensor."""
+
+    def __init__(self, base, adapter_folder: str | Path, label: str | None = None, *, base_ref: str, allow_pickle: bool = False):
+        self.base = base  # owned: closed with this source
+        self.folder = Path(adapter_folder)
+        self.label = label or str(adapter_folder)
+        self.settings = read_adapter_config(self.folder)
+        check_adapter_base(self.settings, self.folder, base_ref, base.config())
+        self._tensors = _adapter_tensors(self.folder, allow_pickle)
+        self._handle = None
+        self.pairs: dict[str, LoraPair] = {}
+        self.whole: dict[str, str] = {}  # base tensor name -> adapter key saved whole
+        self._parse()
+        self.entries = {name: base.entries[name] for name in base.names}
+
+    @property
+    def tokenizer_folder(self) -> Path:
+        """The adapter's own tokenizer when it ships one (a resized vocabulary), else the base's."""
+        if (self.folder / "tokenizer.json").is_file() or (self.folder / "tokenizer_config.json").is_file():
+            return self.folder
+        return getattr(self.base, "tokenizer_folder", self.base.folder)
+
+    def _parse(self) -> None:
+        halves: dict[str, dict[str, str]] = {}
+        for key in self._tensors:
+            name = key.removeprefix(_PEFT_PREFIX)
+            m = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.default)?\.weight|(.+)\.(lora_embedding_A|lora_embedding_B)(?:\.default)?", name)
+            if m:
+                module = m.group(1) or m.group(3)
+                kind = m.group(2) or m.group(4)
+                halves.setdefault(module, {})[kind] = key
+                continue
+            if "lora_" in name or "magnitude" in name:
+                raise LangmergeError(f"adapter {self.label}: tensor {key!r} is not a LoRA weight langmerge understands")
+            target = name.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".").replace(".base_layer.", ".")
+            if target not in self.base.entries:
+                raise AdapterMismatch(
+                    f"adapter {self.label}: saved tensor {key!r} has no counterpart {target!r} in the base {self.base.label}"
+                )
+            self.whole[target] = key
+        for module, kinds in halves.items():
+            embedding = "lora_embedding_A" in kinds or "lora_embedding_B" in kinds
+            a, b = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+            if a not in kinds or b not in kinds:
+                raise LangmergeError(f"adapter {self.label}: module {module!r} has only one of {a}, {b}")
+            target = module + ".weight"
+            if target not in self.base.entries:
+                raise AdapterMismatch(
+                    f"adapter {self.label}: adapted module {module!r} has no tensor {target!r} in the base "
+                    f"{self.base.label}; is this adapter for another model?"
+                )
+            a_shape, b_shape = self._shape(kinds[a]), self._shape(kinds[b])
+            if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
+                raise LangmergeError(f"adapter {self.label}: module {module!r}: LoRA shapes {list(a_shape)} and {list(b_shape)} do not chain")
+            delta_shape = (b_shape[0], a_shape[1])
+            if embedding or self.settings.fan_in_fan_out:
+                delta_shape = delta_shape[::-1]
+            base_shape = self.base.shape(target)
+            if tuple(base_shape) != delta_shape:
+                raise AdapterMismatch(
+                    f"adapter {self.label}: module {module!r} changes a {list(delta_shape)} weight but {target!r} is "
+                    f"{list(base_shape)} in the base {self.base.label}; the adapter was trained on another base"
+                )
+            if target in self.whole:
+                raise LangmergeError(f"adapter {self.label}: {target!r} is both saved whole and adapted")
+            self.settings.scale(module, a_shape[0])  # validates rank/pattern now, before any merge
+            self.pairs[target] = LoraPair(kinds[a], kinds[b], module, embedding)
+
+    def _shape(self, key: str) -> tuple[int, ...]:
+        t = self._tensors[key]
+        return tuple(t.shape)
+
+    def _read(self, key: str) -> torch.Tensor:
+        t = self._tensors[key]
+        if isinstance(t, torch.Tensor):
+            return t
+        if self._handle is None:
+            self._handle = open(t.file, "rb")
+        return read_tensor(t, self._handle)
+
+    @property
+    def names(self) -> list[str]:
+        return self.base.names
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name in self.whole:
+            return self._shape(self.whole[name])
+        return self.base.shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.base.dtype(name)
+
+    def delta(self, name: str) -> torch.Tensor:
+        """``scale * B @ A`` for an adapted tensor, in float32, shaped like the base tensor."""
+        pair = self.pairs[name]
+        a = self._read(pair.a_key).float()
+        b = self._read(pair.b_key).float()
+        d = b @ a
+        if pair.embedding or self.settings.fan_in_fan_out:
+            d = d.T
+        return d * self.settings.scale(pair.module, a.shape[0])
+
+    def get(self, name: str) -> torch.Tensor:
+        if name in self.whole:
+            return self._read(self.whole[name])
+        if name in self.pairs:
+            return self.base.get(name).float() + self.delta(name)
+        return self.base.get(name)
+
+    def config(self) -> dict | None:
+        return self.base.config()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        self.base.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

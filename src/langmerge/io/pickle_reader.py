@@ -1,0 +1,109 @@
+"""Opt-in reader of PyTorch pickle checkpoints (``pytorch_model.bin`` and its shards).
+
+Pickle files can run code when unpickled, so they are read only when the user
+passes ``--allow-pickle``, and then with ``torch.load(weights_only=True)``,
+which accepts tensors and plain containers and refuses any other object.
+Shards are memory-mapped (zip-format files), so opening reads no tensor data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from langmerge.errors import LangmergeError
+
+log = logging.getLogger(__name__)
+
+PICKLE_FILE = "pytorch_model.bin"
+PICKLE_INDEX_FILE = "pytorch_model.bin.index.json"
+
+
+def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of one pickle file, loaded with ``weights_only=True``; errors name the file."""
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "zip" not in str(exc).lower():
+                raise
+            # The legacy (pre-1.6) format cannot be memory-mapped; it is read whole.
+            log.info("%s: legacy pickle format, loading without mmap", path)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        raise LangmergeError(f"{path}: cannot load pickle checkpoint with weights_only=True ({exc})") from exc
+    if not isinstance(state, dict):
+        raise LangmergeError(f"{path}: not a state dict (got {type(state).__name__})")
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise LangmergeError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
+    return state
+
+
+class PickleReader:
+    """The same interface as ``CheckpointReader``, over ``.bin`` files."""
+
+    def __init__(self, folder: str | Path, label: str | None = None):
+        from langmerge.io.reader import _inside
+
+        self.folder = Path(folder)
+        self.label = label or str(folder)
+        index_path = self.folder / PICKLE_INDEX_FILE
+        if index_path.is_file():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise LangmergeError(f"{index_path}: unreadable index ({exc!r})") from exc
+            if not isinstance(weight_map, dict):
+                raise LangmergeError(f"{index_path}: 'weight_map' is not an object")
+            files = sorted({_inside(self.folder, str(rel), index_path) for rel in weight_map.values()})
+        else:
+            single = self.folder / PICKLE_FILE
+            files = [single] if single.is_file() else sorted(self.folder.glob("*.bin"))
+            if len(files) != 1:
+                raise LangmergeError(f"model {self.label}: expected one .bin file or {PICKLE_INDEX_FILE} in {self.folder}")
+            files = [_inside(self.folder, files[0].name, files[0])]
+        self._tensors: dict[str, torch.Tensor] = {}
+        for path in files:
+            if not path.is_file():
+                raise LangmergeError(f"{index_path}: shard {path.name} is missing")
+            self._tensors.update(load_pickle_state_dict(path))
+        self.entries = {name: t for name, t in self._tensors.items()}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._tensors[name].dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._tensors[name].clone()
+        except KeyError:
+            raise LangmergeError(f"model {self.label}: tensor {name!r} is missing") from None
+
+    def config(self) -> dict | None:
+        path = self.folder / "config.json"
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except ValueError as exc:
+            raise LangmergeError(f"{path}: invalid JSON ({exc})") from exc
+
+    def close(self) -> None:
+        self._tensors.clear()
+        self.entries.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
