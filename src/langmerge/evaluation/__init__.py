@@ -1,0 +1,20 @@
+"""Evaluation in the target language: offline tasks, lm-evaluation-harness, a language check.
+
+Public API: ``evaluate(model, tasks, tokenizer=...)`` (a model folder or an
+already-loaded model and tokenizer) returns a results dict;
+``write_results(results, out_dir)`` writes results.json, results.md and a plot.
+"""
+
+from langmerge.evaluation.runner import evaluate, load_model, results_markdown, write_results
+from langmerge.evaluation.tasks import Task, TaskSpec, load_task, resolve_tasks
+
+__all__ = [
+    "evaluate",
+    "load_model",
+    "results_markdown",
+    "write_results",
+    "Task",
+    "TaskSpec",
+    "load_task",
+    "resolve_tasks",
+]

@@ -1,0 +1,53 @@
+"""Day and month sequence tasks from CLDR names (PyPI ``babel``), the same in every language.
+
+The prompt is a run of consecutive day (or month) names in the target
+language, written with commas; the answer is the next name. No instruction
+words are needed, so the task is identical across languages and its answer
+depends on the language, not on memorised English facts.
+"""
+
+from __future__ import annotations
+
+from langmerge.errors import LangmergeError
+
+# ISO 639-1 code -> the CLDR locale babel knows it by.
+CLDR_LOCALES = {
+    "ta": "ta", "te": "te", "bn": "bn", "or": "or", "ne": "ne", "mn": "mn", "ug": "ug", "bo": "bo",
+    "si": "si", "sw": "sw", "yo": "yo", "ny": "ny", "am": "am", "en": "en",
+}
+RUN_LENGTHS = (2, 3, 4)
+
+
+def _babel_locale(language: str):
+    try:
+        from babel import Locale
+    except ImportError:
+        raise LangmergeError("built-in day/month tasks need babel: pip install babel") from None
+    return Locale.parse(CLDR_LOCALES[language])
+
+
+def calendar_names(language: str, unit: str) -> list[str]:
+    """Wide day names Monday..Sunday or month names January..December in the language."""
+    locale = _babel_locale(language)
+    if unit == "day":
+        names = locale.days["format"]["wide"]
+        return [names[i] for i in range(7)]
+    names = locale.months["format"]["wide"]
+    return [names[i] for i in range(1, 13)]
+
+
+def sequence_examples(names: list[str]) -> list[dict]:
+    """Every run of 2-4 consecutive names (wrapping around) and the name that follows it."""
+    docs = []
+    n = len(names)
+    for length in RUN_LENGTHS:
+        for start in range(n):
+            run = [names[(start + j) % n] for j in range(length)]
+            answer = (start + length) % n
+            docs.append({"question": ", ".join(run) + ",", "choices": list(names), "answer_index": answer,
+                         "answer": names[answer]})
+    return docs
+
+
+def build_sequence(language: str, unit: str) -> list[dict]:
+    return sequence_examples(calendar_names(language, unit))

@@ -1,0 +1,86 @@
+"""The ``langmerge eval`` subcommand."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _split(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _list_tasks() -> int:
+    from langmerge.evaluation.builtin import builtin_tasks
+    from langmerge.evaluation.lm_eval_bridge import LM_EVAL_PRESETS
+
+    print("built-in tasks (name  kind  language):")
+    for name, task in sorted(builtin_tasks().items()):
+        print(f"  {name:28s} {task.spec['kind']:16s} {task.spec['language']}")
+    print("lm-eval presets (--lm-eval LANG):")
+    for lang, names in LM_EVAL_PRESETS.items():
+        print(f"  {lang}: {', '.join(names)}")
+    return 0
+
+
+def _eval(args) -> int:
+    from langmerge.errors import LangmergeError
+    from langmerge.evaluation.runner import evaluate, results_markdown, write_results
+    from langmerge.io.output import check_output_free
+
+    if args.list_tasks:
+        return _list_tasks()
+    if not args.model_dir:
+        raise LangmergeError("give a model folder (langmerge eval MODEL_DIR --tasks ...)")
+    tasks, lm_tasks = _split(args.tasks), _split(args.lm_eval)
+    if not tasks and not lm_tasks:
+        raise LangmergeError("give --tasks NAME[,NAME...] and/or --lm-eval TASKS (see --list-tasks)")
+    if args.out:
+        check_output_free(args.out, args.force)  # refuse before any work, not after it
+    results = evaluate(
+        args.model_dir,
+        tasks,
+        few_shot=args.few_shot,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        chat_template=args.chat_template,
+        max_length=args.max_length,
+        seed=args.seed,
+        progress=not args.no_progress,
+        device=args.device,
+        dtype=args.dtype,
+        lm_eval_tasks=lm_tasks,
+        lm_eval_include=args.lm_eval_include or [],
+    )
+    print(results_markdown(results), end="")
+    if args.out:
+        out = write_results(results, args.out, force=args.force)
+        print(f"\nwrote {out}/results.json, results.md, results.png, samples.jsonl")
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a model on target-language tasks (and lm-eval tasks)")
+    p.add_argument("model_dir", nargs="?", help="Hugging Face model folder")
+    p.add_argument("--tasks", help="built-in task names or patterns (next_day_*), or task YAML paths, comma-separated")
+    p.add_argument("--lm-eval", help="lm-eval task names or language presets (ta, te, bn, ...), comma-separated")
+    p.add_argument("--lm-eval-include", action="append", help="folder of extra lm-eval task YAMLs (repeatable)")
+    p.add_argument("--out", help="write results.json, results.md, results.png and samples.jsonl into this new folder")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--few-shot", type=int, default=None, help="few-shot examples per prompt (default: each task's own)")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N examples of each task")
+    p.add_argument("--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    p.add_argument("--max-length", type=int, default=None, help="max tokens per sequence (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the few-shot selection")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument("--list-tasks", action="store_true", help="list the built-in tasks and lm-eval presets")
+    p.set_defaults(handler=_eval)

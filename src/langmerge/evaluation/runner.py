@@ -1,0 +1,315 @@
+"""Run tasks on a model and report: ``evaluate`` (results dict) and ``write_results`` (JSON, Markdown, plot)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from langmerge.errors import LangmergeError
+from langmerge.evaluation import metrics
+from langmerge.evaluation.scoring import encode_pair, generate_greedy, loglikelihoods, texts_nll
+from langmerge.evaluation.tasks import Task, answer_text, context, resolve_tasks, with_few_shot
+
+log = logging.getLogger(__name__)
+
+MAIN_METRIC = {"multiple_choice": "acc", "generation": "exact_match", "bits_per_char": "bpc"}
+METRIC_COLUMNS = ("acc", "acc_norm", "exact_match", "chrf", "lang_share", "lang_share_reference", "bpc")
+
+
+def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: str | None = None):
+    """(model, tokenizer) from a Hugging Face model folder; never runs code from the folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise LangmergeError(f"model folder {path} has no config.json (not a Hugging Face model folder)")
+    torch_dtype = getattr(torch, dtype) if dtype else "auto"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False)
+    except Exception as exc:  # transformers raises many types for a broken folder
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise LangmergeError(f"cannot load the model in {path}: {first}") from None
+    model.to(device).eval()
+    return model, tokenizer
+
+
+class _Progress:
+    """One tqdm bar per task, counting examples."""
+
+    def __init__(self, enabled: bool, name: str, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        # Counts can be fractional (a choice scored is part of an example): show them rounded.
+        fmt = "{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]"
+        self.bar = tqdm(total=total, desc=name, unit="ex", disable=not enabled, leave=False, bar_format=fmt)
+
+    def scaled(self, per_unit: float):
+        return lambda n: self.bar.update(n * per_unit)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _prompts(task: Task, indices: Sequence[int], seed: int, tokenizer, chat: bool) -> list[str]:
+    texts = [context(task, i, seed) for i in indices]
+    if not chat:
+        return texts
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+        for t in texts
+    ]
+
+
+def _run_multiple_choice(task, idx, model, tokenizer, opts, progress) -> tuple[dict, list[dict]]:
+    spec = task.spec
+    prompts = _prompts(task, idx, opts["seed"], tokenizer, opts["chat"])
+    delimiter = "" if opts["chat"] else spec.target_delimiter
+    owners, pairs = [], []
+    for k, (i, prompt) in enumerate(zip(idx, prompts)):
+        for choice in task.examples[i].doc[spec.choices_field]:
+            owners.append(k)
+            pairs.append(encode_pair(tokenizer, prompt, delimiter + choice, add_special_tokens=not opts["chat"]))
+    lls = loglikelihoods(model, tokenizer, pairs, batch_size=opts["batch_size"], max_length=opts["max_length"],
+                         progress=progress.scaled(len(idx) / len(pairs)))
+    per_example: list[list[float]] = [[] for _ in idx]
+    for k, ll in zip(owners, lls, strict=True):
+        per_example[k].append(ll)
+    choices = [task.examples[i].doc[spec.choices_field] for i in idx]
+    golds = [task.examples[i].doc[spec.answer_field] for i in idx]
+    scores = {
+        "acc": metrics.accuracy(per_example, golds),
+        "acc_norm": metrics.accuracy_norm(per_example, choices, golds),
+    }
+    samples = [
+        {"where": task.examples[i].where, "context": p, "choices": c, "loglikelihoods": ll, "gold": g,
+         "predicted": max(range(len(ll)), key=lambda j: (ll[j], -j))}
+        for i, p, c, ll, g in zip(idx, prompts, choices, per_example, golds)
+    ]
+    return scores, samples
+
+
+def _run_generation(task, idx, model, tokenizer, opts, progress, generate) -> tuple[dict, list[dict]]:
+    spec = task.spec
+    prompts = _prompts(task, idx, opts["seed"], tokenizer, opts["chat"])
+    raw = generate(model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens, stop=spec.stop,
+                   batch_size=opts["batch_size"], add_special_tokens=not opts["chat"],
+                   max_length=opts["max_length"], progress=progress.scaled(1.0))
+    predictions = [r.strip() for r in raw]
+    references = [answer_text(task, task.examples[i]) for i in idx]
+    scores = {
+        "exact_match": metrics.exact_match(predictions, references),
+        "chrf": metrics.chrf(predictions, references),
+    }
+    if spec.language:
+        labels = spec.accepted_labels
+        scores["lang_share"] = metrics.language_share(predictions, labels)
+        # The check's own hit rate on the correct answers: how far the language share can be trusted here.
+        scores["lang_share_reference"] = metrics.language_share(references, labels)
+    samples = [
+        {"where": task.examples[i].where, "prompt": p, "prediction": pred, "reference": ref,
+         "language": metrics.identify_language(pred)}
+        for i, p, pred, ref in zip(idx, prompts, predictions, references)
+    ]
+    return scores, samples
+
+
+def _run_bits_per_char(task, idx, model, tokenizer, opts, progress) -> tuple[dict, list[dict]]:
+    texts = [task.examples[i].doc[task.spec.text_field] for i in idx]
+    nlls = texts_nll(model, tokenizer, texts, batch_size=opts["batch_size"], max_length=opts["max_length"],
+                     progress=progress.scaled(1.0))
+    n_chars = sum(len(t) for t in texts)
+    scores = {"bpc": metrics.bits_per_character(sum(nlls), n_chars), "characters": n_chars}
+    samples = [
+        {"where": task.examples[i].where, "characters": len(t), "bpc": metrics.bits_per_character(nll, len(t))}
+        for i, t, nll in zip(idx, texts, nlls)
+    ]
+    return scores, samples
+
+
+def evaluate(
+    model,
+    tasks: Sequence[str | Task] | str,
+    *,
+    tokenizer=None,
+    few_shot: int | None = None,
+    batch_size: int = 16,
+    limit: int | None = None,
+    chat_template: bool = False,
+    max_length: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    device: str = "cpu",
+    dtype: str | None = None,
+    cache_dir: Path | None = None,
+    lm_eval_tasks: Sequence[str] = (),
+    lm_eval_include: Sequence[str | Path] = (),
+    generate=generate_greedy,
+) -> dict:
+    """Evaluate a model on langmerge tasks (and optionally lm-eval tasks); returns a results dict.
+
+    ``model`` is a model folder, or an already-loaded causal LM with its
+    ``tokenizer`` (as the tuner passes in-memory merged candidates). ``tasks``
+    are built-in task names, shell patterns of them (``next_day_*``), task YAML
+    paths or loaded ``Task`` objects. ``few_shot`` overrides every task's own
+    count; ``limit`` keeps the first N examples of each task; ``chat_template``
+    wraps each prompt in the tokenizer's chat template (an error if it has
+    none). ``generate`` is the greedy generation function (replaceable, e.g. to
+    test the language check with a fixed answerer). The results hold
+    ``tasks`` (per-task metrics), ``samples`` (per-example outputs) and, with
+    ``lm_eval_tasks``, ``lm_eval`` (lm-eval's results).
+    """
+    if limit is not None and limit < 1:
+        raise LangmergeError(f"limit must be at least 1, got {limit}")
+    if not isinstance(model, (str, Path)) and tokenizer is None:
+        raise LangmergeError("evaluate: an already-loaded model needs its tokenizer (tokenizer=...)")
+    names = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+    loaded = [t for t in names if isinstance(t, Task)]
+    by_name = [t for t in names if not isinstance(t, Task)]
+    task_list = loaded + (resolve_tasks(by_name, cache_dir) if by_name else [])
+    if not task_list and not lm_eval_tasks:
+        raise LangmergeError("no tasks given")
+    task_list = [with_few_shot(t, few_shot) for t in task_list]
+    # Tasks are checked before the model loads, so that bad input fails at once.
+    lm_resolved = None
+    if lm_eval_tasks:
+        from langmerge.evaluation.lm_eval_bridge import resolve_lm_eval_tasks
+
+        lm_resolved = resolve_lm_eval_tasks(lm_eval_tasks, lm_eval_include)
+    if isinstance(model, (str, Path)):
+        model_name = str(model)
+        model, tokenizer = load_model(model, device=device, dtype=dtype)
+    else:
+        model_name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+        model.eval()
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        raise LangmergeError(f"the tokenizer of {model_name} has no chat template; drop --chat-template")
+    opts = {"seed": seed, "chat": chat_template, "batch_size": batch_size, "max_length": max_length}
+    results: dict = {
+        "model": model_name,
+        "settings": {"few_shot": few_shot, "batch_size": batch_size, "limit": limit, "chat_template": chat_template,
+                     "max_length": max_length, "seed": seed},
+        "tasks": {},
+        "samples": {},
+    }
+    for task in task_list:
+        idx = list(range(len(task.examples)))[:limit] if limit else list(range(len(task.examples)))
+        bar = _Progress(progress, task.name, len(idx))
+        start = time.perf_counter()
+        try:
+            if task.spec.kind == "multiple_choice":
+                scores, samples = _run_multiple_choice(task, idx, model, tokenizer, opts, bar)
+            elif task.spec.kind == "generation":
+                scores, samples = _run_generation(task, idx, model, tokenizer, opts, bar, generate)
+            else:
+                scores, samples = _run_bits_per_char(task, idx, model, tokenizer, opts, bar)
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - start
+        results["tasks"][task.name] = {
+            "kind": task.spec.kind, "language": task.spec.language, "family": task.spec.family,
+            "n": len(idx), "few_shot": task.spec.few_shot, "metrics": scores,
+            "seconds": round(seconds, 3), "examples_per_s": round(len(idx) / seconds, 2) if seconds else None,
+        }
+        results["samples"][task.name] = samples
+        log.info("%s: %s", task.name, scores)
+    if lm_eval_tasks:
+        from langmerge.evaluation.lm_eval_bridge import run_lm_eval
+
+        results["lm_eval"] = run_lm_eval(model, tokenizer, lm_eval_tasks, batch_size=batch_size, limit=limit,
+                                         num_fewshot=few_shot, resolved=lm_resolved)
+    return results
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) >= 10 else f"{value:.4f}"
+    return str(value)
+
+
+def results_markdown(results: dict) -> str:
+    """Markdown tables: per-task metrics, the gap to English per task family, lm-eval's metrics."""
+    lines = [f"# Evaluation of `{results['model']}`", ""]
+    rows = results.get("tasks", {})
+    if rows:
+        cols = [c for c in METRIC_COLUMNS if any(c in r["metrics"] for r in rows.values())]
+        lines += ["| task | language | kind | n | " + " | ".join(cols) + " | examples/s |",
+                  "|---|---|---|---:|" + "---:|" * len(cols) + "---:|"]
+        for name, r in rows.items():
+            cells = [_fmt(r["metrics"].get(c)) for c in cols]
+            lines.append(f"| {name} | {r['language'] or ''} | {r['kind']} | {r['n']} | " + " | ".join(cells)
+                         + f" | {_fmt(r['examples_per_s'])} |")
+        gaps = english_gaps(results)
+        if gaps:
+            lines += ["", "## Gap to English (same task family)", "",
+                      "| family | metric | English | language | value | gap |", "|---|---|---:|---|---:|---:|"]
+            for g in gaps:
+                lines.append(f"| {g['family']} | {g['metric']} | {_fmt(g['english'])} | {g['language']} | "
+                             f"{_fmt(g['value'])} | {g['gap']:+.4f} |")
+    if "lm_eval" in results:
+        lines += ["", "## lm-evaluation-harness", "", "| task | metric | value |", "|---|---|---:|"]
+        for task, scores in results["lm_eval"]["results"].items():
+            for metric, value in scores.items():
+                if isinstance(value, (int, float)) and metric != "alias":
+                    lines.append(f"| {task} | {metric} | {_fmt(float(value))} |")
+    return "\n".join(lines) + "\n"
+
+
+def english_gaps(results: dict) -> list[dict]:
+    """For each task family with an English task: every other language's main metric minus English's."""
+    rows = results.get("tasks", {})
+    english = {r["family"]: (n, r) for n, r in rows.items() if r["family"] and r["language"] == "en"}
+    gaps = []
+    for name, r in rows.items():
+        if not r["family"] or r["language"] in (None, "en") or r["family"] not in english:
+            continue
+        metric = MAIN_METRIC[r["kind"]]
+        en_value = english[r["family"]][1]["metrics"][metric]
+        gaps.append({"family": r["family"], "metric": metric, "english": en_value, "language": r["language"],
+                     "value": r["metrics"][metric], "gap": r["metrics"][metric] - en_value})
+    return gaps
+
+
+def plot_results(results: dict, path: Path) -> None:
+    """Bar chart of each task's main metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["tasks"]
+    names = list(rows)
+    values = [rows[n]["metrics"][MAIN_METRIC[rows[n]["kind"]]] for n in names]
+    labels = [f"{n} ({MAIN_METRIC[rows[n]['kind']]})" for n in names]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1.2))
+    ax.barh(labels, values, color=["#4477aa" if rows[n]["kind"] != "bits_per_char" else "#cc6677" for n in names])
+    ax.invert_yaxis()
+    ax.set_xlabel("accuracy / exact match (higher is better); bits per character (lower is better)")
+    ax.set_title(f"langmerge eval: {Path(results['model']).name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_results(results: dict, out_dir: str | Path, force: bool = False) -> Path:
+    """Write results.json, samples.jsonl, results.md and results.png into a new folder (atomically)."""
+    from langmerge.io.output import atomic_output_dir
+
+    with atomic_output_dir(out_dir, force) as tmp:
+        summary = {k: v for k, v in results.items() if k != "samples"}
+        (tmp / "results.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n",
+                                          encoding="utf-8")
+        with (tmp / "samples.jsonl").open("w", encoding="utf-8") as fh:
+            for task, samples in results.get("samples", {}).items():
+                for s in samples:
+                    fh.write(json.dumps({"task": task, **s}, ensure_ascii=False) + "\n")
+        (tmp / "results.md").write_text(results_markdown(results), encoding="utf-8")
+        if results.get("tasks"):
+            plot_results(results, tmp / "results.png")
+    return Path(out_dir)
