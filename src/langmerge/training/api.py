@@ -1,0 +1,174 @@
+"""The Python API: ``train_ct`` and ``train_sft``, each returning a ``TrainResult``."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from langmerge.errors import LangmergeError
+from langmerge.training.data import (
+    REPLAY,
+    TARGET,
+    build_sft_examples,
+    parse_token_count,
+    plan_ct,
+    plan_sft_order,
+    token_stream,
+)
+from langmerge.training.loop import Item, Job, TrainOptions, TrainResult, fingerprint, prepare_output, run
+
+log = logging.getLogger(__name__)
+
+
+def _tokens(value: int | str) -> int:
+    return parse_token_count(value) if isinstance(value, str) else int(value)
+
+
+def load_tokenizer(base: Path):
+    from transformers import AutoTokenizer
+
+    if not (base / "config.json").is_file():
+        raise LangmergeError(f"{base}: not a model folder (no config.json)")
+    try:
+        return AutoTokenizer.from_pretrained(base, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise LangmergeError(f"{base}: cannot load the tokenizer ({exc})") from exc
+
+
+def _check_seq_len(base: Path, seq_len: int) -> None:
+    import json
+
+    config = base / "config.json"
+    if not config.is_file():
+        raise LangmergeError(f"{base}: not a model folder (no config.json)")
+    try:
+        limit = json.loads(config.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise LangmergeError(f"{config}: unreadable model config ({exc})") from exc
+    if limit and seq_len > limit:
+        raise LangmergeError(f"sequence length {seq_len} exceeds {base}'s max_position_embeddings ({limit})")
+
+
+def _options_fingerprint(options: TrainOptions) -> dict:
+    d = options.to_json()
+    for volatile in ("checkpoint_every", "progress"):
+        d.pop(volatile)
+    return d
+
+
+def train_ct(
+    base: str | Path,
+    texts: Sequence[str | Path],
+    tokens: int | str,
+    out: str | Path,
+    *,
+    save_at: Sequence[int | str] = (),
+    replay: Sequence[str | Path] = (),
+    replay_ratio: tuple[int, int] = (4, 1),
+    repeat: bool = False,
+    options: TrainOptions = TrainOptions(),
+    force: bool = False,
+    resume: bool = False,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Continual pre-training of ``base`` on exactly ``tokens`` target-language tokens.
+
+    ``save_at`` budgets (target tokens, each <= ``tokens``) are written as ``OUT/tokens-<budget>/``.
+    ``replay`` files are mixed in at ``replay_ratio`` (target parts : replay parts).
+    """
+    base, out = Path(base), Path(out)
+    total = _tokens(tokens)
+    budgets = sorted({_tokens(b) for b in save_at} | {total})
+    if budgets[-1] > total:
+        raise LangmergeError(f"--save-at budget {budgets[-1]:,} is larger than --tokens {total:,}")
+    prepare_output(out, force, resume)  # fail before tokenizing anything
+    _check_seq_len(base, options.seq_len)
+    tokenizer = load_tokenizer(base)
+    target = token_stream(tokenizer, list(texts))
+    replay_stream = token_stream(tokenizer, list(replay)) if replay else None
+    plan = plan_ct(
+        target, budgets, seq_len=options.seq_len, batch_size=options.batch_size, seed=options.seed,
+        replay=replay_stream, ratio=replay_ratio, repeat=repeat, target_files=list(texts), replay_files=list(replay),
+    )
+
+    def step_items(step: int) -> list[Item]:
+        items = []
+        for j in range(plan.step_bounds[step], plan.step_bounds[step + 1]):
+            ids = plan.sequence(j)
+            items.append(Item(ids, ids, int(plan.source[j])))
+        return items
+
+    metadata = {
+        "text": [str(p) for p in texts],
+        "text_tokens_available": int(len(target)),
+        "replay": [str(p) for p in replay],
+        "replay_tokens_available": int(len(replay_stream)) if replay_stream is not None else 0,
+        "replay_ratio": f"{replay_ratio[0]}:{replay_ratio[1]}" if replay else None,
+        "budget_target_tokens": total,
+        "budget_replay_tokens": plan.tokens(REPLAY),
+        "repeat": repeat,
+    }
+    job = Job(
+        kind="ct", base=base, steps=plan.steps, step_items=step_items, save_steps=plan.save_steps,
+        fingerprint=fingerprint(*plan.streams, plan.source, plan.start, plan.length, plan.step_bounds,
+                                _options_fingerprint(options), str(base)),
+        metadata=metadata,
+    )
+    log.info("CT plan: %d steps, %d target + %d replay tokens", plan.steps, plan.tokens(TARGET), plan.tokens(REPLAY))
+    return run(job, out, options, tokenizer, force=force, resume=resume, stop_after=stop_after)
+
+
+def train_sft(
+    base: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    epochs: int = 1,
+    options: TrainOptions = TrainOptions(),
+    force: bool = False,
+    resume: bool = False,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Supervised fine-tuning of ``base`` on a JSONL of prompt/response pairs or chat messages.
+
+    The loss is taken on response (assistant) tokens only; examples are truncated to
+    ``options.seq_len``. The CT-then-SFT baseline is ``train_sft(ct_folder, ...)``.
+    """
+    base, out, data = Path(base), Path(out), Path(data)
+    prepare_output(out, force, resume)
+    _check_seq_len(base, options.seq_len)
+    tokenizer = load_tokenizer(base)
+    examples, dropped = build_sft_examples(tokenizer, data, options.seq_len)
+    if dropped:
+        log.warning("%s: %d examples dropped: no response token within %d tokens", data, dropped, options.seq_len)
+    order, bounds = plan_sft_order(len(examples), epochs, options.batch_size, options.seed)
+
+    def step_items(step: int) -> list[Item]:
+        return [
+            Item(np.asarray(examples[i].input_ids), np.asarray(examples[i].labels), TARGET)
+            for i in order[bounds[step] : bounds[step + 1]]
+        ]
+
+    flat_ids = np.asarray([t for ex in examples for t in ex.input_ids + [-1] + ex.labels + [-2]], dtype=np.int64)
+    metadata = {
+        "data": str(data),
+        "examples": len(examples),
+        "examples_dropped_too_long": dropped,
+        "epochs": epochs,
+        "chat_template": bool(getattr(tokenizer, "chat_template", None)),
+    }
+    job = Job(
+        kind="sft", base=base, steps=len(bounds) - 1, step_items=step_items, save_steps={},
+        fingerprint=fingerprint(flat_ids, order, bounds, _options_fingerprint(options), str(base)),
+        metadata=metadata,
+    )
+    return run(job, out, options, tokenizer, force=force, resume=resume, stop_after=stop_after)
+
+
+def with_options(options: TrainOptions, **changes) -> TrainOptions:
+    """A copy of ``options`` with some fields changed."""
+    return dataclasses.replace(options, **changes)

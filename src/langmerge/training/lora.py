@@ -1,0 +1,53 @@
+"""LoRA (PEFT) adapters: wrap a model for training, save an adapter or a merged full checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class LoraOptions:
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    # "all-linear": every linear layer but the output layer (PEFT's own rule).
+    target_modules: str | tuple[str, ...] = "all-linear"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _peft_config(options: LoraOptions):
+    from peft import LoraConfig
+
+    targets = options.target_modules if isinstance(options.target_modules, str) else list(options.target_modules)
+    return LoraConfig(
+        r=options.rank,
+        lora_alpha=options.alpha,
+        lora_dropout=options.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+
+
+def wrap_lora(model, options: LoraOptions):
+    """The model with trainable LoRA adapters; every base weight frozen."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, _peft_config(options))
+
+
+def merged_model(base: str | Path, options: LoraOptions, trained_state: dict[str, torch.Tensor]):
+    """A plain model of ``base`` with the adapters in ``trained_state`` merged into its weights.
+
+    ``trained_state`` is the full state dict of the trained PEFT model (base + adapter
+    tensors); it is loaded into a fresh CPU copy so the training model is left untouched.
+    """
+    from transformers import AutoModelForCausalLM
+
+    fresh = wrap_lora(AutoModelForCausalLM.from_pretrained(base, trust_remote_code=False, dtype=torch.float32), options)
+    fresh.load_state_dict({k: v.to("cpu", torch.float32) for k, v in trained_state.items()}, strict=True)
+    return fresh.merge_and_unload()

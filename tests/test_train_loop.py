@@ -1,0 +1,200 @@
+"""The training loop on a tiny Llama: loss falls, exact token accounting, resume, SFT, LoRA."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from langmerge.errors import LangmergeError
+from langmerge.training import LoraOptions, train_ct, train_sft
+from langmerge.training.data import IGNORE_INDEX
+from langmerge.training import loop as loop_module
+from train_helpers import ENGLISH, TAMIL, fast_options, tiny_base, write_lines
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return {
+        "base": tiny_base(root / "base"),
+        "ta": write_lines(root / "ta.txt", TAMIL, repeat=20),
+        "en": write_lines(root / "en.txt", ENGLISH, repeat=10),
+    }
+
+
+def _weights(folder):
+    return load_file(folder / "model.safetensors")
+
+
+def test_ct_loss_falls_and_checkpoint_loads(corpus, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    result = train_ct(corpus["base"], [corpus["ta"]], 2000, tmp_path / "ct", options=fast_options())
+    assert result.completed and result.steps == len(result.losses)
+    first, last = result.losses[0], float(np.mean(result.losses[-3:]))
+    assert last < first - 1.0, result.losses
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+    assert model.config.vocab_size > 0
+    meta = json.loads((tmp_path / "ct" / "langmerge_training.json").read_text())
+    assert meta["tokens"]["target"] == 2000 and meta["steps"] == result.steps and meta["seed"] == 0
+    assert meta["kind"] == "ct" and meta["data"]["text"] == [str(corpus["ta"])]
+
+
+def test_token_budgets_are_exact_when_counted_in_the_loop(corpus, tmp_path):
+    # Budgets that are multiples of neither the sequence length nor the batch size.
+    result = train_ct(
+        corpus["base"], [corpus["ta"]], "1.001k", tmp_path / "ct",
+        save_at=["333", "700"], replay=[corpus["en"]], replay_ratio=(4, 1), options=fast_options(),
+    )
+    assert (result.target_tokens, result.replay_tokens) == (1001, 1001 // 4)
+    for name, budget in (("tokens-333", 333), ("tokens-700", 700)):
+        meta = json.loads((tmp_path / "ct" / name / "langmerge_training.json").read_text())
+        assert meta["tokens"] == {"target": budget, "replay": budget // 4, "total": budget + budget // 4,
+                                  "trained": meta["tokens"]["trained"]}
+    # A budget checkpoint is the state after its steps: it differs from the final weights.
+    early, final = _weights(tmp_path / "ct" / "tokens-333"), _weights(tmp_path / "ct")
+    assert any(not torch.equal(early[k], final[k]) for k in final)
+
+
+def test_counted_tokens_are_the_tokens_fed_to_the_model(corpus, tmp_path, monkeypatch):
+    """Count the attention mask of every batch the model receives, independently of the loop's counters."""
+    fed = []
+    real_collate = loop_module._collate
+
+    def counting_collate(items, pad_id, device):
+        batch = real_collate(items, pad_id, device)
+        fed.append(int(batch["attention_mask"].sum()))
+        return batch
+
+    monkeypatch.setattr(loop_module, "_collate", counting_collate)
+    result = train_ct(corpus["base"], [corpus["ta"]], 517, tmp_path / "ct", replay=[corpus["en"]],
+                      replay_ratio=(3, 2), options=fast_options())
+    assert sum(fed) == 517 + 517 * 2 // 3 == result.tokens_seen
+
+
+def _stop_or_kill_then_resume(corpus, tmp_path, monkeypatch, kill: bool):
+    opts = fast_options(checkpoint_every=2, deterministic=True)
+    args = (corpus["base"], [corpus["ta"]], 1200)
+    full = train_ct(*args, tmp_path / "full", replay=[corpus["en"]], options=opts)
+    out = tmp_path / "resumed"
+    if kill:
+        real_step = loop_module._Trainer.train_step
+
+        def dying_step(self, step):
+            if step == 5:
+                raise KeyboardInterrupt  # like ^C or a killed job: no state is saved at this point
+            return real_step(self, step)
+
+        monkeypatch.setattr(loop_module._Trainer, "train_step", dying_step)
+        with pytest.raises(KeyboardInterrupt):
+            train_ct(*args, out, replay=[corpus["en"]], options=opts)
+        monkeypatch.undo()
+    else:
+        partial = train_ct(*args, out, replay=[corpus["en"]], options=opts, stop_after=3)
+        assert not partial.completed and partial.steps == 3
+    assert not out.exists() and loop_module.state_dir_for(out).is_dir()
+    with pytest.raises(LangmergeError, match="--resume"):
+        train_ct(*args, out, replay=[corpus["en"]], options=opts)
+    resumed = train_ct(*args, out, replay=[corpus["en"]], options=opts, resume=True)
+    assert resumed.completed and resumed.steps == full.steps
+    assert (resumed.target_tokens, resumed.replay_tokens) == (full.target_tokens, full.replay_tokens)
+    a, b = _weights(tmp_path / "full"), _weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.losses == full.losses
+    assert not loop_module.state_dir_for(out).exists()
+
+
+def test_stopped_run_resumes_to_identical_weights(corpus, tmp_path, monkeypatch):
+    _stop_or_kill_then_resume(corpus, tmp_path, monkeypatch, kill=False)
+
+
+def test_killed_run_resumes_to_identical_weights(corpus, tmp_path, monkeypatch):
+    _stop_or_kill_then_resume(corpus, tmp_path, monkeypatch, kill=True)
+
+
+def test_resume_with_other_data_is_refused(corpus, tmp_path):
+    out = tmp_path / "ct"
+    train_ct(corpus["base"], [corpus["ta"]], 600, out, options=fast_options(), stop_after=1)
+    with pytest.raises(LangmergeError, match="other data or options"):
+        train_ct(corpus["base"], [corpus["ta"]], 700, out, options=fast_options(), resume=True)
+
+
+def _sft_file(path):
+    rows = [{"prompt": f"{a} + {b} =", "response": f" {a + b}"} for a in range(6) for b in range(4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_sft_learns_responses_only_and_ct_then_sft_chains(corpus, tmp_path):
+    data = _sft_file(tmp_path / "sft.jsonl")
+    ct = train_ct(corpus["base"], [corpus["ta"]], 500, tmp_path / "ct", options=fast_options())
+    result = train_sft(ct.out, data, tmp_path / "ct_sft", epochs=3, options=fast_options(lr=5e-3))
+    # Trained tokens: each response's characters plus </s>, counted by hand.
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    assert result.trained_tokens == 3 * sum(len(r["response"]) + 1 for r in rows)
+    assert result.target_tokens == 3 * sum(1 + len(r["prompt"]) + len(r["response"]) + 1 for r in rows)
+    assert np.mean(result.losses[-3:]) < result.losses[0] - 0.5
+    meta = json.loads((tmp_path / "ct_sft" / "langmerge_training.json").read_text())
+    assert meta["kind"] == "sft" and meta["base"] == str(tmp_path / "ct")
+
+
+def test_sft_loss_ignores_prompt_tokens(corpus, tmp_path, monkeypatch):
+    """With a zero learning rate the first step's loss equals a hand computation over response tokens only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"prompt": "abc", "response": "de"}) + "\n")
+    result = train_sft(corpus["base"], data, tmp_path / "sft", options=fast_options(lr=0.0, warmup=0))
+    model = AutoModelForCausalLM.from_pretrained(corpus["base"])
+    tok = AutoTokenizer.from_pretrained(corpus["base"])
+    ids = [tok.bos_token_id, *tok.convert_tokens_to_ids(list("abcde")), tok.eos_token_id]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+    expected = -np.mean([logp[t - 1, ids[t]].item() for t in (4, 5, 6)])  # d, e, </s>
+    assert result.losses[0] == pytest.approx(expected, rel=1e-5)
+    assert IGNORE_INDEX == -100
+
+
+def test_lora_adapter_and_merged_checkpoint_agree(corpus, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    lora = LoraOptions(rank=4, alpha=8)
+    opts = fast_options(lora=lora, lr=1e-2)
+    adapter = train_ct(corpus["base"], [corpus["ta"]], 400, tmp_path / "adapter", options=opts)
+    merged = train_ct(corpus["base"], [corpus["ta"]], 400, tmp_path / "merged",
+                      options=fast_options(lora=lora, lr=1e-2, merge_lora=True))
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert not (tmp_path / "adapter" / "model.safetensors").exists()
+    assert adapter.losses == merged.losses
+    base_w, merged_w = _weights(corpus["base"]), _weights(tmp_path / "merged")
+    assert "lm_head.weight" in merged_w and any(not torch.equal(base_w[k], merged_w[k]) for k in base_w)
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    with torch.no_grad():
+        via_peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(corpus["base"]), tmp_path / "adapter")
+        expected = via_peft(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(ids).logits
+    assert torch.allclose(expected, got, atol=1e-5)
+
+
+def test_trained_checkpoints_are_merge_inputs(corpus, tmp_path):
+    from langmerge.engine import merge
+
+    data = _sft_file(tmp_path / "sft.jsonl")
+    ct = train_ct(corpus["base"], [corpus["ta"]], 600, tmp_path / "ct", save_at=[300], options=fast_options())
+    sft = train_sft(corpus["base"], data, tmp_path / "sft", options=fast_options())
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(corpus["base"]),
+        "models": [
+            {"model": str(ct.checkpoints["tokens-300"]), "parameters": {"weight": 1.0, "density": 0.5}},
+            {"model": str(sft.out), "parameters": {"weight": 1.0, "density": 0.5}},
+        ],
+        "dtype": "float32",
+    }
+    merge(recipe, tmp_path / "merged", progress=False)
+    assert (tmp_path / "merged" / "config.json").is_file()
