@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from langmerge.methods import fused_cpu
 from langmerge.methods.consensus import agreement_mask, disjoint_sum, elect_sign
 from langmerge.methods.registry import MergeMethod
 from langmerge.methods.sparsify import bernoulli_drop, magnitude_trim
@@ -80,12 +81,36 @@ def merge_tensor(
     inputs: list[torch.Tensor],
     p: TensorParameters,
     generators: list[torch.Generator] | None = None,
+    fused: bool = True,
 ) -> torch.Tensor:
-    """Merge one tensor. ``inputs`` exclude the base; all share one compute dtype."""
+    """Merge one tensor. ``inputs`` exclude the base; all share one compute dtype.
+
+    With ``fused`` (the default) task arithmetic, TIES and TIES-SV run on the
+    CPU in ``fused_cpu``, which gives the same bits as the steps below.
+    """
     if not method.uses_base:
         return linear(inputs, p.weights, p.normalize)
     if not inputs:
         return base
+    if (
+        fused
+        and method.sparsification in (None, "magnitude")
+        and not (method.sparsification and p.rescale)
+        and fused_cpu.available(base.dtype, base.device)
+    ):
+        scale = vote_scale(p)
+        merged = fused_cpu.merge_tensor_fused(
+            base,
+            inputs,
+            p.weights,
+            p.densities if method.sparsification else None,
+            method.consensus,
+            p.normalize,
+            p.lam,
+            scale.tolist() if scale is not None else None,
+        )
+        if merged is not None:
+            return merged
     weighted = sparsified_task_vectors(method, base, inputs, p, generators)
     w = weight_column(p.weights, weighted)
     weighted.mul_(w)

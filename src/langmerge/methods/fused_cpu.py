@@ -1,0 +1,311 @@
+"""A fused CPU kernel for task arithmetic, TIES and TIES-SV (float32 and bfloat16).
+
+``kernels.merge_tensor`` is the reference: one torch operation per step, as
+in REFERENCE §1.4. On a CPU that costs some thirty passes over each tensor,
+each converting bfloat16 to float32 and back. This module computes the same
+bits in three passes: a magnitude histogram per model (exact k-th selection
+by radix on the float32 bit patterns, two levels for float32), and one pass
+that rebuilds each task vector, trims, weights, votes and mixes in registers.
+
+Bit-exactness rests on emulating what torch does on the CPU: every bfloat16
+operation computes in float32 and rounds to nearest-even; a reduction over
+the model axis accumulates in float32 in model order and rounds once; masks
+multiply, so trimmed and outvoted entries are signed zeros. The tests compare
+this kernel with the reference bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+try:  # numba is an optional accelerator; without it the reference kernel runs.
+    import numba
+    from numba import njit, prange
+except ImportError:  # pragma: no cover - exercised only where numba is absent
+    numba = None
+
+CHUNK = 1 << 18  # elements per parallel work item; also the unit of tie bookkeeping
+_BINS = 1 << 16
+_SUPPORTED = {torch.float32: (np.uint32, 0), torch.bfloat16: (np.uint16, 16)}
+_NEGATIVE_ZERO = {0: np.uint32(0x80000000), 16: np.uint16(0x8000)}
+
+
+def available(dtype: torch.dtype, device: torch.device) -> bool:
+    return numba is not None and device.type == "cpu" and dtype in _SUPPORTED
+
+
+if numba is not None:
+    from llvmlite import ir
+    from numba.core import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def _as_float(typingctx, bits):
+        """Reinterpret uint32 bits as a float32 (no memory round trip)."""
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.FloatType())
+
+        return types.float32(types.uint32), codegen
+
+    @intrinsic
+    def _as_bits(typingctx, value):
+        """Reinterpret a float32 as uint32 bits."""
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.IntType(32))
+
+        return types.uint32(types.float32), codegen
+
+    @njit(inline="always")
+    def _value(bits, shift):
+        return _as_float(np.uint32(np.uint32(bits) << np.uint32(shift)))
+
+    @njit(inline="always")
+    def _round(v, shift):
+        """Round a float32 to the compute dtype (bfloat16: nearest-even; float32: as is)."""
+        if shift == 0:
+            return v
+        u = _as_bits(v)
+        if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN stays NaN
+            return v
+        u = np.uint32((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000))
+        return _as_float(u)
+
+    @njit(inline="always")
+    def _key(v):
+        return _as_bits(v) & np.uint32(0x7FFFFFFF)
+
+    @njit(inline="always")
+    def _shift(bits):
+        """16 for bfloat16 bit arrays, 0 for float32 ones; a compile-time constant per array type."""
+        return 16 if bits.itemsize == 2 else 0
+
+    @njit(parallel=True, cache=True)
+    def _count_nonfinite(bits):
+        shift = _shift(bits)
+        n = bits.size
+        nchunks = (n + CHUNK - 1) // CHUNK
+        bad = np.zeros(nchunks, dtype=np.int64)
+        for c in prange(nchunks):
+            count = 0
+            for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
+                if (np.uint32(np.uint32(bits[j]) << np.uint32(shift)) & np.uint32(0x7F800000)) == np.uint32(0x7F800000):
+                    count += 1
+            bad[c] = count
+        return bad.sum()
+
+    @njit(parallel=True, cache=True)
+    def _histogram(base, x, level, prefix):
+        """Per-chunk counts of magnitude-key bins of round(x - base).
+
+        level 1 bins by the key's high 16 bits; level 2 bins the low 16 bits
+        of the entries whose high bits equal ``prefix``.
+        """
+        shift = _shift(base)
+        n = base.size
+        nchunks = (n + CHUNK - 1) // CHUNK
+        counts = np.zeros((nchunks, _BINS), dtype=np.int64)
+        for c in prange(nchunks):
+            local = np.zeros(_BINS, dtype=np.int64)
+            for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
+                k = _key(_round(_value(x[j], shift) - _value(base[j], shift), shift))
+                if level == 1:
+                    local[k >> np.uint32(16)] += 1
+                elif (k >> np.uint32(16)) == prefix:
+                    local[k & np.uint32(0xFFFF)] += 1
+            counts[c, :] = local
+        return counts
+
+    @njit(inline="always")
+    def _task_value(xs, i, j, b, shift, trim, thresholds, cutoffs, c):
+        """Model i's trimmed task vector at j: round(x - b), zeroed (by multiplication) unless kept.
+
+        Kept: keys above the threshold, and keys equal to it at indices below
+        ``cutoffs[i, c]`` (so exactly the first ``need`` tied entries survive).
+        No state is carried from one j to the next, which lets LLVM vectorize.
+        """
+        d = _round(_value(xs[i][j], shift) - b, shift)
+        if trim[i]:
+            k = _key(d)
+            keep = (k > thresholds[i]) | ((k == thresholds[i]) & (j < cutoffs[i, c]))
+            d = d * np.float32(keep)
+        return d
+
+    @njit(inline="always")
+    def _finish(b, mixed, divisor, normalize, lam, shift):
+        """Normalize, scale by lambda and add to the base; returns the output bits (float32 layout)."""
+        mixed = _round(mixed, shift)
+        if normalize:
+            mixed = _round(mixed / divisor, shift)
+        if lam != 1:
+            mixed = _round(mixed * lam, shift)
+        return _as_bits(_round(b + mixed, shift))
+
+    @njit(parallel=True, cache=True)
+    def _merge_ties(base, xs, trim, thresholds, cutoffs, weights, scales, round_vote, normalize, lam, out):
+        """TIES / TIES-SV in one pass; returns the count of non-finite outputs.
+
+        Sums over models accumulate in float32 in model order and round once,
+        as torch's reductions do. The weighted task values are recomputed in
+        the second model loop rather than stored: no per-element state keeps
+        the loop vectorizable.
+        """
+        shift = _shift(base)
+        n = base.size
+        m = len(xs)
+        nchunks = (n + CHUNK - 1) // CHUNK
+        bad = np.zeros(nchunks, dtype=np.int64)
+        for c in prange(nchunks):
+            nonfinite = 0
+            for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
+                b = _value(base[j], shift)
+                mass = np.float32(0.0)
+                for i in range(m):
+                    v = _round(weights[i] * _task_value(xs, i, j, b, shift, trim, thresholds, cutoffs, c), shift)
+                    mass += v * scales[i]
+                if round_vote:
+                    mass = _round(mass, shift)
+                up = mass >= 0
+                mixed = np.float32(0.0)
+                divisor = np.float32(0.0)
+                for i in range(m):
+                    v = _round(weights[i] * _task_value(xs, i, j, b, shift, trim, thresholds, cutoffs, c), shift)
+                    # masks multiply: an outvoted or trimmed entry adds a signed zero
+                    agree = np.float32((v != 0) & ((v > 0) == up))
+                    mixed += v * agree
+                    divisor += weights[i] * agree
+                divisor = _round(divisor, shift)
+                if divisor == 0:
+                    divisor = np.float32(1.0)
+                r = _finish(b, mixed, divisor, normalize, lam, shift)
+                nonfinite += (r & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
+                out[j] = r >> np.uint32(shift)
+            bad[c] = nonfinite
+        return bad.sum()
+
+    @njit(parallel=True, cache=True)
+    def _merge_sum(base, xs, weights, normalize, lam, out):
+        """Task arithmetic in one pass; returns the count of non-finite outputs."""
+        shift = _shift(base)
+        n = base.size
+        m = len(xs)
+        nchunks = (n + CHUNK - 1) // CHUNK
+        bad = np.zeros(nchunks, dtype=np.int64)
+        divisor = np.float32(0.0)
+        for i in range(m):
+            divisor += weights[i]
+        divisor = _round(divisor, shift)
+        if abs(divisor) < np.float32(1e-8):
+            divisor = np.float32(1.0)
+        for c in prange(nchunks):
+            nonfinite = 0
+            for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
+                b = _value(base[j], shift)
+                mixed = np.float32(0.0)
+                for i in range(m):
+                    mixed += _round(weights[i] * _round(_value(xs[i][j], shift) - b, shift), shift)
+                r = _finish(b, mixed, divisor, normalize, lam, shift)
+                nonfinite += (r & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
+                out[j] = r >> np.uint32(shift)
+            bad[c] = nonfinite
+        return bad.sum()
+
+
+def _select(counts: np.ndarray, k: int) -> tuple[int, int, np.ndarray]:
+    """The bin holding the k-th largest key, how many of its entries to keep, and its count per chunk."""
+    total = counts.sum(axis=0)
+    from_top = np.cumsum(total[::-1])
+    pos = int(np.searchsorted(from_top, k))  # first position where the count from the top reaches k
+    bin_ = _BINS - 1 - pos
+    above = int(from_top[pos - 1]) if pos > 0 else 0
+    return bin_, k - above, counts[:, bin_]
+
+
+def _tie_cutoffs(base: torch.Tensor, x: torch.Tensor, threshold: int, need: int, per_chunk: np.ndarray) -> np.ndarray:
+    """Per chunk, the flat index below which entries tied at ``threshold`` are kept.
+
+    Ties are kept in index order until ``need`` are kept: whole chunks first,
+    and in the one chunk where the quota runs out, up to the right tie.
+    """
+    n = base.numel()
+    starts = np.arange(per_chunk.size, dtype=np.int64) * CHUNK
+    ends = np.minimum(starts + CHUNK, n)
+    before = np.cumsum(per_chunk) - per_chunk
+    cutoffs = np.where(before + per_chunk <= need, ends, starts)
+    partial = np.nonzero((before < need) & (before + per_chunk > need))[0]
+    for c in partial:  # at most one chunk
+        lo, hi = int(starts[c]), int(ends[c])
+        delta = (x.reshape(-1)[lo:hi] - base.reshape(-1)[lo:hi]).float()
+        keys = delta.view(torch.int32) & 0x7FFFFFFF
+        tied = torch.nonzero(keys == threshold).reshape(-1)
+        cutoffs[c] = lo + int(tied[need - int(before[c]) - 1]) + 1
+    return cutoffs
+
+
+def merge_tensor_fused(
+    base: torch.Tensor,
+    inputs: list[torch.Tensor],
+    weights: list[float],
+    densities: list[float] | None,
+    consensus: bool,
+    normalize: bool,
+    lam: float,
+    vote_scale: list[float] | None,
+) -> torch.Tensor | None:
+    """Same bits as ``kernels.merge_tensor`` for task arithmetic / TIES / TIES-SV without rescale.
+
+    Returns None where the base holds -0.0 (see below): the caller then runs the reference steps.
+    """
+    from langmerge.methods.sparsify import keep_count
+
+    dtype = base.dtype
+    np_bits, shift = _SUPPORTED[dtype]
+    flat = lambda t: t.contiguous().reshape(-1).view(torch.int16 if shift else torch.int32).numpy().view(np_bits)
+    b = flat(base)
+    if np.any(b == _NEGATIVE_ZERO[shift]):
+        # torch's reductions start from +0 or from the first term depending on
+        # the kernel it picks, which decides the sign of a zero sum; that sign
+        # shows only where the base holds -0.0, so such tensors take the
+        # reference path.
+        return None
+    xs = tuple(flat(x) for x in inputs)
+    n, m = b.size, len(xs)
+    nchunks = max(1, (n + CHUNK - 1) // CHUNK)
+    trim = np.zeros(m, dtype=np.bool_)
+    thresholds = np.zeros(m, dtype=np.uint32)
+    cutoffs = np.zeros((m, nchunks), dtype=np.int64)
+    for i, (x_bits, x) in enumerate(zip(xs, inputs)):
+        k = keep_count(n, densities[i]) if densities is not None else n
+        if k == n:
+            continue
+        trim[i] = True
+        if k == 0:
+            thresholds[i] = np.uint32(0xFFFFFFFF)  # above every key: keep none
+            continue
+        high, need, per_chunk = _select(_histogram(b, x_bits, 1, np.uint32(0)), k)
+        threshold = high << 16
+        if shift == 0:  # float32 keys have 16 more bits to resolve
+            low, need, per_chunk = _select(_histogram(b, x_bits, 2, np.uint32(high)), need)
+            threshold |= low
+        thresholds[i] = threshold
+        cutoffs[i] = _tie_cutoffs(base, x, threshold, need, per_chunk)
+    # weights as the reference holds them: a tensor of the compute dtype
+    w = torch.tensor(weights, dtype=dtype).float().numpy()
+    out = np.empty(n, dtype=np_bits)
+    if consensus:
+        scales = np.asarray(vote_scale if vote_scale is not None else [1.0] * m, dtype=np.float32)
+        # TIES rounds the vote to the compute dtype (a torch sum); TIES-SV's scaled vote stays float32
+        _merge_ties(b, xs, trim, thresholds, cutoffs, w, scales, vote_scale is None, normalize, np.float32(lam), out)
+    else:
+        _merge_sum(b, xs, w, normalize, np.float32(lam), out)
+    result = torch.from_numpy(out.view(np.int16 if shift else np.int32)).view(dtype).reshape(base.shape)
+    return result
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True when no entry is NaN or Inf; one parallel pass on the CPU for float32/bfloat16."""
+    if not available(tensor.dtype, tensor.device):
+        return bool(torch.isfinite(tensor).all())
+    np_bits, shift = _SUPPORTED[tensor.dtype]
+    bits = tensor.contiguous().reshape(-1).view(torch.int16 if shift else torch.int32).numpy().view(np_bits)
+    return int(_count_nonfinite(bits)) == 0
