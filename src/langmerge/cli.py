@@ -17,7 +17,7 @@ from pathlib import Path
 
 from langmerge.errors import LangmergeError
 
-COMMAND_PROVIDERS = ("langmerge.cli", "langmerge.training.cli", "langmerge.evaluation.cli", "langmerge.check")
+COMMAND_PROVIDERS = ("langmerge.cli", "langmerge.training.cli", "langmerge.evaluation.cli", "langmerge.check", "langmerge.analysis.cli", "langmerge.tuning.cli")
 
 
 def parse_size(text: str) -> int:

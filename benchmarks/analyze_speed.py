@@ -1,0 +1,77 @@
+"""`langmerge analyze` vs `langmerge merge` (ties) on the benchmark trio of merge_speed.py, side by side.
+
+    python benchmarks/analyze_speed.py                # 1.1B-parameter trio (built once, shared with merge_speed.py)
+    python benchmarks/analyze_speed.py --layers 2     # a quicker, smaller trio
+
+The target: analyze takes no longer than the ties merge it describes, within the same
+memory bound. Each command runs as its own process; wall time and peak resident memory
+(from wait4) are printed with their ratios. analyze runs twice: at the recipe's slack
+(one vote per tensor, like the merge) and with several slack values in one pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from merge_speed import RECIPES, cache_dir, run_measured  # noqa: E402  (same folder: shared cache and timing)
+
+from langmerge.synthetic import TINYLLAMA_1B, make_trio  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=TINYLLAMA_1B.layers)
+    ap.add_argument("--slack", default="0,0.5,1,2,4", help="slack values of the multi-slack analyze run")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    shape = replace(TINYLLAMA_1B, layers=args.layers)
+    trio_dir = cache_dir() / f"tinyllama-{args.layers}l-bf16"  # the same folder merge_speed.py builds
+    if not (trio_dir / "sft" / "config.json").exists():
+        print(f"building the trio in {trio_dir} (once) ...", flush=True)
+        shutil.rmtree(trio_dir, ignore_errors=True)
+        t = time.perf_counter()
+        make_trio(trio_dir, shape, dtype=torch.bfloat16, shard_bytes=2 * 10**9)
+        print(f"  built in {time.perf_counter() - t:.0f} s", flush=True)
+    paths = {k: trio_dir / k for k in ("base", "ct", "sft")}
+    params = sum(p.stat().st_size for p in paths["base"].glob("*.safetensors")) / 2
+    print(f"trio: {params / 1e9:.2f}B parameters per model, bf16, {args.layers} layers")
+
+    exe = str(Path(sys.executable).parent / "langmerge")
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    work = Path(tempfile.mkdtemp(prefix="langmerge-bench-", dir=trio_dir.parent))
+    try:
+        recipe = work / "ties.yaml"
+        recipe.write_text(yaml.safe_dump(RECIPES["ties"](paths)))
+        merge = run_measured([exe, "merge", str(recipe), str(work / "merged"), "--no-progress", *threads])
+        shutil.rmtree(work / "merged")
+        if args.threads:
+            import os
+
+            os.environ["OMP_NUM_THREADS"] = str(args.threads)  # analyze has no --threads; torch reads this
+        one = run_measured([exe, "analyze", str(recipe), "-o", str(work / "a1"), "--no-progress"])
+        many = run_measured([exe, "analyze", str(recipe), "-o", str(work / "a2"), "--no-progress",
+                             "--slack", args.slack, "--protect", "sft"])
+        n_slacks = len(args.slack.split(","))
+        print(f"\n{'command':<36}{'seconds':>9}{'peak GB':>9}{'time ratio':>12}{'mem ratio':>11}")
+        rows = [("merge (ties)", merge), ("analyze (recipe's slack)", one), (f"analyze ({n_slacks} slacks, one pass)", many)]
+        for name, (wall, rss) in rows:
+            print(f"{name:<36}{wall:>9.1f}{rss:>9.2f}{wall / merge[0]:>11.2f}x{rss / merge[1]:>10.2f}x")
+        print("\ntime ratio = command time / ties merge time; mem ratio = peak RSS / ties merge peak RSS")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,402 @@
+"""What a TIES-family merge loses, per tensor, layer, module type and in total (REFERENCE §1.7).
+
+For each input model ``i`` (trimmed task vector ``trimmed_i``, weighted
+``v_i = w_i * trimmed_i``, elected sign ``g``):
+
+- kept after trim ``K_i = count(trimmed_i != 0)``;
+- lost to the vote ``L_i = count(trimmed_i != 0 and sign(v_i) != g)``;
+- loss rate ``L_i / K_i`` and mass loss ``sum |trimmed_i| over lost / sum |trimmed_i| over kept``.
+
+Also, for each pair of models, the sign-conflict rate (entries both keep
+whose weighted signs differ, over entries both keep), and each model's
+task-vector norm ``||x_i - base||``. Several slack values are analysed in
+one pass: the inputs are loaded and trimmed once per tensor, then only the
+vote and the masks are redone for each slack. The per-tensor steps are the
+kernels ``langmerge merge`` runs (``langmerge.methods``), so the numbers
+describe exactly the merge it would write.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from langmerge.engine import MergePlan, layer_index, plan_merge
+from langmerge.errors import LangmergeError
+from langmerge.methods.consensus import agreement_mask, elect_sign
+from langmerge.methods.kernels import TensorParameters, sparsified_task_vectors, vote_scale, weight_column
+from langmerge.methods.registry import MergeMethod
+from langmerge.recipe import Recipe, load_recipe
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20  # entries per model in one step of the post-trim pass
+RECIPE_SLACK = None  # a slack entry of None means "the recipe's own (per-tensor) slack"
+
+
+def module_type(name: str) -> str:
+    """``self_attn.q_proj``, ``mlp.up_proj``, ``embed_tokens``...: the name's part after the layer index.
+
+    Outside layers it is the last component; a trailing ``weight`` is dropped
+    (a ``bias`` is kept, so biases are their own type).
+    """
+    parts = name.split(".")
+    if parts and parts[-1] == "weight":
+        parts = parts[:-1]
+    index = layer_index(name)
+    if index is not None:
+        for k in range(len(parts) - 1):
+            if parts[k + 1] == str(index) and parts[k] in ("layers", "h", "blocks", "layer"):
+                return ".".join(parts[k + 2 :]) or name
+    if parts and parts[-1] == "bias" and len(parts) > 1:
+        return ".".join(parts[-2:])
+    return parts[-1] if parts else name
+
+
+@dataclass
+class Tally:
+    """Additive counts over one tensor or many (add them up, then read rates)."""
+
+    n_models: int
+    n_slacks: int
+    numel: int = 0
+    tensors: int = 0
+    kept: np.ndarray = field(default=None)  # (models,)
+    kept_mass: np.ndarray = field(default=None)  # (models,)
+    lost: np.ndarray = field(default=None)  # (slacks, models)
+    lost_mass: np.ndarray = field(default=None)  # (slacks, models)
+    squared_norm: np.ndarray = field(default=None)  # (models,)
+    both_kept: np.ndarray = field(default=None)  # (pairs,)
+    conflicts: np.ndarray = field(default=None)  # (pairs,)
+
+    def __post_init__(self) -> None:
+        n, s, pairs = self.n_models, self.n_slacks, len(self.pairs)
+        for name, shape, dtype in (
+            ("kept", (n,), np.int64),
+            ("kept_mass", (n,), np.float64),
+            ("lost", (s, n), np.int64),
+            ("lost_mass", (s, n), np.float64),
+            ("squared_norm", (n,), np.float64),
+            ("both_kept", (pairs,), np.int64),
+            ("conflicts", (pairs,), np.int64),
+        ):
+            if getattr(self, name) is None:
+                setattr(self, name, np.zeros(shape, dtype=dtype))
+
+    @property
+    def pairs(self) -> list[tuple[int, int]]:
+        return list(combinations(range(self.n_models), 2))
+
+    def add(self, other: Tally) -> None:
+        self.numel += other.numel
+        self.tensors += other.tensors
+        for name in ("kept", "kept_mass", "lost", "lost_mass", "squared_norm", "both_kept", "conflicts"):
+            getattr(self, name).__iadd__(getattr(other, name))
+
+    def loss_rate(self) -> np.ndarray:
+        """``L_i / K_i`` per (slack, model); NaN where a model keeps nothing."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.kept > 0, self.lost / np.maximum(self.kept, 1), np.nan)
+
+    def mass_loss(self) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.kept_mass > 0, self.lost_mass / np.where(self.kept_mass > 0, self.kept_mass, 1), np.nan)
+
+    def conflict_rate(self) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.both_kept > 0, self.conflicts / np.maximum(self.both_kept, 1), np.nan)
+
+    def to_dict(self, labels: list[str]) -> dict:
+        rate, mass = self.loss_rate(), self.mass_loss()
+        models = {}
+        for i, label in enumerate(labels):
+            models[label] = {
+                "kept": int(self.kept[i]),
+                "kept_mass": float(self.kept_mass[i]),
+                "task_vector_norm": float(np.sqrt(self.squared_norm[i])),
+                "lost": [int(v) for v in self.lost[:, i]],
+                "loss_rate": [_num(v) for v in rate[:, i]],
+                "mass_loss": [_num(v) for v in mass[:, i]],
+            }
+        conflict = self.conflict_rate()
+        conflicts = {
+            f"{labels[i]}|{labels[j]}": {
+                "both_kept": int(self.both_kept[k]),
+                "conflicts": int(self.conflicts[k]),
+                "rate": _num(conflict[k]),
+            }
+            for k, (i, j) in enumerate(self.pairs)
+        }
+        return {"tensors": self.tensors, "numel": self.numel, "models": models, "sign_conflicts": conflicts}
+
+
+def _num(v: float) -> float | None:
+    return None if v != v else float(v)
+
+
+def tensor_tally(
+    method: MergeMethod,
+    base: torch.Tensor,
+    inputs: list[torch.Tensor],
+    p: TensorParameters,
+    slacks: list[float | None],
+    generators: list[torch.Generator] | None = None,
+) -> Tally:
+    """The diagnostic of one tensor for each slack (None: ``p.slack``); ``p.protected`` names the protected models."""
+    n = len(inputs)
+    tally = Tally(n, len(slacks), numel=base.numel(), tensors=1)
+    for i, x in enumerate(inputs):
+        tally.squared_norm[i] = float(torch.linalg.vector_norm(x - base, dtype=torch.float32)) ** 2
+    trimmed = sparsified_task_vectors(method, base, inputs, p, generators).reshape(n, -1)
+    weights = weight_column(p.weights, trimmed)
+    scales = [vote_scale(p if slack is None else replace(p, slack=slack)) for slack in slacks]
+    # Everything after the trim is elementwise over the model axis: done in column chunks that stay in cache
+    # and keep the extra memory small. Sums of magnitudes per chunk in float32, totals in float64.
+    for start in range(0, trimmed.shape[1], CHUNK):
+        chunk = trimmed[:, start : start + CHUNK]
+        kept = chunk != 0
+        magnitude = chunk.abs()
+        tally.kept += torch.count_nonzero(kept, dim=1).numpy()
+        tally.kept_mass += magnitude.sum(dim=1, dtype=torch.float32).double().numpy()
+        weighted = chunk * weights  # the bits merge_tensor votes with
+        signs = weighted.sign()
+        for k, (i, j) in enumerate(tally.pairs):
+            both = kept[i] & kept[j]
+            tally.both_kept[k] += int(torch.count_nonzero(both))
+            tally.conflicts[k] += int(torch.count_nonzero(both & (signs[i] != signs[j])))
+        for s, scale in enumerate(scales):
+            lost = kept & ~agreement_mask(weighted, elect_sign(weighted, scale))
+            tally.lost[s] += torch.count_nonzero(lost, dim=1).numpy()
+            tally.lost_mass[s] += torch.where(lost, magnitude, 0).sum(dim=1, dtype=torch.float32).double().numpy()
+    return tally
+
+
+@dataclass
+class AnalysisReport:
+    """Tallies of one recipe: per tensor, layer, module type and in total."""
+
+    recipe: str
+    method: str
+    models: list[str]  # recipe model references
+    labels: list[str]  # short names (folder names) used as keys
+    protected: list[bool]
+    slacks: list[float | None]
+    total: Tally
+    by_layer: dict[str, Tally]
+    by_module: dict[str, Tally]
+    by_tensor: dict[str, Tally]
+    skipped: dict[str, str]  # tensor -> why it is not in the tallies
+    recipe_slacks: list[float]  # distinct per-tensor slacks of the recipe itself
+    seconds: float = 0.0
+
+    @property
+    def slack_labels(self) -> list[float | str]:
+        if all(s is not None for s in self.slacks):
+            return list(self.slacks)
+        own = self.recipe_slacks[0] if len(self.recipe_slacks) == 1 else "recipe"
+        return [own if s is None else s for s in self.slacks]
+
+    def model_label(self, ref: str) -> str:
+        for model, label in zip(self.models, self.labels):
+            if ref in (model, label):
+                return label
+        raise LangmergeError(f"{self.recipe}: {ref!r} is not one of the merged models ({', '.join(self.models)})")
+
+    def to_dict(self) -> dict:
+        return {
+            "recipe": self.recipe,
+            "method": self.method,
+            "models": [
+                {"model": m, "label": lab, "protected": prot}
+                for m, lab, prot in zip(self.models, self.labels, self.protected)
+            ],
+            "slacks": self.slack_labels,
+            "seconds": round(self.seconds, 3),
+            "total": self.total.to_dict(self.labels),
+            "by_layer": {k: v.to_dict(self.labels) for k, v in self.by_layer.items()},
+            "by_module": {k: v.to_dict(self.labels) for k, v in self.by_module.items()},
+            "by_tensor": {k: v.to_dict(self.labels) for k, v in self.by_tensor.items()},
+            "skipped": self.skipped,
+        }
+
+    def table(self) -> str:
+        """A short text table: per model and slack, kept, lost, loss rate and mass loss in total."""
+        rows = [f"{self.recipe} ({self.method})"]
+        rows.append(f"  {'model':<24}{'slack':>8}{'kept':>14}{'lost':>14}{'loss rate':>11}{'mass loss':>11}{'||t||':>10}")
+        rate, mass = self.total.loss_rate(), self.total.mass_loss()
+        for i, label in enumerate(self.labels):
+            name = label + (" *" if self.protected[i] else "")
+            for s, slack in enumerate(self.slack_labels):
+                rows.append(
+                    f"  {name:<24}{_fmt_slack(slack):>8}{self.total.kept[i]:>14,}{self.total.lost[s, i]:>14,}"
+                    f"{_pct(rate[s, i]):>11}{_pct(mass[s, i]):>11}{np.sqrt(self.total.squared_norm[i]):>10.3g}"
+                )
+        conflict = self.total.conflict_rate()
+        for k, (i, j) in enumerate(self.total.pairs):
+            rows.append(f"  sign conflicts {self.labels[i]} vs {self.labels[j]}: {_pct(conflict[k])} of entries both keep")
+        if any(self.protected):
+            rows.append("  * protected model")
+        return "\n".join(rows)
+
+
+def _fmt_slack(s) -> str:
+    return s if isinstance(s, str) else f"{s:g}"
+
+
+def _pct(v: float) -> str:
+    return "n/a" if v != v else f"{100 * v:.2f}%"
+
+
+def model_labels(models: list[str]) -> list[str]:
+    """Folder names where they are unique, else the full references."""
+    names = [Path(m.rstrip("/")).name or m for m in models]
+    return names if len(set(names)) == len(names) else list(models)
+
+
+def resolve_protected(recipe: Recipe, protect: list[str] | None) -> list[bool]:
+    """The recipe's protected models, or those named in ``protect`` (model references or folder names)."""
+    if protect is None:
+        return list(recipe.protected)
+    models = [e.model for e in recipe.inputs]
+    labels = model_labels(models)
+    out = [False] * len(models)
+    for ref in protect:
+        hits = [i for i, (m, lab) in enumerate(zip(models, labels)) if ref in (m, lab)]
+        if not hits:
+            raise LangmergeError(
+                f"{recipe.source}: --protect {ref!r} is not one of the merged models ({', '.join(models)})"
+            )
+        for i in hits:
+            out[i] = True
+    return out
+
+
+def _load(reader, name: str, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+    t = reader.get(name)
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise LangmergeError(f"model {reader.label}: tensor {name!r} contains NaN or Inf")
+    return t.to(device=device, dtype=dtype or t.dtype)
+
+
+def _input_generators(plan: MergePlan, job, n: int, device: torch.device) -> list[torch.Generator] | None:
+    """DARE's per-model generators, seeded exactly as ``langmerge.engine.merge_job`` seeds them."""
+    if plan.recipe.method.sparsification != "random":
+        return None
+    from langmerge.engine import _tensor_seed  # the engine's seeding, so masks match the written merge
+
+    generators = []
+    for i in range(n):
+        g = torch.Generator(device=device)
+        g.manual_seed(_tensor_seed(job.seed, str(i)))
+        generators.append(g)
+    return generators
+
+
+def check_analyzable(recipe: Recipe, protected: list[bool], slacks: list[float | None]) -> None:
+    """Bad input, before any tensor is read."""
+    if not recipe.method.consensus:
+        raise LangmergeError(
+            f"{recipe.source}: merge_method {recipe.method.name!r} has no sign vote, so nothing is lost to it; "
+            "analyze a ties, ties_sv or dare_ties recipe"
+        )
+    for s in slacks:
+        if s is not None and (s != s or s < 0 or s == float("inf")):
+            raise LangmergeError(f"--slack: {s!r} is not a finite number >= 0")
+    if any(s for s in slacks if s is not None) and not any(protected):
+        raise LangmergeError(
+            f"{recipe.source}: a slack > 0 needs a protected model; name the SFT model with --protect "
+            "(or 'parameters.protect' in a ties_sv recipe)"
+        )
+
+
+def analyze(
+    recipe,
+    *,
+    slacks: list[float] | None = None,
+    protect: list[str] | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    allow_pickle: bool = False,
+) -> AnalysisReport:
+    """Stream the recipe's inputs one tensor at a time and tally what the merge keeps and loses.
+
+    ``slacks``: slack values to analyse in one pass (default: the recipe's
+    own). ``protect``: model references (or folder names) given ``1 + slack``
+    votes, replacing the recipe's ``protect``; with a plain ``ties`` recipe
+    it shows what TIES-SV would keep.
+    """
+    import time
+
+    recipe = load_recipe(recipe)
+    protected = resolve_protected(recipe, protect)
+    slack_list: list[float | None] = [RECIPE_SLACK] if slacks is None else [float(s) for s in slacks]
+    if not slack_list:
+        raise LangmergeError("--slack: no value given")
+    check_analyzable(recipe, protected, slack_list)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LangmergeError("--device cuda: no CUDA GPU is available")
+    start = time.perf_counter()
+    plan = plan_merge(recipe, allow_pickle=allow_pickle)
+    models = [e.model for e in recipe.inputs]
+    labels = model_labels(models)
+    n = len(models)
+    total = Tally(n, len(slack_list))
+    by_layer: dict[str, Tally] = {}
+    by_module: dict[str, Tally] = {}
+    by_tensor: dict[str, Tally] = {}
+    skipped: dict[str, str] = {}
+    recipe_slacks: set[float] = set()
+    try:
+        jobs = [j for j in plan.jobs if j.params is not None]
+        for j in plan.jobs:
+            if j.params is None:
+                skipped[j.name] = "not floating point (copied, not merged)"
+        bar = tqdm(total=sum(int(np.prod(j.shape)) for j in jobs), unit="param", unit_scale=True,
+                   desc=f"analyze ({recipe.method.name})", disable=not progress)
+        try:
+            with torch.no_grad():
+                for job in jobs:
+                    if plan.vocab is not None and plan.vocab.is_aligned(job.name):
+                        skipped[job.name] = "vocabulary-aligned rows (merged per row group, not analysed)"
+                        bar.update(int(np.prod(job.shape)))
+                        continue
+                    p = replace(job.params, protected=protected)
+                    recipe_slacks.add(p.slack)
+                    base = _load(plan.base, job.name, plan.compute_dtype, dev)
+                    inputs = [_load(r, job.name, base.dtype, dev) for r in plan.inputs]
+                    tally = tensor_tally(recipe.method, base, inputs, p, slack_list,
+                                         _input_generators(plan, job, n, dev))
+                    del base, inputs
+                    by_tensor[job.name] = tally
+                    total.add(tally)
+                    layer = layer_index(job.name)
+                    by_layer.setdefault("other" if layer is None else str(layer), Tally(n, len(slack_list))).add(tally)
+                    by_module.setdefault(module_type(job.name), Tally(n, len(slack_list))).add(tally)
+                    bar.update(tally.numel)
+        finally:
+            bar.close()
+    finally:
+        plan.close()
+    layer_keys = sorted((k for k in by_layer if k != "other"), key=int) + (["other"] if "other" in by_layer else [])
+    return AnalysisReport(
+        recipe=recipe.source,
+        method=recipe.method.name,
+        models=models,
+        labels=labels,
+        protected=protected,
+        slacks=slack_list,
+        total=total,
+        by_layer={k: by_layer[k] for k in layer_keys},
+        by_module=by_module,
+        by_tensor=by_tensor,
+        skipped=skipped,
+        recipe_slacks=sorted(recipe_slacks),
+        seconds=time.perf_counter() - start,
+    )

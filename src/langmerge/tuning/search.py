@@ -1,0 +1,157 @@
+"""``tune``: search recipe parameters for the best validation score, merging candidates in memory."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from langmerge.errors import LangmergeError
+from langmerge.io.output import atomic_output_dir, check_output_free
+from langmerge.recipe import load_recipe
+from langmerge.tuning.merger import InMemoryMerger
+from langmerge.tuning.objective import Objective
+from langmerge.tuning.space import Dimension, apply_values, load_space
+
+log = logging.getLogger(__name__)
+
+SEARCHES = ("grid", "tpe")
+DEFAULT_TPE_TRIALS = 30
+
+
+@dataclass(frozen=True)
+class Trial:
+    number: int
+    values: dict[str, Any]  # space key -> value
+    score: float
+    seconds: float
+
+
+@dataclass
+class TuneResult:
+    recipe: dict  # the recipe as given
+    dims: list[Dimension]
+    trials: list[Trial]
+    search: str
+    objective: str
+    seconds: float = 0.0
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def best(self) -> Trial:
+        # The first trial among those with the top score: ties go to the earlier candidate.
+        return max(self.trials, key=lambda t: (t.score, -t.number))
+
+    def best_recipe(self) -> dict:
+        return apply_values(self.recipe, self.dims, self.best.values)
+
+    def ranked(self) -> list[Trial]:
+        return sorted(self.trials, key=lambda t: (-t.score, t.number))
+
+
+def grid_points(dims: list[Dimension]) -> list[dict[str, Any]]:
+    return [dict(zip([d.key for d in dims], combo)) for combo in itertools.product(*(d.grid() for d in dims))]
+
+
+def check_search(search: str, dims: list[Dimension], trials: int | None) -> int:
+    """The number of trials to run; bad settings are errors before any work."""
+    if search not in SEARCHES:
+        raise LangmergeError(f"--search {search!r}: choose one of {', '.join(SEARCHES)}")
+    if trials is not None and trials < 1:
+        raise LangmergeError(f"--trials must be at least 1, got {trials}")
+    if search == "grid":
+        size = math.prod(len(d.grid()) for d in dims)
+        if trials is not None and trials < size:
+            raise LangmergeError(
+                f"--trials {trials}: the grid has {size} points; raise --trials, shrink the space or use --search tpe"
+            )
+        return size
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise LangmergeError("--search tpe needs optuna: pip install 'langmerge[tune]'") from None
+    return trials or DEFAULT_TPE_TRIALS
+
+
+def tune(
+    recipe,
+    space,
+    objective: Objective,
+    *,
+    search: str = "grid",
+    trials: int | None = None,
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+    force: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+    allow_pickle: bool = False,
+    objective_name: str = "score",
+) -> TuneResult:
+    """Search ``space`` for the recipe maximising ``objective(model, tokenizer)``.
+
+    The inputs are loaded once (``InMemoryMerger``); every candidate is merged
+    in memory, loaded into one model and scored. Identical candidates (TPE may
+    propose one twice) are scored once. With ``out_dir``, writes the best
+    recipe, the leaderboard and plots there (see ``tuning.report``).
+    """
+    recipe = load_recipe(recipe)
+    dims = load_space(space, recipe)
+    n_trials = check_search(search, dims, trials)
+    if out_dir is not None:
+        check_output_free(out_dir, force)
+    start = time.perf_counter()
+    merger = InMemoryMerger(recipe, device=device, allow_pickle=allow_pickle)
+    log.info("loaded the task vectors in memory (%.2f GB)", merger.nbytes / 1e9)
+    base_dict = recipe.to_dict()
+    done: list[Trial] = []
+    cache: dict[tuple, float] = {}
+    bar = tqdm(total=n_trials, unit="trial", desc=f"tune ({search})", disable=not progress)
+
+    def evaluate(values: dict[str, Any]) -> float:
+        key = tuple(repr(values[d.key]) for d in dims)
+        t0 = time.perf_counter()
+        if key in cache:
+            score = cache[key]
+        else:
+            candidate = load_recipe(apply_values(base_dict, dims, values))
+            model = merger.model(candidate)
+            score = float(objective(model, merger.tokenizer))
+            if score != score:
+                raise LangmergeError(f"the objective returned NaN for {values}")
+            cache[key] = score
+        done.append(Trial(len(done), dict(values), score, time.perf_counter() - t0))
+        bar.update(1)
+        best = max(t.score for t in done)
+        bar.set_postfix_str(f"best {best:.4g}")
+        return score
+
+    try:
+        if search == "grid":
+            for values in grid_points(dims):
+                evaluate(values)
+        else:
+            import optuna
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+            study.optimize(lambda trial: evaluate({d.key: d.suggest(trial) for d in dims}), n_trials=n_trials,
+                           catch=())
+    finally:
+        bar.close()
+    result = TuneResult(
+        base_dict, dims, done, search, objective_name, time.perf_counter() - start,
+        settings={"recipe": recipe.source, "search": search, "trials": n_trials, "seed": seed},
+    )
+    if out_dir is not None:
+        from langmerge.tuning.report import write_tune_outputs
+
+        with atomic_output_dir(out_dir, force=force) as tmp:
+            write_tune_outputs(result, tmp)
+    return result
