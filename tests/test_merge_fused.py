@@ -69,3 +69,22 @@ def test_negative_zero_in_the_base_takes_the_reference_path():
     assert fused_cpu.merge_tensor_fused(base, xs, [1.0, 1.0], [0.5, 0.5], True, True, 1.0, None) is None
     m, p = get_method("ties"), TensorParameters(weights=[1.0, 1.0], normalize=True, densities=[0.5, 0.5])
     assert torch.equal(_bits(merge_tensor(m, base, xs, p)), _bits(merge_tensor(m, base, xs, p, fused=False)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_keep_mask_is_the_reference_selection(dtype):
+    from langmerge.methods.sparsify import keep_count
+
+    g = torch.Generator().manual_seed(8)
+    for shape, coarse in [((3 * CHUNK + 11,), False), ((700, 1001), True)]:
+        t = torch.randn(shape, generator=g)
+        if coarse:  # heavy ties at every magnitude
+            t = torch.round(t * 4) / 4
+        t = t.to(dtype)
+        for density in (0.05, 0.5, 0.97):
+            k = keep_count(t.numel(), density)
+            mag = t.reshape(-1).abs().float()
+            threshold = torch.kthvalue(mag, t.numel() - k + 1).values
+            expected = mag > threshold
+            expected[torch.nonzero(mag == threshold).reshape(-1)[: k - int(expected.sum())]] = True
+            assert torch.equal(fused_cpu.keep_mask(t, k).reshape(-1), expected)

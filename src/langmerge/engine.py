@@ -26,6 +26,7 @@ from langmerge.io.reader import CheckpointReader
 from langmerge.io.sources import open_recipe_sources
 from langmerge.io.vocab import VocabPlan, merge_aligned_job, plan_vocabulary
 from langmerge.io.writer import ShardedWriter
+from langmerge.methods.fused_cpu import all_finite
 from langmerge.methods.kernels import TensorParameters, merge_tensor
 from langmerge.recipe import Recipe, load_recipe
 
@@ -92,7 +93,7 @@ class MergeReport:
         )
 
 
-def _tensor_seed(seed: int, name: str) -> int:
+def tensor_seed(seed: int, name: str) -> int:
     """A per-tensor seed independent of the order tensors are processed in."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
@@ -144,16 +145,46 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
                 continue
             params = recipe.tensor_parameters(n, layer_position(n, num_layers))
             out_dtype = recipe.out_dtype or recipe.dtype or native
-            jobs.append(TensorJob(n, reference.shape(n), out_dtype, params, _tensor_seed(recipe.seed(n), n)))
+            jobs.append(TensorJob(n, reference.shape(n), out_dtype, params, tensor_seed(recipe.seed(n), n)))
         stack.pop_all()
     return MergePlan(recipe, base, inputs, jobs, recipe.dtype, vocab)
 
 
 def _load(reader: CheckpointReader, name: str, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
     t = reader.get(name)
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise LangmergeError(f"model {reader.label}: tensor {name!r} contains NaN or Inf")
     return t.to(device=device, dtype=dtype or t.dtype)
+
+
+def load_inputs(plan: MergePlan, job: TensorJob, device: torch.device) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """The base (None for linear) and the input tensors of one job, in the compute dtype on ``device``."""
+    base = _load(plan.base, job.name, plan.compute_dtype, device) if plan.base is not None else None
+    dtype = plan.compute_dtype or (base.dtype if base is not None else None)
+    return base, [_load(r, job.name, dtype, device) for r in plan.inputs]
+
+
+def input_generators(plan: MergePlan, job: TensorJob, device: torch.device) -> list[torch.Generator] | None:
+    """Seeded generators for DARE's drop masks (None for other methods), one per input model."""
+    if plan.recipe.method.sparsification != "random":
+        return None
+    generators = []
+    for i in range(len(plan.inputs)):
+        g = torch.Generator(device=device)
+        g.manual_seed(tensor_seed(job.seed, str(i)))
+        generators.append(g)
+    return generators
+
+
+def _raise_nonfinite(plan: MergePlan, job: TensorJob) -> None:
+    """Name the input that holds NaN or Inf, or else blame the merge itself.
+
+    Every kernel multiplies its masks, so a NaN or Inf in any input reaches
+    the output; checking the output alone keeps the inputs' extra pass off
+    the normal path.
+    """
+    for reader in [plan.base, *plan.inputs]:
+        if reader is not None and not all_finite(reader.get(job.name)):
+            raise LangmergeError(f"model {reader.label}: tensor {job.name!r} contains NaN or Inf")
+    raise LangmergeError(f"tensor {job.name!r}: the merge produced NaN or Inf (weights summing to zero with normalize?)")
 
 
 def merge_job(plan: MergePlan, job: TensorJob, device: torch.device) -> torch.Tensor:
@@ -162,22 +193,11 @@ def merge_job(plan: MergePlan, job: TensorJob, device: torch.device) -> torch.Te
         return merge_aligned_job(plan, job, device)
     if job.params is None:
         return plan.reference.get(job.name)
-    base = _load(plan.base, job.name, plan.compute_dtype, device) if plan.base is not None else None
-    dtype = plan.compute_dtype or (base.dtype if base is not None else None)
-    inputs = [_load(r, job.name, dtype, device) for r in plan.inputs]
-    generators = None
-    if plan.recipe.method.sparsification == "random":
-        generators = []
-        for i in range(len(inputs)):
-            g = torch.Generator(device=device)
-            g.manual_seed(_tensor_seed(job.seed, str(i)))
-            generators.append(g)
-    merged = merge_tensor(plan.recipe.method, base, inputs, job.params, generators)
+    base, inputs = load_inputs(plan, job, device)
+    merged = merge_tensor(plan.recipe.method, base, inputs, job.params, input_generators(plan, job, device))
     out = merged.to(dtype=job.out_dtype).cpu()
-    if not bool(torch.isfinite(out).all()):
-        raise LangmergeError(
-            f"tensor {job.name!r}: the merge produced NaN or Inf (weights summing to zero with normalize?)"
-        )
+    if not all_finite(out):
+        _raise_nonfinite(plan, job)
     return out
 
 

@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from langmerge.engine import MergePlan, layer_index, plan_merge
+from langmerge.engine import MergePlan, input_generators, layer_index, load_inputs, plan_merge
 from langmerge.errors import LangmergeError
 from langmerge.methods.consensus import agreement_mask, elect_sign
+from langmerge.methods.fused_cpu import all_finite
 from langmerge.methods.kernels import TensorParameters, sparsified_task_vectors, vote_scale, weight_column
 from langmerge.methods.registry import MergeMethod
 from langmerge.recipe import Recipe, load_recipe
@@ -277,25 +278,13 @@ def resolve_protected(recipe: Recipe, protect: list[str] | None) -> list[bool]:
     return out
 
 
-def _load(reader, name: str, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
-    t = reader.get(name)
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise LangmergeError(f"model {reader.label}: tensor {name!r} contains NaN or Inf")
-    return t.to(device=device, dtype=dtype or t.dtype)
-
-
-def _input_generators(plan: MergePlan, job, n: int, device: torch.device) -> list[torch.Generator] | None:
-    """DARE's per-model generators, seeded exactly as ``langmerge.engine.merge_job`` seeds them."""
-    if plan.recipe.method.sparsification != "random":
-        return None
-    from langmerge.engine import _tensor_seed  # the engine's seeding, so masks match the written merge
-
-    generators = []
-    for i in range(n):
-        g = torch.Generator(device=device)
-        g.manual_seed(_tensor_seed(job.seed, str(i)))
-        generators.append(g)
-    return generators
+def _checked_inputs(plan: MergePlan, job, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The job's tensors as the merge loads them; NaN or Inf would make every count meaningless."""
+    base, inputs = load_inputs(plan, job, device)
+    for reader, t in zip([plan.base, *plan.inputs], [base, *inputs]):
+        if not all_finite(t):
+            raise LangmergeError(f"model {reader.label}: tensor {job.name!r} contains NaN or Inf")
+    return base, inputs
 
 
 def check_analyzable(recipe: Recipe, protected: list[bool], slacks: list[float | None]) -> None:
@@ -369,10 +358,8 @@ def analyze(
                         continue
                     p = replace(job.params, protected=protected)
                     recipe_slacks.add(p.slack)
-                    base = _load(plan.base, job.name, plan.compute_dtype, dev)
-                    inputs = [_load(r, job.name, base.dtype, dev) for r in plan.inputs]
-                    tally = tensor_tally(recipe.method, base, inputs, p, slack_list,
-                                         _input_generators(plan, job, n, dev))
+                    base, inputs = _checked_inputs(plan, job, dev)
+                    tally = tensor_tally(recipe.method, base, inputs, p, slack_list, input_generators(plan, job, dev))
                     del base, inputs
                     by_tensor[job.name] = tally
                     total.add(tally)

@@ -31,6 +31,10 @@ _SUPPORTED = {torch.float32: (np.uint32, 0), torch.bfloat16: (np.uint16, 16)}
 _NEGATIVE_ZERO = {0: np.uint32(0x80000000), 16: np.uint16(0x8000)}
 
 
+# Below this size, launching parallel kernels costs more than the reference's torch steps.
+MIN_NUMEL = 1 << 15
+
+
 def available(dtype: torch.dtype, device: torch.device) -> bool:
     return numba is not None and device.type == "cpu" and dtype in _SUPPORTED
 
@@ -94,21 +98,28 @@ if numba is not None:
             bad[c] = count
         return bad.sum()
 
+    @njit(inline="always")
+    def _delta(base, x, j, shift):
+        """round(x - base) at j, or x itself when there is no base."""
+        if base is None:
+            return _value(x[j], shift)
+        return _round(_value(x[j], shift) - _value(base[j], shift), shift)
+
     @njit(parallel=True, cache=True)
     def _histogram(base, x, level, prefix):
-        """Per-chunk counts of magnitude-key bins of round(x - base).
+        """Per-chunk counts of magnitude-key bins of round(x - base) (of x when base is None).
 
         level 1 bins by the key's high 16 bits; level 2 bins the low 16 bits
         of the entries whose high bits equal ``prefix``.
         """
-        shift = _shift(base)
-        n = base.size
+        shift = _shift(x)
+        n = x.size
         nchunks = (n + CHUNK - 1) // CHUNK
         counts = np.zeros((nchunks, _BINS), dtype=np.int64)
         for c in prange(nchunks):
             local = np.zeros(_BINS, dtype=np.int64)
             for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
-                k = _key(_round(_value(x[j], shift) - _value(base[j], shift), shift))
+                k = _key(_delta(base, x, j, shift))
                 if level == 1:
                     local[k >> np.uint32(16)] += 1
                 elif (k >> np.uint32(16)) == prefix:
@@ -130,6 +141,15 @@ if numba is not None:
             keep = (k > thresholds[i]) | ((k == thresholds[i]) & (j < cutoffs[i, c]))
             d = d * np.float32(keep)
         return d
+
+    @njit(parallel=True, cache=True)
+    def _keep_mask(x, threshold, cutoffs, out):
+        shift = _shift(x)
+        n = x.size
+        for c in prange((n + CHUNK - 1) // CHUNK):
+            for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
+                k = _key(_value(x[j], shift))
+                out[j] = (k > threshold) | ((k == threshold) & (j < cutoffs[c]))
 
     @njit(inline="always")
     def _finish(b, mixed, divisor, normalize, lam, shift):
@@ -227,7 +247,7 @@ def _tie_cutoffs(base: torch.Tensor, x: torch.Tensor, threshold: int, need: int,
     Ties are kept in index order until ``need`` are kept: whole chunks first,
     and in the one chunk where the quota runs out, up to the right tie.
     """
-    n = base.numel()
+    n = x.numel()
     starts = np.arange(per_chunk.size, dtype=np.int64) * CHUNK
     ends = np.minimum(starts + CHUNK, n)
     before = np.cumsum(per_chunk) - per_chunk
@@ -235,11 +255,36 @@ def _tie_cutoffs(base: torch.Tensor, x: torch.Tensor, threshold: int, need: int,
     partial = np.nonzero((before < need) & (before + per_chunk > need))[0]
     for c in partial:  # at most one chunk
         lo, hi = int(starts[c]), int(ends[c])
-        delta = (x.reshape(-1)[lo:hi] - base.reshape(-1)[lo:hi]).float()
+        delta = x.reshape(-1)[lo:hi] if base is None else x.reshape(-1)[lo:hi] - base.reshape(-1)[lo:hi]
+        delta = delta.float()
         keys = delta.view(torch.int32) & 0x7FFFFFFF
         tied = torch.nonzero(keys == threshold).reshape(-1)
         cutoffs[c] = lo + int(tied[need - int(before[c]) - 1]) + 1
     return cutoffs
+
+
+def _trim_threshold(base, x, b_bits, x_bits, shift: int, k: int) -> tuple[int, np.ndarray]:
+    """Key threshold and per-chunk tie cutoffs that keep exactly the k largest |x - base| (|x| without base)."""
+    high, need, per_chunk = _select(_histogram(b_bits, x_bits, 1, np.uint32(0)), k)
+    threshold = high << 16
+    if shift == 0:  # float32 keys have 16 more bits to resolve
+        low, need, per_chunk = _select(_histogram(b_bits, x_bits, 2, np.uint32(high)), need)
+        threshold |= low
+    return threshold, _tie_cutoffs(base, x, threshold, need, per_chunk)
+
+
+def _flat_bits(t: torch.Tensor) -> np.ndarray:
+    np_bits, shift = _SUPPORTED[t.dtype]
+    return t.contiguous().reshape(-1).view(torch.int16 if shift else torch.int32).numpy().view(np_bits)
+
+
+def keep_mask(tensor: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k largest magnitudes, ties kept in index order: ``sparsify.magnitude_keep_mask``'s selection."""
+    bits = _flat_bits(tensor)
+    threshold, cutoffs = _trim_threshold(None, tensor, None, bits, _SUPPORTED[tensor.dtype][1], k)
+    out = np.empty(bits.size, dtype=np.bool_)
+    _keep_mask(bits, np.uint32(threshold), cutoffs, out)
+    return torch.from_numpy(out).reshape(tensor.shape)
 
 
 def merge_tensor_fused(
@@ -282,13 +327,7 @@ def merge_tensor_fused(
         if k == 0:
             thresholds[i] = np.uint32(0xFFFFFFFF)  # above every key: keep none
             continue
-        high, need, per_chunk = _select(_histogram(b, x_bits, 1, np.uint32(0)), k)
-        threshold = high << 16
-        if shift == 0:  # float32 keys have 16 more bits to resolve
-            low, need, per_chunk = _select(_histogram(b, x_bits, 2, np.uint32(high)), need)
-            threshold |= low
-        thresholds[i] = threshold
-        cutoffs[i] = _tie_cutoffs(base, x, threshold, need, per_chunk)
+        thresholds[i], cutoffs[i] = _trim_threshold(base, x, b, x_bits, shift, k)
     # weights as the reference holds them: a tensor of the compute dtype
     w = torch.tensor(weights, dtype=dtype).float().numpy()
     out = np.empty(n, dtype=np_bits)

@@ -97,6 +97,7 @@ def merge_tensor(
         and method.sparsification in (None, "magnitude")
         and not (method.sparsification and p.rescale)
         and fused_cpu.available(base.dtype, base.device)
+        and base.numel() >= fused_cpu.MIN_NUMEL
     ):
         scale = vote_scale(p)
         merged = fused_cpu.merge_tensor_fused(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from langmerge.methods import fused_cpu
+
 L1_EPS = 1e-7
 
 
@@ -34,6 +36,8 @@ def magnitude_keep_mask(tensor: torch.Tensor, density: float) -> torch.Tensor:
         return torch.ones_like(tensor, dtype=torch.bool)
     if k == 0:
         return torch.zeros_like(tensor, dtype=torch.bool)
+    if fused_cpu.available(tensor.dtype, tensor.device) and numel >= fused_cpu.MIN_NUMEL:
+        return fused_cpu.keep_mask(tensor, k)  # the same selection by radix select, in linear time
     magnitude = tensor.detach().reshape(-1).abs().float()
     threshold = torch.kthvalue(magnitude, numel - k + 1).values
     keep = magnitude > threshold

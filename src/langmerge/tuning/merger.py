@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from langmerge.engine import layer_index, layer_position, plan_merge
+from langmerge.engine import layer_index, layer_position, plan_merge, tensor_seed
 from langmerge.errors import LangmergeError
 from langmerge.io.metadata import write_config
+from langmerge.methods.fused_cpu import all_finite
 from langmerge.methods.kernels import merge_tensor
 from langmerge.recipe import Recipe
 
@@ -105,7 +106,7 @@ class InMemoryMerger:
                 else:
                     merged = merge_tensor(self.method, None, vectors, p, generators)
                 merged = merged.to(dtype=job.out_dtype).cpu()
-                if not bool(torch.isfinite(merged).all()):
+                if not all_finite(merged):
                     raise LangmergeError(
                         f"tensor {job.name!r}: the merge produced NaN or Inf (weights summing to zero with normalize?)"
                     )
@@ -115,13 +116,11 @@ class InMemoryMerger:
     def _generators(self, candidate: Recipe, name: str) -> list[torch.Generator] | None:
         if self.method.sparsification != "random":
             return None
-        from langmerge.engine import _tensor_seed  # the engine's seeding, so DARE masks match `langmerge merge`
-
-        seed = _tensor_seed(candidate.seed(name), name)
+        seed = tensor_seed(candidate.seed(name), name)
         generators = []
         for i in range(len(self.recipe.inputs)):
             g = torch.Generator(device=self.device)
-            g.manual_seed(_tensor_seed(seed, str(i)))
+            g.manual_seed(tensor_seed(seed, str(i)))
             generators.append(g)
         return generators
 
