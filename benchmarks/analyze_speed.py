@@ -15,16 +15,14 @@ import argparse
 import shutil
 import sys
 import tempfile
-import time
-from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge_speed import RECIPES, cache_dir, run_measured  # noqa: E402  (same folder: shared cache and timing)
+from merge_speed import RECIPES, ensure_trio, run_measured  # noqa: E402  (same folder: shared cache and timing)
 
-from langmerge.synthetic import TINYLLAMA_1B, make_trio  # noqa: E402
+from langmerge.synthetic import TINYLLAMA_1B  # noqa: E402
 
 
 def main() -> None:
@@ -34,19 +32,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
 
-    import torch
-
-    shape = replace(TINYLLAMA_1B, layers=args.layers)
-    trio_dir = cache_dir() / f"tinyllama-{args.layers}l-bf16"  # the same folder merge_speed.py builds
-    if not (trio_dir / "sft" / "config.json").exists():
-        print(f"building the trio in {trio_dir} (once) ...", flush=True)
-        shutil.rmtree(trio_dir, ignore_errors=True)
-        t = time.perf_counter()
-        make_trio(trio_dir, shape, dtype=torch.bfloat16, shard_bytes=2 * 10**9)
-        print(f"  built in {time.perf_counter() - t:.0f} s", flush=True)
-    paths = {k: trio_dir / k for k in ("base", "ct", "sft")}
-    params = sum(p.stat().st_size for p in paths["base"].glob("*.safetensors")) / 2
-    print(f"trio: {params / 1e9:.2f}B parameters per model, bf16, {args.layers} layers")
+    paths = ensure_trio(args.layers)
+    trio_dir = paths["base"].parent
 
     exe = str(Path(sys.executable).parent / "langmerge")
     threads = ["--threads", str(args.threads)] if args.threads else []

@@ -55,13 +55,32 @@ def cache_dir() -> Path:
 
 def run_measured(cmd: list[str]) -> tuple[float, float]:
     """Wall seconds and peak RSS (GB) of one child process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr.read().decode()[-2000:]}")
+    with tempfile.TemporaryFile() as err:  # a file, not a pipe: a chatty child cannot block on it
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            raise SystemExit(f"failed: {' '.join(cmd)}\n{err.read().decode()[-2000:]}")
     return wall, usage.ru_maxrss / 1e6  # ru_maxrss is KiB on Linux
+
+
+def ensure_trio(layers: int) -> dict[str, Path]:
+    """The cached bf16 benchmark trio with ``layers`` layers, built on first use."""
+    import torch
+
+    trio_dir = cache_dir() / f"tinyllama-{layers}l-bf16"
+    if not (trio_dir / "sft" / "config.json").exists():
+        print(f"building the trio in {trio_dir} (once) ...", flush=True)
+        shutil.rmtree(trio_dir, ignore_errors=True)
+        t = time.perf_counter()
+        make_trio(trio_dir, replace(TINYLLAMA_1B, layers=layers), dtype=torch.bfloat16, shard_bytes=2 * 10**9)
+        print(f"  built in {time.perf_counter() - t:.0f} s", flush=True)
+    paths = {k: trio_dir / k for k in ("base", "ct", "sft")}
+    params = sum(p.stat().st_size for p in paths["base"].glob("*.safetensors")) / 2  # bf16: 2 bytes each
+    print(f"trio: {params / 1e9:.2f}B parameters per model, bf16, {layers} layers")
+    return paths
 
 
 def main() -> None:
@@ -75,18 +94,8 @@ def main() -> None:
     import torch
 
     shape = replace(TINYLLAMA_1B, layers=args.layers)
-    trio_dir = cache_dir() / f"tinyllama-{args.layers}l-bf16"
-    if not (trio_dir / "sft" / "config.json").exists():
-        print(f"building the trio in {trio_dir} (once) ...", flush=True)
-        shutil.rmtree(trio_dir, ignore_errors=True)
-        t = time.perf_counter()
-        make_trio(trio_dir, shape, dtype=torch.bfloat16, shard_bytes=2 * 10**9)
-        print(f"  built in {time.perf_counter() - t:.0f} s", flush=True)
-    paths = {k: trio_dir / k for k in ("base", "ct", "sft")}
-    params = sum(
-        p.stat().st_size for p in paths["base"].glob("*.safetensors")
-    ) / 2  # bf16: 2 bytes per parameter (headers are negligible)
-    print(f"trio: {params / 1e9:.2f}B parameters per model, bf16, {args.layers} layers")
+    paths = ensure_trio(args.layers)
+    trio_dir = paths["base"].parent
 
     exe = Path(sys.executable).parent
     work = Path(tempfile.mkdtemp(prefix="langmerge-bench-", dir=trio_dir.parent))

@@ -59,6 +59,8 @@ def test_fused_equals_reference_bit_for_bit(dtype, shape, n, method):
             [1.0 + p.slack if q else 1.0 for q in p.protected] if method == "ties_sv" else None,
         )
         assert fused is not None
+        fused, nonfinite = fused
+        assert nonfinite == 0
         reference = merge_tensor(m, base, xs, p, fused=False)
         assert torch.equal(_bits(fused), _bits(reference)), (seed, d, weights[:n], lam)
 
@@ -88,3 +90,16 @@ def test_fused_keep_mask_is_the_reference_selection(dtype):
             expected = mag > threshold
             expected[torch.nonzero(mag == threshold).reshape(-1)[: k - int(expected.sum())]] = True
             assert torch.equal(fused_cpu.keep_mask(t, k).reshape(-1), expected)
+
+
+def test_nan_or_inf_in_an_input_always_reaches_the_result():
+    from langmerge.methods.kernels import NonFiniteMerge
+
+    m = get_method("ties")
+    for dtype, bad, density in itertools.product([torch.float32, torch.bfloat16], [float("nan"), float("inf")], [0.0, 0.5, 1.0]):
+        base, xs = _inputs((CHUNK + 3,), 2, dtype, 4)
+        xs[1][77] = bad
+        p = TensorParameters(weights=[1.0, 1.0], normalize=True, densities=[0.5, density])
+        for fused in (True, False):
+            with pytest.raises(NonFiniteMerge):
+                merge_tensor(m, base, xs, p, fused=fused)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from langmerge.errors import LangmergeError
 
-COMMAND_PROVIDERS = ("langmerge.cli", "langmerge.training.cli", "langmerge.evaluation.cli", "langmerge.check", "langmerge.analysis.cli", "langmerge.tuning.cli")
+COMMAND_PROVIDERS = ("langmerge.cli", "langmerge.training.cli", "langmerge.evaluation.cli", "langmerge.check", "langmerge.analysis.cli", "langmerge.tuning.cli", "langmerge.study.cli")
 
 
 def parse_size(text: str) -> int:
@@ -101,7 +101,10 @@ def add_commands(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="langmerge", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="langmerge",
+        description="Task-solving LLMs for low-resource languages by merging a CT model and an SFT model.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for provider in COMMAND_PROVIDERS:

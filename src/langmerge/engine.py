@@ -12,6 +12,7 @@ import hashlib
 import logging
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from langmerge.io.sources import open_recipe_sources
 from langmerge.io.vocab import VocabPlan, merge_aligned_job, plan_vocabulary
 from langmerge.io.writer import ShardedWriter
 from langmerge.methods.fused_cpu import all_finite
-from langmerge.methods.kernels import TensorParameters, merge_tensor
+from langmerge.methods.kernels import NonFiniteMerge, TensorParameters, merge_tensor
 from langmerge.recipe import Recipe, load_recipe
 
 log = logging.getLogger(__name__)
@@ -150,16 +151,21 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
     return MergePlan(recipe, base, inputs, jobs, recipe.dtype, vocab)
 
 
-def _load(reader: CheckpointReader, name: str, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
-    t = reader.get(name)
+def _load(reader: CheckpointReader, name: str, dtype: torch.dtype | None, device: torch.device, scratch: bool) -> torch.Tensor:
+    t = reader.get(name, scratch=scratch)
     return t.to(device=device, dtype=dtype or t.dtype)
 
 
-def load_inputs(plan: MergePlan, job: TensorJob, device: torch.device) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-    """The base (None for linear) and the input tensors of one job, in the compute dtype on ``device``."""
-    base = _load(plan.base, job.name, plan.compute_dtype, device) if plan.base is not None else None
+def load_inputs(
+    plan: MergePlan, job: TensorJob, device: torch.device, scratch: bool = False
+) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """The base (None for linear) and the input tensors of one job, in the compute dtype on ``device``.
+
+    With ``scratch``, the tensors may live in the readers' reused buffers: valid until the next job's load.
+    """
+    base = _load(plan.base, job.name, plan.compute_dtype, device, scratch) if plan.base is not None else None
     dtype = plan.compute_dtype or (base.dtype if base is not None else None)
-    return base, [_load(r, job.name, dtype, device) for r in plan.inputs]
+    return base, [_load(r, job.name, dtype, device, scratch) for r in plan.inputs]
 
 
 def input_generators(plan: MergePlan, job: TensorJob, device: torch.device) -> list[torch.Generator] | None:
@@ -178,8 +184,8 @@ def _raise_nonfinite(plan: MergePlan, job: TensorJob) -> None:
     """Name the input that holds NaN or Inf, or else blame the merge itself.
 
     Every kernel multiplies its masks, so a NaN or Inf in any input reaches
-    the output; checking the output alone keeps the inputs' extra pass off
-    the normal path.
+    the output (``NonFiniteMerge``); checking the output alone keeps the
+    inputs' extra pass off the normal path.
     """
     for reader in [plan.base, *plan.inputs]:
         if reader is not None and not all_finite(reader.get(job.name)):
@@ -193,10 +199,15 @@ def merge_job(plan: MergePlan, job: TensorJob, device: torch.device) -> torch.Te
         return merge_aligned_job(plan, job, device)
     if job.params is None:
         return plan.reference.get(job.name)
-    base, inputs = load_inputs(plan, job, device)
-    merged = merge_tensor(plan.recipe.method, base, inputs, job.params, input_generators(plan, job, device))
+    base, inputs = load_inputs(plan, job, device, scratch=True)
+    try:
+        merged = merge_tensor(plan.recipe.method, base, inputs, job.params, input_generators(plan, job, device))
+    except NonFiniteMerge:
+        _raise_nonfinite(plan, job)
     out = merged.to(dtype=job.out_dtype).cpu()
-    if not all_finite(out):
+    if any(out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in [base, *inputs] if t is not None):
+        out = out.clone()  # never hand out a reader's scratch buffer: the next job's load reuses it
+    if out.dtype != merged.dtype and not all_finite(out):  # a narrower output dtype can overflow
         _raise_nonfinite(plan, job)
     return out
 
@@ -233,19 +244,29 @@ def merge(
             writer = ShardedWriter(tmp, specs, shard_bytes)
             written = 0
             bar = tqdm(total=len(plan.jobs), unit="tensor", desc=f"merge ({recipe.method.name})", disable=not progress)
+            # One write in flight on a second thread: the disk writes tensor i while tensor i+1 is computed.
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="langmerge-writer")
+            pending = None
             try:
                 with torch.no_grad():
                     for job in plan.jobs:
                         out = merge_job(plan, job, dev)
-                        writer.write(job.name, out)
+                        if pending is not None:
+                            pending.result()
+                        pending = pool.submit(writer.write, job.name, out)
                         written += out.numel() * out.element_size()
                         bar.update(1)
                         bar.set_postfix_str(f"{written / 1e9 / max(time.perf_counter() - start, 1e-9):.2f} GB/s")
+                if pending is not None:
+                    pending.result()
                 writer.finish()
             except BaseException:
+                if pending is not None:
+                    pending.cancel() or pending.exception()  # let an in-flight write end before closing the file
                 writer.abort()
                 raise
             finally:
+                pool.shutdown(wait=True)
                 bar.close()
             float_dtypes = {j.out_dtype for j in plan.jobs if j.params is not None}
             write_config(

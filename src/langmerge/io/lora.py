@@ -245,12 +245,13 @@ class LoraSource:
             d = d.T
         return d * self.settings.scale(pair.module, a.shape[0])
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, scratch: bool = False) -> torch.Tensor:
+        """``scratch`` is accepted for the source interface; adapted tensors are always fresh."""
         if name in self.whole:
             return self._read(self.whole[name])
         if name in self.pairs:
             return self.base.get(name).float() + self.delta(name)
-        return self.base.get(name)
+        return self.base.get(name, scratch=scratch)
 
     def config(self) -> dict | None:
         return self.base.config()

@@ -47,19 +47,13 @@ class PickleReader:
     """The same interface as ``CheckpointReader``, over ``.bin`` files."""
 
     def __init__(self, folder: str | Path, label: str | None = None):
-        from langmerge.io.reader import _inside
+        from langmerge.io.reader import _inside, read_weight_map
 
         self.folder = Path(folder)
         self.label = label or str(folder)
         index_path = self.folder / PICKLE_INDEX_FILE
         if index_path.is_file():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise LangmergeError(f"{index_path}: unreadable index ({exc!r})") from exc
-            if not isinstance(weight_map, dict):
-                raise LangmergeError(f"{index_path}: 'weight_map' is not an object")
-            files = sorted({_inside(self.folder, str(rel), index_path) for rel in weight_map.values()})
+            files = sorted(read_weight_map(index_path))
         else:
             single = self.folder / PICKLE_FILE
             files = [single] if single.is_file() else sorted(self.folder.glob("*.bin"))
@@ -68,8 +62,6 @@ class PickleReader:
             files = [_inside(self.folder, files[0].name, files[0])]
         self._tensors: dict[str, torch.Tensor] = {}
         for path in files:
-            if not path.is_file():
-                raise LangmergeError(f"{index_path}: shard {path.name} is missing")
             self._tensors.update(load_pickle_state_dict(path))
         self.entries = {name: t for name, t in self._tensors.items()}
 
@@ -83,7 +75,8 @@ class PickleReader:
     def dtype(self, name: str) -> torch.dtype:
         return self._tensors[name].dtype
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, scratch: bool = False) -> torch.Tensor:
+        """``scratch`` is accepted for the source interface; the tensor is always a fresh copy."""
         try:
             return self._tensors[name].clone()
         except KeyError:

@@ -30,6 +30,23 @@ def _inside(folder: Path, relative: str, index_path: Path) -> Path:
     return target
 
 
+def read_weight_map(index_path: Path) -> dict[Path, list[str]]:
+    """An index file's shards (each checked to lie inside the model folder) and the tensors in each."""
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LangmergeError(f"{index_path}: unreadable index ({exc!r})") from exc
+    if not isinstance(weight_map, dict):
+        raise LangmergeError(f"{index_path}: 'weight_map' is not an object")
+    files: dict[Path, list[str]] = {}
+    for name, rel in weight_map.items():
+        files.setdefault(_inside(index_path.parent, str(rel), index_path), []).append(name)
+    for path in files:
+        if not path.is_file():
+            raise LangmergeError(f"{index_path}: shard {path.name} is missing")
+    return files
+
+
 class CheckpointReader:
     """The tensors of one model folder, by name, read on demand."""
 
@@ -40,24 +57,14 @@ class CheckpointReader:
             raise LangmergeError(f"model {self.label}: folder {self.folder} does not exist")
         self.entries = self._index()
         self._handles: dict[Path, object] = {}
+        self._scratch: torch.Tensor | None = None
 
     def _index(self) -> dict[str, TensorEntry]:
         index_path = self.folder / INDEX_FILE
         single = self.folder / SINGLE_FILE
         if index_path.is_file():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise LangmergeError(f"{index_path}: unreadable index ({exc!r})") from exc
-            if not isinstance(weight_map, dict):
-                raise LangmergeError(f"{index_path}: 'weight_map' is not an object")
-            files: dict[Path, list[str]] = {}
-            for name, rel in weight_map.items():
-                files.setdefault(_inside(self.folder, str(rel), index_path), []).append(name)
             entries: dict[str, TensorEntry] = {}
-            for path, names in files.items():
-                if not path.is_file():
-                    raise LangmergeError(f"{index_path}: shard {path.name} is missing")
+            for path, names in read_weight_map(index_path).items():
                 header = read_header(path)
                 for name in names:
                     if name not in header:
@@ -87,7 +94,8 @@ class CheckpointReader:
     def dtype(self, name: str) -> torch.dtype:
         return self.entries[name].dtype
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, scratch: bool = False) -> torch.Tensor:
+        """The tensor ``name``. With ``scratch``, it may live in a buffer that this reader's next scratch read overwrites."""
         try:
             entry = self.entries[name]
         except KeyError:
@@ -95,7 +103,12 @@ class CheckpointReader:
         handle = self._handles.get(entry.file)
         if handle is None:
             handle = self._handles[entry.file] = open(entry.file, "rb")
-        return read_tensor(entry, handle)
+        buffer = None
+        if scratch:
+            if self._scratch is None or self._scratch.numel() < entry.nbytes:
+                self._scratch = torch.empty(entry.nbytes, dtype=torch.uint8)
+            buffer = self._scratch
+        return read_tensor(entry, handle, buffer)
 
     def config(self) -> dict | None:
         path = self.folder / "config.json"
@@ -110,6 +123,7 @@ class CheckpointReader:
         for handle in self._handles.values():
             handle.close()
         self._handles.clear()
+        self._scratch = None
 
     def __enter__(self):
         return self

@@ -106,13 +106,15 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
     return entries
 
 
-def read_tensor(entry: TensorEntry, handle=None) -> torch.Tensor:
-    """Read one tensor's bytes with a plain read into a fresh buffer.
+def read_tensor(entry: TensorEntry, handle=None, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor's bytes with a plain read, into ``buffer`` (uint8, large enough) or a fresh one.
 
     A plain read (not an mmap) keeps the process's resident memory to the
     tensors it holds, instead of every page of every input it has touched.
+    Reading into a reused buffer also avoids faulting in fresh pages, which
+    costs more than the read itself.
     """
-    buf = torch.empty(entry.nbytes, dtype=torch.uint8)
+    buf = buffer[: entry.nbytes] if buffer is not None else torch.empty(entry.nbytes, dtype=torch.uint8)
     if entry.nbytes:
         view = memoryview(buf.numpy())
         own = handle is None

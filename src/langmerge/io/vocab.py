@@ -35,7 +35,7 @@ import torch
 
 from langmerge.errors import LangmergeError
 from langmerge.io.metadata import copy_tokenizer
-from langmerge.methods.kernels import TensorParameters, merge_tensor
+from langmerge.methods.kernels import NonFiniteMerge, TensorParameters, merge_tensor
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +134,9 @@ class VocabAlignedSource:
     def dtype(self, name: str) -> torch.dtype:
         return self.inner.dtype(self._target(name))
 
-    def get_aligned(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def get_aligned(self, name: str, scratch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``(tensor, present)``: rows in output order (zeros where absent) and which rows the model has."""
-        t = self.inner.get(self._target(name))
+        t = self.inner.get(self._target(name), scratch=scratch and name not in self.vocab_names)
         if name not in self.vocab_names or self.row_map is None:
             return t, torch.ones(t.shape[0], dtype=torch.bool)
         present = self.row_map >= 0
@@ -144,8 +144,8 @@ class VocabAlignedSource:
         out[present] = t[self.row_map[present]]
         return out, present
 
-    def get(self, name: str) -> torch.Tensor:
-        t, present = self.get_aligned(name)
+    def get(self, name: str, scratch: bool = False) -> torch.Tensor:
+        t, present = self.get_aligned(name, scratch)
         if name in self.vocab_names and not bool(present.all()):
             raise RuntimeError(f"{self.label}: {name} lacks some output rows; merge it with merge_aligned_job")
         return t
@@ -488,7 +488,10 @@ def merge_aligned_job(plan, job, device: torch.device) -> torch.Tensor:
                     g.manual_seed(_seed(job.seed, "".join(map(str, pattern)), i))
                     generators.append(g)
             base_rows = tensors[0].index_select(0, rows) if plan.base is not None else None
-            merged = merge_tensor(method, base_rows, xs, _restrict(p, idx), generators)
+            try:
+                merged = merge_tensor(method, base_rows, xs, _restrict(p, idx), generators)
+            except NonFiniteMerge:
+                merged = torch.full_like(xs[0], float("nan"))  # reported below, with the tensor's name
         out[rows] = merged.to(out.dtype)
     result = out.to(dtype=job.out_dtype).cpu()
     if not bool(torch.isfinite(result).all()):

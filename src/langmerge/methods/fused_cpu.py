@@ -84,7 +84,7 @@ if numba is not None:
         """16 for bfloat16 bit arrays, 0 for float32 ones; a compile-time constant per array type."""
         return 16 if bits.itemsize == 2 else 0
 
-    @njit(parallel=True, cache=True)
+    @njit(parallel=True, cache=True, nogil=True)
     def _count_nonfinite(bits):
         shift = _shift(bits)
         n = bits.size
@@ -105,7 +105,7 @@ if numba is not None:
             return _value(x[j], shift)
         return _round(_value(x[j], shift) - _value(base[j], shift), shift)
 
-    @njit(parallel=True, cache=True)
+    @njit(parallel=True, cache=True, nogil=True)
     def _histogram(base, x, level, prefix):
         """Per-chunk counts of magnitude-key bins of round(x - base) (of x when base is None).
 
@@ -142,7 +142,7 @@ if numba is not None:
             d = d * np.float32(keep)
         return d
 
-    @njit(parallel=True, cache=True)
+    @njit(parallel=True, cache=True, nogil=True)
     def _keep_mask(x, threshold, cutoffs, out):
         shift = _shift(x)
         n = x.size
@@ -161,7 +161,7 @@ if numba is not None:
             mixed = _round(mixed * lam, shift)
         return _as_bits(_round(b + mixed, shift))
 
-    @njit(parallel=True, cache=True)
+    @njit(parallel=True, cache=True, nogil=True)
     def _merge_ties(base, xs, trim, thresholds, cutoffs, weights, scales, round_vote, normalize, lam, out):
         """TIES / TIES-SV in one pass; returns the count of non-finite outputs.
 
@@ -203,7 +203,7 @@ if numba is not None:
             bad[c] = nonfinite
         return bad.sum()
 
-    @njit(parallel=True, cache=True)
+    @njit(parallel=True, cache=True, nogil=True)
     def _merge_sum(base, xs, weights, normalize, lam, out):
         """Task arithmetic in one pass; returns the count of non-finite outputs."""
         shift = _shift(base)
@@ -296,8 +296,9 @@ def merge_tensor_fused(
     normalize: bool,
     lam: float,
     vote_scale: list[float] | None,
-) -> torch.Tensor | None:
-    """Same bits as ``kernels.merge_tensor`` for task arithmetic / TIES / TIES-SV without rescale.
+) -> tuple[torch.Tensor, int] | None:
+    """Same bits as ``kernels.merge_tensor`` for task arithmetic / TIES / TIES-SV without rescale,
+    with the count of NaN or Inf entries in the result.
 
     Returns None where the base holds -0.0 (see below): the caller then runs the reference steps.
     """
@@ -334,11 +335,11 @@ def merge_tensor_fused(
     if consensus:
         scales = np.asarray(vote_scale if vote_scale is not None else [1.0] * m, dtype=np.float32)
         # TIES rounds the vote to the compute dtype (a torch sum); TIES-SV's scaled vote stays float32
-        _merge_ties(b, xs, trim, thresholds, cutoffs, w, scales, vote_scale is None, normalize, np.float32(lam), out)
+        nonfinite = _merge_ties(b, xs, trim, thresholds, cutoffs, w, scales, vote_scale is None, normalize, np.float32(lam), out)
     else:
-        _merge_sum(b, xs, w, normalize, np.float32(lam), out)
+        nonfinite = _merge_sum(b, xs, w, normalize, np.float32(lam), out)
     result = torch.from_numpy(out.view(np.int16 if shift else np.int32)).view(dtype).reshape(base.shape)
-    return result
+    return result, int(nonfinite)
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

@@ -75,6 +75,10 @@ def vote_scale(p: TensorParameters) -> torch.Tensor | None:
     return torch.tensor([1.0 + p.slack if prot else 1.0 for prot in p.protected], dtype=torch.float64)
 
 
+class NonFiniteMerge(ArithmeticError):
+    """The merged tensor holds NaN or Inf (an input does, or normalizing weights sum to zero)."""
+
+
 def merge_tensor(
     method: MergeMethod,
     base: torch.Tensor | None,
@@ -87,11 +91,13 @@ def merge_tensor(
 
     With ``fused`` (the default) task arithmetic, TIES and TIES-SV run on the
     CPU in ``fused_cpu``, which gives the same bits as the steps below.
+    Raises ``NonFiniteMerge`` when the result holds NaN or Inf: every step
+    multiplies its masks, so a NaN or Inf in any input always reaches it.
     """
     if not method.uses_base:
-        return linear(inputs, p.weights, p.normalize)
+        return _finite(linear(inputs, p.weights, p.normalize))
     if not inputs:
-        return base
+        return _finite(base)
     if (
         fused
         and method.sparsification in (None, "magnitude")
@@ -111,6 +117,9 @@ def merge_tensor(
             scale.tolist() if scale is not None else None,
         )
         if merged is not None:
+            merged, nonfinite = merged
+            if nonfinite:
+                raise NonFiniteMerge
             return merged
     weighted = sparsified_task_vectors(method, base, inputs, p, generators)
     w = weight_column(p.weights, weighted)
@@ -126,4 +135,10 @@ def merge_tensor(
             mixed /= divisor
     if p.lam != 1:
         mixed *= p.lam
-    return (base + mixed).to(base.dtype)
+    return _finite((base + mixed).to(base.dtype))
+
+
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    if not fused_cpu.all_finite(t):
+        raise NonFiniteMerge
+    return t

@@ -21,7 +21,7 @@ from langmerge.engine import layer_index, layer_position, plan_merge, tensor_see
 from langmerge.errors import LangmergeError
 from langmerge.io.metadata import write_config
 from langmerge.methods.fused_cpu import all_finite
-from langmerge.methods.kernels import merge_tensor
+from langmerge.methods.kernels import NonFiniteMerge, merge_tensor
 from langmerge.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -99,17 +99,20 @@ class InMemoryMerger:
                 p = candidate.tensor_parameters(job.name, layer_position(job.name, self.num_layers))
                 generators = self._generators(candidate, job.name)
                 vectors = self.vectors[job.name]
-                if self.method.uses_base:
-                    base = self.bases[job.name]
-                    zero = torch.zeros((), dtype=base.dtype, device=base.device).expand(base.shape)
-                    merged = (base + merge_tensor(self.method, zero, vectors, p, generators)).to(base.dtype)
-                else:
-                    merged = merge_tensor(self.method, None, vectors, p, generators)
-                merged = merged.to(dtype=job.out_dtype).cpu()
-                if not all_finite(merged):
+                try:
+                    if self.method.uses_base:
+                        base = self.bases[job.name]
+                        zero = torch.zeros((), dtype=base.dtype, device=base.device).expand(base.shape)
+                        merged = (base + merge_tensor(self.method, zero, vectors, p, generators)).to(base.dtype)
+                    else:
+                        merged = merge_tensor(self.method, None, vectors, p, generators)
+                    merged = merged.to(dtype=job.out_dtype).cpu()
+                    if not all_finite(merged):
+                        raise NonFiniteMerge
+                except NonFiniteMerge:
                     raise LangmergeError(
                         f"tensor {job.name!r}: the merge produced NaN or Inf (weights summing to zero with normalize?)"
-                    )
+                    ) from None
                 out[job.name] = merged
         return out
 

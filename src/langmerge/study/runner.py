@@ -1,0 +1,107 @@
+"""``run_study``: prepare the data and base, check the budgets, run every step, write the report."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from langmerge.errors import LangmergeError
+from langmerge.study.config import Study
+from langmerge.study.executors import Report, run_steps
+from langmerge.study.plan import Plan, build_plan, check_budgets
+from langmerge.study.steps import Context, Step
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StudyResult:
+    plan: Plan
+    records: list[dict]
+    report_dir: Path | None
+    token_counts: dict
+
+    @property
+    def ran(self) -> list[str]:
+        return [r["label"] for r in self.records if not r.get("cached")]
+
+
+def cache_dir(study: Study) -> Path:
+    return study.out / "cache"
+
+
+def clean_partials(cache: Path) -> list[Path]:
+    """Remove the half-written step folders a killed run left (``.<kind>-<key>.partial-*``)."""
+    removed = []
+    if cache.is_dir():
+        for p in cache.glob(".*.partial-*"):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def matching(plan: Plan, patterns: Sequence[str]) -> list[Step]:
+    """Steps whose label or kind matches one of the shell patterns."""
+    hits = []
+    for pattern in patterns:
+        found = [s for s in plan.steps if fnmatch.fnmatchcase(s.label, pattern) or fnmatch.fnmatchcase(s.kind, pattern)]
+        if not found:
+            raise LangmergeError(f"--only {pattern!r} matches no step (see `langmerge study --dry-run`)")
+        hits += found
+    return hits
+
+
+def select(plan: Plan, patterns: Sequence[str]) -> list[Step]:
+    """Steps matching the patterns, with everything they need, in order."""
+    chosen: set[int] = set()
+
+    def take(step: Step) -> None:
+        if id(step) not in chosen:
+            chosen.add(id(step))
+            for dep in step.deps.values():
+                take(dep)
+
+    for s in matching(plan, patterns):
+        take(s)
+    return [s for s in plan.steps if id(s) in chosen]
+
+
+def run_study(study: Study, *, only: Sequence[str] = (), force: bool = False, executor: str | None = None,
+              progress: bool = True, report: Report | None = None, write: bool = True) -> StudyResult:
+    """Run the study's steps (cached) and write ``OUT/report``.
+
+    ``only``: run the steps matching these patterns and what they need; ``force`` reruns the
+    matching steps (every step without ``only``), never the cached steps they merely need.
+    """
+    plan = build_plan(study)
+    cache = cache_dir(study)
+    cache.mkdir(parents=True, exist_ok=True)
+    clean_partials(cache)
+    ctx = Context(cache.resolve(), progress)
+    steps = select(plan, only) if only else list(plan.steps)
+    forced = {id(s) for s in (matching(plan, only) if only else steps)} if force else set()
+    prepare = [s for s in steps if any(s is p for p in plan.prepare)]
+    rest = [s for s in steps if not any(s is p for p in plan.prepare)]
+    records = run_steps(prepare, ctx, force=forced, report=report)
+    # Budgets against the text, with the base tokenizer: before any training starts.
+    counts = check_budgets(plan, ctx) if any(s.kind == "ct" for s in rest) else {}
+    spec = study.spec.executor
+    kind = executor or spec.kind
+    ray_options = {"address": spec.address, "num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus} if kind == "ray" else {}
+    offset = len(records)
+
+    def shifted(i, total, step, record):
+        if report:
+            report(offset + i, offset + total, step, record)
+
+    records += run_steps(rest, ctx, executor=kind, force=forced, report=shifted, **ray_options)
+    report_dir = None
+    if write:
+        from langmerge.study.report import write_report
+
+        report_dir = write_report(plan, ctx, records, study.out / "report")
+    return StudyResult(plan, records, report_dir, counts)

@@ -1,0 +1,87 @@
+"""Vocabulary pruning of the miniature's base: same tokenization of the kept strings, same logits for kept tokens."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from langmerge.study.miniature import kept_token_ids, prune_vocabulary
+from langmerge.synthetic import LlamaShape, write_model
+
+CORPUS = [
+    "Pachiyambi Mulungu analenga kumwamba ndi dziko lapansi.",
+    "Lolemba, Lachiwiri, Lachitatu, Lachinayi, Lachisanu, Loweruka, Lamlungu.",
+    "The quick brown fox jumps over the lazy dog; the dog sleeps.",
+    "Monday, Tuesday, Wednesday, Thursday, Friday, Saturday, Sunday.",
+    "January, February, March, April, May, June, July, August.",
+    "twenty-one, thirty-two, forty-three, fifty-four, sixty-five",
+] * 3
+
+
+def bpe_tokenizer():
+    """A small SentencePiece-style BPE (spaces as '▁', byte fallback), like Gemma's."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    bytes_ = [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"],
+                                  initial_alphabet=[], show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.add_tokens([])  # keep the trained model vocab as is
+    tj = json.loads(tok.to_str())
+    vocab = tj["model"]["vocab"]
+    for b in bytes_:  # byte-fallback pieces live in the model vocab, as in Gemma's
+        vocab.setdefault(b, len(vocab))
+    tok = Tokenizer.from_str(json.dumps(tj))
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_pruned_model_tokenizes_and_scores_kept_strings_identically(tmp_path, tied):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = bpe_tokenizer()
+    shape = LlamaShape(hidden=16, intermediate=32, layers=1, heads=2, kv_heads=1, vocab=len(tok), tie_embeddings=tied)
+    full = write_model(tmp_path / "full", shape, tokenizer=tok)
+    kept_strings = CORPUS[:3]  # Chichewa and one English line: the rest of the vocabulary may go
+    info = prune_vocabulary(full, tmp_path / "pruned", kept_strings)
+    assert info["vocab_after"] < info["vocab_before"] == len(tok)
+
+    full_tok = AutoTokenizer.from_pretrained(full)
+    pruned_tok = AutoTokenizer.from_pretrained(tmp_path / "pruned")
+    assert len(pruned_tok) == info["vocab_after"]
+    tj = json.loads((full / "tokenizer.json").read_text())
+    used = {i for s in kept_strings for i in full_tok(s, add_special_tokens=False)["input_ids"]}
+    keep = kept_token_ids(tj, used, "\n".join(kept_strings), set(full_tok.all_special_ids))
+    new_id = {old: new for new, old in enumerate(keep)}
+    for s in kept_strings:
+        old = full_tok(s, add_special_tokens=False)["input_ids"]
+        new = pruned_tok(s, add_special_tokens=False)["input_ids"]
+        assert [new_id[i] for i in old] == new
+        assert pruned_tok.decode(new) == s
+    # A string the pruned vocabulary was not built for still tokenizes (byte fallback) and round-trips.
+    other = "Friday in August: ŵ"
+    assert pruned_tok.decode(pruned_tok(other, add_special_tokens=False)["input_ids"]) == other
+    assert pruned_tok.bos_token_id == new_id[full_tok.bos_token_id]
+
+    big = AutoModelForCausalLM.from_pretrained(full).eval()
+    small = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    assert small.config.vocab_size == len(keep)
+    ids = full_tok(kept_strings[0], return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = big(ids).logits[..., keep]
+        got = small(torch.tensor([[new_id[i] for i in ids[0].tolist()]])).logits
+    torch.testing.assert_close(got, want)
+
+
+def test_merge_closure_keeps_the_parts_of_every_kept_token():
+    tj = {"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "c": 2, "ab": 3, "abc": 4, "bc": 5, "cc": 6},
+                    "merges": ["a b", "ab c", "b c", "c c"]}, "added_tokens": []}
+    # "abc" needs "ab" and "c", and "ab" needs "a" and "b"; "bc" and "cc" are not needed.
+    assert kept_token_ids(tj, {4}, "abc", set()) == [0, 1, 2, 3, 4]
