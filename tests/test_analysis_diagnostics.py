@@ -21,6 +21,15 @@ def trio(tmp_path_factory):
     return tiny_trio(tmp_path_factory.mktemp("trio"))
 
 
+@pytest.fixture(params=["reference", "fused"])
+def kernel(request, monkeypatch):
+    """Run a test through the torch steps and through the fused CPU kernel (which takes tensors of any size here)."""
+    from langmerge.methods import fused_cpu
+
+    monkeypatch.setattr(fused_cpu, "MIN_NUMEL", 1 << 62 if request.param == "reference" else 1)
+    return request.param
+
+
 def direct(base, inputs, weights_, densities, slack, protected):
     """The diagnostic written out from the definition: topk trim, weighted vote, counts (float64)."""
     trimmed = []
@@ -47,7 +56,7 @@ def direct(base, inputs, weights_, densities, slack, protected):
 
 
 @pytest.mark.parametrize("weights_", [(1.0, 1.0), (0.7, 1.3), (1.0, -0.5)])
-def test_tensor_tally_equals_direct_computation(weights_):
+def test_tensor_tally_equals_direct_computation(weights_, kernel):
     g = torch.Generator().manual_seed(0)
     base = torch.randn(40, 30, generator=g)
     inputs = [base + 0.3 * torch.randn(40, 30, generator=g), base + 0.1 * torch.randn(40, 30, generator=g)]
@@ -64,7 +73,7 @@ def test_tensor_tally_equals_direct_computation(weights_):
         assert math.sqrt(tally.squared_norm[i]) == pytest.approx(float(torch.linalg.vector_norm((x - base).double())), rel=1e-5)
 
 
-def test_whole_model_totals_equal_direct_computation_per_tensor(trio):
+def test_whole_model_totals_equal_direct_computation_per_tensor(trio, kernel):
     report = analyze(recipe(trio), slacks=[0.0, 1.0], progress=False)
     base, ct, sft = (weights(trio[k]) for k in ("base", "ct", "sft"))
     expect_kept, expect_lost = [0, 0], [[0, 0], [0, 0]]
@@ -87,7 +96,7 @@ def test_whole_model_totals_equal_direct_computation_per_tensor(trio):
     assert report.skipped == {}
 
 
-def test_protected_loss_rate_non_increasing_in_slack_and_ties_at_zero(trio):
+def test_protected_loss_rate_non_increasing_in_slack_and_ties_at_zero(trio, kernel):
     sv = analyze(recipe(trio), slacks=SLACKS, progress=False)
     rates = sv.total.loss_rate()[:, 1]  # the SFT model (protected)
     assert all(a >= b for a, b in zip(rates, rates[1:])), rates
@@ -108,7 +117,7 @@ def test_protected_loss_rate_non_increasing_in_slack_and_ties_at_zero(trio):
     assert as_sv.total.lost[0].tolist() == sv.total.lost[SLACKS.index(2.0)].tolist()
 
 
-def test_bfloat16_recipe_is_analysed_in_its_compute_dtype(trio):
+def test_bfloat16_recipe_is_analysed_in_its_compute_dtype(trio, kernel):
     report = analyze(recipe(trio, dtype="bfloat16"), slacks=[0.0], progress=False)
     base, ct, sft = (weights(trio[k]) for k in ("base", "ct", "sft"))
     name = "model.layers.1.mlp.down_proj.weight"

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from langmerge.engine import MergePlan, input_generators, layer_index, load_inputs, plan_merge
 from langmerge.errors import LangmergeError
 from langmerge.methods.consensus import agreement_mask, elect_sign
+from langmerge.methods import fused_cpu
 from langmerge.methods.fused_cpu import all_finite
 from langmerge.methods.kernels import TensorParameters, sparsified_task_vectors, vote_scale, weight_column
 from langmerge.methods.registry import MergeMethod
@@ -152,11 +153,25 @@ def tensor_tally(
     """The diagnostic of one tensor for each slack (None: ``p.slack``); ``p.protected`` names the protected models."""
     n = len(inputs)
     tally = Tally(n, len(slacks), numel=base.numel(), tensors=1)
+    scales = [vote_scale(p if slack is None else replace(p, slack=slack)) for slack in slacks]
+    if (
+        method.consensus
+        and method.sparsification in (None, "magnitude")
+        and not (method.sparsification and p.rescale)
+        and base.numel() >= fused_cpu.MIN_NUMEL
+    ):
+        fused = fused_cpu.tally_fused(
+            base, inputs, p.weights, p.densities if method.sparsification else None,
+            [s.tolist() if s is not None else None for s in scales],
+        )
+        if fused is not None:
+            (tally.kept, tally.kept_mass, tally.squared_norm, tally.both_kept, tally.conflicts,
+             tally.lost, tally.lost_mass) = (np.asarray(a) for a in fused)
+            return tally
     for i, x in enumerate(inputs):
         tally.squared_norm[i] = float(torch.linalg.vector_norm(x - base, dtype=torch.float32)) ** 2
     trimmed = sparsified_task_vectors(method, base, inputs, p, generators).reshape(n, -1)
     weights = weight_column(p.weights, trimmed)
-    scales = [vote_scale(p if slack is None else replace(p, slack=slack)) for slack in slacks]
     # Everything after the trim is elementwise over the model axis: done in column chunks that stay in cache
     # and keep the extra memory small. Sums of magnitudes per chunk in float32, totals in float64.
     for start in range(0, trimmed.shape[1], CHUNK):

@@ -152,6 +152,79 @@ if numba is not None:
                 out[j] = (k > threshold) | ((k == threshold) & (j < cutoffs[c]))
 
     @njit(inline="always")
+    def _sign(v):
+        return (v > 0) - (v < 0)
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _tally(base, xs, trim, thresholds, cutoffs, weights, scales, round_vote, pair_a, pair_b):
+        """The loss diagnostic (REFERENCE §1.7) of one tensor, per chunk, for several vote scales.
+
+        scales: (votes, models); round_vote[s]: round vote s's mass to the compute
+        dtype (plain TIES) or keep it float32 (TIES-SV). Entries are the merge's:
+        the same trimmed values, weighted values and votes as ``_merge_ties``.
+        """
+        shift = _shift(base)
+        n = base.size
+        m = len(xs)
+        votes = scales.shape[0]
+        npairs = pair_a.size
+        nchunks = (n + CHUNK - 1) // CHUNK
+        kept = np.zeros((nchunks, m), dtype=np.int64)
+        kept_mass = np.zeros((nchunks, m), dtype=np.float64)
+        squared = np.zeros((nchunks, m), dtype=np.float64)
+        both = np.zeros((nchunks, npairs), dtype=np.int64)
+        conflicts = np.zeros((nchunks, npairs), dtype=np.int64)
+        lost = np.zeros((nchunks, votes, m), dtype=np.int64)
+        lost_mass = np.zeros((nchunks, votes, m), dtype=np.float64)
+        for c in prange(nchunks):
+            # chunk-local accumulators: writing shared arrays per entry defeats the optimizer
+            t = np.empty(m, dtype=np.float32)
+            v = np.empty(m, dtype=np.float32)
+            lkept = np.zeros(m, dtype=np.int64)
+            lmass = np.zeros(m, dtype=np.float64)
+            lsquared = np.zeros(m, dtype=np.float64)
+            lboth = np.zeros(npairs, dtype=np.int64)
+            lconflicts = np.zeros(npairs, dtype=np.int64)
+            llost = np.zeros((votes, m), dtype=np.int64)
+            llost_mass = np.zeros((votes, m), dtype=np.float64)
+            for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
+                b = _value(base[j], shift)
+                for i in range(m):
+                    d = _round(_value(xs[i][j], shift) - b, shift)
+                    lsquared[i] += np.float64(d) * np.float64(d)
+                    if trim[i]:
+                        k = _key(d)
+                        d = d * np.float32((k > thresholds[i]) | ((k == thresholds[i]) & (j < cutoffs[i, c])))
+                    t[i] = d
+                    v[i] = _round(weights[i] * d, shift)
+                    lkept[i] += d != 0
+                    lmass[i] += abs(d)
+                for q in range(npairs):
+                    kept_both = (t[pair_a[q]] != 0) & (t[pair_b[q]] != 0)
+                    lboth[q] += kept_both
+                    lconflicts[q] += kept_both & (_sign(v[pair_a[q]]) != _sign(v[pair_b[q]]))
+                for s in range(votes):
+                    mass = np.float32(0.0)
+                    for i in range(m):
+                        mass += v[i] * scales[s, i]
+                    if round_vote[s]:
+                        mass = _round(mass, shift)
+                    up = mass >= 0
+                    for i in range(m):
+                        lost_here = (t[i] != 0) & ~((v[i] != 0) & ((v[i] > 0) == up))
+                        llost[s, i] += lost_here
+                        llost_mass[s, i] += abs(t[i]) * lost_here
+            kept[c] = lkept
+            kept_mass[c] = lmass
+            squared[c] = lsquared
+            both[c] = lboth
+            conflicts[c] = lconflicts
+            lost[c] = llost
+            lost_mass[c] = llost_mass
+        return (kept.sum(axis=0), kept_mass.sum(axis=0), squared.sum(axis=0), both.sum(axis=0),
+                conflicts.sum(axis=0), lost.sum(axis=0), lost_mass.sum(axis=0))
+
+    @njit(inline="always")
     def _finish(b, mixed, divisor, normalize, lam, shift):
         """Normalize, scale by lambda and add to the base; returns the output bits (float32 layout)."""
         mixed = _round(mixed, shift)
@@ -287,6 +360,52 @@ def keep_mask(tensor: torch.Tensor, k: int) -> torch.Tensor:
     return torch.from_numpy(out).reshape(tensor.shape)
 
 
+def _trim_plan(base, inputs, densities, b_bits, xs_bits, shift):
+    """Per model: trimmed at all, key threshold, per-chunk tie cutoffs."""
+    from langmerge.methods.sparsify import keep_count
+
+    n, m = b_bits.size, len(xs_bits)
+    nchunks = max(1, (n + CHUNK - 1) // CHUNK)
+    trim = np.zeros(m, dtype=np.bool_)
+    thresholds = np.zeros(m, dtype=np.uint32)
+    cutoffs = np.zeros((m, nchunks), dtype=np.int64)
+    for i, (x_bits, x) in enumerate(zip(xs_bits, inputs)):
+        k = keep_count(n, densities[i]) if densities is not None else n
+        if k == n:
+            continue
+        trim[i] = True
+        if k == 0:
+            thresholds[i] = np.uint32(0xFFFFFFFF)  # above every key: keep none
+            continue
+        thresholds[i], cutoffs[i] = _trim_threshold(base, x, b_bits, x_bits, shift, k)
+    return trim, thresholds, cutoffs
+
+
+def tally_fused(base, inputs, weights, densities, vote_scales: list[list[float] | None]):
+    """``(kept, kept_mass, squared_norm, both_kept, conflicts, lost, lost_mass)`` for TIES-family votes.
+
+    ``vote_scales`` holds one entry per vote: None for TIES's own vote, or the
+    per-model multipliers of a TIES-SV vote. Returns None where the base holds
+    -0.0 or the dtype has no fused kernel (the caller then uses the torch steps).
+    """
+    if not available(base.dtype, base.device):
+        return None
+    shift = _SUPPORTED[base.dtype][1]
+    b = _flat_bits(base)
+    if np.any(b == _NEGATIVE_ZERO[shift]):
+        return None
+    xs = tuple(_flat_bits(x) for x in inputs)
+    trim, thresholds, cutoffs = _trim_plan(base, inputs, densities, b, xs, shift)
+    m = len(xs)
+    w = torch.tensor(weights, dtype=base.dtype).float().numpy()
+    scales = np.asarray([s if s is not None else [1.0] * m for s in vote_scales], dtype=np.float32).reshape(-1, m)
+    round_vote = np.asarray([s is None for s in vote_scales], dtype=np.bool_)
+    pairs = [(i, j) for i in range(m) for j in range(i + 1, m)]
+    pair_a = np.asarray([p[0] for p in pairs], dtype=np.int64)
+    pair_b = np.asarray([p[1] for p in pairs], dtype=np.int64)
+    return _tally(b, xs, trim, thresholds, cutoffs, w, scales, round_vote, pair_a, pair_b)
+
+
 def merge_tensor_fused(
     base: torch.Tensor,
     inputs: list[torch.Tensor],
@@ -302,33 +421,18 @@ def merge_tensor_fused(
 
     Returns None where the base holds -0.0 (see below): the caller then runs the reference steps.
     """
-    from langmerge.methods.sparsify import keep_count
-
     dtype = base.dtype
     np_bits, shift = _SUPPORTED[dtype]
-    flat = lambda t: t.contiguous().reshape(-1).view(torch.int16 if shift else torch.int32).numpy().view(np_bits)
-    b = flat(base)
+    b = _flat_bits(base)
     if np.any(b == _NEGATIVE_ZERO[shift]):
         # torch's reductions start from +0 or from the first term depending on
         # the kernel it picks, which decides the sign of a zero sum; that sign
         # shows only where the base holds -0.0, so such tensors take the
         # reference path.
         return None
-    xs = tuple(flat(x) for x in inputs)
+    xs = tuple(_flat_bits(x) for x in inputs)
     n, m = b.size, len(xs)
-    nchunks = max(1, (n + CHUNK - 1) // CHUNK)
-    trim = np.zeros(m, dtype=np.bool_)
-    thresholds = np.zeros(m, dtype=np.uint32)
-    cutoffs = np.zeros((m, nchunks), dtype=np.int64)
-    for i, (x_bits, x) in enumerate(zip(xs, inputs)):
-        k = keep_count(n, densities[i]) if densities is not None else n
-        if k == n:
-            continue
-        trim[i] = True
-        if k == 0:
-            thresholds[i] = np.uint32(0xFFFFFFFF)  # above every key: keep none
-            continue
-        thresholds[i], cutoffs[i] = _trim_threshold(base, x, b, x_bits, shift, k)
+    trim, thresholds, cutoffs = _trim_plan(base, inputs, densities, b, xs, shift)
     # weights as the reference holds them: a tensor of the compute dtype
     w = torch.tensor(weights, dtype=dtype).float().numpy()
     out = np.empty(n, dtype=np_bits)
@@ -346,6 +450,4 @@ def all_finite(tensor: torch.Tensor) -> bool:
     """True when no entry is NaN or Inf; one parallel pass on the CPU for float32/bfloat16."""
     if not available(tensor.dtype, tensor.device):
         return bool(torch.isfinite(tensor).all())
-    np_bits, shift = _SUPPORTED[tensor.dtype]
-    bits = tensor.contiguous().reshape(-1).view(torch.int16 if shift else torch.int32).numpy().view(np_bits)
-    return int(_count_nonfinite(bits)) == 0
+    return int(_count_nonfinite(_flat_bits(tensor))) == 0
