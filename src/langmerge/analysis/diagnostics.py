@@ -295,7 +295,7 @@ def resolve_protected(recipe: Recipe, protect: list[str] | None) -> list[bool]:
 
 def _checked_inputs(plan: MergePlan, job, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The job's tensors as the merge loads them; NaN or Inf would make every count meaningless."""
-    base, inputs = load_inputs(plan, job, device)
+    base, inputs = load_inputs(plan, job, device, scratch=True)  # consumed before the next job's load
     for reader, t in zip([plan.base, *plan.inputs], [base, *inputs]):
         if not all_finite(t):
             raise LangmergeError(f"model {reader.label}: tensor {job.name!r} contains NaN or Inf")
