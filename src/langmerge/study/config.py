@@ -334,10 +334,10 @@ def check_study(study: Study) -> None:
             if s.methods[name].merge_method not in ("ties", "ties_sv", "dare_ties"):
                 raise LangmergeError(f"{where}: analysis.{role}: method {name!r} has no sign vote to analyse")
     if s.executor.kind == "ray":
-        try:
-            import ray  # noqa: F401
-        except ImportError:
-            raise LangmergeError(f"{where}: executor ray needs ray: pip install 'langmerge[study]'") from None
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise LangmergeError(f"{where}: executor ray needs ray: pip install 'langmerge[study]'")
 
 
 def load_study(path: str | Path, overrides: dict | None = None) -> Study:

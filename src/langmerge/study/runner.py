@@ -88,7 +88,7 @@ def run_study(study: Study, *, only: Sequence[str] = (), force: bool = False, ex
     rest = [s for s in steps if not any(s is p for p in plan.prepare)]
     records = run_steps(prepare, ctx, force=forced, report=report)
     # Budgets against the text, with the base tokenizer: before any training starts.
-    counts = check_budgets(plan, ctx) if any(s.kind == "ct" for s in rest) else {}
+    counts = check_budgets(plan, ctx) if any(s.kind == "ct" and not s.done(ctx.cache) for s in rest) else {}
     spec = study.spec.executor
     kind = executor or spec.kind
     ray_options = {"address": spec.address, "num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus} if kind == "ray" else {}
