@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from langmerge.errors import LangmergeError
+from langmerge.yaml_files import read_yaml_mapping, validation_message
 
 TaskKind = Literal["multiple_choice", "generation", "bits_per_char"]
 
@@ -145,20 +145,11 @@ def _check_example(spec: TaskSpec, ex: Example) -> None:
 def load_task(yaml_path: str | Path) -> Task:
     """Load and check a task YAML and its JSONL data."""
     path = Path(yaml_path)
-    if not path.is_file():
-        raise LangmergeError(f"task file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise LangmergeError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
-    if not isinstance(raw, dict):
-        raise LangmergeError(f"{path}: a task file must be a mapping")
+    raw = read_yaml_mapping(path, "task")
     try:
         spec = TaskSpec.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise LangmergeError(f"{path}: key '{key}': {err['msg']}") from None
+        raise LangmergeError(validation_message(exc, path)) from None
     if spec.kind == "generation" and spec.language:
         check_language_labels(spec.accepted_labels, path)
     examples = load_jsonl(path.parent / spec.data)

@@ -12,10 +12,10 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from langmerge.errors import LangmergeError
+from langmerge.yaml_files import read_yaml_mapping, validation_message
 
 BUILTIN_BASES = ("gemma3-270m",)
 # Method names of the report's rows that are not merges.
@@ -343,22 +343,12 @@ def check_study(study: Study) -> None:
 def load_study(path: str | Path, overrides: dict | None = None) -> Study:
     """Read and check STUDY.yaml; ``overrides`` replace top-level keys (e.g. the executor from the CLI)."""
     path = Path(path)
-    if not path.is_file():
-        raise LangmergeError(f"study file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise LangmergeError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
-    if not isinstance(raw, dict):
-        raise LangmergeError(f"{path}: a study file is a mapping (name, out, base, sft, languages, methods)")
+    raw = read_yaml_mapping(path, "study", " (name, out, base, sft, languages, methods)")
     raw.update(overrides or {})
     try:
         spec = StudySpec.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        raise LangmergeError(f"{path}: key '{key}': {msg}") from None
+        raise LangmergeError(validation_message(exc, path)) from None
     study = Study(spec, path.resolve())
     check_study(study)
     return study
