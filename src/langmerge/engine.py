@@ -8,7 +8,6 @@ multiple of the largest tensor, whatever the model size.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import time
@@ -30,6 +29,7 @@ from langmerge.io.writer import ShardedWriter
 from langmerge.methods.fused_cpu import all_finite
 from langmerge.methods.kernels import NonFiniteMerge, TensorParameters, merge_tensor
 from langmerge.recipe import Recipe, load_recipe
+from langmerge.seeds import derive_seed, seeded_generator
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +94,6 @@ class MergeReport:
         )
 
 
-def tensor_seed(seed: int, name: str) -> int:
-    """A per-tensor seed independent of the order tensors are processed in."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
     """Open the inputs and resolve every tensor's job; raises LangmergeError on bad input."""
     with ExitStack() as stack:
@@ -146,7 +140,7 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
                 continue
             params = recipe.tensor_parameters(n, layer_position(n, num_layers))
             out_dtype = recipe.out_dtype or recipe.dtype or native
-            jobs.append(TensorJob(n, reference.shape(n), out_dtype, params, tensor_seed(recipe.seed(n), n)))
+            jobs.append(TensorJob(n, reference.shape(n), out_dtype, params, derive_seed(recipe.seed(n), n)))
         stack.pop_all()
     return MergePlan(recipe, base, inputs, jobs, recipe.dtype, vocab)
 
@@ -172,12 +166,7 @@ def input_generators(plan: MergePlan, job: TensorJob, device: torch.device) -> l
     """Seeded generators for DARE's drop masks (None for other methods), one per input model."""
     if plan.recipe.method.sparsification != "random":
         return None
-    generators = []
-    for i in range(len(plan.inputs)):
-        g = torch.Generator(device=device)
-        g.manual_seed(tensor_seed(job.seed, str(i)))
-        generators.append(g)
-    return generators
+    return [seeded_generator(job.seed, i, device=device) for i in range(len(plan.inputs))]
 
 
 def _raise_nonfinite(plan: MergePlan, job: TensorJob) -> None:

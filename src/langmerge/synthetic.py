@@ -7,7 +7,6 @@ size is written one tensor at a time and the trio is reproducible:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from langmerge.io.writer import ShardedWriter
+from langmerge.seeds import seeded_generator
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 # ASCII plus a few scripts of the languages langmerge is for (Tamil, Telugu, Bengali).
@@ -104,18 +104,11 @@ def llama_tensor_shapes(shape: LlamaShape, vocab: int) -> list[tuple[str, tuple[
     return out
 
 
-def _generator(*keys: object) -> torch.Generator:
-    digest = hashlib.sha256(":".join(map(str, keys)).encode()).digest()
-    g = torch.Generator()
-    g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-    return g
-
-
 def _base_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     if name.endswith("norm.weight"):
-        return 1.0 + 0.02 * torch.randn(shape, generator=_generator(seed, name))
+        return 1.0 + 0.02 * torch.randn(shape, generator=seeded_generator(seed, name))
     fan_in = shape[-1]
-    return torch.randn(shape, generator=_generator(seed, name)) / math.sqrt(fan_in)
+    return torch.randn(shape, generator=seeded_generator(seed, name)) / math.sqrt(fan_in)
 
 
 def write_model(
@@ -141,7 +134,7 @@ def write_model(
             t = _base_tensor(name, s, seed)
             if delta_scale:
                 scale = delta_scale / math.sqrt(s[-1])
-                t += scale * torch.randn(s, generator=_generator(seed, delta_key, name))
+                t += scale * torch.randn(s, generator=seeded_generator(seed, delta_key, name))
             writer.write(name, t.to(dtype))
         writer.finish()
     except BaseException:

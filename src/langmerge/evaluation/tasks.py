@@ -9,7 +9,6 @@ cannot reach attributes of the data.
 from __future__ import annotations
 
 import fnmatch
-import json
 import random
 import string
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from langmerge.errors import LangmergeError
-from langmerge.yaml_files import read_yaml_mapping, validation_message
+from langmerge.input_files import json_object_line, read_yaml_mapping, validation_message
 
 TaskKind = Literal["multiple_choice", "generation", "bits_per_char"]
 
@@ -112,12 +111,7 @@ def load_jsonl(path: Path) -> list[Example]:
         for number, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LangmergeError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(doc, dict):
-                raise LangmergeError(f"{path}:{number}: expected a JSON object, got {type(doc).__name__}")
+            doc = json_object_line(line, path, number)
             examples.append(Example(doc, f"{path}:{number}"))
     return examples
 

@@ -23,7 +23,6 @@ Without a tokenizer setting, differing vocabularies are an error.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -36,6 +35,7 @@ import torch
 from langmerge.errors import LangmergeError
 from langmerge.io.metadata import copy_tokenizer
 from langmerge.methods.kernels import NonFiniteMerge, TensorParameters, merge_tensor
+from langmerge.seeds import seeded_generator
 
 log = logging.getLogger(__name__)
 
@@ -445,11 +445,6 @@ def _restrict(p: TensorParameters, idx: list[int]) -> TensorParameters:
     )
 
 
-def _seed(*keys: object) -> int:
-    digest = hashlib.sha256(":".join(map(str, keys)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 def merge_aligned_job(plan, job, device: torch.device) -> torch.Tensor:
     """One vocabulary tensor, merged row group by row group (see the module doc)."""
     method = plan.recipe.method
@@ -482,11 +477,7 @@ def merge_aligned_job(plan, job, device: torch.device) -> torch.Tensor:
         else:
             generators = None
             if method.sparsification == "random":
-                generators = []
-                for i in idx:
-                    g = torch.Generator(device=device)
-                    g.manual_seed(_seed(job.seed, "".join(map(str, pattern)), i))
-                    generators.append(g)
+                generators = [seeded_generator(job.seed, "".join(map(str, pattern)), i, device=device) for i in idx]
             base_rows = tensors[0].index_select(0, rows) if plan.base is not None else None
             try:
                 merged = merge_tensor(method, base_rows, xs, _restrict(p, idx), generators)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from langmerge.errors import LangmergeError
-from langmerge.yaml_files import read_yaml_mapping, validation_message
+from langmerge.input_files import read_yaml_mapping, validation_message
 
 BUILTIN_BASES = ("gemma3-270m",)
 # Method names of the report's rows that are not merges.

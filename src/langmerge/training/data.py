@@ -12,7 +12,6 @@ the total is the sum of both.
 
 from __future__ import annotations
 
-import json
 from decimal import Decimal, InvalidOperation
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from langmerge.errors import LangmergeError
+from langmerge.input_files import json_object_line
 
 IGNORE_INDEX = -100
 TARGET, REPLAY = 0, 1
@@ -76,7 +76,7 @@ def read_documents(path: str | Path) -> list[str]:
         for lineno, line in enumerate(raw.splitlines(), 1):
             if not line.strip():
                 continue
-            record = _json_line(line, path, lineno)
+            record = json_object_line(line, path, lineno)
             text = record.get("text")
             if not isinstance(text, str):
                 raise LangmergeError(f"{path}:{lineno}: no string field 'text'")
@@ -220,16 +220,6 @@ class SFTExample:
     labels: list[int]  # IGNORE_INDEX where no loss is taken (prompt, template text)
 
 
-def _json_line(line: str, path: Path, lineno: int) -> dict:
-    try:
-        record = json.loads(line)
-    except ValueError as exc:
-        raise LangmergeError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-    if not isinstance(record, dict):
-        raise LangmergeError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-    return record
-
-
 def read_sft_records(path: str | Path) -> list[list[dict]]:
     """Conversations of a JSONL file: ``{"prompt", "response"}`` or ``{"messages": [{"role", "content"}]}`` per line."""
     path = Path(path)
@@ -241,7 +231,7 @@ def read_sft_records(path: str | Path) -> list[list[dict]]:
     for lineno, line in enumerate(raw.splitlines(), 1):
         if not line.strip():
             continue
-        record = _json_line(line, path, lineno)
+        record = json_object_line(line, path, lineno)
         if "messages" in record:
             messages = record["messages"]
             ok = isinstance(messages, list) and messages and all(

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
-from langmerge.engine import layer_index, layer_position, plan_merge, tensor_seed
+from langmerge.engine import layer_index, layer_position, plan_merge
 from langmerge.errors import LangmergeError
 from langmerge.io.metadata import write_config
 from langmerge.methods.fused_cpu import all_finite
 from langmerge.methods.kernels import NonFiniteMerge, merge_tensor
 from langmerge.recipe import Recipe
+from langmerge.seeds import derive_seed, seeded_generator
 
 log = logging.getLogger(__name__)
 
@@ -119,13 +120,9 @@ class InMemoryMerger:
     def _generators(self, candidate: Recipe, name: str) -> list[torch.Generator] | None:
         if self.method.sparsification != "random":
             return None
-        seed = tensor_seed(candidate.seed(name), name)
-        generators = []
-        for i in range(len(self.recipe.inputs)):
-            g = torch.Generator(device=self.device)
-            g.manual_seed(tensor_seed(seed, str(i)))
-            generators.append(g)
-        return generators
+        # seeded as the engine seeds a merge (plan_merge's job seed, then input_generators)
+        seed = derive_seed(candidate.seed(name), name)
+        return [seeded_generator(seed, i, device=self.device) for i in range(len(self.recipe.inputs))]
 
     def model(self, candidate: Recipe):
         """The transformers model holding ``candidate``'s merged weights (one model object, reloaded each call)."""

@@ -1,7 +1,8 @@
-"""YAML configuration files (task files, study configs): read, check, and report errors by file and key."""
+"""Input files users write (task and study YAML, JSONL data): read, check, and report errors by file, line and key."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -30,3 +31,14 @@ def validation_message(exc: ValidationError, source: str | Path) -> str:
     err = exc.errors()[0]
     key = ".".join(str(p) for p in err["loc"]) or "(top level)"
     return f"{source}: key '{key}': {err['msg'].removeprefix('Value error, ')}"
+
+
+def json_object_line(line: str, path: Path, lineno: int) -> dict:
+    """One JSONL line that must hold a JSON object; errors name ``path:lineno``."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise LangmergeError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(record, dict):
+        raise LangmergeError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+    return record
