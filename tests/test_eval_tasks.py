@@ -71,11 +71,16 @@ def test_day_sequences_follow_cldr():
     days = Locale.parse("ta").days["format"]["wide"]
     docs = cldr.build_sequence("ta", "day")
     assert len(docs) == 7 * len(cldr.RUN_LENGTHS)
-    first = docs[0]  # Monday, Tuesday -> Wednesday
+    first = docs[0]  # Monday, Tuesday -> Wednesday, out of the five days not in the prompt
     assert first["question"] == f"{days[0]}, {days[1]},"
+    assert first["choices"] == [days[i] for i in (2, 3, 4, 5, 6)]
     assert first["choices"][first["answer_index"]] == first["answer"] == days[2]
     last = docs[6]  # Sunday, Monday -> Tuesday (wraps around)
     assert last["question"] == f"{days[6]}, {days[0]}," and last["answer"] == days[1]
+    assert last["choices"] == [days[i] for i in (1, 2, 3, 4, 5)]
+    longest = docs[-1]  # Sunday .. Wednesday -> Thursday: three choices
+    assert longest["question"] == f"{days[6]}, {days[0]}, {days[1]}, {days[2]},"
+    assert longest["choices"] == [days[3], days[4], days[5]] and longest["answer"] == days[3]
 
 
 def test_number_word_tasks():

@@ -22,7 +22,8 @@ import yaml
 from langmerge.errors import LangmergeError
 from langmerge.evaluation.builtin import cldr, numbers, udhr
 
-BUILTIN_VERSION = "v1"
+# Bumped whenever a built-in task's data changes (v2: sequence choices leave out the prompt's names).
+BUILTIN_VERSION = "v2"
 # py3langid labels where they differ from the ISO 639-1 code.
 LANGID_LABELS = {"bo": ["dz"]}
 # Languages py3langid cannot identify: their generation tasks would have no language check.
