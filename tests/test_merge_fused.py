@@ -103,3 +103,20 @@ def test_nan_or_inf_in_an_input_always_reaches_the_result():
         for fused in (True, False):
             with pytest.raises(NonFiniteMerge):
                 merge_tensor(m, base, xs, p, fused=fused)
+
+
+def test_threads_limit_the_fused_kernels_too(tmp_path):
+    numba = pytest.importorskip("numba")
+    from langmerge.engine import merge
+    from langmerge.synthetic import make_trio
+
+    trio = make_trio(tmp_path / "models")
+    recipe = {"merge_method": "ties", "base_model": str(trio["base"]),
+              "models": [{"model": str(trio[m]), "parameters": {"weight": 1.0, "density": 0.5}} for m in ("ct", "sft")]}
+    before_numba, before_torch = numba.get_num_threads(), torch.get_num_threads()
+    try:
+        merge(recipe, tmp_path / "out", threads=1, progress=False)
+        assert numba.get_num_threads() == 1 and torch.get_num_threads() == 1
+    finally:
+        numba.set_num_threads(before_numba)
+        torch.set_num_threads(before_torch)

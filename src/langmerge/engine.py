@@ -223,7 +223,10 @@ def merge(
     recipe = load_recipe(recipe)
     check_output_free(out_dir, force)
     if threads:
+        from langmerge.methods import fused_cpu
+
         torch.set_num_threads(threads)
+        fused_cpu.set_threads(threads)  # the fused kernels run on numba's threads, not torch's
     dev = _device(device)
     start = time.perf_counter()
     plan = plan_merge(recipe, allow_pickle=allow_pickle)

@@ -39,6 +39,12 @@ def available(dtype: torch.dtype, device: torch.device) -> bool:
     return numba is not None and device.type == "cpu" and dtype in _SUPPORTED
 
 
+def set_threads(n: int) -> None:
+    """Run the fused kernels on ``n`` threads (at most numba's pool, which is sized when numba starts)."""
+    if numba is not None:
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+
 if numba is not None:
     from llvmlite import ir
     from numba.core import types
