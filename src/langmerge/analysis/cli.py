@@ -11,6 +11,7 @@ from langmerge.analysis.diagnostics import (
     analyze,
     check_analyzable,
     model_labels,
+    percent,
     resolve_protected,
 )
 from langmerge.errors import LangmergeError
@@ -107,8 +108,8 @@ def summary_markdown(reports: list[AnalysisReport], tokens: list[int] | None) ->
                     str(slack),
                     f"{r.total.kept[i]:,}",
                     f"{r.total.lost[s, i]:,}",
-                    _pct(rate[s, i]),
-                    _pct(mass[s, i]),
+                    percent(rate[s, i]),
+                    percent(mass[s, i]),
                     f"{float(r.total.squared_norm[i]) ** 0.5:.4g}",
                 ]
                 lines.append("| " + " | ".join(cells) + " |")
@@ -117,12 +118,8 @@ def summary_markdown(reports: list[AnalysisReport], tokens: list[int] | None) ->
         conflict = r.total.conflict_rate()
         for k, (i, j) in enumerate(r.total.pairs):
             lines.append(f"- {Path(r.recipe).name}: sign conflicts {r.labels[i]} vs {r.labels[j]}: "
-                         f"{_pct(conflict[k])} of the entries both keep")
+                         f"{percent(conflict[k])} of the entries both keep")
     return "\n".join(lines) + "\n"
-
-
-def _pct(v: float) -> str:
-    return "n/a" if v != v else f"{100 * v:.2f}%"
 
 
 def run_analyze(args) -> int:

@@ -218,12 +218,6 @@ class AnalysisReport:
         own = self.recipe_slacks[0] if len(self.recipe_slacks) == 1 else "recipe"
         return [own if s is None else s for s in self.slacks]
 
-    def model_label(self, ref: str) -> str:
-        for model, label in zip(self.models, self.labels):
-            if ref in (model, label):
-                return label
-        raise LangmergeError(f"{self.recipe}: {ref!r} is not one of the merged models ({', '.join(self.models)})")
-
     def to_dict(self) -> dict:
         return {
             "recipe": self.recipe,
@@ -251,11 +245,11 @@ class AnalysisReport:
             for s, slack in enumerate(self.slack_labels):
                 rows.append(
                     f"  {name:<24}{_fmt_slack(slack):>8}{self.total.kept[i]:>14,}{self.total.lost[s, i]:>14,}"
-                    f"{_pct(rate[s, i]):>11}{_pct(mass[s, i]):>11}{np.sqrt(self.total.squared_norm[i]):>10.3g}"
+                    f"{percent(rate[s, i]):>11}{percent(mass[s, i]):>11}{np.sqrt(self.total.squared_norm[i]):>10.3g}"
                 )
         conflict = self.total.conflict_rate()
         for k, (i, j) in enumerate(self.total.pairs):
-            rows.append(f"  sign conflicts {self.labels[i]} vs {self.labels[j]}: {_pct(conflict[k])} of entries both keep")
+            rows.append(f"  sign conflicts {self.labels[i]} vs {self.labels[j]}: {percent(conflict[k])} of entries both keep")
         if any(self.protected):
             rows.append("  * protected model")
         return "\n".join(rows)
@@ -265,7 +259,7 @@ def _fmt_slack(s) -> str:
     return s if isinstance(s, str) else f"{s:g}"
 
 
-def _pct(v: float) -> str:
+def percent(v: float) -> str:
     return "n/a" if v != v else f"{100 * v:.2f}%"
 
 

@@ -53,9 +53,10 @@ def resolve_lm_eval_tasks(tasks: Sequence[str], include: Sequence[str | Path] = 
     names = expand_presets(tasks)
     paths = [str(p) for p in include]
     manager = TaskManager(include_path=paths, include_defaults=False) if paths else None
-    if manager is None or any(t not in set(manager.all_tasks) for t in names):
+    if manager is None or not set(names) <= set(manager.all_tasks):
         manager = TaskManager(include_path=paths or None)
-    unknown = [t for t in names if t not in set(manager.all_tasks)]
+    known = set(manager.all_tasks)
+    unknown = [t for t in names if t not in known]
     if unknown:
         raise LangmergeError(f"unknown lm-eval task(s) {unknown}; presets are {sorted(LM_EVAL_PRESETS)}")
     return names, manager

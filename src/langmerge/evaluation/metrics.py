@@ -8,14 +8,18 @@ from collections.abc import Sequence
 from langmerge.errors import LangmergeError
 
 
-def _argmax(values: Sequence[float]) -> int:
+# The metric that stands for a task of each kind (tuning's "auto" objective, study scores, summaries).
+MAIN_METRIC = {"multiple_choice": "acc", "generation": "exact_match", "bits_per_char": "bpc"}
+
+
+def argmax(values: Sequence[float]) -> int:
     # First maximum, as numpy.argmax does (lm-eval uses it).
     return max(range(len(values)), key=lambda i: (values[i], -i))
 
 
 def accuracy(loglikelihoods: Sequence[Sequence[float]], golds: Sequence[int]) -> float:
     """Share of examples whose correct choice has the highest log-likelihood."""
-    return sum(_argmax(ll) == g for ll, g in zip(loglikelihoods, golds, strict=True)) / len(golds)
+    return sum(argmax(ll) == g for ll, g in zip(loglikelihoods, golds, strict=True)) / len(golds)
 
 
 def accuracy_norm(
@@ -25,7 +29,7 @@ def accuracy_norm(
     hits = 0
     for ll, ch, g in zip(loglikelihoods, choices, golds, strict=True):
         normed = [value / max(len(c), 1) for value, c in zip(ll, ch, strict=True)]
-        hits += _argmax(normed) == g
+        hits += argmax(normed) == g
     return hits / len(golds)
 
 
@@ -69,10 +73,14 @@ def identify_language(text: str) -> str | None:
 
 def language_share(predictions: Sequence[str], accepted_labels: Sequence[str]) -> float:
     """Share of predictions identified as one of the accepted labels (empty answers count as misses)."""
+    return accepted_share([identify_language(p) for p in predictions], accepted_labels)
+
+
+def accepted_share(languages: Sequence[str | None], accepted_labels: Sequence[str]) -> float:
+    """Share of already identified languages (``identify_language``'s labels) that are accepted."""
     if not accepted_labels:
         raise LangmergeError("language share needs the target language's labels")
-    hits = sum(identify_language(p) in accepted_labels for p in predictions)
-    return hits / len(predictions)
+    return sum(lang in accepted_labels for lang in languages) / len(languages)
 
 
 def bits_per_character(total_nll_nats: float, n_characters: int) -> float:

@@ -15,7 +15,7 @@ from langmerge.evaluation.tasks import Task, answer_text, context, resolve_tasks
 
 log = logging.getLogger(__name__)
 
-MAIN_METRIC = {"multiple_choice": "acc", "generation": "exact_match", "bits_per_char": "bpc"}
+MAIN_METRIC = metrics.MAIN_METRIC
 METRIC_COLUMNS = ("acc", "acc_norm", "exact_match", "chrf", "lang_share", "lang_share_reference", "bpc")
 
 
@@ -87,7 +87,7 @@ def _run_multiple_choice(task, idx, model, tokenizer, opts, progress) -> tuple[d
     }
     samples = [
         {"where": task.examples[i].where, "context": p, "choices": c, "loglikelihoods": ll, "gold": g,
-         "predicted": max(range(len(ll)), key=lambda j: (ll[j], -j))}
+         "predicted": metrics.argmax(ll)}
         for i, p, c, ll, g in zip(idx, prompts, choices, per_example, golds)
     ]
     return scores, samples
@@ -105,15 +105,15 @@ def _run_generation(task, idx, model, tokenizer, opts, progress, generate) -> tu
         "exact_match": metrics.exact_match(predictions, references),
         "chrf": metrics.chrf(predictions, references),
     }
+    languages = [metrics.identify_language(p) for p in predictions]
     if spec.language:
         labels = spec.accepted_labels
-        scores["lang_share"] = metrics.language_share(predictions, labels)
+        scores["lang_share"] = metrics.accepted_share(languages, labels)
         # The check's own hit rate on the correct answers: how far the language share can be trusted here.
         scores["lang_share_reference"] = metrics.language_share(references, labels)
     samples = [
-        {"where": task.examples[i].where, "prompt": p, "prediction": pred, "reference": ref,
-         "language": metrics.identify_language(pred)}
-        for i, p, pred, ref in zip(idx, prompts, predictions, references)
+        {"where": task.examples[i].where, "prompt": p, "prediction": pred, "reference": ref, "language": lang}
+        for i, p, pred, ref, lang in zip(idx, prompts, predictions, references, languages)
     ]
     return scores, samples
 
@@ -168,9 +168,7 @@ def evaluate(
     if not isinstance(model, (str, Path)) and tokenizer is None:
         raise LangmergeError("evaluate: an already-loaded model needs its tokenizer (tokenizer=...)")
     names = tasks.split(",") if isinstance(tasks, str) else list(tasks)
-    loaded = [t for t in names if isinstance(t, Task)]
-    by_name = [t for t in names if not isinstance(t, Task)]
-    task_list = loaded + (resolve_tasks(by_name, cache_dir) if by_name else [])
+    task_list = resolve_tasks(names, cache_dir) if names else []
     if not task_list and not lm_eval_tasks:
         raise LangmergeError("no tasks given")
     task_list = [with_few_shot(t, few_shot) for t in task_list]
@@ -197,7 +195,7 @@ def evaluate(
         "samples": {},
     }
     for task in task_list:
-        idx = list(range(len(task.examples)))[:limit] if limit else list(range(len(task.examples)))
+        idx = list(range(len(task.examples)))[:limit]
         bar = _Progress(progress, task.name, len(idx))
         start = time.perf_counter()
         try:

@@ -212,13 +212,17 @@ def context(task: Task, index: int, seed: int) -> str:
     return description + spec.fewshot_delimiter.join([*shots, query])
 
 
-def resolve_tasks(names: list[str], cache_dir: Path | None = None) -> list[Task]:
-    """Tasks from names: built-in task names, shell-style patterns of them, or task YAML paths."""
+def resolve_tasks(names: list[str | Task], cache_dir: Path | None = None) -> list[Task]:
+    """Tasks from names: built-in task names, shell-style patterns of them, or task YAML paths
+    (loaded ``Task`` objects pass through)."""
     from langmerge.evaluation.builtin import builtin_task_names, materialize
 
     available = builtin_task_names()
     tasks: list[Task] = []
     for name in names:
+        if isinstance(name, Task):
+            tasks.append(name)
+            continue
         name = name.strip()
         if not name:
             continue

@@ -482,9 +482,13 @@ def merge_aligned_job(plan, job, device: torch.device) -> torch.Tensor:
             try:
                 merged = merge_tensor(method, base_rows, xs, _restrict(p, idx), generators)
             except NonFiniteMerge:
-                merged = torch.full_like(xs[0], float("nan"))  # reported below, with the tensor's name
+                raise LangmergeError(_non_finite_message(job.name)) from None
         out[rows] = merged.to(out.dtype)
     result = out.to(dtype=job.out_dtype).cpu()
     if not bool(torch.isfinite(result).all()):
-        raise LangmergeError(f"tensor {job.name!r}: the merge produced NaN or Inf (weights summing to zero with normalize?)")
+        raise LangmergeError(_non_finite_message(job.name))
     return result
+
+
+def _non_finite_message(name: str) -> str:
+    return f"tensor {name!r}: the merge produced NaN or Inf (weights summing to zero with normalize?)"

@@ -25,6 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from langmerge.errors import LangmergeError
+from langmerge.io.output import atomic_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +68,10 @@ def convert_gemma(dest: Path) -> Path:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(loaded.state_dict())
         del loaded
-        out = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
-        try:
+        # A folder at dest without config.json is not a finished conversion (those are moved in whole).
+        with atomic_output_dir(dest, force=True) as out:
             model.save_pretrained(out)
             tokenizer.save_pretrained(out)
-            os.rename(out, dest)
-        except BaseException:
-            shutil.rmtree(out, ignore_errors=True)
-            raise
     return dest
 
 

@@ -59,11 +59,12 @@ def _task_settings(study: Study, names: list[str]) -> dict:
 
 def _add(order: list[Step], seen: set[int], step: Step) -> Step:
     """Append ``step`` after its dependencies (each step object once)."""
+    if id(step) in seen:
+        return step
     for dep in step.deps.values():
         _add(order, seen, dep)
-    if id(step) not in seen:
-        seen.add(id(step))
-        order.append(step)
+    seen.add(id(step))
+    order.append(step)
     return step
 
 

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from langmerge.io.output import atomic_output_dir
+from langmerge.study.config import REFERENCE_ROWS
 from langmerge.study.plan import Plan
 from langmerge.study.steps import Context
 
@@ -21,7 +22,7 @@ METHOD_LABELS = {"linear": "weighted averaging", "task_arithmetic": "task arithm
 
 
 def row_names(plan: Plan) -> list[str]:
-    return ["base", "sft", "ct", "ct_sft", *plan.study.spec.methods]
+    return [*REFERENCE_ROWS, *plan.study.spec.methods]
 
 
 def row_label(plan: Plan, row: str) -> str:

@@ -80,7 +80,7 @@ def study_tasks(settings: dict, part: str):
 
 def task_score(results: dict) -> dict:
     """Main metric per task, and ``score``: the mean of the task-solving metrics (accuracy, exact match)."""
-    from langmerge.evaluation.runner import MAIN_METRIC
+    from langmerge.evaluation.metrics import MAIN_METRIC
 
     per_task = {}
     for name, r in results["tasks"].items():
@@ -90,23 +90,6 @@ def task_score(results: dict) -> dict:
             per_task[name]["lang_share"] = r["metrics"]["lang_share"]
     solving = [v["value"] for v in per_task.values() if v["kind"] != "bits_per_char"]
     return {"score": sum(solving) / len(solving) if solving else None, "tasks": per_task}
-
-
-def objective(tasks, *, limit, batch_size, seed):
-    """Validation score of a loaded model: the mean task-solving metric (bits per character negated)."""
-    from langmerge.evaluation import evaluate
-    from langmerge.evaluation.runner import MAIN_METRIC
-
-    def score(model, tokenizer) -> float:
-        results = evaluate(model, tasks, tokenizer=tokenizer, limit=limit, batch_size=batch_size, seed=seed,
-                           progress=False)
-        values = []
-        for r in results["tasks"].values():
-            v = r["metrics"][MAIN_METRIC[r["kind"]]]
-            values.append(-v if r["kind"] == "bits_per_char" else v)
-        return float(sum(values) / len(values))
-
-    return score
 
 
 # ----------------------------------------------------------------------------- runners
@@ -174,6 +157,7 @@ def run_tune(step: Step, ctx: Context, out: Path) -> dict:
     import yaml
 
     from langmerge.tuning import tune
+    from langmerge.tuning.objective import task_objective
 
     s = step.settings
     recipe = _recipe(ctx, step)
@@ -183,7 +167,8 @@ def run_tune(step: Step, ctx: Context, out: Path) -> dict:
         return {"trials": 0}
     tasks = study_tasks(s["tasks"], "validation")
     t = s["tuning"]
-    score = objective(tasks, limit=t["limit"], batch_size=s["batch_size"], seed=t["seed"])
+    # The mean task-solving metric on the validation halves, bits per character negated.
+    score, _ = task_objective(tasks, limit=t["limit"], batch_size=s["batch_size"], seed=t["seed"])
     result = tune(recipe, space, score, search=t["search"], trials=t["trials"], seed=t["seed"],
                   out_dir=out / "tune", device=s["device"], progress=ctx.progress, objective_name="validation score")
     (out / "best_recipe.yaml").write_text(yaml.safe_dump(result.best_recipe(), sort_keys=False))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -168,7 +167,3 @@ def train_sft(
     )
     return run(job, out, options, tokenizer, force=force, resume=resume, stop_after=stop_after)
 
-
-def with_options(options: TrainOptions, **changes) -> TrainOptions:
-    """A copy of ``options`` with some fields changed."""
-    return dataclasses.replace(options, **changes)

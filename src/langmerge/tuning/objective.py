@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from langmerge.errors import LangmergeError
+from langmerge.evaluation.metrics import MAIN_METRIC
 
 Objective = Callable[[object, object], float]
 
-AUTO_METRIC = {"multiple_choice": "acc", "generation": "exact_match", "bits_per_char": "bpc"}
+AUTO_METRIC = MAIN_METRIC
 LOWER_IS_BETTER = {"bpc"}
 KNOWN_METRICS = {
     "multiple_choice": {"acc", "acc_norm"},
