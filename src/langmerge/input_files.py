@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import yaml
@@ -42,3 +43,10 @@ def json_object_line(line: str, path: Path, lineno: int) -> dict:
     if not isinstance(record, dict):
         raise LangmergeError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
     return record
+
+
+def json_object_lines(lines: Iterable[str], path: Path) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for each non-blank JSONL line; each must hold a JSON object."""
+    for lineno, line in enumerate(lines, 1):
+        if line.strip():
+            yield lineno, json_object_line(line, path, lineno)

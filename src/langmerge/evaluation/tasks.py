@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from langmerge.errors import LangmergeError
-from langmerge.input_files import json_object_line, read_yaml_mapping, validation_message
+from langmerge.input_files import json_object_lines, read_yaml_mapping, validation_message
 
 TaskKind = Literal["multiple_choice", "generation", "bits_per_char"]
 
@@ -108,10 +108,7 @@ def load_jsonl(path: Path) -> list[Example]:
         raise LangmergeError(f"task data file {path} does not exist")
     examples = []
     with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            doc = json_object_line(line, path, number)
+        for number, doc in json_object_lines(fh, path):
             examples.append(Example(doc, f"{path}:{number}"))
     return examples
 

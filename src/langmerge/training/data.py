@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from langmerge.errors import LangmergeError
-from langmerge.input_files import json_object_line
+from langmerge.input_files import json_object_lines
 
 IGNORE_INDEX = -100
 TARGET, REPLAY = 0, 1
@@ -73,10 +73,7 @@ def read_documents(path: str | Path) -> list[str]:
         raise LangmergeError(f"{path}: unreadable text file ({exc})") from exc
     docs: list[str] = []
     if path.suffix == ".jsonl":
-        for lineno, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            record = json_object_line(line, path, lineno)
+        for lineno, record in json_object_lines(raw.splitlines(), path):
             text = record.get("text")
             if not isinstance(text, str):
                 raise LangmergeError(f"{path}:{lineno}: no string field 'text'")
@@ -228,10 +225,7 @@ def read_sft_records(path: str | Path) -> list[list[dict]]:
     except (OSError, UnicodeDecodeError) as exc:
         raise LangmergeError(f"{path}: unreadable JSONL file ({exc})") from exc
     conversations = []
-    for lineno, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        record = json_object_line(line, path, lineno)
+    for lineno, record in json_object_lines(raw.splitlines(), path):
         if "messages" in record:
             messages = record["messages"]
             ok = isinstance(messages, list) and messages and all(

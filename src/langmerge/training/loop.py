@@ -206,10 +206,12 @@ class _Trainer:
         step_predicted = sum(_predicted(it) for it in items)
         if step_predicted == 0:
             raise LangmergeError(f"step {step} has no token to learn (sequences of one token?)")
+        # Every process holds the whole step, so the step's token counts need no communication.
+        target = sum(len(it.input_ids) for it in items if it.source == TARGET)
+        replay = sum(len(it.input_ids) for it in items) - target
         batches = _micro_batches(items, acc.process_index, acc.num_processes, self.opt.micro_batch_size)
         self.model.train()
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        counts = torch.zeros(3, dtype=torch.long)  # target, replay, predicted tokens fed by this process
+        losses = []  # stays on the device: one copy to the CPU per step, not one per micro-batch
         for i, micro in enumerate(batches):
             # A process without sequences in this step runs a weightless pad so collectives line up.
             weight = 1.0 if micro else 0.0
@@ -227,11 +229,7 @@ class _Trainer:
                 )
                 # Gradients are averaged over processes, hence the factor: the result is the global mean.
                 acc.backward(token_loss * weight * acc.num_processes / step_predicted)
-            loss_sum += token_loss.detach().double().cpu() * weight
-            if weight:
-                for it in micro:
-                    counts[0 if it.source == TARGET else 1] += len(it.input_ids)
-                    counts[2] += _predicted(it)
+            losses.append(token_loss.detach() * weight)
         lr = cosine_lr(step, self.job.steps, self.opt.lr, self.warmup, self.opt.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -239,8 +237,9 @@ class _Trainer:
             acc.clip_grad_norm_(self.model.parameters(), self.opt.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        totals = acc.reduce(torch.cat([loss_sum.reshape(1), counts.double()]).to(acc.device), reduction="sum").cpu()
-        return float(totals[0] / totals[3]), int(totals[1]), int(totals[2]), int(totals[3])
+        loss_sum = sum(torch.stack(losses).cpu().double().tolist())  # in float64, in micro-batch order
+        total = acc.reduce(torch.tensor([loss_sum], dtype=torch.float64, device=acc.device), reduction="sum")
+        return float(total.cpu()[0]) / step_predicted, target, replay, step_predicted
 
     # ------------------------------------------------------------------ saving
 
