@@ -2,7 +2,8 @@
 
 Only headers are read up front; a tensor's bytes are read when asked for.
 Index files are untrusted: a weight map entry that leaves the model folder
-(``../``, an absolute path, a symlink pointing outside) is refused.
+(``../``, an absolute path, a symlink pointing outside) is refused, by the
+rule of ``langmerge.io.files``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from langmerge.errors import LangmergeError
+from langmerge.io.files import model_file
 from langmerge.io.safetensors_format import TensorEntry, read_header, read_tensor
 
 SINGLE_FILE = "model.safetensors"
@@ -20,14 +22,8 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 def _inside(folder: Path, relative: str, index_path: Path) -> Path:
-    """Resolve an index entry, refusing anything outside ``folder``."""
-    if Path(relative).is_absolute():
-        raise LangmergeError(f"{index_path}: weight map entry {relative!r} is an absolute path; refused")
-    root = folder.resolve()
-    target = (folder / relative).resolve()
-    if root != target and root not in target.parents:
-        raise LangmergeError(f"{index_path}: weight map entry {relative!r} points outside the model folder; refused")
-    return target
+    """Resolve an index entry, refusing anything outside ``folder`` (io/files.py's rule)."""
+    return model_file(folder, relative, what=f"{index_path}: weight map entry {relative!r}")
 
 
 def read_weight_map(index_path: Path) -> dict[Path, list[str]]:
