@@ -139,7 +139,9 @@ def test_cli_bad_input_is_one_line_exit_2(tiny_model_dir, tmp_path, capsys):
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
     assert "cannot load the model" in _cli_error(capsys, ["eval", str(broken), "--tasks", str(good)])
-    assert "no config.json" in _cli_error(capsys, ["eval", str(tmp_path / "nowhere"), "--tasks", str(good)])
+    assert "does not exist" in _cli_error(capsys, ["eval", str(tmp_path / "nowhere"), "--tasks", str(good)])
+    (tmp_path / "empty_model").mkdir()
+    assert "no config.json" in _cli_error(capsys, ["eval", str(tmp_path / "empty_model"), "--tasks", str(good)])
 
 
 def test_cli_writes_results(tiny_model_dir, tmp_path, capsys):

@@ -28,7 +28,10 @@ def _error(tmp_path, d) -> str:
 
 def test_missing_base_model(inputs, tmp_path):
     msg = _error(tmp_path, study_dict(inputs, tmp_path / "out", base={"path": str(tmp_path / "nowhere")}))
-    assert "base.path" in msg and "nowhere" in msg and "no config.json" in msg
+    assert "base.path" in msg and "nowhere" in msg and "does not exist" in msg
+    (tmp_path / "empty").mkdir()
+    msg = _error(tmp_path, study_dict(inputs, tmp_path / "out", base={"path": str(tmp_path / "empty")}))
+    assert "base.path" in msg and "empty" in msg and "no config.json" in msg
 
 
 def test_unknown_task(inputs, tmp_path):

@@ -1,6 +1,8 @@
 """``langmerge check RECIPE.yaml``: what a merge would meet, before any merge.
 
-The report lists each model's kind, architecture, dtypes, tensor count,
+The report first says what each model reference resolved to (a folder, or a
+Hub id at a commit, cached or to download: io/hub.py), before anything is
+downloaded; then each model's kind, architecture, dtypes, tensor count,
 vocabulary and embedding tying; the tensors whose names or shapes differ; the
 vocabulary differences and what the merge does about each; and every reason
 the merge would fail. Exit code 0 when the merge would succeed, 1 when it
@@ -10,13 +12,16 @@ would fail, 2 when the recipe or a model cannot be read.
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 from langmerge.errors import LangmergeError
+from langmerge.io.hub import ResolvedModel
 from langmerge.io.lora import AdapterMismatch
-from langmerge.io.sources import open_model, source_kind
+from langmerge.io.sources import open_model, recipe_models, source_kind
 from langmerge.io.vocab import describe_model, plan_vocabulary
 
 MAX_LISTED = 10
@@ -26,6 +31,7 @@ MAX_LISTED = 10
 class CheckReport:
     recipe: str
     method: str
+    resolved: dict[str, ResolvedModel] = field(default_factory=dict)  # reference -> what it stands for
     models: list[dict] = field(default_factory=list)
     differences: list[str] = field(default_factory=list)
     vocabulary: list[str] = field(default_factory=list)
@@ -40,6 +46,7 @@ class CheckReport:
         return {
             "recipe": self.recipe,
             "method": self.method,
+            "resolved": {ref: m.to_json() for ref, m in self.resolved.items()},
             "models": self.models,
             "differences": self.differences,
             "vocabulary": self.vocabulary,
@@ -49,7 +56,10 @@ class CheckReport:
         }
 
     def text(self) -> str:
-        lines = [f"recipe {self.recipe}: merge_method {self.method}", "", "models:"]
+        lines = [f"recipe {self.recipe}: merge_method {self.method}"]
+        if self.resolved:
+            lines += ["", "resolved:"] + [f"  {ref}: {m.describe()}" for ref, m in self.resolved.items()]
+        lines += ["", "models:"]
         for m in self.models:
             vocab = f"{m['tokens']} tokens" if m["tokens"] is not None else "no tokenizer.json"
             lines.append(
@@ -117,7 +127,15 @@ def _compare(reference, other, vocab_names: set[str], report: CheckReport) -> No
         report.differences.append(f"architecture {other_arch} in {other.label} but {ref_arch} in {reference.label}")
 
 
-def check_recipe(recipe_arg, *, allow_pickle: bool = False) -> CheckReport:
+def check_recipe(
+    recipe_arg,
+    *,
+    allow_pickle: bool = False,
+    progress: bool = True,
+    announce: Callable[[str, ResolvedModel], None] | None = None,
+) -> CheckReport:
+    """Check a recipe. Each model reference is resolved first without downloading (``announce`` hears
+    each answer at once); then what the cache lacks is downloaded, at the commits announced."""
     from langmerge.engine import plan_merge
     from langmerge.recipe import load_recipe
 
@@ -128,6 +146,19 @@ def check_recipe(recipe_arg, *, allow_pickle: bool = False) -> CheckReport:
         report.unreadable.append(str(exc))
         return report
     report = CheckReport(recipe.source, recipe.method.name)
+    report.resolved = recipe_models(recipe, allow_pickle=allow_pickle, download=False,
+                                    on_error=lambda ref, exc: report.unreadable.append(str(exc)))
+    for ref, model in report.resolved.items():
+        if announce is not None:
+            announce(ref, model)
+    if report.unreadable:
+        return report
+    try:
+        report.resolved = recipe_models(recipe, allow_pickle=allow_pickle, progress=progress, resolved=report.resolved)
+    except LangmergeError as exc:
+        report.unreadable.append(str(exc))
+        return report
+    models = dict(report.resolved)
     entries = ([("base", recipe.base_model, None)] if recipe.method.uses_base else []) + [
         ("input", e.model, recipe.base_model) for e in recipe.inputs
     ]
@@ -135,7 +166,7 @@ def check_recipe(recipe_arg, *, allow_pickle: bool = False) -> CheckReport:
         sources = []
         for role, path, base_ref in entries:
             try:
-                source = open_model(path, base_ref=base_ref, allow_pickle=allow_pickle)
+                source = open_model(path, base_ref=base_ref, allow_pickle=allow_pickle, models=models)
             except AdapterMismatch as exc:
                 report.problems.append(str(exc))
                 continue
@@ -158,7 +189,7 @@ def check_recipe(recipe_arg, *, allow_pickle: bool = False) -> CheckReport:
         except LangmergeError as exc:
             report.vocabulary.append(f"vocabulary: {exc}")
     try:
-        plan = plan_merge(recipe, allow_pickle=allow_pickle)
+        plan = plan_merge(recipe, allow_pickle=allow_pickle, models=models, progress=progress)
         plan.close()
     except LangmergeError as exc:
         if str(exc) not in " ".join(report.problems):
@@ -166,8 +197,12 @@ def check_recipe(recipe_arg, *, allow_pickle: bool = False) -> CheckReport:
     return report
 
 
+def _announce(ref: str, model: ResolvedModel) -> None:
+    print(f"langmerge check: {ref}: {model.describe()}", file=sys.stderr, flush=True)
+
+
 def _check(args) -> int:
-    report = check_recipe(args.recipe, allow_pickle=args.allow_pickle)
+    report = check_recipe(args.recipe, allow_pickle=args.allow_pickle, progress=not args.no_progress, announce=_announce)
     print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else report.text())
     return report.exit_code
 
@@ -177,4 +212,5 @@ def add_commands(sub) -> None:
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--allow-pickle", action="store_true", help="read .bin (pickle) weights with torch.load(weights_only=True)")
+    p.add_argument("--no-progress", action="store_true", help="hide the download progress bars")
     p.set_defaults(handler=_check)

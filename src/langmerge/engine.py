@@ -13,17 +13,18 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from langmerge.errors import LangmergeError
+from langmerge.io.hub import ResolvedModel
 from langmerge.io.metadata import write_config, write_model_card
 from langmerge.io.output import atomic_output_dir, check_output_free
 from langmerge.io.reader import CheckpointReader
-from langmerge.io.sources import open_recipe_sources
+from langmerge.io.sources import open_recipe_sources, recipe_models
 from langmerge.io.vocab import VocabPlan, merge_aligned_job, plan_vocabulary
 from langmerge.io.writer import ShardedWriter
 from langmerge.methods.fused_cpu import all_finite
@@ -67,6 +68,7 @@ class MergePlan:
     jobs: list[TensorJob]
     compute_dtype: torch.dtype | None
     vocab: VocabPlan | None = None  # output vocabulary and tokenizer (io/vocab.py)
+    models: dict[str, ResolvedModel] = field(default_factory=dict)  # each model reference and what it resolved to
 
     @property
     def reference(self) -> CheckpointReader:
@@ -94,11 +96,22 @@ class MergeReport:
         )
 
 
-def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
-    """Open the inputs and resolve every tensor's job; raises LangmergeError on bad input."""
+def plan_merge(
+    recipe: Recipe,
+    *,
+    allow_pickle: bool = False,
+    models: dict[str, ResolvedModel] | None = None,
+    progress: bool = True,
+) -> MergePlan:
+    """Open the inputs and resolve every tensor's job; raises LangmergeError on bad input.
+
+    Model references are resolved first (io/hub.py: Hub ids are downloaded as needed, with a
+    progress bar); ``models`` holds references resolved already.
+    """
+    models = recipe_models(recipe, allow_pickle=allow_pickle, progress=progress, resolved=models)
     with ExitStack() as stack:
         # Sources: checkpoints, LoRA adapters applied to the base, and vocabulary-aligned views (io/sources.py).
-        base, inputs = open_recipe_sources(recipe, stack, allow_pickle=allow_pickle)
+        base, inputs = open_recipe_sources(recipe, stack, allow_pickle=allow_pickle, models=models)
         vocab = plan_vocabulary(recipe, base, inputs)
         offset = 1 if base is not None else 0
         base = vocab.wrap(base, 0) if base is not None else None
@@ -142,7 +155,7 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
             out_dtype = recipe.out_dtype or recipe.dtype or native
             jobs.append(TensorJob(n, reference.shape(n), out_dtype, params, derive_seed(recipe.seed(n), n)))
         stack.pop_all()
-    return MergePlan(recipe, base, inputs, jobs, recipe.dtype, vocab)
+    return MergePlan(recipe, base, inputs, jobs, recipe.dtype, vocab, models)
 
 
 def _load(reader: CheckpointReader, name: str, dtype: torch.dtype | None, device: torch.device, scratch: bool) -> torch.Tensor:
@@ -229,7 +242,7 @@ def merge(
         fused_cpu.set_threads(threads)  # the fused kernels run on numba's threads, not torch's
     dev = _device(device)
     start = time.perf_counter()
-    plan = plan_merge(recipe, allow_pickle=allow_pickle)
+    plan = plan_merge(recipe, allow_pickle=allow_pickle, progress=progress)
     try:
         specs = [(j.name, j.shape, j.out_dtype) for j in plan.jobs]
         with atomic_output_dir(out_dir, force=force) as tmp:
@@ -275,7 +288,8 @@ def merge(
                 summary=recipe.method.summary,
                 base=recipe.base_model,
                 inputs=[e.model for e in recipe.inputs],
-                recipe=recipe.to_dict(),
+                recipe=recipe.to_dict({ref: m.pinned for ref, m in plan.models.items()}),
+                models=plan.models,
             )
     finally:
         plan.close()

@@ -8,6 +8,7 @@ gradients) and checks their ranges. Every error names the recipe key.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -258,8 +259,28 @@ class Recipe:
     def seed(self, tensor: str) -> int:
         return int(self._value("seed", None, tensor, 0.0)) if "seed" in self.method.parameters else 0
 
-    def to_dict(self) -> dict:
-        return self.raw.model_dump(exclude_none=True, exclude_defaults=False)
+    def to_dict(self, references: Mapping[str, str] | None = None) -> dict:
+        """The recipe as written; ``references`` renames model references wherever they occur
+        (``base_model``, ``models``, the tokenizer source, ``protect``), e.g. to ``org/name@commit``."""
+        doc = self.raw.model_dump(exclude_none=True, exclude_defaults=False)
+        if not references:
+            return doc
+
+        def rename(ref):
+            return references.get(ref, ref) if isinstance(ref, str) else ref
+
+        if "base_model" in doc:
+            doc["base_model"] = rename(doc["base_model"])
+        for entry in doc["models"]:
+            entry["model"] = rename(entry["model"])
+        if "tokenizer_source" in doc:
+            doc["tokenizer_source"] = rename(doc["tokenizer_source"])
+        if "tokenizer" in doc:
+            doc["tokenizer"]["source"] = rename(doc["tokenizer"]["source"])
+        protect = doc.get("parameters", {}).get("protect")
+        if protect is not None:
+            doc["parameters"]["protect"] = [rename(r) for r in protect] if isinstance(protect, list) else rename(protect)
+        return doc
 
 
 def _format_validation(exc: ValidationError, source: str) -> str:

@@ -15,10 +15,11 @@ from langmerge.analysis.diagnostics import (
     resolve_protected,
 )
 from langmerge.errors import LangmergeError
+from langmerge.io.hub import resolve_model
+from langmerge.io.metadata import TRAINING_METADATA
 from langmerge.io.output import atomic_output_dir, check_output_free
 from langmerge.recipe import load_recipe
 
-TRAINING_METADATA = "langmerge_training.json"  # written by `langmerge train` (langmerge.training.loop)
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
 
 
@@ -52,7 +53,7 @@ def parse_tokens(text: str) -> list[int]:
 
 def training_tokens(model: str) -> int:
     """Target-language tokens a CT model was trained on, from its ``langmerge_training.json``."""
-    path = Path(model) / TRAINING_METADATA
+    path = resolve_model(model).folder / TRAINING_METADATA
     if not path.is_file():
         raise LangmergeError(
             f"{model}: no {TRAINING_METADATA} to read its CT token count from; pass --tokens, one per recipe"

@@ -341,7 +341,7 @@ def analyze(
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LangmergeError("--device cuda: no CUDA GPU is available")
     start = time.perf_counter()
-    plan = plan_merge(recipe, allow_pickle=allow_pickle)
+    plan = plan_merge(recipe, allow_pickle=allow_pickle, progress=progress)
     models = [e.model for e in recipe.inputs]
     labels = model_labels(models)
     n = len(models)

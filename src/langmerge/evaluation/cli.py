@@ -37,7 +37,7 @@ def _eval(args) -> int:
     if args.list_tasks:
         return _list_tasks()
     if not args.model_dir:
-        raise LangmergeError("give a model folder (langmerge eval MODEL_DIR --tasks ...)")
+        raise LangmergeError("give a model folder or Hub id (langmerge eval MODEL --tasks ...)")
     tasks, lm_tasks = _split(args.tasks), _split(args.lm_eval)
     if not tasks and not lm_tasks:
         raise LangmergeError("give --tasks NAME[,NAME...] and/or --lm-eval TASKS (see --list-tasks)")
@@ -67,7 +67,7 @@ def _eval(args) -> int:
 
 def add_commands(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a model on target-language tasks (and lm-eval tasks)")
-    p.add_argument("model_dir", nargs="?", help="Hugging Face model folder")
+    p.add_argument("model_dir", nargs="?", metavar="MODEL", help="model folder, or Hub id ORG/NAME[@REVISION]")
     p.add_argument("--tasks", help="built-in task names or patterns (next_day_*), or task YAML paths, comma-separated")
     p.add_argument("--lm-eval", help="lm-eval task names or language presets (ta, te, bn, ...), comma-separated")
     p.add_argument("--lm-eval-include", action="append", help="folder of extra lm-eval task YAMLs (repeatable)")

@@ -19,12 +19,14 @@ MAIN_METRIC = metrics.MAIN_METRIC
 METRIC_COLUMNS = ("acc", "acc_norm", "exact_match", "chrf", "lang_share", "lang_share_reference", "bpc")
 
 
-def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: str | None = None):
-    """(model, tokenizer) from a Hugging Face model folder; never runs code from the folder."""
+def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: str | None = None, progress: bool = True):
+    """(model, tokenizer) from a model folder or Hub id (io/hub.py); never runs code from the folder."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(model_dir)
+    from langmerge.io.hub import resolve_model
+
+    path = resolve_model(model_dir, progress=progress).folder
     if not (path / "config.json").is_file():
         raise LangmergeError(f"model folder {path} has no config.json (not a Hugging Face model folder)")
     torch_dtype = getattr(torch, dtype) if dtype else "auto"
@@ -152,7 +154,7 @@ def evaluate(
 ) -> dict:
     """Evaluate a model on langmerge tasks (and optionally lm-eval tasks); returns a results dict.
 
-    ``model`` is a model folder, or an already-loaded causal LM with its
+    ``model`` is a model folder or Hub id, or an already-loaded causal LM with its
     ``tokenizer`` (as the tuner passes in-memory merged candidates). ``tasks``
     are built-in task names, shell patterns of them (``next_day_*``), task YAML
     paths or loaded ``Task`` objects. ``few_shot`` overrides every task's own
@@ -178,9 +180,13 @@ def evaluate(
         from langmerge.evaluation.lm_eval_bridge import resolve_lm_eval_tasks
 
         lm_resolved = resolve_lm_eval_tasks(lm_eval_tasks, lm_eval_include)
+    source = None
     if isinstance(model, (str, Path)):
+        from langmerge.io.hub import resolve_model
+
         model_name = str(model)
-        model, tokenizer = load_model(model, device=device, dtype=dtype)
+        source = resolve_model(model, progress=progress)
+        model, tokenizer = load_model(source.folder, device=device, dtype=dtype)
     else:
         model_name = getattr(model.config, "_name_or_path", "") or type(model).__name__
         model.eval()
@@ -189,6 +195,7 @@ def evaluate(
     opts = {"seed": seed, "chat": chat_template, "batch_size": batch_size, "max_length": max_length}
     results: dict = {
         "model": model_name,
+        **({"model_source": source.to_json()} if source is not None and source.repo_id else {}),
         "settings": {"few_shot": few_shot, "batch_size": batch_size, "limit": limit, "chat_template": chat_template,
                      "max_length": max_length, "seed": seed},
         "tasks": {},

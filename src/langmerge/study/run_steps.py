@@ -34,8 +34,16 @@ def data_path(ctx: Context, step: Step) -> Path:
 
 
 def model_path(ctx: Context, step: Step, budget: int | None = None) -> Path:
-    """The model folder a step produced (for a CT step: the checkpoint of ``budget``)."""
+    """The model folder a step produced (for a CT step: the checkpoint of ``budget``).
+
+    A given Hub model is its snapshot in the Hugging Face cache of the machine that asks,
+    downloaded there at the planned commit if it is not cached (io/hub.py).
+    """
     if step.kind == "given":
+        if "hub" in step.settings:
+            from langmerge.io.hub import resolve_model
+
+            return resolve_model(f"{step.settings['hub']}@{step.settings['commit']}", progress=ctx.progress).folder
         return Path(step.settings["path"])
     out = ctx.out(step) / "model"
     if step.kind == "ct":
@@ -100,7 +108,7 @@ def run_file(step: Step, ctx: Context, out: Path) -> dict:
 
 
 def run_given(step: Step, ctx: Context, out: Path) -> dict:
-    path = Path(step.settings["path"])
+    path = model_path(ctx, step)
     if not (path / "config.json").is_file():
         raise LangmergeError(f"{step.label}: {path} is not a model folder (no config.json)")
     return {"path": str(path)}

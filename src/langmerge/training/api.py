@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from langmerge.errors import LangmergeError
+from langmerge.io.hub import resolve_model
 from langmerge.training.data import (
     REPLAY,
     TARGET,
@@ -79,12 +80,14 @@ def train_ct(
     ``save_at`` budgets (target tokens, each <= ``tokens``) are written as ``OUT/tokens-<budget>/``.
     ``replay`` files are mixed in at ``replay_ratio`` (target parts : replay parts).
     """
-    base, out = Path(base), Path(out)
+    out = Path(out)
     total = _tokens(tokens)
     budgets = sorted({_tokens(b) for b in save_at} | {total})
     if budgets[-1] > total:
         raise LangmergeError(f"--save-at budget {budgets[-1]:,} is larger than --tokens {total:,}")
-    prepare_output(out, force, resume)  # fail before tokenizing anything
+    prepare_output(out, force, resume)  # fail before downloading or tokenizing anything
+    source = resolve_model(base, progress=options.progress)
+    base = source.folder
     _check_seq_len(base, options.seq_len)
     tokenizer = load_tokenizer(base)
     target = token_stream(tokenizer, list(texts))
@@ -114,8 +117,8 @@ def train_ct(
     job = Job(
         kind="ct", base=base, steps=plan.steps, step_items=step_items, save_steps=plan.save_steps,
         fingerprint=fingerprint(*plan.streams, plan.source, plan.start, plan.length, plan.step_bounds,
-                                _options_fingerprint(options), str(base)),
-        metadata=metadata,
+                                _options_fingerprint(options), source.pinned),
+        metadata=metadata, base_model=source,
     )
     log.info("CT plan: %d steps, %d target + %d replay tokens", plan.steps, plan.tokens(TARGET), plan.tokens(REPLAY))
     return run(job, out, options, tokenizer, force=force, resume=resume, stop_after=stop_after)
@@ -137,8 +140,10 @@ def train_sft(
     The loss is taken on response (assistant) tokens only; examples are truncated to
     ``options.seq_len``. The CT-then-SFT baseline is ``train_sft(ct_folder, ...)``.
     """
-    base, out, data = Path(base), Path(out), Path(data)
-    prepare_output(out, force, resume)
+    out, data = Path(out), Path(data)
+    prepare_output(out, force, resume)  # fail before downloading anything
+    source = resolve_model(base, progress=options.progress)
+    base = source.folder
     _check_seq_len(base, options.seq_len)
     tokenizer = load_tokenizer(base)
     examples, dropped = build_sft_examples(tokenizer, data, options.seq_len)
@@ -162,8 +167,8 @@ def train_sft(
     }
     job = Job(
         kind="sft", base=base, steps=len(bounds) - 1, step_items=step_items, save_steps={},
-        fingerprint=fingerprint(flat_ids, order, bounds, _options_fingerprint(options), str(base)),
-        metadata=metadata,
+        fingerprint=fingerprint(flat_ids, order, bounds, _options_fingerprint(options), source.pinned),
+        metadata=metadata, base_model=source,
     )
     return run(job, out, options, tokenizer, force=force, resume=resume, stop_after=stop_after)
 

@@ -91,7 +91,7 @@ def _sft(args) -> int:
 
 def _common(p: argparse.ArgumentParser) -> None:
     d = TrainOptions()
-    p.add_argument("--base", required=True, help="model folder to start from (Hugging Face format)")
+    p.add_argument("--base", required=True, help="model to start from: a folder (Hugging Face format) or a Hub id ORG/NAME[@REVISION]")
     p.add_argument("--out", required=True, help="output model folder")
     p.add_argument("--force", action="store_true", help="replace an existing output folder / discard an interrupted run")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last saved state")

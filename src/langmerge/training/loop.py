@@ -26,6 +26,8 @@ import numpy as np
 import torch
 
 from langmerge.errors import LangmergeError
+from langmerge.io.hub import ResolvedModel
+from langmerge.io.metadata import TRAINING_METADATA
 from langmerge.io.output import atomic_output_dir, check_output_free
 from langmerge.training.data import IGNORE_INDEX, TARGET
 from langmerge.training.lora import LoraOptions
@@ -33,7 +35,7 @@ from langmerge.training.schedule import cosine_lr, warmup_steps_for
 
 log = logging.getLogger(__name__)
 
-METADATA_FILE = "langmerge_training.json"
+METADATA_FILE = TRAINING_METADATA
 PROGRESS_FILE = "progress.json"
 
 
@@ -76,12 +78,13 @@ class Job:
     """What to train: a base model and the items of each step, in order."""
 
     kind: str  # "ct" or "sft"
-    base: Path
+    base: Path  # the folder
     steps: int
     step_items: Callable[[int], list[Item]]
     save_steps: dict[str, int]  # budget folder name -> steps after which it is complete
     fingerprint: str  # identifies the data and plan, checked on resume
     metadata: dict = field(default_factory=dict)  # data description for langmerge_training.json
+    base_model: ResolvedModel | None = None  # where the base came from (io/hub.py): recorded as its ``pinned`` reference
 
 
 @dataclass
@@ -191,6 +194,11 @@ class _Trainer:
             if self.opt.gradient_checkpointing:
                 model.enable_input_require_grads()
             model = wrap_lora(model, self.opt.lora)
+            hub = self.job.base_model
+            if hub is not None and hub.from_hub:
+                # The adapter records the base's Hub id and commit, not the cache folder it was read from.
+                for config in model.peft_config.values():
+                    config.base_model_name_or_path, config.revision = hub.repo_id, hub.commit
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.opt.lr, weight_decay=self.opt.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
@@ -285,7 +293,7 @@ class _Trainer:
         return {
             "produced_by": f"langmerge {__version__} train {self.job.kind}",
             "kind": self.job.kind,
-            "base": str(self.job.base),
+            "base": self.job.base_model.pinned if self.job.base_model is not None else str(self.job.base),
             "data": self.job.metadata,
             "tokens": {
                 "target": progress["target_tokens"],

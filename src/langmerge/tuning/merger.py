@@ -38,11 +38,12 @@ def _load(reader, name: str, dtype: torch.dtype | None, device: torch.device) ->
 class InMemoryMerger:
     """The recipe's inputs held in memory as task vectors; ``state_dict(candidate)`` merges a candidate recipe."""
 
-    def __init__(self, recipe: Recipe, *, device: str = "cpu", allow_pickle: bool = False):
+    def __init__(self, recipe: Recipe, *, device: str = "cpu", allow_pickle: bool = False, progress: bool = True):
         self.recipe = recipe
         self.method = recipe.method
         self.device = torch.device(device)
-        plan = plan_merge(recipe, allow_pickle=allow_pickle)
+        plan = plan_merge(recipe, allow_pickle=allow_pickle, progress=progress)
+        self.models = plan.models  # each model reference and what it resolved to (io/hub.py)
         try:
             aligned = [j.name for j in plan.jobs if plan.vocab is not None and plan.vocab.is_aligned(j.name)]
             if aligned:

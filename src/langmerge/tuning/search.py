@@ -107,9 +107,10 @@ def tune(
     if out_dir is not None:
         check_output_free(out_dir, force)
     start = time.perf_counter()
-    merger = InMemoryMerger(recipe, device=device, allow_pickle=allow_pickle)
+    merger = InMemoryMerger(recipe, device=device, allow_pickle=allow_pickle, progress=progress)
     log.info("loaded the task vectors in memory (%.2f GB)", merger.nbytes / 1e9)
-    base_dict = recipe.to_dict()
+    # Hub ids pinned to the commit they resolved to: the best recipe merges exactly the models tuned.
+    base_dict = recipe.to_dict({ref: m.pinned for ref, m in merger.models.items()})
     done: list[Trial] = []
     cache: dict[tuple, float] = {}
     bar = tqdm(total=n_trials, unit="trial", desc=f"tune ({search})", disable=not progress)
