@@ -39,6 +39,7 @@ class FakeHub:
     def __init__(self) -> None:
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, in order
+        self.commits: dict[str, str] = {}  # the tests' names for the commits they push
         self._server: ThreadingHTTPServer | None = None
 
     def push(self, repo_id: str, files: dict[str, bytes], *, refs: tuple[str, ...] = ("main",)) -> str:

@@ -73,7 +73,7 @@ def plain(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def hub(plain):
     with FakeHub() as server:
-        server.commits = {
+        server.commits.update({
             "base-v1": server.push("org/base", folder_files(plain["base-v1"]), refs=("v1", "dev")),
             "base": server.push("org/base", folder_files(plain["base"])),
             "ct": server.push("org/ct", folder_files(plain["ct"]) | JUNK),
@@ -82,7 +82,7 @@ def hub(plain):
             "adapter": server.push("org/adapter", folder_files(plain["adapter"])),
             "pickled": server.push("org/pickled", folder_files(plain["pickled"])),
             "gated": server.push("org/gated", folder_files(plain["sft"])),
-        }
+        })
         server.repos["org/gated"].gated_token = SECRET
         yield server
 

@@ -244,7 +244,7 @@ def needed_files(label: str, listing: set[str], read_index: Callable[[str], str]
     weights = _weights(label, top, listing, SAFETENSORS, read_index, skip)
     if weights:
         return wanted + weights
-    pickles = _weights(label, top, listing, PICKLES, read_index, skip) if allow_pickle or any(f.endswith(".bin") for f in top) else []
+    pickles = _weights(label, top, listing, PICKLES, read_index, skip)
     if pickles and not allow_pickle:
         raise LangmergeError(f"model {label}: only pickle (.bin) weights in the repository; {pickle_hint}")
     if not pickles:
