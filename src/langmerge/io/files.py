@@ -116,17 +116,17 @@ def _require_regular(path: Path, shown: Path) -> None:
 
 
 def folder_file(folder: Path, name: str) -> Path | None:
-    """Where the file ``name`` of a model folder resolves to; None when the folder has no such entry.
+    """``folder / name``, checked: None when the folder has no such entry.
 
     A symlink leaving the folder's root, or an entry that is not a regular file
-    (a FIFO, socket, device or folder), is a LangmergeError naming it.
+    (a FIFO, socket, device or folder), is a LangmergeError naming it. The path
+    returned is the folder's own spelling (messages name it as the user knows it).
     """
     shown = Path(folder) / name
     if not os.path.lexists(shown):
         return None
-    path = model_file(Path(folder), name, what=str(shown))
-    _require_regular(path, shown)
-    return path
+    _require_regular(model_file(Path(folder), name, what=str(shown)), shown)
+    return shown
 
 
 def optional_folder_file(folder: Path, name: str) -> Path | None:
