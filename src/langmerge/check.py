@@ -29,6 +29,7 @@ class CheckReport:
     models: list[dict] = field(default_factory=list)
     differences: list[str] = field(default_factory=list)
     vocabulary: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the merge does besides merging (copied tensors)
     problems: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
 
@@ -43,6 +44,7 @@ class CheckReport:
             "models": self.models,
             "differences": self.differences,
             "vocabulary": self.vocabulary,
+            "notes": self.notes,
             "problems": self.problems,
             "unreadable": self.unreadable,
             "merge_would_succeed": self.exit_code == 0,
@@ -57,7 +59,7 @@ class CheckReport:
                 f"dtypes {m['dtypes']}, {vocab}, {m['embedding_rows']} embedding rows, "
                 f"embeddings {'tied' if m['tied'] else 'untied'}"
             )
-        sections = [("differences", self.differences), ("vocabulary and embeddings", self.vocabulary)]
+        sections = [("differences", self.differences), ("vocabulary and embeddings", self.vocabulary), ("notes", self.notes)]
         for title, items in sections:
             lines += ["", f"{title}:"] + ([f"  - {x}" for x in items] or ["  none"])
         if self.unreadable:
@@ -160,6 +162,11 @@ def check_recipe(recipe_arg, *, allow_pickle: bool = False) -> CheckReport:
     try:
         plan = plan_merge(recipe, allow_pickle=allow_pickle)
         plan.close()
+        copied = [f"{j.name} ({str(j.out_dtype).removeprefix('torch.')})" for j in plan.jobs if j.params is None]
+        if copied:
+            report.notes.append(
+                f"{len(copied)} integer or bool tensors are the same in every model and are copied as is: {_listed(copied)}"
+            )
     except LangmergeError as exc:
         if str(exc) not in " ".join(report.problems):
             report.problems.append(str(exc))
