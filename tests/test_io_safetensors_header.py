@@ -272,7 +272,7 @@ def test_a_file_safetensors_writes_is_read_byte_for_byte(tmp_path):
         ([("a", "F32", [1], [0, 4]), ("b", "F32", [1], [5, 9])], 9, "leaves a gap before it"),
         ([("a", "F32", [1], [-4, 0])], 0, "is not two non-negative integers"),
         ([("a", "F32", [2], [0, 4])], 4, "offsets 0..4 for 8 bytes"),
-        ([("a", "F32", [1], [0, 4])], 5, "1 bytes after the last tensor's data"),
+        ([("a", "F32", [1], [0, 4])], 5, "the data region holds 5 bytes but its tensors cover 4"),
         ([("a", "F32", [2], [0, 8])], 4, "truncated file: tensor 'a' ends at byte"),
         ([("a", "F8_E4M3", [4], [0, 4])], 4, "tensor 'a' has dtype F8_E4M3, which langmerge does not support"),
         ([("a", "U32", [1], [0, 4])], 4, "tensor 'a' has dtype U32, which langmerge does not support"),

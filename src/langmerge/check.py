@@ -138,15 +138,16 @@ def check_recipe(recipe_arg, *, allow_pickle: bool = False) -> CheckReport:
         for role, path, base_ref in entries:
             try:
                 source = open_model(path, base_ref=base_ref, allow_pickle=allow_pickle)
+                stack.callback(source.close)
+                info = _model_info(source, role)  # reads config.json and tokenizer.json
             except AdapterMismatch as exc:
                 report.problems.append(str(exc))
                 continue
             except LangmergeError as exc:
                 report.unreadable.append(str(exc))
                 continue
-            stack.callback(source.close)
             sources.append(source)
-            report.models.append(_model_info(source, role))
+            report.models.append(info)
         if report.unreadable or len(sources) != len(entries):
             return report
         reference = sources[0]

@@ -67,7 +67,7 @@ def check_structure(document: object, source: object) -> None:
     counted: dict[int, tuple[int, int]] = {}  # id -> (entries, height)
 
     def deep(path: tuple) -> LangmergeError:
-        return LangmergeError(f"{source}: key {_key(path[:8])}...: nested more than {MAX_NESTING} levels deep")
+        return LangmergeError(f"{source}: key {_key(path[:8], more=len(path) > 8)}: nested more than {MAX_NESTING} levels deep")
 
     def walk(node: object, path: tuple) -> tuple[int, int]:
         if not isinstance(node, (dict, list)):
@@ -86,7 +86,7 @@ def check_structure(document: object, source: object) -> None:
             entries, height = entries + n, max(height, h + 1)
         if entries > MAX_ENTRIES:
             raise LangmergeError(
-                f"{source}: key {_key(path)}: more than {MAX_ENTRIES} entries once YAML aliases are expanded "
+                f"{source}: key {_key(path[:8], more=len(path) > 8)}: more than {MAX_ENTRIES} entries once YAML aliases are expanded "
                 "(an alias bomb, or an alias to itself?); write the values out"
             )
         counted[id(node)] = (entries, height)
@@ -95,8 +95,8 @@ def check_structure(document: object, source: object) -> None:
     walk(document, ())
 
 
-def _key(path: tuple) -> str:
-    return "'" + ".".join(str(p) for p in path) + "'" if path else "(top level)"
+def _key(path: tuple, more: bool = False) -> str:
+    return "'" + ".".join(str(p) for p in path) + ("..." if more else "") + "'" if path else "(top level)"
 
 
 def read_yaml_mapping(path: Path, kind: str, hint: str = "") -> dict:

@@ -134,7 +134,7 @@ def optional_folder_file(folder: Path, name: str) -> Path | None:
     try:
         return folder_file(folder, name)
     except LangmergeError as exc:
-        log.warning("skipped (%s)", exc)
+        log.warning("%s; skipped", str(exc).removesuffix("; refused"))
         return None
 
 

@@ -206,7 +206,8 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
         raise LangmergeError(f"{path}: truncated file: tensor {last.name!r} ends at byte {last.end}, file has {size}")
     if position < size:
         raise LangmergeError(
-            f"{path}: corrupt safetensors file ({size - position} bytes after the last tensor's data)"
+            f"{path}: corrupt safetensors file (the data region holds {size - data_start} bytes "
+            f"but its tensors cover {position - data_start})"
         )
     return entries
 

@@ -235,7 +235,9 @@ def _known_languages() -> set[str]:
 
 
 def _check_model_folder(path: Path, key: str) -> None:
-    if not (path / "config.json").is_file():
+    from langmerge.io.files import folder_file
+
+    if not path.is_dir() or folder_file(path, "config.json") is None:  # io/files.py's rule: no FIFO, no link out
         raise LangmergeError(f"{key}: {path} is not a model folder (no config.json)")
 
 
