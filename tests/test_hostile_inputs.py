@@ -236,6 +236,17 @@ def test_optional_file_that_breaks_the_rule_is_skipped_with_a_warning(models, tm
     assert b"do not copy me" not in written
 
 
+def test_check_does_not_hang_on_a_fifo_tokenizer(models, tmp_path, capsys):
+    _plant_fifo("tokenizer.json", "ct")(models, tmp_path)
+    recipe = write_recipe(tmp_path, recipe_for(models))
+    before = snapshot(tmp_path)
+    code, out, err = run(["check", str(recipe)], capsys, subprocess_=True)
+    assert code == 0, out + err
+    assert f"{models['ct']}/tokenizer.json: a FIFO, not a regular file; skipped" in err
+    assert f"[input] {models['ct']}: safetensors checkpoint" in out and "no tokenizer.json" in out
+    assert snapshot(tmp_path) == before
+
+
 def test_symlinks_inside_the_folder_are_followed(models, trio_source, tmp_path, capsys):
     """The rule refuses links that leave the folder, not links: weights linked within the folder merge as usual."""
     inner = models["ct"] / "weights"
@@ -485,6 +496,18 @@ def test_eval_loads_pickle_only_weights_with_allow_pickle(models, tmp_path, task
     want = evaluate(models["base"], [str(task_file)], limit=3, progress=False)
     assert got["tasks"]["toy_mc"]["metrics"] == want["tasks"]["toy_mc"]["metrics"]
     assert got["samples"] == want["samples"]  # the same weights: the same log-likelihood of every choice
+
+
+def test_study_given_model_with_pickle_weights_needs_allow_pickle(models, tmp_path):
+    from langmerge.errors import LangmergeError
+    from langmerge.study.run_steps import run_given
+    from langmerge.study.steps import Context, Step
+
+    folder = _pickle_only(models["base"], tmp_path / "fx" / "bin")
+    step = Step("given", "base", {"path": str(folder)}, {})
+    with pytest.raises(LangmergeError, match="only pickle"):
+        run_given(step, Context(tmp_path, progress=False), tmp_path)
+    assert run_given(step, Context(tmp_path, progress=False, allow_pickle=True), tmp_path) == {"path": str(folder)}
 
 
 # ---------------------------------------------------------------- task files

@@ -147,16 +147,35 @@ def read_regular(path: Path) -> bytes:
             raise LangmergeError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
-def parse_json(data: bytes, source: object) -> object:
-    """JSON from UTF-8 bytes; bad UTF-8, bad JSON or too deep a nesting is a one-line LangmergeError naming ``source``."""
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object's dict, refusing a key given twice (json.loads would keep the last silently)."""
+    obj: dict = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
+def parse_json(data: bytes, source: object, *, problem: str = "not valid JSON", unique_keys: bool = False) -> object:
+    """JSON from UTF-8 bytes; bad UTF-8, bad JSON, too deep a nesting (or, with ``unique_keys``, a key given twice)
+    is a one-line LangmergeError: ``source: problem (why)``."""
     try:
-        return json.loads(data.decode("utf-8"))
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise LangmergeError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise LangmergeError(f"{source}: {problem} (not UTF-8: {exc.reason} at byte {exc.start})") from None
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys if unique_keys else None)
+    except _DuplicateKey as exc:
+        raise LangmergeError(f"{source}: {problem} (key {exc.args[0]!r} appears twice)") from None
     except RecursionError:
-        raise LangmergeError(f"{source}: not valid JSON (nested too deeply)") from None
+        raise LangmergeError(f"{source}: {problem} (nested too deeply)") from None
     except ValueError as exc:  # JSONDecodeError, or an integer too long to convert
-        raise LangmergeError(f"{source}: not valid JSON ({' '.join(str(exc).split())})") from None
+        raise LangmergeError(f"{source}: {problem} ({' '.join(str(exc).split())})") from None
 
 
 def read_json(path: Path) -> object:

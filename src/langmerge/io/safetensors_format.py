@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from langmerge.errors import LangmergeError
-from langmerge.io.files import open_regular
+from langmerge.io.files import open_regular, parse_json
 
 DTYPE_TO_ST = {
     torch.float64: "F64",
@@ -46,20 +46,6 @@ _MAX_HEADER_BYTES = 100_000_000
 # Offsets and dimensions are unsigned 64-bit in the format; torch's sizes are signed 64-bit.
 _MAX_SIZE = 2**63 - 1
 _ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
-
-
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    """A JSON object's dict, refusing a key given twice (json.loads would keep the last silently)."""
-    obj: dict = {}
-    for key, value in pairs:
-        if key in obj:
-            raise _DuplicateKey(key)
-        obj[key] = value
-    return obj
 
 
 def _is_utf8(text: str) -> bool:
@@ -99,21 +85,9 @@ class TensorEntry:
 
 
 def _parse_json(path: Path, header_bytes: bytes) -> dict:
-    corrupt = f"{path}: corrupt safetensors header"
-    try:
-        text = header_bytes.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise LangmergeError(f"{corrupt} (not UTF-8: {exc.reason} at byte {exc.start})") from None
-    try:
-        header = json.loads(text, object_pairs_hook=_unique_keys)
-    except _DuplicateKey as exc:
-        raise LangmergeError(f"{corrupt} (key {exc.args[0]!r} appears twice)") from None
-    except RecursionError:
-        raise LangmergeError(f"{corrupt} (nested too deeply)") from None
-    except ValueError as exc:  # JSONDecodeError, or an integer too long to convert
-        raise LangmergeError(f"{corrupt} ({' '.join(str(exc).split())})") from None
+    header = parse_json(header_bytes, path, problem="corrupt safetensors header", unique_keys=True)
     if not isinstance(header, dict):
-        raise LangmergeError(f"{corrupt} (not a JSON object)")
+        raise LangmergeError(f"{path}: corrupt safetensors header (not a JSON object)")
     return header
 
 
