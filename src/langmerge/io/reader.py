@@ -42,9 +42,8 @@ def check_config(config: object, path: Path) -> dict:
             value = section.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise LangmergeError(f"{path}: key '{prefix}{key}' must be a positive whole number, got {value!r}")
-        for key in ("model_type",):
-            if section.get(key) is not None and not isinstance(section[key], str):
-                raise LangmergeError(f"{path}: key '{prefix}{key}' must be a string, got {section[key]!r}")
+        if section.get("model_type") is not None and not isinstance(section["model_type"], str):
+            raise LangmergeError(f"{path}: key '{prefix}model_type' must be a string, got {section['model_type']!r}")
     archs = config.get("architectures")
     if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
         raise LangmergeError(f"{path}: key 'architectures' must be a list of strings, got {archs!r}")
@@ -119,7 +118,7 @@ class CheckpointReader:
         shards = sorted(self.folder.glob("*.safetensors"))
         if len(shards) == 1:
             return read_header(folder_file(self.folder, shards[0].name))
-        if any(self.folder.glob("*.bin")):
+        if has_pickle(self.folder):
             raise pickle_refusal(self.label, self.folder)
         raise LangmergeError(f"model {self.label}: no safetensors weights in {self.folder}")
 
