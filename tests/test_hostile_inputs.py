@@ -498,6 +498,21 @@ def test_eval_loads_pickle_only_weights_with_allow_pickle(models, tmp_path, task
     assert got["samples"] == want["samples"]  # the same weights: the same log-likelihood of every choice
 
 
+def test_pretrained_options_never_fall_back_to_pickle(models, tmp_path):
+    from langmerge.errors import LangmergeError
+    from langmerge.io.reader import pretrained_options
+
+    safe = {"use_safetensors": True, "trust_remote_code": False}
+    assert pretrained_options(models["base"]) == safe
+    torch.save(load_state(models["base"]), models["base"] / "pytorch_model.bin")  # beside the safetensors file
+    assert pretrained_options(models["base"], allow_pickle=True) == safe
+    folder = _pickle_only(models["ct"], tmp_path / "fx" / "bin")
+    with pytest.raises(LangmergeError, match="only pickle"):
+        pretrained_options(folder)
+    assert pretrained_options(folder, allow_pickle=True) == {
+        "use_safetensors": False, "weights_only": True, "trust_remote_code": False}
+
+
 def test_study_given_model_with_pickle_weights_needs_allow_pickle(models, tmp_path):
     from langmerge.errors import LangmergeError
     from langmerge.study.run_steps import run_given
