@@ -138,6 +138,8 @@ def test_cli_bad_input_is_one_line_exit_2(tiny_model_dir, tmp_path, capsys):
     broken = tmp_path / "broken_model"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
+    assert "config.json: not valid JSON" in _cli_error(capsys, ["eval", str(broken), "--tasks", str(good)])
+    (broken / "config.json").write_text("{}")
     assert "cannot load the model" in _cli_error(capsys, ["eval", str(broken), "--tasks", str(good)])
     assert "does not exist" in _cli_error(capsys, ["eval", str(tmp_path / "nowhere"), "--tasks", str(good)])
     (tmp_path / "empty_model").mkdir()

@@ -35,6 +35,7 @@ class CheckReport:
     models: list[dict] = field(default_factory=list)
     differences: list[str] = field(default_factory=list)
     vocabulary: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the merge does besides merging (copied tensors)
     problems: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
 
@@ -50,6 +51,7 @@ class CheckReport:
             "models": self.models,
             "differences": self.differences,
             "vocabulary": self.vocabulary,
+            "notes": self.notes,
             "problems": self.problems,
             "unreadable": self.unreadable,
             "merge_would_succeed": self.exit_code == 0,
@@ -67,7 +69,7 @@ class CheckReport:
                 f"dtypes {m['dtypes']}, {vocab}, {m['embedding_rows']} embedding rows, "
                 f"embeddings {'tied' if m['tied'] else 'untied'}"
             )
-        sections = [("differences", self.differences), ("vocabulary and embeddings", self.vocabulary)]
+        sections = [("differences", self.differences), ("vocabulary and embeddings", self.vocabulary), ("notes", self.notes)]
         for title, items in sections:
             lines += ["", f"{title}:"] + ([f"  - {x}" for x in items] or ["  none"])
         if self.unreadable:
@@ -167,15 +169,16 @@ def check_recipe(
         for role, path, base_ref in entries:
             try:
                 source = open_model(path, base_ref=base_ref, allow_pickle=allow_pickle, models=models)
+                stack.callback(source.close)
+                info = _model_info(source, role)  # reads config.json and tokenizer.json
             except AdapterMismatch as exc:
                 report.problems.append(str(exc))
                 continue
             except LangmergeError as exc:
                 report.unreadable.append(str(exc))
                 continue
-            stack.callback(source.close)
             sources.append(source)
-            report.models.append(_model_info(source, role))
+            report.models.append(info)
         if report.unreadable or len(sources) != len(entries):
             return report
         reference = sources[0]
@@ -191,6 +194,11 @@ def check_recipe(
     try:
         plan = plan_merge(recipe, allow_pickle=allow_pickle, models=models, progress=progress)
         plan.close()
+        copied = [f"{j.name} ({str(j.out_dtype).removeprefix('torch.')})" for j in plan.jobs if j.params is None]
+        if copied:
+            report.notes.append(
+                f"{len(copied)} integer or bool tensors are the same in every model and are copied as is: {_listed(copied)}"
+            )
     except LangmergeError as exc:
         if str(exc) not in " ".join(report.problems):
             report.problems.append(str(exc))

@@ -72,8 +72,11 @@ def _demo(args) -> int:
     print(report.summary())
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(work / "merged")
-    tok = AutoTokenizer.from_pretrained(work / "merged")
+    from langmerge.io.reader import pretrained_options
+
+    options = pretrained_options(work / "merged")  # the folder's files by io/files.py's rule, safetensors only
+    model = AutoModelForCausalLM.from_pretrained(work / "merged", **options)
+    tok = AutoTokenizer.from_pretrained(work / "merged", trust_remote_code=False)
     ids = tok("வணக்கம்", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     print(f"the merged model loads in transformers and generates {out.shape[1] - ids.shape[1]} tokens")

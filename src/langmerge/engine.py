@@ -56,7 +56,7 @@ class TensorJob:
     name: str
     shape: tuple[int, ...]
     out_dtype: torch.dtype
-    params: TensorParameters | None  # None: not floating point, copied from the reference model
+    params: TensorParameters | None  # None: an integer or bool tensor, the same in every model, copied
     seed: int = 0
 
 
@@ -94,6 +94,25 @@ class MergeReport:
             f"merged {self.tensors} tensors ({gb:.2f} GB) with {self.method} in {self.seconds:.1f} s "
             f"({gb / max(self.seconds, 1e-9):.2f} GB/s) -> {self.out_dir}"
         )
+
+
+def check_copied_tensor(name: str, reference, others) -> None:
+    """An integer or bool tensor is never cast or merged: it is copied, and only when every model holds the same one."""
+    dtype = reference.dtype(name)
+    rule = "integer and bool tensors are not merged, only copied when every model has the same values"
+    for reader in others:
+        if reader.dtype(name) != dtype:
+            raise LangmergeError(
+                f"tensor {name!r}: {str(reader.dtype(name)).removeprefix('torch.')} in {reader.label} but "
+                f"{str(dtype).removeprefix('torch.')} in {reference.label}; {rule}"
+            )
+    values = reference.get(name)
+    for reader in others:
+        if not torch.equal(reader.get(name), values):
+            raise LangmergeError(
+                f"tensor {name!r}: the {str(dtype).removeprefix('torch.')} tensor differs between {reader.label} and "
+                f"{reference.label}; {rule}"
+            )
 
 
 def plan_merge(
@@ -148,7 +167,8 @@ def plan_merge(
         jobs = []
         for n in names:
             native = reference.dtype(n)
-            if not native.is_floating_point:
+            if not all(r.dtype(n).is_floating_point for r in [reference, *others]):
+                check_copied_tensor(n, reference, others)
                 jobs.append(TensorJob(n, reference.shape(n), native, None))
                 continue
             params = recipe.tensor_parameters(n, layer_position(n, num_layers))

@@ -12,16 +12,96 @@ from pydantic import ValidationError
 from langmerge.errors import LangmergeError
 
 
+# Limits on a YAML document's structure, checked before anything walks it: deeper
+# nesting, or more entries once aliases are expanded, is refused rather than
+# left to hang (an alias bomb) or to overflow the stack.
+MAX_NESTING = 64
+MAX_ENTRIES = 100_000
+
+
+def read_input_text(path: Path, kind: str) -> str:
+    """The UTF-8 text of a file the user names; a missing, special, binary or non-UTF-8 file is a one-line error naming it."""
+    from langmerge.io.files import read_regular
+
+    if not path.exists():
+        raise LangmergeError(f"{kind} file {path} does not exist")
+    data = read_regular(path)
+    if b"\0" in data:
+        raise LangmergeError(f"{path}: a binary file (it holds NUL bytes), not a {kind} file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LangmergeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); a {kind} file must be UTF-8") from None
+
+
+def parse_yaml(text: str, source: object, kind: str, several: str = "") -> object:
+    """The one YAML document ``text`` holds, its structure checked (``check_structure``); errors are one line naming
+    ``source``. ``several`` ends the message for a file of several documents."""
+    try:
+        documents = list(yaml.safe_load_all(text))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = " ".join(str(exc.problem or exc.context or "").split())
+        if "tag:yaml.org,2002:python/" in problem:
+            tag = problem.split("tag:yaml.org,2002:", 1)[1].split("'", 1)[0]
+            raise LangmergeError(
+                f"{source}: {where}the YAML tag !!{tag} is not allowed (a {kind} file holds plain values; "
+                "langmerge never builds Python objects from YAML)"
+            ) from None
+        raise LangmergeError(f"{source}: not valid YAML ({where}{problem})") from None
+    except yaml.YAMLError as exc:
+        raise LangmergeError(f"{source}: not valid YAML ({' '.join(str(exc).split())})") from None
+    except RecursionError:
+        raise LangmergeError(f"{source}: not valid YAML (nested too deeply)") from None
+    if len(documents) > 1:
+        raise LangmergeError(f"{source}: holds {len(documents)} YAML documents; a {kind} file is one document{several}")
+    document = documents[0] if documents else None
+    check_structure(document, source)
+    return document
+
+
+def check_structure(document: object, source: object) -> None:
+    """Refuse a document nested deeper than MAX_NESTING, or with more than MAX_ENTRIES entries once YAML aliases are
+    expanded (or an alias to itself). Linear in the document's size: shared parts are counted once, by identity."""
+    counted: dict[int, tuple[int, int]] = {}  # id -> (entries, height)
+
+    def deep(path: tuple) -> LangmergeError:
+        return LangmergeError(f"{source}: key {_key(path[:8], more=len(path) > 8)}: nested more than {MAX_NESTING} levels deep")
+
+    def walk(node: object, path: tuple) -> tuple[int, int]:
+        if not isinstance(node, (dict, list)):
+            return 1, 0
+        if len(path) >= MAX_NESTING:
+            raise deep(path)
+        known = counted.get(id(node))
+        if known is not None:
+            if len(path) + known[1] > MAX_NESTING:
+                raise deep(path)
+            return known
+        counted[id(node)] = (MAX_ENTRIES + 1, 0)  # until it is counted: an alias to itself is too large
+        entries, height = 1, 0
+        for key, value in node.items() if isinstance(node, dict) else enumerate(node):
+            n, h = walk(value, (*path, key))
+            entries, height = entries + n, max(height, h + 1)
+        if entries > MAX_ENTRIES:
+            raise LangmergeError(
+                f"{source}: key {_key(path[:8], more=len(path) > 8)}: more than {MAX_ENTRIES} entries once YAML aliases are expanded "
+                "(an alias bomb, or an alias to itself?); write the values out"
+            )
+        counted[id(node)] = (entries, height)
+        return entries, height
+
+    walk(document, ())
+
+
+def _key(path: tuple, more: bool = False) -> str:
+    return "'" + ".".join(str(p) for p in path) + ("..." if more else "") + "'" if path else "(top level)"
+
+
 def read_yaml_mapping(path: Path, kind: str, hint: str = "") -> dict:
     """The mapping a YAML file holds; a missing file, bad YAML or another shape is a LangmergeError naming it."""
-    if not path.is_file():
-        raise LangmergeError(f"{kind} file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise LangmergeError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LangmergeError(f"{path}: cannot read ({exc})") from None
+    raw = parse_yaml(read_input_text(path, kind), path, kind)
     if not isinstance(raw, dict):
         raise LangmergeError(f"{path}: a {kind} file must be a mapping{hint}")
     return raw
@@ -40,6 +120,10 @@ def json_object_line(line: str, path: Path, lineno: int) -> dict:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise LangmergeError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise LangmergeError(f"{path}:{lineno}: not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # an integer too long to convert
+        raise LangmergeError(f"{path}:{lineno}: not valid JSON ({exc})") from None
     if not isinstance(record, dict):
         raise LangmergeError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
     return record

@@ -8,15 +8,16 @@ gradients) and checks their ranges. Every error names the recipe key.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from langmerge.errors import LangmergeError
+from langmerge.input_files import check_structure, parse_yaml, read_input_text
 from langmerge.methods.kernels import TensorParameters
 from langmerge.methods.registry import MergeMethod, ParameterSpec, get_method
 
@@ -73,6 +74,16 @@ def _dtype(value: str | None, key: str) -> torch.dtype | None:
         raise LangmergeError(f"recipe key {key!r}: unknown dtype {value!r}; use one of float32, float16, bfloat16") from None
 
 
+def model_key(ref: str) -> str:
+    """What identifies a model reference: an existing local path's resolved form (so ``fx/ct``, ``fx/./ct`` and a
+    symlink to it are one model), else the reference itself (a Hub id such as ``org/name``)."""
+    try:
+        path = Path(ref)
+        return str(path.resolve()) if path.exists() else ref
+    except (OSError, ValueError):  # a name too long for a path, a NUL byte
+        return ref
+
+
 def _check_scalar(spec: ParameterSpec, value: Any, key: str) -> Any:
     if spec.type is bool:
         if not isinstance(value, bool):
@@ -80,6 +91,10 @@ def _check_scalar(spec: ParameterSpec, value: Any, key: str) -> Any:
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise LangmergeError(f"recipe key {key!r}: expected a number, got {value!r}")
+    try:
+        float(value)
+    except OverflowError:
+        raise LangmergeError(f"recipe key {key!r}: a {len(str(abs(value)))}-digit number is out of range") from None
     if spec.type is int:
         if int(value) != value:
             raise LangmergeError(f"recipe key {key!r}: expected a whole number, got {value!r}")
@@ -164,17 +179,21 @@ class Recipe:
         self.base_model = raw.base_model
         # Inputs that contribute a task vector (or, for linear, a weighted term).
         # As in mergekit, a base model listed under 'models' is not a task vector.
+        # References compare by model_key: one folder spelt two ways is one model.
         if self.method.uses_base:
-            self.inputs = [e for e in raw.models if e.model != raw.base_model]
+            base_key = model_key(raw.base_model)
+            self.inputs = [e for e in raw.models if model_key(e.model) != base_key]
         else:
             self.inputs = list(raw.models)
         if not self.inputs:
             raise LangmergeError("recipe key 'models': no model to merge besides the base")
-        seen = set()
+        seen: dict[str, str] = {}
         for i, e in enumerate(self.inputs):
-            if e.model in seen:
-                raise LangmergeError(f"recipe key 'models[{i}].model': {e.model!r} is listed twice")
-            seen.add(e.model)
+            key = model_key(e.model)
+            if key in seen:
+                same = "" if seen[key] == e.model else f" (the same model as {seen[key]!r})"
+                raise LangmergeError(f"recipe key 'models[{i}].model': {e.model!r} is listed twice{same}")
+            seen[key] = e.model
 
         specs = self.method.parameters
         for key, value in raw.parameters.items():
@@ -206,12 +225,19 @@ class Recipe:
         if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
             raise LangmergeError("recipe key 'parameters.protect': expected a list of model references")
         names = [e.model for e in self.inputs]
+        keys = [model_key(n) for n in names]
+        protected = {model_key(r) for r in refs}
         for r in refs:
-            if r not in names:
+            if model_key(r) not in keys:
                 raise LangmergeError(
                     f"recipe key 'parameters.protect': {r!r} is not one of the merged models ({', '.join(names)})"
                 )
-        return [n in refs for n in names]
+        return [k in protected for k in keys]
+
+    def input_index(self, ref: str) -> int | None:
+        """The position in ``inputs`` of the model ``ref`` names (compared by ``model_key``), else None."""
+        key = model_key(ref)
+        return next((i for i, e in enumerate(self.inputs) if model_key(e.model) == key), None)
 
     def _value(self, name: str, model_index: int | None, tensor: str, t: float) -> Any:
         spec = self.method.parameters[name]
@@ -295,24 +321,65 @@ def _format_validation(exc: ValidationError, source: str) -> str:
     return f"{source}: recipe key {loc!r}: {err['msg']}"
 
 
+RECIPE_SUFFIXES = (".yaml", ".yml", ".json", ".txt")
+
+
+def _recipe_file(arg: str | Path) -> Path | None:
+    """The file a recipe argument names (whatever its extension); None for inline YAML text.
+
+    A string that names no file but looks like a path (a recipe suffix, or a
+    path separator in a single line that is not a YAML mapping) is refused as
+    a missing file rather than parsed as YAML.
+    """
+    if isinstance(arg, Path):
+        return arg
+    if "\n" in arg:
+        return None
+    try:
+        if Path(arg).exists():
+            return Path(arg)
+    except (OSError, ValueError):  # a name too long for a path, a NUL byte
+        return None
+    text = arg.strip()
+    separators = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    path_like = text.lower().endswith(RECIPE_SUFFIXES) or (
+        any(sep in text for sep in separators) and not text.startswith("{") and ": " not in text
+    )
+    if path_like:
+        raise LangmergeError(f"recipe file {arg} does not exist")
+    return None
+
+
+def _read_recipe_file(path: Path) -> Any:
+    from langmerge.io.files import parse_json
+
+    if not path.exists():
+        raise LangmergeError(f"recipe file {path} does not exist")
+    text = read_input_text(path, "recipe")
+    if path.suffix.lower() == ".json":  # JSON is YAML, but json names the exact position of a fault
+        document = parse_json(text.encode("utf-8"), path)
+        check_structure(document, path)
+        return document
+    return parse_yaml(text, path, "recipe", _SEVERAL)
+
+
+_SEVERAL = " (several recipes in one file, as mergekit-multi takes them, are not supported yet)"
+
+
 def load_recipe(recipe: str | Path | dict | Recipe) -> Recipe:
-    """A recipe from a YAML file path, a YAML string, a dict, or a Recipe (returned as is)."""
+    """A recipe from a file path (YAML, or JSON for a ``.json`` file), a YAML string, a dict, or a Recipe (returned as is)."""
     if isinstance(recipe, Recipe):
         return recipe
     source = "<recipe>"
-    if isinstance(recipe, Path) or (isinstance(recipe, str) and "\n" not in recipe and recipe.endswith((".yaml", ".yml"))):
-        path = Path(recipe)
-        source = str(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise LangmergeError(f"{path}: cannot read recipe ({exc.strerror or exc})") from exc
-        recipe = text
-    if isinstance(recipe, str):
-        try:
-            recipe = yaml.safe_load(recipe)
-        except yaml.YAMLError as exc:
-            raise LangmergeError(f"{source}: invalid YAML ({exc})") from exc
+    if isinstance(recipe, (str, Path)):
+        path = _recipe_file(recipe)
+        if path is not None:
+            source = str(path)
+            recipe = _read_recipe_file(path)
+        else:
+            recipe = parse_yaml(recipe, source, "recipe", _SEVERAL)
+    else:
+        check_structure(recipe, source)
     if not isinstance(recipe, dict):
         raise LangmergeError(f"{source}: a recipe is a YAML mapping with 'merge_method' and 'models'")
     try:

@@ -53,14 +53,16 @@ def parse_tokens(text: str) -> list[int]:
 
 def training_tokens(model: str) -> int:
     """Target-language tokens a CT model was trained on, from its ``langmerge_training.json``."""
-    path = resolve_model(model).folder / TRAINING_METADATA
-    if not path.is_file():
+    from langmerge.io.files import folder_file, read_json
+
+    path = folder_file(resolve_model(model).folder, TRAINING_METADATA)
+    if path is None:
         raise LangmergeError(
             f"{model}: no {TRAINING_METADATA} to read its CT token count from; pass --tokens, one per recipe"
         )
     try:
-        tokens = json.loads(path.read_text())["tokens"]["target"]
-    except (ValueError, KeyError, TypeError) as exc:
+        tokens = read_json(path)["tokens"]["target"]
+    except (KeyError, TypeError) as exc:
         raise LangmergeError(f"{path}: no tokens.target field ({exc}); pass --tokens, one per recipe") from None
     if not isinstance(tokens, int) or tokens <= 0:
         raise LangmergeError(f"{path}: tokens.target is {tokens!r}, not a positive count; pass --tokens")

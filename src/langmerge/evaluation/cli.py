@@ -57,6 +57,7 @@ def _eval(args) -> int:
         dtype=args.dtype,
         lm_eval_tasks=lm_tasks,
         lm_eval_include=args.lm_eval_include or [],
+        allow_pickle=args.allow_pickle,
     )
     print(results_markdown(results), end="")
     if args.out:
@@ -83,4 +84,6 @@ def add_commands(sub) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.add_argument("--list-tasks", action="store_true", help="list the built-in tasks and lm-eval presets")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load .bin (pickle) weights, with torch.load(weights_only=True)")
     p.set_defaults(handler=_eval)

@@ -19,20 +19,28 @@ MAIN_METRIC = metrics.MAIN_METRIC
 METRIC_COLUMNS = ("acc", "acc_norm", "exact_match", "chrf", "lang_share", "lang_share_reference", "bpc")
 
 
-def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: str | None = None, progress: bool = True):
-    """(model, tokenizer) from a model folder or Hub id (io/hub.py); never runs code from the folder."""
+def load_model(
+    model_dir: str | Path, *, device: str = "cpu", dtype: str | None = None, progress: bool = True, allow_pickle: bool = False
+):
+    """(model, tokenizer) from a model folder or Hub id (io/hub.py); never runs code from the folder.
+
+    The folder is checked first (io/reader.pretrained_options): its files keep to
+    io/files.py's rule, and pickle-only weights need ``allow_pickle``.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from langmerge.io.hub import resolve_model
+    from langmerge.io.reader import pretrained_options, read_config
 
-    path = resolve_model(model_dir, progress=progress).folder
-    if not (path / "config.json").is_file():
+    path = resolve_model(model_dir, allow_pickle=allow_pickle, progress=progress).folder
+    if not path.is_dir() or read_config(path) is None:
         raise LangmergeError(f"model folder {path} has no config.json (not a Hugging Face model folder)")
+    options = pretrained_options(path, allow_pickle=allow_pickle)
     torch_dtype = getattr(torch, dtype) if dtype else "auto"
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **options)
     except Exception as exc:  # transformers raises many types for a broken folder
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise LangmergeError(f"cannot load the model in {path}: {first}") from None
@@ -151,6 +159,7 @@ def evaluate(
     lm_eval_tasks: Sequence[str] = (),
     lm_eval_include: Sequence[str | Path] = (),
     generate=generate_greedy,
+    allow_pickle: bool = False,
 ) -> dict:
     """Evaluate a model on langmerge tasks (and optionally lm-eval tasks); returns a results dict.
 
@@ -163,7 +172,8 @@ def evaluate(
     none). ``generate`` is the greedy generation function (replaceable, e.g. to
     test the language check with a fixed answerer). The results hold
     ``tasks`` (per-task metrics), ``samples`` (per-example outputs) and, with
-    ``lm_eval_tasks``, ``lm_eval`` (lm-eval's results).
+    ``lm_eval_tasks``, ``lm_eval`` (lm-eval's results). ``allow_pickle`` lets a
+    model folder with only pickle (.bin) weights load (with ``weights_only=True``).
     """
     if limit is not None and limit < 1:
         raise LangmergeError(f"limit must be at least 1, got {limit}")
@@ -185,8 +195,8 @@ def evaluate(
         from langmerge.io.hub import resolve_model
 
         model_name = str(model)
-        source = resolve_model(model, progress=progress)
-        model, tokenizer = load_model(source.folder, device=device, dtype=dtype)
+        source = resolve_model(model, allow_pickle=allow_pickle, progress=progress)
+        model, tokenizer = load_model(source.folder, device=device, dtype=dtype, allow_pickle=allow_pickle)
     else:
         model_name = getattr(model.config, "_name_or_path", "") or type(model).__name__
         model.eval()

@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from langmerge.errors import LangmergeError
-from langmerge.input_files import json_object_lines, read_yaml_mapping, validation_message
+from langmerge.input_files import json_object_lines, read_input_text, read_yaml_mapping, validation_message
 
 TaskKind = Literal["multiple_choice", "generation", "bits_per_char"]
 
@@ -75,42 +75,55 @@ class Task:
         return self.spec.name
 
 
-def template_fields(template: str) -> list[str]:
-    """Field names of a ``{field}`` template; refuses attribute or index access."""
-    names = []
+def _pieces(template: str) -> list[tuple[str, str | None]]:
+    """``(literal text, field name or None)`` pieces of a ``{field}`` template; only plain names are allowed.
+
+    Attribute or index access (``{x.__class__}``, ``{x[0]}``), positions, conversions
+    (``{x!r}``) and format specs (``{x:>99999999999}``, whose width alone can
+    exhaust memory) are refused: a template is filled by plain substitution, never
+    by ``str.format``.
+    """
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
         raise ValueError(f"bad template {template!r}: {exc}") from None
-    for _, field, _, _ in parsed:
-        if field is None:
-            continue
-        if not field.isidentifier():
-            raise ValueError(f"template field {{{field}}} must be a plain name (no dots, brackets or positions)")
-        names.append(field)
-    return names
+    pieces = []
+    for literal, field, spec, conversion in parsed:
+        if field is not None:
+            shown = "{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            if not field.isidentifier():
+                raise ValueError(f"template field {shown} must be a plain name (no dots, brackets or positions)")
+            if spec or conversion:
+                raise ValueError(f"template field {shown}: format specs and conversions are not supported; write {{{field}}}")
+        pieces.append((literal, field))
+    return pieces
+
+
+def template_fields(template: str) -> list[str]:
+    """Field names of a ``{field}`` template (see ``_pieces`` for what is refused)."""
+    return [field for _, field in _pieces(template) if field is not None]
 
 
 def render(template: str, example: Example, task_name: str) -> str:
     """Fill a template from an example; a missing field is a LangmergeError naming file:line."""
-    for field in template_fields(template):
+    out = []
+    for literal, field in _pieces(template):
+        out.append(literal)
+        if field is None:
+            continue
         if field not in example.doc:
             raise LangmergeError(
                 f"task {task_name}: template {template!r} references field '{field}' "
                 f"missing from the example at {example.where}"
             )
-    return template.format_map(example.doc)
+        out.append(str(example.doc[field]))
+    return "".join(out)
 
 
 def load_jsonl(path: Path) -> list[Example]:
     """Examples of a JSONL file; blank lines are skipped, anything else must be a JSON object."""
-    if not path.is_file():
-        raise LangmergeError(f"task data file {path} does not exist")
-    examples = []
-    with path.open(encoding="utf-8") as fh:
-        for number, doc in json_object_lines(fh, path):
-            examples.append(Example(doc, f"{path}:{number}"))
-    return examples
+    text = read_input_text(path, "task data")
+    return [Example(doc, f"{path}:{number}") for number, doc in json_object_lines(text.split("\n"), path)]
 
 
 def _check_example(spec: TaskSpec, ex: Example) -> None:

@@ -11,7 +11,6 @@ Only the tensors of one job are ever in memory.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from langmerge.errors import LangmergeError
+from langmerge.io.files import folder_file, open_regular, read_json
 from langmerge.io.safetensors_format import read_header, read_tensor
 
 if TYPE_CHECKING:
@@ -40,7 +40,8 @@ class AdapterMismatch(LangmergeError):
 
 
 def is_adapter(folder: str | Path) -> bool:
-    return (Path(folder) / ADAPTER_CONFIG).is_file()
+    """Whether the folder is a PEFT adapter (names an adapter_config.json; read_adapter_config checks the file)."""
+    return (Path(folder) / ADAPTER_CONFIG).exists()
 
 
 @dataclass(frozen=True)
@@ -71,10 +72,7 @@ class LoraSettings:
 
 def read_adapter_config(folder: Path) -> LoraSettings:
     path = folder / ADAPTER_CONFIG
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise LangmergeError(f"{path}: unreadable adapter config ({exc})") from exc
+    cfg = read_json(folder_file(folder, ADAPTER_CONFIG) or path)
     if not isinstance(cfg, dict):
         raise LangmergeError(f"{path}: not a JSON object")
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
@@ -84,7 +82,7 @@ def read_adapter_config(folder: Path) -> LoraSettings:
         if cfg.get(key):
             raise LangmergeError(f"{path}: {key!r} is not supported")
     try:
-        return LoraSettings(
+        settings = LoraSettings(
             r=int(cfg["r"]),
             alpha=float(cfg.get("lora_alpha", cfg["r"])),
             use_rslora=bool(cfg.get("use_rslora", False)),
@@ -96,14 +94,19 @@ def read_adapter_config(folder: Path) -> LoraSettings:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise LangmergeError(f"{path}: bad LoRA settings ({exc!r})") from exc
+    ranks = [settings.r, *settings.rank_pattern.values()]
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks):
+        raise LangmergeError(f"{path}: LoRA ranks ('r', 'rank_pattern') must be whole numbers of at least 1")
+    return settings
 
 
 def _adapter_tensors(folder: Path, allow_pickle: bool) -> dict[str, object]:
     """Name -> TensorEntry (safetensors) or tensor (pickle, only when allowed)."""
-    st = folder / ADAPTER_WEIGHTS
-    if st.is_file():
+    st = folder_file(folder, ADAPTER_WEIGHTS)
+    if st is not None:
         return dict(read_header(st))
-    if (folder / ADAPTER_PICKLE).is_file():
+    pickle = folder_file(folder, ADAPTER_PICKLE)
+    if pickle is not None:
         if not allow_pickle:
             raise LangmergeError(
                 f"adapter {folder}: only pickle weights ({ADAPTER_PICKLE}); pickle files can run code when loaded: "
@@ -111,7 +114,7 @@ def _adapter_tensors(folder: Path, allow_pickle: bool) -> dict[str, object]:
             )
         from langmerge.io.pickle_reader import load_pickle_state_dict
 
-        return dict(load_pickle_state_dict(folder / ADAPTER_PICKLE))
+        return dict(load_pickle_state_dict(pickle))
     raise LangmergeError(f"adapter {folder}: no {ADAPTER_WEIGHTS} in the folder")
 
 
@@ -178,7 +181,7 @@ class LoraSource:
     @property
     def tokenizer_folder(self) -> Path:
         """The adapter's own tokenizer when it ships one (a resized vocabulary), else the base's."""
-        if (self.folder / "tokenizer.json").is_file() or (self.folder / "tokenizer_config.json").is_file():
+        if (self.folder / "tokenizer.json").exists() or (self.folder / "tokenizer_config.json").exists():
             return self.folder
         return getattr(self.base, "tokenizer_folder", self.base.folder)
 
@@ -237,7 +240,7 @@ class LoraSource:
         if isinstance(t, torch.Tensor):
             return t
         if self._handle is None:
-            self._handle = open(t.file, "rb")
+            self._handle = open_regular(t.file)
         return read_tensor(t, self._handle)
 
     @property

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 import yaml
 
 from langmerge.errors import LangmergeError
+from langmerge.io.files import copy_regular, optional_folder_file
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -50,14 +50,20 @@ def write_config(out: Path, config: dict | None, dtype: torch.dtype | None, sour
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def copy_tokenizer(source: Path, out: Path) -> list[str]:
-    """Copy the tokenizer and generation config files that ``source`` has."""
+def copy_optional_files(source: Path, out: Path, names: tuple[str, ...]) -> list[str]:
+    """Copy those of ``names`` that the model folder ``source`` has; one breaking io/files.py's rule is skipped with a warning."""
     copied = []
-    for name in TOKENIZER_FILES + GENERATION_FILES:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, out / name)
+    for name in names:
+        path = optional_folder_file(source, name)
+        if path is not None:
+            copy_regular(path, out / name)
             copied.append(name)
     return copied
+
+
+def copy_tokenizer(source: Path, out: Path) -> list[str]:
+    """Copy the tokenizer and generation config files that ``source`` has."""
+    return copy_optional_files(source, out, TOKENIZER_FILES + GENERATION_FILES)
 
 
 def write_model_card(

@@ -8,7 +8,6 @@ Shards are memory-mapped (zip-format files), so opening reads no tensor data.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -34,7 +33,8 @@ def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
             log.info("%s: legacy pickle format, loading without mmap", path)
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        raise LangmergeError(f"{path}: cannot load pickle checkpoint with weights_only=True ({exc})") from exc
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise LangmergeError(f"{path}: cannot load pickle checkpoint with weights_only=True ({first})") from exc
     if not isinstance(state, dict):
         raise LangmergeError(f"{path}: not a state dict (got {type(state).__name__})")
     for name, value in state.items():
@@ -47,19 +47,20 @@ class PickleReader:
     """The same interface as ``CheckpointReader``, over ``.bin`` files."""
 
     def __init__(self, folder: str | Path, label: str | None = None):
-        from langmerge.io.reader import _inside, read_weight_map
+        from langmerge.io.files import folder_file
+        from langmerge.io.reader import read_weight_map
 
         self.folder = Path(folder)
         self.label = label or str(folder)
-        index_path = self.folder / PICKLE_INDEX_FILE
-        if index_path.is_file():
+        index_path = folder_file(self.folder, PICKLE_INDEX_FILE)
+        if index_path is not None:
             files = sorted(read_weight_map(index_path))
         else:
             single = self.folder / PICKLE_FILE
-            files = [single] if single.is_file() else sorted(self.folder.glob("*.bin"))
-            if len(files) != 1:
+            names = [PICKLE_FILE] if single.exists() else sorted(p.name for p in self.folder.glob("*.bin"))
+            if len(names) != 1:
                 raise LangmergeError(f"model {self.label}: expected one .bin file or {PICKLE_INDEX_FILE} in {self.folder}")
-            files = [_inside(self.folder, files[0].name, files[0])]
+            files = [folder_file(self.folder, names[0])]
         self._tensors: dict[str, torch.Tensor] = {}
         for path in files:
             self._tensors.update(load_pickle_state_dict(path))
@@ -83,13 +84,9 @@ class PickleReader:
             raise LangmergeError(f"model {self.label}: tensor {name!r} is missing") from None
 
     def config(self) -> dict | None:
-        path = self.folder / "config.json"
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text())
-        except ValueError as exc:
-            raise LangmergeError(f"{path}: invalid JSON ({exc})") from exc
+        from langmerge.io.reader import read_config
+
+        return read_config(self.folder)
 
     def close(self) -> None:
         self._tensors.clear()

@@ -8,17 +8,52 @@ rule of ``langmerge.io.files``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from langmerge.errors import LangmergeError
-from langmerge.io.files import model_file
+from langmerge.io.files import check_folder_files, folder_file, is_regular_file, model_file, open_regular, read_json
 from langmerge.io.safetensors_format import TensorEntry, read_header, read_tensor
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+# config.json keys langmerge reads, that must be positive whole numbers when present (also inside text_config).
+_CONFIG_COUNTS = ("num_hidden_layers", "vocab_size", "max_position_embeddings")
+_JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+
+
+def _json_kind(value: object) -> str:
+    return "null" if value is None else _JSON_KINDS.get(type(value), type(value).__name__)
+
+
+def check_config(config: object, path: Path) -> dict:
+    """``config`` when it is a JSON object whose keys langmerge reads have the right types; else a LangmergeError naming the key."""
+    if not isinstance(config, dict):
+        raise LangmergeError(f"{path}: expected a JSON object, got {_json_kind(config)}")
+    sections = [("", config)]
+    if config.get("text_config") is not None:
+        if not isinstance(config["text_config"], dict):
+            raise LangmergeError(f"{path}: key 'text_config' must be an object, got {_json_kind(config['text_config'])}")
+        sections.append(("text_config.", config["text_config"]))
+    for prefix, section in sections:
+        for key in _CONFIG_COUNTS:
+            value = section.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise LangmergeError(f"{path}: key '{prefix}{key}' must be a positive whole number, got {value!r}")
+        if section.get("model_type") is not None and not isinstance(section["model_type"], str):
+            raise LangmergeError(f"{path}: key '{prefix}model_type' must be a string, got {section['model_type']!r}")
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise LangmergeError(f"{path}: key 'architectures' must be a list of strings, got {archs!r}")
+    return config
+
+
+def read_config(folder: Path) -> dict | None:
+    """A model folder's config.json, checked (``check_config``); None when the folder has none."""
+    path = folder_file(Path(folder), CONFIG_FILE)
+    return None if path is None else check_config(read_json(path), path)
 
 
 def _inside(folder: Path, relative: str, index_path: Path) -> Path:
@@ -28,19 +63,30 @@ def _inside(folder: Path, relative: str, index_path: Path) -> Path:
 
 def read_weight_map(index_path: Path) -> dict[Path, list[str]]:
     """An index file's shards (each checked to lie inside the model folder) and the tensors in each."""
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise LangmergeError(f"{index_path}: unreadable index ({exc!r})") from exc
+    index = read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
-        raise LangmergeError(f"{index_path}: 'weight_map' is not an object")
+        raise LangmergeError(f"{index_path}: unreadable index (no 'weight_map' object)")
     files: dict[Path, list[str]] = {}
     for name, rel in weight_map.items():
-        files.setdefault(_inside(index_path.parent, str(rel), index_path), []).append(name)
+        if not isinstance(rel, str):
+            raise LangmergeError(f"{index_path}: weight map entry of tensor {name!r} is {_json_kind(rel)}, not a file name")
+        files.setdefault(_inside(index_path.parent, rel, index_path), []).append(name)
     for path in files:
-        if not path.is_file():
+        if not path.exists():
             raise LangmergeError(f"{index_path}: shard {path.name} is missing")
+        if not is_regular_file(path):
+            raise LangmergeError(f"{index_path}: shard {path.name} is not a regular file; refused")
     return files
+
+
+def pickle_refusal(label: str, folder: Path) -> LangmergeError:
+    """The error for a folder whose only weights are pickle files, without --allow-pickle."""
+    return LangmergeError(
+        f"model {label}: only pickle (.bin) weights in {folder}; pickle files can run code "
+        "when loaded: convert them to safetensors, or pass --allow-pickle to load them with "
+        "torch.load(weights_only=True)"
+    )
 
 
 class CheckpointReader:
@@ -56,9 +102,8 @@ class CheckpointReader:
         self._scratch: torch.Tensor | None = None
 
     def _index(self) -> dict[str, TensorEntry]:
-        index_path = self.folder / INDEX_FILE
-        single = self.folder / SINGLE_FILE
-        if index_path.is_file():
+        index_path = folder_file(self.folder, INDEX_FILE)
+        if index_path is not None:
             entries: dict[str, TensorEntry] = {}
             for path, names in read_weight_map(index_path).items():
                 header = read_header(path)
@@ -67,17 +112,14 @@ class CheckpointReader:
                         raise LangmergeError(f"{index_path}: tensor {name!r} is not in shard {path.name}")
                     entries[name] = header[name]
             return entries
-        if single.is_file():
-            return read_header(_inside(self.folder, SINGLE_FILE, single))
+        single = folder_file(self.folder, SINGLE_FILE)
+        if single is not None:
+            return read_header(single)
         shards = sorted(self.folder.glob("*.safetensors"))
         if len(shards) == 1:
-            return read_header(_inside(self.folder, shards[0].name, shards[0]))
-        if any(self.folder.glob("*.bin")):
-            raise LangmergeError(
-                f"model {self.label}: only pickle (.bin) weights in {self.folder}; pickle files can run code "
-                "when loaded: convert them to safetensors, or pass --allow-pickle to load them with "
-                "torch.load(weights_only=True)"
-            )
+            return read_header(folder_file(self.folder, shards[0].name))
+        if has_pickle(self.folder):
+            raise pickle_refusal(self.label, self.folder)
         raise LangmergeError(f"model {self.label}: no safetensors weights in {self.folder}")
 
     @property
@@ -98,7 +140,7 @@ class CheckpointReader:
             raise LangmergeError(f"model {self.label}: tensor {name!r} is missing") from None
         handle = self._handles.get(entry.file)
         if handle is None:
-            handle = self._handles[entry.file] = open(entry.file, "rb")
+            handle = self._handles[entry.file] = open_regular(entry.file)
         buffer = None
         if scratch:
             if self._scratch is None or self._scratch.numel() < entry.nbytes:
@@ -107,13 +149,7 @@ class CheckpointReader:
         return read_tensor(entry, handle, buffer)
 
     def config(self) -> dict | None:
-        path = self.folder / "config.json"
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text())
-        except ValueError as exc:
-            raise LangmergeError(f"{path}: invalid JSON ({exc})") from exc
+        return read_config(self.folder)
 
     def close(self) -> None:
         for handle in self._handles.values():
@@ -129,13 +165,35 @@ class CheckpointReader:
 
 
 def has_safetensors(folder: Path) -> bool:
-    return (folder / INDEX_FILE).is_file() or any(folder.glob("*.safetensors"))
+    """Whether the folder names safetensors weights (whatever they turn out to be: the reader checks them)."""
+    return (folder / INDEX_FILE).exists() or any(folder.glob("*.safetensors"))
+
+
+def has_pickle(folder: Path) -> bool:
+    return any(folder.glob("*.bin"))
+
+
+def pretrained_options(folder: str | Path, *, allow_pickle: bool = False) -> dict:
+    """Check a model folder before transformers loads it; the ``from_pretrained`` options that load its weights.
+
+    Every file in it keeps to io/files.py's rule (a planted symlink must not be
+    read through transformers either). A folder with safetensors weights is
+    loaded from them only; one with only pickle (.bin) weights is refused
+    unless ``allow_pickle``, then loaded by transformers with ``weights_only=True``.
+    """
+    folder = Path(folder)
+    check_folder_files(folder)
+    if has_safetensors(folder) or not has_pickle(folder):
+        return {"use_safetensors": True, "trust_remote_code": False}
+    if not allow_pickle:
+        raise pickle_refusal(str(folder), folder)
+    return {"use_safetensors": False, "weights_only": True, "trust_remote_code": False}
 
 
 def open_checkpoint(folder: str | Path, label: str | None = None, *, allow_pickle: bool = False):
     """A reader for a model folder: safetensors, or (only with ``allow_pickle``) pickle ``.bin`` files."""
     folder = Path(folder)
-    if allow_pickle and folder.is_dir() and not has_safetensors(folder) and any(folder.glob("*.bin")):
+    if allow_pickle and folder.is_dir() and not has_safetensors(folder) and has_pickle(folder):
         from langmerge.io.pickle_reader import PickleReader
 
         return PickleReader(folder, label)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from langmerge.errors import LangmergeError
+from langmerge.io.files import open_regular, parse_json
 
 DTYPE_TO_ST = {
     torch.float64: "F64",
@@ -33,8 +35,33 @@ DTYPE_TO_ST = {
 }
 ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
 
+# Every dtype name the safetensors format defines that langmerge does not read:
+# named as unsupported rather than called corrupt.
+UNSUPPORTED_DTYPES = frozenset(
+    {"F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "U16", "U32", "U64", "C64"}
+)
+
 # The format caps the header at 100 MB; a larger claimed length means corruption.
 _MAX_HEADER_BYTES = 100_000_000
+# Offsets and dimensions are unsigned 64-bit in the format; torch's sizes are signed 64-bit.
+_MAX_SIZE = 2**63 - 1
+_ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
+
+
+def _is_utf8(text: str) -> bool:
+    """False for a string holding a lone surrogate (a JSON ``\\ud800`` escape), which is not Unicode text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _size(value: object) -> int | None:
+    """``value`` when it is a JSON integer in [0, 2**63), else None (bool, float, string, negative, huge)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_SIZE:
+        return value
+    return None
 
 
 @dataclass(frozen=True)
@@ -57,11 +84,70 @@ class TensorEntry:
         return self.end - self.begin
 
 
+def _parse_json(path: Path, header_bytes: bytes) -> dict:
+    header = parse_json(header_bytes, path, problem="corrupt safetensors header", unique_keys=True)
+    if not isinstance(header, dict):
+        raise LangmergeError(f"{path}: corrupt safetensors header (not a JSON object)")
+    return header
+
+
+def _check_metadata(path: Path, metadata: object) -> None:
+    ok = metadata is None or (
+        isinstance(metadata, dict)
+        and all(isinstance(v, str) and _is_utf8(k) and _is_utf8(v) for k, v in metadata.items())
+    )
+    if not ok:
+        raise LangmergeError(f"{path}: corrupt safetensors header ('__metadata__' must map strings to strings)")
+
+
+def _entry(path: Path, name: str, info: object, data_start: int) -> TensorEntry:
+    """One header entry, checked field by field (the byte length against shape and dtype too)."""
+    bad = f"{path}: corrupt safetensors entry for tensor {name!r}"
+    if not _is_utf8(name):
+        raise LangmergeError(f"{path}: corrupt safetensors header (tensor name {name!r} is not valid Unicode)")
+    if not isinstance(info, dict):
+        raise LangmergeError(f"{bad} (not a JSON object)")
+    if set(info) != _ENTRY_KEYS:
+        missing, extra = sorted(_ENTRY_KEYS - set(info)), sorted(set(info) - _ENTRY_KEYS)
+        raise LangmergeError(f"{bad} ({'missing ' + ', '.join(missing) if missing else 'unknown key ' + ', '.join(extra)})")
+    dtype_name = info["dtype"]
+    if isinstance(dtype_name, str) and dtype_name in UNSUPPORTED_DTYPES:
+        raise LangmergeError(f"{path}: tensor {name!r} has dtype {dtype_name}, which langmerge does not support")
+    if not isinstance(dtype_name, str) or dtype_name not in ST_TO_DTYPE:
+        raise LangmergeError(f"{bad} (unknown dtype {dtype_name!r})")
+    raw_shape, raw_offsets = info["shape"], info["data_offsets"]
+    shape = tuple(_size(d) for d in raw_shape) if isinstance(raw_shape, list) else None
+    if shape is None or None in shape:
+        raise LangmergeError(f"{bad} (shape {raw_shape!r} is not a list of non-negative integers)")
+    offsets = tuple(_size(o) for o in raw_offsets) if isinstance(raw_offsets, list) else ()
+    if len(offsets) != 2 or None in offsets:
+        raise LangmergeError(f"{bad} (data_offsets {raw_offsets!r} is not two non-negative integers)")
+    numel = 1
+    for d in shape:  # as the format does: every partial product must fit
+        numel *= d
+        if numel > _MAX_SIZE:
+            raise LangmergeError(f"{bad} (shape {list(shape)} is too large)")
+    dtype = ST_TO_DTYPE[dtype_name]
+    begin, end = offsets
+    expected = numel * _itemsize(dtype)
+    if end < begin or end - begin != expected:
+        raise LangmergeError(f"{bad} (offsets {begin}..{end} for {expected} bytes of {dtype_name} {list(shape)})")
+    return TensorEntry(name, path, dtype, shape, data_start + begin, data_start + end)
+
+
 def read_header(path: Path) -> dict[str, TensorEntry]:
-    """Parse a safetensors header; every failure names the file."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+    """Parse and validate a safetensors header; every failure is a one-line LangmergeError naming the file.
+
+    As strict as the safetensors library: a UTF-8 JSON object (spaces may pad it),
+    each tensor's ``dtype``, ``shape`` and ``data_offsets`` well formed and its
+    byte length equal to shape times dtype size, and the tensors, in offset
+    order, tiling the data region with no gap, overlap or trailing byte.
+    Stricter where the library is lax: a key given twice, or an unknown key in a
+    tensor entry, is refused. Only regular files are opened (io/files.py).
+    """
+    with open_regular(path) as f:
+        try:
+            size = os.fstat(f.fileno()).st_size
             raw_len = f.read(8)
             if len(raw_len) != 8:
                 raise LangmergeError(f"{path}: not a safetensors file (shorter than 8 bytes)")
@@ -71,38 +157,32 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
                     f"{path}: corrupt safetensors header (claims {header_len} bytes, file has {size})"
                 )
             header_bytes = f.read(header_len)
-    except OSError as exc:
-        raise LangmergeError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    try:
-        header = json.loads(header_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LangmergeError(f"{path}: corrupt safetensors header ({exc})") from exc
-    if not isinstance(header, dict):
-        raise LangmergeError(f"{path}: corrupt safetensors header (not a JSON object)")
+        except OSError as exc:
+            raise LangmergeError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    header = _parse_json(path, header_bytes)
+    _check_metadata(path, header.get("__metadata__"))
 
     data_start = 8 + header_len
-    entries: dict[str, TensorEntry] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = ST_TO_DTYPE[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise LangmergeError(f"{path}: corrupt safetensors entry for tensor {name!r} ({exc!r})") from exc
-        entry = TensorEntry(name, path, dtype, shape, data_start + begin, data_start + end)
-        expected = entry.numel * _itemsize(dtype)
-        if end < begin or entry.nbytes != expected:
+    entries = {
+        name: _entry(path, name, info, data_start) for name, info in header.items() if name != "__metadata__"
+    }
+    position = data_start
+    for entry in sorted(entries.values(), key=lambda e: (e.begin, e.end)):
+        if entry.begin != position:
+            what = "overlaps the tensor before it" if entry.begin < position else "leaves a gap before it"
             raise LangmergeError(
-                f"{path}: corrupt safetensors entry for tensor {name!r} "
-                f"(offsets {begin}..{end} for {expected} bytes)"
+                f"{path}: corrupt safetensors entry for tensor {entry.name!r} (data_offsets "
+                f"{entry.begin - data_start}..{entry.end - data_start} {what}; expected to start at {position - data_start})"
             )
-        if entry.end > size:
-            raise LangmergeError(
-                f"{path}: truncated file: tensor {name!r} ends at byte {entry.end}, file has {size}"
-            )
-        entries[name] = entry
+        position = entry.end
+    if position > size:
+        last = max(entries.values(), key=lambda e: e.end)
+        raise LangmergeError(f"{path}: truncated file: tensor {last.name!r} ends at byte {last.end}, file has {size}")
+    if position < size:
+        raise LangmergeError(
+            f"{path}: corrupt safetensors file (the data region holds {size - data_start} bytes "
+            f"but its tensors cover {position - data_start})"
+        )
     return entries
 
 
@@ -118,7 +198,7 @@ def read_tensor(entry: TensorEntry, handle=None, buffer: torch.Tensor | None = N
     if entry.nbytes:
         view = memoryview(buf.numpy())
         own = handle is None
-        f = open(entry.file, "rb") if own else handle
+        f = open_regular(entry.file) if own else handle
         try:
             f.seek(entry.begin)
             got = f.readinto(view)

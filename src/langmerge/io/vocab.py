@@ -26,14 +26,14 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from langmerge.errors import LangmergeError
-from langmerge.io.metadata import copy_tokenizer
+from langmerge.io.files import optional_folder_file, read_json, read_regular
+from langmerge.io.metadata import copy_optional_files, copy_tokenizer
 from langmerge.methods.kernels import NonFiniteMerge, TensorParameters, merge_tensor
 from langmerge.seeds import seeded_generator
 
@@ -76,15 +76,18 @@ class ModelVocab:
 
 
 def read_tokens(folder: Path) -> dict[str, int] | None:
-    path = folder / "tokenizer.json"
-    if not path.is_file():
+    """The vocabulary of ``folder``'s tokenizer.json; None when it has none (or one skipped by io/files.py's rule)."""
+    path = optional_folder_file(folder, "tokenizer.json")
+    if path is None:
         return None
     from tokenizers import Tokenizer
 
+    data = read_regular(path)
     try:
-        return Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
+        return Tokenizer.from_str(data.decode("utf-8")).get_vocab(with_added_tokens=True)
     except Exception as exc:  # the tokenizers library raises plain Exception subclasses
-        raise LangmergeError(f"{path}: unreadable tokenizer ({exc})") from exc
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise LangmergeError(f"{folder / 'tokenizer.json'}: unreadable tokenizer ({first})") from None
 
 
 def describe_model(source) -> ModelVocab:
@@ -176,18 +179,16 @@ class UnionTokenizer:
         if self.tokenizer_config is not None:
             (out / "tokenizer_config.json").write_text(json.dumps(self.tokenizer_config, indent=2, ensure_ascii=False) + "\n")
             written.append("tokenizer_config.json")
-        for name in ("special_tokens_map.json", "chat_template.jinja", "chat_template.json", "generation_config.json"):
-            if (self.reference_folder / name).is_file():
-                shutil.copyfile(self.reference_folder / name, out / name)
-                written.append(name)
-        return written
+        names = ("special_tokens_map.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
+        return written + copy_optional_files(self.reference_folder, out, names)
 
 
 def _load_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise LangmergeError(f"{path}: unreadable ({exc})") from exc
+    """A JSON object from a tokenizer file (io/files.py's rule and errors)."""
+    value = read_json(path)
+    if not isinstance(value, dict):
+        raise LangmergeError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def build_union_tokenizer(reference: ModelVocab, new_tokens: list[tuple[str, int, ModelVocab]], out_tokens: dict[str, int]) -> UnionTokenizer:
@@ -240,8 +241,8 @@ def build_union_tokenizer(reference: ModelVocab, new_tokens: list[tuple[str, int
         wrong = sorted(set(got.items()) ^ set(out_tokens.items()), key=lambda kv: kv[1])[:3]
         raise LangmergeError(f"tokenizer_source union: the extended tokenizer of {ref_path} disagrees with the planned vocabulary (e.g. {wrong})")
     config = None
-    config_path = reference.tokenizer_folder / "tokenizer_config.json"
-    if config_path.is_file():
+    config_path = optional_folder_file(reference.tokenizer_folder, "tokenizer_config.json")
+    if config_path is not None:
         config = _load_json(config_path)
         decoder = config.get("added_tokens_decoder")
         if isinstance(decoder, dict):
@@ -302,11 +303,13 @@ def _resolve_source(recipe, has_base: bool) -> int | None:
         return 0
     if source == "union":
         return None
+    from langmerge.recipe import model_key
+
     offset = 1 if has_base else 0
-    for i, entry in enumerate(recipe.inputs):
-        if entry.model == source:
-            return offset + i
-    if has_base and source == recipe.base_model:
+    index = recipe.input_index(source)  # compared by resolved path, as the recipe compares its models
+    if index is not None:
+        return offset + index
+    if has_base and model_key(source) == model_key(recipe.base_model):
         return 0
     raise LangmergeError(f"recipe key 'tokenizer_source': {source!r} is neither 'base', 'union' nor one of the recipe's models")
 
@@ -427,7 +430,7 @@ def plan_vocabulary(recipe, base, inputs) -> VocabPlan:
     union = None
     if chosen is None:
         union = build_union_tokenizer(ref, new_tokens, out_tokens)
-        stale = [n for n in _STALE_FOR_UNION if (ref.tokenizer_folder / n).is_file()]
+        stale = [n for n in _STALE_FOR_UNION if (ref.tokenizer_folder / n).exists()]
         if stale:
             notes.append(f"union tokenizer: written as tokenizer.json; {', '.join(stale)} of the base are not copied (they would disagree)")
     return VocabPlan(models, recipe.tokenizer_source, chosen, out_tokens, out_rows, row_maps, union, output_tied, aliases, notes)

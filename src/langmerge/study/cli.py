@@ -30,7 +30,7 @@ def run_study_command(args) -> int:
             print(f"{state:>7}  {step.kind:<8} {step.key()}  {step.label}")
         return 0
     result = run_study(study, only=args.only or (), force=args.force, executor=args.executor,
-                       progress=not args.no_progress, report=_print_step)
+                       progress=not args.no_progress, report=_print_step, allow_pickle=args.allow_pickle)
     ran = len(result.ran)
     print(f"{len(result.records)} steps ({ran} run, {len(result.records) - ran} cached); "
           f"report: {result.report_dir / 'report.md'}")
@@ -52,4 +52,6 @@ def add_commands(sub) -> None:
                    help="run only steps whose label or kind matches (shell pattern; repeatable), and what they need")
     p.add_argument("--dry-run", action="store_true", help="list the steps, their keys and whether they are done")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="let given models with only .bin (pickle) weights load, with torch.load(weights_only=True)")
     p.set_defaults(handler=run_study_command)

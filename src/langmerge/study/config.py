@@ -245,7 +245,10 @@ class Study:
                 model = resolve_model(ref, download=False)
             except LangmergeError as exc:
                 raise LangmergeError(f"{key}: {exc}") from None
-            has_config = "config.json" in model.files if model.from_hub else (model.folder / "config.json").is_file()
+            from langmerge.io.files import folder_file
+
+            # io/files.py's rule for a local folder: no FIFO, no link out
+            has_config = "config.json" in model.files if model.from_hub else folder_file(model.folder, "config.json") is not None
             if not has_config:
                 raise LangmergeError(f"{key}: {ref} is not a model folder (no config.json)")
             self._models[value] = model

@@ -43,7 +43,9 @@ def model_path(ctx: Context, step: Step, budget: int | None = None) -> Path:
         if "hub" in step.settings:
             from langmerge.io.hub import resolve_model
 
-            return resolve_model(f"{step.settings['hub']}@{step.settings['commit']}", progress=ctx.progress).folder
+            return resolve_model(
+                f"{step.settings['hub']}@{step.settings['commit']}", allow_pickle=ctx.allow_pickle, progress=ctx.progress
+            ).folder
         return Path(step.settings["path"])
     out = ctx.out(step) / "model"
     if step.kind == "ct":
@@ -108,9 +110,12 @@ def run_file(step: Step, ctx: Context, out: Path) -> dict:
 
 
 def run_given(step: Step, ctx: Context, out: Path) -> dict:
+    from langmerge.io.reader import pretrained_options, read_config
+
     path = model_path(ctx, step)
-    if not (path / "config.json").is_file():
+    if not path.is_dir() or read_config(path) is None:
         raise LangmergeError(f"{step.label}: {path} is not a model folder (no config.json)")
+    pretrained_options(path, allow_pickle=ctx.allow_pickle)  # its files and weights, before any step uses it
     return {"path": str(path)}
 
 
@@ -135,7 +140,7 @@ def run_ct(step: Step, ctx: Context, out: Path) -> dict:
     result = train_ct(
         model_path(ctx, step.deps["base"]), _inputs(ctx, step, "text"), max(budgets), out / "model",
         save_at=budgets[:-1], replay=_inputs(ctx, step, "replay"), replay_ratio=tuple(s["replay_ratio"]),
-        repeat=s["repeat"], options=_options(step, ctx),
+        repeat=s["repeat"], options=_options(step, ctx), allow_pickle=ctx.allow_pickle,
     )
     return {"steps": result.steps, "target_tokens": result.target_tokens, "replay_tokens": result.replay_tokens,
             "final_loss": result.final_loss, "train_seconds": result.seconds}
@@ -146,7 +151,8 @@ def run_sft(step: Step, ctx: Context, out: Path) -> dict:
 
     base = step.deps["base"]
     result = train_sft(model_path(ctx, base, step.settings.get("budget")), data_path(ctx, step.deps["data"]),
-                       out / "model", epochs=step.settings["epochs"], options=_options(step, ctx))
+                       out / "model", epochs=step.settings["epochs"], options=_options(step, ctx),
+                       allow_pickle=ctx.allow_pickle)
     return {"steps": result.steps, "target_tokens": result.target_tokens, "trained_tokens": result.trained_tokens,
             "final_loss": result.final_loss, "train_seconds": result.seconds}
 
@@ -178,7 +184,8 @@ def run_tune(step: Step, ctx: Context, out: Path) -> dict:
     # The mean task-solving metric on the validation halves, bits per character negated.
     score, _ = task_objective(tasks, limit=t["limit"], batch_size=s["batch_size"], seed=t["seed"])
     result = tune(recipe, space, score, search=t["search"], trials=t["trials"], seed=t["seed"],
-                  out_dir=out / "tune", device=s["device"], progress=ctx.progress, objective_name="validation score")
+                  out_dir=out / "tune", device=s["device"], progress=ctx.progress, objective_name="validation score",
+                  allow_pickle=ctx.allow_pickle)
     (out / "best_recipe.yaml").write_text(yaml.safe_dump(result.best_recipe(), sort_keys=False))
     return {"trials": len(result.trials), "best": result.best.values, "validation_score": result.best.score}
 
@@ -194,12 +201,12 @@ def run_eval(step: Step, ctx: Context, out: Path) -> dict:
 
         # The merge in memory: the same bits `langmerge merge best_recipe.yaml` writes.
         recipe = load_recipe(ctx.out(step.deps["tune"]) / "best_recipe.yaml")
-        merger = InMemoryMerger(recipe, device=s["device"])
+        merger = InMemoryMerger(recipe, device=s["device"], allow_pickle=ctx.allow_pickle)
         model, tokenizer = merger.model(recipe), merger.tokenizer
         name = f"{s['method_name']} ({recipe.method.name})"
     else:
         path = model_path(ctx, step.deps["model"], s.get("budget"))
-        model, tokenizer = load_model(path, device=s["device"])
+        model, tokenizer = load_model(path, device=s["device"], allow_pickle=ctx.allow_pickle)
         name = str(path)
     results = evaluate(model, tasks, tokenizer=tokenizer, limit=s["limit"], batch_size=s["batch_size"],
                        progress=ctx.progress, lm_eval_tasks=s["lm_eval"], device=s["device"])
@@ -218,7 +225,7 @@ def run_analyze(step: Step, ctx: Context, out: Path) -> dict:
     for role in ("ties", "ties_sv"):
         recipe = load_recipe(ctx.out(step.deps[role]) / "best_recipe.yaml")
         sft = recipe.raw.models[1].model
-        report = analyze(recipe, protect=[sft], progress=ctx.progress)
+        report = analyze(recipe, protect=[sft], progress=ctx.progress, allow_pickle=ctx.allow_pickle)
         rate = report.total.loss_rate()[0]
         mass = report.total.mass_loss()[0]
         doc[role] = {

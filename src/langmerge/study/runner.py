@@ -71,17 +71,19 @@ def select(plan: Plan, patterns: Sequence[str]) -> list[Step]:
 
 
 def run_study(study: Study, *, only: Sequence[str] = (), force: bool = False, executor: str | None = None,
-              progress: bool = True, report: Report | None = None, write: bool = True) -> StudyResult:
+              progress: bool = True, report: Report | None = None, write: bool = True,
+              allow_pickle: bool = False) -> StudyResult:
     """Run the study's steps (cached) and write ``OUT/report``.
 
     ``only``: run the steps matching these patterns and what they need; ``force`` reruns the
     matching steps (every step without ``only``), never the cached steps they merely need.
+    ``allow_pickle``: given models with only pickle (.bin) weights may load (``weights_only=True``).
     """
     plan = build_plan(study)
     cache = cache_dir(study)
     cache.mkdir(parents=True, exist_ok=True)
     clean_partials(cache)
-    ctx = Context(cache.resolve(), progress)
+    ctx = Context(cache.resolve(), progress, allow_pickle)
     steps = select(plan, only) if only else list(plan.steps)
     forced = {id(s) for s in (matching(plan, only) if only else steps)} if force else set()
     prepare = [s for s in steps if any(s is p for p in plan.prepare)]

@@ -66,6 +66,7 @@ class Step:
 class Context:
     cache: Path
     progress: bool = True
+    allow_pickle: bool = False  # given models with only .bin weights may load (--allow-pickle)
 
     def out(self, step: Step) -> Path:
         folder = step.folder(self.cache)

@@ -10,6 +10,7 @@ import numpy as np
 
 from langmerge.errors import LangmergeError
 from langmerge.io.hub import resolve_model
+from langmerge.io.reader import pretrained_options, read_config
 from langmerge.training.data import (
     REPLAY,
     TARGET,
@@ -29,28 +30,32 @@ def _tokens(value: int | str) -> int:
 
 
 def load_tokenizer(base: Path):
+    """The tokenizer of a model folder, checked by io/files.py's rule first; never runs code from the folder."""
     from transformers import AutoTokenizer
 
-    if not (base / "config.json").is_file():
+    from langmerge.io.files import check_folder_files
+
+    if read_config(base) is None:
         raise LangmergeError(f"{base}: not a model folder (no config.json)")
+    check_folder_files(base)
     try:
         return AutoTokenizer.from_pretrained(base, trust_remote_code=False)
     except (OSError, ValueError) as exc:
-        raise LangmergeError(f"{base}: cannot load the tokenizer ({exc})") from exc
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise LangmergeError(f"{base}: cannot load the tokenizer ({first})") from exc
 
 
-def _check_seq_len(base: Path, seq_len: int) -> None:
-    import json
-
-    config = base / "config.json"
-    if not config.is_file():
+def check_base(base: Path, seq_len: int, allow_pickle: bool) -> dict:
+    """Check the base model folder before any work (config.json, its files, pickle-only weights, the sequence
+    length); the ``from_pretrained`` options that load it."""
+    config = read_config(base) if base.is_dir() else None
+    if config is None:
         raise LangmergeError(f"{base}: not a model folder (no config.json)")
-    try:
-        limit = json.loads(config.read_text()).get("max_position_embeddings")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise LangmergeError(f"{config}: unreadable model config ({exc})") from exc
+    pretrained = pretrained_options(base, allow_pickle=allow_pickle)
+    limit = config.get("max_position_embeddings")
     if limit and seq_len > limit:
         raise LangmergeError(f"sequence length {seq_len} exceeds {base}'s max_position_embeddings ({limit})")
+    return pretrained
 
 
 def _options_fingerprint(options: TrainOptions) -> dict:
@@ -74,6 +79,7 @@ def train_ct(
     force: bool = False,
     resume: bool = False,
     stop_after: int | None = None,
+    allow_pickle: bool = False,
 ) -> TrainResult:
     """Continual pre-training of ``base`` on exactly ``tokens`` target-language tokens.
 
@@ -86,9 +92,9 @@ def train_ct(
     if budgets[-1] > total:
         raise LangmergeError(f"--save-at budget {budgets[-1]:,} is larger than --tokens {total:,}")
     prepare_output(out, force, resume)  # fail before downloading or tokenizing anything
-    source = resolve_model(base, progress=options.progress)
+    source = resolve_model(base, allow_pickle=allow_pickle, progress=options.progress)
     base = source.folder
-    _check_seq_len(base, options.seq_len)
+    pretrained = check_base(base, options.seq_len, allow_pickle)
     tokenizer = load_tokenizer(base)
     target = token_stream(tokenizer, list(texts))
     replay_stream = token_stream(tokenizer, list(replay)) if replay else None
@@ -118,7 +124,7 @@ def train_ct(
         kind="ct", base=base, steps=plan.steps, step_items=step_items, save_steps=plan.save_steps,
         fingerprint=fingerprint(*plan.streams, plan.source, plan.start, plan.length, plan.step_bounds,
                                 _options_fingerprint(options), source.pinned),
-        metadata=metadata, base_model=source,
+        metadata=metadata, base_model=source, pretrained=pretrained,
     )
     log.info("CT plan: %d steps, %d target + %d replay tokens", plan.steps, plan.tokens(TARGET), plan.tokens(REPLAY))
     return run(job, out, options, tokenizer, force=force, resume=resume, stop_after=stop_after)
@@ -134,6 +140,7 @@ def train_sft(
     force: bool = False,
     resume: bool = False,
     stop_after: int | None = None,
+    allow_pickle: bool = False,
 ) -> TrainResult:
     """Supervised fine-tuning of ``base`` on a JSONL of prompt/response pairs or chat messages.
 
@@ -142,9 +149,9 @@ def train_sft(
     """
     out, data = Path(out), Path(data)
     prepare_output(out, force, resume)  # fail before downloading anything
-    source = resolve_model(base, progress=options.progress)
+    source = resolve_model(base, allow_pickle=allow_pickle, progress=options.progress)
     base = source.folder
-    _check_seq_len(base, options.seq_len)
+    pretrained = check_base(base, options.seq_len, allow_pickle)
     tokenizer = load_tokenizer(base)
     examples, dropped = build_sft_examples(tokenizer, data, options.seq_len)
     if dropped:
@@ -168,7 +175,7 @@ def train_sft(
     job = Job(
         kind="sft", base=base, steps=len(bounds) - 1, step_items=step_items, save_steps={},
         fingerprint=fingerprint(flat_ids, order, bounds, _options_fingerprint(options), source.pinned),
-        metadata=metadata, base_model=source,
+        metadata=metadata, base_model=source, pretrained=pretrained,
     )
     return run(job, out, options, tokenizer, force=force, resume=resume, stop_after=stop_after)
 

@@ -73,7 +73,7 @@ def _ct(args) -> int:
             args.base, args.text, args.tokens, args.out,
             save_at=args.save_at or (), replay=args.replay or (), replay_ratio=args.replay_ratio,
             repeat=args.repeat, options=_options(args), force=args.force, resume=args.resume,
-            stop_after=args.stop_after,
+            stop_after=args.stop_after, allow_pickle=args.allow_pickle,
         )
     )
 
@@ -84,7 +84,7 @@ def _sft(args) -> int:
     return _report(
         train_sft(
             args.base, args.data, args.out, epochs=args.epochs, options=_options(args),
-            force=args.force, resume=args.resume, stop_after=args.stop_after,
+            force=args.force, resume=args.resume, stop_after=args.stop_after, allow_pickle=args.allow_pickle,
         )
     )
 
@@ -115,6 +115,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-after", type=int, default=None, help="stop (resumably) after this many steps in total")
     p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load a --base with only .bin (pickle) weights, with torch.load(weights_only=True)")
 
 
 def add_commands(sub) -> None:

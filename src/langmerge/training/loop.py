@@ -83,6 +83,7 @@ class Job:
     step_items: Callable[[int], list[Item]]
     save_steps: dict[str, int]  # budget folder name -> steps after which it is complete
     fingerprint: str  # identifies the data and plan, checked on resume
+    pretrained: dict  # from_pretrained options of the base (io/reader.pretrained_options)
     metadata: dict = field(default_factory=dict)  # data description for langmerge_training.json
     base_model: ResolvedModel | None = None  # where the base came from (io/hub.py): recorded as its ``pinned`` reference
 
@@ -154,12 +155,16 @@ def _micro_batches(items: list[Item], rank: int, world: int, micro: int) -> list
 
 
 def _base_dtype(base: Path) -> torch.dtype:
-    try:
-        config = json.loads((base / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise LangmergeError(f"{base}: not a model folder (config.json: {exc})") from exc
+    from langmerge.io.reader import read_config
+
+    config = read_config(base)
+    if config is None:
+        raise LangmergeError(f"{base}: not a model folder (no config.json)")
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return getattr(torch, str(name), torch.float32)
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise LangmergeError(f"{base / 'config.json'}: key 'dtype': {name!r} is not a torch dtype")
+    return dtype
 
 
 class _Trainer:
@@ -184,7 +189,7 @@ class _Trainer:
         torch.manual_seed(self.opt.seed)
         if self.opt.deterministic:
             torch.use_deterministic_algorithms(True)
-        model = AutoModelForCausalLM.from_pretrained(self.job.base, trust_remote_code=False, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(self.job.base, dtype=torch.float32, **self.job.pretrained)
         if self.opt.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -277,7 +282,7 @@ class _Trainer:
         if self.opt.lora and self.opt.merge_lora:
             from langmerge.training.lora import merged_model
 
-            merged = merged_model(self.job.base, self.opt.lora, state).to(self.save_dtype)
+            merged = merged_model(self.job.base, self.opt.lora, state, self.job.pretrained).to(self.save_dtype)
             merged.save_pretrained(tmp, safe_serialization=True)
         elif self.opt.lora:
             unwrapped.save_pretrained(tmp, state_dict=state, safe_serialization=True)

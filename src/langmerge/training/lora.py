@@ -40,14 +40,15 @@ def wrap_lora(model, options: LoraOptions):
     return get_peft_model(model, _peft_config(options))
 
 
-def merged_model(base: str | Path, options: LoraOptions, trained_state: dict[str, torch.Tensor]):
+def merged_model(base: str | Path, options: LoraOptions, trained_state: dict[str, torch.Tensor], pretrained: dict):
     """A plain model of ``base`` with the adapters in ``trained_state`` merged into its weights.
 
     ``trained_state`` is the full state dict of the trained PEFT model (base + adapter
     tensors); it is loaded into a fresh CPU copy so the training model is left untouched.
+    ``pretrained``: the base's ``from_pretrained`` options (io/reader.pretrained_options).
     """
     from transformers import AutoModelForCausalLM
 
-    fresh = wrap_lora(AutoModelForCausalLM.from_pretrained(base, trust_remote_code=False, dtype=torch.float32), options)
+    fresh = wrap_lora(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **pretrained), options)
     fresh.load_state_dict({k: v.to("cpu", torch.float32) for k, v in trained_state.items()}, strict=True)
     return fresh.merge_and_unload()

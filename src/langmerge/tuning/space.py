@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from langmerge.errors import LangmergeError
+from langmerge.input_files import parse_yaml, read_input_text
 from langmerge.recipe import Recipe, load_recipe
 
 _MODEL_KEY = re.compile(r"^models\[([^\]]+)\]\.parameters\.([A-Za-z_][A-Za-z0-9_]*)$")
@@ -169,14 +168,7 @@ def load_space(space: str | Path | dict, recipe: Recipe) -> list[Dimension]:
     where = "search space"
     if isinstance(space, (str, Path)):
         where = str(space)
-        try:
-            text = Path(space).read_text()
-        except OSError as exc:
-            raise LangmergeError(f"{space}: cannot read the search space ({exc.strerror or exc})") from exc
-        try:
-            space = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise LangmergeError(f"{where}: invalid YAML ({exc})") from exc
+        space = parse_yaml(read_input_text(Path(space), "search space"), where, "search space")
     if not isinstance(space, dict) or not space:
         raise LangmergeError(f"{where}: a search space is a non-empty mapping of recipe keys to ranges or values")
     dims = [_dimension(recipe, str(key), spec, where) for key, spec in space.items()]
