@@ -4,15 +4,21 @@ Each feature package contributes its subcommands through an
 ``add_commands(subparsers)`` function listed in ``COMMAND_PROVIDERS``; a
 handler receives the parsed arguments and returns an exit code. Input errors
 (``LangmergeError``) become one line on stderr and exit code 2.
+SIGINT and SIGTERM (what ``timeout``, Slurm and ``docker stop`` send) both
+raise ``Interrupted``, so every output folder in progress is removed on the
+way out (exit 130 and 143).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from langmerge.errors import LangmergeError
@@ -31,6 +37,38 @@ def parse_size(text: str) -> int:
         return int(float(t))
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 5GB or 500MB)") from None
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: unwinds like Ctrl-C, so every ``atomic_output_dir`` removes its partial folder."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signal_handling():
+    """SIGINT/SIGTERM raise ``Interrupted`` (once: the cleanup that follows is not cut short);
+    SIGXFSZ is ignored, so a write past the file size limit fails with EFBIG instead of killing us."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = []
+
+    def interrupt(signum, frame):
+        if not fired:
+            fired.append(signum)
+            raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if hasattr(signal, "SIGXFSZ"):
+        previous[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _merge(args) -> int:
@@ -55,8 +93,16 @@ def _demo(args) -> int:
     from langmerge.engine import merge
     from langmerge.synthetic import LlamaShape, make_trio
 
+    from langmerge.io.output import atomic_output_dir, check_output_free
+
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="langmerge-demo-"))
-    paths = make_trio(work / "inputs", LlamaShape(hidden=128, intermediate=256, layers=4, heads=4, kv_heads=2))
+    # Both folders are checked before either is written: an existing one needs --force.
+    check_output_free(work / "inputs", args.force)
+    check_output_free(work / "merged", args.force, [work / "inputs"])
+    shape = LlamaShape(hidden=128, intermediate=256, layers=4, heads=4, kv_heads=2)
+    with atomic_output_dir(work / "inputs", force=args.force) as tmp:
+        make_trio(tmp, shape)
+    paths = {name: work / "inputs" / name for name in ("base", "ct", "sft")}
     recipe = {
         "merge_method": "ties_sv",
         "base_model": str(paths["base"]),
@@ -68,7 +114,7 @@ def _demo(args) -> int:
         "dtype": "float32",
     }
     print(f"generated a base, a CT and an SFT model (Llama-shaped, random) under {work / 'inputs'}")
-    report = merge(recipe, work / "merged", force=True, progress=not args.no_progress)
+    report = merge(recipe, work / "merged", force=args.force, progress=not args.no_progress)
     print(report.summary())
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -95,8 +141,10 @@ def add_commands(sub) -> None:
     p.set_defaults(handler=_merge)
 
     p = sub.add_parser("demo", help="merge a small generated model trio and show the result")
-    p.add_argument("--work-dir", default=None, help="where to put the generated models (default: a temp folder)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--work-dir", default=None,
+                   help="where to put the generated models (WORK/inputs) and the merge (WORK/merged); default: a temp folder")
+    p.add_argument("--force", action="store_true", help="replace WORK/inputs and WORK/merged if they exist")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(handler=_demo)
 
 
@@ -117,13 +165,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.handler(args)
+        with _signal_handling():
+            return args.handler(args)
     except LangmergeError as exc:
         print(f"langmerge: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("langmerge: interrupted; no partial output was kept", file=sys.stderr)
-        return 130
+    except OSError as exc:
+        from langmerge.io.output import WRITE_ERRORS
+
+        if exc.errno not in WRITE_ERRORS:
+            raise
+        # Outside an output folder (e.g. a library's cache): still one line, not a traceback.
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"langmerge: error: {WRITE_ERRORS[exc.errno]}{where} ({exc.strerror})", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        print(f"langmerge: interrupted ({signal.Signals(signum).name}); no partial output was kept", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

@@ -21,11 +21,11 @@ from tqdm.auto import tqdm
 
 from langmerge.errors import LangmergeError
 from langmerge.io.metadata import write_config, write_model_card
-from langmerge.io.output import atomic_output_dir, check_output_free
+from langmerge.io.output import atomic_output_dir, check_output_free, check_space
 from langmerge.io.reader import CheckpointReader
-from langmerge.io.sources import open_recipe_sources
+from langmerge.io.sources import open_recipe_sources, recipe_input_paths
 from langmerge.io.vocab import VocabPlan, merge_aligned_job, plan_vocabulary
-from langmerge.io.writer import ShardedWriter
+from langmerge.io.writer import ShardedWriter, shard_sizes
 from langmerge.methods.fused_cpu import all_finite
 from langmerge.methods.kernels import NonFiniteMerge, TensorParameters, merge_tensor
 from langmerge.recipe import Recipe, load_recipe
@@ -221,7 +221,7 @@ def merge(
 ) -> MergeReport:
     """Merge per ``recipe`` (path, YAML text, dict or Recipe) into the folder ``out_dir``."""
     recipe = load_recipe(recipe)
-    check_output_free(out_dir, force)
+    check_output_free(out_dir, force, recipe_input_paths(recipe))
     if threads:
         from langmerge.methods import fused_cpu
 
@@ -232,6 +232,7 @@ def merge(
     plan = plan_merge(recipe, allow_pickle=allow_pickle)
     try:
         specs = [(j.name, j.shape, j.out_dtype) for j in plan.jobs]
+        check_space(out_dir, shard_sizes(specs, shard_bytes))  # a full disk is found before the merge, not during it
         with atomic_output_dir(out_dir, force=force) as tmp:
             writer = ShardedWriter(tmp, specs, shard_bytes)
             written = 0

@@ -16,6 +16,7 @@ from langmerge.analysis.diagnostics import (
 )
 from langmerge.errors import LangmergeError
 from langmerge.io.output import atomic_output_dir, check_output_free
+from langmerge.io.sources import recipe_input_paths
 from langmerge.recipe import load_recipe
 
 TRAINING_METADATA = "langmerge_training.json"  # written by `langmerge train` (langmerge.training.loop)
@@ -139,7 +140,7 @@ def run_analyze(args) -> int:
             raise LangmergeError(f"the protected (SFT) model differs between recipes: {', '.join(labels)}")
     elif args.tokens is not None:
         raise LangmergeError("--tokens: compare CT budgets with several recipes, one per budget")
-    check_output_free(args.out, args.force)
+    check_output_free(args.out, args.force, [p for r in recipes for p in recipe_input_paths(r)])
 
     reports = []
     for recipe in recipes:

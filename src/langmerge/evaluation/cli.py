@@ -42,7 +42,8 @@ def _eval(args) -> int:
     if not tasks and not lm_tasks:
         raise LangmergeError("give --tasks NAME[,NAME...] and/or --lm-eval TASKS (see --list-tasks)")
     if args.out:
-        check_output_free(args.out, args.force)  # refuse before any work, not after it
+        # Refuse before any work, not after it; the output may not overlap what is read.
+        check_output_free(args.out, args.force, [args.model_dir, *tasks, *(args.lm_eval_include or [])])
     results = evaluate(
         args.model_dir,
         tasks,

@@ -47,6 +47,17 @@ def open_model(path: str, *, base_ref: str | None, allow_pickle: bool = False):
     return open_checkpoint(path, label=path, allow_pickle=allow_pickle)
 
 
+def recipe_input_paths(recipe) -> list[str]:
+    """Every path a merge of ``recipe`` reads: the recipe file, the base (a LoRA adapter's base too), the models.
+
+    The tokenizer source is one of these by construction (``base``, ``union`` or a model of the recipe).
+    """
+    paths = [recipe.source] if recipe.source != "<recipe>" else []
+    if recipe.base_model is not None:
+        paths.append(recipe.base_model)
+    return paths + [e.model for e in recipe.raw.models]
+
+
 def open_recipe_sources(recipe, stack: ExitStack, *, allow_pickle: bool = False):
     """``(base or None, inputs)`` for a recipe; each is closed by ``stack``."""
     base = None

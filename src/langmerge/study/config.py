@@ -221,6 +221,18 @@ class Study:
 
         return {parse_token_count(k): self.path(v) for k, v in self.spec.languages[lang].checkpoints.items()}
 
+    def input_paths(self) -> list[Path]:
+        """Every file and folder the study reads: the config, base, SFT and CT models, texts, data, task files."""
+        s = self.spec
+        paths = [self.source]
+        paths += [self.path(p) for p in (s.base.path, s.sft.path) if p is not None]
+        sources = [*(s.sft.data or []), *s.replay]
+        for lang, ls in s.languages.items():
+            paths += list(self.checkpoints(lang).values())
+            sources += ls.text
+            paths += [self.path(t) for t in (*ls.validation, *ls.test) if t.endswith((".yaml", ".yml"))]
+        return paths + [self.path(src.path) for src in sources if src.path is not None]
+
     def ratio(self) -> tuple[int, int]:
         from langmerge.training.data import parse_ratio
 

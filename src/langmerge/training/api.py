@@ -84,7 +84,7 @@ def train_ct(
     budgets = sorted({_tokens(b) for b in save_at} | {total})
     if budgets[-1] > total:
         raise LangmergeError(f"--save-at budget {budgets[-1]:,} is larger than --tokens {total:,}")
-    prepare_output(out, force, resume)  # fail before tokenizing anything
+    prepare_output(out, force, resume, [base, *texts, *replay])  # fail before tokenizing anything
     _check_seq_len(base, options.seq_len)
     tokenizer = load_tokenizer(base)
     target = token_stream(tokenizer, list(texts))
@@ -138,7 +138,7 @@ def train_sft(
     ``options.seq_len``. The CT-then-SFT baseline is ``train_sft(ct_folder, ...)``.
     """
     base, out, data = Path(base), Path(out), Path(data)
-    prepare_output(out, force, resume)
+    prepare_output(out, force, resume, [base, data])
     _check_seq_len(base, options.seq_len)
     tokenizer = load_tokenizer(base)
     examples, dropped = build_sft_examples(tokenizer, data, options.seq_len)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from langmerge.io.output import check_output_free
+from langmerge.io.sources import recipe_input_paths
 from langmerge.recipe import load_recipe
 
 
@@ -19,7 +20,7 @@ def run_tune(args) -> int:
     check_search(args.search, dims, args.trials)
     objective, described = task_objective(args.tasks, metric=args.metric, limit=args.limit,
                                           batch_size=args.batch_size, few_shot=args.few_shot, seed=args.seed)
-    check_output_free(args.out, args.force)
+    check_output_free(args.out, args.force, [*recipe_input_paths(recipe), args.space, *args.tasks.split(",")])
     name = "mean of " + ", ".join(described)
     result = tune(recipe, args.space, objective, search=args.search, trials=args.trials, seed=args.seed,
                   out_dir=args.out, force=args.force, device=args.device, progress=not args.no_progress,
