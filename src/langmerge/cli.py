@@ -3,7 +3,7 @@
 Each feature package contributes its subcommands through an
 ``add_commands(subparsers)`` function listed in ``COMMAND_PROVIDERS``; a
 handler receives the parsed arguments and returns an exit code. Input errors
-(``LangmergeError``) become one line on stderr and exit code 2.
+(``LangmergeError``) and bad options become one line on stderr and exit code 2.
 SIGINT and SIGTERM (what ``timeout``, Slurm and ``docker stop`` send) both
 raise ``Interrupted``, so every output folder in progress is removed on the
 way out (exit 130 and 143).
@@ -39,6 +39,30 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 5GB or 500MB)") from None
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """An argparse type: cpu, cuda, cuda:N or mps, present on this machine."""
+    if text == "cpu":
+        return text  # the default: no need to import torch while parsing
+    from langmerge.devices import resolve_device
+
+    try:
+        resolve_device(text, key="")
+    except LangmergeError as exc:
+        raise argparse.ArgumentTypeError(str(exc).strip()) from None
+    return text
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM: unwinds like Ctrl-C, so every ``atomic_output_dir`` removes its partial folder."""
 
@@ -69,6 +93,13 @@ def _signal_handling():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Option errors on one line (and exit 2), like every other error of the command."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _merge(args) -> int:
@@ -131,8 +162,8 @@ def add_commands(sub) -> None:
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("out_dir", help="output folder (a Hugging Face model folder)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for the tensor arithmetic")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for the tensor arithmetic")
     p.add_argument("--shard-size", type=parse_size, default=5 * 10**9, help="max bytes per shard (default 5GB)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument(
@@ -149,7 +180,7 @@ def add_commands(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="langmerge",
         description="Task-solving LLMs for low-resource languages by merging a CT model and an SFT model.",
     )
@@ -161,11 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from langmerge.progress import library_progress_bars
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        with _signal_handling():
+        with _signal_handling(), library_progress_bars(not getattr(args, "no_progress", False)):
             return args.handler(args)
     except LangmergeError as exc:
         print(f"langmerge: error: {exc}", file=sys.stderr)

@@ -201,13 +201,6 @@ def merge_job(plan: MergePlan, job: TensorJob, device: torch.device) -> torch.Te
     return out
 
 
-def _device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LangmergeError("--device cuda: no CUDA GPU is available")
-    return device
-
-
 def merge(
     recipe,
     out_dir: str | Path,
@@ -220,14 +213,18 @@ def merge(
     allow_pickle: bool = False,
 ) -> MergeReport:
     """Merge per ``recipe`` (path, YAML text, dict or Recipe) into the folder ``out_dir``."""
+    from langmerge.devices import resolve_device
+
     recipe = load_recipe(recipe)
     check_output_free(out_dir, force, recipe_input_paths(recipe))
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise LangmergeError(f"threads {threads!r}: expected a whole number of at least 1")
+    dev = resolve_device(device)
     if threads:
         from langmerge.methods import fused_cpu
 
         torch.set_num_threads(threads)
         fused_cpu.set_threads(threads)  # the fused kernels run on numba's threads, not torch's
-    dev = _device(device)
     start = time.perf_counter()
     plan = plan_merge(recipe, allow_pickle=allow_pickle)
     try:

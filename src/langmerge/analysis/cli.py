@@ -14,6 +14,7 @@ from langmerge.analysis.diagnostics import (
     percent,
     resolve_protected,
 )
+from langmerge.cli import device_name
 from langmerge.errors import LangmergeError
 from langmerge.io.output import atomic_output_dir, check_output_free
 from langmerge.io.sources import recipe_input_paths
@@ -176,7 +177,7 @@ def add_commands(sub) -> None:
                         "default: the recipe's 'protect'")
     p.add_argument("--tokens", default=None,
                    help="CT tokens per recipe, e.g. 1M,2M,4M (default: read from the CT model's langmerge_training.json)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--allow-pickle", action="store_true", help="read .bin (pickle) weights with torch.load(weights_only=True)")

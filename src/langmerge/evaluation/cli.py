@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
+from langmerge.cli import device_name, positive_int
 
 
 def _split(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _list_tasks() -> int:
@@ -80,7 +73,7 @@ def add_commands(sub) -> None:
     p.add_argument("--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
     p.add_argument("--max-length", type=int, default=None, help="max tokens per sequence (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the few-shot selection")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.add_argument("--list-tasks", action="store_true", help="list the built-in tasks and lm-eval presets")

@@ -24,6 +24,9 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: str | None 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from langmerge.devices import resolve_device
+
+    dev = resolve_device(device)
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise LangmergeError(f"model folder {path} has no config.json (not a Hugging Face model folder)")
@@ -34,7 +37,7 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: str | None 
     except Exception as exc:  # transformers raises many types for a broken folder
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise LangmergeError(f"cannot load the model in {path}: {first}") from None
-    model.to(device).eval()
+    model.to(dev).eval()
     return model, tokenizer
 
 
@@ -219,7 +222,7 @@ def evaluate(
         from langmerge.evaluation.lm_eval_bridge import run_lm_eval
 
         results["lm_eval"] = run_lm_eval(model, tokenizer, lm_eval_tasks, batch_size=batch_size, limit=limit,
-                                         num_fewshot=few_shot, resolved=lm_resolved)
+                                         num_fewshot=few_shot, resolved=lm_resolved, progress=progress)
     return results
 
 

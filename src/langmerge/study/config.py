@@ -319,6 +319,9 @@ def check_study(study: Study) -> None:
     for i, src in enumerate(s.replay):
         _check_source(study, src, f"{where}: replay[{i}]", "text")
     study.ratio()
+    from langmerge.devices import resolve_device
+
+    resolve_device(s.evaluation.device, f"{where}: evaluation.device", here=False)  # present: on the worker that uses it
     known = _known_languages()
     for lang, ls in s.languages.items():
         key = f"{where}: languages.{lang}"

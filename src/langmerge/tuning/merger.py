@@ -41,7 +41,9 @@ class InMemoryMerger:
     def __init__(self, recipe: Recipe, *, device: str = "cpu", allow_pickle: bool = False):
         self.recipe = recipe
         self.method = recipe.method
-        self.device = torch.device(device)
+        from langmerge.devices import resolve_device
+
+        self.device = resolve_device(device)
         plan = plan_merge(recipe, allow_pickle=allow_pickle)
         try:
             aligned = [j.name for j in plan.jobs if plan.vocab is not None and plan.vocab.is_aligned(j.name)]
