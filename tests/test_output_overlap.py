@@ -57,7 +57,8 @@ def world(tmp_path, monkeypatch):
         (root / name).write_text(yaml.safe_dump(doc))
         return root / name
 
-    w = {**m, "root": root, "state_base": write_model(root / "run.train-state", SHAPE), "adapter": adapter, "snapshot": snap, "blobs": repo / "blobs", "sft_link": root / "sft-link",
+    w = {**m, "root": root, "adapter": adapter, "snapshot": snap, "blobs": repo / "blobs", "sft_link": root / "sft-link",
+         "state_base": write_model(root / "run.train-state", SHAPE),  # a model named like OUT's run state
          "data": data, "text": data / "ta.txt", "sft_data": data / "sft.jsonl", "task": data / "val.yaml",
          "space": data / "space.yaml",
          "recipe": recipe("r.yaml", [m["ct"], m["sft"]]),

@@ -131,5 +131,6 @@ def test_a_replacement_killed_between_its_renames_is_restored(work, capsys):
     old.mkdir()
     (old / "mine.txt").write_text("the previous output")
     assert main(["merge", str(work / "r.yaml"), str(work / "out"), "--no-progress"]) == 2
-    assert capsys.readouterr().err.strip() == f"langmerge: error: output {work / 'out'} already exists; pass --force to replace it"
+    err = capsys.readouterr().err.strip()
+    assert err == f"langmerge: error: output {work / 'out'} already exists; pass --force to replace it"
     assert listing(work) == ["out", "r.yaml"] and (work / "out" / "mine.txt").read_text() == "the previous output"
