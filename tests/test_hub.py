@@ -520,3 +520,28 @@ def test_lora_trained_on_a_hub_base_records_its_id_and_merges_on_it(offline, tmp
               "models": [{"model": str(tmp_path / "adapter"), "parameters": {"weight": 1.0}}]}
     merge(recipe, tmp_path / "merged", progress=False)  # the recorded id is the base's: accepted
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("command", ["merge", "eval", "train"])
+def test_output_inside_the_cache_repository_of_an_input_by_id_is_refused(offline, tmp_path, command, capsys):
+    """An input named by Hub id is its cache repository: an output there is refused before any work."""
+    from langmerge.io.hub import hub_cache_dir
+
+    repo = hub_cache_dir() / "models--org--base"
+    assert repo.is_dir()
+    before = sorted(str(p.relative_to(repo)) for p in repo.rglob("*"))
+    out = repo / "merged"
+    if command == "merge":
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(yaml.safe_dump(_recipe("org/base", "org/ct", "org/sft")))
+        argv = ["merge", str(recipe), str(out), "--no-progress"]
+    elif command == "eval":
+        argv = ["eval", "org/base", "--tasks", "next_day_en", "--out", str(out), "--no-progress"]
+    else:
+        data = tmp_path / "sft.jsonl"
+        data.write_text(json.dumps({"prompt": "1 + 1 =", "response": " 2"}) + "\n")
+        argv = ["train", "sft", "--base", "org/base", "--data", str(data), "--out", str(out), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "langmerge: error:" in err and "models--org--base" in err and len(err.strip().splitlines()) == 1
+    assert sorted(str(p.relative_to(repo)) for p in repo.rglob("*")) == before

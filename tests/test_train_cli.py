@@ -77,13 +77,14 @@ def test_bad_input_is_one_line_and_exit_code_2(files, tmp_path, capsys):
     bad.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n" + json.dumps({"question": "a"}) + "\n")
     assert f"{bad}:2: needs string fields 'prompt' and 'response'" in _error(
         capsys, ["train", "sft", "--base", base, "--data", str(bad), "--out", out])
+    (tmp_path / "not_a_model").mkdir()  # beside the output: an output inside --base is refused before this check
     assert "not a model folder" in _error(
-        capsys, ["train", "sft", "--base", str(tmp_path), "--data", str(files["sft"]), "--out", out])
+        capsys, ["train", "sft", "--base", str(tmp_path / "not_a_model"), "--data", str(files["sft"]), "--out", out])
     assert "--merge-lora needs --lora" in _error(
         capsys, ["train", "sft", "--base", base, "--data", str(files["sft"]), "--out", out, "--merge-lora"])
     assert "sequence length 512 exceeds" in _error(
         capsys, ["train", "ct", "--base", base, "--text", str(files["ta"]), "--tokens", "10", "--out", out, "--seq-len", "512"])
-    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "empty.txt", "not_a_model"]
 
 
 def test_repeat_lets_the_budget_exceed_the_data(files, tmp_path, capsys):

@@ -3,16 +3,22 @@
 Each feature package contributes its subcommands through an
 ``add_commands(subparsers)`` function listed in ``COMMAND_PROVIDERS``; a
 handler receives the parsed arguments and returns an exit code. Input errors
-(``LangmergeError``) become one line on stderr and exit code 2.
+(``LangmergeError``) and bad options become one line on stderr and exit code 2.
+SIGINT and SIGTERM (what ``timeout``, Slurm and ``docker stop`` send) both
+raise ``Interrupted``, so every output folder in progress is removed on the
+way out (exit 130 and 143).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from langmerge.errors import LangmergeError
@@ -31,6 +37,69 @@ def parse_size(text: str) -> int:
         return int(float(t))
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 5GB or 500MB)") from None
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """An argparse type: cpu, cuda, cuda:N or mps, present on this machine."""
+    if text == "cpu":
+        return text  # the default: no need to import torch while parsing
+    from langmerge.devices import resolve_device
+
+    try:
+        resolve_device(text, key="")
+    except LangmergeError as exc:
+        raise argparse.ArgumentTypeError(str(exc).strip()) from None
+    return text
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: unwinds like Ctrl-C, so every ``atomic_output_dir`` removes its partial folder."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signal_handling():
+    """SIGINT/SIGTERM raise ``Interrupted`` (once: the cleanup that follows is not cut short);
+    SIGXFSZ is ignored, so a write past the file size limit fails with EFBIG instead of killing us."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = []
+
+    def interrupt(signum, frame):
+        if not fired:
+            fired.append(signum)
+            raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if hasattr(signal, "SIGXFSZ"):
+        previous[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Option errors on one line (and exit 2), like every other error of the command."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _merge(args) -> int:
@@ -55,8 +124,16 @@ def _demo(args) -> int:
     from langmerge.engine import merge
     from langmerge.synthetic import LlamaShape, make_trio
 
+    from langmerge.io.output import atomic_output_dir, check_output_free
+
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="langmerge-demo-"))
-    paths = make_trio(work / "inputs", LlamaShape(hidden=128, intermediate=256, layers=4, heads=4, kv_heads=2))
+    # Both folders are checked before either is written: an existing one needs --force.
+    check_output_free(work / "inputs", args.force)
+    check_output_free(work / "merged", args.force, [work / "inputs"])
+    shape = LlamaShape(hidden=128, intermediate=256, layers=4, heads=4, kv_heads=2)
+    with atomic_output_dir(work / "inputs", force=args.force) as tmp:
+        make_trio(tmp, shape)
+    paths = {name: work / "inputs" / name for name in ("base", "ct", "sft")}
     recipe = {
         "merge_method": "ties_sv",
         "base_model": str(paths["base"]),
@@ -68,7 +145,7 @@ def _demo(args) -> int:
         "dtype": "float32",
     }
     print(f"generated a base, a CT and an SFT model (Llama-shaped, random) under {work / 'inputs'}")
-    report = merge(recipe, work / "merged", force=True, progress=not args.no_progress)
+    report = merge(recipe, work / "merged", force=args.force, progress=not args.no_progress)
     print(report.summary())
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -88,8 +165,8 @@ def add_commands(sub) -> None:
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("out_dir", help="output folder (a Hugging Face model folder)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for the tensor arithmetic")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for the tensor arithmetic")
     p.add_argument("--shard-size", type=parse_size, default=5 * 10**9, help="max bytes per shard (default 5GB)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument(
@@ -98,13 +175,15 @@ def add_commands(sub) -> None:
     p.set_defaults(handler=_merge)
 
     p = sub.add_parser("demo", help="merge a small generated model trio and show the result")
-    p.add_argument("--work-dir", default=None, help="where to put the generated models (default: a temp folder)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--work-dir", default=None,
+                   help="where to put the generated models (WORK/inputs) and the merge (WORK/merged); default: a temp folder")
+    p.add_argument("--force", action="store_true", help="replace WORK/inputs and WORK/merged if they exist")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(handler=_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="langmerge",
         description="Task-solving LLMs for low-resource languages by merging a CT model and an SFT model.",
     )
@@ -116,17 +195,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from langmerge.progress import library_progress_bars
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.handler(args)
+        with _signal_handling(), library_progress_bars(not getattr(args, "no_progress", False)):
+            return args.handler(args)
     except LangmergeError as exc:
         print(f"langmerge: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("langmerge: interrupted; no partial output was kept", file=sys.stderr)
-        return 130
+    except OSError as exc:
+        from langmerge.io.output import WRITE_ERRORS
+
+        if exc.errno not in WRITE_ERRORS:
+            raise
+        # Outside an output folder (e.g. a library's cache): still one line, not a traceback.
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"langmerge: error: {WRITE_ERRORS[exc.errno]}{where} ({exc.strerror})", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        print(f"langmerge: interrupted ({signal.Signals(signum).name}); no partial output was kept", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

@@ -22,11 +22,11 @@ from tqdm.auto import tqdm
 from langmerge.errors import LangmergeError
 from langmerge.io.hub import ResolvedModel
 from langmerge.io.metadata import write_config, write_model_card
-from langmerge.io.output import atomic_output_dir, check_output_free
+from langmerge.io.output import atomic_output_dir, check_output_free, check_space
 from langmerge.io.reader import CheckpointReader
-from langmerge.io.sources import open_recipe_sources, recipe_models
+from langmerge.io.sources import open_recipe_sources, recipe_input_paths, recipe_models
 from langmerge.io.vocab import VocabPlan, merge_aligned_job, plan_vocabulary
-from langmerge.io.writer import ShardedWriter
+from langmerge.io.writer import ShardedWriter, shard_sizes
 from langmerge.methods.fused_cpu import all_finite
 from langmerge.methods.kernels import NonFiniteMerge, TensorParameters, merge_tensor
 from langmerge.recipe import Recipe, load_recipe
@@ -234,13 +234,6 @@ def merge_job(plan: MergePlan, job: TensorJob, device: torch.device) -> torch.Te
     return out
 
 
-def _device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LangmergeError("--device cuda: no CUDA GPU is available")
-    return device
-
-
 def merge(
     recipe,
     out_dir: str | Path,
@@ -253,18 +246,23 @@ def merge(
     allow_pickle: bool = False,
 ) -> MergeReport:
     """Merge per ``recipe`` (path, YAML text, dict or Recipe) into the folder ``out_dir``."""
+    from langmerge.devices import resolve_device
+
     recipe = load_recipe(recipe)
-    check_output_free(out_dir, force)
+    check_output_free(out_dir, force, recipe_input_paths(recipe))
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise LangmergeError(f"threads {threads!r}: expected a whole number of at least 1")
+    dev = resolve_device(device)
     if threads:
         from langmerge.methods import fused_cpu
 
         torch.set_num_threads(threads)
         fused_cpu.set_threads(threads)  # the fused kernels run on numba's threads, not torch's
-    dev = _device(device)
     start = time.perf_counter()
     plan = plan_merge(recipe, allow_pickle=allow_pickle, progress=progress)
     try:
         specs = [(j.name, j.shape, j.out_dtype) for j in plan.jobs]
+        check_space(out_dir, shard_sizes(specs, shard_bytes))  # a full disk is found before the merge, not during it
         with atomic_output_dir(out_dir, force=force) as tmp:
             writer = ShardedWriter(tmp, specs, shard_bytes)
             written = 0

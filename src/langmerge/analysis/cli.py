@@ -14,10 +14,12 @@ from langmerge.analysis.diagnostics import (
     percent,
     resolve_protected,
 )
+from langmerge.cli import device_name
 from langmerge.errors import LangmergeError
 from langmerge.io.hub import resolve_model
 from langmerge.io.metadata import TRAINING_METADATA
 from langmerge.io.output import atomic_output_dir, check_output_free
+from langmerge.io.sources import recipe_input_paths
 from langmerge.recipe import load_recipe
 
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
@@ -142,7 +144,7 @@ def run_analyze(args) -> int:
             raise LangmergeError(f"the protected (SFT) model differs between recipes: {', '.join(labels)}")
     elif args.tokens is not None:
         raise LangmergeError("--tokens: compare CT budgets with several recipes, one per budget")
-    check_output_free(args.out, args.force)
+    check_output_free(args.out, args.force, [p for r in recipes for p in recipe_input_paths(r)])
 
     reports = []
     for recipe in recipes:
@@ -178,7 +180,7 @@ def add_commands(sub) -> None:
                         "default: the recipe's 'protect'")
     p.add_argument("--tokens", default=None,
                    help="CT tokens per recipe, e.g. 1M,2M,4M (default: read from the CT model's langmerge_training.json)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--allow-pickle", action="store_true", help="read .bin (pickle) weights with torch.load(weights_only=True)")

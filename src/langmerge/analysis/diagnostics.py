@@ -337,9 +337,9 @@ def analyze(
     if not slack_list:
         raise LangmergeError("--slack: no value given")
     check_analyzable(recipe, protected, slack_list)
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LangmergeError("--device cuda: no CUDA GPU is available")
+    from langmerge.devices import resolve_device
+
+    dev = resolve_device(device)
     start = time.perf_counter()
     plan = plan_merge(recipe, allow_pickle=allow_pickle, progress=progress)
     models = [e.model for e in recipe.inputs]

@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
+from langmerge.cli import device_name, positive_int
 
 
 def _split(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _list_tasks() -> int:
@@ -32,6 +25,7 @@ def _list_tasks() -> int:
 def _eval(args) -> int:
     from langmerge.errors import LangmergeError
     from langmerge.evaluation.runner import evaluate, results_markdown, write_results
+    from langmerge.io.hub import hub_repository_folder
     from langmerge.io.output import check_output_free
 
     if args.list_tasks:
@@ -42,7 +36,9 @@ def _eval(args) -> int:
     if not tasks and not lm_tasks:
         raise LangmergeError("give --tasks NAME[,NAME...] and/or --lm-eval TASKS (see --list-tasks)")
     if args.out:
-        check_output_free(args.out, args.force)  # refuse before any work, not after it
+        # Refuse before any work, not after it; the output may not overlap what is read.
+        model = hub_repository_folder(args.model_dir) or args.model_dir  # a Hub id's files lie in its cache repository
+        check_output_free(args.out, args.force, [model, *tasks, *(args.lm_eval_include or [])])
     results = evaluate(
         args.model_dir,
         tasks,
@@ -80,7 +76,7 @@ def add_commands(sub) -> None:
     p.add_argument("--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
     p.add_argument("--max-length", type=int, default=None, help="max tokens per sequence (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the few-shot selection")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.add_argument("--list-tasks", action="store_true", help="list the built-in tasks and lm-eval presets")

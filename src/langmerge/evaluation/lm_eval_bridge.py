@@ -73,6 +73,7 @@ def run_lm_eval(
     num_fewshot: int | None = None,
     log_samples: bool = False,
     resolved=None,
+    progress: bool = True,
 ) -> dict:
     """lm-eval's results for ``tasks`` on an in-memory model: ``{"results": ..., "versions": ..., ["samples"]}``.
 
@@ -81,12 +82,15 @@ def run_lm_eval(
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    from langmerge.progress import library_progress_bars
+
     names, manager = resolved or resolve_lm_eval_tasks(tasks, include)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    out = lm_eval.simple_evaluate(
-        model=lm, tasks=names, task_manager=manager, num_fewshot=num_fewshot, limit=limit,
-        log_samples=log_samples, bootstrap_iters=0,
-    )
+    with library_progress_bars(progress):  # datasets is imported by now: its bars can be switched off too
+        out = lm_eval.simple_evaluate(
+            model=lm, tasks=names, task_manager=manager, num_fewshot=num_fewshot, limit=limit,
+            log_samples=log_samples, bootstrap_iters=0,
+        )
     if out is None:
         raise LangmergeError("lm-eval returned no results")
     kept = {"results": out["results"], "versions": out.get("versions", {})}

@@ -30,9 +30,11 @@ def load_model(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from langmerge.devices import resolve_device
     from langmerge.io.hub import resolve_model
     from langmerge.io.reader import pretrained_options, read_config
 
+    dev = resolve_device(device)
     path = resolve_model(model_dir, allow_pickle=allow_pickle, progress=progress).folder
     if not path.is_dir() or read_config(path) is None:
         raise LangmergeError(f"model folder {path} has no config.json (not a Hugging Face model folder)")
@@ -44,7 +46,7 @@ def load_model(
     except Exception as exc:  # transformers raises many types for a broken folder
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise LangmergeError(f"cannot load the model in {path}: {first}") from None
-    model.to(device).eval()
+    model.to(dev).eval()
     return model, tokenizer
 
 
@@ -236,7 +238,7 @@ def evaluate(
         from langmerge.evaluation.lm_eval_bridge import run_lm_eval
 
         results["lm_eval"] = run_lm_eval(model, tokenizer, lm_eval_tasks, batch_size=batch_size, limit=limit,
-                                         num_fewshot=few_shot, resolved=lm_resolved)
+                                         num_fewshot=few_shot, resolved=lm_resolved, progress=progress)
     return results
 
 

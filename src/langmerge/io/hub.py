@@ -152,6 +152,15 @@ def _repo_folder(cache: Path, repo_id: str) -> Path:
     return cache / ("models--" + repo_id.replace("/", "--"))
 
 
+def hub_repository_folder(reference: str) -> Path | None:
+    """The cache repository a Hub id's files live in (``<cache>/models--ORG--NAME``), known without the
+    network; None for a local folder or a reference that is not a Hub id."""
+    if Path(reference).exists():
+        return None
+    parsed = parse_hub_id(reference)
+    return _repo_folder(hub_cache_dir(), parsed[0]) if parsed else None
+
+
 def _local(reference: str, folder: Path) -> ResolvedModel:
     """A folder named by its path; a snapshot of the cache also says which Hub id and commit it holds."""
     repo = cache_repository(folder)

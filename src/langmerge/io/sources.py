@@ -18,7 +18,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from langmerge.errors import LangmergeError
-from langmerge.io.hub import TO_DOWNLOAD, ResolvedModel, resolve_model
+from langmerge.io.hub import TO_DOWNLOAD, ResolvedModel, hub_repository_folder, resolve_model
 from langmerge.io.lora import ADAPTER_CONFIG, LoraSource, is_adapter
 from langmerge.io.reader import open_checkpoint
 
@@ -106,6 +106,18 @@ def open_model(path: str, *, base_ref: str | None, allow_pickle: bool = False, m
             base.close()
             raise
     return open_checkpoint(model.folder, label=path, allow_pickle=allow_pickle)
+
+
+def recipe_input_paths(recipe) -> list[str | Path]:
+    """Every path a merge of ``recipe`` reads: the recipe file, the base (a LoRA adapter's base too), the models.
+
+    A Hub id that is not a local folder stands for its repository in the Hugging Face cache, where
+    its files are or will be (known without the network). The tokenizer source is one of these by
+    construction (``base``, ``union`` or a model of the recipe).
+    """
+    paths: list[str | Path] = [recipe.source] if recipe.source != "<recipe>" else []
+    refs = ([recipe.base_model] if recipe.base_model is not None else []) + [e.model for e in recipe.raw.models]
+    return paths + [hub_repository_folder(ref) or ref for ref in refs]
 
 
 def open_recipe_sources(recipe, stack: ExitStack, *, allow_pickle: bool = False, models: dict[str, ResolvedModel] | None = None):

@@ -32,14 +32,23 @@ def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[Tens
     return shards
 
 
+def shard_names(count: int) -> list[str]:
+    return [SINGLE_FILE] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def shard_sizes(specs: list[TensorSpec], max_shard_bytes: int) -> dict[str, int]:
+    """Each shard file's size in bytes, less its header (a lower bound known before any tensor is computed)."""
+    shards = plan_shards(specs, max_shard_bytes)
+    return {name: sum(tensor_nbytes(s, d) for _, s, d in shard) for name, shard in zip(shard_names(len(shards)), shards)}
+
+
 class ShardedWriter:
     """Writes ``specs`` (in order) into ``folder`` as HF-style shards."""
 
     def __init__(self, folder: Path, specs: list[TensorSpec], max_shard_bytes: int):
         self.folder = Path(folder)
         self.shards = plan_shards(specs, max_shard_bytes)
-        n = len(self.shards)
-        self.files = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.files = shard_names(len(self.shards))
         self._shard_of = {spec[0]: i for i, shard in enumerate(self.shards) for spec in shard}
         self._current: StreamingFileWriter | None = None
         self._current_index = -1
@@ -67,7 +76,10 @@ class ShardedWriter:
 
     def abort(self) -> None:
         if self._current is not None:
-            self._current.abort()
+            try:
+                self._current.abort()
+            except OSError:
+                pass  # closing flushes, and may fail as the write did (a full disk): keep the first error
             self._current = None
 
 

@@ -254,6 +254,24 @@ class Study:
             self._models[value] = model
         return self._models[value]
 
+    def input_paths(self) -> list[Path]:
+        """Every file and folder the study reads: the config, base, SFT and CT models, texts, data, task files."""
+        from langmerge.io.hub import hub_repository_folder
+
+        def model(value: str) -> Path:  # a Hub id's files lie in its cache repository
+            ref = self.model_ref(value)
+            return hub_repository_folder(ref) or Path(ref)
+
+        s = self.spec
+        paths = [self.source]
+        paths += [model(p) for p in (s.base.path, s.sft.path) if p is not None]
+        sources = [*(s.sft.data or []), *s.replay]
+        for lang, ls in s.languages.items():
+            paths += [model(str(v)) for v in self.checkpoints(lang).values()]
+            sources += ls.text
+            paths += [self.path(t) for t in (*ls.validation, *ls.test) if t.endswith((".yaml", ".yml"))]
+        return paths + [self.path(src.path) for src in sources if src.path is not None]
+
     def ratio(self) -> tuple[int, int]:
         from langmerge.training.data import parse_ratio
 
@@ -335,6 +353,9 @@ def check_study(study: Study) -> None:
     for i, src in enumerate(s.replay):
         _check_source(study, src, f"{where}: replay[{i}]", "text")
     study.ratio()
+    from langmerge.devices import resolve_device
+
+    resolve_device(s.evaluation.device, f"{where}: evaluation.device", here=False)  # present: on the worker that uses it
     known = _known_languages()
     for lang, ls in s.languages.items():
         key = f"{where}: languages.{lang}"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from langmerge.errors import LangmergeError
+from langmerge.io.output import check_disjoint, remove_dead_partials
 from langmerge.study.config import Study
 from langmerge.study.executors import Report, run_steps
 from langmerge.study.plan import Plan, build_plan, check_budgets
@@ -32,16 +32,6 @@ class StudyResult:
 
 def cache_dir(study: Study) -> Path:
     return study.out / "cache"
-
-
-def clean_partials(cache: Path) -> list[Path]:
-    """Remove the half-written step folders a killed run left (``.<kind>-<key>.partial-*``)."""
-    removed = []
-    if cache.is_dir():
-        for p in cache.glob(".*.partial-*"):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    return removed
 
 
 def matching(plan: Plan, patterns: Sequence[str]) -> list[Step]:
@@ -79,10 +69,14 @@ def run_study(study: Study, *, only: Sequence[str] = (), force: bool = False, ex
     matching steps (every step without ``only``), never the cached steps they merely need.
     ``allow_pickle``: given models with only pickle (.bin) weights may load (``weights_only=True``).
     """
+    check_disjoint([study.out], study.input_paths())  # before any work: the study writes OUT/cache and OUT/report
     plan = build_plan(study)
     cache = cache_dir(study)
-    cache.mkdir(parents=True, exist_ok=True)
-    clean_partials(cache)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LangmergeError(f"{study.source}: out {study.out}: cannot create {cache} ({exc.strerror or exc})") from None
+    remove_dead_partials(cache)  # the half-written step folders of killed runs (a live run's are left alone)
     ctx = Context(cache.resolve(), progress, allow_pickle)
     steps = select(plan, only) if only else list(plan.steps)
     forced = {id(s) for s in (matching(plan, only) if only else steps)} if force else set()

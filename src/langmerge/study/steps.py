@@ -90,9 +90,12 @@ def run_step(step: Step, ctx: Context, force: bool = False) -> dict:
     marker = folder / DONE
     if marker.is_file() and not force:
         return json.loads(marker.read_text()) | {"cached": True}
+    from langmerge.progress import library_progress_bars
+
     start = time.perf_counter()
     fn = runners()[step.kind]
-    with atomic_output_dir(folder, force=True) as tmp:
+    # A Ray worker is a process of its own: the CLI's --no-progress does not reach its libraries.
+    with library_progress_bars(ctx.progress), atomic_output_dir(folder, force=True) as tmp:
         info = fn(step, ctx, tmp)
         record = {
             "kind": step.kind, "label": step.label, "key": step.key(), "settings": step.settings,

@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from langmerge.errors import LangmergeError
-from langmerge.io.hub import resolve_model
+from langmerge.io.hub import hub_repository_folder, resolve_model
 from langmerge.io.reader import pretrained_options, read_config
 from langmerge.training.data import (
     REPLAY,
@@ -91,7 +91,8 @@ def train_ct(
     budgets = sorted({_tokens(b) for b in save_at} | {total})
     if budgets[-1] > total:
         raise LangmergeError(f"--save-at budget {budgets[-1]:,} is larger than --tokens {total:,}")
-    prepare_output(out, force, resume)  # fail before downloading or tokenizing anything
+    # fail before downloading or tokenizing anything (a Hub id's files stay in its cache repository)
+    prepare_output(out, force, resume, [hub_repository_folder(str(base)) or base, *texts, *replay])
     source = resolve_model(base, allow_pickle=allow_pickle, progress=options.progress)
     base = source.folder
     pretrained = check_base(base, options.seq_len, allow_pickle)
@@ -148,7 +149,7 @@ def train_sft(
     ``options.seq_len``. The CT-then-SFT baseline is ``train_sft(ct_folder, ...)``.
     """
     out, data = Path(out), Path(data)
-    prepare_output(out, force, resume)  # fail before downloading anything
+    prepare_output(out, force, resume, [hub_repository_folder(str(base)) or base, data])  # fail before downloading anything
     source = resolve_model(base, allow_pickle=allow_pickle, progress=options.progress)
     base = source.folder
     pretrained = check_base(base, options.seq_len, allow_pickle)

@@ -16,11 +16,12 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ import torch
 from langmerge.errors import LangmergeError
 from langmerge.io.hub import ResolvedModel
 from langmerge.io.metadata import TRAINING_METADATA
-from langmerge.io.output import atomic_output_dir, check_output_free
+from langmerge.io.output import atomic_output_dir, check_disjoint, check_output_free
 from langmerge.training.data import IGNORE_INDEX, TARGET
 from langmerge.training.lora import LoraOptions
 from langmerge.training.schedule import cosine_lr, warmup_steps_for
@@ -273,7 +274,8 @@ class _Trainer:
             with atomic_output_dir(self.out, force=force) as tmp:
                 self._write_into(tmp, state, progress)
                 for name in budget_names:
-                    shutil.move(str(self.state_dir / name), str(tmp / name))
+                    # Hard links: no second copy on disk, and a commit that fails keeps the run state whole.
+                    shutil.copytree(self.state_dir / name, tmp / name, copy_function=_link_or_copy)
             shutil.rmtree(self.state_dir, ignore_errors=True)
         acc.wait_for_everyone()
 
@@ -349,10 +351,21 @@ class _Trainer:
         return progress
 
 
-def prepare_output(out: Path, force: bool, resume: bool) -> Path:
-    """Check OUT and its run state before any work: refuse what would be overwritten."""
-    check_output_free(out, force)
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def prepare_output(out: Path, force: bool, resume: bool, inputs: Sequence[str | Path] = ()) -> Path:
+    """Check OUT and its run state before any work: refuse what would be overwritten.
+
+    ``inputs`` (the base, the text and data files) may not overlap OUT or its run state.
+    """
+    check_output_free(out, force, inputs)
     state = state_dir_for(out)
+    check_disjoint([state], inputs)
     if state.exists() and not resume:
         if not force:
             raise LangmergeError(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from langmerge.cli import device_name, positive_int
 from langmerge.io.output import check_output_free
+from langmerge.io.sources import recipe_input_paths
 from langmerge.recipe import load_recipe
 
 
@@ -19,7 +21,7 @@ def run_tune(args) -> int:
     check_search(args.search, dims, args.trials)
     objective, described = task_objective(args.tasks, metric=args.metric, limit=args.limit,
                                           batch_size=args.batch_size, few_shot=args.few_shot, seed=args.seed)
-    check_output_free(args.out, args.force)
+    check_output_free(args.out, args.force, [*recipe_input_paths(recipe), args.space, *args.tasks.split(",")])
     name = "mean of " + ", ".join(described)
     result = tune(recipe, args.space, objective, search=args.search, trials=args.trials, seed=args.seed,
                   out_dir=args.out, force=args.force, device=args.device, progress=not args.no_progress,
@@ -43,10 +45,10 @@ def add_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler and of few-shot example choice")
     p.add_argument("--metric", default="auto",
                    help="metric per task: auto (acc / exact_match / -bpc), acc, acc_norm, exact_match, chrf, bpc")
-    p.add_argument("--limit", type=int, default=None, help="first N examples of each task")
+    p.add_argument("--limit", type=positive_int, default=None, help="first N examples of each task")
     p.add_argument("--few-shot", type=int, default=None, help="override every task's few-shot count")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--allow-pickle", action="store_true", help="read .bin (pickle) weights with torch.load(weights_only=True)")

@@ -41,7 +41,9 @@ class InMemoryMerger:
     def __init__(self, recipe: Recipe, *, device: str = "cpu", allow_pickle: bool = False, progress: bool = True):
         self.recipe = recipe
         self.method = recipe.method
-        self.device = torch.device(device)
+        from langmerge.devices import resolve_device
+
+        self.device = resolve_device(device)
         plan = plan_merge(recipe, allow_pickle=allow_pickle, progress=progress)
         self.models = plan.models  # each model reference and what it resolved to (io/hub.py)
         try:

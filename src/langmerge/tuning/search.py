@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from langmerge.errors import LangmergeError
 from langmerge.io.output import atomic_output_dir, check_output_free
+from langmerge.io.sources import recipe_input_paths
 from langmerge.recipe import load_recipe
 from langmerge.tuning.merger import InMemoryMerger
 from langmerge.tuning.objective import Objective
@@ -105,7 +106,7 @@ def tune(
     dims = load_space(space, recipe)
     n_trials = check_search(search, dims, trials)
     if out_dir is not None:
-        check_output_free(out_dir, force)
+        check_output_free(out_dir, force, [*recipe_input_paths(recipe), space if isinstance(space, (str, Path)) else None])
     start = time.perf_counter()
     merger = InMemoryMerger(recipe, device=device, allow_pickle=allow_pickle, progress=progress)
     log.info("loaded the task vectors in memory (%.2f GB)", merger.nbytes / 1e9)

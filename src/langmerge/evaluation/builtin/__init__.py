@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -20,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from langmerge.errors import LangmergeError
+from langmerge.io.output import OutputAppeared, atomic_output_dir
 from langmerge.evaluation.builtin import cldr, numbers, udhr
 
 # Bumped whenever a built-in task's data changes (v2: sequence choices leave out the prompt's names).
@@ -100,19 +99,15 @@ def materialize(name: str, cache_dir: Path | None = None) -> Path:
         return task_yaml
     task = tasks[name]
     docs = task.build(root)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=folder.parent))
     try:
-        with (tmp / "data.jsonl").open("w", encoding="utf-8") as fh:
-            for doc in docs:
-                fh.write(json.dumps(doc, ensure_ascii=False) + "\n")
-        spec = {**task.spec, "data": "data.jsonl"}
-        (tmp / "task.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True, sort_keys=False), encoding="utf-8")
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not task_yaml.is_file():  # not another process that finished first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # A folder without task.yaml is a broken cache entry: replaced.
+        with atomic_output_dir(folder, force=folder.exists()) as tmp:
+            with (tmp / "data.jsonl").open("w", encoding="utf-8") as fh:
+                for doc in docs:
+                    fh.write(json.dumps(doc, ensure_ascii=False) + "\n")
+            spec = {**task.spec, "data": "data.jsonl"}
+            (tmp / "task.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    except OutputAppeared:
+        if not task_yaml.is_file():  # not another process that finished first
+            raise
     return task_yaml
