@@ -26,6 +26,7 @@ from langmerge.io.reader import CheckpointReader
 from langmerge.io.sources import open_recipe_sources
 from langmerge.io.vocab import VocabPlan, merge_aligned_job, plan_vocabulary
 from langmerge.io.writer import ShardedWriter
+from langmerge.methods.driver import thread_limit
 from langmerge.methods.fused_cpu import all_finite
 from langmerge.methods.kernels import NonFiniteMerge, TensorParameters, merge_tensor
 from langmerge.recipe import Recipe, load_recipe
@@ -164,7 +165,7 @@ def load_inputs(
 
 def input_generators(plan: MergePlan, job: TensorJob, device: torch.device) -> list[torch.Generator] | None:
     """Seeded generators for DARE's drop masks (None for other methods), one per input model."""
-    if plan.recipe.method.sparsification != "random":
+    if not plan.recipe.method.randomized:
         return None
     return [seeded_generator(job.seed, i, device=device) for i in range(len(plan.inputs))]
 
@@ -219,14 +220,18 @@ def merge(
     progress: bool = True,
     allow_pickle: bool = False,
 ) -> MergeReport:
-    """Merge per ``recipe`` (path, YAML text, dict or Recipe) into the folder ``out_dir``."""
+    """Merge per ``recipe`` (path, YAML text, dict or Recipe) into the folder ``out_dir``.
+
+    ``threads``: torch's and the fused kernels' thread count for the duration of the call (restored after).
+    """
     recipe = load_recipe(recipe)
     check_output_free(out_dir, force)
-    if threads:
-        from langmerge.methods import fused_cpu
+    with thread_limit(threads):
+        return _merge(recipe, out_dir, force, device, shard_bytes, progress, allow_pickle)
 
-        torch.set_num_threads(threads)
-        fused_cpu.set_threads(threads)  # the fused kernels run on numba's threads, not torch's
+
+def _merge(recipe: Recipe, out_dir, force: bool, device: str, shard_bytes: int, progress: bool,
+           allow_pickle: bool) -> MergeReport:
     dev = _device(device)
     start = time.perf_counter()
     plan = plan_merge(recipe, allow_pickle=allow_pickle)

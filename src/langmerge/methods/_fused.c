@@ -1,0 +1,489 @@
+/* The fused CPU kernels of langmerge's task-vector methods (docs/methods.md, "Kernels").
+ *
+ * Task arithmetic, TIES and TIES-SV over one block of a tensor, in float32 or
+ * bfloat16, giving the bits of the reference torch kernel: every bfloat16
+ * operation computes in float32 and rounds to nearest-even, a sum over the
+ * model axis accumulates in float32 in model order from +0 and rounds once,
+ * and masks multiply (trimmed and outvoted entries are signed zeros).
+ * Plus the pieces of exact k-th magnitude selection (key histograms, tie
+ * counts), the loss diagnostic of `langmerge analyze`, and a NaN/Inf count.
+ *
+ * Built at install time by setuptools (optional: without a compiler the
+ * reference kernel is planned instead). Loaded with ctypes, so the GIL is
+ * released during every call. Each call runs on `threads` threads of its own
+ * (pthreads started and joined inside the call): no process-wide state.
+ * Compiled with -ffp-contract=off: a fused multiply-add would change bits.
+ */
+
+#include <Python.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LM_ABI 1
+#define BINS 65536
+#define TASK 262144 /* elements per parallel work item (fused_cpu.CHUNK) */
+#define TILE 512    /* elements per vector tile inside a work item */
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define LM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define LM_CLONES
+#endif
+#define LM_INLINE static inline __attribute__((always_inline))
+
+/* ------------------------------------------------------------------ threads */
+
+typedef void (*task_fn)(void *ctx, int64_t task);
+
+typedef struct {
+    task_fn fn;
+    void *ctx;
+    int64_t ntasks;
+    atomic_llong next;
+} pool_t;
+
+static void *worker(void *arg) {
+    pool_t *p = (pool_t *)arg;
+    for (;;) {
+        int64_t t = atomic_fetch_add(&p->next, 1);
+        if (t >= p->ntasks) break;
+        p->fn(p->ctx, t);
+    }
+    return NULL;
+}
+
+/* Run fn(ctx, 0..ntasks-1) on up to `threads` threads (the caller's among them). */
+static void parallel_for(int64_t ntasks, int threads, task_fn fn, void *ctx) {
+    pool_t pool = {fn, ctx, ntasks, 0};
+    int extra = threads - 1;
+    if (extra > ntasks - 1) extra = (int)(ntasks - 1);
+    pthread_t ids[64];
+    if (extra > 64) extra = 64;
+    int started = 0;
+    for (; started < extra; started++)
+        if (pthread_create(&ids[started], NULL, worker, &pool) != 0) break; /* fewer threads, same result */
+    worker(&pool);
+    for (int i = 0; i < started; i++) pthread_join(ids[i], NULL);
+}
+
+static int64_t ntasks_of(int64_t n) { return n <= 0 ? 0 : (n + TASK - 1) / TASK; }
+
+/* ------------------------------------------------------------------ numerics */
+
+LM_INLINE float as_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+LM_INLINE uint32_t as_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+/* Element j of a float32 (bf = 0) or bfloat16 (bf = 1) array, as float32. */
+LM_INLINE float load(const void *p, int64_t j, const int bf) {
+    if (bf) return as_float(((uint32_t)((const uint16_t *)p)[j]) << 16);
+    return ((const float *)p)[j];
+}
+
+/* Round to the compute dtype: bfloat16 nearest-even (NaN kept), float32 as is. */
+LM_INLINE float rnd(float v, const int bf) {
+    if (!bf) return v;
+    uint32_t u = as_bits(v);
+    uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    return as_float((u & 0x7FFFFFFFu) > 0x7F800000u ? u : r);
+}
+
+LM_INLINE uint32_t key_of(float v) { return as_bits(v) & 0x7FFFFFFFu; }
+
+/* round(x - base) at j, or x itself without a base. */
+LM_INLINE float delta(const void *base, const void *x, int64_t j, const int bf) {
+    if (!base) return load(x, j, bf);
+    return rnd(load(x, j, bf) - load(base, j, bf), bf);
+}
+
+LM_INLINE void store(void *out, int64_t j, uint32_t bits, const int bf) {
+    if (bf) ((uint16_t *)out)[j] = (uint16_t)(bits >> 16);
+    else ((uint32_t *)out)[j] = bits;
+}
+
+/* Normalize, scale by lambda, add to the base, store; over one tile, each step a loop of its own
+ * (no branch inside a loop, so each vectorizes). Returns how many outputs are NaN or Inf. */
+LM_INLINE int64_t finish_tile(const float *b, float *mixed, const float *divisor, int len, int normalize, float lam,
+                              void *out, int64_t s, const int bf) {
+    for (int k = 0; k < len; k++) mixed[k] = rnd(mixed[k], bf);
+    if (normalize)
+        for (int k = 0; k < len; k++) mixed[k] = rnd(mixed[k] / divisor[k], bf);
+    if (lam != 1.0f)
+        for (int k = 0; k < len; k++) mixed[k] = rnd(mixed[k] * lam, bf);
+    int64_t bad = 0;
+    for (int k = 0; k < len; k++) {
+        uint32_t r = as_bits(rnd(b[k] + mixed[k], bf));
+        bad += (r & 0x7F800000u) == 0x7F800000u;
+        store(out, s + k, r, bf);
+    }
+    return bad;
+}
+
+LM_INLINE int nonfinite(uint32_t bits) { return (bits & 0x7F800000u) == 0x7F800000u; }
+
+/* ------------------------------------------------------------------ histogram */
+
+typedef struct {
+    const void *base, *x;
+    int64_t n;
+    int level;
+    uint32_t prefix;
+    int64_t *hist;
+    pthread_mutex_t lock;
+    int bf;
+} hist_ctx;
+
+LM_INLINE void hist_task_impl(hist_ctx *c, int64_t t, const int bf) {
+    int64_t lo = t * TASK, hi = lo + TASK < c->n ? lo + TASK : c->n;
+    uint32_t *local = calloc(BINS, sizeof(uint32_t));
+    uint32_t keys[TILE];
+    for (int64_t s = lo; s < hi; s += TILE) {
+        int len = (int)(hi - s < TILE ? hi - s : TILE);
+        for (int k = 0; k < len; k++) keys[k] = key_of(delta(c->base, c->x, s + k, bf));
+        if (c->level == 1) {
+            for (int k = 0; k < len; k++) local[keys[k] >> 16]++;
+        } else {
+            for (int k = 0; k < len; k++)
+                if ((keys[k] >> 16) == c->prefix) local[keys[k] & 0xFFFFu]++;
+        }
+    }
+    pthread_mutex_lock(&c->lock);
+    for (int i = 0; i < BINS; i++) c->hist[i] += local[i];
+    pthread_mutex_unlock(&c->lock);
+    free(local);
+}
+
+LM_CLONES static void hist_task_bf(void *ctx, int64_t t) { hist_task_impl(ctx, t, 1); }
+LM_CLONES static void hist_task_f32(void *ctx, int64_t t) { hist_task_impl(ctx, t, 0); }
+
+/* Add to hist[65536] the counts of magnitude keys of round(x - base) (of x
+ * when base is NULL): level 1 bins the key's high 16 bits; level 2 bins the
+ * low 16 bits of the keys whose high bits equal prefix. */
+void lm_histogram(int bf, const void *base, const void *x, int64_t n, int level, uint32_t prefix,
+                  int64_t *hist, int threads) {
+    hist_ctx c = {base, x, n, level, prefix, hist, PTHREAD_MUTEX_INITIALIZER, bf};
+    parallel_for(ntasks_of(n), threads, bf ? hist_task_bf : hist_task_f32, &c);
+}
+
+/* ------------------------------------------------------------------ ties at the threshold */
+
+typedef struct {
+    const void *base, *x;
+    int64_t n;
+    uint32_t key;
+    int64_t *counts; /* per task */
+} count_ctx;
+
+LM_INLINE void count_task_impl(count_ctx *c, int64_t t, const int bf) {
+    int64_t lo = t * TASK, hi = lo + TASK < c->n ? lo + TASK : c->n;
+    int64_t count = 0;
+    for (int64_t j = lo; j < hi; j++) count += key_of(delta(c->base, c->x, j, bf)) == c->key;
+    c->counts[t] = count;
+}
+
+LM_CLONES static void count_task_bf(void *ctx, int64_t t) { count_task_impl(ctx, t, 1); }
+LM_CLONES static void count_task_f32(void *ctx, int64_t t) { count_task_impl(ctx, t, 0); }
+
+/* How many entries of round(x - base) have magnitude key `key`. */
+int64_t lm_count_key(int bf, const void *base, const void *x, int64_t n, uint32_t key, int threads) {
+    int64_t nt = ntasks_of(n);
+    int64_t *counts = calloc(nt > 0 ? nt : 1, sizeof(int64_t));
+    count_ctx c = {base, x, n, key, counts};
+    parallel_for(nt, threads, bf ? count_task_bf : count_task_f32, &c);
+    int64_t total = 0;
+    for (int64_t t = 0; t < nt; t++) total += counts[t];
+    free(counts);
+    return total;
+}
+
+/* Index of the entry of round(x - base) that is the nth (from 0) with magnitude key `key`; -1 if none. */
+int64_t lm_find_key(int bf, const void *base, const void *x, int64_t n, uint32_t key, int64_t nth) {
+    for (int64_t j = 0; j < n; j++) {
+        float d = bf ? delta(base, x, j, 1) : delta(base, x, j, 0);
+        if (key_of(d) == key && nth-- == 0) return j;
+    }
+    return -1;
+}
+
+/* ------------------------------------------------------------------ task arithmetic */
+
+typedef struct {
+    const void *base;
+    const void *const *xs;
+    int m;
+    int64_t n;
+    const float *weights;
+    float divisor;
+    int normalize;
+    float lam;
+    void *out;
+    int64_t *bad; /* per task */
+} sum_ctx;
+
+LM_INLINE void sum_task_impl(sum_ctx *c, int64_t t, const int bf) {
+    int64_t lo = t * TASK, hi = lo + TASK < c->n ? lo + TASK : c->n;
+    float b[TILE], mixed[TILE], divisor[TILE];
+    for (int k = 0; k < TILE; k++) divisor[k] = c->divisor;
+    int64_t bad = 0;
+    for (int64_t s = lo; s < hi; s += TILE) {
+        int len = (int)(hi - s < TILE ? hi - s : TILE);
+        for (int k = 0; k < len; k++) { b[k] = load(c->base, s + k, bf); mixed[k] = 0.0f; }
+        for (int i = 0; i < c->m; i++) {
+            const void *x = c->xs[i];
+            float w = c->weights[i];
+            for (int k = 0; k < len; k++) mixed[k] += rnd(w * rnd(load(x, s + k, bf) - b[k], bf), bf);
+        }
+        bad += finish_tile(b, mixed, divisor, len, c->normalize, c->lam, c->out, s, bf);
+    }
+    c->bad[t] = bad;
+}
+
+LM_CLONES static void sum_task_bf(void *ctx, int64_t t) { sum_task_impl(ctx, t, 1); }
+LM_CLONES static void sum_task_f32(void *ctx, int64_t t) { sum_task_impl(ctx, t, 0); }
+
+/* Task arithmetic over n entries; returns how many outputs are NaN or Inf. */
+int64_t lm_merge_sum(int bf, const void *base, const void *const *xs, int m, int64_t n, const float *weights,
+                     float divisor, int normalize, float lam, void *out, int threads) {
+    int64_t nt = ntasks_of(n);
+    int64_t *bad = calloc(nt > 0 ? nt : 1, sizeof(int64_t));
+    sum_ctx c = {base, xs, m, n, weights, divisor, normalize, lam, out, bad};
+    parallel_for(nt, threads, bf ? sum_task_bf : sum_task_f32, &c);
+    int64_t total = 0;
+    for (int64_t t = 0; t < nt; t++) total += bad[t];
+    free(bad);
+    return total;
+}
+
+/* ------------------------------------------------------------------ TIES / TIES-SV */
+
+typedef struct {
+    const void *base;
+    const void *const *xs;
+    int m;
+    int64_t n, offset;
+    const uint8_t *trim;
+    const uint32_t *thresholds;
+    const int64_t *cutoffs;
+    const float *weights, *scales;
+    int round_vote, normalize;
+    float lam;
+    void *out;
+    int64_t *bad;
+} ties_ctx;
+
+/* Model i's weighted trimmed task values over one tile: v = round(w * trimmed). Kept:
+ * keys above the threshold, and keys equal to it at flat indices below the cutoff. */
+LM_INLINE void weighted_trimmed(const ties_ctx *c, int i, int64_t s, int len, const float *b, float *v, const int bf) {
+    const void *x = c->xs[i];
+    float w = c->weights[i];
+    if (c->trim[i]) {
+        uint32_t thr = c->thresholds[i];
+        int64_t rel = c->cutoffs[i] - c->offset - s; /* tile-relative, clamped so that 32-bit lanes compare it */
+        int32_t cut = rel < 0 ? 0 : rel > TILE ? TILE : (int32_t)rel;
+        for (int k = 0; k < len; k++) {
+            float d = rnd(load(x, s + k, bf) - b[k], bf);
+            uint32_t key = key_of(d);
+            float keep = (float)((key > thr) | ((key == thr) & (k < cut)));
+            v[k] = rnd(w * (d * keep), bf);
+        }
+    } else {
+        for (int k = 0; k < len; k++) v[k] = rnd(w * rnd(load(x, s + k, bf) - b[k], bf), bf);
+    }
+}
+
+LM_INLINE void ties_task_impl(ties_ctx *c, int64_t t, const int bf) {
+    int64_t lo = t * TASK, hi = lo + TASK < c->n ? lo + TASK : c->n;
+    float b[TILE], mass[TILE], mixed[TILE], divisor[TILE];
+    float *v = malloc(sizeof(float) * TILE * (c->m > 0 ? c->m : 1));
+    int64_t bad = 0;
+    for (int64_t s = lo; s < hi; s += TILE) {
+        int len = (int)(hi - s < TILE ? hi - s : TILE);
+        for (int k = 0; k < len; k++) { b[k] = load(c->base, s + k, bf); mass[k] = 0.0f; mixed[k] = 0.0f; divisor[k] = 0.0f; }
+        for (int i = 0; i < c->m; i++) {
+            float *vi = v + (size_t)i * TILE;
+            float scale = c->scales[i];
+            weighted_trimmed(c, i, s, len, b, vi, bf);
+            for (int k = 0; k < len; k++) mass[k] += vi[k] * scale;
+        }
+        /* TIES rounds its vote to the compute dtype (a torch sum); TIES-SV's scaled vote stays float32 */
+        if (c->round_vote)
+            for (int k = 0; k < len; k++) mass[k] = rnd(mass[k], bf);
+        for (int i = 0; i < c->m; i++) {
+            const float *vi = v + (size_t)i * TILE;
+            float w = c->weights[i];
+            for (int k = 0; k < len; k++) {
+                /* masks multiply: an outvoted or trimmed entry adds a signed zero */
+                float agree = (float)((vi[k] != 0.0f) & ((vi[k] > 0.0f) == (mass[k] >= 0.0f)));
+                mixed[k] += vi[k] * agree;
+                divisor[k] += w * agree;
+            }
+        }
+        for (int k = 0; k < len; k++) {
+            float d = rnd(divisor[k], bf);
+            divisor[k] = d == 0.0f ? 1.0f : d;
+        }
+        bad += finish_tile(b, mixed, divisor, len, c->normalize, c->lam, c->out, s, bf);
+    }
+    free(v);
+    c->bad[t] = bad;
+}
+
+LM_CLONES static void ties_task_bf(void *ctx, int64_t t) { ties_task_impl(ctx, t, 1); }
+LM_CLONES static void ties_task_f32(void *ctx, int64_t t) { ties_task_impl(ctx, t, 0); }
+
+/* TIES / TIES-SV over n entries whose first has flat index `offset`; returns the count of NaN/Inf outputs.
+ * scales: per-model vote multipliers (1 for TIES); cutoffs: absolute flat indices. */
+int64_t lm_merge_ties(int bf, const void *base, const void *const *xs, int m, int64_t n, int64_t offset,
+                      const uint8_t *trim, const uint32_t *thresholds, const int64_t *cutoffs, const float *weights,
+                      const float *scales, int round_vote, int normalize, float lam, void *out, int threads) {
+    int64_t nt = ntasks_of(n);
+    int64_t *bad = calloc(nt > 0 ? nt : 1, sizeof(int64_t));
+    ties_ctx c = {base, xs, m, n, offset, trim, thresholds, cutoffs, weights, scales, round_vote, normalize, lam, out, bad};
+    parallel_for(nt, threads, bf ? ties_task_bf : ties_task_f32, &c);
+    int64_t total = 0;
+    for (int64_t t = 0; t < nt; t++) total += bad[t];
+    free(bad);
+    return total;
+}
+
+/* ------------------------------------------------------------------ NaN / Inf */
+
+typedef struct {
+    const void *x;
+    int64_t n;
+    int64_t *bad;
+} finite_ctx;
+
+LM_INLINE void finite_task_impl(finite_ctx *c, int64_t t, const int bf) {
+    int64_t lo = t * TASK, hi = lo + TASK < c->n ? lo + TASK : c->n;
+    int64_t bad = 0;
+    for (int64_t j = lo; j < hi; j++) bad += nonfinite(as_bits(load(c->x, j, bf)));
+    c->bad[t] = bad;
+}
+
+LM_CLONES static void finite_task_bf(void *ctx, int64_t t) { finite_task_impl(ctx, t, 1); }
+LM_CLONES static void finite_task_f32(void *ctx, int64_t t) { finite_task_impl(ctx, t, 0); }
+
+int64_t lm_count_nonfinite(int bf, const void *x, int64_t n, int threads) {
+    int64_t nt = ntasks_of(n);
+    int64_t *bad = calloc(nt > 0 ? nt : 1, sizeof(int64_t));
+    finite_ctx c = {x, n, bad};
+    parallel_for(nt, threads, bf ? finite_task_bf : finite_task_f32, &c);
+    int64_t total = 0;
+    for (int64_t t = 0; t < nt; t++) total += bad[t];
+    free(bad);
+    return total;
+}
+
+/* ------------------------------------------------------------------ the loss diagnostic */
+
+typedef struct {
+    const void *base;
+    const void *const *xs;
+    int m;
+    int64_t n, offset;
+    const uint8_t *trim;
+    const uint32_t *thresholds;
+    const int64_t *cutoffs;
+    const float *weights;
+    int votes;
+    const float *scales; /* votes x m */
+    const uint8_t *round_vote;
+    int npairs;
+    const int32_t *pair_a, *pair_b;
+    /* per task partials, summed in task order afterwards (deterministic whatever the thread count) */
+    int64_t *kept, *both, *conflicts, *lost;
+    double *kept_mass, *squared, *lost_mass;
+} tally_ctx;
+
+LM_INLINE int sign_of(float v) { return (v > 0.0f) - (v < 0.0f); }
+
+LM_INLINE void tally_task_impl(tally_ctx *c, int64_t t, const int bf) {
+    int64_t lo = t * TASK, hi = lo + TASK < c->n ? lo + TASK : c->n;
+    int m = c->m, votes = c->votes, np = c->npairs;
+    int64_t *kept = c->kept + t * m, *both = c->both + t * np, *conflicts = c->conflicts + t * np;
+    int64_t *lost = c->lost + t * votes * m;
+    double *kept_mass = c->kept_mass + t * m, *squared = c->squared + t * m, *lost_mass = c->lost_mass + t * votes * m;
+    float *tv = malloc(sizeof(float) * 2 * (m > 0 ? m : 1));
+    float *v = tv + m;
+    for (int64_t j = lo; j < hi; j++) {
+        float b = load(c->base, j, bf);
+        for (int i = 0; i < m; i++) {
+            float d = rnd(load(c->xs[i], j, bf) - b, bf);
+            squared[i] += (double)d * (double)d;
+            if (c->trim[i]) {
+                uint32_t key = key_of(d);
+                d = d * (float)((key > c->thresholds[i]) | ((key == c->thresholds[i]) & (c->offset + j < c->cutoffs[i])));
+            }
+            tv[i] = d;
+            v[i] = rnd(c->weights[i] * d, bf);
+            kept[i] += d != 0.0f;
+            kept_mass[i] += d < 0 ? -d : d;
+        }
+        for (int q = 0; q < np; q++) {
+            int a = c->pair_a[q], e = c->pair_b[q];
+            int kb = (tv[a] != 0.0f) & (tv[e] != 0.0f);
+            both[q] += kb;
+            conflicts[q] += kb & (sign_of(v[a]) != sign_of(v[e]));
+        }
+        for (int s = 0; s < votes; s++) {
+            float mass = 0.0f;
+            for (int i = 0; i < m; i++) mass += v[i] * c->scales[s * m + i];
+            if (c->round_vote[s]) mass = rnd(mass, bf);
+            int up = mass >= 0.0f;
+            for (int i = 0; i < m; i++) {
+                int here = (tv[i] != 0.0f) & !((v[i] != 0.0f) & ((v[i] > 0.0f) == up));
+                lost[s * m + i] += here;
+                lost_mass[s * m + i] += here ? (tv[i] < 0 ? -tv[i] : tv[i]) : 0.0;
+            }
+        }
+    }
+    free(tv);
+}
+
+LM_CLONES static void tally_task_bf(void *ctx, int64_t t) { tally_task_impl(ctx, t, 1); }
+LM_CLONES static void tally_task_f32(void *ctx, int64_t t) { tally_task_impl(ctx, t, 0); }
+
+/* Add one block's diagnostic to the totals (kept, kept_mass, squared: m; both, conflicts: npairs;
+ * lost, lost_mass: votes x m). Entries are the merge's: same trimmed values, weighted values and votes. */
+void lm_tally(int bf, const void *base, const void *const *xs, int m, int64_t n, int64_t offset, const uint8_t *trim,
+              const uint32_t *thresholds, const int64_t *cutoffs, const float *weights, int votes, const float *scales,
+              const uint8_t *round_vote, int npairs, const int32_t *pair_a, const int32_t *pair_b, int64_t *kept,
+              double *kept_mass, double *squared, int64_t *both, int64_t *conflicts, int64_t *lost, double *lost_mass,
+              int threads) {
+    int64_t nt = ntasks_of(n);
+    if (nt == 0) return;
+    tally_ctx c = {base, xs, m, n, offset, trim, thresholds, cutoffs, weights, votes, scales, round_vote, npairs,
+                   pair_a, pair_b,
+                   calloc(nt * m, sizeof(int64_t)), calloc(nt * (npairs > 0 ? npairs : 1), sizeof(int64_t)),
+                   calloc(nt * (npairs > 0 ? npairs : 1), sizeof(int64_t)), calloc(nt * votes * m, sizeof(int64_t)),
+                   calloc(nt * m, sizeof(double)), calloc(nt * m, sizeof(double)), calloc(nt * votes * m, sizeof(double))};
+    parallel_for(nt, threads, bf ? tally_task_bf : tally_task_f32, &c);
+    for (int64_t t = 0; t < nt; t++) {
+        for (int i = 0; i < m; i++) {
+            kept[i] += c.kept[t * m + i];
+            kept_mass[i] += c.kept_mass[t * m + i];
+            squared[i] += c.squared[t * m + i];
+        }
+        for (int q = 0; q < npairs; q++) {
+            both[q] += c.both[t * npairs + q];
+            conflicts[q] += c.conflicts[t * npairs + q];
+        }
+        for (int k = 0; k < votes * m; k++) {
+            lost[k] += c.lost[t * votes * m + k];
+            lost_mass[k] += c.lost_mass[t * votes * m + k];
+        }
+    }
+    free(c.kept), free(c.both), free(c.conflicts), free(c.lost), free(c.kept_mass), free(c.squared), free(c.lost_mass);
+}
+
+int lm_abi(void) { return LM_ABI; }
+
+/* ------------------------------------------------------------------ module */
+
+/* A module, so setuptools builds and installs it like any extension; fused_cpu opens it with ctypes. */
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, .m_name = "_fused", .m_doc = "langmerge's fused CPU kernels (opened with ctypes)", .m_size = -1};
+
+PyMODINIT_FUNC PyInit__fused(void) { return PyModule_Create(&module); }
