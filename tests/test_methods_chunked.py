@@ -269,3 +269,17 @@ def test_the_loss_diagnostic_does_not_depend_on_the_chunks(method, monkeypatch):
             assert (getattr(whole, name) == getattr(chunked, name)).all(), name
         for name in ("kept_mass", "lost_mass", "squared_norm"):
             assert getattr(whole, name) == pytest.approx(getattr(chunked, name), rel=1e-6)
+
+
+def test_dare_without_generators_draws_from_torch_global_stream_like_mergekit():
+    """Models share the global stream, model after model over the whole tensor, as in mergekit."""
+    base, xs = _trio((40, 30), 2, torch.float32, seed=12)
+    torch.manual_seed(77)
+    theirs = merge_tensors([base, *xs], "dare_ties", parameters={"weight": {1: 1.0, 2: 0.6}, "density": {1: 0.3, 2: 0.5},
+                                                                 "rescale": False}, base_index=0)
+    after_theirs = torch.rand(3)
+    torch.manual_seed(77)
+    p = TensorParameters(weights=[1.0, 0.6], normalize=False, densities=[0.3, 0.5])
+    ours = merge_in_memory(get_method("dare_ties"), p, base, xs, chunk_bytes=64)  # one chunk whatever the size asked
+    assert torch.equal(ours, theirs)
+    assert torch.equal(torch.rand(3), after_theirs)  # the global stream advanced as mergekit's did

@@ -22,7 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define LM_ABI 1
+#define LM_ABI 3
 #define BINS 65536
 #define TASK 262144 /* elements per parallel work item (fused_cpu.CHUNK) */
 #define TILE 512    /* elements per vector tile inside a work item */
@@ -127,32 +127,46 @@ LM_INLINE int nonfinite(uint32_t bits) { return (bits & 0x7F800000u) == 0x7F8000
 
 typedef struct {
     const void *base, *x;
-    int64_t n;
+    int64_t n, span; /* elements per task: n split evenly over the threads */
     int level;
     uint32_t prefix;
     int64_t *hist;
     pthread_mutex_t lock;
-    int bf;
 } hist_ctx;
 
+/* Counts are integers, so any split of the work gives the same histogram: one task per thread,
+ * one local histogram each (allocating and merging one per small task would cost a quarter of the time). */
+static int64_t span_of(int64_t n, int threads) {
+    int64_t tasks = threads < 1 ? 1 : threads;
+    if (tasks > ntasks_of(n)) tasks = ntasks_of(n);
+    int64_t span = tasks <= 0 ? 1 : (n + tasks - 1) / tasks;
+    return span < ((int64_t)1 << 31) ? span : ((int64_t)1 << 31);
+}
+
 LM_INLINE void hist_task_impl(hist_ctx *c, int64_t t, const int bf) {
-    int64_t lo = t * TASK, hi = lo + TASK < c->n ? lo + TASK : c->n;
-    uint32_t *local = calloc(BINS, sizeof(uint32_t));
+    int64_t lo = t * c->span, hi = lo + c->span < c->n ? lo + c->span : c->n;
+    /* Two local histograms, for even and odd entries: runs of equal keys (zeros, bfloat16's coarse
+     * magnitudes) then do not wait on the previous increment of the same bin. Level 1 bins a key's high
+     * 16 bits, which are below 0x8000 (the sign bit is cleared): 2 x 128 KiB, in L2. A span is < 2**31. */
+    int bins = c->level == 1 ? BINS / 2 : BINS;
+    uint32_t *even = calloc(2 * (size_t)bins, sizeof(uint32_t)), *odd = even + bins;
     uint32_t keys[TILE];
     for (int64_t s = lo; s < hi; s += TILE) {
         int len = (int)(hi - s < TILE ? hi - s : TILE);
         for (int k = 0; k < len; k++) keys[k] = key_of(delta(c->base, c->x, s + k, bf));
         if (c->level == 1) {
-            for (int k = 0; k < len; k++) local[keys[k] >> 16]++;
+            int k = 0;
+            for (; k + 1 < len; k += 2) { even[keys[k] >> 16]++; odd[keys[k + 1] >> 16]++; }
+            if (k < len) even[keys[k] >> 16]++;
         } else {
             for (int k = 0; k < len; k++)
-                if ((keys[k] >> 16) == c->prefix) local[keys[k] & 0xFFFFu]++;
+                if ((keys[k] >> 16) == c->prefix) even[keys[k] & 0xFFFFu]++;
         }
     }
     pthread_mutex_lock(&c->lock);
-    for (int i = 0; i < BINS; i++) c->hist[i] += local[i];
+    for (int i = 0; i < bins; i++) c->hist[i] += (int64_t)even[i] + odd[i];
     pthread_mutex_unlock(&c->lock);
-    free(local);
+    free(even);
 }
 
 LM_CLONES static void hist_task_bf(void *ctx, int64_t t) { hist_task_impl(ctx, t, 1); }
@@ -163,8 +177,10 @@ LM_CLONES static void hist_task_f32(void *ctx, int64_t t) { hist_task_impl(ctx, 
  * low 16 bits of the keys whose high bits equal prefix. */
 void lm_histogram(int bf, const void *base, const void *x, int64_t n, int level, uint32_t prefix,
                   int64_t *hist, int threads) {
-    hist_ctx c = {base, x, n, level, prefix, hist, PTHREAD_MUTEX_INITIALIZER, bf};
-    parallel_for(ntasks_of(n), threads, bf ? hist_task_bf : hist_task_f32, &c);
+    if (n <= 0) return;
+    int64_t span = span_of(n, threads);
+    hist_ctx c = {base, x, n, span, level, prefix, hist, PTHREAD_MUTEX_INITIALIZER};
+    parallel_for((n + span - 1) / span, threads, bf ? hist_task_bf : hist_task_f32, &c);
 }
 
 /* ------------------------------------------------------------------ ties at the threshold */
@@ -176,35 +192,51 @@ typedef struct {
     int64_t *counts; /* per task */
 } count_ctx;
 
+LM_INLINE int64_t count_range(const void *base, const void *x, int64_t lo, int64_t hi, uint32_t key, const int bf) {
+    int64_t count = 0;
+    for (int64_t j = lo; j < hi; j++) count += key_of(delta(base, x, j, bf)) == key;
+    return count;
+}
+
 LM_INLINE void count_task_impl(count_ctx *c, int64_t t, const int bf) {
     int64_t lo = t * TASK, hi = lo + TASK < c->n ? lo + TASK : c->n;
-    int64_t count = 0;
-    for (int64_t j = lo; j < hi; j++) count += key_of(delta(c->base, c->x, j, bf)) == c->key;
-    c->counts[t] = count;
+    c->counts[t] = count_range(c->base, c->x, lo, hi, c->key, bf);
 }
 
 LM_CLONES static void count_task_bf(void *ctx, int64_t t) { count_task_impl(ctx, t, 1); }
 LM_CLONES static void count_task_f32(void *ctx, int64_t t) { count_task_impl(ctx, t, 0); }
 
-/* How many entries of round(x - base) have magnitude key `key`. */
-int64_t lm_count_key(int bf, const void *base, const void *x, int64_t n, uint32_t key, int threads) {
-    int64_t nt = ntasks_of(n);
-    int64_t *counts = calloc(nt > 0 ? nt : 1, sizeof(int64_t));
+/* Per work item, how many entries of round(x - base) have magnitude key `key`; returns their total. */
+static int64_t count_per_task(int bf, const void *base, const void *x, int64_t n, uint32_t key, int threads,
+                              int64_t *counts) {
     count_ctx c = {base, x, n, key, counts};
-    parallel_for(nt, threads, bf ? count_task_bf : count_task_f32, &c);
+    parallel_for(ntasks_of(n), threads, bf ? count_task_bf : count_task_f32, &c);
     int64_t total = 0;
-    for (int64_t t = 0; t < nt; t++) total += counts[t];
-    free(counts);
+    for (int64_t t = 0; t < ntasks_of(n); t++) total += counts[t];
     return total;
 }
 
-/* Index of the entry of round(x - base) that is the nth (from 0) with magnitude key `key`; -1 if none. */
-int64_t lm_find_key(int bf, const void *base, const void *x, int64_t n, uint32_t key, int64_t nth) {
-    for (int64_t j = 0; j < n; j++) {
-        float d = bf ? delta(base, x, j, 1) : delta(base, x, j, 0);
-        if (key_of(d) == key && nth-- == 0) return j;
+/* The tie scan's step over one block: returns how many entries of round(x - base) have magnitude key
+ * `key`; when that is more than `need` (the ties still to keep), *index is the block index of the need-th
+ * of them from 0 (the first not kept), else -1. The work items are counted in parallel; only the one
+ * holding that entry is scanned again. */
+int64_t lm_tie_scan(int bf, const void *base, const void *x, int64_t n, uint32_t key, int64_t need, int64_t *index,
+                    int threads) {
+    int64_t nt = ntasks_of(n);
+    int64_t *counts = calloc(nt > 0 ? nt : 1, sizeof(int64_t));
+    int64_t total = count_per_task(bf, base, x, n, key, threads, counts);
+    *index = -1;
+    for (int64_t t = 0; t < nt && total > need; t++) {
+        if (need >= counts[t]) { need -= counts[t]; continue; }
+        int64_t lo = t * TASK, hi = lo + TASK < n ? lo + TASK : n;
+        for (int64_t j = lo; j < hi; j++) {
+            float d = bf ? delta(base, x, j, 1) : delta(base, x, j, 0);
+            if (key_of(d) == key && need-- == 0) { *index = j; break; }
+        }
+        break;
     }
-    return -1;
+    free(counts);
+    return total;
 }
 
 /* ------------------------------------------------------------------ task arithmetic */

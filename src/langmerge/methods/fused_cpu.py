@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 18  # elements per parallel work item of the C kernels (TASK in _fused.c)
 BINS = 1 << 16
-ABI = 1
+ABI = 3
 SUPPORTED = (torch.float32, torch.bfloat16)
 
 # Below this many elements a tensor takes the reference kernel (a planning rule; tests move it).
@@ -49,8 +49,7 @@ def _load() -> ctypes.CDLL | None:
         return None
     signatures = {
         "lm_histogram": (None, [ctypes.c_int, _p, _p, _i64, ctypes.c_int, ctypes.c_uint32, _p, ctypes.c_int]),
-        "lm_count_key": (_i64, [ctypes.c_int, _p, _p, _i64, ctypes.c_uint32, ctypes.c_int]),
-        "lm_find_key": (_i64, [ctypes.c_int, _p, _p, _i64, ctypes.c_uint32, _i64]),
+        "lm_tie_scan": (_i64, [ctypes.c_int, _p, _p, _i64, ctypes.c_uint32, _i64, _p, ctypes.c_int]),
         "lm_merge_sum": (_i64, [ctypes.c_int, _p, _p, ctypes.c_int, _i64, _p, ctypes.c_float, ctypes.c_int,
                                 ctypes.c_float, _p, ctypes.c_int]),
         "lm_merge_ties": (_i64, [ctypes.c_int, _p, _p, ctypes.c_int, _i64, _i64, _p, _p, _p, _p, _p, ctypes.c_int,
@@ -111,15 +110,15 @@ def histogram(base: torch.Tensor | None, x: torch.Tensor, level: int, prefix: in
                       threads or default_threads())
 
 
-def count_key(base: torch.Tensor | None, x: torch.Tensor, key: int, threads: int | None = None) -> int:
+def tie_scan(base: torch.Tensor | None, x: torch.Tensor, key: int, need: int,
+             threads: int | None = None) -> tuple[int, int]:
+    """How many entries of ``round(x - base)`` have magnitude key ``key``, and (when more than ``need``)
+    the index of the ``need``-th of them (from 0), else -1."""
     base, x = _flat(base), _flat(x)
-    return int(_LIB.lm_count_key(_bf(x), _ptr(base), _ptr(x), x.numel(), key, threads or default_threads()))
-
-
-def find_key(base: torch.Tensor | None, x: torch.Tensor, key: int, nth: int) -> int:
-    """Index of the ``nth`` (from 0) entry whose magnitude key is ``key``, or -1."""
-    base, x = _flat(base), _flat(x)
-    return int(_LIB.lm_find_key(_bf(x), _ptr(base), _ptr(x), x.numel(), key, nth))
+    index = ctypes.c_int64(-1)
+    count = _LIB.lm_tie_scan(_bf(x), _ptr(base), _ptr(x), x.numel(), key, need, ctypes.addressof(index),
+                             threads or default_threads())
+    return int(count), index.value
 
 
 def merge_sum(base: torch.Tensor, xs: list[torch.Tensor], weights: np.ndarray, divisor: float, normalize: bool,

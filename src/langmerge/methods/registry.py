@@ -9,14 +9,10 @@ to all of them.
 from __future__ import annotations
 
 from langmerge.errors import LangmergeError
-from langmerge.methods.base import Method, ParameterSpec
-from langmerge.methods.task_vectors import ENTRIES, TaskVectorMethod
-
-MergeMethod = TaskVectorMethod  # the family's class, under its former name
+from langmerge.methods.base import Method
+from langmerge.methods.task_vectors import ENTRIES
 
 METHODS: dict[str, Method] = {}
-
-__all__ = ["METHODS", "MergeMethod", "ParameterSpec", "get_method", "method_names", "register_method"]
 
 
 def register_method(method: Method, *, replace: bool = False) -> Method:

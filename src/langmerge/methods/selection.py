@@ -66,20 +66,23 @@ class TieScan:
         elif self.need == 0:
             self.cutoff = 0
 
-    def for_block(self, start: int, numel: int, count, find) -> int:
+    def for_block(self, start: int, numel: int, scan) -> int:
         """The cutoff valid for the chunk ``start .. start + numel``; call it for every chunk, in order.
 
-        ``count()`` gives the chunk's tied entries, ``find(n)`` the chunk index of its n-th (from 0).
+        ``scan(n)`` gives the chunk's count of tied entries and, when that is
+        more than ``n``, the chunk index of its n-th (from 0), else -1: with
+        ``n`` ties still to keep, that one is the first tie not kept.
         """
         if self.cutoff is not None:
             return self.cutoff
-        here = count()
-        if self.seen + here <= self.need:
+        left = self.need - self.seen
+        here, index = scan(left)
+        if here <= left:
             self.seen += here
             if self.seen == self.need:
                 self.cutoff = start + numel
             return start + numel
-        self.cutoff = start + find(self.need - self.seen - 1) + 1
+        self.cutoff = start + index
         return self.cutoff
 
 
@@ -131,24 +134,13 @@ class Selection:
     def cutoff(self, block: Block, i: int, fused: bool) -> int:
         """The tie cutoff for model ``i`` in ``block`` (advances the scan: call once per block, in order)."""
         if fused:
-            return self.ties.for_block(
-                block.start, block.numel,
-                lambda: fused_cpu.count_key(block.base, block.inputs[i], self.threshold),
-                lambda n: fused_cpu.find_key(block.base, block.inputs[i], self.threshold, n),
-            )
-        tied = None
-
-        def _tied():
-            nonlocal tied
-            if tied is None:
+            scan = lambda n: fused_cpu.tie_scan(block.base, block.inputs[i], self.threshold, n)  # noqa: E731
+        else:
+            def scan(n: int) -> tuple[int, int]:
                 tied = magnitude_keys(_task_vector(block, i)) == self.threshold
-            return tied
-
-        return self.ties.for_block(
-            block.start, block.numel,
-            lambda: int(_tied().sum()),
-            lambda n: int(torch.nonzero(_tied()).reshape(-1)[n]),
-        )
+                count = int(tied.sum())
+                return count, int(torch.nonzero(tied).reshape(-1)[n]) if count > n else -1
+        return self.ties.for_block(block.start, block.numel, scan)
 
 
 def keep_mask(delta: torch.Tensor, threshold: int, cutoff: int, start: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ TIES and TIES-SV (without rescale) in float32 or bfloat16 on the CPU.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -152,36 +153,24 @@ class TaskVectorMethod(Method):
         merge = TaskVectorMerge(self, params, tensor, kernel, generators)
         if self.randomized and generators is None:
             # torch's global stream, shared by the models as mergekit draws it: model after model over the
-            # whole tensor, so the tensor is one chunk (a copy of the stream; the global RNG is not advanced)
-            shared = _copy_of_global_rng(tensor.device)
+            # whole tensor, so the tensor is one chunk
+            device = tensor.device
+            shared = torch.cuda.default_generators[device.index or 0] if device.type == "cuda" else torch.default_generator
             merge.generators = [shared] * params.n_models
             merge.chunk_rule = ChunkRule(whole_tensor=True)
         return merge
 
 
-def _copy_of_global_rng(device: torch.device) -> torch.Generator:
-    source = torch.cuda.default_generators[device.index or 0] if device.type == "cuda" else torch.default_generator
-    g = torch.Generator(device=device)
-    g.set_state(source.get_state())
-    return g
-
-
-_MODELS: dict[tuple, type[TensorParameters]] = {}
-
-
+@functools.cache
 def _parameter_model(name: str, normalize: bool, rescale: bool) -> type[TensorParameters]:
     """The entry's parameter model: ``TensorParameters`` with the entry's defaults."""
-    key = (name, normalize, rescale)
-    if key not in _MODELS:
-        fields = TensorParameters.model_fields
-        camel = "".join(p.title() for p in name.split("_"))
-        _MODELS[key] = create_model(
-            f"{camel}Parameters",
-            __base__=TensorParameters,
-            normalize=(bool, global_field(normalize, help=fields["normalize"].description)),
-            rescale=(bool, global_field(rescale, help=fields["rescale"].description)),
-        )
-    return _MODELS[key]
+    fields = TensorParameters.model_fields
+    return create_model(
+        "".join(p.title() for p in name.split("_")) + "Parameters",
+        __base__=TensorParameters,
+        normalize=(bool, global_field(normalize, help=fields["normalize"].description)),
+        rescale=(bool, global_field(rescale, help=fields["rescale"].description)),
+    )
 
 
 # ----------------------------------------------------------------------------- the steps (reference kernel)
@@ -228,12 +217,8 @@ def combine(weighted: torch.Tensor, w: torch.Tensor, p: TensorParameters, consen
     return mixed
 
 
-def all_finite(t: torch.Tensor) -> bool:
-    return fused_cpu.all_finite(t)
-
-
 def _finite(t: torch.Tensor) -> torch.Tensor:
-    if not all_finite(t):
+    if not fused_cpu.all_finite(t):
         raise NonFiniteMerge
     return t
 
