@@ -171,7 +171,7 @@ def test_dare_matches_mergekit_masks_with_the_same_seed(seed):
 
 
 def _ties_sv_reference(base, ct, sft, w, d, slack):
-    """TIES-SV from its definition (REFERENCE §1.5), written independently in float64 numpy."""
+    """TIES-SV from its definition (docs/methods.md, TIES-SV), written independently in float64 numpy."""
     import numpy as np
 
     b = base.double().numpy()
