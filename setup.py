@@ -14,6 +14,7 @@ setup(
             # no fused multiply-add: the kernels must give the bits of torch's separate operations
             extra_compile_args=["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno"],
             extra_link_args=["-pthread"],
+            libraries=["m"],
             optional=True,
         )
     ]

@@ -134,3 +134,26 @@ def test_threads_are_set_for_the_merge_and_restored(tmp_path, monkeypatch):
         assert torch.get_num_threads() == before  # restored
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1,), (7,), (33, 17), (2 * CHUNK + 5,)])
+def test_fused_linear_equals_reference_bit_for_bit(dtype, shape):
+    m = get_method("linear")
+    for n, weights, normalize in [(1, [0.7], True), (2, [0.3, 0.7], True), (3, [1.0, -0.4, 2.5], False),
+                                  (3, [0.2, 0.2, 0.6], True)]:
+        _, xs = _inputs(shape, n, dtype, n)
+        p = TensorParameters(weights=weights, normalize=normalize)
+        fused = merge_in_memory(m, p, None, xs, kernel="fused")
+        assert torch.equal(_bits(fused), _bits(merge_tensor(m, None, xs, p, fused=False))), (n, weights, normalize)
+
+
+def test_the_linear_probe_finds_how_torch_rounds_addcmul():
+    """torch's addcmul_ is one fused multiply-add on AVX2/AVX-512 builds: acc + x * w rounded once."""
+    g = torch.Generator().manual_seed(4)
+    acc, x = torch.randn(5000, generator=g), torch.randn(5000, generator=g)
+    w = torch.tensor(0.7312)
+    torch_bits = acc.clone().addcmul_(x, w)
+    fused = torch.equal(torch_bits, (acc.double() + x.double() * w.double()).float())
+    separate = torch.equal(torch_bits, acc + x * w)
+    assert fused_cpu.addcmul_fuses() == (True if fused else False if separate else None)

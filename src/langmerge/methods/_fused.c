@@ -1,7 +1,7 @@
 /* The fused CPU kernels of langmerge's task-vector methods (docs/methods.md, "Kernels").
  *
- * Task arithmetic, TIES and TIES-SV over one block of a tensor, in float32 or
- * bfloat16, giving the bits of the reference torch kernel: every bfloat16
+ * Linear, task arithmetic, TIES and TIES-SV over one block of a tensor, in float32
+ * or bfloat16, giving the bits of the reference torch kernel: every bfloat16
  * operation computes in float32 and rounds to nearest-even, a sum over the
  * model axis accumulates in float32 in model order from +0 and rounds once,
  * and masks multiply (trimmed and outvoted entries are signed zeros).
@@ -12,23 +12,25 @@
  * reference kernel is planned instead). Loaded with ctypes, so the GIL is
  * released during every call. Each call runs on `threads` threads of its own
  * (pthreads started and joined inside the call): no process-wide state.
- * Compiled with -ffp-contract=off: a fused multiply-add would change bits.
+ * Compiled with -ffp-contract=off: an implicit fused multiply-add would change bits (the one
+ * explicit fmaf, in linear, is torch's own).
  */
 
 #include <Python.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define LM_ABI 3
+#define LM_ABI 4
 #define BINS 65536
 #define TASK 262144 /* elements per parallel work item (fused_cpu.CHUNK) */
 #define TILE 512    /* elements per vector tile inside a work item */
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define LM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define LM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define LM_CLONES
 #endif
@@ -236,6 +238,63 @@ int64_t lm_tie_scan(int bf, const void *base, const void *x, int64_t n, uint32_t
         break;
     }
     free(counts);
+    return total;
+}
+
+/* ------------------------------------------------------------------ linear */
+
+typedef struct {
+    const void *const *xs;
+    int m;
+    int64_t n;
+    const float *weights;
+    float divisor;
+    int normalize, fused_madd;
+    void *out;
+    int64_t *bad;
+} linear_ctx;
+
+LM_INLINE void linear_task_impl(linear_ctx *c, int64_t t, const int bf) {
+    int64_t lo = t * TASK, hi = lo + TASK < c->n ? lo + TASK : c->n;
+    float acc[TILE];
+    int64_t bad = 0;
+    for (int64_t s = lo; s < hi; s += TILE) {
+        int len = (int)(hi - s < TILE ? hi - s : TILE);
+        for (int k = 0; k < len; k++) acc[k] = 0.0f;
+        for (int i = 0; i < c->m; i++) {
+            const void *x = c->xs[i];
+            float w = c->weights[i];
+            if (c->fused_madd)
+                for (int k = 0; k < len; k++) acc[k] = fmaf(load(x, s + k, bf), w, acc[k]);
+            else
+                for (int k = 0; k < len; k++) acc[k] = acc[k] + load(x, s + k, bf) * w;
+        }
+        if (c->normalize)
+            for (int k = 0; k < len; k++) acc[k] = acc[k] / c->divisor;
+        for (int k = 0; k < len; k++) {
+            uint32_t r = as_bits(rnd(acc[k], bf));
+            bad += (r & 0x7F800000u) == 0x7F800000u;
+            store(c->out, s + k, r, bf);
+        }
+    }
+    c->bad[t] = bad;
+}
+
+LM_CLONES static void linear_task_bf(void *ctx, int64_t t) { linear_task_impl(ctx, t, 1); }
+LM_CLONES static void linear_task_f32(void *ctx, int64_t t) { linear_task_impl(ctx, t, 0); }
+
+/* linear over n entries: a float32 accumulator from +0, one `acc += x_i * w_i` per model in order
+ * (fused_madd: as one fused multiply-add, which is what torch's addcmul_ computes on the machines where
+ * fused_cpu finds it so), divided by `divisor` with normalize, rounded once; returns the NaN/Inf count. */
+int64_t lm_merge_linear(int bf, const void *const *xs, int m, int64_t n, const float *weights, float divisor,
+                        int normalize, int fused_madd, void *out, int threads) {
+    int64_t nt = ntasks_of(n);
+    int64_t *bad = calloc(nt > 0 ? nt : 1, sizeof(int64_t));
+    linear_ctx c = {xs, m, n, weights, divisor, normalize, fused_madd, out, bad};
+    parallel_for(nt, threads, bf ? linear_task_bf : linear_task_f32, &c);
+    int64_t total = 0;
+    for (int64_t t = 0; t < nt; t++) total += bad[t];
+    free(bad);
     return total;
 }
 

@@ -15,6 +15,7 @@ the planner then chooses the reference kernel (``kernel_for``).
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 import logging
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 18  # elements per parallel work item of the C kernels (TASK in _fused.c)
 BINS = 1 << 16
-ABI = 3
+ABI = 4
 SUPPORTED = (torch.float32, torch.bfloat16)
 
 # Below this many elements a tensor takes the reference kernel (a planning rule; tests move it).
@@ -50,6 +51,8 @@ def _load() -> ctypes.CDLL | None:
     signatures = {
         "lm_histogram": (None, [ctypes.c_int, _p, _p, _i64, ctypes.c_int, ctypes.c_uint32, _p, ctypes.c_int]),
         "lm_tie_scan": (_i64, [ctypes.c_int, _p, _p, _i64, ctypes.c_uint32, _i64, _p, ctypes.c_int]),
+        "lm_merge_linear": (_i64, [ctypes.c_int, _p, ctypes.c_int, _i64, _p, ctypes.c_float, ctypes.c_int,
+                                   ctypes.c_int, _p, ctypes.c_int]),
         "lm_merge_sum": (_i64, [ctypes.c_int, _p, _p, ctypes.c_int, _i64, _p, ctypes.c_float, ctypes.c_int,
                                 ctypes.c_float, _p, ctypes.c_int]),
         "lm_merge_ties": (_i64, [ctypes.c_int, _p, _p, ctypes.c_int, _i64, _i64, _p, _p, _p, _p, _p, ctypes.c_int,
@@ -119,6 +122,39 @@ def tie_scan(base: torch.Tensor | None, x: torch.Tensor, key: int, need: int,
     count = _LIB.lm_tie_scan(_bf(x), _ptr(base), _ptr(x), x.numel(), key, need, ctypes.addressof(index),
                              threads or default_threads())
     return int(count), index.value
+
+
+def merge_linear(xs: list[torch.Tensor], weights: np.ndarray, divisor: float, normalize: bool, out: torch.Tensor,
+                 threads: int | None = None) -> int:
+    """linear into ``out`` (float32 accumulation, as torch's addcmul_ does it here); returns the NaN/Inf count."""
+    xs = [_flat(x) for x in xs]
+    return int(_LIB.lm_merge_linear(_bf(xs[0]), _pointers(xs), len(xs), xs[0].numel(), _np_ptr(weights), divisor,
+                                    int(normalize), int(addcmul_fuses()), _ptr(out), threads or default_threads()))
+
+
+@functools.cache
+def addcmul_fuses() -> bool | None:
+    """How torch's CPU ``addcmul_`` rounds ``acc + x * w`` on this machine: True for one fused
+    multiply-add, False for a product then a sum, None when neither reproduces it (then linear has no
+    fused kernel). Probed once, on float32 and bfloat16 inputs, with and without a vector tail."""
+    if _LIB is None:
+        return None
+    g = torch.Generator().manual_seed(0)
+    for mode in (True, False):
+        if all(_linear_probe(dtype, n, mode, g) for dtype in SUPPORTED for n in (1, 7, 1000, 4099)):
+            return mode
+    return None
+
+
+def _linear_probe(dtype: torch.dtype, n: int, mode: bool, g: torch.Generator) -> bool:
+    xs = [torch.randn(n, generator=g).to(dtype) for _ in range(3)]
+    w = torch.tensor([0.7312, -1.37, 0.0123], dtype=torch.float32)
+    acc = torch.zeros(n, dtype=torch.float32)
+    for x, coefficient in zip(xs, w.unbind(0)):
+        acc.addcmul_(x, coefficient)
+    out = torch.empty(n, dtype=dtype)
+    _LIB.lm_merge_linear(_bf(out), _pointers(xs), 3, n, _np_ptr(w.numpy()), 1.0, 0, int(mode), _ptr(out), 1)
+    return torch.equal(out, acc.to(dtype))
 
 
 def merge_sum(base: torch.Tensor, xs: list[torch.Tensor], weights: np.ndarray, divisor: float, normalize: bool,

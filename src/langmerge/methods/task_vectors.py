@@ -9,8 +9,8 @@ Per tensor (``TaskVectorMerge``): the statistics passes are the magnitude
 selection (TIES) and, with ``rescale``, the exact L1 norms before and after
 sparsifying; then the merge pass. Two kernels compute the same bits: the
 reference kernel is one torch step per operation, in mergekit's order, on any
-dtype and device; the fused kernel (``fused_cpu``) does task arithmetic,
-TIES and TIES-SV (without rescale) in float32 or bfloat16 on the CPU.
+dtype and device; the fused kernel (``fused_cpu``) does linear, task
+arithmetic, TIES and TIES-SV (without rescale) in float32 or bfloat16 on the CPU.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from langmerge.methods.base import (
 from langmerge.methods.consensus import agreement_mask, disjoint_sum, elect_sign
 from langmerge.methods.exact import ExactL1
 from langmerge.methods.selection import Selection, keep_count, keep_mask, selection_passes
-from langmerge.methods.sparsify import draw_mask, rescale_factor
+from langmerge.methods.sparsify import dare_work_dtype, draw_mask, rescale_factor
 
 Sparsification = Literal["magnitude", "random"]
 
@@ -132,13 +132,16 @@ class TaskVectorMethod(Method):
     # ------------------------------------------------------------------ planning
 
     def kernels(self, params: TensorParameters, dtype: torch.dtype, device: torch.device) -> tuple[Kernel, ...]:
-        fused = (
-            self.uses_base
-            and fused_cpu.supports(dtype, device)
-            and self.sparsification in (None, "magnitude")
-            and not (self.sparsification and params.rescale)
-            and (self.consensus or not self.sparsification)
-        )
+        if not fused_cpu.supports(dtype, device):
+            return ("reference",)
+        if not self.uses_base:  # linear: where the C kernel reproduces torch's addcmul_ on this machine
+            fused = fused_cpu.addcmul_fuses() is not None
+        else:
+            fused = (
+                self.sparsification in (None, "magnitude")
+                and not (self.sparsification and params.rescale)
+                and (self.consensus or not self.sparsification)
+            )
         return ("fused", "reference") if fused else ("reference",)
 
     def plan(self, params: TensorParameters, tensor: TensorInfo, kernel: Kernel = "reference",
@@ -147,7 +150,7 @@ class TaskVectorMethod(Method):
             raise ValueError(f"{self.name}: the {kernel} kernel cannot merge {tensor.name!r} "
                              f"({tensor.dtype}, {tensor.device}); plan one of {self.kernels(params, tensor.dtype, tensor.device)}")
         if not self.uses_base:
-            return LinearMerge(params)
+            return LinearMerge(params, kernel)
         if params.n_models == 0:
             return BaseCopy()
         merge = TaskVectorMerge(self, params, tensor, kernel, generators)
@@ -227,11 +230,21 @@ def _finite(t: torch.Tensor) -> torch.Tensor:
 
 
 class LinearMerge(TensorMerge):
-    def __init__(self, p: TensorParameters):
-        self.p = p
+    def __init__(self, p: TensorParameters, kernel: Kernel):
+        self.p, self.kernel = p, kernel
+        self._out: torch.Tensor | None = None
 
     def merge(self, block: Block) -> torch.Tensor:
-        return _finite(linear(block.inputs, self.p.weights, self.p.normalize))
+        if self.kernel == "reference":
+            return _finite(linear(block.inputs, self.p.weights, self.p.normalize))
+        first = block.inputs[0]
+        if self._out is None or self._out.numel() < first.numel():
+            self._out = torch.empty(first.numel(), dtype=first.dtype)
+        out = self._out[: first.numel()]
+        w = torch.tensor(self.p.weights, dtype=torch.float32)  # as the reference holds them
+        if fused_cpu.merge_linear(block.inputs, w.numpy(), float(w.sum()), self.p.normalize, out):
+            raise NonFiniteMerge
+        return out
 
 
 class BaseCopy(TensorMerge):
@@ -262,8 +275,7 @@ class _L1Pass(Pass):
         for i in self.models:
             if i in self.states:
                 m.generators[i].set_state(self.states[i])  # the merge pass redraws the same masks
-            dtype = m.work_dtype
-            m.factors[i] = rescale_factor(self.before[i], self.after[i], dtype, m.tensor.device)
+            m.factors[i] = rescale_factor(self.before[i], self.after[i], m.work_dtype, m.tensor.device)
 
 
 class TaskVectorMerge(TensorMerge):
@@ -281,9 +293,8 @@ class TaskVectorMerge(TensorMerge):
                 s = Selection(numel, keep_count(numel, d), tensor.dtype != torch.bfloat16)
                 if s.trims:
                     self.selections[i] = s
-        # DARE masks and multiplies in its work dtype (sparsify.dare_work_dtype); magnitude trimming in the compute dtype
-        cpu_upcast = tensor.device.type == "cpu" and tensor.dtype != torch.bfloat16
-        self.work_dtype = torch.float32 if method.randomized and cpu_upcast else tensor.dtype
+        # DARE masks and multiplies in its work dtype; magnitude trimming in the compute dtype
+        self.work_dtype = dare_work_dtype(tensor.dtype, tensor.device) if method.randomized else tensor.dtype
         self.factors: dict[int, torch.Tensor | None] = {}
         # the weights as the reference holds them (a tensor of the compute dtype), for the fused kernels
         self.weights32 = torch.tensor(p.weights, dtype=tensor.dtype).float().numpy()
@@ -312,7 +323,7 @@ class TaskVectorMerge(TensorMerge):
         if self.method.sparsification == "magnitude":
             s = self.selections[i]
             if cutoff is None:
-                cutoff = s.cutoff(block, i, fused=False)
+                cutoff = s.cutoff(block, i, fused=self.kernel == "fused")
             return delta, delta * keep_mask(delta, s.threshold, cutoff, block.start)
         mask = draw_mask(delta, self.p.densities[i], self.generators[i])
         original = delta.to(mask.dtype)
