@@ -232,8 +232,11 @@ def test_kernels_are_chosen_at_planning():
     assert choose_kernel(ties, p, info) == ("fused" if fused_cpu.available() else "reference")
     assert choose_kernel(ties, p, info, fused=False) == "reference"
     assert choose_kernel(ties, p.model_copy(update={"rescale": True}), info) == "reference"  # no fused rescale
-    for name in ("linear", "dare_ties", "dare_linear"):
+    for name in ("dare_ties", "dare_linear"):
         assert get_method(name).kernels(p, torch.bfloat16, cpu) == ("reference",)
+    # linear is fused where the C kernel reproduces torch's addcmul_ (probed once)
+    linear = ("fused", "reference") if fused_cpu.addcmul_fuses() is not None else ("reference",)
+    assert get_method("linear").kernels(p, torch.bfloat16, cpu) == linear
     assert ties.kernels(p, torch.float16, cpu) == ("reference",)
     assert ties.kernels(p, torch.float32, torch.device("meta")) == ("reference",)
     with pytest.raises(ValueError, match="fused kernel cannot merge"):
@@ -283,3 +286,24 @@ def test_dare_without_generators_draws_from_torch_global_stream_like_mergekit():
     ours = merge_in_memory(get_method("dare_ties"), p, base, xs, chunk_bytes=64)  # one chunk whatever the size asked
     assert torch.equal(ours, theirs)
     assert torch.equal(torch.rand(3), after_theirs)  # the global stream advanced as mergekit's did
+
+
+def test_without_the_extension_the_reference_kernel_is_planned_with_one_log_line(monkeypatch, caplog):
+    import logging
+
+    from langmerge.methods import driver
+
+    monkeypatch.setattr(fused_cpu, "_LIB", None)  # as where no C compiler built it
+    driver._note_reference_only.cache_clear()
+    info = TensorInfo("t", (64, 64), torch.bfloat16)
+    p = TensorParameters(weights=[1.0, 1.0], normalize=True, densities=[0.5, 0.5])
+    base, xs = _trio((64, 64), 2, torch.bfloat16, seed=1)
+    with caplog.at_level(logging.INFO, logger="langmerge.methods.driver"):
+        for name in ("ties", "task_arithmetic", "linear"):
+            assert get_method(name).kernels(p, torch.bfloat16, torch.device("cpu")) == ("reference",)
+            assert choose_kernel(get_method(name), p, info) == "reference"
+        merged = merge_in_memory(get_method("ties"), p, base, xs)
+    assert sum("not built" in r.getMessage() for r in caplog.records) == 1
+    monkeypatch.undo()
+    driver._note_reference_only.cache_clear()
+    assert torch.equal(merged, merge_in_memory(get_method("ties"), p, base, xs, kernel="fused"))

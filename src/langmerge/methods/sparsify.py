@@ -24,14 +24,14 @@ __all__ = ["L1_EPS", "bernoulli_drop", "dare_work_dtype", "draw_mask", "keep_cou
            "magnitude_trim", "rescale_factor"]
 
 
-def dare_work_dtype(t: torch.Tensor) -> torch.dtype:
+def dare_work_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype DARE draws and masks in (mergekit's rule)."""
-    return t.dtype if (t.device.type != "cpu" or t.dtype == torch.bfloat16) else torch.float32
+    return dtype if (device.type != "cpu" or dtype == torch.bfloat16) else torch.float32
 
 
 def draw_mask(like: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
     """DARE's keep mask for one chunk, continuing ``generator``'s stream (one draw per entry, in flat order)."""
-    probabilities = torch.full_like(like, density, dtype=dare_work_dtype(like))
+    probabilities = torch.full_like(like, density, dtype=dare_work_dtype(like.dtype, like.device))
     return torch.bernoulli(probabilities, generator=generator)
 
 
