@@ -307,3 +307,16 @@ def test_without_the_extension_the_reference_kernel_is_planned_with_one_log_line
     monkeypatch.undo()
     driver._note_reference_only.cache_clear()
     assert torch.equal(merged, merge_in_memory(get_method("ties"), p, base, xs, kernel="fused"))
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+def test_dare_masks_kept_or_redrawn_give_the_same_bits(method, monkeypatch):
+    """The L1 pass keeps DARE's masks for the merge pass where they fit, else the merge pass redraws them."""
+    from langmerge.methods import task_vectors
+
+    base, xs = _trio((300, 41), 2, torch.bfloat16, seed=8)
+    p = _params(method, 2, 0.35)
+    kept = _merge(method, p, base, xs, "reference", 2000)
+    monkeypatch.setattr(task_vectors, "MASK_CACHE_BYTES", 0)
+    redrawn = _merge(method, p, base, xs, "reference", 2000)
+    assert torch.equal(kept, redrawn)

@@ -24,7 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define LM_ABI 4
+#define LM_ABI 5
 #define BINS 65536
 #define TASK 262144 /* elements per parallel work item (fused_cpu.CHUNK) */
 #define TILE 512    /* elements per vector tile inside a work item */
@@ -437,6 +437,40 @@ int64_t lm_merge_ties(int bf, const void *base, const void *const *xs, int m, in
     for (int64_t t = 0; t < nt; t++) total += bad[t];
     free(bad);
     return total;
+}
+
+/* ------------------------------------------------------------------ exact L1 sums */
+
+typedef struct {
+    const void *x;
+    int64_t n, span;
+    uint64_t *sums; /* 256, shared */
+    pthread_mutex_t lock;
+} l1_ctx;
+
+LM_INLINE void l1_task_impl(l1_ctx *c, int64_t t, const int bf) {
+    int64_t lo = t * c->span, hi = lo + c->span < c->n ? lo + c->span : c->n;
+    uint64_t local[256] = {0}; /* a span is < 2**31 entries of < 2**24: no overflow */
+    for (int64_t j = lo; j < hi; j++) {
+        uint32_t u = as_bits(load(c->x, j, bf)) & 0x7FFFFFFFu;
+        uint32_t e = u >> 23;
+        local[e ? e : 1] += (u & 0x7FFFFFu) | (e ? 0x800000u : 0u);
+    }
+    pthread_mutex_lock(&c->lock);
+    for (int e = 0; e < 256; e++) c->sums[e] += local[e];
+    pthread_mutex_unlock(&c->lock);
+}
+
+LM_CLONES static void l1_task_bf(void *ctx, int64_t t) { l1_task_impl(ctx, t, 1); }
+LM_CLONES static void l1_task_f32(void *ctx, int64_t t) { l1_task_impl(ctx, t, 0); }
+
+/* The exact sum of |x| as integer mantissa sums per float32 exponent (exponent field 0 counted as 1):
+ * sums[e] += the mantissas (hidden bit included) of the entries with exponent e. */
+void lm_l1_sums(int bf, const void *x, int64_t n, uint64_t *sums, int threads) {
+    if (n <= 0) return;
+    int64_t span = span_of(n, threads);
+    l1_ctx c = {x, n, span, sums, PTHREAD_MUTEX_INITIALIZER};
+    parallel_for((n + span - 1) / span, threads, bf ? l1_task_bf : l1_task_f32, &c);
 }
 
 /* ------------------------------------------------------------------ NaN / Inf */

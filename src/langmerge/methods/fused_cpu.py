@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 18  # elements per parallel work item of the C kernels (TASK in _fused.c)
 BINS = 1 << 16
-ABI = 4
+ABI = 5
 SUPPORTED = (torch.float32, torch.bfloat16)
 
 # Below this many elements a tensor takes the reference kernel (a planning rule; tests move it).
@@ -57,6 +57,7 @@ def _load() -> ctypes.CDLL | None:
                                 ctypes.c_float, _p, ctypes.c_int]),
         "lm_merge_ties": (_i64, [ctypes.c_int, _p, _p, ctypes.c_int, _i64, _i64, _p, _p, _p, _p, _p, ctypes.c_int,
                                  ctypes.c_int, ctypes.c_float, _p, ctypes.c_int]),
+        "lm_l1_sums": (None, [ctypes.c_int, _p, _i64, _p, ctypes.c_int]),
         "lm_count_nonfinite": (_i64, [ctypes.c_int, _p, _i64, ctypes.c_int]),
         "lm_tally": (None, [ctypes.c_int, _p, _p, ctypes.c_int, _i64, _i64, _p, _p, _p, _p, ctypes.c_int, _p, _p,
                             ctypes.c_int, _p, _p, _p, _p, _p, _p, _p, _p, _p, ctypes.c_int]),
@@ -188,6 +189,14 @@ def tally(base, xs, offset, trim, thresholds, cutoffs, weights, scales, round_vo
                   pair_a.size, _np_ptr(pair_a), _np_ptr(pair_b), *(_np_ptr(totals[k]) for k in (
                       "kept", "kept_mass", "squared_norm", "both_kept", "conflicts", "lost", "lost_mass")),
                   threads or default_threads())
+
+
+def l1_sums(x: torch.Tensor, threads: int | None = None) -> np.ndarray:
+    """Per float32 exponent (0 counted as 1), the integer sum of the mantissas of ``|x|``: ``exact.ExactL1``'s buckets."""
+    x = _flat(x)
+    sums = np.zeros(256, dtype=np.uint64)
+    _LIB.lm_l1_sums(_bf(x), _ptr(x), x.numel(), _np_ptr(sums), threads or default_threads())
+    return sums
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

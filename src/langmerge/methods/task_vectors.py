@@ -45,6 +45,8 @@ from langmerge.methods.sparsify import dare_work_dtype, draw_mask, rescale_facto
 
 Sparsification = Literal["magnitude", "random"]
 
+MASK_CACHE_BYTES = 128 << 20  # DARE with rescale: masks up to this size are kept between the passes
+
 
 class TensorParameters(MethodParameters):
     """Every number one tensor's merge needs in the task-vector family, resolved for that tensor.
@@ -262,7 +264,11 @@ class _L1Pass(Pass):
         self.models = [i for i in range(merge.m) if merge.sparsifies(i)]
         self.before = {i: ExactL1() for i in self.models}
         self.after = {i: ExactL1() for i in self.models}
-        self.states = {i: merge.generators[i].get_state() for i in self.models if merge.method.randomized}
+        randomized = merge.method.randomized
+        self.states = {i: merge.generators[i].get_state() for i in self.models if randomized}
+        # DARE's masks are kept for the merge pass where they fit MASK_CACHE_BYTES (one byte an entry),
+        # else the merge pass redraws them from the same stream: the same bits either way
+        merge.masks = {} if randomized and merge.tensor.numel * len(self.models) <= MASK_CACHE_BYTES else None
 
     def update(self, block: Block) -> None:
         for i in self.models:
@@ -273,7 +279,7 @@ class _L1Pass(Pass):
     def finish(self) -> None:
         m = self.merge
         for i in self.models:
-            if i in self.states:
+            if i in self.states and m.masks is None:
                 m.generators[i].set_state(self.states[i])  # the merge pass redraws the same masks
             m.factors[i] = rescale_factor(self.before[i], self.after[i], m.work_dtype, m.tensor.device)
 
@@ -296,6 +302,7 @@ class TaskVectorMerge(TensorMerge):
         # DARE masks and multiplies in its work dtype; magnitude trimming in the compute dtype
         self.work_dtype = dare_work_dtype(tensor.dtype, tensor.device) if method.randomized else tensor.dtype
         self.factors: dict[int, torch.Tensor | None] = {}
+        self.masks: dict[tuple[int, int], torch.Tensor] | None = None  # DARE's masks kept by the L1 pass
         # the weights as the reference holds them (a tensor of the compute dtype), for the fused kernels
         self.weights32 = torch.tensor(p.weights, dtype=tensor.dtype).float().numpy()
         self._out: torch.Tensor | None = None
@@ -325,7 +332,12 @@ class TaskVectorMerge(TensorMerge):
             if cutoff is None:
                 cutoff = s.cutoff(block, i, fused=self.kernel == "fused")
             return delta, delta * keep_mask(delta, s.threshold, cutoff, block.start)
-        mask = draw_mask(delta, self.p.densities[i], self.generators[i])
+        if self.masks is not None and (i, block.start) in self.masks:  # drawn by the L1 pass
+            mask = self.masks.pop((i, block.start)).to(self.work_dtype)
+        else:
+            mask = draw_mask(delta, self.p.densities[i], self.generators[i])
+            if self.masks is not None:
+                self.masks[(i, block.start)] = mask.bool()
         original = delta.to(mask.dtype)
         return original, original * mask
 
