@@ -11,8 +11,8 @@ peak resident memory (from wait4) are printed with their ratios, and the time
 of a plain copy of the three input folders is the I/O floor.
 
 ``--kernels`` times each method's merge of one tensor, chunk by chunk as a
-merge runs it (statistics passes and merge pass, both kernels where the method
-has them), on each distinct tensor shape of the 1.1B trio and on a 128256 x
+merge runs it (statistics passes and merge pass, with the kernel a merge plans;
+``--reference`` adds the reference kernel where that is the fused one), on each distinct tensor shape of the 1.1B trio and on a 128256 x
 4096 embedding, from chunks held in memory (a few reused buffers, so the big
 tensor needs no gigabytes): GB/s of output and CPU seconds per GB. The I/O
 floor beside it is reading three inputs and writing one output at this
@@ -203,7 +203,8 @@ def kernels_main(args) -> None:
         for method in methods:
             m = get_method(method)
             p = _recipe_params(method, 2)
-            for kernel in m.kernels(p, dtype, torch.device("cpu")):
+            kernels = m.kernels(p, dtype, torch.device("cpu"))
+            for kernel in kernels if args.reference else kernels[:1]:
                 first = True
                 for shape in shapes:
                     out_bytes = math.prod(shape) * 2
@@ -243,6 +244,8 @@ def main() -> None:
     ap.add_argument("--chunk-mb", type=int, default=8, help="--kernels: chunk size per input, MiB")
     ap.add_argument("--skip-big", action="store_true", help="--kernels: leave out the 128256 x 4096 embedding")
     ap.add_argument("--mergekit", action="store_true", help="--kernels: time mergekit's merge_tensors on the same tensors")
+    ap.add_argument("--reference", action="store_true",
+                    help="--kernels: time the reference kernel too where a merge plans the fused one (slow)")
     args = ap.parse_args()
     if args.kernels:
         kernels_main(args)
