@@ -73,6 +73,19 @@ static void parallel_for(int64_t ntasks, int threads, task_fn fn, void *ctx) {
 
 static int64_t ntasks_of(int64_t n) { return n <= 0 ? 0 : (n + TASK - 1) / TASK; }
 
+/* Run fn over the work items of n entries, each writing its count of NaN/Inf outputs to (*bad)[t]
+ * (the array is made here, before any item runs); returns their sum. */
+static int64_t parallel_count(int64_t n, int threads, task_fn fn, void *ctx, int64_t **bad) {
+    int64_t nt = ntasks_of(n);
+    *bad = calloc(nt > 0 ? nt : 1, sizeof(int64_t));
+    parallel_for(nt, threads, fn, ctx);
+    int64_t total = 0;
+    for (int64_t t = 0; t < nt; t++) total += (*bad)[t];
+    free(*bad);
+    *bad = NULL;
+    return total;
+}
+
 /* ------------------------------------------------------------------ numerics */
 
 LM_INLINE float as_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
@@ -288,14 +301,8 @@ LM_CLONES static void linear_task_f32(void *ctx, int64_t t) { linear_task_impl(c
  * fused_cpu finds it so), divided by `divisor` with normalize, rounded once; returns the NaN/Inf count. */
 int64_t lm_merge_linear(int bf, const void *const *xs, int m, int64_t n, const float *weights, float divisor,
                         int normalize, int fused_madd, void *out, int threads) {
-    int64_t nt = ntasks_of(n);
-    int64_t *bad = calloc(nt > 0 ? nt : 1, sizeof(int64_t));
-    linear_ctx c = {xs, m, n, weights, divisor, normalize, fused_madd, out, bad};
-    parallel_for(nt, threads, bf ? linear_task_bf : linear_task_f32, &c);
-    int64_t total = 0;
-    for (int64_t t = 0; t < nt; t++) total += bad[t];
-    free(bad);
-    return total;
+    linear_ctx c = {xs, m, n, weights, divisor, normalize, fused_madd, out, NULL};
+    return parallel_count(n, threads, bf ? linear_task_bf : linear_task_f32, &c, &c.bad);
 }
 
 /* ------------------------------------------------------------------ task arithmetic */
@@ -337,14 +344,8 @@ LM_CLONES static void sum_task_f32(void *ctx, int64_t t) { sum_task_impl(ctx, t,
 /* Task arithmetic over n entries; returns how many outputs are NaN or Inf. */
 int64_t lm_merge_sum(int bf, const void *base, const void *const *xs, int m, int64_t n, const float *weights,
                      float divisor, int normalize, float lam, void *out, int threads) {
-    int64_t nt = ntasks_of(n);
-    int64_t *bad = calloc(nt > 0 ? nt : 1, sizeof(int64_t));
-    sum_ctx c = {base, xs, m, n, weights, divisor, normalize, lam, out, bad};
-    parallel_for(nt, threads, bf ? sum_task_bf : sum_task_f32, &c);
-    int64_t total = 0;
-    for (int64_t t = 0; t < nt; t++) total += bad[t];
-    free(bad);
-    return total;
+    sum_ctx c = {base, xs, m, n, weights, divisor, normalize, lam, out, NULL};
+    return parallel_count(n, threads, bf ? sum_task_bf : sum_task_f32, &c, &c.bad);
 }
 
 /* ------------------------------------------------------------------ TIES / TIES-SV */
@@ -429,14 +430,9 @@ LM_CLONES static void ties_task_f32(void *ctx, int64_t t) { ties_task_impl(ctx, 
 int64_t lm_merge_ties(int bf, const void *base, const void *const *xs, int m, int64_t n, int64_t offset,
                       const uint8_t *trim, const uint32_t *thresholds, const int64_t *cutoffs, const float *weights,
                       const float *scales, int round_vote, int normalize, float lam, void *out, int threads) {
-    int64_t nt = ntasks_of(n);
-    int64_t *bad = calloc(nt > 0 ? nt : 1, sizeof(int64_t));
-    ties_ctx c = {base, xs, m, n, offset, trim, thresholds, cutoffs, weights, scales, round_vote, normalize, lam, out, bad};
-    parallel_for(nt, threads, bf ? ties_task_bf : ties_task_f32, &c);
-    int64_t total = 0;
-    for (int64_t t = 0; t < nt; t++) total += bad[t];
-    free(bad);
-    return total;
+    ties_ctx c = {base, xs, m, n, offset, trim, thresholds, cutoffs, weights, scales, round_vote, normalize, lam, out,
+                  NULL};
+    return parallel_count(n, threads, bf ? ties_task_bf : ties_task_f32, &c, &c.bad);
 }
 
 /* ------------------------------------------------------------------ exact L1 sums */
@@ -492,14 +488,8 @@ LM_CLONES static void finite_task_bf(void *ctx, int64_t t) { finite_task_impl(ct
 LM_CLONES static void finite_task_f32(void *ctx, int64_t t) { finite_task_impl(ctx, t, 0); }
 
 int64_t lm_count_nonfinite(int bf, const void *x, int64_t n, int threads) {
-    int64_t nt = ntasks_of(n);
-    int64_t *bad = calloc(nt > 0 ? nt : 1, sizeof(int64_t));
-    finite_ctx c = {x, n, bad};
-    parallel_for(nt, threads, bf ? finite_task_bf : finite_task_f32, &c);
-    int64_t total = 0;
-    for (int64_t t = 0; t < nt; t++) total += bad[t];
-    free(bad);
-    return total;
+    finite_ctx c = {x, n, NULL};
+    return parallel_count(n, threads, bf ? finite_task_bf : finite_task_f32, &c, &c.bad);
 }
 
 /* ------------------------------------------------------------------ the loss diagnostic */
