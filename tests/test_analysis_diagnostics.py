@@ -1,4 +1,4 @@
-"""The merge diagnostic (REFERENCE §1.7) against a direct computation, and its behaviour in slack."""
+"""The merge diagnostic (docs/methods.md, the loss diagnostic) against a direct computation, and its behaviour in slack."""
 
 from __future__ import annotations
 

@@ -7,11 +7,14 @@ import itertools
 import pytest
 import torch
 
-from langmerge.methods import TensorParameters, get_method, merge_tensor
+from langmerge.methods import TensorParameters, get_method, merge_in_memory, merge_tensor
 from langmerge.methods import fused_cpu
 from langmerge.methods.fused_cpu import CHUNK
 
-pytestmark = pytest.mark.skipif(fused_cpu.numba is None, reason="numba is a test dependency; install langmerge[test]")
+
+def test_the_fused_kernels_are_built():
+    """The C extension builds wherever the tests install (gcc and Python's headers): a missing build fails here."""
+    assert fused_cpu.available()
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -54,27 +57,30 @@ def test_fused_equals_reference_bit_for_bit(dtype, shape, n, method):
             slack=1.5 if method == "ties_sv" else 0.0,
             protected=[i == n - 1 for i in range(n)],
         )
-        fused = fused_cpu.merge_tensor_fused(
-            base, xs, p.weights, p.densities if m.sparsification else None, m.consensus, p.normalize, p.lam,
-            [1.0 + p.slack if q else 1.0 for q in p.protected] if method == "ties_sv" else None,
-        )
-        assert fused is not None
-        fused, nonfinite = fused
-        assert nonfinite == 0
+        assert m.kernels(p, dtype, torch.device("cpu"))[0] == "fused"
+        fused = merge_in_memory(m, p, base, xs, kernel="fused")  # raises NonFiniteMerge on a NaN/Inf output
         reference = merge_tensor(m, base, xs, p, fused=False)
         assert torch.equal(_bits(fused), _bits(reference)), (seed, d, weights[:n], lam)
 
 
-def test_negative_zero_in_the_base_takes_the_reference_path():
-    base, xs = _inputs((64,), 2, torch.bfloat16, 3)
-    base[5] = -0.0
-    assert fused_cpu.merge_tensor_fused(base, xs, [1.0, 1.0], [0.5, 0.5], True, True, 1.0, None) is None
-    m, p = get_method("ties"), TensorParameters(weights=[1.0, 1.0], normalize=True, densities=[0.5, 0.5])
-    assert torch.equal(_bits(merge_tensor(m, base, xs, p)), _bits(merge_tensor(m, base, xs, p, fused=False)))
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "ties_sv"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_negative_zero_in_the_base_gives_the_reference_bits(dtype, method):
+    """torch's sums over the model axis start from +0, as the fused kernel's do, so -0.0 needs no other path."""
+    m = get_method(method)
+    base, xs = _inputs((64, 33), 2, dtype, 3)
+    base.view(-1)[5:40] = -0.0
+    xs[0].view(-1)[5:20] = -0.0  # zero task vectors over a -0.0 base: the sign of the zero sum shows
+    xs[1].view(-1)[10:30] = 0.0
+    p = TensorParameters(weights=[1.0, 1.0], normalize=m.default_normalize, densities=[0.5, 0.5], slack=1.0,
+                         protected=[False, method == "ties_sv"])
+    fused = merge_in_memory(m, p, base, xs, kernel="fused")
+    assert torch.equal(_bits(fused), _bits(merge_tensor(m, base, xs, p, fused=False)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_keep_mask_is_the_reference_selection(dtype):
+    from langmerge.methods.selection import select_mask
     from langmerge.methods.sparsify import keep_count
 
     g = torch.Generator().manual_seed(8)
@@ -89,7 +95,7 @@ def test_fused_keep_mask_is_the_reference_selection(dtype):
             threshold = torch.kthvalue(mag, t.numel() - k + 1).values
             expected = mag > threshold
             expected[torch.nonzero(mag == threshold).reshape(-1)[: k - int(expected.sum())]] = True
-            assert torch.equal(fused_cpu.keep_mask(t, k).reshape(-1), expected)
+            assert torch.equal(select_mask(t, k, fused=True).reshape(-1), expected)
 
 
 def test_nan_or_inf_in_an_input_always_reaches_the_result():
@@ -105,18 +111,49 @@ def test_nan_or_inf_in_an_input_always_reaches_the_result():
                 merge_tensor(m, base, xs, p, fused=fused)
 
 
-def test_threads_limit_the_fused_kernels_too(tmp_path):
-    numba = pytest.importorskip("numba")
+def test_threads_are_set_for_the_merge_and_restored(tmp_path, monkeypatch):
     from langmerge.engine import merge
     from langmerge.synthetic import make_trio
 
     trio = make_trio(tmp_path / "models")
     recipe = {"merge_method": "ties", "base_model": str(trio["base"]),
               "models": [{"model": str(trio[m]), "parameters": {"weight": 1.0, "density": 0.5}} for m in ("ct", "sft")]}
-    before_numba, before_torch = numba.get_num_threads(), torch.get_num_threads()
+    seen = []
+    real = fused_cpu.merge_ties
+
+    def spy(*args, **kwargs):  # the fused kernels run on torch's thread count of the moment
+        seen.append(fused_cpu.default_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fused_cpu, "merge_ties", spy)
+    before = torch.get_num_threads()
+    target = 1 if before != 1 else 2
     try:
-        merge(recipe, tmp_path / "out", threads=1, progress=False)
-        assert numba.get_num_threads() == 1 and torch.get_num_threads() == 1
+        merge(recipe, tmp_path / "out", threads=target, progress=False)
+        assert seen and set(seen) == {target}
+        assert torch.get_num_threads() == before  # restored
     finally:
-        numba.set_num_threads(before_numba)
-        torch.set_num_threads(before_torch)
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1,), (7,), (33, 17), (2 * CHUNK + 5,)])
+def test_fused_linear_equals_reference_bit_for_bit(dtype, shape):
+    m = get_method("linear")
+    for n, weights, normalize in [(1, [0.7], True), (2, [0.3, 0.7], True), (3, [1.0, -0.4, 2.5], False),
+                                  (3, [0.2, 0.2, 0.6], True)]:
+        _, xs = _inputs(shape, n, dtype, n)
+        p = TensorParameters(weights=weights, normalize=normalize)
+        fused = merge_in_memory(m, p, None, xs, kernel="fused")
+        assert torch.equal(_bits(fused), _bits(merge_tensor(m, None, xs, p, fused=False))), (n, weights, normalize)
+
+
+def test_the_linear_probe_finds_how_torch_rounds_addcmul():
+    """torch's addcmul_ is one fused multiply-add on AVX2/AVX-512 builds: acc + x * w rounded once."""
+    g = torch.Generator().manual_seed(4)
+    acc, x = torch.randn(5000, generator=g), torch.randn(5000, generator=g)
+    w = torch.tensor(0.7312)
+    torch_bits = acc.clone().addcmul_(x, w)
+    fused = torch.equal(torch_bits, (acc.double() + x.double() * w.double()).float())
+    separate = torch.equal(torch_bits, acc + x * w)
+    assert fused_cpu.addcmul_fuses() == (True if fused else False if separate else None)

@@ -128,20 +128,50 @@ def test_magnitude_mask_keeps_exactly_k_even_with_ties():
             assert t.abs()[~mask].max() <= t.abs()[mask].min()
 
 
-def test_dare_matches_mergekit_masks_with_the_same_seed():
-    delta = torch.randn(50, 30)
+def _exact_rescaled(x: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x * mask * (L1(x) / L1(x * mask))`` with both norms summed exactly (fractions), each rounded to ``dtype``."""
+    import struct
+    from fractions import Fraction
+
+    step = 1 << 16 if dtype == torch.bfloat16 else 1  # one unit in the last place, in float32 bits
+
+    def value(bits):
+        return Fraction(struct.unpack("<f", struct.pack("<I", bits))[0])
+
+    def l1(t):
+        total = sum(Fraction(v) for v in t.double().abs().reshape(-1).tolist())  # float32/bf16 values are exact doubles
+        near = struct.unpack("<I", struct.pack("<f", float(total)))[0] // step * step
+        # the nearest of the neighbours, ties to the even one
+        best = min((near - step, near, near + step), key=lambda b: (abs(value(b) - total), (b // step) % 2))
+        return torch.tensor(float(value(best)), dtype=dtype)
+
+    masked = x.to(dtype) * mask
+    return masked * (l1(x.to(dtype)) / l1(masked))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dare_matches_mergekit_masks_with_the_same_seed(seed):
+    """Same masks as mergekit (the same torch stream); rescale by exactly summed L1 norms (docs/methods.md, DARE)."""
+    from mergekit.sparsify import RescaleNorm
+
+    delta = torch.randn(50, 30, generator=torch.Generator().manual_seed(seed))
     for dtype, rescale in [(torch.float32, True), (torch.bfloat16, True), (torch.float32, False)]:
         x = delta.to(dtype)
         torch.manual_seed(1234)
-        from mergekit.sparsify import RescaleNorm
-
         theirs = mk_bernoulli(x, 0.4, RescaleNorm.l1 if rescale else None)
         ours = bernoulli_drop(x, 0.4, rescale, torch.Generator().manual_seed(1234))
-        assert torch.equal(ours, theirs)
+        assert torch.equal(ours != 0, theirs != 0)  # the masks
+        if not rescale:
+            assert torch.equal(ours, theirs)
+            continue
+        mask = (theirs != 0).to(ours.dtype)
+        assert torch.equal(ours, _exact_rescaled(x, mask, ours.dtype))
+        # mergekit's torch sum rounds in its own order: the scale agrees to a few units in the last place
+        torch.testing.assert_close(ours.float(), theirs.float(), rtol=4 * torch.finfo(dtype).eps, atol=0)
 
 
 def _ties_sv_reference(base, ct, sft, w, d, slack):
-    """TIES-SV from its definition (REFERENCE §1.5), written independently in float64 numpy."""
+    """TIES-SV from its definition (docs/methods.md, TIES-SV), written independently in float64 numpy."""
     import numpy as np
 
     b = base.double().numpy()

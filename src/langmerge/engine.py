@@ -27,6 +27,7 @@ from langmerge.io.reader import CheckpointReader
 from langmerge.io.sources import open_recipe_sources, recipe_input_paths, recipe_models
 from langmerge.io.vocab import VocabPlan, merge_aligned_job, plan_vocabulary
 from langmerge.io.writer import ShardedWriter, shard_sizes
+from langmerge.methods.driver import thread_limit
 from langmerge.methods.fused_cpu import all_finite
 from langmerge.methods.kernels import NonFiniteMerge, TensorParameters, merge_tensor
 from langmerge.recipe import Recipe, load_recipe
@@ -197,7 +198,7 @@ def load_inputs(
 
 def input_generators(plan: MergePlan, job: TensorJob, device: torch.device) -> list[torch.Generator] | None:
     """Seeded generators for DARE's drop masks (None for other methods), one per input model."""
-    if plan.recipe.method.sparsification != "random":
+    if not plan.recipe.method.randomized:
         return None
     return [seeded_generator(job.seed, i, device=device) for i in range(len(plan.inputs))]
 
@@ -245,7 +246,10 @@ def merge(
     progress: bool = True,
     allow_pickle: bool = False,
 ) -> MergeReport:
-    """Merge per ``recipe`` (path, YAML text, dict or Recipe) into the folder ``out_dir``."""
+    """Merge per ``recipe`` (path, YAML text, dict or Recipe) into the folder ``out_dir``.
+
+    ``threads``: torch's and the fused kernels' thread count for the duration of the call (restored after).
+    """
     from langmerge.devices import resolve_device
 
     recipe = load_recipe(recipe)
@@ -253,11 +257,12 @@ def merge(
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise LangmergeError(f"threads {threads!r}: expected a whole number of at least 1")
     dev = resolve_device(device)
-    if threads:
-        from langmerge.methods import fused_cpu
+    with thread_limit(threads):
+        return _merge(recipe, out_dir, force, dev, shard_bytes, progress, allow_pickle)
 
-        torch.set_num_threads(threads)
-        fused_cpu.set_threads(threads)  # the fused kernels run on numba's threads, not torch's
+
+def _merge(recipe: Recipe, out_dir, force: bool, dev: torch.device, shard_bytes: int, progress: bool,
+           allow_pickle: bool) -> MergeReport:
     start = time.perf_counter()
     plan = plan_merge(recipe, allow_pickle=allow_pickle, progress=progress)
     try:

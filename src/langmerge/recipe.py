@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from langmerge.errors import LangmergeError
 from langmerge.input_files import check_structure, parse_yaml, read_input_text
-from langmerge.methods.kernels import TensorParameters
-from langmerge.methods.registry import MergeMethod, ParameterSpec, get_method
+from langmerge.methods.base import Method, MethodParameters, ParameterSpec
+from langmerge.methods.registry import get_method
 
 DTYPES = {
     "float32": torch.float32,
@@ -167,7 +167,7 @@ class Recipe:
     def __init__(self, raw: RecipeFile, source: str = "<recipe>"):
         self.raw = raw
         self.source = source
-        self.method: MergeMethod = get_method(raw.merge_method)
+        self.method: Method = get_method(raw.merge_method)
         self.dtype = _dtype(raw.dtype, "dtype")
         self.out_dtype = _dtype(raw.out_dtype, "out_dtype")
         if raw.tokenizer_source is not None and raw.tokenizer is not None:
@@ -197,12 +197,12 @@ class Recipe:
 
         specs = self.method.parameters
         for key, value in raw.parameters.items():
-            if key == "protect" and self.method.slack:
+            if key == "protect" and self.method.takes_protect:
                 continue
             if key not in specs:
                 raise LangmergeError(
                     f"recipe key 'parameters.{key}': not a parameter of {self.method.name}; "
-                    f"known: {', '.join(sorted(specs) + (['protect'] if self.method.slack else []))}"
+                    f"known: {', '.join(sorted(specs) + (['protect'] if self.method.takes_protect else []))}"
                 )
             _check_setting(specs[key], value, f"parameters.{key}")
         for i, e in enumerate(raw.models):
@@ -217,7 +217,7 @@ class Recipe:
         self.protected = self._protected()
 
     def _protected(self) -> list[bool]:
-        if not self.method.slack:
+        if not self.method.takes_protect:
             return [False] * len(self.inputs)
         refs = self.raw.parameters.get("protect", [])
         if isinstance(refs, str):
@@ -256,7 +256,7 @@ class Recipe:
             raise LangmergeError(f"recipe: parameter {name!r} is required for {who} (tensor {tensor})")
         return spec.default
 
-    def tensor_parameters(self, tensor: str, t: float) -> TensorParameters:
+    def tensor_parameters(self, tensor: str, t: float) -> MethodParameters:
         """Resolve every parameter of the method for one tensor at layer position ``t``."""
         specs = self.method.parameters
         n = len(self.inputs)
@@ -272,15 +272,7 @@ class Recipe:
         slack = values.get("slack", 0.0)
         if slack > 0 and not any(self.protected):
             raise LangmergeError("recipe key 'parameters.protect' is required when slack > 0 (name the SFT model)")
-        return TensorParameters(
-            weights=values["weight"],
-            normalize=values["normalize"],
-            densities=values.get("density", [1.0] * n),
-            rescale=values.get("rescale", False),
-            lam=values.get("lambda", 1.0),
-            slack=slack,
-            protected=self.protected,
-        )
+        return self.method.tensor_parameters(values, self.protected)
 
     def seed(self, tensor: str) -> int:
         return int(self._value("seed", None, tensor, 0.0)) if "seed" in self.method.parameters else 0

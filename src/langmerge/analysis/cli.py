@@ -99,7 +99,7 @@ def _tracked_and_tokens(recipes, protected, tokens_arg):
 def summary_markdown(reports: list[AnalysisReport], tokens: list[int] | None) -> str:
     lines = ["# Merge diagnostics", "",
              "Loss rate: the model's entries kept after trimming that lose the sign vote; mass loss: their share of",
-             "the kept magnitude (REFERENCE §1.7).", ""]
+             "the kept magnitude (docs/methods.md, the loss diagnostic).", ""]
     lines.append("| recipe | CT tokens | model | slack | kept | lost | loss rate | mass loss | task-vector norm |")
     lines.append("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for k, r in enumerate(reports):

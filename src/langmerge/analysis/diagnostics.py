@@ -1,4 +1,4 @@
-"""What a TIES-family merge loses, per tensor, layer, module type and in total (REFERENCE §1.7).
+"""What a TIES-family merge loses, per tensor, layer, module type and in total (docs/methods.md, "The loss diagnostic").
 
 For each input model ``i`` (trimmed task vector ``trimmed_i``, weighted
 ``v_i = w_i * trimmed_i``, elected sign ``g``):
@@ -19,7 +19,7 @@ describe exactly the merge it would write.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 
@@ -29,16 +29,16 @@ from tqdm.auto import tqdm
 
 from langmerge.engine import MergePlan, input_generators, layer_index, load_inputs, plan_merge
 from langmerge.errors import LangmergeError
-from langmerge.methods.consensus import agreement_mask, elect_sign
 from langmerge.methods import fused_cpu
+from langmerge.methods.base import Method, TensorInfo
+from langmerge.methods.consensus import agreement_mask, elect_sign
+from langmerge.methods.driver import DEFAULT_CHUNK_BYTES, choose_kernel, chunk_ranges, memory_reader, run_statistics
 from langmerge.methods.fused_cpu import all_finite
-from langmerge.methods.kernels import TensorParameters, sparsified_task_vectors, vote_scale, weight_column
-from langmerge.methods.registry import MergeMethod
+from langmerge.methods.kernels import TensorParameters, vote_scale, weight_column
 from langmerge.recipe import Recipe, load_recipe
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20  # entries per model in one step of the post-trim pass
 RECIPE_SLACK = None  # a slack entry of None means "the recipe's own (per-tensor) slack"
 
 
@@ -143,54 +143,65 @@ def _num(v: float) -> float | None:
 
 
 def tensor_tally(
-    method: MergeMethod,
+    method: Method,
     base: torch.Tensor,
     inputs: list[torch.Tensor],
     p: TensorParameters,
     slacks: list[float | None],
     generators: list[torch.Generator] | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> Tally:
-    """The diagnostic of one tensor for each slack (None: ``p.slack``); ``p.protected`` names the protected models."""
+    """The diagnostic of one tensor for each slack (None: ``p.slack``); ``p.protected`` names the protected models.
+
+    The tensor's merge is planned as ``langmerge merge`` plans it (same kernel,
+    same selection passes over the same chunks); then one pass over the chunks
+    tallies the merge's own trimmed values, weighted values and votes.
+    """
     n = len(inputs)
     tally = Tally(n, len(slacks), numel=base.numel(), tensors=1)
-    scales = [vote_scale(p if slack is None else replace(p, slack=slack)) for slack in slacks]
-    if (
-        method.consensus
-        and method.sparsification in (None, "magnitude")
-        and not (method.sparsification and p.rescale)
-        and base.numel() >= fused_cpu.MIN_NUMEL
-    ):
-        fused = fused_cpu.tally_fused(
-            base, inputs, p.weights, p.densities if method.sparsification else None,
-            [s.tolist() if s is not None else None for s in scales],
-        )
-        if fused is not None:
-            (tally.kept, tally.kept_mass, tally.squared_norm, tally.both_kept, tally.conflicts,
-             tally.lost, tally.lost_mass) = (np.asarray(a) for a in fused)
-            return tally
-    for i, x in enumerate(inputs):
-        tally.squared_norm[i] = float(torch.linalg.vector_norm(x - base, dtype=torch.float32)) ** 2
-    trimmed = sparsified_task_vectors(method, base, inputs, p, generators).reshape(n, -1)
-    weights = weight_column(p.weights, trimmed)
-    # Everything after the trim is elementwise over the model axis: done in column chunks that stay in cache
-    # and keep the extra memory small. Sums of magnitudes per chunk in float32, totals in float64.
-    for start in range(0, trimmed.shape[1], CHUNK):
-        chunk = trimmed[:, start : start + CHUNK]
-        kept = chunk != 0
-        magnitude = chunk.abs()
-        tally.kept += torch.count_nonzero(kept, dim=1).numpy()
-        tally.kept_mass += magnitude.sum(dim=1, dtype=torch.float32).double().numpy()
-        weighted = chunk * weights  # the bits merge_tensor votes with
-        signs = weighted.sign()
-        for k, (i, j) in enumerate(tally.pairs):
-            both = kept[i] & kept[j]
-            tally.both_kept[k] += int(torch.count_nonzero(both))
-            tally.conflicts[k] += int(torch.count_nonzero(both & (signs[i] != signs[j])))
-        for s, scale in enumerate(scales):
-            lost = kept & ~agreement_mask(weighted, elect_sign(weighted, scale))
-            tally.lost[s] += torch.count_nonzero(lost, dim=1).numpy()
-            tally.lost_mass[s] += torch.where(lost, magnitude, 0).sum(dim=1, dtype=torch.float32).double().numpy()
+    scales = [vote_scale(p if slack is None else p.model_copy(update={"slack": slack})) for slack in slacks]
+    info = TensorInfo("<tensor>", tuple(base.shape), base.dtype, base.device)
+    kernel = choose_kernel(method, p, info)
+    merge = method.plan(p, info, kernel, generators)
+    read = memory_reader(base, inputs)
+    ranges = chunk_ranges(info.shape, base.element_size(), chunk_bytes, merge.chunk_rule)
+    run_statistics(merge, read, ranges)
+    if kernel == "fused":
+        totals = {k: getattr(tally, k) for k in ("kept", "kept_mass", "squared_norm", "both_kept", "conflicts", "lost",
+                                                  "lost_mass")}
+        vote_scales = np.asarray([s.tolist() if s is not None else [1.0] * n for s in scales], dtype=np.float32)
+        round_vote = np.asarray([s is None for s in scales], dtype=np.uint8)
+        pair_a = np.asarray([i for i, _ in tally.pairs], dtype=np.int32)
+        pair_b = np.asarray([j for _, j in tally.pairs], dtype=np.int32)
+        for a, b in ranges:
+            block = read(a, b)
+            trim, thresholds, cutoffs = merge.trim_arrays(block)
+            fused_cpu.tally(block.base, block.inputs, block.start, trim,
+                            thresholds, cutoffs, merge.weights32, vote_scales, round_vote, pair_a, pair_b, totals)
+        return tally
+    for a, b in ranges:
+        _tally_block(tally, read(a, b), merge.sparsified(read(a, b)), p.weights, scales)
     return tally
+
+
+def _tally_block(tally: Tally, block, trimmed: torch.Tensor, weights_: list[float], scales) -> None:
+    """The reference kernel's tally of one chunk; sums in float64, as the fused kernel's."""
+    for i, x in enumerate(block.inputs):
+        tally.squared_norm[i] += float(torch.linalg.vector_norm(x - block.base, dtype=torch.float64)) ** 2
+    kept = trimmed != 0
+    magnitude = trimmed.abs()
+    tally.kept += torch.count_nonzero(kept, dim=1).cpu().numpy()
+    tally.kept_mass += magnitude.sum(dim=1, dtype=torch.float64).cpu().numpy()
+    weighted = trimmed * weight_column(weights_, trimmed)  # the bits merge_tensor votes with
+    signs = weighted.sign()
+    for k, (i, j) in enumerate(tally.pairs):
+        both = kept[i] & kept[j]
+        tally.both_kept[k] += int(torch.count_nonzero(both))
+        tally.conflicts[k] += int(torch.count_nonzero(both & (signs[i] != signs[j])))
+    for s, scale in enumerate(scales):
+        lost = kept & ~agreement_mask(weighted, elect_sign(weighted, scale))
+        tally.lost[s] += torch.count_nonzero(lost, dim=1).cpu().numpy()
+        tally.lost_mass[s] += torch.where(lost, magnitude, 0).sum(dim=1, dtype=torch.float64).cpu().numpy()
 
 
 @dataclass
@@ -298,7 +309,7 @@ def _checked_inputs(plan: MergePlan, job, device: torch.device) -> tuple[torch.T
 
 def check_analyzable(recipe: Recipe, protected: list[bool], slacks: list[float | None]) -> None:
     """Bad input, before any tensor is read."""
-    if not recipe.method.consensus:
+    if not recipe.method.has_sign_vote:
         raise LangmergeError(
             f"{recipe.source}: merge_method {recipe.method.name!r} has no sign vote, so nothing is lost to it; "
             "analyze a ties, ties_sv or dare_ties recipe"
@@ -365,7 +376,7 @@ def analyze(
                         skipped[job.name] = "vocabulary-aligned rows (merged per row group, not analysed)"
                         bar.update(int(np.prod(job.shape)))
                         continue
-                    p = replace(job.params, protected=protected)
+                    p = job.params.model_copy(update={"protected": protected})
                     recipe_slacks.add(p.slack)
                     base, inputs = _checked_inputs(plan, job, dev)
                     tally = tensor_tally(recipe.method, base, inputs, p, slack_list, input_generators(plan, job, dev))

@@ -1,7 +1,7 @@
 """Bridge to lm-evaluation-harness: run ``lm_eval.simple_evaluate`` in process on a loaded model.
 
-Presets name the lm-eval tasks that cover a language of the paper (REFERENCE
-section 2); they need the Hugging Face dataset hub. Offline, pass a folder of
+Presets name the lm-eval tasks that cover a language of the paper
+(docs/evaluation.md); they need the Hugging Face dataset hub. Offline, pass a folder of
 task YAMLs with ``dataset_path: json`` and local ``data_files`` as ``include``.
 """
 

@@ -34,7 +34,7 @@ import torch
 from langmerge.errors import LangmergeError
 from langmerge.io.files import optional_folder_file, read_json, read_regular
 from langmerge.io.metadata import copy_optional_files, copy_tokenizer
-from langmerge.methods.kernels import NonFiniteMerge, TensorParameters, merge_tensor
+from langmerge.methods.kernels import NonFiniteMerge, merge_tensor
 from langmerge.seeds import seeded_generator
 
 log = logging.getLogger(__name__)
@@ -436,18 +436,6 @@ def plan_vocabulary(recipe, base, inputs) -> VocabPlan:
     return VocabPlan(models, recipe.tokenizer_source, chosen, out_tokens, out_rows, row_maps, union, output_tied, aliases, notes)
 
 
-def _restrict(p: TensorParameters, idx: list[int]) -> TensorParameters:
-    return TensorParameters(
-        weights=[p.weights[i] for i in idx],
-        normalize=p.normalize,
-        densities=[p.densities[i] for i in idx] if p.densities else [],
-        rescale=p.rescale,
-        lam=p.lam,
-        slack=p.slack,
-        protected=[p.protected[i] for i in idx] if p.protected else [],
-    )
-
-
 def merge_aligned_job(plan, job, device: torch.device) -> torch.Tensor:
     """One vocabulary tensor, merged row group by row group (see the module doc)."""
     method = plan.recipe.method
@@ -479,11 +467,11 @@ def merge_aligned_job(plan, job, device: torch.device) -> torch.Tensor:
             merged = acc
         else:
             generators = None
-            if method.sparsification == "random":
+            if method.randomized:
                 generators = [seeded_generator(job.seed, "".join(map(str, pattern)), i, device=device) for i in idx]
             base_rows = tensors[0].index_select(0, rows) if plan.base is not None else None
             try:
-                merged = merge_tensor(method, base_rows, xs, _restrict(p, idx), generators)
+                merged = merge_tensor(method, base_rows, xs, p.restrict(idx), generators)
             except NonFiniteMerge:
                 raise LangmergeError(_non_finite_message(job.name)) from None
         out[rows] = merged.to(out.dtype)

@@ -1,60 +1,68 @@
-"""Sparsification of one task vector: pure functions, one tensor in, one out.
+"""Sparsification of one task vector: the steps, as pure functions (docs/methods.md, "TIES" and "DARE").
 
-Numerics follow REFERENCE §1.4 step 2 and §1.6 (mergekit 0.1.5 semantics):
-masks are applied by multiplication, so signed zeros and dtypes come out
-exactly as in mergekit; ranking is done on float32 magnitudes.
+Numerics follow mergekit 0.1.5: masks are applied by multiplication, so signed
+zeros and dtypes come out exactly as in mergekit; ranking is done on float32
+magnitudes; DARE draws its masks with ``torch.bernoulli`` in the tensor's dtype
+for bfloat16 or off-CPU tensors and in float32 otherwise (CPU bernoulli lacks
+float16). One difference: ``rescale`` matches L1 norms summed exactly
+(``exact.ExactL1``) where mergekit uses torch's order-dependent sum.
+
+The functions on whole tensors (``magnitude_keep_mask``, ``magnitude_trim``,
+``bernoulli_drop``) are the chunked steps run on one chunk.
 """
 
 from __future__ import annotations
 
 import torch
 
-from langmerge.methods import fused_cpu
+from langmerge.methods.exact import ExactL1
+from langmerge.methods.selection import keep_count, select_mask
 
 L1_EPS = 1e-7
 
+__all__ = ["L1_EPS", "bernoulli_drop", "dare_work_dtype", "draw_mask", "keep_count", "magnitude_keep_mask",
+           "magnitude_trim", "rescale_factor"]
 
-def keep_count(numel: int, density: float) -> int:
-    """How many entries magnitude trimming keeps: ``max(1, int(d * numel))``, all for d >= 1, none for d <= 0."""
-    if density >= 1:
-        return numel
-    if density <= 0 or numel == 0:
-        return 0
-    return max(1, int(density * numel))
+
+def dare_work_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype DARE draws and masks in (mergekit's rule)."""
+    return dtype if (device.type != "cpu" or dtype == torch.bfloat16) else torch.float32
+
+
+def draw_mask(like: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
+    """DARE's keep mask for one chunk, continuing ``generator``'s stream (one draw per entry, in flat order)."""
+    probabilities = torch.full_like(like, density, dtype=dare_work_dtype(like.dtype, like.device))
+    return torch.bernoulli(probabilities, generator=generator)
+
+
+def rescale_factor(before: ExactL1, after: ExactL1, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """``before / after`` as a 0-d tensor of ``dtype``, or None where either norm is below ``L1_EPS`` (no rescale)."""
+    b = torch.tensor(before.value(dtype), dtype=dtype, device=device)
+    a = torch.tensor(after.value(dtype), dtype=dtype, device=device)
+    if b < L1_EPS or a < L1_EPS:
+        return None
+    return b / a
 
 
 def magnitude_keep_mask(tensor: torch.Tensor, density: float) -> torch.Tensor:
     """Boolean mask of exactly ``keep_count`` entries of largest magnitude.
 
-    Exact k-th selection (linear time) instead of a full sort. Entries tied
-    with the k-th largest magnitude are kept in flat-index order until k are
-    kept, so the count is exact even when magnitudes tie (zeros, bfloat16).
+    Entries tied with the k-th largest magnitude are kept in flat-index order
+    until k are kept, so the count is exact even when magnitudes tie (zeros,
+    bfloat16).
     """
-    numel = tensor.numel()
-    k = keep_count(numel, density)
-    if k == numel:
-        return torch.ones_like(tensor, dtype=torch.bool)
-    if k == 0:
-        return torch.zeros_like(tensor, dtype=torch.bool)
-    if fused_cpu.available(tensor.dtype, tensor.device) and numel >= fused_cpu.MIN_NUMEL:
-        return fused_cpu.keep_mask(tensor, k)  # the same selection by radix select, in linear time
-    magnitude = tensor.detach().reshape(-1).abs().float()
-    threshold = torch.kthvalue(magnitude, numel - k + 1).values
-    keep = magnitude > threshold
-    missing = k - int(keep.sum())
-    if missing > 0:
-        tied = torch.nonzero(magnitude == threshold).reshape(-1)[:missing]
-        keep[tied] = True
-    return keep.reshape(tensor.shape)
+    return select_mask(tensor, keep_count(tensor.numel(), density))
 
 
-def rescale_to_l1(original: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-    """Scale ``masked`` so its L1 norm matches ``original`` (mergekit's ``rescale``)."""
-    before = original.abs().sum()
-    after = masked.abs().sum()
-    if before < L1_EPS or after < L1_EPS:
-        return masked
-    return masked * (before / after)
+def _l1(t: torch.Tensor) -> ExactL1:
+    total = ExactL1()
+    total.add(t)
+    return total
+
+
+def _rescaled(original: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    factor = rescale_factor(_l1(original), _l1(masked), masked.dtype, masked.device)
+    return masked if factor is None else masked * factor
 
 
 def magnitude_trim(tensor: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
@@ -62,25 +70,18 @@ def magnitude_trim(tensor: torch.Tensor, density: float, rescale: bool = False) 
     if density >= 1:
         return tensor
     masked = tensor * magnitude_keep_mask(tensor, density)
-    return rescale_to_l1(tensor, masked) if rescale else masked
+    return _rescaled(tensor, masked) if rescale else masked
 
 
 def bernoulli_drop(
     tensor: torch.Tensor, density: float, rescale: bool = True, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """DARE: keep each entry with probability ``density``; optionally restore the L1 norm.
-
-    Draws happen in the tensor's dtype for bfloat16 or off-CPU tensors and in
-    float32 otherwise (CPU bernoulli lacks float16), as in mergekit, so a
-    generator seeded like torch's global RNG reproduces mergekit's masks.
-    """
+    """DARE: keep each entry with probability ``density``; optionally restore the L1 norm."""
     if density >= 1:
         return tensor
-    work = tensor.dtype if (tensor.device.type != "cpu" or tensor.dtype == torch.bfloat16) else torch.float32
-    probabilities = torch.full_like(tensor, density, dtype=work)
-    mask = torch.bernoulli(probabilities, generator=generator)
-    original = tensor.to(work)
+    mask = draw_mask(tensor, density, generator)
+    original = tensor.to(mask.dtype)
     masked = original * mask
     if rescale:
-        masked = rescale_to_l1(original, masked)
+        masked = _rescaled(original, masked)
     return masked.to(tensor.dtype)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from langmerge.errors import LangmergeError
 from langmerge.input_files import read_yaml_mapping, validation_message
+from langmerge.methods.registry import METHODS, get_method
 
 if TYPE_CHECKING:
     from langmerge.io.hub import ResolvedModel
@@ -128,12 +129,19 @@ class LanguageSpec(_Strict):
 
 
 class MethodSpec(_Strict):
-    merge_method: Literal["linear", "task_arithmetic", "ties", "ties_sv", "dare_linear", "dare_ties"]
+    merge_method: str  # a registered method (langmerge.methods.registry)
     label: str | None = None  # the report's row name
     ct: dict[str, Any] = Field(default_factory=dict)  # per-model parameters of the CT model
     sft: dict[str, Any] = Field(default_factory=dict)  # ... and of the SFT model
     parameters: dict[str, Any] = Field(default_factory=dict)  # global parameters
     space: dict[str, Any] = Field(default_factory=dict)  # tuning space: models[ct|sft].parameters.X, parameters.X
+
+    @field_validator("merge_method")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name not in METHODS:
+            raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+        return name
 
     @field_validator("space")
     @classmethod
@@ -380,7 +388,7 @@ def check_study(study: Study) -> None:
             name = getattr(s.analysis, role)
             if name not in s.methods:
                 raise LangmergeError(f"{where}: analysis.{role}: {name!r} is not a method of the study")
-            if s.methods[name].merge_method not in ("ties", "ties_sv", "dare_ties"):
+            if not get_method(s.methods[name].merge_method).has_sign_vote:
                 raise LangmergeError(f"{where}: analysis.{role}: method {name!r} has no sign vote to analyse")
     if s.executor.kind == "ray":
         import importlib.util

@@ -12,13 +12,12 @@ import math
 from pathlib import Path
 
 from langmerge.io.output import atomic_output_dir
+from langmerge.methods.registry import get_method
 from langmerge.study.config import REFERENCE_ROWS
 from langmerge.study.plan import Plan
 from langmerge.study.steps import Context
 
 ROW_LABELS = {"base": "base", "sft": "SFT (English)", "ct": "CT", "ct_sft": "CT-then-SFT"}
-METHOD_LABELS = {"linear": "weighted averaging", "task_arithmetic": "task arithmetic", "ties": "TIES",
-                 "ties_sv": "TIES-SV", "dare_linear": "DARE (linear)", "dare_ties": "DARE-TIES"}
 
 
 def row_names(plan: Plan) -> list[str]:
@@ -29,7 +28,7 @@ def row_label(plan: Plan, row: str) -> str:
     if row in ROW_LABELS:
         return ROW_LABELS[row]
     m = plan.study.spec.methods[row]
-    return m.label or METHOD_LABELS.get(m.merge_method, row)
+    return m.label or get_method(m.merge_method).label
 
 
 def _read(path: Path) -> dict | None:

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from langmerge.errors import LangmergeError
 from langmerge.io.output import atomic_output_dir
+from langmerge.methods.registry import get_method
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +123,10 @@ def method_recipe(method, base: str, ct: str, sft: str, dtype: str) -> dict:
         "parameters": dict(method.parameters),
         "dtype": dtype,
     }
-    if method.merge_method != "linear":
+    merge_method = get_method(method.merge_method)
+    if merge_method.uses_base:
         recipe["base_model"] = base
-    if method.merge_method == "ties_sv":
+    if merge_method.takes_protect:
         recipe["parameters"].setdefault("protect", [sft])
     return recipe
 

@@ -121,7 +121,7 @@ class InMemoryMerger:
         return out
 
     def _generators(self, candidate: Recipe, name: str) -> list[torch.Generator] | None:
-        if self.method.sparsification != "random":
+        if not self.method.randomized:
             return None
         # seeded as the engine seeds a merge (plan_merge's job seed, then input_generators)
         seed = derive_seed(candidate.seed(name), name)
