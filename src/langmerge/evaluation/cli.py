@@ -55,6 +55,7 @@ def _eval(args) -> int:
         progress=not args.no_progress,
         device=args.device,
         dtype=args.dtype,
+        precision=args.precision,
         lm_eval_tasks=lm_tasks,
         lm_eval_include=args.lm_eval_include or [],
     )
@@ -81,6 +82,8 @@ def add_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the few-shot selection")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: matrix products in bfloat16 (torch.autocast), about twice as fast on AVX-512 BF16 CPUs")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.add_argument("--list-tasks", action="store_true", help="list the built-in tasks and lm-eval presets")
     p.set_defaults(handler=_eval)

@@ -109,6 +109,9 @@ def run_step(step: Step, ctx: Context, force: bool = False) -> dict:
 
 def method_recipe(method, base: str, ct: str, sft: str, dtype: str) -> dict:
     """The mergekit-format recipe of a study method over (base, CT, SFT)."""
+    from langmerge.methods.registry import get_method
+
+    kind = get_method(method.merge_method)
     recipe = {
         "merge_method": method.merge_method,
         "models": [
@@ -118,9 +121,9 @@ def method_recipe(method, base: str, ct: str, sft: str, dtype: str) -> dict:
         "parameters": dict(method.parameters),
         "dtype": dtype,
     }
-    if method.merge_method != "linear":
+    if kind.uses_base:
         recipe["base_model"] = base
-    if method.merge_method == "ties_sv":
+    if kind.slack:  # TIES-SV protects the SFT model
         recipe["parameters"].setdefault("protect", [sft])
     return recipe
 
