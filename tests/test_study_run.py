@@ -27,9 +27,11 @@ def test_every_artefact_is_written(finished):
     rows = {(r["ct_tokens"], r["row"]): r for r in doc["rows"]}
     # every method and reference row at every budget has a test score in [0, 1]
     for budget in (300, 600, 1200):
-        for row in ("base", "sft", "ct", "ct_sft", "wavg", "ties", "ties_sv"):
+        for row in ("base", "sft", "ct", "ct_sft", "wavg", "ties", "ties_sv", "ta"):
             score = rows[(budget, row)]["score"]
             assert score is not None and 0.0 <= score <= 1.0, (budget, row)
+        for row in ("wavg", "ties", "ties_sv", "ta"):  # an untuned merge has a validation score too (finding 1)
+            assert 0.0 <= rows[(budget, row)]["validation_score"] <= 1.0, (budget, row)
     assert len(doc["loss"]) == 3
     for r in doc["loss"]:
         assert 0.0 <= r["ties_sft_loss_rate"] <= 1.0

@@ -98,7 +98,7 @@ def collect(plan: Plan, ctx: Context) -> dict:
     for (lang, seed, row), step in plan.seeded.items():
         seeded.append({"language": lang, "seed": seed, "row": row, "method": row_label(plan, row),
                        **_entry(plan, _score_of(step, ctx))})
-    for lang in {k[0] for k in plan.seeded}:
+    for lang in sorted({k[0] for k in plan.seeded}):
         b0 = plan.study.budgets(lang)[0]
         rows_here = {k[2] for k in plan.seeded if k[0] == lang}
         for r in rows:
@@ -388,10 +388,12 @@ def markdown(plan: Plan, data: dict, found: list[dict], gains: list[dict], timin
                     cells.append(_with_ci(t["value"], t["ci"]))
             lines.append(f"| {r['language']} | {_tokens(r['ct_tokens'])} | {r['method']} | " + " | ".join(cells) + " |")
     if timings:
-        lines += ["", "## Time per kind of step (seconds each took when it ran, cached or not)", "",
-                  "| step | count | seconds |", "|---|---:|---:|"]
-        for kind, (count, seconds) in timings.items():
-            lines.append(f"| {kind} | {count} | {seconds:.1f} |")
+        lines += ["", "## Time per kind of step (when it ran, cached or not; CPU: user + system of all threads)", "",
+                  "| step | count | wall seconds | CPU seconds |", "|---|---:|---:|---:|"]
+        for kind, (count, seconds, cpu) in timings.items():
+            lines.append(f"| {kind} | {count} | {seconds:.1f} | {cpu:.1f} |")
+        total = [sum(v[i] for v in timings.values()) for i in (1, 2)]
+        lines.append(f"| all | {sum(v[0] for v in timings.values())} | {total[0]:.1f} | {total[1]:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -510,10 +512,11 @@ def plot_loss(plan: Plan, data: dict, path: Path) -> None:
 
 
 def step_timings(records: list[dict]) -> dict:
+    """Per kind of step: (count, wall seconds, CPU seconds); a cached step's record keeps its original times."""
     out: dict[str, list] = {}
     for r in records:
-        count, seconds = out.setdefault(r["kind"], [0, 0.0])
-        out[r["kind"]] = [count + 1, seconds + r["seconds"]]  # a cached step's record keeps its original time
+        count, seconds, cpu = out.setdefault(r["kind"], [0, 0.0, 0.0])
+        out[r["kind"]] = [count + 1, seconds + r["seconds"], cpu + r.get("cpu_seconds", 0.0)]
     return {k: tuple(v) for k, v in out.items()}
 
 
@@ -551,7 +554,8 @@ def write_report(plan: Plan, ctx: Context, records: list[dict], out_dir: Path) -
                 writer.writerows(data["loss"])
         doc = {"study": plan.study.spec.name, "config": str(plan.study.source),
                **{k: v for k, v in data.items() if k != "outcomes"}, "language_gain": gains, "findings": found,
-               "steps": [{k: r.get(k) for k in ("label", "kind", "key", "seconds", "cached", "info")} for r in records]}
+               "steps": [{k: r.get(k) for k in ("label", "kind", "key", "seconds", "cpu_seconds", "cached", "info")}
+                         for r in records]}
         (tmp / "results.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
         (tmp / "report.md").write_text(markdown(plan, data, found, gains, timings))
         plot_scores(plan, data, tmp / "score_vs_tokens.png")

@@ -177,9 +177,6 @@ def run_tune(step: Step, ctx: Context, out: Path) -> dict:
     s = step.settings
     recipe = _recipe(ctx, step)
     space = space_for_recipe(s["method"]["space"])
-    if not space:
-        (out / "best_recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-        return {"trials": 0}
     tasks = study_tasks(s["tasks"], "validation")
     t = s["tuning"]
     # The mean task-solving metric on the validation halves, bits per character negated.
@@ -191,6 +188,15 @@ def run_tune(step: Step, ctx: Context, out: Path) -> dict:
         with autocast(next(model.parameters()).device, s.get("precision", "fp32")):
             return objective(model, tokenizer)
 
+    if not space:
+        # Nothing to tune; the validation score still ranks it among the merges (finding 1).
+        from langmerge.recipe import load_recipe
+        from langmerge.tuning import InMemoryMerger
+
+        (out / "best_recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        loaded = load_recipe(recipe)
+        merger = InMemoryMerger(loaded, device=s["device"])
+        return {"trials": 0, "best": {}, "validation_score": score(merger.model(loaded), merger.tokenizer)}
     result = tune(recipe, space, score, search=t["search"], trials=t["trials"], seed=t["seed"],
                   out_dir=out / "tune", device=s["device"], progress=ctx.progress, objective_name="validation score")
     (out / "best_recipe.yaml").write_text(yaml.safe_dump(result.best_recipe(), sort_keys=False))

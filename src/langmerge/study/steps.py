@@ -83,13 +83,20 @@ def runners() -> dict[str, Runner]:
     return run_steps.RUNNERS
 
 
+def _cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_step(step: Step, ctx: Context, force: bool = False) -> dict:
     """Run ``step`` unless it is done (or ``force``); returns its done.json record."""
     folder = step.folder(ctx.cache)
     marker = folder / DONE
     if marker.is_file() and not force:
         return json.loads(marker.read_text()) | {"cached": True}
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     fn = runners()[step.kind]
     with atomic_output_dir(folder, force=True) as tmp:
         info = fn(step, ctx, tmp)
@@ -97,6 +104,8 @@ def run_step(step: Step, ctx: Context, force: bool = False) -> dict:
             "kind": step.kind, "label": step.label, "key": step.key(), "settings": step.settings,
             "deps": {name: dep.folder(ctx.cache).name for name, dep in step.deps.items()},
             "seconds": round(time.perf_counter() - start, 3),
+            # user + system time of this process's threads: what the step costs on a machine shared with other work
+            "cpu_seconds": round(_cpu_seconds() - cpu_start, 3),
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "info": info,
         }
         # Written last: a folder without it is never taken for a finished step.
