@@ -435,6 +435,9 @@ def _plot_rows(ax, plan: Plan, data: dict, lang: str, value, scale: float) -> No
                           label=row_label(plan, r))
         ax.fill_between(xs, [scale * v for v in lo], [scale * v for v in hi], color=line.get_color(), alpha=0.15)
     ax.set_xscale("log")
+    budgets = plan.study.budgets(lang)
+    ax.set_xticks(budgets, [_tokens(b) for b in budgets])
+    ax.minorticks_off()
     ax.grid(alpha=0.3)
 
 
@@ -482,10 +485,13 @@ def plot_tasks(plan: Plan, data: dict, path: Path) -> None:
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
+    ncol = min(len(labels), 2 * ncol + 1)
+    rows_of_legend = -(-len(labels) // ncol) if labels else 0
+    bottom = (0.2 * rows_of_legend + 0.1) / (3.8 * nrow)  # inches of legend over the figure height
     if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=8)
+        fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8)
     fig.suptitle(f"{plan.study.spec.name}: each task against CT tokens")
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

@@ -32,17 +32,16 @@ from functools import cache
 
 from langmerge.errors import LangmergeError
 
-# Genre of each book (1-based, Protestant order); None: in no genre of the genre task.
-_LAW, _HISTORY, _WISDOM, _PROPHECY, _GOSPEL, _LETTER = None, "history", "wisdom", "prophecy", "gospel", "letter"
 GENRES = ("history", "wisdom", "prophecy", "gospel", "letter")
+# Genre of each book (1-based, Protestant order); None: in no genre of the genre task.
 BOOK_GENRE: dict[int, str | None] = {
-    **{b: _LAW for b in range(1, 6)},  # Genesis..Deuteronomy: law, not a genre of the task
-    **{b: _HISTORY for b in range(6, 18)},  # Joshua..Esther
-    **{b: _WISDOM for b in range(18, 23)},  # Job..Song of Solomon
-    **{b: _PROPHECY for b in range(23, 40)},  # Isaiah..Malachi
-    **{b: _GOSPEL for b in range(40, 44)},  # Matthew..John
+    **{b: None for b in range(1, 6)},  # Genesis..Deuteronomy: law, not a genre of the task
+    **{b: "history" for b in range(6, 18)},  # Joshua..Esther
+    **{b: "wisdom" for b in range(18, 23)},  # Job..Song of Solomon
+    **{b: "prophecy" for b in range(23, 40)},  # Isaiah..Malachi
+    **{b: "gospel" for b in range(40, 44)},  # Matthew..John
     44: None,  # Acts: history of the church, left out of the genre task
-    **{b: _LETTER for b in range(45, 66)},  # Romans..Jude
+    **{b: "letter" for b in range(45, 66)},  # Romans..Jude
     66: None,  # Revelation
 }
 # Joshua, Proverbs, Hosea, Amos, Micah, John, Romans, James: every genre of the genre task
