@@ -61,6 +61,7 @@ def _python_docs_en() -> list[str]:
     """
     import ast
     import sysconfig
+    import warnings
 
     from pydoc_data.topics import topics
 
@@ -68,7 +69,9 @@ def _python_docs_en() -> list[str]:
     root = Path(sysconfig.get_paths()["stdlib"])
     for path in sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts):
         try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
+            with warnings.catch_warnings():  # some files have invalid escapes in strings; only their docstrings matter
+                warnings.simplefilter("ignore", (DeprecationWarning, SyntaxWarning))
+                tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
             continue  # a few files are deliberately broken (test fixtures)
         for node in ast.walk(tree):
