@@ -27,8 +27,8 @@ def write_inputs(root: Path) -> dict[str, Path]:
     (root / "en.txt").write_text("\n".join(english) + "\n")
     from langmerge.study.sources import english_task_sft
 
-    with (root / "sft.jsonl").open("w") as fh:  # a small part of the built-in English SFT set
-        for rec in english_task_sft()[:40]:
+    with (root / "sft.jsonl").open("w") as fh:  # a small part of the built-in English SFT set (calendar, numbers)
+        for rec in [r for r in english_task_sft() if not r["prompt"].startswith("Verse: ")][:40]:
             fh.write(json.dumps(rec) + "\n")
     return {"base": base, "text": root / "ny.txt", "replay": root / "en.txt", "sft": root / "sft.jsonl"}
 
@@ -53,6 +53,7 @@ def study_dict(root: Path, out: Path, **changes) -> dict:
                      "space": {"parameters.density": {"values": [0.5]}}},
             "ties_sv": {"merge_method": "ties_sv", "ct": {"weight": 1.0}, "sft": {"weight": 1.0},
                         "parameters": {"density": 0.5}, "space": {"parameters.slack": {"values": [0.0, 1.0]}}},
+            "ta": {"merge_method": "task_arithmetic", "ct": {"weight": 1.0}, "sft": {"weight": 1.0}},  # nothing to tune
         },
         "tuning": {"limit": 6},
         "evaluation": {"limit": 8, "batch_size": 8},

@@ -153,3 +153,20 @@ def test_cli_writes_results(tiny_model_dir, tmp_path, capsys):
     assert "| toy_mc |" in capsys.readouterr().out
     assert json.loads((out / "results.json").read_text())["tasks"]["toy_mc"]["n"] == 6
     assert "already exists" in _cli_error(capsys, ["eval", str(tiny_model_dir), "--tasks", str(good), "--out", str(out)])
+
+
+def test_per_example_outcomes_and_bf16_precision(tiny_model, tmp_path):
+    """Each sample says whether it was right; bf16 autocast gives nearly the fp32 log-likelihoods."""
+    model, tok = tiny_model
+    task = load_task(write_task(tmp_path, MC_SPEC, MC_DOCS))
+    fp32 = evaluate(model, [task], tokenizer=tok, progress=False)
+    bf16 = evaluate(model, [task], tokenizer=tok, progress=False, precision="bf16")
+    samples = fp32["samples"]["toy_mc"]
+    assert [s["correct"] for s in samples] == [int(s["predicted"] == s["gold"]) for s in samples]
+    assert sum(s["correct"] for s in samples) / len(samples) == fp32["tasks"]["toy_mc"]["metrics"]["acc"]
+    for a, b in zip(samples, bf16["samples"]["toy_mc"]):
+        assert b["loglikelihoods"] == pytest.approx(a["loglikelihoods"], abs=0.1)
+        assert b["loglikelihoods"] != a["loglikelihoods"]  # the products did run in bfloat16
+    assert bf16["settings"]["precision"] == "bf16"
+    with pytest.raises(LangmergeError, match="precision 'fp16'"):
+        evaluate(model, [task], tokenizer=tok, progress=False, precision="fp16")

@@ -28,6 +28,25 @@ def test_batched_loglikelihood_matches_direct_forward(tiny_model, batch_size):
     assert got == pytest.approx(want, abs=1e-4)
 
 
+def test_one_token_continuations_of_one_context_share_a_forward_pass(tiny_model):
+    """Lettered choices: one forward per context, the same log-likelihoods as scoring each pair alone."""
+    model, tok = tiny_model
+    contexts = ["Verse: a b c ...\nA. x\nB. y\nAnswer:", "Q: 1 2\nAnswer:", "short"]
+    pairs = [encode_pair(tok, c, letter) for c in contexts for letter in "ABCD"]
+    pairs += [encode_pair(tok, "Q: 1 2\nAnswer:", " two tokens")]  # a longer continuation of a shared context
+    assert all(len(p.continuation) == 1 for p in pairs[:-1]) and len(pairs[-1].continuation) > 1
+    calls = []
+    hook = model.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(kwargs["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    try:
+        got = loglikelihoods(model, tok, pairs, batch_size=64)
+    finally:
+        hook.remove()
+    assert calls == [len(contexts) + 1]  # three shared contexts and the long pair, not 13 rows
+    want = [direct_loglikelihood(model, list(p.context), list(p.continuation)) for p in pairs]
+    assert got == pytest.approx(want, abs=1e-4)
+
+
 def test_full_logits_path_matches(tiny_model, monkeypatch):
     """Models without ``logits_to_keep`` are scored from full logits, to the same values."""
     from langmerge.evaluation import scoring

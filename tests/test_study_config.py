@@ -84,3 +84,45 @@ def test_cli_prints_one_line_and_exits_2(inputs, tmp_path):
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("langmerge: error:") and "base.path" in lines[0]
+
+
+def test_score_seeds_methods_and_device_are_checked(inputs, tmp_path):
+    d = study_dict(inputs, tmp_path / "out")
+    d["languages"]["ny"]["score"] = ["next_month_ny"]  # a validation task, not a test task
+    assert "languages.ny.score" in _error(tmp_path, d)
+    d = study_dict(inputs, tmp_path / "out", seeds={"extra": [0]})  # the main runs' seed
+    assert "seeds.extra" in _error(tmp_path, d)
+    d = study_dict(inputs, tmp_path / "out", seeds={"extra": [1], "methods": ["nope"]})
+    assert "seeds.methods" in _error(tmp_path, d)
+    d = study_dict(inputs, tmp_path / "out")
+    d["methods"]["ties"]["merge_method"] = "tie"
+    msg = _error(tmp_path, d)
+    assert "methods.ties.merge_method" in msg and "unknown method 'tie'" in msg and "ties_sv" in msg
+    d = study_dict(inputs, tmp_path / "out", sft={"data": str(inputs / "sft.jsonl"), "test": ["no_such_en"]})
+    assert "sft.test" in _error(tmp_path, d)
+    import torch
+
+    if not torch.cuda.is_available():
+        d = study_dict(inputs, tmp_path / "out", evaluation={"device": "cuda"})
+        msg = _error(tmp_path, d)
+        assert "evaluation.device" in msg and "no CUDA device" in msg
+        assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_seeds_repeat_the_smallest_budget_and_the_sft_run(inputs, tmp_path):
+    from langmerge.study import build_plan
+
+    d = study_dict(inputs, tmp_path / "out", seeds={"extra": [1, 2], "methods": ["ties"]})
+    d["sft"]["test"] = ["next_day_en"]
+    plan = build_plan(load_study(write_study(tmp_path / "study.yaml", d)))
+    labels = [s.label for s in plan.steps]
+    for seed in (1, 2):
+        assert f"sft (seed {seed})" in labels and f"ct ny (300 tokens, seed {seed})" in labels
+        assert f"ct-then-sft ny 300 (seed {seed})" in labels and f"tune ties ny 300 (seed {seed})" in labels
+        assert f"eval sft on English (seed {seed})" in labels
+        assert plan.seeded[("ny", seed, "ties")].deps["tune"].deps["sft"].settings["training"]["seed"] == seed
+    assert not any("tune wavg ny 300 (seed" in label for label in labels)
+    assert set(plan.english) == {(0, "base"), (0, "sft"), (1, "sft"), (2, "sft")}
+    # The main runs are the same steps as without seeds: the seed repeats add steps, they change none.
+    plain = build_plan(load_study(write_study(tmp_path / "plain.yaml", study_dict(inputs, tmp_path / "out"))))
+    assert {s.key() for s in plain.steps} <= {s.key() for s in plan.steps}

@@ -51,6 +51,7 @@ def _eval(args) -> int:
         progress=not args.no_progress,
         device=args.device,
         dtype=args.dtype,
+        precision=args.precision,
         lm_eval_tasks=lm_tasks,
         lm_eval_include=args.lm_eval_include or [],
         allow_pickle=args.allow_pickle,
@@ -78,6 +79,8 @@ def add_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the few-shot selection")
     p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: matrix products in bfloat16 (torch.autocast), about twice as fast on AVX-512 BF16 CPUs")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.add_argument("--list-tasks", action="store_true", help="list the built-in tasks and lm-eval presets")
     p.add_argument("--allow-pickle", action="store_true",

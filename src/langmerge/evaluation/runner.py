@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,22 @@ log = logging.getLogger(__name__)
 
 MAIN_METRIC = metrics.MAIN_METRIC
 METRIC_COLUMNS = ("acc", "acc_norm", "exact_match", "chrf", "lang_share", "lang_share_reference", "bpc")
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(device, precision: str):
+    """The context that runs a model's matrix products in ``precision`` (bf16: torch.autocast; fp32: as stored)."""
+    import contextlib
+
+    import torch
+
+    if precision not in PRECISIONS:
+        raise LangmergeError(f"precision {precision!r}: use {' or '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
 def load_model(
@@ -99,7 +116,7 @@ def _run_multiple_choice(task, idx, model, tokenizer, opts, progress) -> tuple[d
     }
     samples = [
         {"where": task.examples[i].where, "context": p, "choices": c, "loglikelihoods": ll, "gold": g,
-         "predicted": metrics.argmax(ll)}
+         "predicted": metrics.argmax(ll), "correct": int(metrics.argmax(ll) == g)}
         for i, p, c, ll, g in zip(idx, prompts, choices, per_example, golds)
     ]
     return scores, samples
@@ -124,7 +141,8 @@ def _run_generation(task, idx, model, tokenizer, opts, progress, generate) -> tu
         # The check's own hit rate on the correct answers: how far the language share can be trusted here.
         scores["lang_share_reference"] = metrics.language_share(references, labels)
     samples = [
-        {"where": task.examples[i].where, "prompt": p, "prediction": pred, "reference": ref, "language": lang}
+        {"where": task.examples[i].where, "prompt": p, "prediction": pred, "reference": ref, "language": lang,
+         "correct": int(metrics.normalize_answer(pred) == metrics.normalize_answer(ref))}
         for i, p, pred, ref, lang in zip(idx, prompts, predictions, references, languages)
     ]
     return scores, samples
@@ -137,10 +155,19 @@ def _run_bits_per_char(task, idx, model, tokenizer, opts, progress) -> tuple[dic
     n_chars = sum(len(t) for t in texts)
     scores = {"bpc": metrics.bits_per_character(sum(nlls), n_chars), "characters": n_chars}
     samples = [
-        {"where": task.examples[i].where, "characters": len(t), "bpc": metrics.bits_per_character(nll, len(t))}
+        {"where": task.examples[i].where, "characters": len(t), "bpc": metrics.bits_per_character(nll, len(t)),
+         "bits": nll / math.log(2)}
         for i, t, nll in zip(idx, texts, nlls)
     ]
     return scores, samples
+
+
+def _run_task(task, idx, model, tokenizer, opts, bar, generate) -> tuple[dict, list[dict]]:
+    if task.spec.kind == "multiple_choice":
+        return _run_multiple_choice(task, idx, model, tokenizer, opts, bar)
+    if task.spec.kind == "generation":
+        return _run_generation(task, idx, model, tokenizer, opts, bar, generate)
+    return _run_bits_per_char(task, idx, model, tokenizer, opts, bar)
 
 
 def evaluate(
@@ -162,6 +189,7 @@ def evaluate(
     lm_eval_include: Sequence[str | Path] = (),
     generate=generate_greedy,
     allow_pickle: bool = False,
+    precision: str = "fp32",
 ) -> dict:
     """Evaluate a model on langmerge tasks (and optionally lm-eval tasks); returns a results dict.
 
@@ -172,13 +200,16 @@ def evaluate(
     count; ``limit`` keeps the first N examples of each task; ``chat_template``
     wraps each prompt in the tokenizer's chat template (an error if it has
     none). ``generate`` is the greedy generation function (replaceable, e.g. to
-    test the language check with a fixed answerer). The results hold
+    test the language check with a fixed answerer). ``precision="bf16"`` runs the
+    model's matrix products in bfloat16 (``torch.autocast``; about twice as fast on
+    CPUs with AVX-512 BF16), the weights staying as loaded. The results hold
     ``tasks`` (per-task metrics), ``samples`` (per-example outputs) and, with
     ``lm_eval_tasks``, ``lm_eval`` (lm-eval's results). ``allow_pickle`` lets a
     model folder with only pickle (.bin) weights load (with ``weights_only=True``).
     """
     if limit is not None and limit < 1:
         raise LangmergeError(f"limit must be at least 1, got {limit}")
+    autocast("cpu", precision)  # a bad precision fails before the model loads
     if not isinstance(model, (str, Path)) and tokenizer is None:
         raise LangmergeError("evaluate: an already-loaded model needs its tokenizer (tokenizer=...)")
     names = tasks.split(",") if isinstance(tasks, str) else list(tasks)
@@ -204,12 +235,13 @@ def evaluate(
         model.eval()
     if chat_template and not getattr(tokenizer, "chat_template", None):
         raise LangmergeError(f"the tokenizer of {model_name} has no chat template; drop --chat-template")
+    model_device = next(model.parameters()).device
     opts = {"seed": seed, "chat": chat_template, "batch_size": batch_size, "max_length": max_length}
     results: dict = {
         "model": model_name,
         **({"model_source": source.to_json()} if source is not None and source.repo_id else {}),
         "settings": {"few_shot": few_shot, "batch_size": batch_size, "limit": limit, "chat_template": chat_template,
-                     "max_length": max_length, "seed": seed},
+                     "max_length": max_length, "seed": seed, "precision": precision},
         "tasks": {},
         "samples": {},
     }
@@ -218,12 +250,8 @@ def evaluate(
         bar = _Progress(progress, task.name, len(idx))
         start = time.perf_counter()
         try:
-            if task.spec.kind == "multiple_choice":
-                scores, samples = _run_multiple_choice(task, idx, model, tokenizer, opts, bar)
-            elif task.spec.kind == "generation":
-                scores, samples = _run_generation(task, idx, model, tokenizer, opts, bar, generate)
-            else:
-                scores, samples = _run_bits_per_char(task, idx, model, tokenizer, opts, bar)
+            with autocast(model_device, precision):
+                scores, samples = _run_task(task, idx, model, tokenizer, opts, bar, generate)
         finally:
             bar.close()
         seconds = time.perf_counter() - start

@@ -98,36 +98,48 @@ def loglikelihoods(
     """Sum of log-probabilities (nats) of each continuation given its context.
 
     A sequence longer than ``max_length + 1`` tokens loses tokens from the left
-    of its context, as in lm-eval.
+    of its context, as in lm-eval. Requests that continue the same input by one
+    token each (the letters or labels of a multiple-choice question) share one
+    forward pass.
     """
     max_len = model_max_length(model, max_length)
     device = next(model.parameters()).device
     pad_id = _pad_id(tokenizer)
     use_keep = _accepts_logits_to_keep(model)
-    inputs, targets = [], []
-    for p in pairs:
+    # One forward job per distinct input: (input ids, [(request index, continuation ids)]).
+    jobs: list[tuple[tuple[int, ...], list[tuple[int, tuple[int, ...]]]]] = []
+    single: dict[tuple[int, ...], int] = {}
+    for i, p in enumerate(pairs):
         if len(p.continuation) > max_len:
             raise LangmergeError(f"a continuation of {len(p.continuation)} tokens exceeds the model's {max_len}")
         seq = (p.context + p.continuation)[-(max_len + 1) :]
-        inputs.append(seq[:-1])
-        targets.append(p.continuation)
+        inputs = seq[:-1]
+        if len(p.continuation) == 1:
+            if inputs in single:
+                jobs[single[inputs]][1].append((i, p.continuation))
+                continue
+            single[inputs] = len(jobs)
+        jobs.append((inputs, [(i, p.continuation)]))
     # Longest first: the first batch shows at once whether memory suffices.
-    order = sorted(range(len(pairs)), key=lambda i: -len(inputs[i]))
+    order = sorted(range(len(jobs)), key=lambda j: -len(jobs[j][0]))
     results = [0.0] * len(pairs)
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        ids, mask = _left_pad([inputs[i] for i in batch], pad_id, device)
+        ids, mask = _left_pad([jobs[j][0] for j in batch], pad_id, device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        keep = max(len(targets[i]) for i in batch)
+        keep = max(len(cont) for j in batch for _, cont in jobs[j][1])
         kwargs = {"logits_to_keep": keep} if use_keep else {}
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs).logits[:, -keep:, :]
-        for row, i in enumerate(batch):
-            cont = torch.tensor(targets[i], dtype=torch.long, device=device)
-            row_logits = logits[row, keep - len(cont) :, :].float()
-            logprobs = torch.log_softmax(row_logits, dim=-1)
-            results[i] = float(logprobs.gather(-1, cont[:, None]).sum())
+        done = 0
+        for row, j in enumerate(batch):
+            for i, cont_ids in jobs[j][1]:
+                cont = torch.tensor(cont_ids, dtype=torch.long, device=device)
+                row_logits = logits[row, keep - len(cont) :, :].float()
+                logprobs = torch.log_softmax(row_logits, dim=-1)
+                results[i] = float(logprobs.gather(-1, cont[:, None]).sum())
+                done += 1
         if progress:
-            progress(len(batch))
+            progress(done)
     return results
 
 

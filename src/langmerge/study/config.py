@@ -104,6 +104,7 @@ class SFTSpec(_Strict):
     data: list[Source] | None = None  # SFT data: trains the SFT model (without path) and the CT-then-SFT baseline
     epochs: int = Field(1, ge=1)
     training: TrainSpec = Field(default_factory=TrainSpec)
+    test: list[str] = Field(default_factory=list)  # English tasks: does the SFT model solve what it was taught?
 
     _norm = field_validator("data", mode="before")(lambda cls, v: None if v is None else _sources(v))
 
@@ -123,6 +124,7 @@ class LanguageSpec(_Strict):
     checkpoints: dict[str, str] = Field(default_factory=dict)  # budget -> a trained CT model, folder or Hub id (then no text needed)
     validation: list[str] = Field(min_length=1)  # tasks for tuning the merges
     test: list[str] = Field(min_length=1)  # tasks of the report
+    score: list[str] = Field(default_factory=list)  # test tasks the score (and the findings) average; [] = all
     lm_eval: list[str] = Field(default_factory=list)  # lm-eval tasks run with the test tasks (need the hub)
 
     _norm = field_validator("text", mode="before")(lambda cls, v: _sources(v))
@@ -166,11 +168,20 @@ class EvaluationSpec(_Strict):
     # named in both lists never scores a merge on the examples it was tuned on. "none": whole tasks.
     split: Literal["alternate", "none"] = "alternate"
     device: str = "cpu"  # where merges are tuned and models evaluated (cpu or cuda)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: matrix products in bfloat16 (torch.autocast)
+    resamples: int = Field(10_000, ge=100)  # bootstrap resamples of every interval and paired test
 
 
 class AnalysisSpec(_Strict):
     ties: str = "ties"  # the method whose SFT loss rate is the reference
     ties_sv: str = "ties_sv"  # the method that should lower it
+
+
+class SeedsSpec(_Strict):
+    """Repeat the SFT run and each language's CT run at its smallest budget with other seeds."""
+
+    extra: list[int] = Field(default_factory=list)  # seeds besides training.seed (the main runs')
+    methods: list[str] = Field(default_factory=list)  # merges repeated with each seed's CT and SFT models
 
 
 class ExecutorSpec(_Strict):
@@ -195,6 +206,7 @@ class StudySpec(_Strict):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     analysis: AnalysisSpec | None = Field(default_factory=AnalysisSpec)
     executor: ExecutorSpec = Field(default_factory=ExecutorSpec)
+    seeds: SeedsSpec = Field(default_factory=SeedsSpec)
     dtype: str = "float32"  # compute dtype of the merges
 
     _norm = field_validator("replay", mode="before")(lambda cls, v: _sources(v))
@@ -381,15 +393,33 @@ def check_study(study: Study) -> None:
             _check_source(study, src, f"{key}.text[{i}]", "text")
         _check_tasks(study, ls.validation, f"{key}.validation")
         _check_tasks(study, ls.test, f"{key}.test")
+        import fnmatch
+
+        for pattern in ls.score:
+            if not any(fnmatch.fnmatchcase(t, pattern) for t in ls.test):
+                raise LangmergeError(f"{key}.score: {pattern!r} is not one of the test tasks {ls.test}")
     for name, m in s.methods.items():
         _check_space(study, name, m)
+    if s.sft.test:
+        _check_tasks(study, s.sft.test, f"{where}: sft.test")
     if s.analysis is not None:
+        from langmerge.methods.registry import get_method
+
         for role in ("ties", "ties_sv"):
             name = getattr(s.analysis, role)
             if name not in s.methods:
                 raise LangmergeError(f"{where}: analysis.{role}: {name!r} is not a method of the study")
             if not get_method(s.methods[name].merge_method).has_sign_vote:
                 raise LangmergeError(f"{where}: analysis.{role}: method {name!r} has no sign vote to analyse")
+    for name in s.seeds.methods:
+        if name not in s.methods:
+            raise LangmergeError(f"{where}: seeds.methods: {name!r} is not a method of the study")
+    main_seeds = {s.ct_training.seed, s.sft.training.seed}
+    if set(s.seeds.extra) & main_seeds or len(set(s.seeds.extra)) != len(s.seeds.extra):
+        raise LangmergeError(f"{where}: seeds.extra: {s.seeds.extra} must be distinct and differ from the main runs' "
+                             f"seeds {sorted(main_seeds)}")
+    if s.seeds.extra and s.sft.path is not None:
+        raise LangmergeError(f"{where}: seeds.extra: a given SFT model (sft.path) cannot be retrained with other seeds")
     if s.executor.kind == "ray":
         import importlib.util
 

@@ -23,6 +23,9 @@ class Plan:
     evals: dict[tuple[str, int | None, str], Step] = field(default_factory=dict)  # (lang, budget, row) -> eval
     tunes: dict[tuple[str, int, str], Step] = field(default_factory=dict)
     analyses: dict[tuple[str, int], Step] = field(default_factory=dict)
+    english: dict[tuple[int, str], Step] = field(default_factory=dict)  # (seed, base|sft) -> eval on sft.test
+    # (language, seed, row) -> eval of the smallest budget's runs repeated with another seed
+    seeded: dict[tuple[str, int, str], Step] = field(default_factory=dict)
 
     def ct_step(self, lang: str, budget: int) -> Step:
         return self.ct_given.get((lang, budget)) or self.ct[lang]
@@ -100,13 +103,59 @@ def build_plan(study: Study) -> Plan:
     prepare.append(base)
     plan = Plan(study, order, prepare, base)
 
+    def sft_step(seed: int | None) -> Step:
+        training = s.sft.training.model_dump() | ({"seed": seed} if seed is not None else {})
+        return Step("sft", "sft" + (f" (seed {seed})" if seed is not None else ""),
+                    {"epochs": s.sft.epochs, "training": training}, {"base": base, "data": sft_data}, training=True)
+
     if s.sft.path is not None:
         sft = _given(study, s.sft.path, f"{study.source}: sft.path", "SFT model")
     else:
-        sft = Step("sft", "sft", {"epochs": s.sft.epochs, "training": s.sft.training.model_dump()},
-                   {"base": base, "data": sft_data}, training=True)
+        sft = sft_step(None)
     plan.sft = _add(order, seen, sft)
+    seeded_sft = {seed: _add(order, seen, sft_step(seed)) for seed in s.seeds.extra}
+    if s.sft.test:
+        english = {"tasks": _task_settings(study, s.sft.test), "limit": s.evaluation.limit,
+                   "batch_size": s.evaluation.batch_size, "lm_eval": [], "device": s.evaluation.device,
+                   "precision": s.evaluation.precision}
+        main_seed = s.sft.training.seed
+        plan.english[(main_seed, "base")] = _add(order, seen, Step("eval", "eval base on English", english,
+                                                                   {"model": base}))
+        for seed, model in {main_seed: sft, **seeded_sft}.items():
+            label = "eval sft on English" + (f" (seed {seed})" if seed != main_seed else "")
+            plan.english[(seed, "sft")] = _add(order, seen, Step("eval", label, english, {"model": model}))
     ratio = list(study.ratio())
+
+    def ct_step(lang: str, budgets: list[int], seed: int | None) -> Step:
+        training = s.ct_training.model_dump() | ({"seed": seed} if seed is not None else {})
+        deps = {"base": base} | {f"text{i}": t for i, t in enumerate(texts[lang])}
+        deps |= {f"replay{i}": r for i, r in enumerate(replay)}
+        label = f"ct {lang} ({', '.join(f'{b:,}' for b in budgets)} tokens" + (f", seed {seed})" if seed is not None else ")")
+        return Step("ct", label, {"language": lang, "budgets": budgets, "replay_ratio": ratio, "repeat": s.repeat,
+                                  "training": training}, deps, training=True)
+
+    def budget_steps(lang: str, b: int, ct: Step, sft: Step, ev: dict, valid: dict, tag: str,
+                     methods: list[str]) -> dict[str, Step]:
+        """CT-then-SFT and the tuned merges of one budget, and the evaluations of CT, CT-then-SFT and the merges."""
+        budget = {"budget": b} if ct.kind == "ct" else {}
+        evals = {"ct": _add(order, seen, Step("eval", f"eval ct {tag}", ev | budget, {"model": ct}))}
+        ct_sft = _add(order, seen, Step("ct_sft", f"ct-then-sft {tag}",
+                                        {"epochs": s.sft.epochs, "training": sft.settings.get("training", s.sft.training.model_dump())} | budget,
+                                        {"base": ct, "data": sft_data}, training=True))
+        evals["ct_sft"] = _add(order, seen, Step("eval", f"eval ct-then-sft {tag}", ev, {"model": ct_sft}))
+        for name in methods:
+            m = s.methods[name]
+            tune = _add(order, seen, Step(
+                "tune", f"tune {name} {tag}",
+                {"budget": b, "method": m.model_dump(), "tuning": s.tuning.model_dump(), "tasks": valid,
+                 "batch_size": s.evaluation.batch_size, "dtype": s.dtype, "device": s.evaluation.device,
+                 "precision": s.evaluation.precision},
+                {"base": base, "ct": ct, "sft": sft}))
+            evals[name] = _add(order, seen, Step("eval", f"eval {name} {tag}", ev | {"method_name": name},
+                                                 {"tune": tune}))
+            evals[f"tune:{name}"] = tune
+        return evals
+
     for lang, ls in s.languages.items():
         budgets = study.budgets(lang)
         given = study.checkpoints(lang)
@@ -115,42 +164,37 @@ def build_plan(study: Study) -> Plan:
             key = f"{study.source}: languages.{lang}.checkpoints"
             plan.ct_given[(lang, b)] = _add(order, seen, _given(study, value, key, f"CT {lang} {b:,} (given)"))
         if to_train:
-            deps = {"base": base} | {f"text{i}": t for i, t in enumerate(texts[lang])}
-            deps |= {f"replay{i}": r for i, r in enumerate(replay)}
-            plan.ct[lang] = _add(order, seen, Step(
-                "ct", f"ct {lang} ({', '.join(f'{b:,}' for b in to_train)} tokens)",
-                {"language": lang, "budgets": to_train, "replay_ratio": ratio, "repeat": s.repeat,
-                 "training": s.ct_training.model_dump()}, deps, training=True))
+            plan.ct[lang] = _add(order, seen, ct_step(lang, to_train, None))
         test = _task_settings(study, ls.test)
         valid = _task_settings(study, ls.validation)
         ev = {"tasks": test, "limit": s.evaluation.limit, "batch_size": s.evaluation.batch_size,
-              "lm_eval": list(ls.lm_eval), "device": s.evaluation.device}
+              "lm_eval": list(ls.lm_eval), "device": s.evaluation.device, "precision": s.evaluation.precision,
+              "score_tasks": list(ls.score)}
         plan.evals[(lang, None, "base")] = _add(order, seen, Step("eval", f"eval base on {lang}", ev, {"model": base}))
         plan.evals[(lang, None, "sft")] = _add(order, seen, Step("eval", f"eval sft on {lang}", ev, {"model": sft}))
         for b in budgets:
-            ct = plan.ct_step(lang, b)
-            tag = f"{lang} {b:,}"
-            budget = {"budget": b} if ct.kind == "ct" else {}
-            plan.evals[(lang, b, "ct")] = _add(order, seen, Step("eval", f"eval ct {tag}", ev | budget, {"model": ct}))
-            ct_sft = Step("ct_sft", f"ct-then-sft {tag}",
-                          {"epochs": s.sft.epochs, "training": s.sft.training.model_dump()} | budget,
-                          {"base": ct, "data": sft_data}, training=True)
-            _add(order, seen, ct_sft)
-            plan.evals[(lang, b, "ct_sft")] = _add(order, seen, Step("eval", f"eval ct-then-sft {tag}", ev,
-                                                                     {"model": ct_sft}))
-            for name, m in s.methods.items():
-                tune = Step("tune", f"tune {name} {tag}",
-                            {"budget": b, "method": m.model_dump(), "tuning": s.tuning.model_dump(), "tasks": valid,
-                             "batch_size": s.evaluation.batch_size, "dtype": s.dtype,
-                             "device": s.evaluation.device},
-                            {"base": base, "ct": ct, "sft": sft})
-                plan.tunes[(lang, b, name)] = _add(order, seen, tune)
-                plan.evals[(lang, b, name)] = _add(order, seen, Step(
-                    "eval", f"eval {name} {tag}", ev | {"method_name": name}, {"tune": tune}))
+            steps = budget_steps(lang, b, plan.ct_step(lang, b), sft, ev, valid, f"{lang} {b:,}", list(s.methods))
+            for row, step in steps.items():
+                if row.startswith("tune:"):
+                    plan.tunes[(lang, b, row[5:])] = step
+                else:
+                    plan.evals[(lang, b, row)] = step
             if s.analysis is not None:
                 plan.analyses[(lang, b)] = _add(order, seen, Step(
-                    "analyze", f"analyze {tag}", {},
+                    "analyze", f"analyze {lang} {b:,}", {},
                     {"ties": plan.tunes[(lang, b, s.analysis.ties)], "ties_sv": plan.tunes[(lang, b, s.analysis.ties_sv)]}))
+        smallest = budgets[0]
+        if smallest in given:
+            continue  # a given CT checkpoint has no seed to vary
+        for seed, seed_sft in seeded_sft.items():
+            ct = _add(order, seen, ct_step(lang, [smallest], seed))
+            tag = f"{lang} {smallest:,} (seed {seed})"
+            plan.seeded[(lang, seed, "sft")] = _add(order, seen, Step(
+                "eval", f"eval sft on {lang} (seed {seed})", ev, {"model": seed_sft}))
+            steps = budget_steps(lang, smallest, ct, seed_sft, ev, valid, tag, list(s.seeds.methods))
+            for row, step in steps.items():
+                if not row.startswith("tune:"):
+                    plan.seeded[(lang, seed, row)] = step
     return plan
 
 

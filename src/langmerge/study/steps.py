@@ -85,6 +85,13 @@ def runners() -> dict[str, Runner]:
     return run_steps.RUNNERS
 
 
+def _cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_step(step: Step, ctx: Context, force: bool = False) -> dict:
     """Run ``step`` unless it is done (or ``force``); returns its done.json record."""
     folder = step.folder(ctx.cache)
@@ -93,7 +100,7 @@ def run_step(step: Step, ctx: Context, force: bool = False) -> dict:
         return json.loads(marker.read_text()) | {"cached": True}
     from langmerge.progress import library_progress_bars
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     fn = runners()[step.kind]
     # A Ray worker is a process of its own: the CLI's --no-progress does not reach its libraries.
     with library_progress_bars(ctx.progress), atomic_output_dir(folder, force=True) as tmp:
@@ -102,6 +109,8 @@ def run_step(step: Step, ctx: Context, force: bool = False) -> dict:
             "kind": step.kind, "label": step.label, "key": step.key(), "settings": step.settings,
             "deps": {name: dep.folder(ctx.cache).name for name, dep in step.deps.items()},
             "seconds": round(time.perf_counter() - start, 3),
+            # user + system time of this process's threads: what the step costs on a machine shared with other work
+            "cpu_seconds": round(_cpu_seconds() - cpu_start, 3),
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "info": info,
         }
         # Written last: a folder without it is never taken for a finished step.
@@ -114,6 +123,9 @@ def run_step(step: Step, ctx: Context, force: bool = False) -> dict:
 
 def method_recipe(method, base: str, ct: str, sft: str, dtype: str) -> dict:
     """The mergekit-format recipe of a study method over (base, CT, SFT)."""
+    from langmerge.methods.registry import get_method
+
+    kind = get_method(method.merge_method)
     recipe = {
         "merge_method": method.merge_method,
         "models": [
@@ -123,10 +135,9 @@ def method_recipe(method, base: str, ct: str, sft: str, dtype: str) -> dict:
         "parameters": dict(method.parameters),
         "dtype": dtype,
     }
-    merge_method = get_method(method.merge_method)
-    if merge_method.uses_base:
+    if kind.uses_base:
         recipe["base_model"] = base
-    if merge_method.takes_protect:
+    if kind.takes_protect:  # TIES-SV protects the SFT model
         recipe["parameters"].setdefault("protect", [sft])
     return recipe
 

@@ -19,10 +19,11 @@ import yaml
 
 from langmerge.errors import LangmergeError
 from langmerge.io.output import OutputAppeared, atomic_output_dir
-from langmerge.evaluation.builtin import cldr, numbers, udhr
+from langmerge.evaluation.builtin import bible, cldr, numbers, udhr
 
-# Bumped whenever a built-in task's data changes (v2: sequence choices leave out the prompt's names).
-BUILTIN_VERSION = "v2"
+# Bumped whenever a built-in task's data changes (v2: sequence choices leave out the prompt's names;
+# v3: the verse-aligned Bible tasks).
+BUILTIN_VERSION = "v3"
 # py3langid labels where they differ from the ISO 639-1 code.
 LANGID_LABELS = {"bo": ["dz"]}
 # Languages py3langid cannot identify: their generation tasks would have no language check.
@@ -80,6 +81,15 @@ def builtin_tasks() -> dict[str, BuiltinTask]:
             {"name": f"udhr_bpc_{lang}", "kind": "bits_per_char", "family": "udhr_bpc", "language": lang,
              "text_field": "text"},
             lambda cache_dir, lang=lang: udhr.build_udhr(lang, cache_dir))
+    for lang in bible.LANGUAGES:
+        tasks[f"verse_cont_{lang}"] = BuiltinTask(
+            _mc(f"verse_cont_{lang}", "verse_cont", lang), lambda _cache, lang=lang: bible.build_verse_cont(lang))
+        tasks[f"bible_genre_{lang}"] = BuiltinTask(
+            _mc(f"bible_genre_{lang}", "bible_genre", lang), lambda _cache, lang=lang: bible.build_genre(lang))
+        tasks[f"bible_bpc_{lang}"] = BuiltinTask(
+            {"name": f"bible_bpc_{lang}", "kind": "bits_per_char", "family": "bible_bpc", "language": lang,
+             "text_field": "text"},
+            lambda _cache, lang=lang: bible.build_bible_bpc(lang))
     return tasks
 
 
