@@ -8,7 +8,7 @@ import pytest
 import torch
 from ckpt_helpers import load_state
 
-from langmerge.engine import merge
+from langmerge.merge import merge
 from langmerge.synthetic import char_tokenizer
 
 COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,

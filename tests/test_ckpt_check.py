@@ -10,7 +10,7 @@ import yaml
 from ckpt_helpers import NEW_TOKENS, SHAPE, load_state, make_extended_trio, recipe
 
 from langmerge.cli import main
-from langmerge.engine import merge
+from langmerge.merge import merge
 from langmerge.synthetic import LlamaShape, char_tokenizer, write_model
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from ckpt_helpers import SHAPE, load_state
 
-from langmerge.engine import merge
+from langmerge.merge import merge
 from langmerge.errors import LangmergeError
 from langmerge.io.lora import AdapterMismatch, LoraSource
 from langmerge.io.reader import CheckpointReader

@@ -12,7 +12,7 @@ import torch
 from ckpt_helpers import SHAPE, load_state
 
 from langmerge.cli import main
-from langmerge.engine import merge
+from langmerge.merge import merge
 from langmerge.errors import LangmergeError
 from langmerge.io.reader import CheckpointReader, open_checkpoint
 from langmerge.synthetic import make_trio

@@ -8,7 +8,7 @@ import pytest
 import torch
 from ckpt_helpers import NEW_TOKENS, load_state, make_extended_trio, recipe
 
-from langmerge.engine import merge
+from langmerge.merge import merge
 from langmerge.errors import LangmergeError
 from langmerge.synthetic import char_tokenizer
 

@@ -376,7 +376,7 @@ def test_spellings_of_one_folder_are_one_model(models, tmp_path, capsys, monkeyp
 
 
 def test_hub_ids_that_are_not_local_paths_compare_as_strings(tmp_path, monkeypatch):
-    from langmerge.recipe import model_key
+    from langmerge.merge.recipe import model_key
 
     monkeypatch.chdir(tmp_path)
     assert model_key("org/name") == "org/name" and model_key("org/./name") == "org/./name"

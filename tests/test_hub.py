@@ -19,7 +19,7 @@ from hub_helpers import FakeHub, folder_files, use_hub
 from safetensors.torch import load_file, save_file
 
 from langmerge.cli import main
-from langmerge.engine import merge
+from langmerge.merge import merge
 from langmerge.errors import LangmergeError
 from langmerge.io.hub import CACHED, DOWNLOADED, LOCAL, TO_DOWNLOAD, ResolvedModel, parse_hub_id, resolve_model
 from langmerge.io.lora import AdapterMismatch, LoraSettings, check_adapter_base
@@ -272,7 +272,7 @@ def test_pickle_weights_only_with_allow_pickle(plain, hub, tmp_path, monkeypatch
 
 
 def test_check_reports_each_model_before_downloading_it(plain, hub, tmp_path, monkeypatch, capsys):
-    from langmerge.check import check_recipe
+    from langmerge.merge.check import check_recipe
 
     use_hub(monkeypatch, tmp_path / "cache", hub.url)
     hub.clear()

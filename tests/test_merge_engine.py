@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 import langmerge
-from langmerge import engine
+from langmerge.merge import execute
 from langmerge.cli import main
 from langmerge.io.writer import write_state_dict
 from langmerge.synthetic import LlamaShape, make_trio
@@ -304,15 +304,15 @@ def test_existing_output_needs_force(trio, tmp_path, capsys):
 
 def test_interrupted_merge_leaves_no_output(trio, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = engine.merge_job
+    real = execute.FileSink.commit
 
-    def flaky(plan, job, device):
+    def flaky(self, *args):
         calls["n"] += 1
-        if calls["n"] == 10:
+        if calls["n"] == 10:  # ^C with chunks read ahead and writes in flight
             raise KeyboardInterrupt
-        return real(plan, job, device)
+        return real(self, *args)
 
-    monkeypatch.setattr(engine, "merge_job", flaky)
+    monkeypatch.setattr(execute.FileSink, "commit", flaky)
     with pytest.raises(KeyboardInterrupt):
         langmerge.merge(_base_recipe(trio), tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []

@@ -112,7 +112,7 @@ def test_nan_or_inf_in_an_input_always_reaches_the_result():
 
 
 def test_threads_are_set_for_the_merge_and_restored(tmp_path, monkeypatch):
-    from langmerge.engine import merge
+    from langmerge.merge import merge
     from langmerge.synthetic import make_trio
 
     trio = make_trio(tmp_path / "models")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from langmerge.engine import layer_position
+from langmerge.merge.recipe import layer_position
 from langmerge.errors import LangmergeError
 from langmerge.io.writer import plan_shards
-from langmerge.recipe import evaluate_setting, load_recipe
+from langmerge.merge.recipe import evaluate_setting, load_recipe
 
 import torch
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import langmerge
 from langmerge.analysis import analyze
-from langmerge.check import check_recipe
+from langmerge.merge.check import check_recipe
 from langmerge.errors import LangmergeError
 from langmerge.methods import (
     METHODS,
@@ -25,7 +25,7 @@ from langmerge.methods import (
     model_field,
     register_method,
 )
-from langmerge.recipe import load_recipe
+from langmerge.merge.recipe import load_recipe
 from langmerge.synthetic import LlamaShape, make_trio
 
 SHAPE = LlamaShape(hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2)

@@ -182,7 +182,7 @@ def test_lora_adapter_and_merged_checkpoint_agree(corpus, tmp_path):
 
 
 def test_trained_checkpoints_are_merge_inputs(corpus, tmp_path):
-    from langmerge.engine import merge
+    from langmerge.merge import merge
 
     data = _sft_file(tmp_path / "sft.jsonl")
     ct = train_ct(corpus["base"], [corpus["ta"]], 600, tmp_path / "ct", save_at=[300], options=fast_options())

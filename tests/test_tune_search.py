@@ -11,7 +11,7 @@ import yaml
 from analysis_helpers import recipe, tiny_trio, weights, write_recipe
 from langmerge.cli import main
 from langmerge.errors import LangmergeError
-from langmerge.recipe import load_recipe
+from langmerge.merge.recipe import load_recipe
 from langmerge.tuning import InMemoryMerger, tune
 from langmerge.tuning.space import apply_values, load_space
 
@@ -33,7 +33,7 @@ def target_objective(trio, dtype="float32"):
     import tempfile
     from pathlib import Path
 
-    from langmerge.engine import merge
+    from langmerge.merge import merge
 
     base = recipe(trio, dtype=dtype)
     dims = load_space(SPACE, load_recipe(base))
@@ -86,7 +86,7 @@ def test_tpe_finds_the_optimum_within_its_budget(trio):
     ],
 )
 def test_in_memory_merge_is_bit_identical_to_langmerge_merge(trio, tmp_path, method, dtype, params):
-    from langmerge.engine import merge
+    from langmerge.merge import merge
 
     start = recipe(trio, method, dtype=dtype)
     if method in ("task_arithmetic", "linear"):

@@ -17,13 +17,12 @@ import importlib
 import logging
 import signal
 import sys
-import tempfile
 import threading
-from pathlib import Path
 
 from langmerge.errors import LangmergeError
 
-COMMAND_PROVIDERS = ("langmerge.cli", "langmerge.training.cli", "langmerge.evaluation.cli", "langmerge.check", "langmerge.analysis.cli", "langmerge.tuning.cli", "langmerge.study.cli")
+COMMAND_PROVIDERS = ("langmerge.merge.cli", "langmerge.training.cli", "langmerge.evaluation.cli", "langmerge.analysis.cli",
+                     "langmerge.tuning.cli", "langmerge.study.cli")
 
 
 def parse_size(text: str) -> int:
@@ -100,86 +99,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _merge(args) -> int:
-    from langmerge.engine import merge
-
-    report = merge(
-        args.recipe,
-        args.out_dir,
-        force=args.force,
-        device=args.device,
-        threads=args.threads,
-        shard_bytes=args.shard_size,
-        progress=not args.no_progress,
-        allow_pickle=args.allow_pickle,
-    )
-    print(report.summary())
-    return 0
-
-
-def _demo(args) -> int:
-    """Merge a small generated trio with TIES-SV and say what happened."""
-    from langmerge.engine import merge
-    from langmerge.synthetic import LlamaShape, make_trio
-
-    from langmerge.io.output import atomic_output_dir, check_output_free
-
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="langmerge-demo-"))
-    # Both folders are checked before either is written: an existing one needs --force.
-    check_output_free(work / "inputs", args.force)
-    check_output_free(work / "merged", args.force, [work / "inputs"])
-    shape = LlamaShape(hidden=128, intermediate=256, layers=4, heads=4, kv_heads=2)
-    with atomic_output_dir(work / "inputs", force=args.force) as tmp:
-        make_trio(tmp, shape)
-    paths = {name: work / "inputs" / name for name in ("base", "ct", "sft")}
-    recipe = {
-        "merge_method": "ties_sv",
-        "base_model": str(paths["base"]),
-        "models": [
-            {"model": str(paths["ct"]), "parameters": {"weight": 1.0, "density": 0.5}},
-            {"model": str(paths["sft"]), "parameters": {"weight": 1.0, "density": 0.5}},
-        ],
-        "parameters": {"slack": 1.0, "protect": [str(paths["sft"])]},
-        "dtype": "float32",
-    }
-    print(f"generated a base, a CT and an SFT model (Llama-shaped, random) under {work / 'inputs'}")
-    report = merge(recipe, work / "merged", force=args.force, progress=not args.no_progress)
-    print(report.summary())
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from langmerge.io.reader import pretrained_options
-
-    options = pretrained_options(work / "merged")  # the folder's files by io/files.py's rule, safetensors only
-    model = AutoModelForCausalLM.from_pretrained(work / "merged", **options)
-    tok = AutoTokenizer.from_pretrained(work / "merged", trust_remote_code=False)
-    ids = tok("வணக்கம்", return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-    print(f"the merged model loads in transformers and generates {out.shape[1] - ids.shape[1]} tokens")
-    return 0
-
-
-def add_commands(sub) -> None:
-    p = sub.add_parser("merge", help="merge models per a mergekit-style YAML recipe")
-    p.add_argument("recipe", help="recipe YAML file")
-    p.add_argument("out_dir", help="output folder (a Hugging Face model folder)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda, cuda:N or mps")
-    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for the tensor arithmetic")
-    p.add_argument("--shard-size", type=parse_size, default=5 * 10**9, help="max bytes per shard (default 5GB)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.add_argument(
-        "--allow-pickle", action="store_true", help="read .bin (pickle) weights with torch.load(weights_only=True)"
-    )
-    p.set_defaults(handler=_merge)
-
-    p = sub.add_parser("demo", help="merge a small generated model trio and show the result")
-    p.add_argument("--work-dir", default=None,
-                   help="where to put the generated models (WORK/inputs) and the merge (WORK/merged); default: a temp folder")
-    p.add_argument("--force", action="store_true", help="replace WORK/inputs and WORK/merged if they exist")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    p.set_defaults(handler=_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

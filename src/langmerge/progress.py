@@ -1,4 +1,8 @@
-"""The progress bars of the libraries langmerge calls: shown or hidden with langmerge's own.
+"""Progress: the reporter that library functions tell, and the libraries' own bars.
+
+Library functions (``merge``, ``analyze``, the in-memory tuner) never draw a bar: they tell a
+``Reporter`` passed in (``start(total)``, ``advance(n, nbytes)``, ``close()``), and the CLI
+passes ``TqdmReporter``, a bar of tensors with the bytes per second.
 
 transformers draws "Loading weights" in ``from_pretrained`` and "Writing model shards" in
 ``save_pretrained``; huggingface_hub and datasets draw theirs. ``--no-progress`` hides them
@@ -10,6 +14,52 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
+from typing import Protocol
+
+
+class Reporter(Protocol):
+    """What a long job says about its progress."""
+
+    def start(self, total: int) -> None:
+        """``total`` units of work (tensors) to come."""
+
+    def advance(self, n: int, nbytes: int = 0) -> None:
+        """``n`` more units done, ``nbytes`` more bytes processed (either may be 0)."""
+
+    def close(self) -> None: ...
+
+
+class TqdmReporter:
+    """A tqdm bar of units (tensors), with the bytes per second processed so far (the CLI's reporter)."""
+
+    def __init__(self, desc: str, unit: str = "tensor"):
+        self.desc, self.unit = desc, unit
+        self.bar = None
+        self.nbytes = 0
+        self.began = time.perf_counter()
+
+    def start(self, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, unit=self.unit, desc=self.desc)
+            self.began = time.perf_counter()
+
+    def advance(self, n: int, nbytes: int = 0) -> None:
+        if self.bar is None:
+            return
+        self.nbytes += nbytes
+        if n:
+            self.bar.update(n)
+        if nbytes:
+            rate = self.nbytes / 1e9 / max(time.perf_counter() - self.began, 1e-9)
+            self.bar.set_postfix_str(f"{rate:.2f} GB/s", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 @contextlib.contextmanager

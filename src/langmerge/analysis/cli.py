@@ -20,7 +20,8 @@ from langmerge.io.hub import resolve_model
 from langmerge.io.metadata import TRAINING_METADATA
 from langmerge.io.output import atomic_output_dir, check_output_free
 from langmerge.io.sources import recipe_input_paths
-from langmerge.recipe import load_recipe
+from langmerge.merge.recipe import load_recipe
+from langmerge.progress import TqdmReporter
 
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
 
@@ -148,8 +149,9 @@ def run_analyze(args) -> int:
 
     reports = []
     for recipe in recipes:
+        reporter = None if args.no_progress else TqdmReporter(f"analyze ({recipe.method.name})")
         reports.append(analyze(recipe, slacks=slacks, protect=protect, device=args.device,
-                               progress=not args.no_progress, allow_pickle=args.allow_pickle))
+                               progress=not args.no_progress, reporter=reporter, allow_pickle=args.allow_pickle))
     with atomic_output_dir(args.out, force=args.force) as tmp:
         doc = {"runs": [r.to_dict() for r in reports]}
         if tokens is not None:

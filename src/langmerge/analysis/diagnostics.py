@@ -10,10 +10,11 @@ For each input model ``i`` (trimmed task vector ``trimmed_i``, weighted
 Also, for each pair of models, the sign-conflict rate (entries both keep
 whose weighted signs differ, over entries both keep), and each model's
 task-vector norm ``||x_i - base||``. Several slack values are analysed in
-one pass: the inputs are loaded and trimmed once per tensor, then only the
-vote and the masks are redone for each slack. The per-tensor steps are the
-kernels ``langmerge merge`` runs (``langmerge.methods``), so the numbers
-describe exactly the merge it would write.
+one pass: the inputs are read and trimmed once per chunk, then only the vote
+and the masks are redone for each slack. ``analyze`` runs the merge's own plan
+through the merge's executor (``langmerge.merge.execute``), with a tally pass
+(``TallyPass``) in place of the merge pass, so the numbers describe exactly
+the merge ``langmerge merge`` would write, in the same flat memory.
 """
 
 from __future__ import annotations
@@ -25,17 +26,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from langmerge.engine import MergePlan, input_generators, layer_index, load_inputs, plan_merge
 from langmerge.errors import LangmergeError
+from langmerge.merge.execute import DEFAULT_MEMORY, Executor
+from langmerge.merge.plan import TensorTask, plan_merge, with_params
+from langmerge.merge.recipe import Recipe, layer_index, load_recipe
 from langmerge.methods import fused_cpu
-from langmerge.methods.base import Method, TensorInfo
+from langmerge.methods.base import Block, Method, Pass, TensorInfo, TensorMerge
 from langmerge.methods.consensus import agreement_mask, elect_sign
 from langmerge.methods.driver import DEFAULT_CHUNK_BYTES, choose_kernel, chunk_ranges, memory_reader, run_statistics
 from langmerge.methods.fused_cpu import all_finite
 from langmerge.methods.kernels import TensorParameters, vote_scale, weight_column
-from langmerge.recipe import Recipe, load_recipe
+from langmerge.progress import Reporter
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +144,42 @@ def _num(v: float) -> float | None:
     return None if v != v else float(v)
 
 
+class TallyPass(Pass):
+    """The diagnostic of one tensor, chunk by chunk: the pass ``analyze`` runs in place of the merge pass.
+
+    ``merge`` is the tensor's planned merge after its statistics passes (the
+    selection is done), so the trimmed values, weighted values and votes are
+    the merge's own. With ``task``, an input chunk holding NaN or Inf is
+    refused naming the model (every count would be meaningless).
+    """
+
+    def __init__(self, merge: TensorMerge, p: TensorParameters, slacks: list[float | None], tally: Tally,
+                 kernel: str, task: TensorTask | None = None):
+        self.merge, self.p, self.tally, self.task = merge, p, tally, task
+        self.scales = [vote_scale(p if slack is None else p.model_copy(update={"slack": slack})) for slack in slacks]
+        self.fused = kernel == "fused"
+        n = tally.n_models
+        if self.fused:
+            self.totals = {k: getattr(tally, k) for k in ("kept", "kept_mass", "squared_norm", "both_kept", "conflicts",
+                                                          "lost", "lost_mass")}
+            self.vote_scales = np.asarray([s.tolist() if s is not None else [1.0] * n for s in self.scales], dtype=np.float32)
+            self.round_vote = np.asarray([s is None for s in self.scales], dtype=np.uint8)
+            self.pair_a = np.asarray([i for i, _ in tally.pairs], dtype=np.int32)
+            self.pair_b = np.asarray([j for _, j in tally.pairs], dtype=np.int32)
+
+    def update(self, block: Block) -> None:
+        if self.task is not None:
+            for ref, values in zip(self.task.refs, [block.base, *block.inputs]):
+                if not all_finite(values):
+                    raise LangmergeError(f"model {ref.label}: tensor {self.task.name!r} contains NaN or Inf")
+        if self.fused:
+            trim, thresholds, cutoffs = self.merge.trim_arrays(block)
+            fused_cpu.tally(block.base, block.inputs, block.start, trim, thresholds, cutoffs, self.merge.weights32,
+                            self.vote_scales, self.round_vote, self.pair_a, self.pair_b, self.totals)
+        else:
+            _tally_block(self.tally, block, self.merge.sparsified(block), self.p.weights, self.scales)
+
+
 def tensor_tally(
     method: Method,
     base: torch.Tensor,
@@ -151,36 +189,23 @@ def tensor_tally(
     generators: list[torch.Generator] | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> Tally:
-    """The diagnostic of one tensor for each slack (None: ``p.slack``); ``p.protected`` names the protected models.
+    """The diagnostic of one tensor held in memory, for each slack (None: ``p.slack``); ``p.protected`` names the
+    protected models.
 
     The tensor's merge is planned as ``langmerge merge`` plans it (same kernel,
-    same selection passes over the same chunks); then one pass over the chunks
-    tallies the merge's own trimmed values, weighted values and votes.
+    same selection passes over the chunks); then ``TallyPass`` runs over the
+    chunks in place of the merge pass.
     """
-    n = len(inputs)
-    tally = Tally(n, len(slacks), numel=base.numel(), tensors=1)
-    scales = [vote_scale(p if slack is None else p.model_copy(update={"slack": slack})) for slack in slacks]
+    tally = Tally(len(inputs), len(slacks), numel=base.numel(), tensors=1)
     info = TensorInfo("<tensor>", tuple(base.shape), base.dtype, base.device)
     kernel = choose_kernel(method, p, info)
     merge = method.plan(p, info, kernel, generators)
     read = memory_reader(base, inputs)
     ranges = chunk_ranges(info.shape, base.element_size(), chunk_bytes, merge.chunk_rule)
     run_statistics(merge, read, ranges)
-    if kernel == "fused":
-        totals = {k: getattr(tally, k) for k in ("kept", "kept_mass", "squared_norm", "both_kept", "conflicts", "lost",
-                                                  "lost_mass")}
-        vote_scales = np.asarray([s.tolist() if s is not None else [1.0] * n for s in scales], dtype=np.float32)
-        round_vote = np.asarray([s is None for s in scales], dtype=np.uint8)
-        pair_a = np.asarray([i for i, _ in tally.pairs], dtype=np.int32)
-        pair_b = np.asarray([j for _, j in tally.pairs], dtype=np.int32)
-        for a, b in ranges:
-            block = read(a, b)
-            trim, thresholds, cutoffs = merge.trim_arrays(block)
-            fused_cpu.tally(block.base, block.inputs, block.start, trim,
-                            thresholds, cutoffs, merge.weights32, vote_scales, round_vote, pair_a, pair_b, totals)
-        return tally
+    counting = TallyPass(merge, p, slacks, tally, kernel)
     for a, b in ranges:
-        _tally_block(tally, read(a, b), merge.sparsified(read(a, b)), p.weights, scales)
+        counting.update(read(a, b))
     return tally
 
 
@@ -298,15 +323,6 @@ def resolve_protected(recipe: Recipe, protect: list[str] | None) -> list[bool]:
     return out
 
 
-def _checked_inputs(plan: MergePlan, job, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The job's tensors as the merge loads them; NaN or Inf would make every count meaningless."""
-    base, inputs = load_inputs(plan, job, device, scratch=True)  # consumed before the next job's load
-    for reader, t in zip([plan.base, *plan.inputs], [base, *inputs]):
-        if not all_finite(t):
-            raise LangmergeError(f"model {reader.label}: tensor {job.name!r} contains NaN or Inf")
-    return base, inputs
-
-
 def check_analyzable(recipe: Recipe, protected: list[bool], slacks: list[float | None]) -> None:
     """Bad input, before any tensor is read."""
     if not recipe.method.has_sign_vote:
@@ -330,15 +346,18 @@ def analyze(
     slacks: list[float] | None = None,
     protect: list[str] | None = None,
     device: str = "cpu",
+    memory: int = DEFAULT_MEMORY,
     progress: bool = True,
+    reporter: Reporter | None = None,
     allow_pickle: bool = False,
 ) -> AnalysisReport:
-    """Stream the recipe's inputs one tensor at a time and tally what the merge keeps and loses.
+    """Stream the recipe's inputs through the merge's executor and tally what the merge keeps and loses.
 
     ``slacks``: slack values to analyse in one pass (default: the recipe's
     own). ``protect``: model references (or folder names) given ``1 + slack``
     votes, replacing the recipe's ``protect``; with a plain ``ties`` recipe
-    it shows what TIES-SV would keep.
+    it shows what TIES-SV would keep. ``reporter`` hears the progress
+    (tensors); ``progress`` shows huggingface_hub's download bars.
     """
     import time
 
@@ -352,45 +371,43 @@ def analyze(
 
     dev = resolve_device(device)
     start = time.perf_counter()
-    plan = plan_merge(recipe, allow_pickle=allow_pickle, progress=progress)
+    plan = plan_merge(recipe, allow_pickle=allow_pickle, progress=progress, device=dev)
     models = [e.model for e in recipe.inputs]
     labels = model_labels(models)
     n = len(models)
-    total = Tally(n, len(slack_list))
-    by_layer: dict[str, Tally] = {}
-    by_module: dict[str, Tally] = {}
     by_tensor: dict[str, Tally] = {}
     skipped: dict[str, str] = {}
     recipe_slacks: set[float] = set()
+    tensors = []
+    for tensor in plan.tensors:
+        if tensor.copied:
+            skipped[tensor.name] = "not floating point (copied, not merged)"
+        elif tensor.aligned:
+            skipped[tensor.name] = "vocabulary-aligned rows (merged per row group, not analysed)"
+        else:
+            tensor.tasks = [with_params(task, lambda p: p.model_copy(update={"protected": protected}))
+                            for task in tensor.tasks]
+            recipe_slacks.update(task.params.slack for task in tensor.tasks)
+            tensors.append(tensor)
+
+    def tally_pass(tensor, task, merge):
+        tally = by_tensor[tensor.name] = Tally(n, len(slack_list), numel=task.info.numel, tensors=1)
+        return TallyPass(merge, task.params, slack_list, tally, task.kernel, task).update
+
     try:
-        jobs = [j for j in plan.jobs if j.params is not None]
-        for j in plan.jobs:
-            if j.params is None:
-                skipped[j.name] = "not floating point (copied, not merged)"
-        bar = tqdm(total=sum(int(np.prod(j.shape)) for j in jobs), unit="param", unit_scale=True,
-                   desc=f"analyze ({recipe.method.name})", disable=not progress)
-        try:
-            with torch.no_grad():
-                for job in jobs:
-                    if plan.vocab is not None and plan.vocab.is_aligned(job.name):
-                        skipped[job.name] = "vocabulary-aligned rows (merged per row group, not analysed)"
-                        bar.update(int(np.prod(job.shape)))
-                        continue
-                    p = job.params.model_copy(update={"protected": protected})
-                    recipe_slacks.add(p.slack)
-                    base, inputs = _checked_inputs(plan, job, dev)
-                    tally = tensor_tally(recipe.method, base, inputs, p, slack_list, input_generators(plan, job, dev))
-                    del base, inputs
-                    by_tensor[job.name] = tally
-                    total.add(tally)
-                    layer = layer_index(job.name)
-                    by_layer.setdefault("other" if layer is None else str(layer), Tally(n, len(slack_list))).add(tally)
-                    by_module.setdefault(module_type(job.name), Tally(n, len(slack_list))).add(tally)
-                    bar.update(tally.numel)
-        finally:
-            bar.close()
+        Executor(dev, memory, reporter).run(tensors, final=tally_pass)
     finally:
+        if reporter is not None:
+            reporter.close()
         plan.close()
+    total = Tally(n, len(slack_list))
+    by_layer: dict[str, Tally] = {}
+    by_module: dict[str, Tally] = {}
+    for name, tally in by_tensor.items():
+        total.add(tally)
+        layer = layer_index(name)
+        by_layer.setdefault("other" if layer is None else str(layer), Tally(n, len(slack_list))).add(tally)
+        by_module.setdefault(module_type(name), Tally(n, len(slack_list))).add(tally)
     layer_keys = sorted((k for k in by_layer if k != "other"), key=int) + (["other"] if "other" in by_layer else [])
     return AnalysisReport(
         recipe=recipe.source,

@@ -1,12 +1,13 @@
-"""PEFT LoRA adapters as merge inputs, applied to their base one tensor at a time.
+"""PEFT LoRA adapters as merge inputs, applied to their base one row block at a time.
 
 An adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) can
-stand wherever a model can. ``LoraSource`` has the base's tensor names and
-shapes; ``get(name)`` returns ``W + scale * B @ A`` (transposed for
-``fan_in_fan_out``; ``(B @ A).T`` for LoRA on an embedding) computed in float32,
-with ``scale = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``). Tensors the
-adapter saves whole (``modules_to_save``, resized embeddings) replace the base's.
-Only the tensors of one job are ever in memory.
+stand wherever a model can. ``LoraSource`` (a ``TensorSource``) has the base's
+tensor names and shapes; reading rows ``i .. j`` of an adapted tensor gives
+``W[i:j] + scale * (B @ A)[i:j]`` (``(B @ A).T`` for ``fan_in_fan_out`` and for
+LoRA on an embedding) computed in float32 from those rows alone, with
+``scale = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``): the whole
+delta is never in memory. Tensors the adapter saves whole (``modules_to_save``,
+resized embeddings) replace the base's and are read at their file offset.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +24,8 @@ import torch
 
 from langmerge.errors import LangmergeError
 from langmerge.io.files import folder_file, open_regular, read_json
-from langmerge.io.safetensors_format import read_header, read_tensor
+from langmerge.io.safetensors_format import read_header, read_range
+from langmerge.io.tensor_source import TensorSource, into
 
 if TYPE_CHECKING:
     from langmerge.io.hub import ResolvedModel
@@ -161,7 +164,7 @@ def check_adapter_base(
     )
 
 
-class LoraSource:
+class LoraSource(TensorSource):
     """A base checkpoint with a LoRA adapter applied, tensor by tensor."""
 
     def __init__(self, base, adapter_folder: str | Path, label: str | None = None, *, base_ref: str, allow_pickle: bool = False,
@@ -173,17 +176,17 @@ class LoraSource:
         check_adapter_base(self.settings, self.folder, base_ref, base.config(), base_model)
         self._tensors = _adapter_tensors(self.folder, allow_pickle)
         self._handle = None
+        self._lock = threading.Lock()
         self.pairs: dict[str, LoraPair] = {}
         self.whole: dict[str, str] = {}  # base tensor name -> adapter key saved whole
         self._parse()
-        self.entries = {name: base.entries[name] for name in base.names}
 
     @property
     def tokenizer_folder(self) -> Path:
         """The adapter's own tokenizer when it ships one (a resized vocabulary), else the base's."""
         if (self.folder / "tokenizer.json").exists() or (self.folder / "tokenizer_config.json").exists():
             return self.folder
-        return getattr(self.base, "tokenizer_folder", self.base.folder)
+        return self.base.tokenizer_folder
 
     def _parse(self) -> None:
         halves: dict[str, dict[str, str]] = {}
@@ -198,7 +201,7 @@ class LoraSource:
             if "lora_" in name or "magnitude" in name:
                 raise LangmergeError(f"adapter {self.label}: tensor {key!r} is not a LoRA weight langmerge understands")
             target = name.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".").replace(".base_layer.", ".")
-            if target not in self.base.entries:
+            if target not in self.base:
                 raise AdapterMismatch(
                     f"adapter {self.label}: saved tensor {key!r} has no counterpart {target!r} in the base {self.base.label}"
                 )
@@ -209,7 +212,7 @@ class LoraSource:
             if a not in kinds or b not in kinds:
                 raise LangmergeError(f"adapter {self.label}: module {module!r} has only one of {a}, {b}")
             target = module + ".weight"
-            if target not in self.base.entries:
+            if target not in self.base:
                 raise AdapterMismatch(
                     f"adapter {self.label}: adapted module {module!r} has no tensor {target!r} in the base "
                     f"{self.base.label}; is this adapter for another model?"
@@ -235,17 +238,27 @@ class LoraSource:
         t = self._tensors[key]
         return tuple(t.shape)
 
-    def _read(self, key: str) -> torch.Tensor:
+    def _read(self, key: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Elements ``start .. stop`` of the adapter tensor ``key`` (read at its offset, or from memory: pickle)."""
         t = self._tensors[key]
         if isinstance(t, torch.Tensor):
-            return t
-        if self._handle is None:
-            self._handle = open_regular(t.file)
-        return read_tensor(t, self._handle)
+            return into(out, t.reshape(-1)[start:stop])
+        with self._lock:
+            if self._handle is None:
+                self._handle = open_regular(t.file)
+        return read_range(t, self._handle.fileno(), start, stop, out)
+
+    def _whole(self, key: str) -> torch.Tensor:
+        t = self._tensors[key]
+        n = math.prod(self._shape(key))
+        return self._read(key, 0, n, torch.empty(n, dtype=t.dtype)).reshape(self._shape(key))
 
     @property
     def names(self) -> list[str]:
         return self.base.names
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.base
 
     def shape(self, name: str) -> tuple[int, ...]:
         if name in self.whole:
@@ -253,25 +266,39 @@ class LoraSource:
         return self.base.shape(name)
 
     def dtype(self, name: str) -> torch.dtype:
+        if name in self.whole:
+            return self._tensors[self.whole[name]].dtype
         return self.base.dtype(name)
 
-    def delta(self, name: str) -> torch.Tensor:
-        """``scale * B @ A`` for an adapted tensor, in float32, shaped like the base tensor."""
+    def read_dtype(self, name: str) -> torch.dtype:
+        if name in self.pairs:
+            return torch.float32  # W + scale * B @ A is computed in float32
+        return self.dtype(name) if name in self.whole else self.base.read_dtype(name)
+
+    def delta_rows(self, name: str, first: int, last: int) -> torch.Tensor:
+        """Rows ``first .. last`` of ``scale * B @ A`` for an adapted tensor, in float32."""
         pair = self.pairs[name]
-        a = self._read(pair.a_key).float()
-        b = self._read(pair.b_key).float()
-        d = b @ a
+        a = self._whole(pair.a_key).float()
+        b = self._whole(pair.b_key).float()
         if pair.embedding or self.settings.fan_in_fan_out:
-            d = d.T
+            d = (b @ a[:, first:last]).T  # rows of (B @ A).T are columns of B @ A
+        else:
+            d = b[first:last] @ a
         return d * self.settings.scale(pair.module, a.shape[0])
 
-    def get(self, name: str, scratch: bool = False) -> torch.Tensor:
-        """``scratch`` is accepted for the source interface; adapted tensors are always fresh."""
+    def read(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         if name in self.whole:
-            return self._read(self.whole[name])
-        if name in self.pairs:
-            return self.base.get(name).float() + self.delta(name)
-        return self.base.get(name, scratch=scratch)
+            return self._read(self.whole[name], start, stop, out)
+        if name not in self.pairs:
+            return self.base.read(name, start, stop, out)
+        if stop <= start:
+            return out[:0]
+        width = math.prod(self.base.shape(name)[1:])
+        first, last = start // width, (stop - 1) // width + 1
+        rows = torch.empty((last - first) * width, dtype=self.base.read_dtype(name))
+        w = self.base.read(name, first * width, last * width, rows).reshape(last - first, width)
+        values = w.float() + self.delta_rows(name, first, last)
+        return into(out, values.reshape(-1)[start - first * width : stop - first * width])
 
     def config(self) -> dict | None:
         return self.base.config()
@@ -281,9 +308,3 @@ class LoraSource:
             self._handle.close()
             self._handle = None
         self.base.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

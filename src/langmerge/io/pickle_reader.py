@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from langmerge.errors import LangmergeError
+from langmerge.io.tensor_source import TensorSource, into
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,8 @@ def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-class PickleReader:
-    """The same interface as ``CheckpointReader``, over ``.bin`` files."""
+class PickleReader(TensorSource):
+    """The ``TensorSource`` of a folder of ``.bin`` files (memory-mapped: reading a range touches its pages only)."""
 
     def __init__(self, folder: str | Path, label: str | None = None):
         from langmerge.io.files import folder_file
@@ -64,11 +65,13 @@ class PickleReader:
         self._tensors: dict[str, torch.Tensor] = {}
         for path in files:
             self._tensors.update(load_pickle_state_dict(path))
-        self.entries = {name: t for name, t in self._tensors.items()}
 
     @property
     def names(self) -> list[str]:
         return list(self._tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._tensors[name].shape)
@@ -76,12 +79,13 @@ class PickleReader:
     def dtype(self, name: str) -> torch.dtype:
         return self._tensors[name].dtype
 
-    def get(self, name: str, scratch: bool = False) -> torch.Tensor:
-        """``scratch`` is accepted for the source interface; the tensor is always a fresh copy."""
+    def read(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         try:
-            return self._tensors[name].clone()
+            t = self._tensors[name]
         except KeyError:
-            raise LangmergeError(f"model {self.label}: tensor {name!r} is missing") from None
+            raise self.missing(name) from None
+        flat = t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
+        return into(out, flat[start:stop])
 
     def config(self) -> dict | None:
         from langmerge.io.reader import read_config
@@ -90,10 +94,3 @@ class PickleReader:
 
     def close(self) -> None:
         self._tensors.clear()
-        self.entries.clear()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

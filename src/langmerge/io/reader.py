@@ -1,6 +1,7 @@
-"""Lazy reader of a Hugging Face checkpoint folder.
+"""Lazy reader of a Hugging Face checkpoint folder (a ``TensorSource``).
 
-Only headers are read up front; a tensor's bytes are read when asked for.
+Only headers are read up front; a range of a tensor's elements is read when
+asked for, at its offset in the shard, into the caller's buffer.
 Index files are untrusted: a weight map entry that leaves the model folder
 (``../``, an absolute path, a symlink pointing outside) is refused, by the
 rule of ``langmerge.io.files``.
@@ -8,13 +9,15 @@ rule of ``langmerge.io.files``.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
 
 from langmerge.errors import LangmergeError
 from langmerge.io.files import check_folder_files, folder_file, is_regular_file, model_file, open_regular, read_json
-from langmerge.io.safetensors_format import TensorEntry, read_header, read_tensor
+from langmerge.io.safetensors_format import TensorEntry, read_header, read_range
+from langmerge.io.tensor_source import TensorSource
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -89,8 +92,8 @@ def pickle_refusal(label: str, folder: Path) -> LangmergeError:
     )
 
 
-class CheckpointReader:
-    """The tensors of one model folder, by name, read on demand."""
+class CheckpointReader(TensorSource):
+    """The tensors of one model folder of safetensors files, by name, read on demand."""
 
     def __init__(self, folder: str | Path, label: str | None = None):
         self.folder = Path(folder)
@@ -99,7 +102,7 @@ class CheckpointReader:
             raise LangmergeError(f"model {self.label}: folder {self.folder} does not exist")
         self.entries = self._index()
         self._handles: dict[Path, object] = {}
-        self._scratch: torch.Tensor | None = None
+        self._lock = threading.Lock()
 
     def _index(self) -> dict[str, TensorEntry]:
         index_path = folder_file(self.folder, INDEX_FILE)
@@ -126,42 +129,37 @@ class CheckpointReader:
     def names(self) -> list[str]:
         return list(self.entries)
 
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name].shape
 
     def dtype(self, name: str) -> torch.dtype:
         return self.entries[name].dtype
 
-    def get(self, name: str, scratch: bool = False) -> torch.Tensor:
-        """The tensor ``name``. With ``scratch``, it may live in a buffer that this reader's next scratch read overwrites."""
+    def _fd(self, path: Path) -> int:
+        with self._lock:  # readers on several threads share one handle per shard (positional reads)
+            handle = self._handles.get(path)
+            if handle is None:
+                handle = self._handles[path] = open_regular(path)
+            return handle.fileno()
+
+    def read(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         try:
             entry = self.entries[name]
         except KeyError:
-            raise LangmergeError(f"model {self.label}: tensor {name!r} is missing") from None
-        handle = self._handles.get(entry.file)
-        if handle is None:
-            handle = self._handles[entry.file] = open_regular(entry.file)
-        buffer = None
-        if scratch:
-            if self._scratch is None or self._scratch.numel() < entry.nbytes:
-                self._scratch = torch.empty(entry.nbytes, dtype=torch.uint8)
-            buffer = self._scratch
-        return read_tensor(entry, handle, buffer)
+            raise self.missing(name) from None
+        return read_range(entry, self._fd(entry.file), start, stop, out)
 
     def config(self) -> dict | None:
         return read_config(self.folder)
 
     def close(self) -> None:
-        for handle in self._handles.values():
-            handle.close()
-        self._handles.clear()
-        self._scratch = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        with self._lock:
+            for handle in self._handles.values():
+                handle.close()
+            self._handles.clear()
 
 
 def has_safetensors(folder: Path) -> bool:

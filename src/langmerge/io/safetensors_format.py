@@ -187,27 +187,47 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
 
 
 def read_tensor(entry: TensorEntry, handle=None, buffer: torch.Tensor | None = None) -> torch.Tensor:
-    """Read one tensor's bytes with a plain read, into ``buffer`` (uint8, large enough) or a fresh one.
+    """Read one whole tensor's bytes with a plain read, into ``buffer`` (uint8, large enough) or a fresh one.
 
     A plain read (not an mmap) keeps the process's resident memory to the
     tensors it holds, instead of every page of every input it has touched.
-    Reading into a reused buffer also avoids faulting in fresh pages, which
-    costs more than the read itself.
     """
     buf = buffer[: entry.nbytes] if buffer is not None else torch.empty(entry.nbytes, dtype=torch.uint8)
-    if entry.nbytes:
-        view = memoryview(buf.numpy())
-        own = handle is None
-        f = open_regular(entry.file) if own else handle
-        try:
-            f.seek(entry.begin)
-            got = f.readinto(view)
-        finally:
-            if own:
-                f.close()
-        if got != entry.nbytes:
-            raise LangmergeError(f"{entry.file}: truncated file while reading tensor {entry.name!r}")
+    own = handle is None
+    f = open_regular(entry.file) if own else handle
+    try:
+        read_range(entry, f.fileno(), 0, entry.numel, buf.view(entry.dtype) if entry.nbytes else buf)
+    finally:
+        if own:
+            f.close()
     return buf.view(entry.dtype).reshape(entry.shape)
+
+
+def read_range(entry: TensorEntry, fd: int, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+    """Elements ``start .. stop`` of the flattened tensor, read at their offset in the file into ``out``.
+
+    ``out`` is 1-D, of the entry's dtype, with at least ``stop - start``
+    elements; returns the filled view. A positional read (``preadv``) needs
+    no seek, so several threads may read one file; reading into a reused
+    buffer avoids faulting in fresh pages, which costs more than the read.
+    """
+    n = stop - start
+    view = out[:n]
+    nbytes = n * view.element_size()
+    if nbytes == 0:
+        return view
+    target = memoryview(view.view(torch.uint8).numpy())
+    offset = entry.begin + start * view.element_size()
+    done = 0
+    try:
+        while done < nbytes:
+            got = os.preadv(fd, [target[done:]], offset + done)
+            if got == 0:
+                raise LangmergeError(f"{entry.file}: truncated file while reading tensor {entry.name!r}")
+            done += got
+    except OSError as exc:
+        raise LangmergeError(f"{entry.file}: cannot read tensor {entry.name!r} ({exc.strerror or exc})") from exc
+    return view
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -221,46 +241,73 @@ def tensor_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 class StreamingFileWriter:
     """Writes one safetensors file whose tensor list is known in advance.
 
-    The header is written first; tensors must then be given in header order.
+    The header is written when the file is opened, so every tensor's byte
+    offset is fixed before any tensor is computed; ``write_at`` puts a range
+    of a tensor's elements at its place (positional writes, in any order),
+    and ``close`` checks that every byte was written.
     """
 
     def __init__(self, path: Path, layout: list[tuple[str, tuple[int, ...], torch.dtype]], metadata=None):
         self.path = path
-        self._expected = [name for name, _, _ in layout]
         self._specs = {name: (shape, dtype) for name, shape, dtype in layout}
-        header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
-        offset = 0
+        header = header_bytes(layout, metadata)
+        self.data_start = len(header)
+        self._offsets: dict[str, int] = {}
+        offset = self.data_start
         for name, shape, dtype in layout:
-            n = tensor_nbytes(shape, dtype)
-            header[name] = {"dtype": DTYPE_TO_ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-            offset += n
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # data must start 8-byte aligned
+            self._offsets[name] = offset
+            offset += tensor_nbytes(shape, dtype)
+        self._written = dict.fromkeys(self._specs, 0)
         self._file = open(path, "wb")
-        self._file.write(struct.pack("<Q", len(raw)))
-        self._file.write(raw)
-        self._next = 0
+        self._fd = self._file.fileno()
+        self._pwrite(header, 0)
+
+    def _pwrite(self, data, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        while view.nbytes:
+            done = os.pwrite(self._fd, view, offset)
+            view, offset = view[done:], offset + done
+
+    def write_at(self, name: str, start: int, values: torch.Tensor) -> None:
+        """Elements ``start .. start + values.numel()`` of tensor ``name`` (``values``: 1-D, the planned dtype)."""
+        shape, dtype = self._specs[name]
+        if values.dtype != dtype or values.dim() != 1 or start < 0 or start + values.numel() > math.prod(shape):
+            raise RuntimeError(f"{self.path}: elements {start}..{start + values.numel()} of {name!r} "
+                               f"({values.dtype}) do not fit the planned {list(shape)} {dtype}")
+        t = values.detach().to("cpu").contiguous()
+        if t.numel():
+            self._pwrite(t.view(torch.uint8).numpy(), self._offsets[name] + start * t.element_size())
+        self._written[name] += t.numel() * t.element_size()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        if self._next >= len(self._expected) or self._expected[self._next] != name:
-            raise RuntimeError(f"{self.path}: tensor {name!r} written out of order")
+        """The whole tensor ``name``."""
         shape, dtype = self._specs[name]
         if tuple(tensor.shape) != shape or tensor.dtype != dtype:
             raise RuntimeError(
                 f"{self.path}: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, planned {shape} {dtype}"
             )
-        t = tensor.detach().to("cpu").contiguous()
-        if t.numel():
-            self._file.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-        self._next += 1
+        self.write_at(name, 0, tensor.reshape(-1))
 
     def close(self) -> None:
-        if self._next != len(self._expected):
-            self._file.close()
-            raise RuntimeError(f"{self.path}: closed after {self._next} of {len(self._expected)} tensors")
+        missing = [n for n, (s, d) in self._specs.items() if self._written[n] != tensor_nbytes(s, d)]
+        self._file.close()
+        if missing:
+            raise RuntimeError(f"{self.path}: closed with {len(missing)} tensors not written whole ({missing[0]!r}...)")
         # No fsync: atomicity comes from the output folder's final rename, and
         # a durable flush would make a merge disk-bound on these machines.
-        self._file.close()
 
     def abort(self) -> None:
         self._file.close()
+
+
+def header_bytes(layout: list[tuple[str, tuple[int, ...], torch.dtype]], metadata=None) -> bytes:
+    """The 8-byte length and JSON header of a safetensors file holding ``layout`` in that order."""
+    header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name, shape, dtype in layout:
+        n = tensor_nbytes(shape, dtype)
+        header[name] = {"dtype": DTYPE_TO_ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data must start 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw

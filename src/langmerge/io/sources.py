@@ -1,10 +1,7 @@
-"""Tensor sources: what the engine reads a model's tensors from.
+"""A recipe's models opened as tensor sources (``io.tensor_source.TensorSource``).
 
-A source has ``label``, ``folder``, ``names``, ``entries`` (supports ``in``),
-``shape(name)``, ``dtype(name)``, ``get(name)``, ``config()`` and ``close()``.
 Kinds: a safetensors ``CheckpointReader``; a ``PickleReader`` (only with
-``allow_pickle``); a ``LoraSource`` (an adapter applied to the recipe's base);
-and, around any of them, a ``VocabAlignedSource`` (io/vocab.py).
+``allow_pickle``); a ``LoraSource`` (an adapter applied to the recipe's base).
 
 A model is named by a reference, a folder or a Hub id (io/hub.py); each
 reference of a recipe is resolved once (``recipe_models``) and the source's
@@ -31,10 +28,6 @@ def source_kind(source) -> str:
     if isinstance(source, PickleReader):
         return "pickle checkpoint"
     return "safetensors checkpoint"
-
-
-def tokenizer_folder(source) -> Path:
-    return getattr(source, "tokenizer_folder", source.folder)
 
 
 def is_adapter_model(model: ResolvedModel) -> bool:
@@ -120,18 +113,26 @@ def recipe_input_paths(recipe) -> list[str | Path]:
     return paths + [hub_repository_folder(ref) or ref for ref in refs]
 
 
-def open_recipe_sources(recipe, stack: ExitStack, *, allow_pickle: bool = False, models: dict[str, ResolvedModel] | None = None):
-    """``(base or None, inputs)`` for a recipe; each is closed by ``stack``."""
+def open_recipe_sources(recipe, stack: ExitStack, *, allow_pickle: bool = False, models: dict[str, ResolvedModel] | None = None,
+                        on_error: Callable[[str, LangmergeError], None] | None = None):
+    """``(base or None, inputs)`` for a recipe; each is closed by ``stack``.
+
+    With ``on_error``, a model that cannot be opened is reported there and stands as None; without it the error is raised.
+    """
     models = recipe_models(recipe, allow_pickle=allow_pickle) if models is None else models
-    base = None
-    if recipe.method.uses_base:
-        if is_adapter(_model(recipe.base_model, models, allow_pickle).folder):
-            raise LangmergeError(f"base_model {recipe.base_model}: a LoRA adapter cannot be the base model")
-        base = open_model(recipe.base_model, base_ref=None, allow_pickle=allow_pickle, models=models)
-        stack.callback(base.close)
-    inputs = []
-    for entry in recipe.inputs:
-        source = open_model(entry.model, base_ref=recipe.base_model, allow_pickle=allow_pickle, models=models)
+
+    def opened(ref: str, base_ref: str | None):
+        try:
+            if base_ref is None and is_adapter(_model(ref, models, allow_pickle).folder):
+                raise LangmergeError(f"base_model {ref}: a LoRA adapter cannot be the base model")
+            source = open_model(ref, base_ref=base_ref, allow_pickle=allow_pickle, models=models)
+        except LangmergeError as exc:
+            if on_error is None:
+                raise
+            on_error(ref, exc)
+            return None
         stack.callback(source.close)
-        inputs.append(source)
-    return base, inputs
+        return source
+
+    base = opened(recipe.base_model, None) if recipe.method.uses_base else None
+    return base, [opened(entry.model, recipe.base_model) for entry in recipe.inputs]

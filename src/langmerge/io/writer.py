@@ -1,19 +1,22 @@
-"""Sharded safetensors writer that holds one tensor at a time.
+"""Sharded safetensors writer: every tensor's place is fixed before any is computed.
 
-Every output tensor's name, shape and dtype are known before any is computed,
-so shards and their headers are laid out up front and each tensor's bytes go
-straight to disk when it is ready.
+Every output tensor's name, shape and dtype are known before any is
+computed, so shards and their headers are laid out up front and each range
+of a tensor's elements goes straight to its byte offset in its shard
+(``write_at``), in whatever pieces the merge produces them: nothing is
+buffered beyond the piece being written.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from langmerge.io.reader import INDEX_FILE, SINGLE_FILE
-from langmerge.io.safetensors_format import StreamingFileWriter, tensor_nbytes
+from langmerge.io.safetensors_format import StreamingFileWriter, header_bytes, tensor_nbytes
 
 TensorSpec = tuple[str, tuple[int, ...], torch.dtype]
 
@@ -42,8 +45,34 @@ def shard_sizes(specs: list[TensorSpec], max_shard_bytes: int) -> dict[str, int]
     return {name: sum(tensor_nbytes(s, d) for _, s, d in shard) for name, shard in zip(shard_names(len(shards)), shards)}
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where one tensor's bytes go: its shard file and the byte offset of its first element there."""
+
+    file: str
+    offset: int
+    nbytes: int
+
+
+def shard_layout(specs: list[TensorSpec], max_shard_bytes: int) -> dict[str, Placement]:
+    """Every tensor's placement, known before any tensor is computed (the writer puts them exactly there)."""
+    out = {}
+    shards = plan_shards(specs, max_shard_bytes)
+    for file, shard in zip(shard_names(len(shards)), shards):
+        offset = len(header_bytes(shard))
+        for name, shape, dtype in shard:
+            n = tensor_nbytes(shape, dtype)
+            out[name] = Placement(file, offset, n)
+            offset += n
+    return out
+
+
 class ShardedWriter:
-    """Writes ``specs`` (in order) into ``folder`` as HF-style shards."""
+    """Writes ``specs`` into ``folder`` as HF-style shards, tensor by tensor or in element ranges.
+
+    Shards are opened in order: writing a tensor of a later shard closes the
+    current one (which must then be complete).
+    """
 
     def __init__(self, folder: Path, specs: list[TensorSpec], max_shard_bytes: int):
         self.folder = Path(folder)
@@ -54,14 +83,23 @@ class ShardedWriter:
         self._current_index = -1
         self.total_bytes = sum(tensor_nbytes(s, d) for _, s, d in specs)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def _shard(self, name: str) -> StreamingFileWriter:
         index = self._shard_of[name]
         if index != self._current_index:
+            if index < self._current_index:
+                raise RuntimeError(f"{self.folder}: tensor {name!r} of shard {index + 1} written after shard {self._current_index + 1}")
             if self._current is not None:
                 self._current.close()
             self._current_index = index
             self._current = StreamingFileWriter(self.folder / self.files[index], self.shards[index])
-        self._current.write(name, tensor)
+        return self._current
+
+    def write_at(self, name: str, start: int, values: torch.Tensor) -> None:
+        """Elements ``start .. start + values.numel()`` of the flattened tensor ``name``, at their place in its shard."""
+        self._shard(name).write_at(name, start, values)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._shard(name).write(name, tensor)
 
     def finish(self) -> None:
         if self._current is not None:

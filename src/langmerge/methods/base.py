@@ -162,6 +162,8 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype  # the compute dtype: every block arrives in it
     device: torch.device = torch.device("cpu")
+    layer: int | None = None  # the layer the tensor belongs to (from its name); None outside the layers
+    num_layers: int | None = None  # the model's layer count (config.json, else the highest index + 1)
 
     @property
     def numel(self) -> int:
@@ -199,7 +201,9 @@ class Block:
     """One chunk of a tensor: elements ``start .. start + numel`` of the flattened (row-major) tensor.
 
     ``base`` and ``inputs`` are 1-D, in the compute dtype, on the merge's
-    device. They are valid for the duration of the call they are passed to.
+    device. They are valid for the duration of the call they are passed to,
+    and must not be written to: the executor may hand the same blocks to
+    several passes (a tensor held in memory between them).
     """
 
     start: int

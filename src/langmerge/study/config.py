@@ -336,7 +336,7 @@ def _check_source(study: Study, src: Source, key: str, kind: str) -> None:
 
 def _check_space(study: Study, name: str, m: MethodSpec) -> None:
     """The tuning space against the method (with placeholder model names; no file is read)."""
-    from langmerge.recipe import load_recipe
+    from langmerge.merge.recipe import load_recipe
     from langmerge.tuning.search import check_search
     from langmerge.tuning.space import load_space
 

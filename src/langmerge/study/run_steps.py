@@ -224,7 +224,7 @@ def run_eval(step: Step, ctx: Context, out: Path) -> dict:
     s = step.settings
     tasks = study_tasks(s["tasks"], "test")
     if "tune" in step.deps:
-        from langmerge.recipe import load_recipe
+        from langmerge.merge.recipe import load_recipe
         from langmerge.tuning import InMemoryMerger
 
         # The merge in memory: the same bits `langmerge merge best_recipe.yaml` writes.
@@ -248,7 +248,7 @@ def run_eval(step: Step, ctx: Context, out: Path) -> dict:
 
 def run_analyze(step: Step, ctx: Context, out: Path) -> dict:
     from langmerge.analysis import analyze
-    from langmerge.recipe import load_recipe
+    from langmerge.merge.recipe import load_recipe
 
     doc = {}
     for role in ("ties", "ties_sv"):

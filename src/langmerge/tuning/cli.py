@@ -7,7 +7,7 @@ from pathlib import Path
 from langmerge.cli import device_name, positive_int
 from langmerge.io.output import check_output_free
 from langmerge.io.sources import recipe_input_paths
-from langmerge.recipe import load_recipe
+from langmerge.merge.recipe import load_recipe
 
 
 def run_tune(args) -> int:

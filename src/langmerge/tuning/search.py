@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from langmerge.errors import LangmergeError
 from langmerge.io.output import atomic_output_dir, check_output_free
 from langmerge.io.sources import recipe_input_paths
-from langmerge.recipe import load_recipe
+from langmerge.merge.recipe import load_recipe
 from langmerge.tuning.merger import InMemoryMerger
 from langmerge.tuning.objective import Objective
 from langmerge.tuning.space import Dimension, apply_values, load_space

@@ -25,7 +25,7 @@ from typing import Any
 
 from langmerge.errors import LangmergeError
 from langmerge.input_files import parse_yaml, read_input_text
-from langmerge.recipe import Recipe, load_recipe
+from langmerge.merge.recipe import Recipe, load_recipe
 
 _MODEL_KEY = re.compile(r"^models\[([^\]]+)\]\.parameters\.([A-Za-z_][A-Za-z0-9_]*)$")
 _GLOBAL_KEY = re.compile(r"^parameters\.([A-Za-z_][A-Za-z0-9_]*)$")

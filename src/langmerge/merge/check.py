@@ -5,24 +5,23 @@ Hub id at a commit, cached or to download: io/hub.py), before anything is
 downloaded; then each model's kind, architecture, dtypes, tensor count,
 vocabulary and embedding tying; the tensors whose names or shapes differ; the
 vocabulary differences and what the merge does about each; and every reason
-the merge would fail. Exit code 0 when the merge would succeed, 1 when it
-would fail, 2 when the recipe or a model cannot be read.
+the merge would fail: every problem the merge's own planner finds
+(``merge.plan.survey_merge``), not just the first. Exit code 0 when the merge
+would succeed, 1 when it would fail, 2 when the recipe or a model cannot be read.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 from collections import Counter
 from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 from langmerge.errors import LangmergeError
 from langmerge.io.hub import ResolvedModel
-from langmerge.io.lora import AdapterMismatch
-from langmerge.io.sources import open_model, recipe_models, source_kind
-from langmerge.io.vocab import describe_model, plan_vocabulary
+from langmerge.io.sources import recipe_models, source_kind
+from langmerge.merge.plan import survey_merge
+from langmerge.merge.recipe import load_recipe
+from langmerge.merge.vocab import describe_model
 
 MAX_LISTED = 10
 
@@ -106,8 +105,8 @@ def _listed(items: list[str]) -> str:
 
 
 def _compare(reference, other, vocab_names: set[str], report: CheckReport) -> None:
-    missing = [n for n in reference.names if n not in other.entries]
-    extra = [n for n in other.names if n not in reference.entries]
+    missing = [n for n in reference.names if n not in other]
+    extra = [n for n in other.names if n not in reference]
     if missing:
         report.differences.append(f"{other.label} lacks {len(missing)} tensors of {reference.label}: {_listed(missing)}")
     if extra:
@@ -115,7 +114,7 @@ def _compare(reference, other, vocab_names: set[str], report: CheckReport) -> No
     shapes = [
         f"{n} {list(other.shape(n))} vs {list(reference.shape(n))}"
         for n in reference.names
-        if n in other.entries and tuple(other.shape(n)) != tuple(reference.shape(n))
+        if n in other and tuple(other.shape(n)) != tuple(reference.shape(n))
     ]
     vocab_shapes = [s for s in shapes if s.split(" ", 1)[0] in vocab_names]
     other_shapes = [s for s in shapes if s.split(" ", 1)[0] not in vocab_names]
@@ -138,9 +137,6 @@ def check_recipe(
 ) -> CheckReport:
     """Check a recipe. Each model reference is resolved first without downloading (``announce`` hears
     each answer at once); then what the cache lacks is downloaded, at the commits announced."""
-    from langmerge.engine import plan_merge
-    from langmerge.recipe import load_recipe
-
     try:
         recipe = load_recipe(recipe_arg)
     except LangmergeError as exc:
@@ -160,65 +156,36 @@ def check_recipe(
     except LangmergeError as exc:
         report.unreadable.append(str(exc))
         return report
-    models = dict(report.resolved)
-    entries = ([("base", recipe.base_model, None)] if recipe.method.uses_base else []) + [
-        ("input", e.model, recipe.base_model) for e in recipe.inputs
-    ]
-    with ExitStack() as stack:
-        sources = []
-        for role, path, base_ref in entries:
-            try:
-                source = open_model(path, base_ref=base_ref, allow_pickle=allow_pickle, models=models)
-                stack.callback(source.close)
-                info = _model_info(source, role)  # reads config.json and tokenizer.json
-            except AdapterMismatch as exc:
-                report.problems.append(str(exc))
-                continue
-            except LangmergeError as exc:
-                report.unreadable.append(str(exc))
-                continue
-            sources.append(source)
-            report.models.append(info)
-        if report.unreadable or len(sources) != len(entries):
-            return report
-        reference = sources[0]
-        vocab_names = {n for s in sources for n in describe_model(s).vocab_names}
-        for other in sources[1:]:
-            _compare(reference, other, vocab_names, report)
-        base = sources[0] if recipe.method.uses_base else None
-        try:
-            vocab = plan_vocabulary(recipe, base, sources[1:] if base is not None else sources)
-            report.vocabulary.extend(vocab.notes)
-        except LangmergeError as exc:
-            report.vocabulary.append(f"vocabulary: {exc}")
+    plan = survey_merge(recipe, allow_pickle=allow_pickle, models=dict(report.resolved), progress=progress)
     try:
-        plan = plan_merge(recipe, allow_pickle=allow_pickle, models=models, progress=progress)
+        _describe(plan, report)
+    finally:
         plan.close()
-        copied = [f"{j.name} ({str(j.out_dtype).removeprefix('torch.')})" for j in plan.jobs if j.params is None]
-        if copied:
-            report.notes.append(
-                f"{len(copied)} integer or bool tensors are the same in every model and are copied as is: {_listed(copied)}"
-            )
-    except LangmergeError as exc:
-        if str(exc) not in " ".join(report.problems):
-            report.problems.append(str(exc))
     return report
 
 
-def _announce(ref: str, model: ResolvedModel) -> None:
-    print(f"langmerge check: {ref}: {model.describe()}", file=sys.stderr, flush=True)
-
-
-def _check(args) -> int:
-    report = check_recipe(args.recipe, allow_pickle=args.allow_pickle, progress=not args.no_progress, announce=_announce)
-    print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else report.text())
-    return report.exit_code
-
-
-def add_commands(sub) -> None:
-    p = sub.add_parser("check", help="report what a merge would meet (architectures, shapes, vocabularies) before merging")
-    p.add_argument("recipe", help="recipe YAML file")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--allow-pickle", action="store_true", help="read .bin (pickle) weights with torch.load(weights_only=True)")
-    p.add_argument("--no-progress", action="store_true", help="hide the download progress bars")
-    p.set_defaults(handler=_check)
+def _describe(plan, report: CheckReport) -> None:
+    """The report's sections from a surveyed plan."""
+    report.unreadable.extend(str(exc) for exc in plan.unreadable)
+    roles = (["base"] if plan.base is not None else []) + ["input"] * len(plan.inputs)
+    sources = plan.sources
+    for source, role in zip(sources, roles):
+        try:
+            report.models.append(_model_info(source, role))  # reads config.json and tokenizer.json
+        except LangmergeError as exc:
+            report.unreadable.append(str(exc))
+    report.problems.extend(str(exc) for exc in plan.problems)
+    if report.unreadable or not plan.views:
+        return  # not every model opened: nothing to compare
+    vocab_names = {n for s in sources for n in describe_model(s).vocab_names}
+    for other in sources[1:]:
+        _compare(sources[0], other, vocab_names, report)
+    if plan.vocab is not None:
+        report.vocabulary.extend(plan.vocab.notes)
+    elif plan.vocab_problem is not None:
+        report.vocabulary.append(f"vocabulary: {plan.vocab_problem}")
+    copied = [f"{t.name} ({str(t.out_dtype).removeprefix('torch.')})" for t in plan.tensors if t.copied]
+    if copied:
+        report.notes.append(
+            f"{len(copied)} integer or bool tensors are the same in every model and are copied as is: {_listed(copied)}"
+        )

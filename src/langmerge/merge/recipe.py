@@ -9,6 +9,7 @@ gradients) and checks their ranges. Every error names the recipe key.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,23 @@ def _check_setting(spec: ParameterSpec, setting: Any, key: str) -> None:
             _check_scalar(spec, e, f"{key}[{i}]")
         return
     _check_scalar(spec, setting, key)
+
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """The layer a tensor belongs to, from its name (``model.layers.3.mlp...`` -> 3); None outside the layers."""
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def layer_position(name: str, num_layers: int) -> float:
+    """mergekit's ``t`` for gradients: layer i of n at i/(n-1) (1 when n == 1); tensors outside layers at 0."""
+    index = layer_index(name)
+    if index is None:
+        return 0.0
+    return index / (num_layers - 1) if num_layers > 1 else 1.0
 
 
 def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:

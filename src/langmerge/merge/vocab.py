@@ -1,0 +1,319 @@
+"""Vocabulary alignment, a step of the plan: which rows of which tensors follow the vocabulary, and how they merge.
+
+The one place that knows which tensors are indexed by the vocabulary: a 2-D,
+non-layer tensor whose name ends with one of ``INPUT_EMBEDDINGS`` /
+``OUTPUT_EMBEDDINGS`` and whose first dimension is the model's embedding rows.
+
+The output vocabulary follows ``tokenizer_source`` (mergekit's meaning):
+``base`` (the base model's), ``union`` (the base's, then every other model's
+tokens it lacks, appended in model order and id order) or a model reference
+(that model's). Row ``j`` of each model's vocabulary tensors is re-indexed to
+the output token with id ``j``; a row without a token (padding) lines up by
+index. The plan merges the rows in groups by presence pattern (``row_groups``),
+each group a tensor of its own read through ``io.tensor_source.GatheredRows``:
+
+- base and every model have the token: the recipe's method, as for any tensor;
+- base and only some models have it: the method over those models only (the
+  others have no opinion on that token: ``params.restrict``);
+- the base lacks it: the weighted average (recipe weights, renormalised) of the
+  models that have it (``RowMean``), so a token only the CT model has keeps its
+  CT row as is;
+- without a base (linear): the method over the models that have it.
+
+Without a tokenizer setting, differing vocabularies are an error. Tokenizer
+files themselves are read and written by ``io.tokenizer``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from langmerge.errors import LangmergeError
+from langmerge.io.metadata import copy_tokenizer
+from langmerge.io.tensor_source import GatheredRows, TensorSource
+from langmerge.io.tokenizer import STALE_FOR_UNION, UnionTokenizer, build_union_tokenizer, read_tokens
+from langmerge.merge.recipe import layer_index, model_key
+from langmerge.methods.base import Block, NonFiniteMerge, TensorMerge
+from langmerge.methods.fused_cpu import all_finite
+
+log = logging.getLogger(__name__)
+
+INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "tok_embeddings.weight", "word_embeddings.weight", "shared.weight")
+OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight", "output.weight")
+
+
+def _candidates(source: TensorSource, suffixes: tuple[str, ...]) -> list[str]:
+    return [n for n in source.names if n.endswith(suffixes) and layer_index(n) is None and len(source.shape(n)) == 2]
+
+
+@dataclass
+class ModelVocab:
+    """What one model says about its vocabulary."""
+
+    label: str
+    rows: int | None  # rows of the input embedding
+    tokens: dict[str, int] | None  # from tokenizer.json, added tokens included
+    tokenizer_folder: Path
+    input_name: str | None
+    output_name: str | None
+    config: dict = field(default_factory=dict)
+
+    @property
+    def tied(self) -> bool:
+        return self.input_name is not None and self.output_name is None
+
+    @property
+    def vocab_names(self) -> list[str]:
+        return [n for n in (self.input_name, self.output_name) if n is not None]
+
+    def size_text(self) -> str:
+        toks = "no tokenizer.json" if self.tokens is None else f"{len(self.tokens)} tokens"
+        return f"{self.label}: {toks}, {self.rows} embedding rows"
+
+
+def describe_model(source: TensorSource) -> ModelVocab:
+    inputs = _candidates(source, INPUT_EMBEDDINGS)
+    input_name = inputs[0] if inputs else None
+    config = source.config() or {}
+    rows = source.shape(input_name)[0] if input_name else (config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size"))
+    outputs = [n for n in _candidates(source, OUTPUT_EMBEDDINGS) if source.shape(n)[0] == rows and n != input_name]
+    folder = source.tokenizer_folder
+    return ModelVocab(source.label, rows, read_tokens(folder), folder, input_name, outputs[0] if outputs else None, config)
+
+
+@dataclass
+class VocabPlan:
+    models: list[ModelVocab]  # base (when used) first, then the inputs
+    tokenizer_source: str
+    tokenizer_model: int | None  # index into models whose tokenizer is copied; None for a union
+    out_tokens: dict[str, int] | None
+    out_rows: int | None
+    row_maps: list[torch.Tensor | None]  # per model: its row for each output row (-1: it lacks the token); None: the same rows
+    union: UnionTokenizer | None
+    output_tied: bool
+    aliases: dict[int, dict[str, str]]  # per model: output-layer name -> the tied input embedding that stands for it
+    notes: list[str]
+
+    @property
+    def aligned_names(self) -> set[str]:
+        if all(m is None for m in self.row_maps):
+            return set()
+        return {n for m in self.models for n in m.vocab_names}
+
+    def is_aligned(self, name: str) -> bool:
+        return name in self.aligned_names
+
+    def view(self, index: int, source: TensorSource) -> TensorSource:
+        """Model ``index``'s tensors under the names the output has: a tied model's input embedding also stands
+        for the output layer the others have. Vocabulary rows keep the model's own order (``row_groups``)."""
+        aliases = self.aliases.get(index, {})
+        if not aliases:
+            return source
+        return GatheredRows(source, {**{n: (n, None) for n in source.names}, **{a: (t, None) for a, t in aliases.items()}})
+
+    def config_updates(self) -> dict:
+        updates: dict = {}
+        if self.out_rows is not None:
+            updates["vocab_size"] = self.out_rows
+        if self.models[0].input_name is not None:
+            updates["tie_word_embeddings"] = self.output_tied
+        if self.tokenizer_model not in (None, 0):
+            source_config = self.models[self.tokenizer_model].config
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                if key in source_config:
+                    updates[key] = source_config[key]
+        return updates
+
+    def write_tokenizer(self, out: Path) -> list[str]:
+        if self.union is not None:
+            return self.union.write(out)
+        return copy_tokenizer(self.models[self.tokenizer_model].tokenizer_folder, out)
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """Output rows of a vocabulary tensor that the same models have (``present[k]``: model k, the base first)."""
+
+    present: tuple[bool, ...]
+    rows: torch.Tensor  # output row indices, ascending
+
+    @property
+    def key(self) -> str:
+        """The pattern as DARE's seed sees it ("101": base and the second input)."""
+        return "".join("1" if p else "0" for p in self.present)
+
+    def model_rows(self, plan: VocabPlan, k: int) -> torch.Tensor:
+        """Model k's row for each of the group's rows."""
+        row_map = plan.row_maps[k]
+        return self.rows if row_map is None else row_map[self.rows]
+
+
+def row_groups(plan: VocabPlan) -> list[RowGroup]:
+    """The output rows of the vocabulary tensors by presence pattern (which models have each row's token)."""
+    rows = plan.out_rows
+    presence = torch.stack([torch.ones(rows, dtype=torch.bool) if m is None else m >= 0 for m in plan.row_maps], dim=1)
+    patterns, inverse = torch.unique(presence.to(torch.int8), dim=0, return_inverse=True)
+    return [RowGroup(tuple(bool(v) for v in pattern), torch.nonzero(inverse == k).reshape(-1))
+            for k, pattern in enumerate(patterns.tolist())]
+
+
+class RowMean(TensorMerge):
+    """Rows the base lacks: the weighted average of the models that have them, the weights renormalised.
+
+    Accumulated in float32 (float64 for float64) in model order, then cast to the compute dtype.
+    """
+
+    def __init__(self, weights: list[float]):
+        self.weights = weights
+        self.total = sum(weights)
+
+    def merge(self, block: Block) -> torch.Tensor:
+        first = block.inputs[0]
+        acc = torch.zeros_like(first, dtype=torch.float64 if first.dtype == torch.float64 else torch.float32)
+        for x, w in zip(block.inputs, self.weights):
+            acc.add_(x, alpha=w / self.total)
+        out = acc.to(first.dtype)
+        if not all_finite(out):
+            raise NonFiniteMerge
+        return out
+
+
+def _resolve_source(recipe, has_base: bool) -> int | None:
+    source = recipe.tokenizer_source
+    if source == "base":
+        return 0
+    if source == "union":
+        return None
+    offset = 1 if has_base else 0
+    index = recipe.input_index(source)  # compared by resolved path, as the recipe compares its models
+    if index is not None:
+        return offset + index
+    if has_base and model_key(source) == model_key(recipe.base_model):
+        return 0
+    raise LangmergeError(f"recipe key 'tokenizer_source': {source!r} is neither 'base', 'union' nor one of the recipe's models")
+
+
+def _examples(tokens: list[str], n: int = 5) -> str:
+    shown = ", ".join(repr(t) for t in tokens[:n])
+    return shown + (", ..." if len(tokens) > n else "")
+
+
+def plan_vocabulary(recipe, base, inputs) -> VocabPlan:
+    """Decide the output vocabulary and each model's row map; raises on a mismatch the recipe does not resolve."""
+    sources = ([base] if base is not None else []) + list(inputs)
+    models = [describe_model(s) for s in sources]
+    ref = models[0]
+    chosen = _resolve_source(recipe, base is not None)
+    explicit = recipe.raw.tokenizer_source is not None or recipe.raw.tokenizer is not None
+    notes: list[str] = []
+
+    # Tied and untied models together: the output gets a separate output layer;
+    # a tied model's output layer is its input embedding.
+    tied = [m.tied for m in models if m.input_name is not None]
+    aliases: dict[int, dict[str, str]] = {}
+    output_tied = bool(tied) and all(tied)
+    if tied and any(tied) and not all(tied):
+        out_name = next(m.output_name for m in models if m.output_name is not None)
+        for i, m in enumerate(models):
+            if m.tied:
+                aliases[i] = {out_name: m.input_name}
+                m.output_name = out_name
+        notes.append(
+            f"tied embeddings: {', '.join(m.label for m, t in zip(models, tied) if t)} tie the output layer to the "
+            f"input embeddings, the others do not; the output gets a separate {out_name} (tied models contribute "
+            "their input embedding to it) and config.json says tie_word_embeddings: false"
+        )
+    elif tied:
+        notes.append(f"embeddings: {'tied (no separate output layer)' if output_tied else 'untied'} in every model; kept as is")
+
+    rows = {m.rows for m in models}
+    token_sets = [m.tokens for m in models]
+    have_tokens = all(t is not None for t in token_sets)
+    same = len(rows) == 1 and (not have_tokens or all(t == ref.tokens for t in token_sets))
+    if same:
+        if not have_tokens and len(models) > 1:
+            notes.append("vocabulary: some models have no tokenizer.json; equal embedding rows, so rows are matched by index")
+        else:
+            notes.append(f"vocabulary: every model has the same {len(ref.tokens) if ref.tokens else ref.rows} tokens")
+        index = 0 if chosen is None else chosen
+        return VocabPlan(models, recipe.tokenizer_source, index, None, None, [None] * len(models), None, output_tied, aliases, notes)
+
+    sizes = "; ".join(m.size_text() for m in models)
+    if not explicit:
+        raise LangmergeError(
+            f"vocabulary mismatch: {sizes}. Set 'tokenizer_source' in the recipe: union (keep every model's tokens; "
+            "new tokens keep their trained rows), base, or one of the models; langmerge never truncates embeddings silently"
+        )
+    for m in models:
+        if m.tokens is None:
+            raise LangmergeError(f"model {m.label}: vocabularies differ ({sizes}) but {m.tokenizer_folder} has no tokenizer.json to align rows by token")
+        if m.rows is None:
+            raise LangmergeError(f"model {m.label}: no input embedding tensor found to align")
+
+    new_tokens: list[tuple[str, int, ModelVocab]] = []
+    if chosen is None:
+        out_tokens = dict(ref.tokens)
+        next_id = max(ref.rows, max(out_tokens.values(), default=-1) + 1)
+        for m in models[1:]:
+            for token, _ in sorted(m.tokens.items(), key=lambda kv: kv[1]):
+                if token not in out_tokens:
+                    out_tokens[token] = next_id
+                    new_tokens.append((token, next_id, m))
+                    next_id += 1
+        out_rows = next_id
+    else:
+        out_tokens = dict(models[chosen].tokens)
+        out_rows = max(models[chosen].rows, max(out_tokens.values(), default=-1) + 1)
+
+    by_id: list[str | None] = [None] * out_rows
+    for token, j in out_tokens.items():
+        by_id[j] = token
+    row_maps: list[torch.Tensor | None] = []
+    anyone = torch.zeros(out_rows, dtype=torch.bool)
+    for m in models:
+        own_ids = set(m.tokens.values())
+        rm = [-1] * out_rows
+        for j, token in enumerate(by_id):
+            if token is None:
+                if j < m.rows and j not in own_ids:
+                    rm[j] = j  # padding rows line up by index
+            else:
+                i = m.tokens.get(token)
+                if i is not None and i < m.rows:
+                    rm[j] = i
+        row_map = torch.tensor(rm, dtype=torch.long)
+        anyone |= row_map >= 0
+        identity = m.rows == out_rows and bool((row_map == torch.arange(out_rows)).all())
+        row_maps.append(None if identity else row_map)
+    if not bool(anyone.all()):
+        j = int((~anyone).nonzero()[0])
+        raise LangmergeError(f"output token {by_id[j]!r} (id {j}) has an embedding row in no model")
+
+    for m in models:
+        lacking = [t for t in m.tokens if t not in out_tokens]
+        extra = [t for t in out_tokens if t not in m.tokens]
+        if lacking:
+            notes.append(f"{m.label}: {len(lacking)} tokens not in the output vocabulary are dropped ({_examples(lacking)})")
+        if extra:
+            notes.append(f"{m.label}: lacks {len(extra)} output tokens ({_examples(extra)}); it has no say on their rows")
+    what = "union of all vocabularies" if chosen is None else f"vocabulary of {models[chosen].label}"
+    notes.append(f"vocabulary mismatch ({sizes}); tokenizer_source {recipe.tokenizer_source}: output is the {what}, {out_rows} rows, matched by token string")
+    rule_base = (
+        "rows every model has follow the merge method; rows only some models have merge those models alone; "
+        "rows the base lacks take the weighted average of the models that have them (one model: its row as is)"
+        if base is not None
+        else "each row is merged over the models that have it"
+    )
+    notes.append(f"row rule: {rule_base}")
+
+    union = None
+    if chosen is None:
+        union = build_union_tokenizer(ref, new_tokens, out_tokens)
+        stale = [n for n in STALE_FOR_UNION if (ref.tokenizer_folder / n).exists()]
+        if stale:
+            notes.append(f"union tokenizer: written as tokenizer.json; {', '.join(stale)} of the base are not copied (they would disagree)")
+    return VocabPlan(models, recipe.tokenizer_source, chosen, out_tokens, out_rows, row_maps, union, output_tied, aliases, notes)
