@@ -179,21 +179,40 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
     return setting[int(t * (len(setting) - 1))]
 
 
+def _collect(errors: list[str], check, *args) -> None:
+    """Run one check, adding its LangmergeError's message to ``errors`` (so a recipe's errors are reported together)."""
+    try:
+        check(*args)
+    except LangmergeError as exc:
+        errors.append(str(exc))
+
+
 class Recipe:
     """A validated recipe with model references resolved to input positions."""
 
     def __init__(self, raw: RecipeFile, source: str = "<recipe>"):
         self.raw = raw
         self.source = source
-        self.method: Method = get_method(raw.merge_method)
-        self.dtype = _dtype(raw.dtype, "dtype")
-        self.out_dtype = _dtype(raw.out_dtype, "out_dtype")
+        errors: list[str] = []
+        self.dtype = self.out_dtype = None
+        try:
+            self.dtype = _dtype(raw.dtype, "dtype")
+        except LangmergeError as exc:
+            errors.append(str(exc))
+        try:
+            self.out_dtype = _dtype(raw.out_dtype, "out_dtype")
+        except LangmergeError as exc:
+            errors.append(str(exc))
         if raw.tokenizer_source is not None and raw.tokenizer is not None:
-            raise LangmergeError("recipe keys 'tokenizer_source' and 'tokenizer' both given; keep one")
+            errors.append("recipe keys 'tokenizer_source' and 'tokenizer' both given; keep one")
         self.tokenizer_source = raw.tokenizer.source if raw.tokenizer else (raw.tokenizer_source or "base")
+        try:
+            self.method: Method = get_method(raw.merge_method)
+        except LangmergeError as exc:
+            raise RecipeError(source, [*errors, str(exc)]) from None
 
         if self.method.uses_base and raw.base_model is None:
-            raise LangmergeError(f"recipe key 'base_model' is required by merge_method {self.method.name!r}")
+            raise RecipeError(source, [*errors, f"recipe key 'base_model' is required by merge_method {self.method.name!r}"])
         self.base_model = raw.base_model
         # Inputs that contribute a task vector (or, for linear, a weighted term).
         # As in mergekit, a base model listed under 'models' is not a task vector.
@@ -204,13 +223,13 @@ class Recipe:
         else:
             self.inputs = list(raw.models)
         if not self.inputs:
-            raise LangmergeError("recipe key 'models': no model to merge besides the base")
+            raise RecipeError(source, [*errors, "recipe key 'models': no model to merge besides the base"])
         seen: dict[str, str] = {}
         for i, e in enumerate(self.inputs):
             key = model_key(e.model)
             if key in seen:
                 same = "" if seen[key] == e.model else f" (the same model as {seen[key]!r})"
-                raise LangmergeError(f"recipe key 'models[{i}].model': {e.model!r} is listed twice{same}")
+                errors.append(f"recipe key 'models[{i}].model': {e.model!r} is listed twice{same}")
             seen[key] = e.model
 
         specs = self.method.parameters
@@ -218,20 +237,26 @@ class Recipe:
             if key == "protect" and self.method.takes_protect:
                 continue
             if key not in specs:
-                raise LangmergeError(
+                errors.append(
                     f"recipe key 'parameters.{key}': not a parameter of {self.method.name}; "
                     f"known: {', '.join(sorted(specs) + (['protect'] if self.method.takes_protect else []))}"
                 )
-            _check_setting(specs[key], value, f"parameters.{key}")
+                continue
+            _collect(errors, _check_setting, specs[key], value, f"parameters.{key}")
         for i, e in enumerate(raw.models):
             for key, value in e.parameters.items():
                 where = f"models[{i}].parameters.{key}"
                 if key not in specs:
-                    raise LangmergeError(f"recipe key {where!r}: not a parameter of {self.method.name}")
-                if specs[key].scope != "model":
-                    raise LangmergeError(f"recipe key {where!r}: {key} is a global parameter; set it under 'parameters'")
-                _check_setting(specs[key], value, where)
+                    errors.append(f"recipe key {where!r}: not a parameter of {self.method.name}")
+                elif specs[key].scope != "model":
+                    errors.append(f"recipe key {where!r}: {key} is a global parameter; set it under 'parameters'")
+                else:
+                    _collect(errors, _check_setting, specs[key], value, where)
+        _collect(errors, self._set_protected)
+        if errors:
+            raise RecipeError(source, errors)
 
+    def _set_protected(self) -> None:
         self.protected = self._protected()
 
     def _protected(self) -> list[bool]:
@@ -319,16 +344,32 @@ class Recipe:
         return doc
 
 
-def _format_validation(exc: ValidationError, source: str) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"]) or "<top>"
-    if err["type"] == "extra_forbidden" and loc in UNSUPPORTED_KEYS:
-        return f"{source}: recipe key {loc!r}: {UNSUPPORTED_KEYS[loc]}"
-    if err["type"] == "extra_forbidden":
-        return f"{source}: recipe key {loc!r}: unknown key"
-    if err["type"] == "missing":
-        return f"{source}: recipe key {loc!r} is required"
-    return f"{source}: recipe key {loc!r}: {err['msg']}"
+class RecipeError(LangmergeError):
+    """Everything wrong with a recipe's shape at once: ``errors`` lists each (naming its key); the message joins them."""
+
+    def __init__(self, source: str, errors: list[str]):
+        self.source = source
+        self.errors = list(errors)
+        joined = self.errors[0] if len(self.errors) == 1 else f"{len(self.errors)} recipe errors: " + "; ".join(self.errors)
+        super().__init__(f"{source}: {joined}")
+
+
+def _format_validation(exc: ValidationError) -> list[str]:
+    """Every pydantic error of a recipe document, one line each, in document order."""
+    out = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<top>"
+        if err["type"] == "extra_forbidden" and loc in UNSUPPORTED_KEYS:
+            text = f"recipe key {loc!r}: {UNSUPPORTED_KEYS[loc]}"
+        elif err["type"] == "extra_forbidden":
+            text = f"recipe key {loc!r}: unknown key"
+        elif err["type"] == "missing":
+            text = f"recipe key {loc!r} is required"
+        else:
+            text = f"recipe key {loc!r}: {err['msg']}"
+        if text not in out:
+            out.append(text)
+    return out
 
 
 RECIPE_SUFFIXES = (".yaml", ".yml", ".json", ".txt")
@@ -395,8 +436,10 @@ def load_recipe(recipe: str | Path | dict | Recipe) -> Recipe:
     try:
         raw = RecipeFile.model_validate(recipe)
     except ValidationError as exc:
-        raise LangmergeError(_format_validation(exc, source)) from None
+        raise RecipeError(source, _format_validation(exc)) from None
     try:
         return Recipe(raw, source)
+    except RecipeError as exc:
+        raise RecipeError(source, exc.errors) from None
     except LangmergeError as exc:
-        raise LangmergeError(f"{source}: {exc}") from None
+        raise RecipeError(source, [str(exc)]) from None
