@@ -328,7 +328,11 @@ class Recipe:
             return doc
 
         def rename(ref):
-            return references.get(ref, ref) if isinstance(ref, str) else ref
+            if not isinstance(ref, str):
+                return ref
+            if ref not in references and "+" in ref:  # BASE+ADAPTER: each side renamed
+                return "+".join(references.get(part, part) for part in ref.split("+"))
+            return references.get(ref, ref)
 
         if "base_model" in doc:
             doc["base_model"] = rename(doc["base_model"])
