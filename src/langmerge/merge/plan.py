@@ -96,7 +96,7 @@ class TensorTask:
     seed_keys: tuple[str, ...] = ()  # a row group's presence pattern: DARE's generators are seeded with it
     models: tuple[int, ...] = ()  # the recipe input index of each of ``inputs`` (DARE's generators)
     rows: torch.Tensor | None = None
-    average: list[float] | None = None  # rows the base lacks: RowMean's weights
+    average: list[float] | None = None  # rows the base lacks: RowMean's weights ([]: rows no model has, zero)
 
     @property
     def refs(self) -> list[TensorRef]:
@@ -461,6 +461,9 @@ def _group_task(name: str, static: _Static, group: RowGroup, views: list[TensorS
     def ref(k: int) -> TensorRef:
         return TensorRef(GatheredRows(views[k], {name: (name, group.model_rows(plan.vocab, k))}), name)
 
+    if not any(group.present):  # a token no model has a row for: a zero row (read: any row of the first model)
+        anywhere = TensorRef(GatheredRows(views[0], {name: (name, torch.zeros_like(group.rows))}), name)
+        return TensorTask(name, info, None, [anywhere], None, None, rows=group.rows, average=[])
     present = [i for i in range(len(plan.inputs)) if group.present[offset + i]]
     inputs = [ref(offset + i) for i in present]
     if offset and not group.present[0]:  # the base lacks these tokens: the mean of the models that have them

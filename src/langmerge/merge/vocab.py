@@ -35,7 +35,7 @@ import torch
 from langmerge.errors import LangmergeError
 from langmerge.io.metadata import copy_tokenizer
 from langmerge.io.tensor_source import GatheredRows, TensorSource
-from langmerge.io.tokenizer import STALE_FOR_UNION, UnionTokenizer, build_union_tokenizer, read_tokens
+from langmerge.io.tokenizer import STALE_FOR_UNION, UnionTokenizer, build_union_tokenizer, read_added_tokens, read_tokens
 from langmerge.merge.recipe import layer_index, model_key
 from langmerge.methods.base import Block, NonFiniteMerge, TensorMerge
 from langmerge.methods.fused_cpu import all_finite
@@ -61,6 +61,7 @@ class ModelVocab:
     input_name: str | None
     output_name: str | None
     config: dict = field(default_factory=dict)
+    added: frozenset[str] = frozenset()  # tokenizer.json's added tokens (the others are the tokenizer model's vocabulary)
 
     @property
     def tied(self) -> bool:
@@ -82,7 +83,8 @@ def describe_model(source: TensorSource) -> ModelVocab:
     rows = source.shape(input_name)[0] if input_name else (config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size"))
     outputs = [n for n in _candidates(source, OUTPUT_EMBEDDINGS) if source.shape(n)[0] == rows and n != input_name]
     folder = source.tokenizer_folder
-    return ModelVocab(source.label, rows, read_tokens(folder), folder, input_name, outputs[0] if outputs else None, config)
+    return ModelVocab(source.label, rows, read_tokens(folder), folder, input_name, outputs[0] if outputs else None, config,
+                      read_added_tokens(folder))
 
 
 @dataclass
@@ -162,7 +164,8 @@ def row_groups(plan: VocabPlan) -> list[RowGroup]:
 
 
 class RowMean(TensorMerge):
-    """Rows the base lacks: the weighted average of the models that have them, the weights renormalised.
+    """Rows the base lacks: the weighted average of the models that have them, the weights renormalised
+    (no weights: rows no model has, zero).
 
     Accumulated in float32 (float64 for float64) in model order, then cast to the compute dtype.
     """
@@ -173,6 +176,8 @@ class RowMean(TensorMerge):
 
     def merge(self, block: Block) -> torch.Tensor:
         first = block.inputs[0]
+        if not self.weights:  # rows no model has (the input only gives the shape): zero, as mergekit fills them
+            return torch.zeros_like(first)
         acc = torch.zeros_like(first, dtype=torch.float64 if first.dtype == torch.float64 else torch.float32)
         for x, w in zip(block.inputs, self.weights):
             acc.add_(x, alpha=w / self.total)
@@ -200,6 +205,32 @@ def _resolve_source(recipe, has_base: bool) -> int | None:
 def _examples(tokens: list[str], n: int = 5) -> str:
     shown = ", ".join(repr(t) for t in tokens[:n])
     return shown + (", ..." if len(tokens) > n else "")
+
+
+def _union(ref: ModelVocab, others: list[ModelVocab], notes: list[str]) -> tuple[UnionTokenizer, dict[str, int]]:
+    """The union tokenizer and its vocabulary: the reference's tokens, then the others' it lacks.
+
+    As in mergekit, a model's tokens at ids beyond its embedding rows (a
+    tokenizer padded with unused tokens) are not its tokens; new tokens of the
+    models' vocabularies come first and new added tokens after them (each in
+    model order, then id order), since the tokenizers library numbers added
+    tokens after the vocabulary.
+    """
+    seen = set(ref.tokens)
+    vocab_tokens: list[tuple[str, ModelVocab]] = []
+    added_tokens: list[tuple[str, ModelVocab]] = []
+    for m in others:
+        unused = [t for t, i in m.tokens.items() if i >= m.rows]
+        if unused:
+            notes.append(f"{m.label}: {len(unused)} tokens beyond its {m.rows} embedding rows have no row and are "
+                         f"not taken into the union ({_examples(sorted(unused, key=m.tokens.get))})")
+        for token, i in sorted(m.tokens.items(), key=lambda kv: kv[1]):
+            if token in seen or i >= m.rows:
+                continue
+            seen.add(token)
+            (added_tokens if token in m.added else vocab_tokens).append((token, m))
+    first_id = max(ref.rows, max(ref.tokens.values(), default=-1) + 1)
+    return build_union_tokenizer(ref, vocab_tokens + added_tokens, first_id)
 
 
 def plan_vocabulary(recipe, base, inputs) -> VocabPlan:
@@ -254,20 +285,12 @@ def plan_vocabulary(recipe, base, inputs) -> VocabPlan:
         if m.rows is None:
             raise LangmergeError(f"model {m.label}: no input embedding tensor found to align")
 
-    new_tokens: list[tuple[str, int, ModelVocab]] = []
+    union = None
     if chosen is None:
-        out_tokens = dict(ref.tokens)
-        next_id = max(ref.rows, max(out_tokens.values(), default=-1) + 1)
-        for m in models[1:]:
-            for token, _ in sorted(m.tokens.items(), key=lambda kv: kv[1]):
-                if token not in out_tokens:
-                    out_tokens[token] = next_id
-                    new_tokens.append((token, next_id, m))
-                    next_id += 1
-        out_rows = next_id
+        union, out_tokens = _union(ref, models[1:], notes)
     else:
         out_tokens = dict(models[chosen].tokens)
-        out_rows = max(models[chosen].rows, max(out_tokens.values(), default=-1) + 1)
+    out_rows = max(models[chosen or 0].rows, max(out_tokens.values(), default=-1) + 1)
 
     by_id: list[str | None] = [None] * out_rows
     for token, j in out_tokens.items():
@@ -289,9 +312,9 @@ def plan_vocabulary(recipe, base, inputs) -> VocabPlan:
         anyone |= row_map >= 0
         identity = m.rows == out_rows and bool((row_map == torch.arange(out_rows)).all())
         row_maps.append(None if identity else row_map)
-    if not bool(anyone.all()):
-        j = int((~anyone).nonzero()[0])
-        raise LangmergeError(f"output token {by_id[j]!r} (id {j}) has an embedding row in no model")
+    if not bool(anyone.all()):  # mergekit's rule too: a token no model has a row for gets a zero row
+        nowhere = [by_id[j] if by_id[j] is not None else f"<row {j}>" for j in (~anyone).nonzero().reshape(-1).tolist()]
+        notes.append(f"{len(nowhere)} output tokens have an embedding row in no model ({_examples(nowhere)}): their rows are zero")
 
     for m in models:
         lacking = [t for t in m.tokens if t not in out_tokens]
@@ -310,10 +333,10 @@ def plan_vocabulary(recipe, base, inputs) -> VocabPlan:
     )
     notes.append(f"row rule: {rule_base}")
 
-    union = None
     if chosen is None:
-        union = build_union_tokenizer(ref, new_tokens, out_tokens)
         stale = [n for n in STALE_FOR_UNION if (ref.tokenizer_folder / n).exists()]
         if stale:
             notes.append(f"union tokenizer: written as tokenizer.json; {', '.join(stale)} of the base are not copied (they would disagree)")
+    for note in notes:
+        log.info("vocabulary: %s", note)
     return VocabPlan(models, recipe.tokenizer_source, chosen, out_tokens, out_rows, row_maps, union, output_tied, aliases, notes)
