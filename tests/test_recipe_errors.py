@@ -14,8 +14,8 @@ def test_every_pydantic_error_is_reported_at_once():
     with pytest.raises(RecipeError) as info:
         load_recipe(doc)
     assert info.value.errors == [
+        "recipe key 'models' is required (or 'slices', layer ranges)",
         "recipe key 'base_model': Input should be a valid string",
-        "recipe key 'models' is required",
         "recipe key 'colour': unknown key",
     ]
     assert str(info.value) == "<recipe>: 3 recipe errors: " + "; ".join(info.value.errors)
@@ -43,7 +43,7 @@ def test_every_parameter_error_is_reported_at_once():
 
 
 def test_one_error_reads_as_before():
-    with pytest.raises(RecipeError, match=r"^<recipe>: recipe key 'models' is required$"):
+    with pytest.raises(RecipeError, match=r"^<recipe>: recipe key 'models' is required \(or 'slices', layer ranges\)$"):
         load_recipe({"merge_method": "linear"})
 
 
@@ -52,7 +52,7 @@ def test_check_lists_each_recipe_error_and_no_false_none(tmp_path, capsys):
     path.write_text(yaml.safe_dump({"merge_method": "linear", "colour": 1, "dtype": 3}))
     assert main(["check", str(path)]) == 2
     text = capsys.readouterr().out
-    assert f"  - {path}: recipe key 'models' is required" in text
+    assert f"  - {path}: recipe key 'models' is required (or 'slices', layer ranges)" in text
     assert f"  - {path}: recipe key 'colour': unknown key" in text
     assert f"  - {path}: recipe key 'dtype': Input should be a valid string" in text
     problems = text.split("problems (the merge would fail):", 1)[1]

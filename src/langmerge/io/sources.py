@@ -162,8 +162,7 @@ def recipe_input_paths(recipe) -> list[str | Path]:
     construction (``base``, ``union`` or a model of the recipe).
     """
     paths: list[str | Path] = [recipe.source] if recipe.source != "<recipe>" else []
-    refs = ([recipe.base_model] if recipe.base_model is not None else []) + [e.model for e in recipe.raw.models]
-    refs = [part for ref in refs for part in model_references(ref)]
+    refs = [part for ref in recipe.model_references() for part in model_references(ref)]
     return paths + [hub_repository_folder(ref) or ref for ref in refs]
 
 

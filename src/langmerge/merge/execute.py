@@ -592,7 +592,7 @@ def _write_metadata(folder: Path, plan, recipe: Recipe) -> None:
         plan.reference.config(),
         next(iter(float_dtypes)) if len(float_dtypes) == 1 else None,
         plan.reference.label,
-        updates=plan.vocab.config_updates(),
+        updates={**plan.vocab.config_updates(), **plan.config_updates},
     )
     plan.vocab.write_tokenizer(folder)
     write_model_card(

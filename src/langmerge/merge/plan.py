@@ -168,6 +168,7 @@ class MergePlan:
     unreadable: list[LangmergeError] = field(default_factory=list)
     views: list[TensorSource] = field(default_factory=list)  # per model (base first): tensors under output names
     statics: list[_Static] = field(default_factory=list)
+    config_updates: dict = field(default_factory=dict)  # config.json changes besides the vocabulary's (slices' layers)
 
     @property
     def sources(self) -> list[TensorSource]:
@@ -275,6 +276,18 @@ def survey_merge(recipe: Recipe, *, allow_pickle: bool = False, models: dict[str
 def _build(recipe: Recipe, *, allow_pickle: bool, models, progress: bool, device: torch.device, shard_bytes: int,
            collect: bool) -> MergePlan:
     models = recipe_models(recipe, allow_pickle=allow_pickle, progress=progress, resolved=models)
+    if recipe.slices is not None:  # each slice planned as a whole-model merge of its layers, then stacked
+        from langmerge.merge.slices import build_sliced
+
+        plan = build_sliced(recipe, _build, allow_pickle=allow_pickle, models=models, progress=progress,
+                            device=device, shard_bytes=shard_bytes, collect=True)
+        if not collect and (plan.problems or plan.unreadable):
+            plan.close()
+            problems = _Problems()
+            for exc in plan.unreadable + plan.problems:
+                problems.add(exc)
+            problems.raise_first()
+        return plan
     problems = _Problems()
     unreadable: list[LangmergeError] = []
     with ExitStack() as stack:
@@ -283,6 +296,8 @@ def _build(recipe: Recipe, *, allow_pickle: bool, models, progress: bool, device
 
         base, inputs = open_recipe_sources(recipe, stack, allow_pickle=allow_pickle, models=models,
                                            on_error=failed if collect else None)
+        base = recipe.view_source(None, base) if base is not None else None
+        inputs = [recipe.view_source(i, s) if s is not None else None for i, s in enumerate(inputs)]
         plan = MergePlan(recipe, base, [s for s in inputs if s is not None], [], device, models=models)
         if unreadable or (base is None and recipe.method.uses_base) or any(s is None for s in inputs):
             plan.problems, plan.unreadable = problems.errors(), unreadable

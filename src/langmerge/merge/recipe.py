@@ -35,7 +35,6 @@ DTYPES = {
 
 # mergekit keys that langmerge does not implement: refused by name rather than ignored.
 UNSUPPORTED_KEYS = {
-    "slices": "per-slice layer ranges (frankenmerges) are not supported; list whole models under 'models'",
     "modules": "multi-module merges are not supported",
     "chat_template": "set the chat template on the tokenizer source model instead",
 }
@@ -52,13 +51,32 @@ class TokenizerSettings(BaseModel):
     source: str = "base"
 
 
+class SliceSource(BaseModel):
+    """One model's layers ``layer_range[0] .. layer_range[1] - 1`` in a slice (mergekit's InputSliceDefinition)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class SliceEntry(BaseModel):
+    """Output layers merged from the same number of layers of each source (mergekit's OutputSliceDefinition)."""
+
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource] = Field(min_length=1)
+    base_model: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
 class RecipeFile(BaseModel):
-    """The YAML document as written."""
+    """The YAML document as written: whole ``models``, or ``slices`` of layers (exactly one of them)."""
 
     model_config = ConfigDict(extra="forbid")
     merge_method: str
     base_model: str | None = None
-    models: list[ModelEntry] = Field(min_length=1)
+    models: list[ModelEntry] | None = Field(default=None, min_length=1)
+    slices: list[SliceEntry] | None = Field(default=None, min_length=1)
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
@@ -144,6 +162,14 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def with_layer_index(name: str, index: int) -> str:
+    """``name`` with its layer number replaced (``model.layers.3.mlp...``, 5 -> ``model.layers.5.mlp...``)."""
+    m = _LAYER.search(name)
+    if m is None:
+        raise ValueError(f"{name!r} is not a layer tensor")
+    return name[: m.start(1)] + str(index) + name[m.end(1):]
+
+
 def layer_position(name: str, num_layers: int) -> float:
     """mergekit's ``t`` for gradients: layer i of n at i/(n-1) (1 when n == 1); tensors outside layers at 0."""
     index = layer_index(name)
@@ -211,17 +237,27 @@ class Recipe:
         except LangmergeError as exc:
             raise RecipeError(source, [*errors, str(exc)]) from None
 
-        if self.method.uses_base and raw.base_model is None:
+        self.parameter_layers: list[dict[str, Any]] = [raw.parameters]  # after a model's own: slices add theirs
+        self.slices = None
+        if raw.models is not None and raw.slices is not None:
+            raise RecipeError(source, [*errors, "recipe keys 'models' and 'slices' both given; keep one"])
+        slice_bases = raw.slices is not None and all(s.base_model is not None for s in raw.slices)
+        if self.method.uses_base and raw.base_model is None and not slice_bases:
             raise RecipeError(source, [*errors, f"recipe key 'base_model' is required by merge_method {self.method.name!r}"])
         self.base_model = raw.base_model
+        entries = raw.models
+        if raw.slices is not None:
+            from langmerge.merge.slices import slice_models
+
+            entries = slice_models(raw)
         # Inputs that contribute a task vector (or, for linear, a weighted term).
         # As in mergekit, a base model listed under 'models' is not a task vector.
         # References compare by model_key: one folder spelt two ways is one model.
-        if self.method.uses_base:
+        if self.method.uses_base and raw.base_model is not None:
             base_key = model_key(raw.base_model)
-            self.inputs = [e for e in raw.models if model_key(e.model) != base_key]
+            self.inputs = [e for e in entries if model_key(e.model) != base_key]
         else:
-            self.inputs = list(raw.models)
+            self.inputs = list(entries)
         if not self.inputs:
             raise RecipeError(source, [*errors, "recipe key 'models': no model to merge besides the base"])
         seen: dict[str, str] = {}
@@ -233,17 +269,8 @@ class Recipe:
             seen[key] = e.model
 
         specs = self.method.parameters
-        for key, value in raw.parameters.items():
-            if key == "protect" and self.method.takes_protect:
-                continue
-            if key not in specs:
-                errors.append(
-                    f"recipe key 'parameters.{key}': not a parameter of {self.method.name}; "
-                    f"known: {', '.join(sorted(specs) + (['protect'] if self.method.takes_protect else []))}"
-                )
-                continue
-            _collect(errors, _check_setting, specs[key], value, f"parameters.{key}")
-        for i, e in enumerate(raw.models):
+        self.check_parameters(raw.parameters, "parameters", errors)
+        for i, e in enumerate(raw.models or []):
             for key, value in e.parameters.items():
                 where = f"models[{i}].parameters.{key}"
                 if key not in specs:
@@ -253,8 +280,44 @@ class Recipe:
                 else:
                     _collect(errors, _check_setting, specs[key], value, where)
         _collect(errors, self._set_protected)
+        if raw.slices is not None and not errors:
+            from langmerge.merge.slices import slice_recipes
+
+            self.slices = slice_recipes(self, errors)
         if errors:
             raise RecipeError(source, errors)
+
+    def check_parameters(self, parameters: dict[str, Any], where: str, errors: list[str]) -> None:
+        """Check recipe-wide settings (``parameters``, a slice's ``parameters``), adding each problem to ``errors``."""
+        specs = self.method.parameters
+        for key, value in parameters.items():
+            if key == "protect" and self.method.takes_protect:
+                continue
+            if key not in specs:
+                errors.append(
+                    f"recipe key '{where}.{key}': not a parameter of {self.method.name}; "
+                    f"known: {', '.join(sorted(specs) + (['protect'] if self.method.takes_protect else []))}"
+                )
+                continue
+            _collect(errors, _check_setting, specs[key], value, f"{where}.{key}")
+
+    def model_references(self) -> list[str]:
+        """Every model reference the recipe names: the base, then each model (or each slice's base and sources)."""
+        refs = [self.base_model] if self.base_model is not None else []
+        for entry in self.raw.models or []:
+            refs.append(entry.model)
+        for piece in self.raw.slices or []:
+            refs += ([piece.base_model] if piece.base_model else []) + [s.model for s in piece.sources]
+        return list(dict.fromkeys(refs))
+
+    def require_whole_models(self, command: str) -> None:
+        """Refuse a ``slices`` recipe for a command that takes whole models (tune, analyze)."""
+        if self.slices is not None:
+            raise LangmergeError(f"{self.source}: langmerge {command} takes recipes of whole 'models', not 'slices'")
+
+    def view_source(self, index: int | None, source):
+        """The source a plan reads for input ``index`` (None: the base); a slice shows only its layers."""
+        return source
 
     def _set_protected(self) -> None:
         self.protected = self._protected()
@@ -287,7 +350,7 @@ class Recipe:
         settings = []
         if model_index is not None:
             settings.append((self.inputs[model_index].parameters.get(name), f"{self.inputs[model_index].model}"))
-        settings.append((self.raw.parameters.get(name), "parameters"))
+        settings += [(layer.get(name), "parameters") for layer in self.parameter_layers]
         for setting, _ in settings:
             if setting is None:
                 continue
@@ -336,8 +399,13 @@ class Recipe:
 
         if "base_model" in doc:
             doc["base_model"] = rename(doc["base_model"])
-        for entry in doc["models"]:
+        for entry in doc.get("models", []):
             entry["model"] = rename(entry["model"])
+        for piece in doc.get("slices", []):
+            if "base_model" in piece:
+                piece["base_model"] = rename(piece["base_model"])
+            for entry in piece["sources"]:
+                entry["model"] = rename(entry["model"])
         if "tokenizer_source" in doc:
             doc["tokenizer_source"] = rename(doc["tokenizer_source"])
         if "tokenizer" in doc:
@@ -437,10 +505,13 @@ def load_recipe(recipe: str | Path | dict | Recipe) -> Recipe:
         check_structure(recipe, source)
     if not isinstance(recipe, dict):
         raise LangmergeError(f"{source}: a recipe is a YAML mapping with 'merge_method' and 'models'")
+    absent = [] if "models" in recipe or "slices" in recipe else ["recipe key 'models' is required (or 'slices', layer ranges)"]
     try:
         raw = RecipeFile.model_validate(recipe)
     except ValidationError as exc:
-        raise RecipeError(source, _format_validation(exc)) from None
+        raise RecipeError(source, absent + _format_validation(exc)) from None
+    if absent:
+        raise RecipeError(source, absent)
     try:
         return Recipe(raw, source)
     except RecipeError as exc:
