@@ -70,8 +70,9 @@ def read_added_tokens(folder: Path) -> frozenset[str]:
 
 
 def build_union_tokenizer(reference, new_tokens: list[tuple[str, object]], first_id: int) -> tuple[UnionTokenizer, dict[str, int]]:
-    """The reference's tokenizer.json extended with ``new_tokens`` (token, model that has it); returns it and its
-    vocabulary, which decides the new tokens' ids (the reference's keep theirs).
+    """The reference's tokenizer.json extended with ``new_tokens`` (token, model that has it, or None for a token
+    the recipe adds: a plain added token); returns it and its vocabulary, which decides the new tokens' ids (the
+    reference's keep theirs).
 
     ``reference`` and the models are ``merge.vocab.ModelVocab``: their ``label``, ``tokenizer_folder`` and
     ``added`` tokens.
@@ -101,10 +102,9 @@ def build_union_tokenizer(reference, new_tokens: list[tuple[str, object]], first
     merged_from: set[Path] = set()
     plain = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": True, "special": False}
     for token, owner in new_tokens:
-        sj_path = owner.tokenizer_folder / "tokenizer.json"
-        sj = _load_json(sj_path)
+        sj = _load_json(owner.tokenizer_folder / "tokenizer.json") if owner is not None else {}
         added = {a["content"]: a for a in sj.get("added_tokens", [])}
-        if token in added or not extend_vocab:
+        if owner is None or token in added or not extend_vocab:  # owner None: a token the recipe adds
             entry = {**plain, **added.get(token, {}), "content": token, "id": next_id}
             tj.setdefault("added_tokens", []).append(entry)
             added_new.append(entry)

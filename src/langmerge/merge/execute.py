@@ -595,6 +595,13 @@ def _write_metadata(folder: Path, plan, recipe: Recipe) -> None:
         updates={**plan.vocab.config_updates(), **plan.config_updates},
     )
     plan.vocab.write_tokenizer(folder)
+    if recipe.raw.chat_template is not None:
+        from langmerge.merge.tokenizer_block import resolve_chat_template, write_chat_template
+
+        template, how = resolve_chat_template(recipe.raw.chat_template, [s.tokenizer_folder for s in plan.sources])
+        log.info("chat template: %s", how)
+        if template is not None:
+            write_chat_template(folder, template)
     write_model_card(
         folder,
         method=recipe.method.name,

@@ -38,7 +38,7 @@ from langmerge.io.sources import open_recipe_sources, recipe_models
 from langmerge.io.tensor_source import GatheredRows, TensorSource
 from langmerge.io.writer import Placement, shard_layout, shard_sizes
 from langmerge.merge.recipe import Recipe, layer_index, layer_position
-from langmerge.merge.vocab import RowGroup, RowMean, VocabPlan, plan_vocabulary, row_groups
+from langmerge.merge.vocab import MeanRows, RowGroup, RowMean, VocabPlan, plan_vocabulary, row_groups, sourced_groups
 from langmerge.methods.base import Block, Kernel, Method, MethodParameters, TensorInfo, TensorMerge
 from langmerge.methods.driver import choose_kernel
 from langmerge.seeds import derive_seed, seeded_generator
@@ -464,7 +464,26 @@ def _plan_tensor(static: _Static, recipe: Recipe, views: list[TensorSource], pla
             problems.add(task, name)
         else:
             tasks.append(task)
+    for key, rows, model_rows in sourced_groups(plan.vocab):
+        tasks.append(_sourced_task(name, static, key, rows, model_rows, views, compute, method, params, seed, plan, offset))
     return TensorPlan(name, static.shape, out_dtype, tasks, aligned=True)
+
+
+def _sourced_task(name: str, static: _Static, key: tuple, rows: torch.Tensor, model_rows: torch.Tensor,
+                  views: list[TensorSource], compute: torch.dtype, method: Method, params: MethodParameters, seed: int,
+                  plan: MergePlan, offset: int) -> TensorTask:
+    """Rows with a source of their own: a named model's row as is (``row``), zero (a token no model has a row
+    for), or padding rows (``mean``: each model's mean row, merged by the method, as mergekit pads)."""
+    info = _info(name, (int(rows.numel()), *static.shape[1:]), compute, plan)
+    if key[0] == "row":
+        ref = TensorRef(GatheredRows(views[key[1]], {name: (name, model_rows)}), name)
+        return TensorTask(name, info, None, [ref], None, None, rows=rows, average=[1.0])
+    if key[0] == "zero":  # the input only gives the shape: any row of the first model
+        ref = TensorRef(GatheredRows(views[0], {name: (name, torch.zeros_like(rows))}), name)
+        return TensorTask(name, info, None, [ref], None, None, rows=rows, average=[])
+    refs = [TensorRef(MeanRows(views[k], name, plan.vocab.own_rows(k), int(rows.numel())), name) for k in range(len(views))]
+    return TensorTask(name, info, refs[0] if offset else None, refs[offset:], method, params,
+                      choose_kernel(method, params, info), seed, ("mean",), tuple(range(len(refs) - offset)), rows=rows)
 
 
 def _group_task(name: str, static: _Static, group: RowGroup, views: list[TensorSource], compute: torch.dtype,
@@ -476,9 +495,6 @@ def _group_task(name: str, static: _Static, group: RowGroup, views: list[TensorS
     def ref(k: int) -> TensorRef:
         return TensorRef(GatheredRows(views[k], {name: (name, group.model_rows(plan.vocab, k))}), name)
 
-    if not any(group.present):  # a token no model has a row for: a zero row (read: any row of the first model)
-        anywhere = TensorRef(GatheredRows(views[0], {name: (name, torch.zeros_like(group.rows))}), name)
-        return TensorTask(name, info, None, [anywhere], None, None, rows=group.rows, average=[])
     present = [i for i in range(len(plan.inputs)) if group.present[offset + i]]
     inputs = [ref(offset + i) for i in present]
     if offset and not group.present[0]:  # the base lacks these tokens: the mean of the models that have them

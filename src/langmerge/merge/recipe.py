@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from langmerge.errors import LangmergeError
 from langmerge.input_files import check_structure, parse_yaml, read_input_text
+from langmerge.merge.tokenizer_block import TokenizerSettings, check_chat_template
 from langmerge.methods.base import Method, MethodParameters, ParameterSpec
 from langmerge.methods.registry import get_method
 
@@ -36,7 +37,6 @@ DTYPES = {
 # mergekit keys that langmerge does not implement: refused by name rather than ignored.
 UNSUPPORTED_KEYS = {
     "modules": "multi-module merges are not supported",
-    "chat_template": "set the chat template on the tokenizer source model instead",
 }
 
 
@@ -44,11 +44,6 @@ class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     parameters: dict[str, Any] = Field(default_factory=dict)
-
-
-class TokenizerSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    source: str = "base"
 
 
 class SliceSource(BaseModel):
@@ -82,6 +77,7 @@ class RecipeFile(BaseModel):
     out_dtype: str | None = None
     tokenizer_source: str | None = None
     tokenizer: TokenizerSettings | None = None
+    chat_template: str | None = None
 
 
 def _dtype(value: str | None, key: str) -> torch.dtype | None:
@@ -232,6 +228,8 @@ class Recipe:
         if raw.tokenizer_source is not None and raw.tokenizer is not None:
             errors.append("recipe keys 'tokenizer_source' and 'tokenizer' both given; keep one")
         self.tokenizer_source = raw.tokenizer.source if raw.tokenizer else (raw.tokenizer_source or "base")
+        if raw.chat_template is not None:
+            _collect(errors, check_chat_template, raw.chat_template)
         try:
             self.method: Method = get_method(raw.merge_method)
         except LangmergeError as exc:
@@ -410,6 +408,12 @@ class Recipe:
             doc["tokenizer_source"] = rename(doc["tokenizer_source"])
         if "tokenizer" in doc:
             doc["tokenizer"]["source"] = rename(doc["tokenizer"]["source"])
+            for setting in (doc["tokenizer"].get("tokens") or {}).values():
+                source = setting["source"]
+                if isinstance(source, dict) and "model" in source:
+                    source["model"] = rename(source["model"])
+                elif isinstance(source, str):
+                    setting["source"] = rename(source)
         protect = doc.get("parameters", {}).get("protect")
         if protect is not None:
             doc["parameters"]["protect"] = [rename(r) for r in protect] if isinstance(protect, list) else rename(protect)
