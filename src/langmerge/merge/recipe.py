@@ -68,6 +68,7 @@ class RecipeFile(BaseModel):
     """The YAML document as written: whole ``models``, or ``slices`` of layers (exactly one of them)."""
 
     model_config = ConfigDict(extra="forbid")
+    name: str | None = None  # a document's name in a multi-document recipe (merge.multi)
     merge_method: str
     base_model: str | None = None
     models: list[ModelEntry] | None = Field(default=None, min_length=1)
@@ -490,7 +491,26 @@ def _read_recipe_file(path: Path) -> Any:
     return parse_yaml(text, path, "recipe", _SEVERAL)
 
 
-_SEVERAL = " (several recipes in one file, as mergekit-multi takes them, are not supported yet)"
+_SEVERAL = " here (langmerge merge runs a file of several recipes, as mergekit-multi does)"
+
+
+def read_recipe_documents(recipe: str | Path) -> tuple[str, list] | None:
+    """``(source, documents)`` when the recipe file (or YAML text) holds several documents (mergekit-multi's
+    format, ``merge.multi``), else None."""
+    from langmerge.input_files import parse_yaml_documents
+
+    path = _recipe_file(recipe)
+    if path is not None and path.suffix.lower() == ".json":
+        return None
+    source = str(path) if path is not None else "<recipe>"
+    if path is not None:
+        if not path.exists():
+            return None
+        text = read_input_text(path, "recipe")
+    else:
+        text = str(recipe)
+    documents = [d for d in parse_yaml_documents(text, source, "recipe") if d is not None]
+    return (source, documents) if len(documents) > 1 else None
 
 
 def load_recipe(recipe: str | Path | dict | Recipe) -> Recipe:
