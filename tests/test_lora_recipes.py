@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from ckpt_helpers import SHAPE, load_state
 from safetensors.torch import load_file
+
+from mergekit_helpers import mergekit_exe
 
 from langmerge.cli import main
 from langmerge.errors import LangmergeError
@@ -92,16 +92,12 @@ def _linear(models, first: str) -> dict:
                        {"model": str(models["sft"]), "parameters": {"weight": 0.4}}]}
 
 
-def _mergekit_yaml() -> str:
-    exe = Path(sys.executable).parent / "mergekit-yaml"
-    return str(exe) if exe.exists() else shutil.which("mergekit-yaml")
-
 
 def test_plus_syntax_equals_mergekit_yaml_and_the_peft_merged_folder(models, tmp_path):
     ref = f"{models['base']}+{models['adapter']}"
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(_linear(models, ref)))
-    subprocess.run([_mergekit_yaml(), str(recipe), str(tmp_path / "mk"), "--lora-merge-cache", str(tmp_path / "cache")],
+    subprocess.run([mergekit_exe("mergekit-yaml"), str(recipe), str(tmp_path / "mk"), "--lora-merge-cache", str(tmp_path / "cache")],
                    check=True, capture_output=True)
     assert main(["merge", str(recipe), str(tmp_path / "lm"), "--no-progress"]) == 0
     ours, theirs = load_state(tmp_path / "lm"), load_file(str(tmp_path / "mk" / "model.safetensors"))

@@ -3,8 +3,6 @@ name, in dependency order; compared with mergekit-multi tensor for tensor; kille
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,6 +12,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+
+from mergekit_helpers import mergekit_exe
 
 from langmerge.cli import main
 from langmerge.errors import LangmergeError
@@ -49,14 +49,10 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(folder) / "model.safetensors"))
 
 
-def _mergekit_multi() -> str:
-    exe = Path(sys.executable).parent / "mergekit-multi"
-    return str(exe) if exe.exists() else shutil.which("mergekit-multi")
-
 
 def test_equal_to_mergekit_multi(trio, tmp_path):
     recipe = _write(tmp_path / "multi.yaml", _documents(trio))
-    subprocess.run([_mergekit_multi(), str(recipe), "--intermediate-dir", str(tmp_path / "mk-int"),
+    subprocess.run([mergekit_exe("mergekit-multi"), str(recipe), "--intermediate-dir", str(tmp_path / "mk-int"),
                     "--out-path", str(tmp_path / "mk")], check=True, capture_output=True)
     assert main(["merge", str(recipe), str(tmp_path / "lm"), "--no-progress"]) == 0
     out = tmp_path / "lm"

@@ -4,15 +4,15 @@ ranges of different models, per-slice and per-source parameters, sources taken f
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+
+from mergekit_helpers import mergekit_exe
 
 from langmerge.cli import main
 from langmerge.errors import LangmergeError
@@ -59,16 +59,12 @@ RECIPES = {
 }
 
 
-def _mergekit_yaml() -> str:
-    exe = Path(sys.executable).parent / "mergekit-yaml"
-    return str(exe) if exe.exists() else shutil.which("mergekit-yaml")
-
 
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_slices_identical_to_mergekit_yaml(trio, tmp_path, name):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(RECIPES[name](trio)))
-    subprocess.run([_mergekit_yaml(), str(recipe), str(tmp_path / "mk")], check=True, capture_output=True)
+    subprocess.run([mergekit_exe("mergekit-yaml"), str(recipe), str(tmp_path / "mk")], check=True, capture_output=True)
     assert main(["merge", str(recipe), str(tmp_path / "lm"), "--no-progress"]) == 0
     theirs = load_file(str(tmp_path / "mk" / "model.safetensors"))
     ours = load_file(str(tmp_path / "lm" / "model.safetensors"))

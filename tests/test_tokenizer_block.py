@@ -6,15 +6,14 @@ from __future__ import annotations
 import importlib.resources
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 from union_helpers import union_models
+
+from mergekit_helpers import merge_both, vocab
 
 from langmerge.cli import main
 from langmerge.errors import LangmergeError
@@ -28,31 +27,12 @@ def models(tmp_path_factory):
     return union_models(tmp_path_factory.mktemp("block"))
 
 
-def _mergekit_yaml() -> str:
-    exe = Path(sys.executable).parent / "mergekit-yaml"
-    return str(exe) if exe.exists() else shutil.which("mergekit-yaml")
-
-
-def _vocab(folder: Path) -> dict[str, int]:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder).get_vocab()
-
-
 def _rows(folder: Path, name: str = "model.embed_tokens.weight") -> torch.Tensor:
     return load_file(str(Path(folder) / "model.safetensors"))[name]
 
 
-def _run_both(recipe: dict, tmp_path: Path) -> tuple[Path, Path]:
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    subprocess.run([_mergekit_yaml(), str(path), str(tmp_path / "mk")], check=True, capture_output=True)
-    assert main(["merge", str(path), str(tmp_path / "lm"), "--no-progress"]) == 0
-    return tmp_path / "mk", tmp_path / "lm"
-
-
 def _assert_same_by_token(mk: Path, lm: Path):
-    theirs_vocab, ours_vocab = _vocab(mk), _vocab(lm)
+    theirs_vocab, ours_vocab = vocab(mk), vocab(lm)
     assert set(theirs_vocab) == set(ours_vocab)
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         theirs, ours = _rows(mk, name), _rows(lm, name)
@@ -72,20 +52,20 @@ def test_forced_tokens_from_named_models(models, tmp_path):
     """mergekit's test_force_token: union, _tok_10 forced from chatml, _tok_11 from base."""
     tokens = {"_tok_10": {"source": str(models["chatml"]), "force": True},
               "_tok_11": {"source": str(models["base"]), "force": True}}
-    mk, lm = _run_both(_linear([models["base"], models["chatml"]], models["base"],
+    mk, lm = merge_both(_linear([models["base"], models["chatml"]], models["base"],
                                tokenizer={"source": "union", "tokens": tokens}), tmp_path)
     _assert_same_by_token(mk, lm)
-    out, vocab = _rows(lm), _vocab(lm)
-    assert torch.equal(out[vocab["_tok_10"]], _rows(models["chatml"])[10])
-    assert torch.equal(out[vocab["_tok_11"]], _rows(models["base"])[11])
-    assert not torch.equal(out[vocab["_tok_12"]], _rows(models["base"])[12])  # not forced: merged
+    out, ids = _rows(lm), vocab(lm)
+    assert torch.equal(out[ids["_tok_10"]], _rows(models["chatml"])[10])
+    assert torch.equal(out[ids["_tok_11"]], _rows(models["base"])[11])
+    assert not torch.equal(out[ids["_tok_12"]], _rows(models["base"])[12])  # not forced: merged
 
 
 def test_model_token_sources_by_id_and_by_token(models, tmp_path):
     """mergekit's test_model_token_id: source base, _tok_20 = chatml's row 64, _tok_21 = base's <s>."""
     tokens = {"_tok_20": {"source": {"kind": "model_token", "model": str(models["chatml"]), "token_id": 64}, "force": True},
               "_tok_21": {"source": {"kind": "model_token", "model": str(models["base"]), "token": "<s>"}, "force": True}}
-    mk, lm = _run_both(_linear([models["base"], models["chatml"]], models["base"],
+    mk, lm = merge_both(_linear([models["base"], models["chatml"]], models["base"],
                                tokenizer={"source": "base", "tokens": tokens}), tmp_path)
     _assert_same_by_token(mk, lm)
     out = _rows(lm)
@@ -95,10 +75,10 @@ def test_model_token_sources_by_id_and_by_token(models, tmp_path):
 
 def test_pad_to_multiple_of(models, tmp_path):
     """mergekit's test_pad_to_multiple_of: 66 tokens padded to 80 rows, the new rows the mean row."""
-    mk, lm = _run_both(_linear([models["chatml"]], models["chatml"],
+    mk, lm = merge_both(_linear([models["chatml"]], models["chatml"],
                                tokenizer={"source": "base", "pad_to_multiple_of": 16}), tmp_path)
     assert json.loads((lm / "config.json").read_text())["vocab_size"] == 80
-    assert _rows(lm).shape[0] == 80 and len(_vocab(lm)) == 66
+    assert _rows(lm).shape[0] == 80 and len(vocab(lm)) == 66
     _assert_same_by_token(mk, lm)
     chatml = _rows(models["chatml"])
     torch.testing.assert_close(_rows(lm)[66:], chatml.mean(dim=0).expand(14, -1), rtol=1e-5, atol=1e-6)
@@ -107,12 +87,12 @@ def test_pad_to_multiple_of(models, tmp_path):
 def test_new_token_with_zero_and_default_union_source(models, tmp_path):
     """A token no model has, added by the block (default source: union, as in mergekit), its row zero."""
     tokens = {"<new>": {"source": {"kind": "zero"}}, "<|im_end|>": {"source": {"kind": "zero"}, "force": True}}
-    mk, lm = _run_both(_linear([models["base"], models["chatml"]], models["base"], tokenizer={"tokens": tokens}),
+    mk, lm = merge_both(_linear([models["base"], models["chatml"]], models["base"], tokenizer={"tokens": tokens}),
                        tmp_path)
     _assert_same_by_token(mk, lm)
-    vocab = _vocab(lm)
-    assert len(vocab) == 67 and "<|im_start|>" in vocab  # union
-    assert not _rows(lm)[vocab["<new>"]].any() and not _rows(lm)[vocab["<|im_end|>"]].any()
+    ids = vocab(lm)
+    assert len(ids) == 67 and "<|im_start|>" in ids  # union
+    assert not _rows(lm)[ids["<new>"]].any() and not _rows(lm)[ids["<|im_end|>"]].any()
 
 
 def test_block_errors_name_the_key(models, tmp_path):

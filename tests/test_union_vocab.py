@@ -3,9 +3,6 @@ in either order, unused padded tokens, rows no model has; compared with mergekit
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +10,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from union_helpers import union_models
+
+from mergekit_helpers import merge_both, vocab
 
 from langmerge.cli import main
 
@@ -22,28 +21,9 @@ def models(tmp_path_factory):
     return union_models(tmp_path_factory.mktemp("union"))
 
 
-def _mergekit_yaml() -> str:
-    exe = Path(sys.executable).parent / "mergekit-yaml"
-    return str(exe) if exe.exists() else shutil.which("mergekit-yaml")
-
-
-def _vocab(folder: Path) -> dict[str, int]:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder).get_vocab()
-
-
 def _by_token(folder: Path, name: str) -> dict[str, torch.Tensor]:
     rows = load_file(str(Path(folder) / "model.safetensors"))[name]
-    return {t: rows[i] for t, i in _vocab(folder).items()}
-
-
-def _run_both(recipe: dict, tmp_path: Path) -> tuple[Path, Path]:
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    subprocess.run([_mergekit_yaml(), str(path), str(tmp_path / "mk")], check=True, capture_output=True)
-    assert main(["merge", str(path), str(tmp_path / "lm"), "--no-progress"]) == 0
-    return tmp_path / "mk", tmp_path / "lm"
+    return {t: rows[i] for t, i in vocab(folder).items()}
 
 
 def _recipe(method: str, base: Path, others: list[Path]) -> dict:
@@ -66,9 +46,9 @@ def _assert_equal_by_token(mk: Path, lm: Path):
 
 def test_mergekit_union_test_case(models, tmp_path):
     """mergekit's tests/test_tokenizer.py test_source_union: base, padded (unused added tokens), chatml, linear."""
-    mk, lm = _run_both(_recipe("linear", models["base"], [models["padded"], models["chatml"]]), tmp_path)
-    vocab = _vocab(lm)
-    assert len(vocab) == 66 and "<|im_start|>" in vocab and not any(f"<UNUSED_{i}>" in vocab for i in range(4))
+    mk, lm = merge_both(_recipe("linear", models["base"], [models["padded"], models["chatml"]]), tmp_path)
+    ids = vocab(lm)
+    assert len(ids) == 66 and "<|im_start|>" in ids and not any(f"<UNUSED_{i}>" in ids for i in range(4))
     chatml = _by_token(models["chatml"], "model.embed_tokens.weight")
     out = _by_token(lm, "model.embed_tokens.weight")
     torch.testing.assert_close(out["<|im_start|>"], chatml["<|im_start|>"])  # only chatml has it: its row
@@ -79,20 +59,20 @@ def test_mergekit_union_test_case(models, tmp_path):
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
 def test_added_and_vocabulary_tokens_in_either_order(models, tmp_path, order, method):
     others = [models["chatml"], models["vocab"]] if order == "added_first" else [models["vocab"], models["chatml"]]
-    mk, lm = _run_both(_recipe(method, models["base"], others), tmp_path)
-    vocab = _vocab(lm)
-    assert len(vocab) == 64 + 2 + 3
+    mk, lm = merge_both(_recipe(method, models["base"], others), tmp_path)
+    ids = vocab(lm)
+    assert len(ids) == 64 + 2 + 3
     _assert_equal_by_token(mk, lm)
     # the written tokenizer tokenizes the new tokens to their ids, and the model loads and runs
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(lm)
-    ids = [vocab["<|im_start|>"], vocab["_new_b"]]
-    assert tok("<|im_start|>", add_special_tokens=False).input_ids == ids[:1]  # an added token is matched whole
-    assert tok.convert_ids_to_tokens(ids) == ["<|im_start|>", "_new_b"]
+    new = [ids["<|im_start|>"], ids["_new_b"]]
+    assert tok("<|im_start|>", add_special_tokens=False).input_ids == new[:1]  # an added token is matched whole
+    assert tok.convert_ids_to_tokens(new) == ["<|im_start|>", "_new_b"]
     model = AutoModelForCausalLM.from_pretrained(lm, dtype=torch.float32)
     assert model.config.vocab_size == 69
-    out = model.generate(torch.tensor([ids]), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    out = model.generate(torch.tensor([new]), max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 5)
 
 

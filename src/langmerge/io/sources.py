@@ -129,13 +129,18 @@ def open_model(path: str, *, base_ref: str | None, allow_pickle: bool = False, m
         base_model = _model(base_ref, models, allow_pickle)
         if is_adapter(base_model.folder):
             raise LangmergeError(f"base_model {base_ref}: a LoRA adapter cannot be the base model")
-        base = open_checkpoint(base_model.folder, label=base_ref, allow_pickle=allow_pickle)
-        try:
-            return LoraSource(base, model.folder, label=path, base_ref=base_ref, allow_pickle=allow_pickle, base_model=base_model)
-        except BaseException:
-            base.close()
-            raise
+        return _lora_source(path, base_ref, base_model, model.folder, allow_pickle)
     return open_checkpoint(model.folder, label=path, allow_pickle=allow_pickle)
+
+
+def _lora_source(label: str, base_ref: str, base_model: ResolvedModel, adapter: Path, allow_pickle: bool) -> LoraSource:
+    """The adapter in folder ``adapter`` applied to ``base_model`` (opened here, and closed if the adapter is refused)."""
+    base = open_checkpoint(base_model.folder, label=base_ref, allow_pickle=allow_pickle)
+    try:
+        return LoraSource(base, adapter, label=label, base_ref=base_ref, allow_pickle=allow_pickle, base_model=base_model)
+    except BaseException:
+        base.close()
+        raise
 
 
 def _open_adapted(ref: str, base_ref: str, adapter_ref: str, *, allow_pickle: bool, models: dict[str, ResolvedModel]):
@@ -146,12 +151,7 @@ def _open_adapted(ref: str, base_ref: str, adapter_ref: str, *, allow_pickle: bo
     adapter = _model(adapter_ref, models, allow_pickle)
     if not is_adapter(adapter.folder):
         raise LangmergeError(f"model {ref}: {adapter_ref} is not a LoRA adapter (no {ADAPTER_CONFIG} in {adapter.folder})")
-    base = open_checkpoint(base_model.folder, label=base_ref, allow_pickle=allow_pickle)
-    try:
-        return LoraSource(base, adapter.folder, label=ref, base_ref=base_ref, allow_pickle=allow_pickle, base_model=base_model)
-    except BaseException:
-        base.close()
-        raise
+    return _lora_source(ref, base_ref, base_model, adapter.folder, allow_pickle)
 
 
 def recipe_input_paths(recipe) -> list[str | Path]:

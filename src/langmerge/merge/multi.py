@@ -73,8 +73,9 @@ class MultiRecipe:
                 raise LangmergeError(f"{source}: document {i + 1}: name {name!r} is used by an earlier document")
             names[name] = str(self.out_dir / name)
         if len(unnamed) > 1:
-            raise LangmergeError(f"{source}: documents {unnamed[0] + 1} and {unnamed[1] + 1} both have no 'name'; "
-                                 "only the final merge (written to OUT_DIR) may be unnamed")
+            raise LangmergeError(f"{source}: holds {len(documents)} YAML documents, and documents {unnamed[0] + 1} and "
+                                 f"{unnamed[1] + 1} both have no 'name'; only the final merge (written to OUT_DIR) may "
+                                 "be unnamed (the others are intermediates, named for their sub-folders)")
         self.names = names
         docs, needs = {}, {}
         for i, doc in enumerate(documents):
