@@ -3,6 +3,7 @@ name, in dependency order; compared with mergekit-multi tensor for tensor; kille
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -130,3 +131,16 @@ def test_documents_are_checked_together_before_any_merge(trio, tmp_path):
     with pytest.raises(LangmergeError, match=r"already exists and holds files this recipe does not write \(notes.txt\)"):
         merge(str(_write(tmp_path / "ok.yaml", _documents(trio))), foreign, progress=False)
     assert (foreign / "notes.txt").read_text() == "mine" and not (foreign / "ct_sft").exists()
+
+
+def test_named_documents_only_fill_out_dir_and_a_finished_rerun_needs_force(trio, tmp_path):
+    docs = _documents(trio)[1:]  # ta and ct_sft, no final merge
+    recipe = _write(tmp_path / "named.yaml", docs)
+    merge(str(recipe), tmp_path / "out", progress=False)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ct_sft", "ta"]
+    with pytest.raises(LangmergeError, match="already holds every document's merge; pass --force"):
+        merge(str(recipe), tmp_path / "out", progress=False)
+    inside = tmp_path / "out" / "again.yaml"
+    shutil.copy(recipe, inside)
+    with pytest.raises(LangmergeError, match="again.yaml"):  # the recipe file may not lie inside OUT_DIR
+        merge(str(inside), tmp_path / "out", progress=False, force=True)

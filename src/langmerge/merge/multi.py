@@ -150,7 +150,10 @@ def run_multi(source: str, documents: list, out_dir: str | Path, *, force: bool 
     when every document is named)."""
     from langmerge.merge.execute import merge
 
+    from langmerge.io.output import check_disjoint
+
     multi = MultiRecipe(source, documents, Path(out_dir))
+    check_disjoint([multi.out_dir], [source if source != "<recipe>" else None])  # the recipe file is no intermediate
     _check_out_dir(multi, force)
     intermediates = [multi.folder(k) for k in multi.order if k is not None]
     report = None
@@ -162,4 +165,6 @@ def run_multi(source: str, documents: list, out_dir: str | Path, *, force: bool 
         log.info("merging %s into %s", key or "the final recipe", folder)
         adopt = [p for p in intermediates if p.exists()] if key is None else []
         report = merge(multi.recipes[key], folder, force=force or key is None, adopt=adopt, **options)
+    if report is None:
+        raise LangmergeError(f"output {multi.out_dir} already holds every document's merge; pass --force to merge them again")
     return report
