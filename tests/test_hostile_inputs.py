@@ -289,7 +289,7 @@ RECIPE_FAULTS = {
                                                                 {"model": str(m["sft"]), "parameters": {"weight": 0.5}}]},
                          "recipe key 'models[0].parameters.weight': a 401-digit number is out of range", False),
     "two YAML documents": (lambda m: yaml.safe_dump(recipe_for(m)) + "---\n" + yaml.safe_dump(recipe_for(m)),
-                           "recipe.yaml: holds 2 YAML documents; a recipe file is one document", False),
+                           "recipe.yaml: holds 2 YAML documents", False),  # check: one document; merge: names them
     "python tag": (lambda m: "merge_method: !!python/object/apply:os.system ['echo pwned']\n",
                    "recipe.yaml: line 1, column 15: the YAML tag !!python/object/apply:os.system is not allowed", False),
     "one model spelt twice": (lambda m: recipe_for(m, sft=str(m["ct"].parent) + "/./ct"),

@@ -400,6 +400,23 @@ def test_adapter_by_id_on_a_base_by_id(plain, offline, tmp_path, hub):
         "org/base", "org/adapter", "org/sft"]
 
 
+def test_base_plus_adapter_by_ids_and_mixed(plain, offline, tmp_path, hub):
+    """mergekit's ``BASE+ADAPTER`` with a Hub id on either side: the adapter applies to the base named with it."""
+    def recipe(first):
+        return {"merge_method": "linear", "dtype": "float32",
+                "models": [{"model": first, "parameters": {"weight": 0.7}}, {"model": "org/sft", "parameters": {"weight": 0.3}}]}
+
+    commit = hub.commits["base"]
+    merge(recipe(f"org/base@{commit}+org/adapter"), tmp_path / "ids", progress=False)
+    merge(recipe(f"{plain['base']}+org/adapter"), tmp_path / "mixed", progress=False)
+    merge(recipe(f"org/base+{plain['adapter']}"), tmp_path / "mixed2", progress=False)
+    merge({**recipe(str(plain["adapter"])), "base_model": str(plain["base"])}, tmp_path / "plain", progress=False)
+    for name in ("ids", "mixed", "mixed2"):
+        _assert_same(tmp_path / name, tmp_path / "plain")
+    pinned = yaml.safe_load((tmp_path / "ids" / "langmerge_recipe.yaml").read_text())
+    assert pinned["models"][0]["model"] == f"org/base@{commit}+org/adapter@{hub.commits['adapter']}"
+
+
 def test_adapter_base_recorded_as_an_id(tmp_path):
     settings = LoraSettings(2, 4.0, False, False, {}, {}, "org/base")
     base = ResolvedModel("org/base@v1", tmp_path / "snapshots" / ("c" * 40), "org/base", "v1", "c" * 40, CACHED)

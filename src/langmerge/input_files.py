@@ -37,6 +37,14 @@ def read_input_text(path: Path, kind: str) -> str:
 def parse_yaml(text: str, source: object, kind: str, several: str = "") -> object:
     """The one YAML document ``text`` holds, its structure checked (``check_structure``); errors are one line naming
     ``source``. ``several`` ends the message for a file of several documents."""
+    documents = parse_yaml_documents(text, source, kind)
+    if len(documents) > 1:
+        raise LangmergeError(f"{source}: holds {len(documents)} YAML documents; a {kind} file is one document{several}")
+    return documents[0] if documents else None
+
+
+def parse_yaml_documents(text: str, source: object, kind: str) -> list:
+    """Every YAML document ``text`` holds (``---`` between them), each one's structure checked."""
     try:
         documents = list(yaml.safe_load_all(text))
     except yaml.MarkedYAMLError as exc:
@@ -54,11 +62,9 @@ def parse_yaml(text: str, source: object, kind: str, several: str = "") -> objec
         raise LangmergeError(f"{source}: not valid YAML ({' '.join(str(exc).split())})") from None
     except RecursionError:
         raise LangmergeError(f"{source}: not valid YAML (nested too deeply)") from None
-    if len(documents) > 1:
-        raise LangmergeError(f"{source}: holds {len(documents)} YAML documents; a {kind} file is one document{several}")
-    document = documents[0] if documents else None
-    check_structure(document, source)
-    return document
+    for document in documents:
+        check_structure(document, source)
+    return documents
 
 
 def check_structure(document: object, source: object) -> None:

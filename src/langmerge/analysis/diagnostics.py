@@ -362,6 +362,7 @@ def analyze(
     import time
 
     recipe = load_recipe(recipe)
+    recipe.require_whole_models("analyze")
     protected = resolve_protected(recipe, protect)
     slack_list: list[float | None] = [RECIPE_SLACK] if slacks is None else [float(s) for s in slacks]
     if not slack_list:

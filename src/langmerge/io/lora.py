@@ -81,7 +81,11 @@ def read_adapter_config(folder: Path) -> LoraSettings:
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise LangmergeError(f"{path}: peft_type {peft_type!r} is not supported (only LORA)")
-    for key in ("use_dora", "trainable_token_indices", "layer_replication"):
+    if cfg.get("use_dora"):
+        raise LangmergeError(
+            f"{path}: a DoRA adapter ('use_dora': true) is not supported; merge it into its base with PEFT's "
+            "merge_and_unload() and name the merged folder in the recipe")
+    for key in ("trainable_token_indices", "layer_replication"):
         if cfg.get(key):
             raise LangmergeError(f"{path}: {key!r} is not supported")
     try:
@@ -223,14 +227,17 @@ class LoraSource(TensorSource):
             delta_shape = (b_shape[0], a_shape[1])
             if embedding or self.settings.fan_in_fan_out:
                 delta_shape = delta_shape[::-1]
-            base_shape = self.base.shape(target)
+            # PEFT's save_embedding_layers ("auto" when an embedding is a target) saves the layer's weight whole
+            # (``embed_tokens.base_layer.weight``): that is the W the delta is added to.
+            base_shape = self.shape(target)
             if tuple(base_shape) != delta_shape:
                 raise AdapterMismatch(
                     f"adapter {self.label}: module {module!r} changes a {list(delta_shape)} weight but {target!r} is "
                     f"{list(base_shape)} in the base {self.base.label}; the adapter was trained on another base"
                 )
-            if target in self.whole:
-                raise LangmergeError(f"adapter {self.label}: {target!r} is both saved whole and adapted")
+            if target in self.whole and ".base_layer." not in self.whole[target]:
+                raise LangmergeError(
+                    f"adapter {self.label}: {target!r} is both saved whole ({self.whole[target]!r}, modules_to_save) and adapted")
             self.settings.scale(module, a_shape[0])  # validates rank/pattern now, before any merge
             self.pairs[target] = LoraPair(kinds[a], kinds[b], module, embedding)
 
@@ -286,17 +293,22 @@ class LoraSource(TensorSource):
             d = b[first:last] @ a
         return d * self.settings.scale(pair.module, a.shape[0])
 
-    def read(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+    def _read_weight(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Elements of the weight before any delta: the adapter's saved copy when it has one, else the base's."""
         if name in self.whole:
             return self._read(self.whole[name], start, stop, out)
+        return self.base.read(name, start, stop, out)
+
+    def read(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         if name not in self.pairs:
-            return self.base.read(name, start, stop, out)
+            return self._read_weight(name, start, stop, out)
         if stop <= start:
             return out[:0]
-        width = math.prod(self.base.shape(name)[1:])
+        width = math.prod(self.shape(name)[1:])
         first, last = start // width, (stop - 1) // width + 1
-        rows = torch.empty((last - first) * width, dtype=self.base.read_dtype(name))
-        w = self.base.read(name, first * width, last * width, rows).reshape(last - first, width)
+        weight_dtype = self.dtype(name) if name in self.whole else self.base.read_dtype(name)
+        rows = torch.empty((last - first) * width, dtype=weight_dtype)
+        w = self._read_weight(name, first * width, last * width, rows).reshape(last - first, width)
         values = w.float() + self.delta_rows(name, first, last)
         return into(out, values.reshape(-1)[start - first * width : stop - first * width])
 

@@ -30,6 +30,30 @@ def source_kind(source) -> str:
     return "safetensors checkpoint"
 
 
+def split_adapted(ref: str) -> tuple[str, str] | None:
+    """mergekit's ``BASE+ADAPTER``: ``(BASE, ADAPTER)`` for a reference naming a LoRA adapter on its own base, else None.
+
+    An existing path wins (a folder may have ``+`` in its name); Hub ids cannot contain ``+``.
+    """
+    if "+" not in ref:
+        return None
+    try:
+        if Path(ref).exists():
+            return None
+    except (OSError, ValueError):
+        pass
+    parts = ref.split("+")
+    if len(parts) != 2 or not all(p.strip() for p in parts):
+        raise LangmergeError(f"model {ref!r}: write a LoRA-adapted model as BASE+ADAPTER (one '+', a model on each side)")
+    return parts[0], parts[1]
+
+
+def model_references(ref: str) -> list[str]:
+    """The references a recipe model stands for: itself, or the base and the adapter of ``BASE+ADAPTER``."""
+    parts = split_adapted(ref)
+    return list(parts) if parts else [ref]
+
+
 def is_adapter_model(model: ResolvedModel) -> bool:
     """A LoRA adapter, known before its files are downloaded (a Hub model's file list says)."""
     return ADAPTER_CONFIG in model.files if model.from_hub else is_adapter(model.folder)
@@ -65,11 +89,21 @@ def recipe_models(
                 return None
         return models[ref]
 
+    def get_model(ref: str) -> ResolvedModel | None:
+        """The model ``ref`` resolves to; for ``BASE+ADAPTER`` both are resolved and None is returned
+        (the adapter applies to its own base, not to the recipe's)."""
+        parts = split_adapted(ref)
+        if parts is None:
+            return get(ref)
+        for part in parts:
+            get(part)
+        return None
+
     if recipe.method.uses_base:
-        get(recipe.base_model)
-    inputs = [get(e.model) for e in recipe.inputs]
+        get_model(recipe.base_model)
+    inputs = [get_model(e.model) for e in recipe.inputs]
     if recipe.base_model is not None and any(m is not None and is_adapter_model(m) for m in inputs):
-        get(recipe.base_model)
+        get_model(recipe.base_model)
     return models
 
 
@@ -85,6 +119,9 @@ def open_model(path: str, *, base_ref: str | None, allow_pickle: bool = False, m
     ``models`` holds the references resolved so far (``recipe_models``); what is missing is resolved here and added.
     """
     models = {} if models is None else models
+    parts = split_adapted(path)
+    if parts is not None:
+        return _open_adapted(path, *parts, allow_pickle=allow_pickle, models=models)
     model = _model(path, models, allow_pickle)
     if is_adapter(model.folder):
         if base_ref is None:
@@ -92,13 +129,29 @@ def open_model(path: str, *, base_ref: str | None, allow_pickle: bool = False, m
         base_model = _model(base_ref, models, allow_pickle)
         if is_adapter(base_model.folder):
             raise LangmergeError(f"base_model {base_ref}: a LoRA adapter cannot be the base model")
-        base = open_checkpoint(base_model.folder, label=base_ref, allow_pickle=allow_pickle)
-        try:
-            return LoraSource(base, model.folder, label=path, base_ref=base_ref, allow_pickle=allow_pickle, base_model=base_model)
-        except BaseException:
-            base.close()
-            raise
+        return _lora_source(path, base_ref, base_model, model.folder, allow_pickle)
     return open_checkpoint(model.folder, label=path, allow_pickle=allow_pickle)
+
+
+def _lora_source(label: str, base_ref: str, base_model: ResolvedModel, adapter: Path, allow_pickle: bool) -> LoraSource:
+    """The adapter in folder ``adapter`` applied to ``base_model`` (opened here, and closed if the adapter is refused)."""
+    base = open_checkpoint(base_model.folder, label=base_ref, allow_pickle=allow_pickle)
+    try:
+        return LoraSource(base, adapter, label=label, base_ref=base_ref, allow_pickle=allow_pickle, base_model=base_model)
+    except BaseException:
+        base.close()
+        raise
+
+
+def _open_adapted(ref: str, base_ref: str, adapter_ref: str, *, allow_pickle: bool, models: dict[str, ResolvedModel]):
+    """``BASE+ADAPTER``: the adapter applied to the base named with it."""
+    base_model = _model(base_ref, models, allow_pickle)
+    if is_adapter(base_model.folder):
+        raise LangmergeError(f"model {ref}: {base_ref} is a LoRA adapter; BASE+ADAPTER names the base model first")
+    adapter = _model(adapter_ref, models, allow_pickle)
+    if not is_adapter(adapter.folder):
+        raise LangmergeError(f"model {ref}: {adapter_ref} is not a LoRA adapter (no {ADAPTER_CONFIG} in {adapter.folder})")
+    return _lora_source(ref, base_ref, base_model, adapter.folder, allow_pickle)
 
 
 def recipe_input_paths(recipe) -> list[str | Path]:
@@ -109,7 +162,7 @@ def recipe_input_paths(recipe) -> list[str | Path]:
     construction (``base``, ``union`` or a model of the recipe).
     """
     paths: list[str | Path] = [recipe.source] if recipe.source != "<recipe>" else []
-    refs = ([recipe.base_model] if recipe.base_model is not None else []) + [e.model for e in recipe.raw.models]
+    refs = [part for ref in recipe.model_references() for part in model_references(ref)]
     return paths + [hub_repository_folder(ref) or ref for ref in refs]
 
 
@@ -123,7 +176,7 @@ def open_recipe_sources(recipe, stack: ExitStack, *, allow_pickle: bool = False,
 
     def opened(ref: str, base_ref: str | None):
         try:
-            if base_ref is None and is_adapter(_model(ref, models, allow_pickle).folder):
+            if base_ref is None and split_adapted(ref) is None and is_adapter(_model(ref, models, allow_pickle).folder):
                 raise LangmergeError(f"base_model {ref}: a LoRA adapter cannot be the base model")
             source = open_model(ref, base_ref=base_ref, allow_pickle=allow_pickle, models=models)
         except LangmergeError as exc:

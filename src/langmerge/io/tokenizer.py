@@ -60,15 +60,32 @@ def _load_json(path: Path) -> dict:
     return value
 
 
-def build_union_tokenizer(reference, new_tokens: list[tuple[str, int, object]], out_tokens: dict[str, int]) -> UnionTokenizer:
-    """The reference's tokenizer.json extended with ``new_tokens`` (token, output id, model that has it).
+def read_added_tokens(folder: Path) -> frozenset[str]:
+    """The contents of ``folder``'s tokenizer.json ``added_tokens`` (empty when it has no tokenizer.json)."""
+    path = optional_folder_file(folder, "tokenizer.json")
+    if path is None:
+        return frozenset()
+    added = _load_json(path).get("added_tokens") or []
+    return frozenset(a["content"] for a in added if isinstance(a, dict) and isinstance(a.get("content"), str))
 
-    ``reference`` and the models are ``merge.vocab.ModelVocab``: their ``label`` and ``tokenizer_folder``.
 
-    A token that is an added token in its model becomes an added token; a token
+def build_union_tokenizer(reference, new_tokens: list[tuple[str, object]], first_id: int) -> tuple[UnionTokenizer, dict[str, int]]:
+    """The reference's tokenizer.json extended with ``new_tokens`` (token, model that has it, or None for a token
+    the recipe adds: a plain added token); returns it and its vocabulary, which decides the new tokens' ids (the
+    reference's keep theirs).
+
+    ``reference`` and the models are ``merge.vocab.ModelVocab``: their ``label``, ``tokenizer_folder`` and
+    ``added`` tokens.
+
+    A token that is an added token in its model becomes an added token. A token
     of its model's vocabulary extends the reference's WordLevel/BPE/WordPiece
-    vocabulary (for BPE, with that model's merges the reference lacks, appended
-    after the reference's so that the reference's own tokenization is unchanged).
+    vocabulary at ``first_id`` onwards (for BPE, with that model's merges the
+    reference lacks, appended after the reference's so that the reference's own
+    tokenization is unchanged), so callers list vocabulary tokens before added
+    ones: the tokenizers library numbers added tokens after the vocabulary. When
+    the reference has added tokens of its own beyond its vocabulary, a new
+    vocabulary token is added as a (non-special) added token instead, as
+    mergekit adds every new token.
     """
     from tokenizers import Tokenizer
 
@@ -76,20 +93,26 @@ def build_union_tokenizer(reference, new_tokens: list[tuple[str, int, object]], 
     tj = _load_json(ref_path)
     model = tj.get("model") or {}
     mtype = model.get("type")
+    vocab = model.get("vocab")
+    vocab_size = len(vocab) if isinstance(vocab, (dict, list)) else 0
+    own_added = [a for a in tj.get("added_tokens", []) if isinstance(a, dict) and not (isinstance(vocab, dict) and a.get("content") in vocab)]
+    extend_vocab = mtype in ("WordLevel", "BPE", "WordPiece", "Unigram") and not any(a.get("id", 0) >= vocab_size for a in own_added)
+    next_id = first_id
     added_new: list[dict] = []
     merged_from: set[Path] = set()
-    for token, new_id, owner in new_tokens:
-        sj_path = owner.tokenizer_folder / "tokenizer.json"
-        sj = _load_json(sj_path)
+    plain = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": True, "special": False}
+    for token, owner in new_tokens:
+        sj = _load_json(owner.tokenizer_folder / "tokenizer.json") if owner is not None else {}
         added = {a["content"]: a for a in sj.get("added_tokens", [])}
-        if token in added:
-            entry = dict(added[token], id=new_id)
+        if owner is None or token in added or not extend_vocab:  # owner None: a token the recipe adds
+            entry = {**plain, **added.get(token, {}), "content": token, "id": next_id}
             tj.setdefault("added_tokens", []).append(entry)
             added_new.append(entry)
+            next_id += 1
             continue
-        if mtype in ("WordLevel", "BPE", "WordPiece") and isinstance(model.get("vocab"), dict):
-            model["vocab"][token] = new_id
-        elif mtype == "Unigram" and len(model.get("vocab", [])) == new_id:
+        if mtype in ("WordLevel", "BPE", "WordPiece") and isinstance(vocab, dict):
+            vocab[token] = next_id
+        elif mtype == "Unigram" and len(model.get("vocab", [])) == next_id:
             score = dict((p, s) for p, s in sj["model"]["vocab"]).get(token, 0.0)
             model["vocab"].append([token, score])
         else:
@@ -97,20 +120,27 @@ def build_union_tokenizer(reference, new_tokens: list[tuple[str, int, object]], 
                 f"tokenizer_source union: cannot add token {token!r} of {owner.label} to the {mtype} vocabulary of "
                 f"{ref_path}; use tokenizer_source: {owner.label} instead"
             )
+        next_id += 1
         if mtype == "BPE" and owner.tokenizer_folder not in merged_from:
             merged_from.add(owner.tokenizer_folder)
             known = {tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])}
             for m in sj.get("model", {}).get("merges", []):
                 if (tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m)) not in known:
                     model["merges"].append(m)
-    text = json.dumps(tj, ensure_ascii=False)
     try:
-        got = Tokenizer.from_str(text).get_vocab(with_added_tokens=True)
+        loaded = Tokenizer.from_str(json.dumps(tj, ensure_ascii=False))
     except Exception as exc:
         raise LangmergeError(f"tokenizer_source union: the extended tokenizer of {ref_path} does not load ({exc})") from exc
-    if got != out_tokens:
-        wrong = sorted(set(got.items()) ^ set(out_tokens.items()), key=lambda kv: kv[1])[:3]
-        raise LangmergeError(f"tokenizer_source union: the extended tokenizer of {ref_path} disagrees with the planned vocabulary (e.g. {wrong})")
+    got = loaded.get_vocab(with_added_tokens=True)
+    text = loaded.to_str()  # the ids the library gave the added tokens, written as it reads them
+    reference_tokens = reference.tokens or {}
+    moved = [(t, i, got.get(t)) for t, i in reference_tokens.items() if got.get(t) != i]
+    missing = [t for t, _ in new_tokens if t not in got]
+    if moved or missing:
+        what = f"moves {moved[0][0]!r} from id {moved[0][1]} to {moved[0][2]}" if moved else f"lacks {missing[0]!r}"
+        raise LangmergeError(f"tokenizer_source union: the extended tokenizer of {ref_path} {what}")
+    for entry in added_new:
+        entry["id"] = got[entry["content"]]
     config = None
     config_path = optional_folder_file(reference.tokenizer_folder, "tokenizer_config.json")
     if config_path is not None:
@@ -119,4 +149,4 @@ def build_union_tokenizer(reference, new_tokens: list[tuple[str, int, object]], 
         if isinstance(decoder, dict):
             for entry in added_new:
                 decoder[str(entry["id"])] = {k: v for k, v in entry.items() if k != "id"}
-    return UnionTokenizer(text, config, reference.tokenizer_folder)
+    return UnionTokenizer(text, config, reference.tokenizer_folder), got

@@ -20,7 +20,7 @@ from langmerge.errors import LangmergeError
 from langmerge.io.hub import ResolvedModel
 from langmerge.io.sources import recipe_models, source_kind
 from langmerge.merge.plan import survey_merge
-from langmerge.merge.recipe import load_recipe
+from langmerge.merge.recipe import RecipeError, load_recipe
 from langmerge.merge.vocab import describe_model
 
 MAX_LISTED = 10
@@ -73,7 +73,9 @@ class CheckReport:
             lines += ["", f"{title}:"] + ([f"  - {x}" for x in items] or ["  none"])
         if self.unreadable:
             lines += ["", "unreadable input:"] + [f"  - {x}" for x in self.unreadable]
-        lines += ["", "problems (the merge would fail):"] + ([f"  - {x}" for x in self.problems] or ["  none"])
+        # "none" only when every input was read: an unread input's problems are not known yet.
+        nothing = ["  none"] if not self.unreadable else ["  not known: not every input could be read (see above)"]
+        lines += ["", "problems (the merge would fail):"] + ([f"  - {x}" for x in self.problems] or nothing)
         verdict = {0: "OK: the merge would succeed", 1: "FAIL: the merge would fail", 2: "FAIL: unreadable input"}
         lines += ["", verdict[self.exit_code]]
         return "\n".join(lines)
@@ -139,6 +141,10 @@ def check_recipe(
     each answer at once); then what the cache lacks is downloaded, at the commits announced."""
     try:
         recipe = load_recipe(recipe_arg)
+    except RecipeError as exc:  # each error of the recipe on a line of its own
+        report = CheckReport(exc.source, "?")
+        report.unreadable.extend(f"{exc.source}: {e}" for e in exc.errors)
+        return report
     except LangmergeError as exc:
         report = CheckReport(str(recipe_arg), "?")
         report.unreadable.append(str(exc))

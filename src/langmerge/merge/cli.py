@@ -21,9 +21,10 @@ def _reporter(args, what: str) -> TqdmReporter | None:
 
 
 def _merge(args) -> int:
-    from langmerge.merge.recipe import load_recipe
+    from langmerge.merge.recipe import load_recipe, read_recipe_documents
 
-    recipe = load_recipe(args.recipe)
+    several = read_recipe_documents(args.recipe) is not None  # a multi-document recipe: merge reads it
+    recipe = args.recipe if several else load_recipe(args.recipe)
     report = merge(
         recipe,
         args.out_dir,
@@ -33,7 +34,7 @@ def _merge(args) -> int:
         shard_bytes=args.shard_size,
         memory=args.memory,
         progress=not args.no_progress,
-        reporter=_reporter(args, f"merge ({recipe.method.name})"),
+        reporter=_reporter(args, "merge" if several else f"merge ({recipe.method.name})"),
         allow_pickle=args.allow_pickle,
     )
     print(report.summary())

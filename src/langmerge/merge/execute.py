@@ -45,7 +45,7 @@ from langmerge.io.output import atomic_output_dir, check_output_free, check_spac
 from langmerge.io.sources import recipe_input_paths
 from langmerge.io.writer import ShardedWriter
 from langmerge.merge.plan import DEFAULT_SHARD_BYTES, TensorPlan, TensorTask, iter_tasks, plan_merge
-from langmerge.merge.recipe import Recipe, load_recipe
+from langmerge.merge.recipe import Recipe, load_recipe, read_recipe_documents
 from langmerge.methods.base import Block, NonFiniteMerge, TensorMerge
 from langmerge.methods.driver import chunk_ranges, thread_limit
 from langmerge.methods.fused_cpu import all_finite
@@ -534,8 +534,14 @@ def merge(
     progress: bool = True,
     reporter: Reporter | None = None,
     allow_pickle: bool = False,
+    adopt: list[Path] = (),
 ) -> MergeReport:
     """Merge per ``recipe`` (path, YAML text, dict or Recipe) into the folder ``out_dir``.
+
+    A file (or text) of several recipes is a multi-document recipe (``merge.multi``): its named documents are
+    merged into sub-folders of ``out_dir``, the unnamed one into ``out_dir``. ``adopt``: folders inside
+    ``out_dir`` (those intermediates) that the new output keeps: read as inputs, then moved into it just
+    before it takes ``out_dir``'s place.
 
     ``threads``: torch's and the fused kernels' thread count for the duration
     of the call (restored after). ``memory``: the bytes of tensor buffers the
@@ -545,18 +551,25 @@ def merge(
     """
     from langmerge.devices import resolve_device
 
+    if isinstance(recipe, (str, Path)) and (several := read_recipe_documents(recipe)) is not None:
+        from langmerge.merge.multi import run_multi
+
+        return run_multi(*several, out_dir, force=force, device=device, threads=threads, shard_bytes=shard_bytes,
+                         memory=memory, progress=progress, reporter=reporter, allow_pickle=allow_pickle)
     recipe = load_recipe(recipe)
-    check_output_free(out_dir, force, recipe_input_paths(recipe))
+    kept = {Path(p).resolve() for p in adopt}
+    check_output_free(out_dir, force, [p for p in recipe_input_paths(recipe)
+                                       if not any(Path(p).resolve() == k or k in Path(p).resolve().parents for k in kept)])
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise LangmergeError(f"threads {threads!r}: expected a whole number of at least 1")
     check_memory(memory)
     dev = resolve_device(device)
     with thread_limit(threads):
-        return _merge(recipe, Path(out_dir), force, dev, shard_bytes, memory, progress, reporter, allow_pickle)
+        return _merge(recipe, Path(out_dir), force, dev, shard_bytes, memory, progress, reporter, allow_pickle, list(adopt))
 
 
 def _merge(recipe: Recipe, out_dir: Path, force: bool, dev: torch.device, shard_bytes: int, memory: int,
-           progress: bool, reporter: Reporter | None, allow_pickle: bool) -> MergeReport:
+           progress: bool, reporter: Reporter | None, allow_pickle: bool, adopt: list[Path]) -> MergeReport:
     start = time.perf_counter()
     plan = plan_merge(recipe, allow_pickle=allow_pickle, progress=progress, device=dev, shard_bytes=shard_bytes)
     executor = Executor(dev, memory, reporter)
@@ -575,6 +588,8 @@ def _merge(recipe: Recipe, out_dir: Path, force: bool, dev: torch.device, shard_
                 if reporter is not None:
                     reporter.close()
             _write_metadata(tmp, plan, recipe)
+            for folder in adopt:  # last, just before the output takes out_dir's place (were that rename to fail,
+                folder.rename(tmp / folder.name)  # they would go with the partial folder, to be merged again)
     finally:
         plan.close()
     report = MergeReport(out_dir, recipe.method.name, len(plan.tensors), writer.total_bytes,
@@ -592,9 +607,16 @@ def _write_metadata(folder: Path, plan, recipe: Recipe) -> None:
         plan.reference.config(),
         next(iter(float_dtypes)) if len(float_dtypes) == 1 else None,
         plan.reference.label,
-        updates=plan.vocab.config_updates(),
+        updates={**plan.vocab.config_updates(), **plan.config_updates},
     )
     plan.vocab.write_tokenizer(folder)
+    if recipe.raw.chat_template is not None:
+        from langmerge.merge.tokenizer_block import resolve_chat_template, write_chat_template
+
+        template, how = resolve_chat_template(recipe.raw.chat_template, [s.tokenizer_folder for s in plan.sources])
+        log.info("chat template: %s", how)
+        if template is not None:
+            write_chat_template(folder, template)
     write_model_card(
         folder,
         method=recipe.method.name,

@@ -38,7 +38,7 @@ from langmerge.io.sources import open_recipe_sources, recipe_models
 from langmerge.io.tensor_source import GatheredRows, TensorSource
 from langmerge.io.writer import Placement, shard_layout, shard_sizes
 from langmerge.merge.recipe import Recipe, layer_index, layer_position
-from langmerge.merge.vocab import RowGroup, RowMean, VocabPlan, plan_vocabulary, row_groups
+from langmerge.merge.vocab import MeanRows, RowGroup, RowMean, VocabPlan, plan_vocabulary, row_groups, sourced_groups
 from langmerge.methods.base import Block, Kernel, Method, MethodParameters, TensorInfo, TensorMerge
 from langmerge.methods.driver import choose_kernel
 from langmerge.seeds import derive_seed, seeded_generator
@@ -96,7 +96,7 @@ class TensorTask:
     seed_keys: tuple[str, ...] = ()  # a row group's presence pattern: DARE's generators are seeded with it
     models: tuple[int, ...] = ()  # the recipe input index of each of ``inputs`` (DARE's generators)
     rows: torch.Tensor | None = None
-    average: list[float] | None = None  # rows the base lacks: RowMean's weights
+    average: list[float] | None = None  # rows the base lacks: RowMean's weights ([]: rows no model has, zero)
 
     @property
     def refs(self) -> list[TensorRef]:
@@ -168,6 +168,7 @@ class MergePlan:
     unreadable: list[LangmergeError] = field(default_factory=list)
     views: list[TensorSource] = field(default_factory=list)  # per model (base first): tensors under output names
     statics: list[_Static] = field(default_factory=list)
+    config_updates: dict = field(default_factory=dict)  # config.json changes besides the vocabulary's (slices' layers)
 
     @property
     def sources(self) -> list[TensorSource]:
@@ -275,6 +276,18 @@ def survey_merge(recipe: Recipe, *, allow_pickle: bool = False, models: dict[str
 def _build(recipe: Recipe, *, allow_pickle: bool, models, progress: bool, device: torch.device, shard_bytes: int,
            collect: bool) -> MergePlan:
     models = recipe_models(recipe, allow_pickle=allow_pickle, progress=progress, resolved=models)
+    if recipe.slices is not None:  # each slice planned as a whole-model merge of its layers, then stacked
+        from langmerge.merge.slices import build_sliced
+
+        plan = build_sliced(recipe, _build, allow_pickle=allow_pickle, models=models, progress=progress,
+                            device=device, shard_bytes=shard_bytes, collect=True)
+        if not collect and (plan.problems or plan.unreadable):
+            plan.close()
+            problems = _Problems()
+            for exc in plan.unreadable + plan.problems:
+                problems.add(exc)
+            problems.raise_first()
+        return plan
     problems = _Problems()
     unreadable: list[LangmergeError] = []
     with ExitStack() as stack:
@@ -283,6 +296,8 @@ def _build(recipe: Recipe, *, allow_pickle: bool, models, progress: bool, device
 
         base, inputs = open_recipe_sources(recipe, stack, allow_pickle=allow_pickle, models=models,
                                            on_error=failed if collect else None)
+        base = recipe.view_source(None, base) if base is not None else None
+        inputs = [recipe.view_source(i, s) if s is not None else None for i, s in enumerate(inputs)]
         plan = MergePlan(recipe, base, [s for s in inputs if s is not None], [], device, models=models)
         if unreadable or (base is None and recipe.method.uses_base) or any(s is None for s in inputs):
             plan.problems, plan.unreadable = problems.errors(), unreadable
@@ -449,7 +464,26 @@ def _plan_tensor(static: _Static, recipe: Recipe, views: list[TensorSource], pla
             problems.add(task, name)
         else:
             tasks.append(task)
+    for key, rows, model_rows in sourced_groups(plan.vocab):
+        tasks.append(_sourced_task(name, static, key, rows, model_rows, views, compute, method, params, seed, plan, offset))
     return TensorPlan(name, static.shape, out_dtype, tasks, aligned=True)
+
+
+def _sourced_task(name: str, static: _Static, key: tuple, rows: torch.Tensor, model_rows: torch.Tensor,
+                  views: list[TensorSource], compute: torch.dtype, method: Method, params: MethodParameters, seed: int,
+                  plan: MergePlan, offset: int) -> TensorTask:
+    """Rows with a source of their own: a named model's row as is (``row``), zero (a token no model has a row
+    for), or padding rows (``mean``: each model's mean row, merged by the method, as mergekit pads)."""
+    info = _info(name, (int(rows.numel()), *static.shape[1:]), compute, plan)
+    if key[0] == "row":
+        ref = TensorRef(GatheredRows(views[key[1]], {name: (name, model_rows)}), name)
+        return TensorTask(name, info, None, [ref], None, None, rows=rows, average=[1.0])
+    if key[0] == "zero":  # the input only gives the shape: any row of the first model
+        ref = TensorRef(GatheredRows(views[0], {name: (name, torch.zeros_like(rows))}), name)
+        return TensorTask(name, info, None, [ref], None, None, rows=rows, average=[])
+    refs = [TensorRef(MeanRows(views[k], name, plan.vocab.own_rows(k), int(rows.numel())), name) for k in range(len(views))]
+    return TensorTask(name, info, refs[0] if offset else None, refs[offset:], method, params,
+                      choose_kernel(method, params, info), seed, ("mean",), tuple(range(len(refs) - offset)), rows=rows)
 
 
 def _group_task(name: str, static: _Static, group: RowGroup, views: list[TensorSource], compute: torch.dtype,

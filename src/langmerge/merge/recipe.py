@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from langmerge.errors import LangmergeError
 from langmerge.input_files import check_structure, parse_yaml, read_input_text
+from langmerge.merge.tokenizer_block import TokenizerSettings, check_chat_template
 from langmerge.methods.base import Method, MethodParameters, ParameterSpec
 from langmerge.methods.registry import get_method
 
@@ -35,9 +36,7 @@ DTYPES = {
 
 # mergekit keys that langmerge does not implement: refused by name rather than ignored.
 UNSUPPORTED_KEYS = {
-    "slices": "per-slice layer ranges (frankenmerges) are not supported; list whole models under 'models'",
     "modules": "multi-module merges are not supported",
-    "chat_template": "set the chat template on the tokenizer source model instead",
 }
 
 
@@ -47,23 +46,39 @@ class ModelEntry(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
-class TokenizerSettings(BaseModel):
+class SliceSource(BaseModel):
+    """One model's layers ``layer_range[0] .. layer_range[1] - 1`` in a slice (mergekit's InputSliceDefinition)."""
+
     model_config = ConfigDict(extra="forbid")
-    source: str = "base"
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class SliceEntry(BaseModel):
+    """Output layers merged from the same number of layers of each source (mergekit's OutputSliceDefinition)."""
+
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource] = Field(min_length=1)
+    base_model: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
 
 
 class RecipeFile(BaseModel):
-    """The YAML document as written."""
+    """The YAML document as written: whole ``models``, or ``slices`` of layers (exactly one of them)."""
 
     model_config = ConfigDict(extra="forbid")
+    name: str | None = None  # a document's name in a multi-document recipe (merge.multi)
     merge_method: str
     base_model: str | None = None
-    models: list[ModelEntry] = Field(min_length=1)
+    models: list[ModelEntry] | None = Field(default=None, min_length=1)
+    slices: list[SliceEntry] | None = Field(default=None, min_length=1)
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
     tokenizer: TokenizerSettings | None = None
+    chat_template: str | None = None
 
 
 def _dtype(value: str | None, key: str) -> torch.dtype | None:
@@ -144,6 +159,14 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def with_layer_index(name: str, index: int) -> str:
+    """``name`` with its layer number replaced (``model.layers.3.mlp...``, 5 -> ``model.layers.5.mlp...``)."""
+    m = _LAYER.search(name)
+    if m is None:
+        raise ValueError(f"{name!r} is not a layer tensor")
+    return name[: m.start(1)] + str(index) + name[m.end(1):]
+
+
 def layer_position(name: str, num_layers: int) -> float:
     """mergekit's ``t`` for gradients: layer i of n at i/(n-1) (1 when n == 1); tensors outside layers at 0."""
     index = layer_index(name)
@@ -179,59 +202,123 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
     return setting[int(t * (len(setting) - 1))]
 
 
+def _collect(errors: list[str], check, *args) -> None:
+    """Run one check, adding its LangmergeError's message to ``errors`` (so a recipe's errors are reported together)."""
+    try:
+        check(*args)
+    except LangmergeError as exc:
+        errors.append(str(exc))
+
+
 class Recipe:
     """A validated recipe with model references resolved to input positions."""
 
     def __init__(self, raw: RecipeFile, source: str = "<recipe>"):
         self.raw = raw
         self.source = source
-        self.method: Method = get_method(raw.merge_method)
-        self.dtype = _dtype(raw.dtype, "dtype")
-        self.out_dtype = _dtype(raw.out_dtype, "out_dtype")
+        errors: list[str] = []
+        self.dtype = self.out_dtype = None
+        try:
+            self.dtype = _dtype(raw.dtype, "dtype")
+        except LangmergeError as exc:
+            errors.append(str(exc))
+        try:
+            self.out_dtype = _dtype(raw.out_dtype, "out_dtype")
+        except LangmergeError as exc:
+            errors.append(str(exc))
         if raw.tokenizer_source is not None and raw.tokenizer is not None:
-            raise LangmergeError("recipe keys 'tokenizer_source' and 'tokenizer' both given; keep one")
+            errors.append("recipe keys 'tokenizer_source' and 'tokenizer' both given; keep one")
         self.tokenizer_source = raw.tokenizer.source if raw.tokenizer else (raw.tokenizer_source or "base")
+        if raw.chat_template is not None:
+            _collect(errors, check_chat_template, raw.chat_template)
+        try:
+            self.method: Method = get_method(raw.merge_method)
+        except LangmergeError as exc:
+            raise RecipeError(source, [*errors, str(exc)]) from None
 
-        if self.method.uses_base and raw.base_model is None:
-            raise LangmergeError(f"recipe key 'base_model' is required by merge_method {self.method.name!r}")
+        self.parameter_layers: list[dict[str, Any]] = [raw.parameters]  # after a model's own: slices add theirs
+        self.slices = None
+        if raw.models is not None and raw.slices is not None:
+            raise RecipeError(source, [*errors, "recipe keys 'models' and 'slices' both given; keep one"])
+        slice_bases = raw.slices is not None and all(s.base_model is not None for s in raw.slices)
+        if self.method.uses_base and raw.base_model is None and not slice_bases:
+            raise RecipeError(source, [*errors, f"recipe key 'base_model' is required by merge_method {self.method.name!r}"])
         self.base_model = raw.base_model
+        entries = raw.models
+        if raw.slices is not None:
+            from langmerge.merge.slices import slice_models
+
+            entries = slice_models(raw)
         # Inputs that contribute a task vector (or, for linear, a weighted term).
         # As in mergekit, a base model listed under 'models' is not a task vector.
         # References compare by model_key: one folder spelt two ways is one model.
-        if self.method.uses_base:
+        if self.method.uses_base and raw.base_model is not None:
             base_key = model_key(raw.base_model)
-            self.inputs = [e for e in raw.models if model_key(e.model) != base_key]
+            self.inputs = [e for e in entries if model_key(e.model) != base_key]
         else:
-            self.inputs = list(raw.models)
+            self.inputs = list(entries)
         if not self.inputs:
-            raise LangmergeError("recipe key 'models': no model to merge besides the base")
+            raise RecipeError(source, [*errors, "recipe key 'models': no model to merge besides the base"])
         seen: dict[str, str] = {}
         for i, e in enumerate(self.inputs):
             key = model_key(e.model)
             if key in seen:
                 same = "" if seen[key] == e.model else f" (the same model as {seen[key]!r})"
-                raise LangmergeError(f"recipe key 'models[{i}].model': {e.model!r} is listed twice{same}")
+                errors.append(f"recipe key 'models[{i}].model': {e.model!r} is listed twice{same}")
             seen[key] = e.model
 
         specs = self.method.parameters
-        for key, value in raw.parameters.items():
-            if key == "protect" and self.method.takes_protect:
-                continue
-            if key not in specs:
-                raise LangmergeError(
-                    f"recipe key 'parameters.{key}': not a parameter of {self.method.name}; "
-                    f"known: {', '.join(sorted(specs) + (['protect'] if self.method.takes_protect else []))}"
-                )
-            _check_setting(specs[key], value, f"parameters.{key}")
-        for i, e in enumerate(raw.models):
+        self.check_parameters(raw.parameters, "parameters", errors)
+        for i, e in enumerate(raw.models or []):
             for key, value in e.parameters.items():
                 where = f"models[{i}].parameters.{key}"
                 if key not in specs:
-                    raise LangmergeError(f"recipe key {where!r}: not a parameter of {self.method.name}")
-                if specs[key].scope != "model":
-                    raise LangmergeError(f"recipe key {where!r}: {key} is a global parameter; set it under 'parameters'")
-                _check_setting(specs[key], value, where)
+                    errors.append(f"recipe key {where!r}: not a parameter of {self.method.name}")
+                elif specs[key].scope != "model":
+                    errors.append(f"recipe key {where!r}: {key} is a global parameter; set it under 'parameters'")
+                else:
+                    _collect(errors, _check_setting, specs[key], value, where)
+        _collect(errors, self._set_protected)
+        if raw.slices is not None and not errors:
+            from langmerge.merge.slices import slice_recipes
 
+            self.slices = slice_recipes(self, errors)
+        if errors:
+            raise RecipeError(source, errors)
+
+    def check_parameters(self, parameters: dict[str, Any], where: str, errors: list[str]) -> None:
+        """Check recipe-wide settings (``parameters``, a slice's ``parameters``), adding each problem to ``errors``."""
+        specs = self.method.parameters
+        for key, value in parameters.items():
+            if key == "protect" and self.method.takes_protect:
+                continue
+            if key not in specs:
+                errors.append(
+                    f"recipe key '{where}.{key}': not a parameter of {self.method.name}; "
+                    f"known: {', '.join(sorted(specs) + (['protect'] if self.method.takes_protect else []))}"
+                )
+                continue
+            _collect(errors, _check_setting, specs[key], value, f"{where}.{key}")
+
+    def model_references(self) -> list[str]:
+        """Every model reference the recipe names: the base, then each model (or each slice's base and sources)."""
+        refs = [self.base_model] if self.base_model is not None else []
+        for entry in self.raw.models or []:
+            refs.append(entry.model)
+        for piece in self.raw.slices or []:
+            refs += ([piece.base_model] if piece.base_model else []) + [s.model for s in piece.sources]
+        return list(dict.fromkeys(refs))
+
+    def require_whole_models(self, command: str) -> None:
+        """Refuse a ``slices`` recipe for a command that takes whole models (tune, analyze)."""
+        if self.slices is not None:
+            raise LangmergeError(f"{self.source}: langmerge {command} takes recipes of whole 'models', not 'slices'")
+
+    def view_source(self, index: int | None, source):
+        """The source a plan reads for input ``index`` (None: the base); a slice shows only its layers."""
+        return source
+
+    def _set_protected(self) -> None:
         self.protected = self._protected()
 
     def _protected(self) -> list[bool]:
@@ -262,7 +349,7 @@ class Recipe:
         settings = []
         if model_index is not None:
             settings.append((self.inputs[model_index].parameters.get(name), f"{self.inputs[model_index].model}"))
-        settings.append((self.raw.parameters.get(name), "parameters"))
+        settings += [(layer.get(name), "parameters") for layer in self.parameter_layers]
         for setting, _ in settings:
             if setting is None:
                 continue
@@ -303,32 +390,63 @@ class Recipe:
             return doc
 
         def rename(ref):
-            return references.get(ref, ref) if isinstance(ref, str) else ref
+            if not isinstance(ref, str):
+                return ref
+            if ref not in references and "+" in ref:  # BASE+ADAPTER: each side renamed
+                return "+".join(references.get(part, part) for part in ref.split("+"))
+            return references.get(ref, ref)
 
         if "base_model" in doc:
             doc["base_model"] = rename(doc["base_model"])
-        for entry in doc["models"]:
+        for entry in doc.get("models", []):
             entry["model"] = rename(entry["model"])
+        for piece in doc.get("slices", []):
+            if "base_model" in piece:
+                piece["base_model"] = rename(piece["base_model"])
+            for entry in piece["sources"]:
+                entry["model"] = rename(entry["model"])
         if "tokenizer_source" in doc:
             doc["tokenizer_source"] = rename(doc["tokenizer_source"])
         if "tokenizer" in doc:
             doc["tokenizer"]["source"] = rename(doc["tokenizer"]["source"])
+            for setting in (doc["tokenizer"].get("tokens") or {}).values():
+                source = setting["source"]
+                if isinstance(source, dict) and "model" in source:
+                    source["model"] = rename(source["model"])
+                elif isinstance(source, str):
+                    setting["source"] = rename(source)
         protect = doc.get("parameters", {}).get("protect")
         if protect is not None:
             doc["parameters"]["protect"] = [rename(r) for r in protect] if isinstance(protect, list) else rename(protect)
         return doc
 
 
-def _format_validation(exc: ValidationError, source: str) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"]) or "<top>"
-    if err["type"] == "extra_forbidden" and loc in UNSUPPORTED_KEYS:
-        return f"{source}: recipe key {loc!r}: {UNSUPPORTED_KEYS[loc]}"
-    if err["type"] == "extra_forbidden":
-        return f"{source}: recipe key {loc!r}: unknown key"
-    if err["type"] == "missing":
-        return f"{source}: recipe key {loc!r} is required"
-    return f"{source}: recipe key {loc!r}: {err['msg']}"
+class RecipeError(LangmergeError):
+    """Everything wrong with a recipe's shape at once: ``errors`` lists each (naming its key); the message joins them."""
+
+    def __init__(self, source: str, errors: list[str]):
+        self.source = source
+        self.errors = list(errors)
+        joined = self.errors[0] if len(self.errors) == 1 else f"{len(self.errors)} recipe errors: " + "; ".join(self.errors)
+        super().__init__(f"{source}: {joined}")
+
+
+def _format_validation(exc: ValidationError) -> list[str]:
+    """Every pydantic error of a recipe document, one line each, in document order."""
+    out = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<top>"
+        if err["type"] == "extra_forbidden" and loc in UNSUPPORTED_KEYS:
+            text = f"recipe key {loc!r}: {UNSUPPORTED_KEYS[loc]}"
+        elif err["type"] == "extra_forbidden":
+            text = f"recipe key {loc!r}: unknown key"
+        elif err["type"] == "missing":
+            text = f"recipe key {loc!r} is required"
+        else:
+            text = f"recipe key {loc!r}: {err['msg']}"
+        if text not in out:
+            out.append(text)
+    return out
 
 
 RECIPE_SUFFIXES = (".yaml", ".yml", ".json", ".txt")
@@ -373,7 +491,26 @@ def _read_recipe_file(path: Path) -> Any:
     return parse_yaml(text, path, "recipe", _SEVERAL)
 
 
-_SEVERAL = " (several recipes in one file, as mergekit-multi takes them, are not supported yet)"
+_SEVERAL = " here (langmerge merge runs a file of several recipes, as mergekit-multi does)"
+
+
+def read_recipe_documents(recipe: str | Path) -> tuple[str, list] | None:
+    """``(source, documents)`` when the recipe file (or YAML text) holds several documents (mergekit-multi's
+    format, ``merge.multi``), else None."""
+    from langmerge.input_files import parse_yaml_documents
+
+    path = _recipe_file(recipe)
+    if path is not None and path.suffix.lower() == ".json":
+        return None
+    source = str(path) if path is not None else "<recipe>"
+    if path is not None:
+        if not path.exists():
+            return None
+        text = read_input_text(path, "recipe")
+    else:
+        text = str(recipe)
+    documents = [d for d in parse_yaml_documents(text, source, "recipe") if d is not None]
+    return (source, documents) if len(documents) > 1 else None
 
 
 def load_recipe(recipe: str | Path | dict | Recipe) -> Recipe:
@@ -392,11 +529,16 @@ def load_recipe(recipe: str | Path | dict | Recipe) -> Recipe:
         check_structure(recipe, source)
     if not isinstance(recipe, dict):
         raise LangmergeError(f"{source}: a recipe is a YAML mapping with 'merge_method' and 'models'")
+    absent = [] if "models" in recipe or "slices" in recipe else ["recipe key 'models' is required (or 'slices', layer ranges)"]
     try:
         raw = RecipeFile.model_validate(recipe)
     except ValidationError as exc:
-        raise LangmergeError(_format_validation(exc, source)) from None
+        raise RecipeError(source, absent + _format_validation(exc)) from None
+    if absent:
+        raise RecipeError(source, absent)
     try:
         return Recipe(raw, source)
+    except RecipeError as exc:
+        raise RecipeError(source, exc.errors) from None
     except LangmergeError as exc:
-        raise LangmergeError(f"{source}: {exc}") from None
+        raise RecipeError(source, [str(exc)]) from None

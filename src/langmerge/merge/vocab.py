@@ -27,6 +27,7 @@ files themselves are read and written by ``io.tokenizer``.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,9 +35,10 @@ import torch
 
 from langmerge.errors import LangmergeError
 from langmerge.io.metadata import copy_tokenizer
-from langmerge.io.tensor_source import GatheredRows, TensorSource
-from langmerge.io.tokenizer import STALE_FOR_UNION, UnionTokenizer, build_union_tokenizer, read_tokens
+from langmerge.io.tensor_source import GatheredRows, TensorSource, into
+from langmerge.io.tokenizer import STALE_FOR_UNION, UnionTokenizer, build_union_tokenizer, read_added_tokens, read_tokens
 from langmerge.merge.recipe import layer_index, model_key
+from langmerge.merge.tokenizer_block import token_rows
 from langmerge.methods.base import Block, NonFiniteMerge, TensorMerge
 from langmerge.methods.fused_cpu import all_finite
 
@@ -61,6 +63,7 @@ class ModelVocab:
     input_name: str | None
     output_name: str | None
     config: dict = field(default_factory=dict)
+    added: frozenset[str] = frozenset()  # tokenizer.json's added tokens (the others are the tokenizer model's vocabulary)
 
     @property
     def tied(self) -> bool:
@@ -82,7 +85,8 @@ def describe_model(source: TensorSource) -> ModelVocab:
     rows = source.shape(input_name)[0] if input_name else (config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size"))
     outputs = [n for n in _candidates(source, OUTPUT_EMBEDDINGS) if source.shape(n)[0] == rows and n != input_name]
     folder = source.tokenizer_folder
-    return ModelVocab(source.label, rows, read_tokens(folder), folder, input_name, outputs[0] if outputs else None, config)
+    return ModelVocab(source.label, rows, read_tokens(folder), folder, input_name, outputs[0] if outputs else None, config,
+                      read_added_tokens(folder))
 
 
 @dataclass
@@ -97,6 +101,7 @@ class VocabPlan:
     output_tied: bool
     aliases: dict[int, dict[str, str]]  # per model: output-layer name -> the tied input embedding that stands for it
     notes: list[str]
+    sourced: dict[int, tuple] = field(default_factory=dict)  # output row -> its own source (tokenizer block, padding)
 
     @property
     def aligned_names(self) -> set[str]:
@@ -106,6 +111,15 @@ class VocabPlan:
 
     def is_aligned(self, name: str) -> bool:
         return name in self.aligned_names
+
+    def own_rows(self, index: int) -> torch.Tensor:
+        """Model ``index``'s rows that hold an output token (padding rows' mean is taken over these)."""
+        row_map = self.row_maps[index]
+        if row_map is None:
+            return torch.tensor(sorted(j for j in self.out_tokens.values() if j < self.models[index].rows), dtype=torch.long)
+        tokens = torch.zeros(self.out_rows, dtype=torch.bool)
+        tokens[list(self.out_tokens.values())] = True
+        return row_map[tokens & (row_map >= 0)]
 
     def view(self, index: int, source: TensorSource) -> TensorSource:
         """Model ``index``'s tensors under the names the output has: a tied model's input embedding also stands
@@ -153,16 +167,77 @@ class RowGroup:
 
 
 def row_groups(plan: VocabPlan) -> list[RowGroup]:
-    """The output rows of the vocabulary tensors by presence pattern (which models have each row's token)."""
+    """The output rows of the vocabulary tensors by presence pattern (which models have each row's token),
+    without the rows that have a source of their own (``VocabPlan.sourced``)."""
     rows = plan.out_rows
     presence = torch.stack([torch.ones(rows, dtype=torch.bool) if m is None else m >= 0 for m in plan.row_maps], dim=1)
+    keep = torch.ones(rows, dtype=torch.bool)
+    keep[list(plan.sourced)] = False
     patterns, inverse = torch.unique(presence.to(torch.int8), dim=0, return_inverse=True)
-    return [RowGroup(tuple(bool(v) for v in pattern), torch.nonzero(inverse == k).reshape(-1))
-            for k, pattern in enumerate(patterns.tolist())]
+    groups = [RowGroup(tuple(bool(v) for v in pattern), torch.nonzero((inverse == k) & keep).reshape(-1))
+              for k, pattern in enumerate(patterns.tolist())]
+    return [g for g in groups if g.rows.numel()]
+
+
+def sourced_groups(plan: VocabPlan) -> list[tuple[tuple, torch.Tensor]]:
+    """The rows with a source of their own, grouped by source kind: ``(("row", k), rows, model_rows)`` etc.
+    Returns ``(key, rows, model_rows)`` with ``key`` ``("row", k)``, ``("zero",)`` or ``("mean",)``."""
+    groups: dict[tuple, tuple[list[int], list[int]]] = {}
+    for j, how in sorted(plan.sourced.items()):
+        key = how[:2] if how[0] == "row" else how
+        rows, model_rows = groups.setdefault(key, ([], []))
+        rows.append(j)
+        model_rows.append(how[2] if how[0] == "row" else 0)
+    return [(key, torch.tensor(rows), torch.tensor(model_rows)) for key, (rows, model_rows) in groups.items()]
+
+
+class MeanRows(TensorSource):
+    """``count`` rows each equal to the mean of rows ``rows`` of ``name`` in ``inner`` (padding rows, as mergekit
+    pads a vocabulary: every model's mean row). The mean is accumulated in float64 once, in pieces of rows."""
+
+    PIECE_ROWS = 4096
+
+    def __init__(self, inner: TensorSource, name: str, rows: torch.Tensor, count: int):
+        self.inner, self.name, self.rows, self.count = inner, name, rows, count
+        self.label, self.folder = inner.label, inner.folder
+        self._mean: torch.Tensor | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def names(self) -> list[str]:
+        return [self.name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return (self.count, *self.inner.shape(name)[1:])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.inner.dtype(name)
+
+    def read_dtype(self, name: str) -> torch.dtype:
+        return self.inner.read_dtype(name)
+
+    def _row_mean(self) -> torch.Tensor:
+        with self._lock:
+            if self._mean is None:
+                total = None
+                for a in range(0, int(self.rows.numel()), self.PIECE_ROWS):
+                    piece = GatheredRows(self.inner, {self.name: (self.name, self.rows[a:a + self.PIECE_ROWS])}).get(self.name)
+                    part = piece.to(torch.float64).sum(dim=0)
+                    total = part if total is None else total + part
+                self._mean = (total / max(1, int(self.rows.numel()))).to(self.read_dtype(self.name))
+            return self._mean
+
+    def read(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        mean = self._row_mean()
+        width = mean.numel()
+        first, last = start // width, (stop - 1) // width + 1
+        values = mean.reshape(1, -1).expand(last - first, width).reshape(-1)
+        return into(out, values[start - first * width: stop - first * width])
 
 
 class RowMean(TensorMerge):
-    """Rows the base lacks: the weighted average of the models that have them, the weights renormalised.
+    """Rows the base lacks: the weighted average of the models that have them, the weights renormalised
+    (no weights: rows no model has, zero).
 
     Accumulated in float32 (float64 for float64) in model order, then cast to the compute dtype.
     """
@@ -173,6 +248,8 @@ class RowMean(TensorMerge):
 
     def merge(self, block: Block) -> torch.Tensor:
         first = block.inputs[0]
+        if not self.weights:  # rows no model has (the input only gives the shape): zero, as mergekit fills them
+            return torch.zeros_like(first)
         acc = torch.zeros_like(first, dtype=torch.float64 if first.dtype == torch.float64 else torch.float32)
         for x, w in zip(block.inputs, self.weights):
             acc.add_(x, alpha=w / self.total)
@@ -182,24 +259,59 @@ class RowMean(TensorMerge):
         return out
 
 
+def _model_position(recipe, ref: str, has_base: bool) -> int | None:
+    """Where the model ``ref`` names is among the vocabulary step's models (the base first), else None."""
+    offset = 1 if has_base else 0
+    index = recipe.input_index(ref)  # compared by resolved path, as the recipe compares its models
+    if index is not None:
+        return offset + index
+    if has_base and model_key(ref) == model_key(recipe.base_model):
+        return 0
+    return None
+
+
 def _resolve_source(recipe, has_base: bool) -> int | None:
     source = recipe.tokenizer_source
     if source == "base":
         return 0
     if source == "union":
         return None
-    offset = 1 if has_base else 0
-    index = recipe.input_index(source)  # compared by resolved path, as the recipe compares its models
+    index = _model_position(recipe, source, has_base)
     if index is not None:
-        return offset + index
-    if has_base and model_key(source) == model_key(recipe.base_model):
-        return 0
+        return index
     raise LangmergeError(f"recipe key 'tokenizer_source': {source!r} is neither 'base', 'union' nor one of the recipe's models")
 
 
 def _examples(tokens: list[str], n: int = 5) -> str:
     shown = ", ".join(repr(t) for t in tokens[:n])
     return shown + (", ..." if len(tokens) > n else "")
+
+
+def _union(ref: ModelVocab, others: list[ModelVocab], notes: list[str], wanted: list[str]) -> tuple[UnionTokenizer, dict[str, int]]:
+    """The union tokenizer and its vocabulary: the reference's tokens, then the others' it lacks.
+
+    As in mergekit, a model's tokens at ids beyond its embedding rows (a
+    tokenizer padded with unused tokens) are not its tokens; new tokens of the
+    models' vocabularies come first and new added tokens after them (each in
+    model order, then id order), since the tokenizers library numbers added
+    tokens after the vocabulary.
+    """
+    seen = set(ref.tokens)
+    vocab_tokens: list[tuple[str, ModelVocab]] = []
+    added_tokens: list[tuple[str, ModelVocab]] = []
+    for m in others:
+        unused = [t for t, i in m.tokens.items() if i >= m.rows]
+        if unused:
+            notes.append(f"{m.label}: {len(unused)} tokens beyond its {m.rows} embedding rows have no row and are "
+                         f"not taken into the union ({_examples(sorted(unused, key=m.tokens.get))})")
+        for token, i in sorted(m.tokens.items(), key=lambda kv: kv[1]):
+            if token in seen or i >= m.rows:
+                continue
+            seen.add(token)
+            (added_tokens if token in m.added else vocab_tokens).append((token, m))
+    recipe_tokens = [(t, None) for t in wanted if t not in seen]  # the tokenizer block's, after every model's
+    first_id = max(ref.rows, max(ref.tokens.values(), default=-1) + 1)
+    return build_union_tokenizer(ref, vocab_tokens + added_tokens + recipe_tokens, first_id)
 
 
 def plan_vocabulary(recipe, base, inputs) -> VocabPlan:
@@ -233,8 +345,10 @@ def plan_vocabulary(recipe, base, inputs) -> VocabPlan:
     rows = {m.rows for m in models}
     token_sets = [m.tokens for m in models]
     have_tokens = all(t is not None for t in token_sets)
+    block = recipe.raw.tokenizer
+    reshaped = block is not None and bool(block.tokens or block.pad_to_multiple_of)  # rows to add or source
     same = len(rows) == 1 and (not have_tokens or all(t == ref.tokens for t in token_sets))
-    if same:
+    if same and not reshaped:
         if not have_tokens and len(models) > 1:
             notes.append("vocabulary: some models have no tokenizer.json; equal embedding rows, so rows are matched by index")
         else:
@@ -254,20 +368,24 @@ def plan_vocabulary(recipe, base, inputs) -> VocabPlan:
         if m.rows is None:
             raise LangmergeError(f"model {m.label}: no input embedding tensor found to align")
 
-    new_tokens: list[tuple[str, int, ModelVocab]] = []
+    wanted = list((block.tokens or {}) if block is not None else {})  # the block's tokens: added where missing
+    union = None
     if chosen is None:
-        out_tokens = dict(ref.tokens)
-        next_id = max(ref.rows, max(out_tokens.values(), default=-1) + 1)
-        for m in models[1:]:
-            for token, _ in sorted(m.tokens.items(), key=lambda kv: kv[1]):
-                if token not in out_tokens:
-                    out_tokens[token] = next_id
-                    new_tokens.append((token, next_id, m))
-                    next_id += 1
-        out_rows = next_id
+        union, out_tokens = _union(ref, models[1:], notes, wanted)
     else:
         out_tokens = dict(models[chosen].tokens)
-        out_rows = max(models[chosen].rows, max(out_tokens.values(), default=-1) + 1)
+        extra = [t for t in wanted if t not in out_tokens]
+        if extra:
+            first_id = max(models[chosen].rows, max(out_tokens.values(), default=-1) + 1)
+            union, out_tokens = build_union_tokenizer(models[chosen], [(t, None) for t in extra], first_id)
+            notes.append(f"tokenizer.tokens: {len(extra)} tokens added to the tokenizer of {models[chosen].label} "
+                         f"({_examples(extra)})")
+    out_rows = max(models[chosen or 0].rows, max(out_tokens.values(), default=-1) + 1)
+    if block is not None and block.pad_to_multiple_of and out_rows % block.pad_to_multiple_of:
+        padded = -(-out_rows // block.pad_to_multiple_of) * block.pad_to_multiple_of
+        notes.append(f"tokenizer.pad_to_multiple_of {block.pad_to_multiple_of}: {out_rows} rows padded to {padded}; "
+                     "each new row is every model's mean row, merged")
+        out_rows = padded
 
     by_id: list[str | None] = [None] * out_rows
     for token, j in out_tokens.items():
@@ -289,9 +407,22 @@ def plan_vocabulary(recipe, base, inputs) -> VocabPlan:
         anyone |= row_map >= 0
         identity = m.rows == out_rows and bool((row_map == torch.arange(out_rows)).all())
         row_maps.append(None if identity else row_map)
-    if not bool(anyone.all()):
-        j = int((~anyone).nonzero()[0])
-        raise LangmergeError(f"output token {by_id[j]!r} (id {j}) has an embedding row in no model")
+    sourced: dict[int, tuple] = {}
+    if block is not None and block.tokens:
+        sourced = token_rows(block, models, lambda r: _model_position(recipe, r, base is not None), out_tokens,
+                             lambda j: bool(anyone[j]))
+        for token in block.tokens:
+            if out_tokens[token] in sourced:
+                notes.append(f"tokenizer.tokens: {token!r} takes its rows from {block.tokens[token].source!r}"
+                             + (" (force)" if block.tokens[token].force else ""))
+    padding = [j for j in (~anyone).nonzero().reshape(-1).tolist() if j not in sourced and by_id[j] is None]
+    if block is not None and block.pad_to_multiple_of:
+        sourced.update({j: ("mean",) for j in padding})
+    nowhere = [by_id[j] if by_id[j] is not None else f"<row {j}>" for j in (~anyone).nonzero().reshape(-1).tolist()
+               if j not in sourced]
+    if nowhere:  # mergekit's rule too: a token no model has a row for gets a zero row
+        sourced.update({j: ("zero",) for j in (~anyone).nonzero().reshape(-1).tolist() if j not in sourced})
+        notes.append(f"{len(nowhere)} output tokens have an embedding row in no model ({_examples(nowhere)}): their rows are zero")
 
     for m in models:
         lacking = [t for t in m.tokens if t not in out_tokens]
@@ -310,10 +441,11 @@ def plan_vocabulary(recipe, base, inputs) -> VocabPlan:
     )
     notes.append(f"row rule: {rule_base}")
 
-    union = None
     if chosen is None:
-        union = build_union_tokenizer(ref, new_tokens, out_tokens)
         stale = [n for n in STALE_FOR_UNION if (ref.tokenizer_folder / n).exists()]
         if stale:
             notes.append(f"union tokenizer: written as tokenizer.json; {', '.join(stale)} of the base are not copied (they would disagree)")
-    return VocabPlan(models, recipe.tokenizer_source, chosen, out_tokens, out_rows, row_maps, union, output_tied, aliases, notes)
+    for note in notes:
+        log.info("vocabulary: %s", note)
+    return VocabPlan(models, recipe.tokenizer_source, chosen, out_tokens, out_rows, row_maps, union, output_tied, aliases,
+                     notes, sourced)

@@ -103,6 +103,7 @@ def tune(
     recipe, the leaderboard and plots there (see ``tuning.report``).
     """
     recipe = load_recipe(recipe)
+    recipe.require_whole_models("tune")
     dims = load_space(space, recipe)
     n_trials = check_search(search, dims, trials)
     if out_dir is not None:
