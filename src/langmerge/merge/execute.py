@@ -399,6 +399,14 @@ class MemorySink:
 FinalPass = Callable[[TensorPlan, TensorTask, TensorMerge], Callable[[Block], None]]
 
 
+def nonfinite_input(task: TensorTask, block: Block) -> LangmergeError | None:
+    """The error naming the first input of ``block`` that holds NaN or Inf, or None where every input is finite."""
+    for ref, values in zip(task.refs, [*([block.base] if block.base is not None else []), *block.inputs]):
+        if not all_finite(values):
+            return LangmergeError(f"model {ref.label}: tensor {task.name!r} contains NaN or Inf")
+    return None
+
+
 def nonfinite_error(task: TensorTask, block: Block | None = None, memory: int = DEFAULT_MEMORY) -> LangmergeError:
     """Name the input that holds NaN or Inf (the chunk's first, then the whole tensor's), else blame the merge.
 
@@ -407,10 +415,8 @@ def nonfinite_error(task: TensorTask, block: Block | None = None, memory: int = 
     normal path, and this runs only once something is wrong.
     """
     floating = task.info.dtype.is_floating_point
-    if block is not None and floating:
-        for ref, values in zip(task.refs, [*([block.base] if block.base is not None else []), *block.inputs]):
-            if not all_finite(values):
-                return LangmergeError(f"model {ref.label}: tensor {task.name!r} contains NaN or Inf")
+    if block is not None and floating and (found := nonfinite_input(task, block)) is not None:
+        return found
     if floating:
         n = task.info.numel
         for ref in task.refs:
