@@ -44,7 +44,7 @@ from langmerge.io.metadata import write_config, write_model_card
 from langmerge.io.output import atomic_output_dir, check_output_free, check_space
 from langmerge.io.sources import recipe_input_paths
 from langmerge.io.writer import ShardedWriter
-from langmerge.merge.plan import DEFAULT_SHARD_BYTES, TensorPlan, TensorTask, iter_tasks, plan_merge
+from langmerge.merge.plan import DEFAULT_SHARD_BYTES, MergePlan, TensorPlan, TensorTask, iter_tasks, plan_merge
 from langmerge.merge.recipe import Recipe, load_recipe
 from langmerge.methods.base import Block, NonFiniteMerge, TensorMerge
 from langmerge.methods.driver import chunk_ranges, thread_limit
@@ -590,17 +590,16 @@ def _merge(recipe: Recipe, out_dir: Path, force: bool, dev: torch.device, shard_
     return report
 
 
-def _write_metadata(folder: Path, plan, recipe: Recipe) -> None:
-    """config.json, the tokenizer, the model card and the pinned recipe."""
-    float_dtypes = {t.out_dtype for t in plan.tensors if not t.copied}
-    write_config(
-        folder,
-        plan.reference.config(),
-        next(iter(float_dtypes)) if len(float_dtypes) == 1 else None,
-        plan.reference.label,
-        updates=plan.vocab.config_updates(),
-    )
+def write_model_files(folder: Path, plan: MergePlan) -> None:
+    """config.json and the tokenizer of the merged model: what transformers loads besides the weights."""
+    write_config(folder, plan.reference.config(), plan.model_dtype, plan.reference.label,
+                 updates=plan.vocab.config_updates())
     plan.vocab.write_tokenizer(folder)
+
+
+def _write_metadata(folder: Path, plan: MergePlan, recipe: Recipe) -> None:
+    """config.json, the tokenizer, the model card and the pinned recipe."""
+    write_model_files(folder, plan)
     write_model_card(
         folder,
         method=recipe.method.name,
