@@ -366,3 +366,25 @@ def test_progress_goes_to_the_reporter_passed_in(trio, tmp_path, capsys):
     merged = _weights(tmp_path / "out")
     assert sum(c[2] for c in advances) == sum(t.numel() * t.element_size() for t in merged.values())
     assert capsys.readouterr() == ("", "")  # nothing drawn by the library itself
+
+
+def test_timings_count_waiting_for_the_writer_once(trio, tmp_path, monkeypatch):
+    """With a slow disk the caller waits for write buffers: that is waiting, not computing, and counted once."""
+    import time
+
+    from langmerge.io.writer import ShardedWriter
+
+    real = ShardedWriter.write_at
+
+    def slow(self, name, start, values):
+        time.sleep(0.004)
+        return real(self, name, start, values)
+
+    monkeypatch.setattr(ShardedWriter, "write_at", slow)
+    monkeypatch.setattr(execute, "MIN_MEMORY", 64 << 10)
+    monkeypatch.setattr(execute, "MIN_CHUNK_ELEMENTS", 64)
+    report = langmerge.merge(RECIPES["task_arithmetic"](trio), tmp_path / "out", progress=False, memory=64 << 10)
+    t = report.timings
+    writes = t.write / 0.004  # at least this many chunks were written, each after a sleep
+    assert writes > 50 and t.wait > 0.3 * t.write  # the caller did wait for the writer
+    assert t.compute + t.wait <= report.seconds  # the caller's time, each second counted once

@@ -474,9 +474,9 @@ class Executor:
                         reader.order(work[index + 1][1], opened[1], opened[2])
                     consume = final(tensor, task, merge) if final is not None else self._writes(tensor, task, merge, sink)
                     for block in reader.blocks(len(ranges)):
-                        began = time.perf_counter()
-                        consume(block)
-                        self.timings.compute += time.perf_counter() - began
+                        began, waited = time.perf_counter(), self.timings.wait
+                        consume(block)  # a sink's wait for a write buffer counts as waiting, not computing
+                        self.timings.compute += time.perf_counter() - began - (self.timings.wait - waited)
                     last = index + 1 == len(work) or work[index + 1][0] is not tensor
                     if self.reporter is not None and last:
                         self.reporter.advance(1, 0)
