@@ -33,8 +33,8 @@ its TIES stands in): wall time and peak resident memory (``ru_maxrss`` from
   the calling thread idle (waiting for a chunk or a write buffer), and the
   rest of the merge (planning, metadata).
 
-Inputs are read from the page cache where it holds them (the floor is
-measured in the same state, just before the merges). Figures from a shared
+Inputs are read from the page cache where it holds them (each method's
+floor is measured just before its warm run, in the state that run finds). Figures from a shared
 machine are rough.
 
 ``--kernels`` times each method's merge of one tensor, chunk by chunk as a
@@ -352,22 +352,19 @@ def bench_trio(name: str, paths: dict[str, Path], methods: list[str], with_merge
     out_bytes = sum(p.stat().st_size for p in _shards(paths["ct"]))
     work = Path(tempfile.mkdtemp(prefix="langmerge-bench-", dir=paths["base"].parent.parent))
     try:
-        floors = {}
         inputs = {b: [paths[k] for k in (("base", "ct", "sft") if b else ("ct", "sft"))] for b in (False, True)}
-        for uses_base in sorted({get_method(m).uses_base for m in methods}):
-            # twice: the floor in the state the merges meet (inputs in the page cache where they fit)
-            floors[uses_base] = min(io_floor(inputs[uses_base], out_bytes, work) for _ in range(2))
-        print(f"\ntrio {name}: {params / 1e9:.2f}B parameters a model, bf16; I/O floor (read every input once, "
-              f"write {out_bytes / 1e9:.2f} GB, no fsync): "
-              + ", ".join(f"{'3' if b else '2'} inputs {s:.1f} s" for b, s in sorted(floors.items(), reverse=True)),
+        print(f"\ntrio {name}: {params / 1e9:.2f}B parameters a model, bf16, {out_bytes / 1e9:.2f} GB a model",
               flush=True)
         rows, theirs_done = [], {}
         for method in methods:
             recipe = work / f"{method}.yaml"
             recipe.write_text(yaml.safe_dump(RECIPES[method](paths)))
-            read_inputs(inputs[get_method(method).uses_base])  # the page cache as the warm run finds it
+            method_inputs = inputs[get_method(method).uses_base]
+            read_inputs(method_inputs)  # the page cache as the warm run finds it
             clear_compile_caches()
             cold = langmerge_run(recipe, work / "lm", args)
+            # the floor just before the warm run, in the state it finds (the inputs cached where they fit)
+            floor = io_floor(method_inputs, out_bytes, work)
             warm = langmerge_run(recipe, work / "lm", args)
             mk = None
             if with_mergekit:
@@ -377,8 +374,8 @@ def bench_trio(name: str, paths: dict[str, Path], methods: list[str], with_merge
                     mk_recipe.write_text(yaml.safe_dump(RECIPES[theirs](paths)))
                     theirs_done[theirs] = mergekit_run(mk_recipe, work / "mk", args)
                 mk = theirs_done[theirs]
-            rows.append((method, cold, warm, mk, floors[get_method(method).uses_base]))
-            print(f"  {method}: langmerge {warm['wall']:.1f} s (cold {cold['wall']:.1f} s)"
+            rows.append((method, cold, warm, mk, floor))
+            print(f"  {method}: langmerge {warm['wall']:.1f} s (cold {cold['wall']:.1f} s), I/O floor {floor:.1f} s"
                   + (f", mergekit {mk['wall']:.1f} s" if mk else ""), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
