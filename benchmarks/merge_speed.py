@@ -15,7 +15,7 @@ Two bf16 trios (random weights, sharded at 2 GB), built once into
 For each trio and method, each tool runs as its own process (``langmerge
 merge`` and ``mergekit-yaml`` on the same recipe; mergekit has no TIES-SV, so
 its TIES stands in): wall time and peak resident memory (``ru_maxrss`` from
-``wait4``) and their ratios. Beside them:
+``wait4``, spawned by a small launcher: a child's figure starts at its spawner's RSS) and their ratios. Beside them:
 
 - the I/O floor: reading every input file of the method once (plain reads
   into one reused buffer) and writing one output of the merged size in the
@@ -99,18 +99,33 @@ def cache_dir() -> Path:
     return Path(root) / "bench"
 
 
+# Runs a command and writes its peak RSS (KiB, from wait4) to argv[1]. A child's ru_maxrss starts at the RSS of
+# the process that spawned it (Linux keeps the spawner's high-water mark across fork/vfork and exec), so each
+# measured command is spawned by this small launcher, not by the benchmark process, which holds gigabytes
+# after generating a trio.
+LAUNCHER = """
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_child(cmd: list[str]) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS (GB) and standard output of one child process."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:  # files: a chatty child cannot block
+    """Wall seconds, peak RSS (GB) and standard output of one command, spawned by a small launcher."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile("r", suffix=".maxrss") as rss:  # files: a chatty child cannot block
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, rss.name, *cmd], stdout=out, stderr=err)
+        proc.wait()
         wall = time.perf_counter() - start
-        if os.waitstatus_to_exitcode(status) != 0:
+        if proc.returncode != 0:
             err.seek(0)
             raise SystemExit(f"failed: {' '.join(cmd)}\n{err.read().decode()[-2000:]}")
         out.seek(0)
-        return wall, usage.ru_maxrss * 1024 / 1e9, out.read().decode()  # ru_maxrss is KiB on Linux
+        return wall, int(rss.read()) * 1024 / 1e9, out.read().decode()  # ru_maxrss is KiB on Linux
 
 
 def run_measured(cmd: list[str]) -> tuple[float, float]:
