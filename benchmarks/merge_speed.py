@@ -1,14 +1,41 @@
-"""langmerge vs mergekit-yaml on a 1.1B-parameter Llama-shaped trio, side by side; and the kernels alone.
+"""langmerge vs mergekit-yaml on whole generated trios, side by side in one run; and the kernels alone.
 
-    python benchmarks/merge_speed.py                # full size (builds ~6.6 GB of inputs once)
-    python benchmarks/merge_speed.py --layers 4     # a quicker, smaller trio
-    python benchmarks/merge_speed.py --kernels      # the per-chunk kernels alone, against the I/O floor
+    python benchmarks/merge_speed.py                  # both trios, linear, task_arithmetic, ties, ties_sv
+    python benchmarks/merge_speed.py --trios 1b --layers 4 --methods ties   # a quicker, smaller run
+    python benchmarks/merge_speed.py --kernels        # the per-chunk kernels alone, against the I/O floor
 
-The trio (hidden 2048, intermediate 5632, 22 layers, vocab 32000, bf16,
-sharded, random weights) is built once into ~/.cache/langmerge/bench (or
-$LANGMERGE_CACHE/bench). Each merge runs as its own process; wall time and
-peak resident memory (from wait4) are printed with their ratios, and the time
-of a plain copy of the three input folders is the I/O floor.
+Two bf16 trios (random weights, sharded at 2 GB), built once into
+~/.cache/langmerge/bench (or $LANGMERGE_CACHE/bench), never in the repository:
+
+- ``1b``: the 1.1B Llama shape (hidden 2048, intermediate 5632, 22 layers,
+  vocabulary 32000), ~2.2 GB a model;
+- ``embedding``: one small layer (hidden 4096) whose only large tensors are a
+  128256 x 4096 embedding and output layer (Llama-3-8B's), ~2.2 GB a model.
+
+For each trio and method, each tool runs as its own process (``langmerge
+merge`` and ``mergekit-yaml`` on the same recipe; mergekit has no TIES-SV, so
+its TIES stands in): wall time and peak resident memory (``ru_maxrss`` from
+``wait4``, spawned by a small launcher: a child's figure starts at its spawner's RSS) and their ratios. Beside them:
+
+- the I/O floor: reading every input file of the method once (plain reads
+  into one reused buffer) and writing one output of the merged size in the
+  output's folder, with the merge's durability (langmerge and mergekit write
+  without fsync; so does the floor); each method's time against it, both the
+  merge itself (planning, merging, writing, as the CLI reports it) and the
+  whole process (with the interpreter's and torch's start-up);
+- cold against warm: the first merge after a fresh install (langmerge's
+  bytecode caches, its only compile caches, removed first: the C kernels are
+  built at install time and nothing is compiled at run time) against the
+  same merge run again, the inputs read once before the first so that both
+  find the page cache alike;
+- where the merge's time went (the executor's ``Timings``): the reader
+  thread reading, the calling thread computing, the writer thread writing,
+  the calling thread idle (waiting for a chunk or a write buffer), and the
+  rest of the merge (planning, metadata).
+
+Inputs are read from the page cache where it holds them (each method's
+floor is measured just before its warm run, in the state that run finds). Figures from a shared
+machine are rough.
 
 ``--kernels`` times each method's merge of one tensor, chunk by chunk as a
 merge runs it (statistics passes and merge pass, with the kernel a merge plans;
@@ -28,6 +55,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -39,28 +67,31 @@ from pathlib import Path
 import yaml
 
 from langmerge.methods import get_method
-from langmerge.synthetic import TINYLLAMA_1B, make_trio
+from langmerge.synthetic import TINYLLAMA_1B, LlamaShape, make_trio
+
+def _models(p: dict[str, Path], params: dict) -> list[dict]:
+    return [{"model": str(p[k]), "parameters": dict(params)} for k in ("ct", "sft")]
+
 
 RECIPES = {
-    "ties": lambda p: {
-        "merge_method": "ties",
-        "base_model": str(p["base"]),
-        "models": [
-            {"model": str(p["ct"]), "parameters": {"weight": 1.0, "density": 0.5}},
-            {"model": str(p["sft"]), "parameters": {"weight": 1.0, "density": 0.5}},
-        ],
+    "linear": lambda p: {"merge_method": "linear", "models": _models(p, {"weight": 0.5}), "dtype": "bfloat16"},
+    "task_arithmetic": lambda p: {
+        "merge_method": "task_arithmetic", "base_model": str(p["base"]), "models": _models(p, {"weight": 0.5}),
         "dtype": "bfloat16",
     },
-    "task_arithmetic": lambda p: {
-        "merge_method": "task_arithmetic",
-        "base_model": str(p["base"]),
-        "models": [
-            {"model": str(p["ct"]), "parameters": {"weight": 0.5}},
-            {"model": str(p["sft"]), "parameters": {"weight": 0.5}},
-        ],
+    "ties": lambda p: {
+        "merge_method": "ties", "base_model": str(p["base"]), "models": _models(p, {"weight": 1.0, "density": 0.5}),
         "dtype": "bfloat16",
+    },
+    "ties_sv": lambda p: {
+        "merge_method": "ties_sv", "base_model": str(p["base"]), "models": _models(p, {"weight": 1.0, "density": 0.5}),
+        "parameters": {"slack": 1.0, "protect": [str(p["sft"])]}, "dtype": "bfloat16",
     },
 }
+MERGEKIT_STAND_IN = {"ties_sv": "ties"}  # mergekit has no TIES-SV: its TIES does the same work but the slack
+DEFAULT_METHODS = "linear,task_arithmetic,ties,ties_sv"
+EMBEDDING_TRIO = LlamaShape(hidden=4096, intermediate=1024, layers=1, heads=32, kv_heads=8, vocab=128256,
+                            max_positions=2048)
 
 
 def cache_dir() -> Path:
@@ -68,34 +99,65 @@ def cache_dir() -> Path:
     return Path(root) / "bench"
 
 
-def run_measured(cmd: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (GB) of one child process."""
-    with tempfile.TemporaryFile() as err:  # a file, not a pipe: a chatty child cannot block on it
+# Runs a command and writes its peak RSS (KiB, from wait4) to argv[1]. A child's ru_maxrss starts at the RSS of
+# the process that spawned it (Linux keeps the spawner's high-water mark across fork/vfork and exec), so each
+# measured command is spawned by this small launcher, not by the benchmark process, which holds gigabytes
+# after generating a trio.
+LAUNCHER = """
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def run_child(cmd: list[str]) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS (GB) and standard output of one command, spawned by a small launcher."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile("r", suffix=".maxrss") as rss:  # files: a chatty child cannot block
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, rss.name, *cmd], stdout=out, stderr=err)
+        proc.wait()
         wall = time.perf_counter() - start
-        if os.waitstatus_to_exitcode(status) != 0:
+        if proc.returncode != 0:
             err.seek(0)
             raise SystemExit(f"failed: {' '.join(cmd)}\n{err.read().decode()[-2000:]}")
-    return wall, usage.ru_maxrss / 1e6  # ru_maxrss is KiB on Linux
+        out.seek(0)
+        return wall, int(rss.read()) * 1024 / 1e9, out.read().decode()  # ru_maxrss is KiB on Linux
 
 
-def ensure_trio(layers: int) -> dict[str, Path]:
-    """The cached bf16 benchmark trio with ``layers`` layers, built on first use."""
+def run_measured(cmd: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GB) of one child process."""
+    wall, rss, _ = run_child(cmd)
+    return wall, rss
+
+
+def _ensure(folder: str, shape: LlamaShape) -> dict[str, Path]:
     import torch
 
-    trio_dir = cache_dir() / f"tinyllama-{layers}l-bf16"
+    trio_dir = cache_dir() / folder
     if not (trio_dir / "sft" / "config.json").exists():
         print(f"building the trio in {trio_dir} (once) ...", flush=True)
         shutil.rmtree(trio_dir, ignore_errors=True)
         t = time.perf_counter()
-        make_trio(trio_dir, replace(TINYLLAMA_1B, layers=layers), dtype=torch.bfloat16, shard_bytes=2 * 10**9)
+        make_trio(trio_dir, shape, dtype=torch.bfloat16, shard_bytes=2 * 10**9)
         print(f"  built in {time.perf_counter() - t:.0f} s", flush=True)
-    paths = {k: trio_dir / k for k in ("base", "ct", "sft")}
+    return {k: trio_dir / k for k in ("base", "ct", "sft")}
+
+
+def ensure_trio(layers: int) -> dict[str, Path]:
+    """The cached bf16 1.1B-shaped trio with ``layers`` layers, built on first use."""
+    paths = _ensure(f"tinyllama-{layers}l-bf16", replace(TINYLLAMA_1B, layers=layers))
     params = sum(p.stat().st_size for p in paths["base"].glob("*.safetensors")) / 2  # bf16: 2 bytes each
     print(f"trio: {params / 1e9:.2f}B parameters per model, bf16, {layers} layers")
     return paths
+
+
+def ensure_embedding_trio() -> dict[str, Path]:
+    """The cached bf16 trio whose only large tensors are a 128256 x 4096 embedding and output layer."""
+    return _ensure("embedding-128256x4096-bf16", EMBEDDING_TRIO)
 
 
 # ----------------------------------------------------------------------------- the kernels alone
@@ -193,7 +255,7 @@ def kernels_main(args) -> None:
     print(f"I/O: read {read_gbs:.2f} GB/s (page cache), write {write_gbs:.2f} GB/s (fsync); "
           f"chunks of {args.chunk_mb} MiB per input; {torch.get_num_threads()} threads; fused kernels "
           f"{'built' if fused_cpu.available() else 'NOT built'}\n")
-    methods = args.methods.split(",") if args.methods != ",".join(RECIPES) else list(KERNEL_METHODS)
+    methods = args.methods.split(",") if args.methods != DEFAULT_METHODS else list(KERNEL_METHODS)
     shapes = list(TRIO_SHAPES) + ([] if args.skip_big else [BIG_EMBEDDING])
     chunk_bytes = args.chunk_mb << 20
     header = f"{'method':<16}{'kernel':<10}{'shape':<15}{'GB/s':>7}{'CPU s/GB':>9}{'vs floor':>9}{'mergekit':>10}"
@@ -234,12 +296,132 @@ def kernels_main(args) -> None:
           " mergekit = mergekit time / langmerge time, same tensor")
 
 
+# ----------------------------------------------------------------------------- whole merges
+
+SUMMARY = re.compile(r"merged (\d+) tensors \(([\d.]+) GB\) with \S+ in ([\d.]+) s")
+TIMINGS = re.compile(r"read ([\d.]+) s, compute ([\d.]+) s, write ([\d.]+) s, waiting ([\d.]+) s")
+FLOOR_BUFFER = 64 << 20
+
+
+def _shards(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def read_inputs(inputs: list[Path], buf: memoryview | None = None) -> None:
+    """Read every shard of ``inputs`` once (plain reads into one buffer)."""
+    buf = buf if buf is not None else memoryview(bytearray(FLOOR_BUFFER))
+    for model in inputs:
+        for shard in _shards(model):
+            with open(shard, "rb", buffering=0) as f:
+                while f.readinto(buf):
+                    pass
+
+
+def io_floor(inputs: list[Path], out_bytes: int, folder: Path) -> float:
+    """Seconds to read every shard of ``inputs`` once and write ``out_bytes`` into ``folder`` (no fsync, as the merges)."""
+    buf = memoryview(bytearray(FLOOR_BUFFER))
+    target = folder / "io-floor.bin"
+    start = time.perf_counter()
+    read_inputs(inputs, buf)
+    with open(target, "wb", buffering=0) as f:
+        left = out_bytes
+        while left:
+            left -= f.write(buf[: min(left, FLOOR_BUFFER)])
+    seconds = time.perf_counter() - start
+    target.unlink()
+    return seconds
+
+
+def clear_compile_caches() -> None:
+    """A fresh install's state: langmerge's bytecode caches removed (the C kernels are built at install, not at run)."""
+    import langmerge
+
+    for cache in Path(langmerge.__file__).parent.rglob("__pycache__"):
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def langmerge_run(recipe: Path, out: Path, args) -> dict:
+    cmd = [str(Path(sys.executable).parent / "langmerge"), "merge", str(recipe), str(out), "--no-progress"]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.memory:
+        cmd += ["--memory", args.memory]
+    wall, rss, stdout = run_child(cmd)
+    shutil.rmtree(out)
+    summary, timings = SUMMARY.search(stdout), TIMINGS.search(stdout)
+    if summary is None or timings is None:
+        raise SystemExit(f"cannot read the merge's report from its output:\n{stdout}")
+    read, compute, write, wait = map(float, timings.groups())
+    return {"wall": wall, "rss": rss, "merge": float(summary.group(3)), "read": read, "compute": compute,
+            "write": write, "idle": wait}
+
+
+def mergekit_run(recipe: Path, out: Path, args) -> dict:
+    wall, rss, _ = run_child([str(Path(sys.executable).parent / "mergekit-yaml"), str(recipe), str(out)])
+    shutil.rmtree(out)
+    return {"wall": wall, "rss": rss}
+
+
+def bench_trio(name: str, paths: dict[str, Path], methods: list[str], with_mergekit: bool, args) -> None:
+    params = sum(p.stat().st_size for p in _shards(paths["base"])) / 2  # bf16: 2 bytes a parameter
+    out_bytes = sum(p.stat().st_size for p in _shards(paths["ct"]))
+    work = Path(tempfile.mkdtemp(prefix="langmerge-bench-", dir=paths["base"].parent.parent))
+    try:
+        inputs = {b: [paths[k] for k in (("base", "ct", "sft") if b else ("ct", "sft"))] for b in (False, True)}
+        print(f"\ntrio {name}: {params / 1e9:.2f}B parameters a model, bf16, {out_bytes / 1e9:.2f} GB a model",
+              flush=True)
+        rows, theirs_done = [], {}
+        for method in methods:
+            recipe = work / f"{method}.yaml"
+            recipe.write_text(yaml.safe_dump(RECIPES[method](paths)))
+            method_inputs = inputs[get_method(method).uses_base]
+            read_inputs(method_inputs)  # the page cache as the warm run finds it
+            clear_compile_caches()
+            cold = langmerge_run(recipe, work / "lm", args)
+            # the floor just before the warm run, in the state it finds (the inputs cached where they fit)
+            floor = io_floor(method_inputs, out_bytes, work)
+            warm = langmerge_run(recipe, work / "lm", args)
+            mk = None
+            if with_mergekit:
+                theirs = MERGEKIT_STAND_IN.get(method, method)
+                if theirs not in theirs_done:  # ties_sv's stand-in is the ties run, measured once
+                    mk_recipe = work / f"mk-{theirs}.yaml"
+                    mk_recipe.write_text(yaml.safe_dump(RECIPES[theirs](paths)))
+                    theirs_done[theirs] = mergekit_run(mk_recipe, work / "mk", args)
+                mk = theirs_done[theirs]
+            rows.append((method, cold, warm, mk, floor))
+            print(f"  {method}: langmerge {warm['wall']:.1f} s (cold {cold['wall']:.1f} s), I/O floor {floor:.1f} s"
+                  + (f", mergekit {mk['wall']:.1f} s" if mk else ""), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    nan = float("nan")
+    print(f"\n{'method':<16}{'langmerge s':>12}{'GB':>6}{'mergekit s':>11}{'GB':>6}{'speed-up':>9}{'mem':>7}"
+          f"{'floor s':>8}{'merge/floor':>12}{'wall/floor':>11}{'cold/warm':>10}")
+    for method, cold, warm, mk, floor in rows:
+        mw, mr = (mk["wall"], mk["rss"]) if mk else (nan, nan)
+        print(f"{method:<16}{warm['wall']:>12.1f}{warm['rss']:>6.2f}{mw:>11.1f}{mr:>6.2f}{mw / warm['wall']:>8.1f}x"
+              f"{warm['rss'] / mr:>6.2f}x{floor:>8.1f}{warm['merge'] / floor:>11.2f}x{warm['wall'] / floor:>10.2f}x"
+              f"{cold['wall'] / warm['wall']:>9.2f}x")
+    print(f"\nwhere langmerge's time went (warm run, seconds): the executor's threads, then the rest")
+    print(f"{'method':<16}{'process':>8}{'merge':>7}{'read':>7}{'compute':>8}{'write':>7}{'idle':>6}{'plan+meta':>10}"
+          f"{'start-up':>9}")
+    for method, _, warm, _, _ in rows:
+        rest = warm["merge"] - warm["compute"] - warm["idle"]
+        print(f"{method:<16}{warm['wall']:>8.1f}{warm['merge']:>7.1f}{warm['read']:>7.1f}{warm['compute']:>8.1f}"
+              f"{warm['write']:>7.1f}{warm['idle']:>6.1f}{rest:>10.1f}{warm['wall'] - warm['merge']:>9.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=TINYLLAMA_1B.layers)
-    ap.add_argument("--methods", default=",".join(RECIPES))
+    ap.add_argument("--trios", default="1b,embedding", help="which trios: 1b, embedding (comma-separated)")
+    ap.add_argument("--layers", type=int, default=TINYLLAMA_1B.layers, help="layers of the 1b trio")
+    ap.add_argument("--methods", default=DEFAULT_METHODS)
     ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--mergekit-trios", default=None,
+                    help="run mergekit on these trios only (default: all; its TIES on the embedding trio peaks near 20 GB)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--memory", default=None, help="langmerge merge --memory (default: its default)")
     ap.add_argument("--kernels", action="store_true", help="time the per-chunk kernels alone (no trio is built)")
     ap.add_argument("--chunk-mb", type=int, default=8, help="--kernels: chunk size per input, MiB")
     ap.add_argument("--skip-big", action="store_true", help="--kernels: leave out the 128256 x 4096 embedding")
@@ -250,56 +432,21 @@ def main() -> None:
     if args.kernels:
         kernels_main(args)
         return
-
-    import torch
-
-    shape = replace(TINYLLAMA_1B, layers=args.layers)
-    paths = ensure_trio(args.layers)
-    trio_dir = paths["base"].parent
-
-    exe = Path(sys.executable).parent
-    work = Path(tempfile.mkdtemp(prefix="langmerge-bench-", dir=trio_dir.parent))
-    try:
-        t = time.perf_counter()
-        for k, p in paths.items():
-            shutil.copytree(p, work / f"copy-{k}")
-        copy_s = time.perf_counter() - t
-        shutil.rmtree(work / "copy-base"), shutil.rmtree(work / "copy-ct"), shutil.rmtree(work / "copy-sft")
-        print(f"plain copy of the three inputs: {copy_s:.1f} s\n")
-
-        # A tiny merge first, so that the page cache holds langmerge's own files when timing starts.
-        warm = make_trio(work / "warm", replace(shape, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=0), dtype=torch.bfloat16)
-        for method in args.methods.split(","):
-            recipe = work / f"warm-{method}.yaml"
-            recipe.write_text(yaml.safe_dump(RECIPES[method](warm)))
-            run_measured([str(exe / "langmerge"), "merge", str(recipe), str(work / f"warm-{method}"), "--no-progress"])
-
-        rows = []
-        for method in args.methods.split(","):
-            recipe = work / f"{method}.yaml"
-            recipe.write_text(yaml.safe_dump(RECIPES[method](paths)))
-            lm_cmd = [str(exe / "langmerge"), "merge", str(recipe), str(work / f"lm-{method}"), "--no-progress"]
-            if args.threads:
-                lm_cmd += ["--threads", str(args.threads)]
-            lm = run_measured(lm_cmd)
-            shutil.rmtree(work / f"lm-{method}")
-            mk = None
-            if not args.skip_mergekit:
-                mk = run_measured([str(exe / "mergekit-yaml"), str(recipe), str(work / f"mk-{method}")])
-                shutil.rmtree(work / f"mk-{method}")
-            rows.append((method, lm, mk))
-
-        print(f"{'method':<17}{'langmerge s':>12}{'GB':>7}{'mergekit s':>12}{'GB':>7}{'speed-up':>10}{'mem ratio':>11}{'vs copy':>9}")
-        for method, (lw, lr), mk in rows:
-            mw, mr = mk if mk else (float("nan"), float("nan"))
-            print(
-                f"{method:<17}{lw:>12.1f}{lr:>7.2f}{mw:>12.1f}{mr:>7.2f}"
-                f"{mw / lw:>9.1f}x{lr / mr:>10.2f}x{lw / copy_s:>8.1f}x"
-            )
-        print("\nspeed-up = mergekit time / langmerge time; mem ratio = langmerge peak RSS / mergekit peak RSS;")
-        print("vs copy = langmerge time / time of a plain copy of the three inputs")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in RECIPES]
+    if unknown:
+        raise SystemExit(f"--methods: no benchmark recipe for {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
+    trios = args.trios.split(",")
+    mergekit_trios = set() if args.skip_mergekit else set(args.mergekit_trios.split(",") if args.mergekit_trios else trios)
+    builders = {"1b": lambda: ensure_trio(args.layers), "embedding": ensure_embedding_trio}
+    for name in trios:
+        if name not in builders:
+            raise SystemExit(f"--trios: unknown trio {name!r}; choose from {', '.join(builders)}")
+        bench_trio(name, builders[name](), methods, name in mergekit_trios, args)
+    print("\nspeed-up = mergekit time / langmerge time (whole processes); mem = langmerge peak RSS / mergekit's;")
+    print("merge/floor = the merge (as langmerge reports it: planning, merging, writing) / the I/O floor;")
+    print("wall/floor = the whole process (with start-up) / the floor; cold/warm = first run after clearing")
+    print("langmerge's compile caches / the run after it. ties_sv's mergekit column is mergekit's ties.")
 
 
 if __name__ == "__main__":

@@ -147,3 +147,19 @@ def test_bad_input_fails_before_reading_tensors(trio, tmp_path):
         analyze(recipe(trio, "ties"), protect=["nope"], progress=False)
     with pytest.raises(LangmergeError, match="finite number"):
         analyze(recipe(trio), slacks=[-1.0], progress=False)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_an_input_holding_nan_or_inf_is_refused_naming_model_and_tensor(trio, tmp_path, kernel, bad):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "ct_bad"
+    shutil.copytree(trio["ct"], broken)
+    state = load_file(broken / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight"
+    state[name][3, 5] = bad
+    save_file(state, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(LangmergeError, match=f"model {broken}: tensor '{name}' contains NaN or Inf"):
+        analyze(recipe(trio, ct=broken), progress=False)

@@ -335,3 +335,56 @@ def test_index_and_header_are_read_lazily(trio, tmp_path):
     for name, t in direct.items():
         assert reader.shape(name) == tuple(t.shape)
         assert torch.equal(reader.get(name), t)
+
+
+class _Recorder:
+    """A reporter that keeps what it was told."""
+
+    def __init__(self):
+        self.calls = []
+
+    def start(self, total):
+        self.calls.append(("start", total))
+
+    def advance(self, n, nbytes=0):
+        self.calls.append(("advance", n, nbytes))
+
+    def close(self):
+        self.calls.append(("close",))
+
+
+def test_progress_goes_to_the_reporter_passed_in(trio, tmp_path, capsys):
+    recipe = RECIPES["ties_gradients_filters"](trio)
+    recorder = _Recorder()
+    report = langmerge.merge(recipe, tmp_path / "out", progress=False, reporter=recorder, memory=4 << 20)
+    calls = recorder.calls
+    tensors = len(_weights(trio["base"]))
+    assert calls[0] == ("start", tensors) and calls[-1] == ("close",)
+    advances = [c for c in calls if c[0] == "advance"]
+    assert sum(c[1] for c in advances) == tensors == report.tensors
+    # the bytes told are the merged tensors' bytes, chunk by chunk (bfloat16 out)
+    merged = _weights(tmp_path / "out")
+    assert sum(c[2] for c in advances) == sum(t.numel() * t.element_size() for t in merged.values())
+    assert capsys.readouterr() == ("", "")  # nothing drawn by the library itself
+
+
+def test_timings_count_waiting_for_the_writer_once(trio, tmp_path, monkeypatch):
+    """With a slow disk the caller waits for write buffers: that is waiting, not computing, and counted once."""
+    import time
+
+    from langmerge.io.writer import ShardedWriter
+
+    real = ShardedWriter.write_at
+
+    def slow(self, name, start, values):
+        time.sleep(0.004)
+        return real(self, name, start, values)
+
+    monkeypatch.setattr(ShardedWriter, "write_at", slow)
+    monkeypatch.setattr(execute, "MIN_MEMORY", 64 << 10)
+    monkeypatch.setattr(execute, "MIN_CHUNK_ELEMENTS", 64)
+    report = langmerge.merge(RECIPES["task_arithmetic"](trio), tmp_path / "out", progress=False, memory=64 << 10)
+    t = report.timings
+    writes = t.write / 0.004  # at least this many chunks were written, each after a sleep
+    assert writes > 50 and t.wait > 0.3 * t.write  # the caller did wait for the writer
+    assert t.compute + t.wait <= report.seconds  # the caller's time, each second counted once

@@ -126,9 +126,22 @@ def test_recipes_and_merge_use_the_registered_method(peak_method, trio, tmp_path
         load_recipe(_recipe(trio, parameters={"density": 0.5}))
 
 
-def test_check_accepts_and_analyze_refuses_the_registered_method(peak_method, trio):
+def test_check_accepts_and_analyze_refuses_the_registered_method(peak_method, trio, tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from langmerge.cli import main
+
     report = check_recipe(_recipe(trio))
     assert report.exit_code == 0 and report.method == "peak_mean"
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(_recipe(trio)))
+    assert main(["check", str(path), "--json", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "peak_mean"
+    path.write_text(yaml.safe_dump(_recipe(trio, parameters={"peak": -1.0})))  # the method's own bound, by check
+    assert main(["check", str(path), "--no-progress"]) == 2
+    assert "parameters.peak': -1.0 is below the minimum 0.0" in capsys.readouterr().out
     with pytest.raises(LangmergeError, match="has no sign vote"):
         analyze(_recipe(trio), progress=False)
 

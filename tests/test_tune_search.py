@@ -141,3 +141,23 @@ def test_slack_needs_a_protected_model_and_grid_needs_enough_trials(trio):
         tune(no_protect, {"parameters.slack": {"values": [0, 1]}}, lambda m, t: 0.0, progress=False)
     with pytest.raises(LangmergeError, match="the grid has 12 points"):
         tune(recipe(trio), SPACE, lambda m, t: 0.0, trials=5, progress=False)
+
+
+def test_trials_are_told_to_the_reporter_passed_in(trio, capsys):
+    calls = []
+
+    class Recorder:
+        def start(self, total):
+            calls.append(("start", total))
+
+        def advance(self, n, nbytes=0):
+            calls.append(("advance", n))
+
+        def close(self):
+            calls.append(("close",))
+
+    space = {"parameters.slack": {"values": [0, 1, 2]}}
+    result = tune(recipe(trio), space, lambda model, tok: 1.0, progress=False, reporter=Recorder())
+    assert len(result.trials) == 3
+    assert calls == [("start", 3), ("advance", 1), ("advance", 1), ("advance", 1), ("close",)]
+    assert capsys.readouterr() == ("", "")  # no bar of the library's own

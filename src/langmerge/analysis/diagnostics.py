@@ -28,14 +28,13 @@ import numpy as np
 import torch
 
 from langmerge.errors import LangmergeError
-from langmerge.merge.execute import DEFAULT_MEMORY, Executor
+from langmerge.merge.execute import DEFAULT_MEMORY, Executor, nonfinite_input
 from langmerge.merge.plan import TensorTask, plan_merge, with_params
 from langmerge.merge.recipe import Recipe, layer_index, load_recipe
 from langmerge.methods import fused_cpu
 from langmerge.methods.base import Block, Method, Pass, TensorInfo, TensorMerge
 from langmerge.methods.consensus import agreement_mask, elect_sign
 from langmerge.methods.driver import DEFAULT_CHUNK_BYTES, choose_kernel, chunk_ranges, memory_reader, run_statistics
-from langmerge.methods.fused_cpu import all_finite
 from langmerge.methods.kernels import TensorParameters, vote_scale, weight_column
 from langmerge.progress import Reporter
 
@@ -168,10 +167,8 @@ class TallyPass(Pass):
             self.pair_b = np.asarray([j for _, j in tally.pairs], dtype=np.int32)
 
     def update(self, block: Block) -> None:
-        if self.task is not None:
-            for ref, values in zip(self.task.refs, [block.base, *block.inputs]):
-                if not all_finite(values):
-                    raise LangmergeError(f"model {ref.label}: tensor {self.task.name!r} contains NaN or Inf")
+        if self.task is not None and (found := nonfinite_input(self.task, block)) is not None:
+            raise found
         if self.fused:
             trim, thresholds, cutoffs = self.merge.trim_arrays(block)
             fused_cpu.tally(block.base, block.inputs, block.start, trim, thresholds, cutoffs, self.merge.weights32,

@@ -38,6 +38,7 @@ def _merge(args) -> int:
         allow_pickle=args.allow_pickle,
     )
     print(report.summary())
+    print(f"where the time went: {report.timings.text()}")
     return 0
 
 

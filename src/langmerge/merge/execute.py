@@ -44,7 +44,7 @@ from langmerge.io.metadata import write_config, write_model_card
 from langmerge.io.output import atomic_output_dir, check_output_free, check_space
 from langmerge.io.sources import recipe_input_paths
 from langmerge.io.writer import ShardedWriter
-from langmerge.merge.plan import DEFAULT_SHARD_BYTES, TensorPlan, TensorTask, iter_tasks, plan_merge
+from langmerge.merge.plan import DEFAULT_SHARD_BYTES, MergePlan, TensorPlan, TensorTask, iter_tasks, plan_merge
 from langmerge.merge.recipe import Recipe, load_recipe, read_recipe_documents
 from langmerge.methods.base import Block, NonFiniteMerge, TensorMerge
 from langmerge.methods.driver import chunk_ranges, thread_limit
@@ -399,6 +399,14 @@ class MemorySink:
 FinalPass = Callable[[TensorPlan, TensorTask, TensorMerge], Callable[[Block], None]]
 
 
+def nonfinite_input(task: TensorTask, block: Block) -> LangmergeError | None:
+    """The error naming the first input of ``block`` that holds NaN or Inf, or None where every input is finite."""
+    for ref, values in zip(task.refs, [*([block.base] if block.base is not None else []), *block.inputs]):
+        if not all_finite(values):
+            return LangmergeError(f"model {ref.label}: tensor {task.name!r} contains NaN or Inf")
+    return None
+
+
 def nonfinite_error(task: TensorTask, block: Block | None = None, memory: int = DEFAULT_MEMORY) -> LangmergeError:
     """Name the input that holds NaN or Inf (the chunk's first, then the whole tensor's), else blame the merge.
 
@@ -407,10 +415,8 @@ def nonfinite_error(task: TensorTask, block: Block | None = None, memory: int = 
     normal path, and this runs only once something is wrong.
     """
     floating = task.info.dtype.is_floating_point
-    if block is not None and floating:
-        for ref, values in zip(task.refs, [*([block.base] if block.base is not None else []), *block.inputs]):
-            if not all_finite(values):
-                return LangmergeError(f"model {ref.label}: tensor {task.name!r} contains NaN or Inf")
+    if block is not None and floating and (found := nonfinite_input(task, block)) is not None:
+        return found
     if floating:
         n = task.info.numel
         for ref in task.refs:
@@ -468,9 +474,9 @@ class Executor:
                         reader.order(work[index + 1][1], opened[1], opened[2])
                     consume = final(tensor, task, merge) if final is not None else self._writes(tensor, task, merge, sink)
                     for block in reader.blocks(len(ranges)):
-                        began = time.perf_counter()
-                        consume(block)
-                        self.timings.compute += time.perf_counter() - began
+                        began, waited = time.perf_counter(), self.timings.wait
+                        consume(block)  # a sink's wait for a write buffer counts as waiting, not computing
+                        self.timings.compute += time.perf_counter() - began - (self.timings.wait - waited)
                     last = index + 1 == len(work) or work[index + 1][0] is not tensor
                     if self.reporter is not None and last:
                         self.reporter.advance(1, 0)
@@ -599,17 +605,16 @@ def _merge(recipe: Recipe, out_dir: Path, force: bool, dev: torch.device, shard_
     return report
 
 
-def _write_metadata(folder: Path, plan, recipe: Recipe) -> None:
-    """config.json, the tokenizer, the model card and the pinned recipe."""
-    float_dtypes = {t.out_dtype for t in plan.tensors if not t.copied}
-    write_config(
-        folder,
-        plan.reference.config(),
-        next(iter(float_dtypes)) if len(float_dtypes) == 1 else None,
-        plan.reference.label,
-        updates={**plan.vocab.config_updates(), **plan.config_updates},
-    )
+def write_model_files(folder: Path, plan: MergePlan) -> None:
+    """config.json and the tokenizer of the merged model: what transformers loads besides the weights."""
+    write_config(folder, plan.reference.config(), plan.model_dtype, plan.reference.label,
+                 updates={**plan.vocab.config_updates(), **plan.config_updates})
     plan.vocab.write_tokenizer(folder)
+
+
+def _write_metadata(folder: Path, plan: MergePlan, recipe: Recipe) -> None:
+    """config.json, the tokenizer, the chat template, the model card and the pinned recipe."""
+    write_model_files(folder, plan)
     if recipe.raw.chat_template is not None:
         from langmerge.merge.tokenizer_block import resolve_chat_template, write_chat_template
 

@@ -193,6 +193,12 @@ class MergePlan:
         """The tensors a method merges (not copied)."""
         return [t for t in self.tensors if not t.copied]
 
+    @property
+    def model_dtype(self) -> torch.dtype | None:
+        """The merged model's dtype (config.json's): the one output dtype of its merged tensors, None where they differ."""
+        dtypes = {t.out_dtype for t in self.merged()}
+        return next(iter(dtypes)) if len(dtypes) == 1 else None
+
     def replan(self, recipe: Recipe, views: list[TensorSource] | None = None) -> list[TensorPlan]:
         """The tensors planned again with another recipe's parameters (the same models: the tuner's candidates),
         optionally reading from other views of the models (held in memory). Raises the first problem."""

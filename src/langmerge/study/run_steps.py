@@ -185,6 +185,7 @@ def _recipe(ctx: Context, step: Step) -> dict:
 def run_tune(step: Step, ctx: Context, out: Path) -> dict:
     import yaml
 
+    from langmerge.progress import TqdmReporter
     from langmerge.tuning import tune
     from langmerge.tuning.objective import task_objective
 
@@ -213,6 +214,7 @@ def run_tune(step: Step, ctx: Context, out: Path) -> dict:
         return {"trials": 0, "best": {}, "validation_score": score(merger.model(loaded), merger.tokenizer)}
     result = tune(recipe, space, score, search=t["search"], trials=t["trials"], seed=t["seed"],
                   out_dir=out / "tune", device=s["device"], progress=ctx.progress, objective_name="validation score",
+                  reporter=TqdmReporter(f"tune ({t['search']})", unit="trial") if ctx.progress else None,
                   allow_pickle=ctx.allow_pickle)
     (out / "best_recipe.yaml").write_text(yaml.safe_dump(result.best_recipe(), sort_keys=False))
     return {"trials": len(result.trials), "best": result.best.values, "validation_score": result.best.score}

@@ -8,6 +8,7 @@ from langmerge.cli import device_name, positive_int
 from langmerge.io.output import check_output_free
 from langmerge.io.sources import recipe_input_paths
 from langmerge.merge.recipe import load_recipe
+from langmerge.progress import TqdmReporter
 
 
 def run_tune(args) -> int:
@@ -25,6 +26,7 @@ def run_tune(args) -> int:
     name = "mean of " + ", ".join(described)
     result = tune(recipe, args.space, objective, search=args.search, trials=args.trials, seed=args.seed,
                   out_dir=args.out, force=args.force, device=args.device, progress=not args.no_progress,
+                  reporter=None if args.no_progress else TqdmReporter(f"tune ({args.search})", unit="trial"),
                   allow_pickle=args.allow_pickle, objective_name=name)
     best = result.best
     print(f"best {name} = {best.score:.6g} (trial {best.number} of {len(result.trials)}):")

@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 
 from langmerge.errors import LangmergeError
-from langmerge.io.metadata import write_config
 from langmerge.io.tensor_source import MemorySource
-from langmerge.merge.execute import DEFAULT_MEMORY, Executor, MemorySink, load
+from langmerge.merge.execute import DEFAULT_MEMORY, Executor, MemorySink, load, write_model_files
 from langmerge.merge.plan import plan_merge
 from langmerge.merge.recipe import Recipe
 
@@ -58,13 +57,10 @@ class InMemoryMerger:
             self.views = [MemorySource(view.label, tensors, view.config(), view.folder)
                           for view, tensors in zip(plan.views, held)]
             self.plan = plan
-            float_dtypes = {t.out_dtype for t in plan.tensors if not t.copied}
-            self.model_dtype = next(iter(float_dtypes)) if len(float_dtypes) == 1 else torch.float32
+            self.model_dtype = plan.model_dtype or torch.float32
             with tempfile.TemporaryDirectory(prefix="langmerge-tune-") as tmp:
                 # The config and tokenizer `langmerge merge` would write, read back by transformers.
-                write_config(Path(tmp), plan.reference.config(), self.model_dtype, plan.reference.label,
-                             updates=plan.vocab.config_updates())
-                plan.vocab.write_tokenizer(Path(tmp))
+                write_model_files(Path(tmp), plan)
                 from transformers import AutoConfig, AutoTokenizer
 
                 self.config = AutoConfig.from_pretrained(tmp)

@@ -10,12 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from langmerge.errors import LangmergeError
 from langmerge.io.output import atomic_output_dir, check_output_free
 from langmerge.io.sources import recipe_input_paths
 from langmerge.merge.recipe import load_recipe
+from langmerge.progress import Reporter
 from langmerge.tuning.merger import InMemoryMerger
 from langmerge.tuning.objective import Objective
 from langmerge.tuning.space import Dimension, apply_values, load_space
@@ -92,6 +91,7 @@ def tune(
     force: bool = False,
     device: str = "cpu",
     progress: bool = True,
+    reporter: Reporter | None = None,
     allow_pickle: bool = False,
     objective_name: str = "score",
 ) -> TuneResult:
@@ -101,6 +101,8 @@ def tune(
     in memory, loaded into one model and scored. Identical candidates (TPE may
     propose one twice) are scored once. With ``out_dir``, writes the best
     recipe, the leaderboard and plots there (see ``tuning.report``).
+    ``reporter`` hears the trials (one unit each); ``progress`` shows
+    huggingface_hub's download bars (models named by Hub id).
     """
     recipe = load_recipe(recipe)
     recipe.require_whole_models("tune")
@@ -115,7 +117,8 @@ def tune(
     base_dict = recipe.to_dict({ref: m.pinned for ref, m in merger.models.items()})
     done: list[Trial] = []
     cache: dict[tuple, float] = {}
-    bar = tqdm(total=n_trials, unit="trial", desc=f"tune ({search})", disable=not progress)
+    if reporter is not None:
+        reporter.start(n_trials)
 
     def evaluate(values: dict[str, Any]) -> float:
         key = tuple(repr(values[d.key]) for d in dims)
@@ -130,9 +133,9 @@ def tune(
                 raise LangmergeError(f"the objective returned NaN for {values}")
             cache[key] = score
         done.append(Trial(len(done), dict(values), score, time.perf_counter() - t0))
-        bar.update(1)
-        best = max(t.score for t in done)
-        bar.set_postfix_str(f"best {best:.4g}")
+        log.info("trial %d: %s = %.6g (best %.6g)", len(done) - 1, objective_name, score, max(t.score for t in done))
+        if reporter is not None:
+            reporter.advance(1)
         return score
 
     try:
@@ -147,7 +150,8 @@ def tune(
             study.optimize(lambda trial: evaluate({d.key: d.suggest(trial) for d in dims}), n_trials=n_trials,
                            catch=())
     finally:
-        bar.close()
+        if reporter is not None:
+            reporter.close()
     result = TuneResult(
         base_dict, dims, done, search, objective_name, time.perf_counter() - start,
         settings={"recipe": recipe.source, "search": search, "trials": n_trials, "seed": seed},
