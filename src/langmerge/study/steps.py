@@ -135,10 +135,12 @@ def method_recipe(method, base: str, ct: str, sft: str, dtype: str) -> dict:
         "parameters": dict(method.parameters),
         "dtype": dtype,
     }
-    if kind.uses_base:
+    if kind.base_policy in ("required", "optional"):  # over the base: task vectors
         recipe["base_model"] = base
     if kind.takes_protect:  # TIES-SV protects the SFT model
         recipe["parameters"].setdefault("protect", [sft])
+    for name, role in kind.reference_parameters.items():  # layer_swap's language_expert: the CT model
+        recipe["parameters"].setdefault(name, {"ct": ct, "sft": sft}[role])
     return recipe
 
 
