@@ -195,3 +195,63 @@ def test_della_probabilities_hand_case():
     row = torch.tensor([[0.5, -3.0, 1.0, 0.1, 2.0]])  # ranks 2 5 3 1 4 -> spread (r - 1) / 4
     probs = della_probabilities(row, 0.5, 0.2)
     torch.testing.assert_close(probs, torch.tensor([[0.4, 0.7, 0.5, 0.3, 0.6]]))
+
+
+# ----------------------------------------------------------------------------- sce
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_sce_bit_identical_to_mergekit(shape, n):
+    for seed, topk in enumerate([1.0, 0.5, 0.1, 0.0, 0.93]):
+        base, inputs = _models(shape, n, 30 + seed)
+        for int8_mask in (False, True):
+            expected = _theirs("sce", base, inputs, select_topk=topk, int8_mask=int8_mask)
+            out = _ours("sce", base, inputs, select_topk=topk, int8_mask=int8_mask)
+            assert torch.equal(out, expected), (shape, n, topk, int8_mask)
+
+
+def test_sce_hand_case():
+    base = torch.zeros(3)
+    a, b = torch.tensor([2.0, 1.0, -1.0]), torch.tensor([-1.0, 1.0, 1.0])
+    # energies: mean squares 2 and 1, weights 2/3 and 1/3; signs elected by mass: +, +, -... (-1 + 1 = 0 -> +)
+    out = _ours("sce", base, [a, b])
+    # entry 0: vote 2 - 1 > 0: a alone -> 2; entry 1: both -> 1; entry 2: vote 0 -> +: b alone -> 1
+    torch.testing.assert_close(out, torch.tensor([2.0, 1.0, 1.0]))
+
+
+# ----------------------------------------------------------------------------- model_stock
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n", [2, 3])
+def test_model_stock_bit_identical_to_mergekit(shape, n):
+    for filter_wise in (False, True):
+        base, inputs = _models(shape, n, 40 + n)
+        expected = _theirs("model_stock", base, inputs, filter_wise=filter_wise)
+        out = _ours("model_stock", base, inputs, filter_wise=filter_wise)
+        assert torch.equal(out, expected), (shape, n, filter_wise)
+
+
+def test_model_stock_hand_case_and_opposite_task_vectors():
+    base = torch.zeros(2)
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])  # cos 0: t = 0, the base
+    assert torch.equal(_ours("model_stock", base, [a, b]), base)
+    a, b = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])  # cos 1/sqrt 2: t = 2c / (1 + c)
+    c = 2**-0.5
+    torch.testing.assert_close(_ours("model_stock", base, [a, b]), (2 * c / (1 + c)) * (a + b) / 2)
+    # opposite task vectors: cos -1, 1 + (n - 1) cos = 0: no estimate, the base (as mergekit)
+    a = torch.tensor([1.0, 2.0])
+    assert torch.equal(_ours("model_stock", base, [a, -a]), base)
+    assert torch.equal(_theirs("model_stock", base, [a, -a]), base)
+
+
+def test_model_stock_refuses_one_model(tmp_path):
+    from langmerge.errors import LangmergeError
+    from langmerge.merge.recipe import Recipe, RecipeFile
+
+    raw = RecipeFile.model_validate({"merge_method": "model_stock", "base_model": "b", "models": [{"model": "a"}]})
+    with pytest.raises(LangmergeError, match="merges at least 2 models besides the base"):
+        Recipe(raw)
+    with pytest.raises(Exception):  # mergekit refuses it too
+        _theirs("model_stock", torch.zeros(3), [torch.ones(3)])
