@@ -308,7 +308,7 @@ class Recipe:
         try:
             return self.method.tensor_parameters(values, self.protected)
         except ValidationError as exc:
-            raise LangmergeError(f"recipe parameters of {self.method.name} ({tensor}): {exc.errors()[0]['msg']}") from None
+            raise LangmergeError(f"recipe parameters of {self.method.name} ({tensor}): {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
         except LangmergeError as exc:
             raise LangmergeError(f"tensor {tensor!r}: {exc}") from None
 
