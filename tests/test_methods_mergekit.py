@@ -255,3 +255,133 @@ def test_model_stock_refuses_one_model(tmp_path):
         Recipe(raw)
     with pytest.raises(Exception):  # mergekit refuses it too
         _theirs("model_stock", torch.zeros(3), [torch.ones(3)])
+
+
+# ----------------------------------------------------------------------------- karcher, multislerp
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_karcher_bit_identical_to_mergekit(shape, n):
+    for dtype in (torch.float32, torch.bfloat16):
+        _, inputs = _models(shape, n, 50 + n, dtype)
+        for max_iter, tol in ((10, 1e-5), (3, 1e-3), (0, 1e-5)):
+            expected = _theirs("karcher", None, inputs, max_iter=max_iter, tol=tol)
+            out = _ours("karcher", None, inputs, max_iter=max_iter, tol=tol)
+            assert out.dtype == expected.dtype and torch.equal(out, expected), (shape, n, dtype, max_iter)
+
+
+def test_karcher_zero_models_and_hand_case():
+    zero = torch.zeros(4)
+    x = torch.tensor([3.0, 0.0, 0.0, 0.0])
+    assert torch.equal(_ours("karcher", None, [zero, zero]), _theirs("karcher", None, [zero, zero]))
+    # one zero model: the mean direction is the other's, scaled by the mean norm (3 + 0) / 2
+    torch.testing.assert_close(_ours("karcher", None, [x, zero]), torch.tensor([1.5, 0.0, 0.0, 0.0]))
+    # two orthogonal unit vectors of norm 2: the midpoint of the arc at norm 2
+    a, b = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 2.0])
+    torch.testing.assert_close(_ours("karcher", None, [a, b]), torch.tensor([2**0.5, 2**0.5]))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_multislerp_bit_identical_to_mergekit(shape, n):
+    for with_base in (False, True):
+        for weights, normalize in (([1.0, 1.0, 1.0], True), ([0.2, 0.5, 1.3], True), ([0.3, 0.9, 0.1], False)):
+            base, inputs = _models(shape, n, 60 + n)
+            base = base if with_base else None
+            w = weights[:n]
+            expected = _theirs("multislerp", base, inputs, weight=_per_model(w, 1 if with_base else 0),
+                               normalize_weights=normalize)
+            out = _ours("multislerp", base, inputs, weight=w, normalize_weights=normalize)
+            assert torch.equal(out, expected), (shape, n, with_base, w, normalize)
+
+
+def test_multislerp_antipodal_pair_falls_back_to_linear():
+    a = torch.tensor([1.0, 2.0, -1.0])
+    out = _ours("multislerp", None, [a, -a], weight=[0.5, 0.5])
+    assert torch.equal(out, _theirs("multislerp", None, [a, -a], weight=[0.5, 0.5]))
+    assert torch.equal(out, torch.zeros(3))
+
+
+# ----------------------------------------------------------------------------- nearswap, passthrough
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_nearswap_bit_identical_to_mergekit(shape):
+    for t in (0.0, 1e-4, 0.1, 0.5, 10.0):
+        for dtype in (torch.float32, torch.bfloat16):
+            base, (other,) = _models(shape, 1, 70, dtype, scale=0.2)
+            expected = _theirs("nearswap", base, [other], t=t)
+            out = _ours("nearswap", base, [other], t=t)
+            assert out.dtype == expected.dtype and torch.equal(out, expected), (shape, t, dtype)
+
+
+def test_nearswap_hand_case():
+    a, b = torch.tensor([0.0, 0.0, 0.0]), torch.tensor([0.05, 0.2, 1.0])
+    # t = 0.1: |a - b| 0.05 -> weight 1 (b); 0.2 -> 0.5; 1.0 -> 0.1
+    torch.testing.assert_close(_ours("nearswap", a, [b], t=0.1), torch.tensor([0.05, 0.1, 0.1]))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_passthrough_bit_identical_to_mergekit(shape):
+    _, (x,) = _models(shape, 1, 80)
+    for scale in (None, 1.0, 0.5, -2.0):
+        expected = merge_tensors([x], "passthrough", parameters={} if scale is None else {"scale": [scale]})
+        out = _ours("passthrough", None, [x], **({} if scale is None else {"scale": [scale]}))
+        assert torch.equal(out, expected), (shape, scale)
+
+
+# ----------------------------------------------------------------------------- arcee_fusion, ram, ramplus_tl
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_arcee_fusion_bit_identical_to_mergekit(shape):
+    for dtype in (torch.float32, torch.bfloat16):
+        base, (x,) = _models(shape, 1, 90, dtype)
+        expected = _theirs("arcee_fusion", base, [x])
+        out = _ours("arcee_fusion", base, [x])
+        assert out.dtype == expected.dtype and torch.equal(out, expected), (shape, dtype)
+
+
+def test_arcee_fusion_samples_its_quartiles_above_a_million_entries():
+    """mergekit samples 10^6 entries from torch's global stream: the same draws give the same bits."""
+    base, (x,) = _models((1100, 1000), 1, 91)
+    torch.manual_seed(5)
+    expected = _theirs("arcee_fusion", base, [x])
+    torch.manual_seed(5)
+    assert torch.equal(_ours("arcee_fusion", base, [x]), expected)
+    # with a seeded generator (as a merge plans it): reproducible, and the mask still an upper-outlier share
+    m, p = get_method("arcee_fusion"), _params("arcee_fusion")
+    a = merge_tensor(m, base, [x], p, [torch.Generator().manual_seed(1)])
+    b = merge_tensor(m, base, [x], p, [torch.Generator().manual_seed(1)])
+    assert torch.equal(a, b)
+    changed = float((a != base).float().mean())
+    assert 0 < changed < 0.25
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("method", ["ram", "ramplus_tl"])
+def test_ram_bit_identical_to_mergekit(shape, method):
+    for n in (1, 2, 3):
+        base, inputs = _models(shape, n, 100 + n)
+        # sparse task vectors so that entries are changed by one, several or no model
+        g = torch.Generator().manual_seed(n)
+        inputs = [torch.where(torch.rand(shape, generator=g) < 0.5, x, base) for x in inputs]
+        extra = {"epsilon": 1e-5}
+        if method == "ramplus_tl":
+            extra.update(r=0.3, alpha=0.5)
+        for dtype in (torch.float32, torch.bfloat16):
+            b, xs = base.to(dtype), [x.to(dtype) for x in inputs]
+            expected = _theirs(method, b, xs, **extra)
+            out = _ours(method, b, xs, **extra)
+            assert out.dtype == expected.dtype and torch.equal(out, expected), (shape, method, n, dtype)
+
+
+def test_ram_hand_case():
+    base = torch.zeros(4)
+    a, b = torch.tensor([1.0, 2.0, 0.0, 0.0]), torch.tensor([3.0, 0.0, 0.0, 4.0])
+    # entry 0 changed by both: mean 2; entries 1 and 3 by one: taken whole; entry 2 by none
+    assert _ours("ram", base, [a, b]).tolist() == [2.0, 2.0, 0.0, 4.0]
+    # RAM+: rho = shared / unique = 1 / 1 for both models, clamped to alpha 0.5: unique entries x (1 + 0.2 * 0.5)
+    torch.testing.assert_close(_ours("ramplus_tl", base, [a, b], r=0.2, alpha=0.5),
+                               torch.tensor([2.0, 2.2, 0.0, 4.4]))

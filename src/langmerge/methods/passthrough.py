@@ -24,7 +24,7 @@ class PassthroughMethod(Method):
     min_models = max_models = 1
 
     def plan(self, params, tensor, kernel="reference", generators=None) -> TensorMerge:
-        scale = params.scales[0]
+        scale = params.scales[0] if params.scales else 1.0  # no per-model list: the default
         return ElementwiseMerge(lambda base, inputs: inputs[0] if scale == 1 else inputs[0] * scale)
 
 
