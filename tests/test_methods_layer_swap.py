@@ -140,3 +140,16 @@ def test_whole_model_refusals(trio, tmp_path, capsys):
     assert main(["merge", str(recipe), str(tmp_path / "out")]) == 2
     assert "must name exactly one of the two models" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_check_says_which_layers_come_from_which_expert(trio, tmp_path, capsys):
+    recipe = _recipe(tmp_path, trio, k_bottom=1, k_top=2, transition=1, embeddings=False)
+    assert main(["check", str(recipe)]) == 0
+    text = capsys.readouterr().out
+    assert (f"layer_swap does not read base_model {trio['base']}") in text
+    assert ("layer_swap takes layer 0: language expert; layer 1: blend: 0.5 language expert; layer 2: task expert; "
+            "layer 3: blend: 0.5 language expert; layers 4-5: language expert; embeddings: task expert; "
+            "output: language expert") in text
+    recipe = _recipe(tmp_path, trio, k_bottom=4, k_top=3)
+    assert main(["check", str(recipe)]) == 1
+    assert "k_bottom (4) + k_top (3) exceed the model's 6 layers" in capsys.readouterr().out

@@ -133,3 +133,17 @@ def test_model_counts_refused_in_one_line(trio, tmp_path, capsys, method, count)
     err = capsys.readouterr().err
     assert f"merge_method {method!r} merges {count} model" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_check_says_what_the_method_does_with_the_base(trio, tmp_path, capsys):
+    for name, says in (("karcher_with_base", "karcher takes no base: base_model {base} is merged as one more input"),
+                       ("nuslerp_task_vectors", "nuslerp merges the task vectors over base_model {base}"),
+                       ("breadcrumbs", None)):
+        recipe = tmp_path / f"{name}.yaml"
+        recipe.write_text(yaml.safe_dump(RECIPES[name](trio)))
+        assert main(["check", str(recipe)]) == 0
+        text = capsys.readouterr().out
+        if says:
+            assert says.format(base=trio["base"]) in text, text
+        else:
+            assert "base_model" not in text.split("notes")[-1]
