@@ -4,7 +4,7 @@
 gives the same bits); ``WholeTensorMerge`` runs a function of the whole tensor,
 for methods whose mergekit numerics reduce over it with torch (norms, dots,
 sorts, a top-k): one chunk, the tensor itself, so the reduction is torch's own
-and the bits are mergekit's (docs/methods.md, "Memory of the whole-tensor methods").
+and the bits are mergekit's (docs/methods.md, "How the methods run over chunks").
 """
 
 from __future__ import annotations
