@@ -204,7 +204,7 @@ def run_tune(step: Step, ctx: Context, out: Path) -> dict:
 
     if not space:
         # Nothing to tune; the validation score still ranks it among the merges (finding 1).
-        from langmerge.recipe import load_recipe
+        from langmerge.merge.recipe import load_recipe
         from langmerge.tuning import InMemoryMerger
 
         (out / "best_recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
