@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from fractions import Fraction
-from pathlib import Path
-
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
+from analysis_helpers import weights
 from langmerge.cli import main
 from langmerge.errors import LangmergeError
 from langmerge.methods import TensorInfo, get_method, merge_in_memory
@@ -91,13 +89,6 @@ def trio(tmp_path_factory):
     return make_trio(tmp_path_factory.mktemp("trio"), SHAPE)
 
 
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
 def _recipe(tmp_path, trio, **parameters):
     recipe = {
         "merge_method": "layer_swap",
@@ -114,7 +105,7 @@ def _recipe(tmp_path, trio, **parameters):
 def test_whole_model_takes_each_tensor_from_the_right_expert(trio, tmp_path):
     recipe = _recipe(tmp_path, trio, k_bottom=1, k_top=2, transition=1, output_layer=False)
     assert main(["merge", str(recipe), str(tmp_path / "out"), "--no-progress"]) == 0
-    out, ct, sft = _weights(tmp_path / "out"), _weights(trio["ct"]), _weights(trio["sft"])
+    out, ct, sft = weights(tmp_path / "out"), weights(trio["ct"]), weights(trio["sft"])
     assert set(out) == set(ct)
     expected_share = {0: 1.0, 1: 0.5, 2: 0.0, 3: 0.5, 4: 1.0, 5: 1.0}
     for name, value in out.items():

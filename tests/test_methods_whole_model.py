@@ -7,16 +7,14 @@ with the same stream in test_methods_mergekit.py.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
+from analysis_helpers import weights
+from ckpt_helpers import mergekit_yaml
 from langmerge.cli import main
 from langmerge.synthetic import LlamaShape, make_trio
 
@@ -26,18 +24,6 @@ SHAPE = LlamaShape(hidden=48, intermediate=64, layers=4, heads=4, kv_heads=2)
 @pytest.fixture(scope="module")
 def trio(tmp_path_factory):
     return make_trio(tmp_path_factory.mktemp("trio"), SHAPE)
-
-
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def _mergekit_yaml() -> str:
-    exe = Path(sys.executable).parent / "mergekit-yaml"
-    return str(exe) if exe.exists() else shutil.which("mergekit-yaml")
 
 
 def _two(p, method, parameters=None, base=True, ct=None, sft=None, dtype="float32", **extra):
@@ -108,10 +94,10 @@ RECIPES = {
 def test_whole_model_identical_to_mergekit_yaml(trio, tmp_path, name):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(RECIPES[name](trio)))
-    run = subprocess.run([_mergekit_yaml(), str(recipe), str(tmp_path / "mk")], capture_output=True, text=True)
+    run = subprocess.run([mergekit_yaml(), str(recipe), str(tmp_path / "mk")], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     assert main(["merge", str(recipe), str(tmp_path / "lm"), "--no-progress"]) == 0
-    theirs, ours = _weights(tmp_path / "mk"), _weights(tmp_path / "lm")
+    theirs, ours = weights(tmp_path / "mk"), weights(tmp_path / "lm")
     assert set(theirs) == set(ours)
     for key in theirs:
         assert ours[key].dtype == theirs[key].dtype, key

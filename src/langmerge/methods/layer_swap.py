@@ -21,7 +21,6 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-import torch
 from pydantic import model_validator
 
 from langmerge.errors import LangmergeError

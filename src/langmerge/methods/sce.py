@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from langmerge.methods.base import Block, Method, MethodParameters, TensorMerge, global_field
-from langmerge.methods.common import WholeTensorMerge, finite
+from langmerge.methods.common import WholeTensorMerge
 from langmerge.methods.consensus import agreement_mask, elect_sign
 
 

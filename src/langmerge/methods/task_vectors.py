@@ -41,6 +41,7 @@ from langmerge.methods.base import (
     global_field,
     model_field,
 )
+from langmerge.methods.common import finite
 from langmerge.methods.consensus import agreement_mask, disjoint_sum, elect_sign
 from langmerge.methods.exact import ExactL1
 from langmerge.methods.selection import Selection, keep_count, keep_mask, selection_passes
@@ -266,12 +267,6 @@ def combine(weighted: torch.Tensor, w: torch.Tensor, p: TensorParameters, consen
     return mixed
 
 
-def _finite(t: torch.Tensor) -> torch.Tensor:
-    if not fused_cpu.all_finite(t):
-        raise NonFiniteMerge
-    return t
-
-
 # ----------------------------------------------------------------------------- per-tensor merges
 
 
@@ -282,7 +277,7 @@ class LinearMerge(TensorMerge):
 
     def merge(self, block: Block) -> torch.Tensor:
         if self.kernel == "reference":
-            return _finite(linear(block.inputs, self.p.weights, self.p.normalize))
+            return finite(linear(block.inputs, self.p.weights, self.p.normalize))
         first = block.inputs[0]
         if self._out is None or self._out.numel() < first.numel():
             self._out = torch.empty(first.numel(), dtype=first.dtype)
@@ -297,7 +292,7 @@ class BaseCopy(TensorMerge):
     """No model besides the base: the base itself."""
 
     def merge(self, block: Block) -> torch.Tensor:
-        return _finite(block.base)
+        return finite(block.base)
 
 
 class _L1Pass(Pass):
@@ -438,7 +433,7 @@ class TaskVectorMerge(TensorMerge):
         w = weight_column(self.p.weights, weighted)
         weighted.mul_(w)
         mixed = combine(weighted, w, self.p, self.method.consensus)
-        return _finite((block.base + mixed).to(block.base.dtype))
+        return finite((block.base + mixed).to(block.base.dtype))
 
     def trim_arrays(self, block: Block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The fused kernels' view of the trim for ``block``: trimmed per model, key threshold, flat tie cutoff."""
