@@ -14,6 +14,15 @@ SHAPE = LlamaShape(hidden=32, intermediate=64, layers=1, heads=2, kv_heads=1)
 NEW_TOKENS = ["வணக்கம்", "தமிழ்", "மொழி"]  # whole Tamil words: the CT model's added tokens
 
 
+def mergekit_yaml() -> str:
+    """The ``mergekit-yaml`` of the test environment (next to the interpreter, else on PATH)."""
+    import shutil
+    import sys
+
+    exe = Path(sys.executable).parent / "mergekit-yaml"
+    return str(exe) if exe.exists() else shutil.which("mergekit-yaml")
+
+
 def load_state(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(folder) / "model.safetensors"))
 

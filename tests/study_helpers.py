@@ -54,6 +54,8 @@ def study_dict(root: Path, out: Path, **changes) -> dict:
             "ties_sv": {"merge_method": "ties_sv", "ct": {"weight": 1.0}, "sft": {"weight": 1.0},
                         "parameters": {"density": 0.5}, "space": {"parameters.slack": {"values": [0.0, 1.0]}}},
             "ta": {"merge_method": "task_arithmetic", "ct": {"weight": 1.0}, "sft": {"weight": 1.0}},  # nothing to tune
+            "swap": {"merge_method": "layer_swap", "parameters": {"k_bottom": 1, "k_top": 0},
+                     "space": {"parameters.k_top": {"values": [0, 1]}}},
         },
         "tuning": {"limit": 6},
         "evaluation": {"limit": 8, "batch_size": 8},

@@ -428,8 +428,10 @@ def test_adapter_base_recorded_as_an_id(tmp_path):
 
 def test_tokenizer_source_by_id(plain, offline, tmp_path):
     def recipe(base, ct, sft):
-        return {"merge_method": "linear", "base_model": base, "tokenizer_source": ct, "dtype": "float32",
-                "models": [{"model": ct, "parameters": {"weight": 0.5}}, {"model": sft, "parameters": {"weight": 0.5}}]}
+        # linear takes no base: a base_model would be merged as one more input (and need a weight), as in mergekit
+        return {"merge_method": "linear", "tokenizer_source": ct, "dtype": "float32",
+                "models": [{"model": ct, "parameters": {"weight": 0.5}}, {"model": sft, "parameters": {"weight": 0.5}},
+                           {"model": base, "parameters": {"weight": 0.0}}]}
 
     merge(recipe("org/base", "org/ct-ext", "org/sft"), tmp_path / "ids", progress=False)
     merge(recipe(str(plain["base"]), str(plain["ct-ext"]), str(plain["sft"])), tmp_path / "plain", progress=False)

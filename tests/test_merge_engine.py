@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import yaml
 from safetensors.torch import load_file
 
 import langmerge
+from ckpt_helpers import mergekit_yaml
 from langmerge.merge import execute
 from langmerge.cli import main
 from langmerge.io.writer import write_state_dict
@@ -37,11 +37,6 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 def _write_recipe(path: Path, recipe: dict) -> Path:
     path.write_text(yaml.safe_dump(recipe))
     return path
-
-
-def _mergekit_yaml() -> str:
-    exe = Path(sys.executable).parent / "mergekit-yaml"
-    return str(exe) if exe.exists() else shutil.which("mergekit-yaml")
 
 
 RECIPES = {
@@ -89,7 +84,7 @@ def test_whole_model_identical_to_mergekit_yaml(trio, tmp_path, name, fused, mon
     # the test model's tensors are small: lower the size from which the fused CPU kernel takes over
     monkeypatch.setattr(fused_cpu, "MIN_NUMEL", 1 if fused else 1 << 62)
     recipe = _write_recipe(tmp_path / "recipe.yaml", RECIPES[name](trio))
-    subprocess.run([_mergekit_yaml(), str(recipe), str(tmp_path / "mk")], check=True, capture_output=True)
+    subprocess.run([mergekit_yaml(), str(recipe), str(tmp_path / "mk")], check=True, capture_output=True)
     assert main([ "merge", str(recipe), str(tmp_path / "lm"), "--no-progress"]) == 0
     theirs, ours = _weights(tmp_path / "mk"), _weights(tmp_path / "lm")
     assert set(theirs) == set(ours)

@@ -27,7 +27,7 @@ def test_every_artefact_is_written(finished):
     rows = {(r["ct_tokens"], r["row"]): r for r in doc["rows"]}
     # every method and reference row at every budget has a test score in [0, 1]
     for budget in (300, 600, 1200):
-        for row in ("base", "sft", "ct", "ct_sft", "wavg", "ties", "ties_sv", "ta"):
+        for row in ("base", "sft", "ct", "ct_sft", "wavg", "ties", "ties_sv", "ta", "swap"):
             score = rows[(budget, row)]["score"]
             assert score is not None and 0.0 <= score <= 1.0, (budget, row)
         for row in ("wavg", "ties", "ties_sv", "ta"):  # an untuned merge has a validation score too (finding 1)
@@ -42,6 +42,8 @@ def test_every_artefact_is_written(finished):
         assert low <= r["score"] <= high
     md = (report / "report.md").read_text()
     assert "| CT-then-SFT |" in md and "TIES-SV" in md and "**" in md
+    assert "layer swapping" in md  # the layer_swap row, tuned over k_top, under its method's label
+    assert rows[(300, "swap")]["tuned"]["parameters.k_top"] in (0, 1)
 
 
 def test_ct_checkpoints_have_exact_budgets(finished):

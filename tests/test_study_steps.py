@@ -49,3 +49,30 @@ def test_a_failing_step_leaves_no_folder_and_a_finished_one_is_not_rerun(tmp_pat
     assert again["cached"] is True and calls == ["bad", "good"]
     run_step(good, ctx, force=True)
     assert calls == ["bad", "good", "good"]
+
+
+# global parameters without a default, per method (every other parameter keeps its default)
+REQUIRED = {"slerp": {"t": 0.5}, "nearswap": {"t": 0.01}, "layer_swap": {"k_bottom": 1, "k_top": 1}}
+
+
+def test_every_registered_method_makes_a_study_recipe():
+    from langmerge.merge.recipe import load_recipe
+    from langmerge.methods.registry import METHODS
+    from langmerge.study.config import MethodSpec
+    from langmerge.study.steps import method_recipe
+
+    for name, method in METHODS.items():
+        per_model = {k: 0.5 for k, spec in method.parameters.items() if spec.scope == "model" and spec.default is None}
+        spec = MethodSpec(merge_method=name, ct=per_model, sft=per_model, parameters=REQUIRED.get(name, {}))
+        recipe = load_recipe(method_recipe(spec, "/m/base", "/m/ct", "/m/sft", "float32"))
+        inputs = [e.model for e in recipe.inputs]
+        if method.max_models == 1:  # the CT model merged into the SFT model (passthrough: the CT model alone)
+            assert inputs == ["/m/ct"], name
+            assert recipe.base_model == ("/m/sft" if method.base_policy == "required" else None), name
+        else:
+            assert inputs == ["/m/ct", "/m/sft"], name
+            assert recipe.has_base == (method.base_policy in ("required", "optional")), name
+        if name == "layer_swap":
+            assert recipe.references["language_expert"] == [True, False]
+        if name == "ties_sv":
+            assert recipe.protected == [False, True]

@@ -1,7 +1,10 @@
-"""What a TIES-family merge loses, per tensor, layer, module type and in total (docs/methods.md, "The loss diagnostic").
+"""What a merge with a sign vote or a sparsifier loses, per tensor, layer, module type and in total.
 
-For each input model ``i`` (trimmed task vector ``trimmed_i``, weighted
-``v_i = w_i * trimmed_i``, elected sign ``g``):
+docs/methods.md, "The loss diagnostic", defines it for every such method
+(``analyzable``: TIES, TIES-SV, DARE, breadcrumbs, DELLA, SCE); a method
+without a vote loses nothing to one (``L_i`` = 0) and is tallied for what its
+sparsifier keeps. For each input model ``i`` (sparsified task vector
+``trimmed_i``, weighted ``v_i = w_i * trimmed_i``, elected sign ``g``):
 
 - kept after trim ``K_i = count(trimmed_i != 0)``;
 - lost to the vote ``L_i = count(trimmed_i != 0 and sign(v_i) != g)``;
@@ -35,7 +38,9 @@ from langmerge.methods import fused_cpu
 from langmerge.methods.base import Block, Method, Pass, TensorInfo, TensorMerge
 from langmerge.methods.consensus import agreement_mask, elect_sign
 from langmerge.methods.driver import DEFAULT_CHUNK_BYTES, choose_kernel, chunk_ranges, memory_reader, run_statistics
-from langmerge.methods.kernels import TensorParameters, vote_scale, weight_column
+from langmerge.methods.base import MethodParameters
+from langmerge.methods.registry import METHODS
+from langmerge.methods.task_vectors import slack_scale, weight_column
 from langmerge.progress import Reporter
 
 log = logging.getLogger(__name__)
@@ -152,10 +157,15 @@ class TallyPass(Pass):
     refused naming the model (every count would be meaningless).
     """
 
-    def __init__(self, merge: TensorMerge, p: TensorParameters, slacks: list[float | None], tally: Tally,
-                 kernel: str, task: TensorTask | None = None):
-        self.merge, self.p, self.tally, self.task = merge, p, tally, task
-        self.scales = [vote_scale(p if slack is None else p.model_copy(update={"slack": slack})) for slack in slacks]
+    def __init__(self, merge: TensorMerge, p: MethodParameters, slacks: list[float | None], tally: Tally,
+                 kernel: str, task: TensorTask | None = None, voted: bool = True):
+        self.merge, self.p, self.tally, self.task, self.voted = merge, p, tally, task, voted
+        protected = list(getattr(p, "protected", [False] * tally.n_models))
+        own = getattr(p, "slack", 0.0)
+        self.scales = [slack_scale(own if slack is None else slack, protected) for slack in slacks]
+        # the weights the vote multiplies the sparsified task vectors by (SCE votes unweighted: None)
+        weights = getattr(merge, "vote_weights", None)
+        self.weights = list(weights) if weights is not None else [1.0] * tally.n_models
         self.fused = kernel == "fused"
         n = tally.n_models
         if self.fused:
@@ -174,14 +184,14 @@ class TallyPass(Pass):
             fused_cpu.tally(block.base, block.inputs, block.start, trim, thresholds, cutoffs, self.merge.weights32,
                             self.vote_scales, self.round_vote, self.pair_a, self.pair_b, self.totals)
         else:
-            _tally_block(self.tally, block, self.merge.sparsified(block), self.p.weights, self.scales)
+            _tally_block(self.tally, block, self.merge.sparsified(block), self.weights, self.scales, self.voted)
 
 
 def tensor_tally(
     method: Method,
     base: torch.Tensor,
     inputs: list[torch.Tensor],
-    p: TensorParameters,
+    p: MethodParameters,
     slacks: list[float | None],
     generators: list[torch.Generator] | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -200,13 +210,13 @@ def tensor_tally(
     read = memory_reader(base, inputs)
     ranges = chunk_ranges(info.shape, base.element_size(), chunk_bytes, merge.chunk_rule)
     run_statistics(merge, read, ranges)
-    counting = TallyPass(merge, p, slacks, tally, kernel)
+    counting = TallyPass(merge, p, slacks, tally, kernel, voted=method.has_sign_vote)
     for a, b in ranges:
         counting.update(read(a, b))
     return tally
 
 
-def _tally_block(tally: Tally, block, trimmed: torch.Tensor, weights_: list[float], scales) -> None:
+def _tally_block(tally: Tally, block, trimmed: torch.Tensor, weights_: list[float], scales, voted: bool = True) -> None:
     """The reference kernel's tally of one chunk; sums in float64, as the fused kernel's."""
     for i, x in enumerate(block.inputs):
         tally.squared_norm[i] += float(torch.linalg.vector_norm(x - block.base, dtype=torch.float64)) ** 2
@@ -220,7 +230,7 @@ def _tally_block(tally: Tally, block, trimmed: torch.Tensor, weights_: list[floa
         both = kept[i] & kept[j]
         tally.both_kept[k] += int(torch.count_nonzero(both))
         tally.conflicts[k] += int(torch.count_nonzero(both & (signs[i] != signs[j])))
-    for s, scale in enumerate(scales):
+    for s, scale in enumerate(scales if voted else ()):  # nothing is lost to a vote that is not held
         lost = kept & ~agreement_mask(weighted, elect_sign(weighted, scale))
         tally.lost[s] += torch.count_nonzero(lost, dim=1).cpu().numpy()
         tally.lost_mass[s] += torch.where(lost, magnitude, 0).sum(dim=1, dtype=torch.float64).cpu().numpy()
@@ -320,13 +330,25 @@ def resolve_protected(recipe: Recipe, protect: list[str] | None) -> list[bool]:
     return out
 
 
+def analyzable(method: Method) -> bool:
+    """The loss diagnostic applies: the method sparsifies task vectors or elects signs (or both)."""
+    return method.has_sign_vote or method.sparsifier is not None
+
+
 def check_analyzable(recipe: Recipe, protected: list[bool], slacks: list[float | None]) -> None:
     """Bad input, before any tensor is read."""
-    if not recipe.method.has_sign_vote:
+    method = recipe.method
+    if not analyzable(method):
+        applicable = ", ".join(name for name, m in METHODS.items() if analyzable(m))
         raise LangmergeError(
-            f"{recipe.source}: merge_method {recipe.method.name!r} has no sign vote, so nothing is lost to it; "
-            "analyze a ties, ties_sv or dare_ties recipe"
+            f"{recipe.source}: the loss diagnostic is not applicable to merge_method {method.name!r}: it has no sign "
+            f"vote and no sparsifier, so no entry of a task vector is dropped or outvoted; it applies to {applicable}"
         )
+    slack_votes = method.has_sign_vote and "protected" in method.parameter_model.model_fields
+    if any(s for s in slacks if s is not None) and not slack_votes:
+        what = "holds no sign vote" if not method.has_sign_vote else "has a sign vote without protected models"
+        raise LangmergeError(f"--slack: merge_method {method.name!r} {what} for a slack to change; "
+                             "analyse it without --slack")
     for s in slacks:
         if s is not None and (s != s or s < 0 or s == float("inf")):
             raise LangmergeError(f"--slack: {s!r} is not a finite number >= 0")
@@ -383,14 +405,15 @@ def analyze(
         elif tensor.aligned:
             skipped[tensor.name] = "vocabulary-aligned rows (merged per row group, not analysed)"
         else:
-            tensor.tasks = [with_params(task, lambda p: p.model_copy(update={"protected": protected}))
-                            for task in tensor.tasks]
-            recipe_slacks.update(task.params.slack for task in tensor.tasks)
+            if "protected" in recipe.method.parameter_model.model_fields:  # the methods with a slack
+                tensor.tasks = [with_params(task, lambda p: p.model_copy(update={"protected": protected}))
+                                for task in tensor.tasks]
+            recipe_slacks.update(getattr(task.params, "slack", 0.0) for task in tensor.tasks)
             tensors.append(tensor)
 
     def tally_pass(tensor, task, merge):
         tally = by_tensor[tensor.name] = Tally(n, len(slack_list), numel=task.info.numel, tensors=1)
-        return TallyPass(merge, task.params, slack_list, tally, task.kernel, task).update
+        return TallyPass(merge, task.params, slack_list, tally, task.kernel, task, recipe.method.has_sign_vote).update
 
     try:
         Executor(dev, memory, reporter).run(tensors, final=tally_pass)

@@ -99,7 +99,7 @@ def recipe_models(
             get(part)
         return None
 
-    if recipe.method.uses_base:
+    if recipe.has_base:
         get_model(recipe.base_model)
     inputs = [get_model(e.model) for e in recipe.inputs]
     if recipe.base_model is not None and any(m is not None and is_adapter_model(m) for m in inputs):
@@ -187,5 +187,5 @@ def open_recipe_sources(recipe, stack: ExitStack, *, allow_pickle: bool = False,
         stack.callback(source.close)
         return source
 
-    base = opened(recipe.base_model, None) if recipe.method.uses_base else None
+    base = opened(recipe.base_model, None) if recipe.has_base else None
     return base, [opened(entry.model, recipe.base_model) for entry in recipe.inputs]

@@ -190,8 +190,31 @@ def _describe(plan, report: CheckReport) -> None:
         report.vocabulary.extend(plan.vocab.notes)
     elif plan.vocab_problem is not None:
         report.vocabulary.append(f"vocabulary: {plan.vocab_problem}")
+    report.notes.extend(_method_notes(plan))
     copied = [f"{t.name} ({str(t.out_dtype).removeprefix('torch.')})" for t in plan.tensors if t.copied]
     if copied:
         report.notes.append(
             f"{len(copied)} integer or bool tensors are the same in every model and are copied as is: {_listed(copied)}"
         )
+
+
+_BASE_ROLES = {
+    "optional": "{name} merges the task vectors over base_model {base}",
+    "input": "{name} takes no base: base_model {base} is merged as one more input model",
+    "unused": "{name} does not read base_model {base}",
+}
+
+
+def _method_notes(plan) -> list[str]:
+    """What the method does with the base and (``Method.describe``) with the tensors."""
+    recipe = plan.recipe
+    method = recipe.method
+    notes = []
+    if recipe.base_model is not None and method.base_policy in _BASE_ROLES:
+        policy = method.base_policy
+        listed = policy == "input" and any(e.model == recipe.base_model for e in recipe.raw.models)
+        if not listed:
+            notes.append(_BASE_ROLES[policy].format(name=method.name, base=recipe.base_model))
+    tensors = [(task.info, task.params) for t in plan.tensors if not t.copied for task in t.tasks
+               if task.params is not None]
+    return notes + method.describe(tensors)

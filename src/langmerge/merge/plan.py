@@ -305,7 +305,7 @@ def _build(recipe: Recipe, *, allow_pickle: bool, models, progress: bool, device
         base = recipe.view_source(None, base) if base is not None else None
         inputs = [recipe.view_source(i, s) if s is not None else None for i, s in enumerate(inputs)]
         plan = MergePlan(recipe, base, [s for s in inputs if s is not None], [], device, models=models)
-        if unreadable or (base is None and recipe.method.uses_base) or any(s is None for s in inputs):
+        if unreadable or (base is None and recipe.has_base) or any(s is None for s in inputs):
             plan.problems, plan.unreadable = problems.errors(), unreadable
             stack.pop_all()
             return plan
@@ -458,6 +458,11 @@ def _plan_tensor(static: _Static, recipe: Recipe, views: list[TensorSource], pla
         return TensorPlan(name, static.shape, out_dtype, [])
     method = recipe.method
     base_ref = refs[0] if offset else None
+    try:
+        method.check(params, _info(name, static.shape, compute, plan))  # refused here, before any output
+    except LangmergeError as exc:
+        problems.add(exc, name)
+        return TensorPlan(name, static.shape, out_dtype, [])
     if not static.aligned:
         info = _info(name, static.shape, compute, plan)
         task = TensorTask(name, info, base_ref, refs[offset:], method, params, choose_kernel(method, params, info),
@@ -504,12 +509,21 @@ def _group_task(name: str, static: _Static, group: RowGroup, views: list[TensorS
     present = [i for i in range(len(plan.inputs)) if group.present[offset + i]]
     inputs = [ref(offset + i) for i in present]
     if offset and not group.present[0]:  # the base lacks these tokens: the mean of the models that have them
+        if not hasattr(params, "weights"):
+            return LangmergeError(f"tensor {name!r}: rows the base lacks are a weighted average of the models that "
+                                  f"have them, and {method.name} has no per-model weights; give the models one "
+                                  "vocabulary (tokenizer_source: base)")
         weights = [params.weights[i] for i in present]
         if sum(weights) == 0:
             return LangmergeError(
                 f"tensor {name!r}: rows the base lacks are a weighted average, but the weights of "
                 f"{', '.join(plan.inputs[i].label for i in present)} sum to zero")
         return TensorTask(name, info, None, inputs, None, None, rows=group.rows, average=weights)
+    if len(present) < min(method.min_models, len(plan.inputs)):
+        return LangmergeError(
+            f"tensor {name!r}: {method.name} merges {method.min_models} models, but {len(present) or 'none'} of them "
+            f"{'has' if len(present) == 1 else 'have'} some of its vocabulary rows; give the models one vocabulary "
+            "(tokenizer_source: base)")
     p = params.restrict(present)
     return TensorTask(name, info, ref(0) if offset else None, inputs, method, p, choose_kernel(method, p, info), seed,
                       (group.key,), tuple(present), rows=group.rows)

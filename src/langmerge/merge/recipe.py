@@ -241,24 +241,36 @@ class Recipe:
         if raw.models is not None and raw.slices is not None:
             raise RecipeError(source, [*errors, "recipe keys 'models' and 'slices' both given; keep one"])
         slice_bases = raw.slices is not None and all(s.base_model is not None for s in raw.slices)
-        if self.method.uses_base and raw.base_model is None and not slice_bases:
+        policy = self.method.base_policy
+        if policy == "required" and raw.base_model is None and not slice_bases:
             raise RecipeError(source, [*errors, f"recipe key 'base_model' is required by merge_method {self.method.name!r}"])
         self.base_model = raw.base_model
+        # Whether the merge reads a base (the origin of the task vectors): docs/methods.md, "The method interface".
+        self.has_base = policy == "required" or (policy == "optional" and raw.base_model is not None)
         entries = raw.models
         if raw.slices is not None:
             from langmerge.merge.slices import slice_models
 
             entries = slice_models(raw)
         # Inputs that contribute a task vector (or, for linear, a weighted term).
-        # As in mergekit, a base model listed under 'models' is not a task vector.
+        # As in mergekit, a base model listed under 'models' is not a task vector; for a method that takes the
+        # base as one more input (mergekit's "ignored" base), a base not listed joins after the models.
         # References compare by model_key: one folder spelt two ways is one model.
-        if self.method.uses_base and raw.base_model is not None:
-            base_key = model_key(raw.base_model)
+        base_key = model_key(raw.base_model) if raw.base_model is not None else None
+        if self.has_base and base_key is not None:
             self.inputs = [e for e in entries if model_key(e.model) != base_key]
+        elif policy == "input" and base_key is not None and all(model_key(e.model) != base_key for e in entries):
+            self.inputs = [*entries, ModelEntry(model=raw.base_model)]
         else:
             self.inputs = list(entries)
         if not self.inputs:
             raise RecipeError(source, [*errors, "recipe key 'models': no model to merge besides the base"])
+        low, high = self.method.min_models, self.method.max_models
+        if len(self.inputs) < low or (high is not None and len(self.inputs) > high):
+            count = f"exactly {low}" if low == high else (f"at least {low}" if high is None else f"{low} to {high}")
+            besides = " besides the base" if self.has_base else (" (a base_model not listed counts)" if policy == "input" else "")
+            errors.append(f"recipe key 'models': merge_method {self.method.name!r} merges {count} "
+                          f"model{'s' if high != 1 else ''}{besides}; the recipe gives {len(self.inputs)}")
         seen: dict[str, str] = {}
         for i, e in enumerate(self.inputs):
             key = model_key(e.model)
@@ -289,13 +301,14 @@ class Recipe:
     def check_parameters(self, parameters: dict[str, Any], where: str, errors: list[str]) -> None:
         """Check recipe-wide settings (``parameters``, a slice's ``parameters``), adding each problem to ``errors``."""
         specs = self.method.parameters
+        references = (["protect"] if self.method.takes_protect else []) + list(self.method.reference_parameters)
         for key, value in parameters.items():
-            if key == "protect" and self.method.takes_protect:
+            if key in references:
                 continue
             if key not in specs:
                 errors.append(
                     f"recipe key '{where}.{key}': not a parameter of {self.method.name}; "
-                    f"known: {', '.join(sorted(specs) + (['protect'] if self.method.takes_protect else []))}"
+                    f"known: {', '.join(sorted(specs) + references)}"
                 )
                 continue
             _collect(errors, _check_setting, specs[key], value, f"{where}.{key}")
@@ -319,25 +332,26 @@ class Recipe:
         return source
 
     def _set_protected(self) -> None:
-        self.protected = self._protected()
+        self.protected = self._models_named("protect") if self.method.takes_protect else [False] * len(self.inputs)
+        # the method's reference parameters, one bool per input model (layer_swap's language_expert)
+        self.references = {name: self._models_named(name) for name in self.method.reference_parameters}
 
-    def _protected(self) -> list[bool]:
-        if not self.method.takes_protect:
-            return [False] * len(self.inputs)
-        refs = self.raw.parameters.get("protect", [])
+    def _models_named(self, key: str) -> list[bool]:
+        """Which inputs the model references at ``parameters.KEY`` name (one reference or a list)."""
+        refs = self.raw.parameters.get(key, [])
         if isinstance(refs, str):
             refs = [refs]
         if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
-            raise LangmergeError("recipe key 'parameters.protect': expected a list of model references")
+            raise LangmergeError(f"recipe key 'parameters.{key}': expected a model reference or a list of them")
         names = [e.model for e in self.inputs]
         keys = [model_key(n) for n in names]
-        protected = {model_key(r) for r in refs}
+        named = {model_key(r) for r in refs}
         for r in refs:
             if model_key(r) not in keys:
                 raise LangmergeError(
-                    f"recipe key 'parameters.protect': {r!r} is not one of the merged models ({', '.join(names)})"
+                    f"recipe key 'parameters.{key}': {r!r} is not one of the merged models ({', '.join(names)})"
                 )
-        return [k in protected for k in keys]
+        return [k in named for k in keys]
 
     def input_index(self, ref: str) -> int | None:
         """The position in ``inputs`` of the model ``ref`` names (compared by ``model_key``), else None."""
@@ -377,7 +391,13 @@ class Recipe:
         slack = values.get("slack", 0.0)
         if slack > 0 and not any(self.protected):
             raise LangmergeError("recipe key 'parameters.protect' is required when slack > 0 (name the SFT model)")
-        return self.method.tensor_parameters(values, self.protected)
+        values.update(self.references)
+        try:
+            return self.method.tensor_parameters(values, self.protected)
+        except ValidationError as exc:
+            raise LangmergeError(f"recipe parameters of {self.method.name} ({tensor}): {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+        except LangmergeError as exc:
+            raise LangmergeError(f"tensor {tensor!r}: {exc}") from None
 
     def seed(self, tensor: str) -> int:
         return int(self._value("seed", None, tensor, 0.0)) if "seed" in self.method.parameters else 0
@@ -415,9 +435,10 @@ class Recipe:
                     source["model"] = rename(source["model"])
                 elif isinstance(source, str):
                     setting["source"] = rename(source)
-        protect = doc.get("parameters", {}).get("protect")
-        if protect is not None:
-            doc["parameters"]["protect"] = [rename(r) for r in protect] if isinstance(protect, list) else rename(protect)
+        for key in ["protect", *self.method.reference_parameters]:
+            named = doc.get("parameters", {}).get(key)
+            if named is not None:
+                doc["parameters"][key] = [rename(r) for r in named] if isinstance(named, list) else rename(named)
         return doc
 
 

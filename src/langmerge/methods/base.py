@@ -30,6 +30,12 @@ from pydantic_core import PydanticUndefined
 
 Scope = Literal["model", "global"]
 Kernel = Literal["fused", "reference"]
+# What a method does with the recipe's base_model (mergekit's input contract):
+#   required: the base is the origin of the task vectors and must be named;
+#   optional: used as that origin where the recipe names one (nuslerp, multislerp);
+#   input:    one more input model, after the listed ones unless listed (mergekit's "ignored": linear, karcher);
+#   unused:   not read (layer_swap: both experts share it, nothing of it is merged).
+BasePolicy = Literal["required", "optional", "input", "unused"]
 
 
 class NonFiniteMerge(ArithmeticError):
@@ -246,6 +252,7 @@ class TensorMerge(ABC):
     """
 
     chunk_rule: ChunkRule = ChunkRule()
+    result_dtype: torch.dtype | None = None  # the merged values' dtype where it is not the compute dtype (mergekit's)
 
     def statistics(self) -> Iterator[Pass]:
         return iter(())
@@ -262,7 +269,9 @@ class Method(ABC):
     summary: str
     label: str  # the report's name for it ("TIES-SV")
     reference: str = ""
-    uses_base: bool = True
+    base_policy: BasePolicy = "required"
+    min_models: int = 1  # input models besides the base (a joining base counts as an input)
+    max_models: int | None = None
     parameter_model: type[MethodParameters]  # a class attribute or a property
 
     # What the rest of langmerge asks of a method; these come from the method, never from lists elsewhere.
@@ -270,6 +279,18 @@ class Method(ABC):
     sparsifier: str | None = None  # the sparsification of its task vectors, if any
     randomized: bool = False  # needs one seeded torch.Generator per input model
     takes_protect: bool = False  # accepts ``parameters.protect`` (a list of model references)
+    # The merge is ``base + f(x_i - base)``, f of the task vectors alone, bit for bit: the in-memory tuner then
+    # merges candidates from task vectors computed once.
+    adds_to_base: bool = False
+    # Global parameters whose values are model references (one, or a list), resolved by the recipe to one bool
+    # per input model and passed to ``tensor_parameters`` under that name; each maps to the study's model
+    # ("ct" or "sft") it names by default.
+    reference_parameters: dict[str, str] = {}
+
+    @property
+    def uses_base(self) -> bool:
+        """The method always merges relative to a base (``base_policy == "required"``)."""
+        return self.base_policy == "required"
 
     @property
     def parameters(self) -> dict[str, ParameterSpec]:
@@ -283,6 +304,17 @@ class Method(ABC):
     def kernels(self, params: MethodParameters, dtype: torch.dtype, device: torch.device) -> tuple[Kernel, ...]:
         """The kernels that can merge a tensor with these parameters, the fastest first."""
         return ("reference",)
+
+    def check(self, params: MethodParameters, tensor: TensorInfo) -> None:
+        """Refuse, with a ``LangmergeError`` naming the tensor and parameter, what ``plan`` could not merge.
+
+        Called when a merge is planned (headers only), so bad parameters fail before any output exists.
+        """
+        return None
+
+    def describe(self, tensors: list[tuple[TensorInfo, MethodParameters]]) -> list[str]:
+        """Notes for ``langmerge check`` on what the merge will do with these tensors (none by default)."""
+        return []
 
     @abstractmethod
     def plan(self, params: MethodParameters, tensor: TensorInfo, kernel: Kernel = "reference",

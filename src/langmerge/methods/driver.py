@@ -107,17 +107,21 @@ def merge_in_memory(
     generators: list[torch.Generator] | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     name: str = "<tensor>",
+    layer: int | None = None,
+    num_layers: int | None = None,
 ) -> torch.Tensor:
     """Merge one tensor held in memory, chunk by chunk (``inputs`` exclude the base; one compute dtype).
 
-    ``kernel`` None chooses as a merge plans (``choose_kernel``). Raises
-    ``NonFiniteMerge`` when the result holds NaN or Inf.
+    ``kernel`` None chooses as a merge plans (``choose_kernel``). ``name``,
+    ``layer`` and ``num_layers`` are what the method knows of the tensor
+    (``TensorInfo``). The result is in the compute dtype, or in the method's
+    ``result_dtype``. Raises ``NonFiniteMerge`` when it holds NaN or Inf.
     """
     first = base if base is not None else inputs[0]
-    info = TensorInfo(name, tuple(first.shape), first.dtype, first.device)
+    info = TensorInfo(name, tuple(first.shape), first.dtype, first.device, layer, num_layers)
     kernel = kernel or choose_kernel(method, params, info)
     merge = method.plan(params, info, kernel, generators)
-    out = torch.empty(info.numel, dtype=first.dtype, device=first.device)
+    out = torch.empty(info.numel, dtype=merge.result_dtype or first.dtype, device=first.device)
 
     def write(a: int, b: int, values: torch.Tensor) -> None:
         out[a:b] = values

@@ -25,15 +25,21 @@ def merge_tensor(
     p: MethodParameters,
     generators: list[torch.Generator] | None = None,
     fused: bool = True,
+    *,
+    name: str = "<tensor>",
+    layer: int | None = None,
+    num_layers: int | None = None,
 ) -> torch.Tensor:
     """Merge one tensor. ``inputs`` exclude the base; all share one compute dtype.
 
     ``fused=False`` plans the reference kernel; otherwise the fused CPU kernel
-    is planned where it applies. Raises ``NonFiniteMerge`` when the result
-    holds NaN or Inf: every step multiplies its masks, so a NaN or Inf in any
-    input always reaches it.
+    is planned where it applies. ``name``, ``layer`` and ``num_layers`` tell
+    the method which tensor it merges (layer_swap needs them). Raises
+    ``NonFiniteMerge`` when the result holds NaN or Inf: every step
+    multiplies its masks, so a NaN or Inf in any input always reaches it.
     """
     first = base if base is not None else inputs[0]
-    info = TensorInfo("<tensor>", tuple(first.shape), first.dtype, first.device)
+    info = TensorInfo(name, tuple(first.shape), first.dtype, first.device, layer, num_layers)
     kernel = choose_kernel(method, p, info, fused=fused)
-    return merge_in_memory(method, p, base, inputs, kernel=kernel, generators=generators)
+    return merge_in_memory(method, p, base, inputs, kernel=kernel, generators=generators, name=name, layer=layer,
+                           num_layers=num_layers)

@@ -9,7 +9,18 @@ to all of them.
 from __future__ import annotations
 
 from langmerge.errors import LangmergeError
+from langmerge.methods.arcee_fusion import ARCEE_FUSION
 from langmerge.methods.base import Method
+from langmerge.methods.karcher import KARCHER
+from langmerge.methods.layer_swap import LAYER_SWAP
+from langmerge.methods.model_stock import MODEL_STOCK
+from langmerge.methods.multislerp import MULTISLERP
+from langmerge.methods.nearswap import NEARSWAP
+from langmerge.methods.nuslerp import NUSLERP
+from langmerge.methods.passthrough import PASSTHROUGH
+from langmerge.methods.ram import RAM, RAMPLUS_TL
+from langmerge.methods.sce import SCE
+from langmerge.methods.slerp import SLERP
 from langmerge.methods.task_vectors import ENTRIES
 
 METHODS: dict[str, Method] = {}
@@ -41,6 +52,8 @@ def get_method(name: str) -> Method:
         ) from None
 
 
-for _entry in ENTRIES:
+# every method of mergekit 0.1.5's registry, then langmerge's own (ties_sv among the family's entries, layer_swap)
+for _entry in (*ENTRIES, SLERP, NUSLERP, MULTISLERP, KARCHER, SCE, MODEL_STOCK, NEARSWAP, ARCEE_FUSION, PASSTHROUGH,
+               RAM, RAMPLUS_TL, LAYER_SWAP):
     register_method(_entry)
 del _entry

@@ -20,8 +20,8 @@ from langmerge.methods.selection import keep_count, select_mask
 
 L1_EPS = 1e-7
 
-__all__ = ["L1_EPS", "bernoulli_drop", "dare_work_dtype", "draw_mask", "keep_count", "magnitude_keep_mask",
-           "magnitude_trim", "rescale_factor"]
+__all__ = ["L1_EPS", "bernoulli_drop", "dare_work_dtype", "della_mask", "della_probabilities", "draw_mask",
+           "keep_count", "magnitude_keep_mask", "magnitude_trim", "outlier_counts", "rescale_factor"]
 
 
 def dare_work_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -33,6 +33,40 @@ def draw_mask(like: torch.Tensor, density: float, generator: torch.Generator | N
     """DARE's keep mask for one chunk, continuing ``generator``'s stream (one draw per entry, in flat order)."""
     probabilities = torch.full_like(like, density, dtype=dare_work_dtype(like.dtype, like.device))
     return torch.bernoulli(probabilities, generator=generator)
+
+
+def outlier_counts(numel: int, density: float, gamma: float) -> tuple[int, int]:
+    """Breadcrumbs' selection (density < 1) as two top-k counts: keep the ``kept`` largest magnitudes, less the
+    ``dropped`` largest of them.
+
+    mergekit keeps ``int(density * numel)`` entries after dropping the ``int(gamma * numel)`` largest, and drops
+    fewer outliers where that would leave too few entries (the smallest are dropped first).
+    """
+    target = int(density * numel)
+    smallest = max(0, numel - target - int(gamma * numel))
+    return numel - smallest, numel - smallest - target
+
+
+def della_probabilities(rows: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's keep probability of each entry: ``density - epsilon`` for the smallest magnitude of its row up to
+    ``density + epsilon`` for the largest, linear in the magnitude's rank along dim 1 (mergekit's steps and dtypes).
+
+    ``rows`` is the task vector shaped ``(rows, n, ...)`` in the compute dtype; the result is in DARE's work dtype.
+    """
+    work = dare_work_dtype(rows.dtype, rows.device)
+    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1), dim=1).to(work) + 1
+    low = ranks.min(dim=1, keepdim=True).values
+    high = ranks.max(dim=1, keepdim=True).values
+    spread = ((ranks - low) / (high - low)).clamp(0, 1)
+    # a row of one entry: mergekit divides 0 by 0 and torch.bernoulli refuses the NaN (a bug); its rank is the
+    # middle one here, so it is kept with probability ``density``
+    spread = torch.where(high > low, spread, 0.5)
+    return (density - epsilon) + spread * 2 * epsilon
+
+
+def della_mask(rows: torch.Tensor, density: float, epsilon: float, generator: torch.Generator | None) -> torch.Tensor:
+    """DELLA's keep mask for whole rows, continuing ``generator``'s stream (one draw per entry, in flat order)."""
+    return torch.bernoulli(della_probabilities(rows, density, epsilon), generator=generator)
 
 
 def rescale_factor(before: ExactL1, after: ExactL1, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:

@@ -1,13 +1,15 @@
 """The task-vector family as data: one generic method configured by sparsification x consensus x defaults.
 
-``linear``, ``task_arithmetic``, ``ties``, ``ties_sv``, ``dare_linear`` and
-``dare_ties`` are entries of ``ENTRIES`` (docs/methods.md gives each one's
+``linear``, ``task_arithmetic``, ``ties``, ``ties_sv``, ``dare_linear``,
+``dare_ties``, ``breadcrumbs``, ``breadcrumbs_ties``, ``della`` and
+``della_linear`` are entries of ``ENTRIES`` (docs/methods.md gives each one's
 definition and numerics). A new method of the family is one entry; one with a
 new sparsifier or consensus adds it here.
 
 Per tensor (``TaskVectorMerge``): the statistics passes are the magnitude
-selection (TIES) and, with ``rescale``, the exact L1 norms before and after
-sparsifying; then the merge pass. Two kernels compute the same bits: the
+selections (TIES's top k; breadcrumbs' top k and its outliers) and, with
+``rescale``, the exact L1 norms before and after sparsifying; then the merge
+pass. DELLA's per-row ranks need whole rows (``ChunkRule(whole_rows=True)``). Two kernels compute the same bits: the
 reference kernel is one torch step per operation, in mergekit's order, on any
 dtype and device; the fused kernel (``fused_cpu``) does linear, task
 arithmetic, TIES and TIES-SV (without rescale) in float32 or bfloat16 on the CPU.
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 from pydantic import create_model
 
+from langmerge.errors import LangmergeError
 from langmerge.methods import fused_cpu
 from langmerge.methods.base import (
     Block,
@@ -38,12 +41,22 @@ from langmerge.methods.base import (
     global_field,
     model_field,
 )
+from langmerge.methods.common import finite
 from langmerge.methods.consensus import agreement_mask, disjoint_sum, elect_sign
 from langmerge.methods.exact import ExactL1
 from langmerge.methods.selection import Selection, keep_count, keep_mask, selection_passes
-from langmerge.methods.sparsify import dare_work_dtype, draw_mask, rescale_factor
+from langmerge.methods.sparsify import (
+    dare_work_dtype,
+    della_mask,
+    draw_mask,
+    outlier_counts,
+    rescale_factor,
+)
 
-Sparsification = Literal["magnitude", "random"]
+# magnitude: TIES's top-k trim; random: DARE's drop; magnitude_outliers: breadcrumbs (drop the largest gamma share
+# and the smallest); della: DELLA's drop with a probability that falls with the magnitude's rank in its row
+Sparsification = Literal["magnitude", "random", "magnitude_outliers", "della"]
+RANDOM_SPARSIFIERS = ("random", "della")
 
 MASK_CACHE_BYTES = 128 << 20  # DARE with rescale: masks up to this size are kept between the passes
 
@@ -62,7 +75,11 @@ class TensorParameters(MethodParameters):
     int8_mask: bool = global_field(False, help="accepted for mergekit recipes; no numeric effect")
     densities: list[float] = model_field(1.0, alias="density", ge=0.0, le=1.0, help="fraction of the task vector kept")
     rescale: bool = global_field(False, help="restore the L1 norm after dropping")
-    seed: int = global_field(0, help="seed of the DARE drop masks")
+    gammas: list[float] = model_field(0.01, alias="gamma", ge=0.0, le=1.0,
+                                      help="breadcrumbs: the share of largest magnitudes dropped as outliers")
+    epsilons: list[float] = model_field(0.15, alias="epsilon", ge=0.0, le=1.0,
+                                        help="DELLA: keep probabilities span density +- epsilon over the magnitude ranks")
+    seed: int = global_field(0, help="seed of the random drop masks (DARE, DELLA)")
     slack: float = global_field(0.0, ge=0.0, help="s >= 0: protected models vote with weight 1 + s")
     # From the recipe's ``parameters.protect`` (model references), not a parameter of its own.
     protected: list[bool] = model_field(False, recipe=False, help="the model's kept entries are protected by the slack")
@@ -95,7 +112,16 @@ class TaskVectorMethod(Method):
 
     @property
     def randomized(self) -> bool:
-        return self.sparsification == "random"
+        return self.sparsification in RANDOM_SPARSIFIERS
+
+    @property
+    def adds_to_base(self) -> bool:
+        return self.uses_base
+
+    @property
+    def base_policy(self) -> str:
+        # without a base (linear), a named base_model is one more input, as in mergekit
+        return "required" if self.uses_base else "input"
 
     @property
     def takes_protect(self) -> bool:
@@ -109,7 +135,11 @@ class TaskVectorMethod(Method):
             names += ["lam", "int8_mask"]
         if self.sparsification:
             names += ["densities", "rescale"]
-        if self.sparsification == "random":
+        if self.sparsification == "magnitude_outliers":
+            names.append("gammas")
+        if self.sparsification == "della":
+            names.append("epsilons")
+        if self.randomized:
             names.append("seed")
         if self.slack:
             names.append("slack")
@@ -129,7 +159,14 @@ class TaskVectorMethod(Method):
         values = dict(values)
         if self.slack and protected is not None:
             values["protected"] = protected
-        return self.parameter_model.model_validate(values)
+        p = self.parameter_model.model_validate(values)
+        if self.sparsification == "della":
+            for i, (d, e) in enumerate(zip(p.densities, p.epsilons)):
+                if 0 < d < 1 and (d + e >= 1 or d - e <= 0):
+                    raise LangmergeError(f"parameters density {d} and epsilon {e} of model {i}: DELLA keeps entries "
+                                         "with probabilities from density - epsilon to density + epsilon, which "
+                                         "must lie inside (0, 1)")
+        return p
 
     # ------------------------------------------------------------------ planning
 
@@ -163,6 +200,9 @@ class TaskVectorMethod(Method):
             shared = torch.cuda.default_generators[device.index or 0] if device.type == "cuda" else torch.default_generator
             merge.generators = [shared] * params.n_models
             merge.chunk_rule = ChunkRule(whole_tensor=True)
+        elif self.sparsification == "della":
+            # ranks within each row (a 1-D tensor is one row)
+            merge.chunk_rule = ChunkRule(whole_rows=True) if len(tensor.shape) >= 2 else ChunkRule(whole_tensor=True)
         return merge
 
 
@@ -201,9 +241,14 @@ def weight_column(weights: list[float], like: torch.Tensor) -> torch.Tensor:
 
 def vote_scale(p: TensorParameters) -> torch.Tensor | None:
     """TIES-SV's per-model vote multipliers, or None when the vote is plain TIES."""
-    if p.slack == 0 or not any(p.protected):
+    return slack_scale(p.slack, p.protected)
+
+
+def slack_scale(slack: float, protected: list[bool]) -> torch.Tensor | None:
+    """Votes scaled by ``1 + slack`` for the protected models (None: every vote counts once, plain TIES)."""
+    if slack == 0 or not any(protected):
         return None
-    return torch.tensor([1.0 + p.slack if prot else 1.0 for prot in p.protected], dtype=torch.float64)
+    return torch.tensor([1.0 + slack if prot else 1.0 for prot in protected], dtype=torch.float64)
 
 
 def combine(weighted: torch.Tensor, w: torch.Tensor, p: TensorParameters, consensus: bool) -> torch.Tensor:
@@ -222,12 +267,6 @@ def combine(weighted: torch.Tensor, w: torch.Tensor, p: TensorParameters, consen
     return mixed
 
 
-def _finite(t: torch.Tensor) -> torch.Tensor:
-    if not fused_cpu.all_finite(t):
-        raise NonFiniteMerge
-    return t
-
-
 # ----------------------------------------------------------------------------- per-tensor merges
 
 
@@ -238,7 +277,7 @@ class LinearMerge(TensorMerge):
 
     def merge(self, block: Block) -> torch.Tensor:
         if self.kernel == "reference":
-            return _finite(linear(block.inputs, self.p.weights, self.p.normalize))
+            return finite(linear(block.inputs, self.p.weights, self.p.normalize))
         first = block.inputs[0]
         if self._out is None or self._out.numel() < first.numel():
             self._out = torch.empty(first.numel(), dtype=first.dtype)
@@ -253,7 +292,7 @@ class BaseCopy(TensorMerge):
     """No model besides the base: the base itself."""
 
     def merge(self, block: Block) -> torch.Tensor:
-        return _finite(block.base)
+        return finite(block.base)
 
 
 class _L1Pass(Pass):
@@ -293,12 +332,20 @@ class TaskVectorMerge(TensorMerge):
         self.m = p.n_models
         self.generators = generators
         numel = tensor.numel
-        self.selections: dict[int, Selection] = {}
+        self.selections: dict[int, Selection] = {}  # the k largest magnitudes each model keeps
+        self.outliers: dict[int, Selection] = {}  # breadcrumbs: the largest of those, dropped
+        exact = tensor.dtype != torch.bfloat16
         if method.sparsification == "magnitude":
             for i, d in enumerate(p.densities):
-                s = Selection(numel, keep_count(numel, d), tensor.dtype != torch.bfloat16)
+                s = Selection(numel, keep_count(numel, d), exact)
                 if s.trims:
                     self.selections[i] = s
+        elif method.sparsification == "magnitude_outliers":
+            for i, (d, gamma) in enumerate(zip(p.densities, p.gammas)):
+                if d < 1:
+                    kept, dropped = outlier_counts(numel, d, gamma)
+                    self.selections[i] = Selection(numel, kept, exact)
+                    self.outliers[i] = Selection(numel, dropped, exact)
         # DARE masks and multiplies in its work dtype; magnitude trimming in the compute dtype
         self.work_dtype = dare_work_dtype(tensor.dtype, tensor.device) if method.randomized else tensor.dtype
         self.factors: dict[int, torch.Tensor | None] = {}
@@ -307,15 +354,21 @@ class TaskVectorMerge(TensorMerge):
         self.weights32 = torch.tensor(p.weights, dtype=tensor.dtype).float().numpy()
         self._out: torch.Tensor | None = None
 
+    @property
+    def vote_weights(self) -> list[float] | None:
+        """The weights the sign vote multiplies the sparsified task vectors by (``analyze`` tallies with them)."""
+        return self.p.weights
+
     def sparsifies(self, i: int) -> bool:
-        if self.method.sparsification == "magnitude":
+        if self.method.sparsification in ("magnitude", "magnitude_outliers"):
             return i in self.selections
-        return self.method.sparsification == "random" and self.p.densities[i] < 1
+        return self.method.randomized and self.p.densities[i] < 1
 
     # ------------------------------------------------------------------ passes
 
     def statistics(self) -> Iterator[Pass]:
         yield from selection_passes(self.selections, fused=self.kernel == "fused")
+        yield from selection_passes(self.outliers, fused=False)
         if self.p.rescale and any(self.sparsifies(i) for i in range(self.m)):
             yield _L1Pass(self)
 
@@ -324,18 +377,33 @@ class TaskVectorMerge(TensorMerge):
         fused = self.kernel == "fused"
         return {i: s.cutoff(block, i, fused) for i, s in self.selections.items()}
 
+    def _kept(self, block: Block, i: int, delta: torch.Tensor, cutoff: int | None) -> torch.Tensor:
+        """Which entries a magnitude selection keeps (breadcrumbs: the top k less its outliers)."""
+        s = self.selections[i]
+        if cutoff is None:
+            cutoff = s.cutoff(block, i, fused=self.kernel == "fused")
+        keep = keep_mask(delta, s.threshold, cutoff, block.start)
+        if i in self.outliers:
+            o = self.outliers[i]
+            keep &= ~keep_mask(delta, o.threshold, o.cutoff(block, i, fused=False), block.start)
+        return keep
+
     def masked(self, block: Block, i: int, cutoff: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Model i's task vector on ``block`` in the work dtype, and its sparsified values before any rescale."""
         delta = block.inputs[i] - block.base
-        if self.method.sparsification == "magnitude":
-            s = self.selections[i]
-            if cutoff is None:
-                cutoff = s.cutoff(block, i, fused=self.kernel == "fused")
-            return delta, delta * keep_mask(delta, s.threshold, cutoff, block.start)
+        if self.method.sparsification in ("magnitude", "magnitude_outliers"):
+            return delta, delta * self._kept(block, i, delta, cutoff)
+        density = self.p.densities[i]
+        if self.method.sparsification == "della" and density <= 0:
+            return delta.to(self.work_dtype), torch.zeros_like(delta, dtype=self.work_dtype)  # mergekit: zeros
         if self.masks is not None and (i, block.start) in self.masks:  # drawn by the L1 pass
             mask = self.masks.pop((i, block.start)).to(self.work_dtype)
         else:
-            mask = draw_mask(delta, self.p.densities[i], self.generators[i])
+            if self.method.sparsification == "della":
+                rows = delta.reshape(-1, *self.tensor.shape[1:]) if len(self.tensor.shape) >= 2 else delta.reshape(1, -1)
+                mask = della_mask(rows, density, self.p.epsilons[i], self.generators[i]).reshape(-1)
+            else:
+                mask = draw_mask(delta, density, self.generators[i])
             if self.masks is not None:
                 self.masks[(i, block.start)] = mask.bool()
         original = delta.to(mask.dtype)
@@ -365,7 +433,7 @@ class TaskVectorMerge(TensorMerge):
         w = weight_column(self.p.weights, weighted)
         weighted.mul_(w)
         mixed = combine(weighted, w, self.p, self.method.consensus)
-        return _finite((block.base + mixed).to(block.base.dtype))
+        return finite((block.base + mixed).to(block.base.dtype))
 
     def trim_arrays(self, block: Block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The fused kernels' view of the trim for ``block``: trimmed per model, key threshold, flat tie cutoff."""
@@ -454,5 +522,38 @@ ENTRIES: tuple[TaskVectorMethod, ...] = (
         consensus=True,
         default_rescale=True,
         reference="https://arxiv.org/abs/2311.03099",
+    ),
+    TaskVectorMethod(
+        "breadcrumbs",
+        "drop the largest gamma share and the smallest magnitudes, then task arithmetic (Model Breadcrumbs)",
+        "breadcrumbs",
+        sparsification="magnitude_outliers",
+        reference="https://arxiv.org/abs/2312.06795",
+    ),
+    TaskVectorMethod(
+        "breadcrumbs_ties",
+        "breadcrumbs' outlier and small-magnitude drop, then TIES sign election",
+        "breadcrumbs-TIES",
+        sparsification="magnitude_outliers",
+        consensus=True,
+        reference="https://arxiv.org/abs/2312.06795",
+    ),
+    TaskVectorMethod(
+        "della",
+        "random drop that spares large magnitudes, rescale, TIES sign election (DELLA)",
+        "DELLA",
+        sparsification="della",
+        consensus=True,
+        default_normalize=True,
+        default_rescale=True,
+        reference="https://arxiv.org/abs/2406.11617",
+    ),
+    TaskVectorMethod(
+        "della_linear",
+        "DELLA's magnitude-ranked random drop with rescale, then task arithmetic",
+        "DELLA (linear)",
+        sparsification="della",
+        default_rescale=True,
+        reference="https://arxiv.org/abs/2406.11617",
     ),
 )

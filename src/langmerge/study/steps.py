@@ -135,10 +135,20 @@ def method_recipe(method, base: str, ct: str, sft: str, dtype: str) -> dict:
         "parameters": dict(method.parameters),
         "dtype": dtype,
     }
-    if kind.uses_base:
+    if kind.max_models == 1:
+        # One model besides the base (slerp, nearswap, arcee_fusion): the CT model merged into the SFT model,
+        # which takes the base's place, as mergekit recipes of these methods name one of the two models;
+        # passthrough, which takes one model and no base: the CT model (docs/study.md, "Methods").
+        if kind.base_policy == "required":
+            recipe["base_model"] = sft
+        else:
+            recipe["models"] = recipe["models"][:1]
+    elif kind.base_policy in ("required", "optional"):  # over the base: task vectors
         recipe["base_model"] = base
     if kind.takes_protect:  # TIES-SV protects the SFT model
         recipe["parameters"].setdefault("protect", [sft])
+    for name, role in kind.reference_parameters.items():  # layer_swap's language_expert: the CT model
+        recipe["parameters"].setdefault(name, {"ct": ct, "sft": sft}[role])
     return recipe
 
 

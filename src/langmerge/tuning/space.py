@@ -94,7 +94,7 @@ def _model_index(recipe: Recipe, ref: str, key: str, where: str) -> int:
                 f"({', '.join(models)})"
             )
         index = hits[0]
-    if recipe.method.uses_base and models[index] == recipe.base_model:
+    if recipe.has_base and models[index] == recipe.base_model:
         raise LangmergeError(f"{where}: key {key!r}: {models[index]} is the base model; it has no parameters in a merge")
     return index
 
