@@ -37,6 +37,13 @@ RECIPES = {
         "slices": [{"sources": [_src(p["ct"], 0, 3, weight=1.0)]},
                    {"sources": [_src(p["sft"], 1, 4, weight=1.0)]}],
     },
+    # the community's usual frankenmerge: passthrough over stacked layer ranges (with a scale filter)
+    "passthrough_frankenmerge": lambda p: {
+        "merge_method": "passthrough", "dtype": "float32",
+        "slices": [{"sources": [_src(p["ct"], 0, 3)]},
+                   {"sources": [_src(p["sft"], 1, 4, scale=[{"filter": "o_proj", "value": 0.5}, {"value": 1.0}])]},
+                   {"sources": [_src(p["ct"], 3, 4)]}],
+    },
     "task_arithmetic_slice_parameters": lambda p: {
         "merge_method": "task_arithmetic", "base_model": p["base"], "dtype": "float32",
         "parameters": {"lambda": 0.9},
@@ -120,6 +127,10 @@ def test_slice_errors_are_named_and_collected(trio):
         load_recipe({**doc, "slices": [{"sources": [_src(trio["base"], 0, 2), _src(trio["ct"], 0, 2, colour=1)]}]})
     with pytest.raises(RecipeError, match="'models' and 'slices' both given"):
         load_recipe({**doc, "models": [{"model": trio["ct"]}]})
+    # model counts are a slice's own: passthrough takes one source per slice, however many slices
+    two = {"merge_method": "passthrough", "slices": [{"sources": [_src(trio["ct"], 0, 2), _src(trio["sft"], 0, 2)]}]}
+    with pytest.raises(RecipeError, match=r"'slices\[0\]\.sources': merge_method 'passthrough' merges exactly 1 model"):
+        load_recipe(two)
 
 
 def test_layer_range_beyond_the_model_is_refused_before_writing(trio, tmp_path):

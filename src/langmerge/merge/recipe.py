@@ -266,7 +266,8 @@ class Recipe:
         if not self.inputs:
             raise RecipeError(source, [*errors, "recipe key 'models': no model to merge besides the base"])
         low, high = self.method.min_models, self.method.max_models
-        if len(self.inputs) < low or (high is not None and len(self.inputs) > high):
+        # a slices recipe counts its models slice by slice (each SliceRecipe checks its own sources)
+        if raw.slices is None and (len(self.inputs) < low or (high is not None and len(self.inputs) > high)):
             count = f"exactly {low}" if low == high else (f"at least {low}" if high is None else f"{low} to {high}")
             besides = " besides the base" if self.has_base else (" (a base_model not listed counts)" if policy == "input" else "")
             errors.append(f"recipe key 'models': merge_method {self.method.name!r} merges {count} "
