@@ -61,11 +61,11 @@ def main() -> None:
     rows = [("base", 0, bpc(base), 0.0)]
     for lr in (float(x) for x in args.lrs.split(",")):
         opts = TrainOptions(seq_len=args.seq_len, batch_size=args.batch_size, micro_batch_size=args.batch_size,
-                            lr=lr, min_lr=lr, warmup=0, precision="bf16", progress=False, checkpoint_every=0)
+                            lr=lr, min_lr=lr, warmup=0, precision="bf16", checkpoint_every=0)
         with tempfile.TemporaryDirectory(prefix="ct-lr-") as tmp:
             start, wall = cpu_seconds(), time.perf_counter()
             out = Path(tmp) / "ct"
-            train_ct(base, [text], budgets[-1], out, save_at=budgets[:-1], replay=[replay], options=opts)
+            train_ct(base, [text], budgets[-1], out, save_at=budgets[:-1], replay=[replay], options=opts, progress=False)
             seconds = cpu_seconds() - start
             for b in budgets:
                 folder = out if b == budgets[-1] else out / f"tokens-{format_token_count(b)}"

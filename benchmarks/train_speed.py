@@ -36,9 +36,9 @@ LINES = [
 
 def run_langmerge(base: Path, text: Path, tokens: int, args, work: Path, repeat_index: int) -> float:
     opts = TrainOptions(seq_len=args.seq_len, batch_size=args.batch_size, micro_batch_size=args.batch_size, lr=1e-4,
-                        warmup=0.1, checkpoint_every=0, progress=False,
+                        warmup=0.1, checkpoint_every=0,
                         precision="bf16" if args.device == "cuda" else "fp32")
-    result = train_ct(base, [text], tokens, work / f"lm-{repeat_index}", options=opts, force=True)
+    result = train_ct(base, [text], tokens, work / f"lm-{repeat_index}", options=opts, force=True, progress=False)
     return result.tokens_seen / result.seconds
 
 

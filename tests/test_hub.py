@@ -464,7 +464,7 @@ def test_train_base_by_id(plain, offline, tmp_path, hub, capsys):
     assert main(["train", "sft", "--base", "org/base", "--data", str(data), "--out", str(tmp_path / "by-id"),
                  "--seq-len", "32", "--batch-size", "4", "--micro-batch-size", "2", "--lr", "3e-3", "--warmup", "0.1",
                  "--seed", "0", "--no-progress"]) == 0
-    by_folder = train_sft(plain["base"], data, tmp_path / "by-folder", options=fast_options())
+    by_folder = train_sft(plain["base"], data, tmp_path / "by-folder", options=fast_options(), progress=False)
     meta = json.loads((tmp_path / "by-id" / "langmerge_training.json").read_text())
     assert meta["base"] == f"org/base@{hub.commits['base']}"
     assert meta["final_loss"] == by_folder.final_loss
@@ -533,7 +533,8 @@ def test_lora_trained_on_a_hub_base_records_its_id_and_merges_on_it(offline, tmp
 
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{k} + 2 =", "response": f" {k + 2}"}) + "\n" for k in range(8)))
-    train_sft("org/base", data, tmp_path / "adapter", options=fast_options(lora=LoraOptions(rank=2, alpha=4), lr=1e-2))
+    train_sft("org/base", data, tmp_path / "adapter", options=fast_options(lora=LoraOptions(rank=2, alpha=4), lr=1e-2),
+              progress=False)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert (config["base_model_name_or_path"], config["revision"]) == ("org/base", hub.commits["base"])
     recipe = {"merge_method": "task_arithmetic", "base_model": "org/base", "dtype": "float32",

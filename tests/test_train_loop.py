@@ -33,7 +33,7 @@ def _weights(folder):
 def test_ct_loss_falls_and_checkpoint_loads(corpus, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    result = train_ct(corpus["base"], [corpus["ta"]], 2000, tmp_path / "ct", options=fast_options())
+    result = train_ct(corpus["base"], [corpus["ta"]], 2000, tmp_path / "ct", options=fast_options(), progress=False)
     assert result.completed and result.steps == len(result.losses)
     first, last = result.losses[0], float(np.mean(result.losses[-3:]))
     assert last < first - 1.0, result.losses
@@ -49,6 +49,7 @@ def test_token_budgets_are_exact_when_counted_in_the_loop(corpus, tmp_path):
     result = train_ct(
         corpus["base"], [corpus["ta"]], "1.001k", tmp_path / "ct",
         save_at=["333", "700"], replay=[corpus["en"]], replay_ratio=(4, 1), options=fast_options(),
+        progress=False,
     )
     assert (result.target_tokens, result.replay_tokens) == (1001, 1001 // 4)
     for name, budget in (("tokens-333", 333), ("tokens-700", 700)):
@@ -72,14 +73,14 @@ def test_counted_tokens_are_the_tokens_fed_to_the_model(corpus, tmp_path, monkey
 
     monkeypatch.setattr(loop_module, "_collate", counting_collate)
     result = train_ct(corpus["base"], [corpus["ta"]], 517, tmp_path / "ct", replay=[corpus["en"]],
-                      replay_ratio=(3, 2), options=fast_options())
+                      replay_ratio=(3, 2), options=fast_options(), progress=False)
     assert sum(fed) == 517 + 517 * 2 // 3 == result.tokens_seen
 
 
 def _stop_or_kill_then_resume(corpus, tmp_path, monkeypatch, kill: bool):
     opts = fast_options(checkpoint_every=2, deterministic=True)
     args = (corpus["base"], [corpus["ta"]], 1200)
-    full = train_ct(*args, tmp_path / "full", replay=[corpus["en"]], options=opts)
+    full = train_ct(*args, tmp_path / "full", replay=[corpus["en"]], options=opts, progress=False)
     out = tmp_path / "resumed"
     if kill:
         real_step = loop_module._Trainer.train_step
@@ -91,15 +92,15 @@ def _stop_or_kill_then_resume(corpus, tmp_path, monkeypatch, kill: bool):
 
         monkeypatch.setattr(loop_module._Trainer, "train_step", dying_step)
         with pytest.raises(KeyboardInterrupt):
-            train_ct(*args, out, replay=[corpus["en"]], options=opts)
+            train_ct(*args, out, replay=[corpus["en"]], options=opts, progress=False)
         monkeypatch.undo()
     else:
-        partial = train_ct(*args, out, replay=[corpus["en"]], options=opts, stop_after=3)
+        partial = train_ct(*args, out, replay=[corpus["en"]], options=opts, stop_after=3, progress=False)
         assert not partial.completed and partial.steps == 3
     assert not out.exists() and loop_module.state_dir_for(out).is_dir()
     with pytest.raises(LangmergeError, match="--resume"):
-        train_ct(*args, out, replay=[corpus["en"]], options=opts)
-    resumed = train_ct(*args, out, replay=[corpus["en"]], options=opts, resume=True)
+        train_ct(*args, out, replay=[corpus["en"]], options=opts, progress=False)
+    resumed = train_ct(*args, out, replay=[corpus["en"]], options=opts, resume=True, progress=False)
     assert resumed.completed and resumed.steps == full.steps
     assert (resumed.target_tokens, resumed.replay_tokens) == (full.target_tokens, full.replay_tokens)
     a, b = _weights(tmp_path / "full"), _weights(out)
@@ -118,9 +119,9 @@ def test_killed_run_resumes_to_identical_weights(corpus, tmp_path, monkeypatch):
 
 def test_resume_with_other_data_is_refused(corpus, tmp_path):
     out = tmp_path / "ct"
-    train_ct(corpus["base"], [corpus["ta"]], 600, out, options=fast_options(), stop_after=1)
+    train_ct(corpus["base"], [corpus["ta"]], 600, out, options=fast_options(), stop_after=1, progress=False)
     with pytest.raises(LangmergeError, match="other data or options"):
-        train_ct(corpus["base"], [corpus["ta"]], 700, out, options=fast_options(), resume=True)
+        train_ct(corpus["base"], [corpus["ta"]], 700, out, options=fast_options(), resume=True, progress=False)
 
 
 def _sft_file(path):
@@ -131,8 +132,8 @@ def _sft_file(path):
 
 def test_sft_learns_responses_only_and_ct_then_sft_chains(corpus, tmp_path):
     data = _sft_file(tmp_path / "sft.jsonl")
-    ct = train_ct(corpus["base"], [corpus["ta"]], 500, tmp_path / "ct", options=fast_options())
-    result = train_sft(ct.out, data, tmp_path / "ct_sft", epochs=3, options=fast_options(lr=5e-3))
+    ct = train_ct(corpus["base"], [corpus["ta"]], 500, tmp_path / "ct", options=fast_options(), progress=False)
+    result = train_sft(ct.out, data, tmp_path / "ct_sft", epochs=3, options=fast_options(lr=5e-3), progress=False)
     # Trained tokens: each response's characters plus </s>, counted by hand.
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     assert result.trained_tokens == 3 * sum(len(r["response"]) + 1 for r in rows)
@@ -148,7 +149,7 @@ def test_sft_loss_ignores_prompt_tokens(corpus, tmp_path, monkeypatch):
 
     data = tmp_path / "one.jsonl"
     data.write_text(json.dumps({"prompt": "abc", "response": "de"}) + "\n")
-    result = train_sft(corpus["base"], data, tmp_path / "sft", options=fast_options(lr=0.0, warmup=0))
+    result = train_sft(corpus["base"], data, tmp_path / "sft", options=fast_options(lr=0.0, warmup=0), progress=False)
     model = AutoModelForCausalLM.from_pretrained(corpus["base"])
     tok = AutoTokenizer.from_pretrained(corpus["base"])
     ids = [tok.bos_token_id, *tok.convert_tokens_to_ids(list("abcde")), tok.eos_token_id]
@@ -165,9 +166,9 @@ def test_lora_adapter_and_merged_checkpoint_agree(corpus, tmp_path):
 
     lora = LoraOptions(rank=4, alpha=8)
     opts = fast_options(lora=lora, lr=1e-2)
-    adapter = train_ct(corpus["base"], [corpus["ta"]], 400, tmp_path / "adapter", options=opts)
+    adapter = train_ct(corpus["base"], [corpus["ta"]], 400, tmp_path / "adapter", options=opts, progress=False)
     merged = train_ct(corpus["base"], [corpus["ta"]], 400, tmp_path / "merged",
-                      options=fast_options(lora=lora, lr=1e-2, merge_lora=True))
+                      options=fast_options(lora=lora, lr=1e-2, merge_lora=True), progress=False)
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert not (tmp_path / "adapter" / "model.safetensors").exists()
     assert adapter.losses == merged.losses
@@ -185,8 +186,9 @@ def test_trained_checkpoints_are_merge_inputs(corpus, tmp_path):
     from langmerge.merge import merge
 
     data = _sft_file(tmp_path / "sft.jsonl")
-    ct = train_ct(corpus["base"], [corpus["ta"]], 600, tmp_path / "ct", save_at=[300], options=fast_options())
-    sft = train_sft(corpus["base"], data, tmp_path / "sft", options=fast_options())
+    ct = train_ct(corpus["base"], [corpus["ta"]], 600, tmp_path / "ct", save_at=[300], options=fast_options(),
+                  progress=False)
+    sft = train_sft(corpus["base"], data, tmp_path / "sft", options=fast_options(), progress=False)
     recipe = {
         "merge_method": "ties",
         "base_model": str(corpus["base"]),

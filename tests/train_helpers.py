@@ -32,6 +32,6 @@ def write_lines(path: Path, lines: list[str], repeat: int = 1) -> Path:
 
 
 def fast_options(**changes) -> TrainOptions:
-    base = dict(seq_len=32, batch_size=4, micro_batch_size=2, lr=3e-3, warmup=0.1, progress=False, seed=0)
+    base = dict(seq_len=32, batch_size=4, micro_batch_size=2, lr=3e-3, warmup=0.1, seed=0)
     base.update(changes)
     return TrainOptions(**base)

@@ -25,43 +25,6 @@ COMMAND_PROVIDERS = ("langmerge.merge.cli", "langmerge.training.cli", "langmerge
                      "langmerge.tuning.cli", "langmerge.study.cli")
 
 
-def parse_size(text: str) -> int:
-    """Bytes from '5GB', '500MB', '1e9' or a plain integer."""
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    t = text.strip().upper().replace(" ", "")
-    for unit, factor in sorted(units.items(), key=lambda u: -len(u[0])):
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * factor)
-    try:
-        return int(float(t))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 5GB or 500MB)") from None
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def device_name(text: str) -> str:
-    """An argparse type: cpu, cuda, cuda:N or mps, present on this machine."""
-    if text == "cpu":
-        return text  # the default: no need to import torch while parsing
-    from langmerge.devices import resolve_device
-
-    try:
-        resolve_device(text, key="")
-    except LangmergeError as exc:
-        raise argparse.ArgumentTypeError(str(exc).strip()) from None
-    return text
-
-
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM: unwinds like Ctrl-C, so every ``atomic_output_dir`` removes its partial folder."""
 

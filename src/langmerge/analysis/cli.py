@@ -14,7 +14,7 @@ from langmerge.analysis.diagnostics import (
     percent,
     resolve_protected,
 )
-from langmerge.cli import device_name
+from langmerge.cli_options import ALLOW_PICKLE, DEVICE, FORCE, NO_PROGRESS
 from langmerge.errors import LangmergeError
 from langmerge.io.hub import resolve_model
 from langmerge.io.metadata import TRAINING_METADATA
@@ -182,8 +182,8 @@ def add_commands(sub) -> None:
                         "default: the recipe's 'protect'")
     p.add_argument("--tokens", default=None,
                    help="CT tokens per recipe, e.g. 1M,2M,4M (default: read from the CT model's langmerge_training.json)")
-    p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda, cuda:N or mps")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.add_argument("--allow-pickle", action="store_true", help="read .bin (pickle) weights with torch.load(weights_only=True)")
+    DEVICE.add(p)
+    FORCE.add(p)
+    NO_PROGRESS.add(p)
+    ALLOW_PICKLE.add(p)
     p.set_defaults(handler=run_analyze)

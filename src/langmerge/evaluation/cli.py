@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from langmerge.cli import device_name, positive_int
+from langmerge.cli_options import ALLOW_PICKLE, BATCH_SIZE, DEVICE, FEW_SHOT, FORCE, LIMIT, NO_PROGRESS
 
 
 def _split(text: str | None) -> list[str]:
@@ -70,19 +70,18 @@ def add_commands(sub) -> None:
     p.add_argument("--lm-eval", help="lm-eval task names or language presets (ta, te, bn, ...), comma-separated")
     p.add_argument("--lm-eval-include", action="append", help="folder of extra lm-eval task YAMLs (repeatable)")
     p.add_argument("--out", help="write results.json, results.md, results.png and samples.jsonl into this new folder")
-    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
-    p.add_argument("--few-shot", type=int, default=None, help="few-shot examples per prompt (default: each task's own)")
-    p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N examples of each task")
+    FORCE.add(p, "replace an existing --out folder")
+    FEW_SHOT.add(p)
+    BATCH_SIZE.add(p)
+    LIMIT.add(p, "evaluate only the first N examples of each task")
     p.add_argument("--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
     p.add_argument("--max-length", type=int, default=None, help="max tokens per sequence (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the few-shot selection")
-    p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda, cuda:N or mps")
+    DEVICE.add(p)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: matrix products in bfloat16 (torch.autocast), about twice as fast on AVX-512 BF16 CPUs")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    NO_PROGRESS.add(p, "hide the progress bars")
     p.add_argument("--list-tasks", action="store_true", help="list the built-in tasks and lm-eval presets")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="load .bin (pickle) weights, with torch.load(weights_only=True)")
+    ALLOW_PICKLE.add(p, "load .bin (pickle) weights, with torch.load(weights_only=True)")
     p.set_defaults(handler=_eval)

@@ -7,13 +7,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from langmerge.cli import device_name, parse_size, positive_int
+from langmerge.cli_options import ALLOW_PICKLE, DEVICE, FORCE, NO_PROGRESS, THREADS, parse_size
 from langmerge.io.hub import ResolvedModel
 from langmerge.merge.execute import DEFAULT_MEMORY, merge
 from langmerge.merge.plan import DEFAULT_SHARD_BYTES
 from langmerge.progress import TqdmReporter
-
-ALLOW_PICKLE_HELP = "read .bin (pickle) weights with torch.load(weights_only=True)"
 
 
 def _reporter(args, what: str) -> TqdmReporter | None:
@@ -98,27 +96,27 @@ def add_commands(sub) -> None:
     p = sub.add_parser("merge", help="merge models per a mergekit-style YAML recipe")
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("out_dir", help="output folder (a Hugging Face model folder)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda, cuda:N or mps")
-    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for the tensor arithmetic")
+    FORCE.add(p)
+    DEVICE.add(p)
+    THREADS.add(p)
     p.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_BYTES, help="max bytes per shard (default 5GB)")
     p.add_argument("--memory", type=parse_size, default=DEFAULT_MEMORY,
                    help=f"bytes of tensor buffers the merge may hold, which set its chunk size (default "
                         f"{DEFAULT_MEMORY >> 20}MiB; the interpreter adds about 0.25GB), e.g. 1GB")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
+    NO_PROGRESS.add(p)
+    ALLOW_PICKLE.add(p)
     p.set_defaults(handler=_merge)
 
     p = sub.add_parser("check", help="report what a merge would meet (architectures, shapes, vocabularies) before merging")
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
-    p.add_argument("--no-progress", action="store_true", help="hide the download progress bars")
+    ALLOW_PICKLE.add(p)
+    NO_PROGRESS.add(p, "hide the download progress bars")
     p.set_defaults(handler=_check)
 
     p = sub.add_parser("demo", help="merge a small generated model trio and show the result")
     p.add_argument("--work-dir", default=None,
                    help="where to put the generated models (WORK/inputs) and the merge (WORK/merged); default: a temp folder")
-    p.add_argument("--force", action="store_true", help="replace WORK/inputs and WORK/merged if they exist")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    FORCE.add(p, "replace WORK/inputs and WORK/merged if they exist")
+    NO_PROGRESS.add(p, "hide the progress bars")
     p.set_defaults(handler=_demo)

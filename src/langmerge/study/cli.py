@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from langmerge.cli_options import ALLOW_PICKLE, FORCE, NO_PROGRESS
+
 
 def _print_step(i: int, total: int, step, record: dict) -> None:
     state = "cached" if record.get("cached") else f"done in {record['seconds']:.1f}s"
@@ -47,11 +49,10 @@ def add_commands(sub) -> None:
     p.add_argument("study", help="study YAML file (see docs/study.md)")
     p.add_argument("--executor", choices=["local", "ray"], default=None,
                    help="local: steps in order on this machine; ray: Ray tasks (default: the config's)")
-    p.add_argument("--force", action="store_true", help="rerun the selected steps even if they are cached")
+    FORCE.add(p, "rerun the selected steps even if they are cached")
     p.add_argument("--only", action="append", default=None, metavar="PATTERN",
                    help="run only steps whose label or kind matches (shell pattern; repeatable), and what they need")
     p.add_argument("--dry-run", action="store_true", help="list the steps, their keys and whether they are done")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="let given models with only .bin (pickle) weights load, with torch.load(weights_only=True)")
+    NO_PROGRESS.add(p, "hide the progress bars")
+    ALLOW_PICKLE.add(p, "let given models with only .bin (pickle) weights load, with torch.load(weights_only=True)")
     p.set_defaults(handler=run_study_command)

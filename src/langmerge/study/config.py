@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from langmerge.errors import LangmergeError
 from langmerge.input_files import read_yaml_mapping, validation_message
 from langmerge.methods.registry import METHODS, get_method
+from langmerge.training.options import TrainOptions
 
 if TYPE_CHECKING:
     from langmerge.io.hub import ResolvedModel
@@ -66,44 +67,61 @@ class BaseSpec(_Strict):
         return self
 
 
-class LoraSpec(_Strict):
-    rank: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
+# A step's settings hold these training keys since study caches began (STEP_VERSION 1). An option
+# added to TrainOptions since then is in a step's settings (its cache key) only when it is set to other
+# than its default, so adding an option leaves the finished steps of existing studies valid.
+KEYED_TRAINING: dict[str, Any] = {
+    "seq_len": None, "batch_size": None, "micro_batch_size": None, "lr": None, "min_lr": None, "warmup": None,
+    "weight_decay": None, "max_grad_norm": None, "seed": None, "precision": None, "gradient_checkpointing": None,
+    "lora": {"rank": None, "alpha": None, "dropout": None}, "deterministic": None,
+}
+# Fields of TrainOptions a study sets itself: merging reads full checkpoints, so LoRA adapters are always
+# merged in; a step is written whole or not at all, so it keeps no resumable state.
+STUDY_OWNED = ("merge_lora", "checkpoint_every")
 
 
-class TrainSpec(_Strict):
-    """``langmerge.training.TrainOptions`` fields (progress and checkpointing are the study's)."""
+def _keyed(model: BaseModel, keyed: dict[str, Any], exclude: tuple[str, ...] = ()) -> dict:
+    """``model``'s fields as settings: those in ``keyed``, and the others where they differ from their default."""
+    out = {}
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        if name in exclude or (name not in keyed and value == info.get_default(call_default_factory=True)):
+            continue
+        if isinstance(value, BaseModel):
+            value = _keyed(value, keyed[name]) if keyed.get(name) else value.model_dump()
+        out[name] = value
+    return out
 
-    seq_len: int = 512
-    batch_size: int = 8
-    micro_batch_size: int = 8
-    lr: float = 3e-5
-    min_lr: float = 0.0
-    warmup: float = 0.01
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    gradient_checkpointing: bool = False
-    lora: LoraSpec | None = None
-    deterministic: bool = False
 
-    def options(self, progress: bool):
-        from langmerge.training import LoraOptions, TrainOptions
+class StudyTrainOptions(TrainOptions):
+    """A study's ``training`` and ``ct_training``: ``langmerge.training.TrainOptions`` itself, with the study's
+    default micro-batch (8 sequences, as study configs always had) and ``STUDY_OWNED`` set by the study."""
 
-        d = self.model_dump()
-        lora_spec = d.pop("lora")
-        lora = LoraOptions(**lora_spec) if lora_spec else None
-        # A study merges full checkpoints: LoRA adapters are always merged into the weights.
-        return TrainOptions(**d, lora=lora, merge_lora=lora is not None, progress=progress, checkpoint_every=0)
+    micro_batch_size: int | None = Field(
+        8, ge=1, description="sequences per forward pass per process; gradient accumulation makes up the batch "
+                             "(null: the batch size)", json_schema_extra={"unit": "sequences"})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _study_owned(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            given = [key for key in STUDY_OWNED if key in data]
+            if given:
+                raise ValueError(f"{' and '.join(given)}: set by the study (LoRA adapters are always merged into "
+                                 "full checkpoints; a step keeps no resumable state)")
+            data = {**data, "merge_lora": data.get("lora") is not None, "checkpoint_every": 0}
+        return data
+
+    def step_settings(self) -> dict:
+        """The options as a training step's settings (part of its cache key; ``model_validate`` reads them back)."""
+        return _keyed(self, KEYED_TRAINING, exclude=STUDY_OWNED)
 
 
 class SFTSpec(_Strict):
     path: str | None = None  # take a trained SFT model (a folder or Hub id)
     data: list[Source] | None = None  # SFT data: trains the SFT model (without path) and the CT-then-SFT baseline
     epochs: int = Field(1, ge=1)
-    training: TrainSpec = Field(default_factory=TrainSpec)
+    training: StudyTrainOptions = Field(default_factory=StudyTrainOptions)
     test: list[str] = Field(default_factory=list)  # English tasks: does the SFT model solve what it was taught?
 
     _norm = field_validator("data", mode="before")(lambda cls, v: None if v is None else _sources(v))
@@ -200,7 +218,7 @@ class StudySpec(_Strict):
     replay: list[Source] = Field(default_factory=list)  # English text mixed into CT
     replay_ratio: str = "4:1"
     repeat: bool = False  # cycle through the CT text when a budget exceeds it
-    ct_training: TrainSpec = Field(default_factory=TrainSpec)
+    ct_training: StudyTrainOptions = Field(default_factory=StudyTrainOptions)
     methods: dict[str, MethodSpec] = Field(min_length=1)
     tuning: TuningSpec = Field(default_factory=TuningSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)

@@ -104,7 +104,7 @@ def build_plan(study: Study) -> Plan:
     plan = Plan(study, order, prepare, base)
 
     def sft_step(seed: int | None) -> Step:
-        training = s.sft.training.model_dump() | ({"seed": seed} if seed is not None else {})
+        training = s.sft.training.step_settings() | ({"seed": seed} if seed is not None else {})
         return Step("sft", "sft" + (f" (seed {seed})" if seed is not None else ""),
                     {"epochs": s.sft.epochs, "training": training}, {"base": base, "data": sft_data}, training=True)
 
@@ -127,7 +127,7 @@ def build_plan(study: Study) -> Plan:
     ratio = list(study.ratio())
 
     def ct_step(lang: str, budgets: list[int], seed: int | None) -> Step:
-        training = s.ct_training.model_dump() | ({"seed": seed} if seed is not None else {})
+        training = s.ct_training.step_settings() | ({"seed": seed} if seed is not None else {})
         deps = {"base": base} | {f"text{i}": t for i, t in enumerate(texts[lang])}
         deps |= {f"replay{i}": r for i, r in enumerate(replay)}
         label = f"ct {lang} ({', '.join(f'{b:,}' for b in budgets)} tokens" + (f", seed {seed})" if seed is not None else ")")
@@ -140,7 +140,7 @@ def build_plan(study: Study) -> Plan:
         budget = {"budget": b} if ct.kind == "ct" else {}
         evals = {"ct": _add(order, seen, Step("eval", f"eval ct {tag}", ev | budget, {"model": ct}))}
         ct_sft = _add(order, seen, Step("ct_sft", f"ct-then-sft {tag}",
-                                        {"epochs": s.sft.epochs, "training": sft.settings.get("training", s.sft.training.model_dump())} | budget,
+                                        {"epochs": s.sft.epochs, "training": sft.settings.get("training", s.sft.training.step_settings())} | budget,
                                         {"base": ct, "data": sft_data}, training=True))
         evals["ct_sft"] = _add(order, seen, Step("eval", f"eval ct-then-sft {tag}", ev, {"model": ct_sft}))
         for name in methods:

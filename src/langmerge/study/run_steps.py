@@ -62,10 +62,10 @@ def _inputs(ctx: Context, step: Step, prefix: str) -> list[Path]:
     return [data_path(ctx, step.deps[n]) for n in names]
 
 
-def _options(step: Step, ctx: Context):
-    from langmerge.study.config import TrainSpec
+def _options(step: Step):
+    from langmerge.study.config import StudyTrainOptions
 
-    return TrainSpec.model_validate(step.settings["training"]).options(progress=ctx.progress)
+    return StudyTrainOptions.model_validate(step.settings["training"])
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -155,7 +155,7 @@ def run_ct(step: Step, ctx: Context, out: Path) -> dict:
     result = train_ct(
         model_path(ctx, step.deps["base"]), _inputs(ctx, step, "text"), max(budgets), out / "model",
         save_at=budgets[:-1], replay=_inputs(ctx, step, "replay"), replay_ratio=tuple(s["replay_ratio"]),
-        repeat=s["repeat"], options=_options(step, ctx), allow_pickle=ctx.allow_pickle,
+        repeat=s["repeat"], options=_options(step), allow_pickle=ctx.allow_pickle, progress=ctx.progress,
     )
     return {"steps": result.steps, "target_tokens": result.target_tokens, "replay_tokens": result.replay_tokens,
             "final_loss": result.final_loss, "train_seconds": result.seconds}
@@ -166,8 +166,8 @@ def run_sft(step: Step, ctx: Context, out: Path) -> dict:
 
     base = step.deps["base"]
     result = train_sft(model_path(ctx, base, step.settings.get("budget")), data_path(ctx, step.deps["data"]),
-                       out / "model", epochs=step.settings["epochs"], options=_options(step, ctx),
-                       allow_pickle=ctx.allow_pickle)
+                       out / "model", epochs=step.settings["epochs"], options=_options(step),
+                       allow_pickle=ctx.allow_pickle, progress=ctx.progress)
     return {"steps": result.steps, "target_tokens": result.target_tokens, "trained_tokens": result.trained_tokens,
             "final_loss": result.final_loss, "train_seconds": result.seconds}
 

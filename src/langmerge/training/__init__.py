@@ -5,7 +5,7 @@
 """
 
 from langmerge.training.api import train_ct, train_sft
-from langmerge.training.lora import LoraOptions
-from langmerge.training.loop import TrainOptions, TrainResult
+from langmerge.training.loop import TrainResult
+from langmerge.training.options import LoraOptions, TrainOptions
 
 __all__ = ["train_ct", "train_sft", "TrainOptions", "TrainResult", "LoraOptions"]

@@ -20,7 +20,8 @@ from langmerge.training.data import (
     plan_sft_order,
     token_stream,
 )
-from langmerge.training.loop import Item, Job, TrainOptions, TrainResult, fingerprint, prepare_output, run
+from langmerge.training.loop import Item, Job, TrainResult, fingerprint, prepare_output, run
+from langmerge.training.options import TrainOptions
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +60,7 @@ def check_base(base: Path, seq_len: int, allow_pickle: bool) -> dict:
 
 
 def _options_fingerprint(options: TrainOptions) -> dict:
-    d = options.to_json()
-    for volatile in ("checkpoint_every", "progress"):
-        d.pop(volatile)
-    return d
+    return options.model_dump(mode="json", exclude={"checkpoint_every"})
 
 
 def train_ct(
@@ -80,6 +78,7 @@ def train_ct(
     resume: bool = False,
     stop_after: int | None = None,
     allow_pickle: bool = False,
+    progress: bool = True,
 ) -> TrainResult:
     """Continual pre-training of ``base`` on exactly ``tokens`` target-language tokens.
 
@@ -93,7 +92,7 @@ def train_ct(
         raise LangmergeError(f"--save-at budget {budgets[-1]:,} is larger than --tokens {total:,}")
     # fail before downloading or tokenizing anything (a Hub id's files stay in its cache repository)
     prepare_output(out, force, resume, [hub_repository_folder(str(base)) or base, *texts, *replay])
-    source = resolve_model(base, allow_pickle=allow_pickle, progress=options.progress)
+    source = resolve_model(base, allow_pickle=allow_pickle, progress=progress)
     base = source.folder
     pretrained = check_base(base, options.seq_len, allow_pickle)
     tokenizer = load_tokenizer(base)
@@ -128,7 +127,8 @@ def train_ct(
         metadata=metadata, base_model=source, pretrained=pretrained,
     )
     log.info("CT plan: %d steps, %d target + %d replay tokens", plan.steps, plan.tokens(TARGET), plan.tokens(REPLAY))
-    return run(job, out, options, tokenizer, force=force, resume=resume, stop_after=stop_after)
+    return run(job, out, options, tokenizer, force=force, resume=resume, stop_after=stop_after,
+               progress=progress)
 
 
 def train_sft(
@@ -142,6 +142,7 @@ def train_sft(
     resume: bool = False,
     stop_after: int | None = None,
     allow_pickle: bool = False,
+    progress: bool = True,
 ) -> TrainResult:
     """Supervised fine-tuning of ``base`` on a JSONL of prompt/response pairs or chat messages.
 
@@ -150,7 +151,7 @@ def train_sft(
     """
     out, data = Path(out), Path(data)
     prepare_output(out, force, resume, [hub_repository_folder(str(base)) or base, data])  # fail before downloading anything
-    source = resolve_model(base, allow_pickle=allow_pickle, progress=options.progress)
+    source = resolve_model(base, allow_pickle=allow_pickle, progress=progress)
     base = source.folder
     pretrained = check_base(base, options.seq_len, allow_pickle)
     tokenizer = load_tokenizer(base)
@@ -178,5 +179,6 @@ def train_sft(
         fingerprint=fingerprint(flat_ids, order, bounds, _options_fingerprint(options), source.pinned),
         metadata=metadata, base_model=source, pretrained=pretrained,
     )
-    return run(job, out, options, tokenizer, force=force, resume=resume, stop_after=stop_after)
+    return run(job, out, options, tokenizer, force=force, resume=resume, stop_after=stop_after,
+               progress=progress)
 

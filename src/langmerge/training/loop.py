@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -31,40 +31,13 @@ from langmerge.io.hub import ResolvedModel
 from langmerge.io.metadata import TRAINING_METADATA
 from langmerge.io.output import atomic_output_dir, check_disjoint, check_output_free
 from langmerge.training.data import IGNORE_INDEX, TARGET
-from langmerge.training.lora import LoraOptions
+from langmerge.training.options import TrainOptions
 from langmerge.training.schedule import cosine_lr, warmup_steps_for
 
 log = logging.getLogger(__name__)
 
 METADATA_FILE = TRAINING_METADATA
 PROGRESS_FILE = "progress.json"
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """Everything about a run except its data."""
-
-    seq_len: int = 512
-    batch_size: int = 8  # sequences per optimizer step, over all processes
-    micro_batch_size: int = 8  # sequences per forward pass per process (gradient accumulation above it)
-    lr: float = 3e-5
-    min_lr: float = 0.0  # the cosine schedule's floor
-    warmup: float = 0.01  # a fraction of the steps (< 1) or a step count
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    precision: str = "auto"  # fp32, bf16, or auto (bf16 on GPU, fp32 on CPU)
-    gradient_checkpointing: bool = False
-    lora: LoraOptions | None = None
-    merge_lora: bool = False
-    checkpoint_every: int = 100  # steps between resumable states
-    deterministic: bool = False
-    progress: bool = True
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["lora"] = self.lora.to_json() if self.lora else None
-        return d
 
 
 @dataclass
@@ -169,14 +142,12 @@ def _base_dtype(base: Path) -> torch.dtype:
 
 
 class _Trainer:
-    def __init__(self, job: Job, out: Path, options: TrainOptions, tokenizer):
+    def __init__(self, job: Job, out: Path, options: TrainOptions, tokenizer, progress: bool):
         from accelerate import Accelerator
 
-        self.job, self.out, self.opt, self.tokenizer = job, out, options, tokenizer
+        self.job, self.out, self.opt, self.tokenizer, self.progress = job, out, options, tokenizer, progress
         cuda = torch.cuda.is_available()
         precision = options.precision if options.precision != "auto" else ("bf16" if cuda else "fp32")
-        if precision not in ("fp32", "bf16"):
-            raise LangmergeError(f"precision {precision!r}: use fp32, bf16 or auto")
         self.accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else "bf16", cpu=not cuda)
         self.precision = precision
         self.state_dir = state_dir_for(out)
@@ -311,7 +282,8 @@ class _Trainer:
             "steps": progress["step"],
             "seed": self.opt.seed,
             "final_loss": progress["losses"][-1] if progress["losses"] else None,
-            "options": self.opt.to_json(),
+            # progress: a field of the options until it became run()'s argument; the file keeps it
+            "options": self.opt.model_dump(mode="json") | {"progress": self.progress},
             "processes": self.accelerator.num_processes,
             "precision": self.precision,
             "seconds": round(progress["seconds"], 3),
@@ -376,15 +348,17 @@ def prepare_output(out: Path, force: bool, resume: bool, inputs: Sequence[str | 
 
 
 def run(job: Job, out: str | Path, options: TrainOptions, tokenizer, *, force: bool = False,
-        resume: bool = False, stop_after: int | None = None) -> TrainResult:
-    """Train ``job`` into ``out``; with ``stop_after`` stop resumably after that many steps in total."""
+        resume: bool = False, stop_after: int | None = None, progress: bool = True) -> TrainResult:
+    """Train ``job`` into ``out``; with ``stop_after`` stop resumably after that many steps in total.
+    ``progress``: show a progress bar."""
     from tqdm.auto import tqdm
 
     out = Path(out)
     state_dir = prepare_output(out, force, resume)
-    trainer = _Trainer(job, out, options, tokenizer)
+    trainer = _Trainer(job, out, options, tokenizer, progress)
     acc = trainer.accelerator
     trainer.build()
+    # From here on ``progress`` is the run's counts (the trainer holds the flag).
     progress = trainer.load_resume_state() if resume else None
     if progress is None:
         progress = {"step": 0, "target_tokens": 0, "replay_tokens": 0, "trained_tokens": 0, "losses": [],
@@ -393,7 +367,7 @@ def run(job: Job, out: str | Path, options: TrainOptions, tokenizer, *, force: b
         log.info("resuming at step %d of %d", progress["step"], job.steps)
     budget_at = {steps: name for name, steps in job.save_steps.items() if steps < job.steps}
     end = job.steps if stop_after is None else min(job.steps, stop_after)
-    bar = tqdm(total=job.steps, initial=progress["step"], unit="step", disable=not (options.progress and acc.is_main_process),
+    bar = tqdm(total=job.steps, initial=progress["step"], unit="step", disable=not (trainer.progress and acc.is_main_process),
                desc=f"train {job.kind}")
     started = time.perf_counter()
     seconds_before = progress["seconds"]

@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-
-@dataclass(frozen=True)
-class LoraOptions:
-    rank: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    # "all-linear": every linear layer but the output layer (PEFT's own rule).
-    target_modules: str | tuple[str, ...] = "all-linear"
-
-    def to_json(self) -> dict:
-        return asdict(self)
+from langmerge.training.options import LoraOptions
 
 
 def _peft_config(options: LoraOptions):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from langmerge.cli import device_name, positive_int
+from langmerge.cli_options import ALLOW_PICKLE, BATCH_SIZE, DEVICE, FEW_SHOT, FORCE, LIMIT, NO_PROGRESS
 from langmerge.io.output import check_output_free
 from langmerge.io.sources import recipe_input_paths
 from langmerge.merge.recipe import load_recipe
@@ -47,11 +47,11 @@ def add_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler and of few-shot example choice")
     p.add_argument("--metric", default="auto",
                    help="metric per task: auto (acc / exact_match / -bpc), acc, acc_norm, exact_match, chrf, bpc")
-    p.add_argument("--limit", type=positive_int, default=None, help="first N examples of each task")
-    p.add_argument("--few-shot", type=int, default=None, help="override every task's few-shot count")
-    p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda, cuda:N or mps")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.add_argument("--allow-pickle", action="store_true", help="read .bin (pickle) weights with torch.load(weights_only=True)")
+    LIMIT.add(p)
+    FEW_SHOT.add(p, "override every task's few-shot count")
+    BATCH_SIZE.add(p)
+    DEVICE.add(p)
+    FORCE.add(p)
+    NO_PROGRESS.add(p)
+    ALLOW_PICKLE.add(p)
     p.set_defaults(handler=run_tune)
