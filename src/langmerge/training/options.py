@@ -32,9 +32,9 @@ class LoraOptions(BaseModel):
 
     @field_validator("target_modules", mode="before")
     @classmethod
-    def _one_name(cls, value):
-        # From the command line every value comes as a list: one name (all-linear) is that name.
-        return value[0] if isinstance(value, list) and len(value) == 1 else value
+    def _all_linear(cls, value):
+        # From the command line the values come as a list; all-linear is PEFT's word, not a module's name.
+        return "all-linear" if value == ["all-linear"] else value
 
 
 class TrainOptions(BaseModel):
