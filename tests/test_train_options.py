@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import typing
+from pathlib import Path
 
 import pytest
 from pydantic import BaseModel, ValidationError
@@ -237,3 +238,9 @@ def _minimal_argv(command: str) -> list[str]:
         "tune": ["r.yaml", "--space", "s.yaml", "--tasks", "x", "-o", "o"], "study": ["s.yaml"],
         "train ct": TRAIN_ARGV["ct"][2:], "train sft": TRAIN_ARGV["sft"][2:],
     }[command]
+
+
+def test_docs_list_every_training_flag():
+    text = (Path(__file__).parents[1] / "docs" / "training.md").read_text()
+    missing = [flag for flag in model_flags(TrainOptions).values() if f"`{flag}`" not in text]
+    assert missing == []
