@@ -65,7 +65,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="ct-lr-") as tmp:
             start, wall = cpu_seconds(), time.perf_counter()
             out = Path(tmp) / "ct"
-            train_ct(base, [text], budgets[-1], out, save_at=budgets[:-1], replay=[replay], options=opts, progress=False)
+            train_ct(base, [text], budgets[-1], out, save_at=budgets[:-1], replay=[replay], options=opts,
+                     progress=False)
             seconds = cpu_seconds() - start
             for b in budgets:
                 folder = out if b == budgets[-1] else out / f"tokens-{format_token_count(b)}"

@@ -139,8 +139,9 @@ def build_plan(study: Study) -> Plan:
         """CT-then-SFT and the tuned merges of one budget, and the evaluations of CT, CT-then-SFT and the merges."""
         budget = {"budget": b} if ct.kind == "ct" else {}
         evals = {"ct": _add(order, seen, Step("eval", f"eval ct {tag}", ev | budget, {"model": ct}))}
+        training = sft.settings.get("training", s.sft.training.step_settings())  # the SFT run's, with its seed
         ct_sft = _add(order, seen, Step("ct_sft", f"ct-then-sft {tag}",
-                                        {"epochs": s.sft.epochs, "training": sft.settings.get("training", s.sft.training.step_settings())} | budget,
+                                        {"epochs": s.sft.epochs, "training": training} | budget,
                                         {"base": ct, "data": sft_data}, training=True))
         evals["ct_sft"] = _add(order, seen, Step("eval", f"eval ct-then-sft {tag}", ev, {"model": ct_sft}))
         for name in methods:

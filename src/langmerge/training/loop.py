@@ -367,8 +367,8 @@ def run(job: Job, out: str | Path, options: TrainOptions, tokenizer, *, force: b
         log.info("resuming at step %d of %d", progress["step"], job.steps)
     budget_at = {steps: name for name, steps in job.save_steps.items() if steps < job.steps}
     end = job.steps if stop_after is None else min(job.steps, stop_after)
-    bar = tqdm(total=job.steps, initial=progress["step"], unit="step", disable=not (trainer.progress and acc.is_main_process),
-               desc=f"train {job.kind}")
+    bar = tqdm(total=job.steps, initial=progress["step"], unit="step",
+               disable=not (trainer.progress and acc.is_main_process), desc=f"train {job.kind}")
     started = time.perf_counter()
     seconds_before = progress["seconds"]
     last_state_step = progress["step"]

@@ -21,7 +21,8 @@ class LoraOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     rank: int = Field(16, ge=1, description="rank of each adapter's two factors")
-    alpha: int = Field(32, ge=1, description="LoRA's scale numerator: the update is alpha / rank times the adapter product")
+    alpha: int = Field(32, ge=1,
+                       description="LoRA's scale numerator: the update is alpha / rank times the adapter product")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on each adapter's input")
     target_modules: str | tuple[str, ...] = Field(
         "all-linear",
