@@ -45,7 +45,7 @@ UNSUPPORTED_KEYS = {
 
 
 # ----------------------------------------------------------------------------- parameter values
-# mergekit's value union (docs/recipes.md, "Parameter values"): a parameter is set to a scalar, a gradient (a list
+# mergekit's value union (docs/merging.md, "Recipes"): a parameter is set to a scalar, a gradient (a list
 # of scalars interpolated over the layers), or conditional values ({filter, value}, one or a list, whose value is a
 # scalar or a gradient). The shapes are checked here, with one message per fault; types and bounds per method
 # are checked once the method is known (``_check_scalar``).
