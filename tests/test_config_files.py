@@ -1,5 +1,6 @@
-"""Configuration files (``load_config``) and the recipe's parameter values (mergekit's scalar / gradient /
-conditional union), against hand-worked values and mergekit's own resolution."""
+"""Configuration files (``load_config``), the recipe's parameter values (mergekit's scalar / gradient /
+conditional union, against hand-worked values and mergekit's own resolution) and search spaces (value lists and
+ranges)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from langmerge.errors import LangmergeError
 from langmerge.input_files import ConfigError, load_config
 from langmerge.merge.recipe import ConditionalValue, RecipeError, evaluate_setting, layer_position, load_recipe, parse_setting
+from langmerge.tuning.space import Range, ValueList, load_space, read_space
 
 
 class Item(BaseModel):
@@ -188,3 +190,52 @@ def test_a_recipe_dumps_its_values_as_written():
                                                                                {"value": [0.1, 0.2]}]}}],
            "parameters": {"normalize": True}}
     assert load_recipe(doc).to_dict() == doc
+
+
+# ----------------------------------------------------------------------------- search spaces
+
+
+def test_a_space_entry_is_a_value_list_or_a_range():
+    space, where = read_space({"parameters.lambda": {"values": [0.5, 1]},
+                               "models[0].parameters.weight": {"low": 0.2, "high": 1.0, "step": 0.4},
+                               "parameters.epsilon": {"low": 0.01, "high": 1, "log": True}})
+    assert where == "search space"
+    assert space.root == {"parameters.lambda": ValueList(values=[0.5, 1]),
+                          "models[0].parameters.weight": Range(low=0.2, high=1.0, step=0.4),
+                          "parameters.epsilon": Range(low=0.01, high=1, log=True)}
+    assert isinstance(space.root["parameters.lambda"].values[1], int)  # as written: an int stays one
+
+
+def test_space_files_in_yaml_and_json_load_the_same(tmp_path):
+    doc = {"parameters.lambda": {"values": [0.5, 1.0]}, "parameters.slack": {"low": 0, "high": 2, "step": 1}}
+    (tmp_path / "space.yaml").write_text("parameters.lambda: {values: [0.5, 1.0]}\n"
+                                         "parameters.slack: {low: 0, high: 2, step: 1}\n")
+    (tmp_path / "space.json").write_text(json.dumps(doc))
+    assert read_space(tmp_path / "space.yaml")[0] == read_space(tmp_path / "space.json")[0] == read_space(doc)[0]
+
+
+def test_every_space_entry_fault_is_named_by_file_and_key(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("parameters.a: {values: []}\nparameters.b: {low: 1, high: 1}\nparameters.c: {low: 0, high: 1, "
+                    "stride: 1}\nparameters.d: {values: [1], low: 0}\nparameters.e: {low: .nan, high: 1}\n"
+                    "parameters.f: {low: 0, high: 1, log: yes, step: 0.5}\nparameters.g: 3\n")
+    with pytest.raises(ConfigError) as info:
+        read_space(path)
+    assert info.value.errors == [
+        "key 'parameters.a': 'values' is empty; list at least one value",
+        "key 'parameters.b': empty range (low 1 is not below high 1)",
+        "key 'parameters.c': unknown field 'stride'; use values, or low/high/step/log",
+        "key 'parameters.d': give either 'values' or a range (low, high), not both",
+        "key 'parameters.e': 'low' must be a finite number, got nan",
+        "key 'parameters.f': a log range needs low > 0 and no step",
+        "key 'parameters.g': expected {values: [...]} or {low: .., high: ..}",
+    ]
+    assert str(info.value).startswith(f"{path}: 7 search space errors: key 'parameters.a'")
+
+
+def test_a_range_grid_reads_as_typed():
+    recipe = load_recipe({"merge_method": "ties", "base_model": "b",
+                          "models": [{"model": "ct", "parameters": {"weight": 1}}, {"model": "sft", "parameters": {"weight": 1}}]})
+    dims = load_space({"models[ct].parameters.weight": {"low": 0.1, "high": 0.5, "step": 0.2},
+                       "parameters.lambda": {"values": [1, 2]}}, recipe)
+    assert [d.grid() for d in dims] == [[0.1, 0.3, 0.5], [1, 2]]

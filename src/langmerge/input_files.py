@@ -124,14 +124,16 @@ def read_config_document(path: Path, kind: str, several: str = "") -> object:
     return parse_yaml(text, path, kind, several)
 
 
-def validation_errors(exc: ValidationError, what: str = "key", unsupported: Mapping[str, str] | None = None) -> list[str]:
+def validation_errors(exc: ValidationError, what: str = "key", unsupported: Mapping[str, str] | None = None,
+                      key_depth: int | None = None) -> list[str]:
     """Every pydantic error, one line each in document order, as ``WHAT 'a.b[0].c': what was expected``.
 
-    ``unsupported`` maps keys that are refused by name (rather than as unknown) to the reason.
+    ``unsupported`` maps keys that are refused by name (rather than as unknown) to the reason. ``key_depth``: only
+    that many parts of a location name the key (a model whose messages name the fields inside it).
     """
     out = []
     for err in exc.errors():
-        loc = key_path(err["loc"]) + (err.get("ctx") or {}).get("at", "")  # ``at``: a place inside the value
+        loc = key_path(err["loc"][:key_depth]) + (err.get("ctx") or {}).get("at", "")  # ``at``: a place inside the value
         if err["type"] == "extra_forbidden" and unsupported and loc in unsupported:
             text = f"{what} {loc!r}: {unsupported[loc]}"
         elif err["type"] == "extra_forbidden":
