@@ -494,8 +494,8 @@ def test_eval_loads_pickle_only_weights_with_allow_pickle(models, tmp_path, task
         evaluate(folder, [str(task_file)], limit=3, progress=False)
     got = evaluate(folder, [str(task_file)], limit=3, progress=False, allow_pickle=True)
     want = evaluate(models["base"], [str(task_file)], limit=3, progress=False)
-    assert got["tasks"]["toy_mc"]["metrics"] == want["tasks"]["toy_mc"]["metrics"]
-    assert got["samples"] == want["samples"]  # the same weights: the same log-likelihood of every choice
+    assert got.tasks["toy_mc"].metrics == want.tasks["toy_mc"].metrics
+    assert got.samples == want.samples  # the same weights: the same log-likelihood of every choice
 
 
 def test_pretrained_options_never_fall_back_to_pickle(models, tmp_path):

@@ -450,7 +450,7 @@ def test_eval_model_by_id(plain, offline, tmp_path, hub):
     task = write_task(tmp_path / "tasks", MC_SPEC, MC_DOCS)
     by_id = evaluate("org/sft", [str(task)], progress=False)
     by_folder = evaluate(plain["sft"], [str(task)], progress=False)
-    assert by_id["tasks"]["toy_mc"]["metrics"] == by_folder["tasks"]["toy_mc"]["metrics"]
+    assert by_id.tasks["toy_mc"].metrics == by_folder.tasks["toy_mc"].metrics
     assert by_id["model"] == "org/sft" and by_id["model_source"]["commit"] == hub.commits["sft"]
 
 

@@ -39,7 +39,7 @@ def test_tune_on_a_validation_task_and_reproduce_the_best_score(setup):
     from langmerge.evaluation import evaluate
 
     results = evaluate(str(root / "merged"), [str(task)], progress=False)
-    assert -results["tasks"]["val_bpc"]["metrics"]["bpc"] == pytest.approx(doc["best"]["score"], rel=1e-6)
+    assert -results.tasks["val_bpc"].metrics["bpc"] == pytest.approx(doc["best"]["score"], rel=1e-6)
     for name in ("leaderboard.csv", "leaderboard.md", "scores.png", "best_recipe.yaml"):
         assert (out / name).is_file()
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from langmerge.errors import LangmergeError
 from langmerge.study.steps import Context, Step, method_recipe, space_for_recipe
+
+if TYPE_CHECKING:  # for the annotation only: importing the evaluator means importing torch and transformers
+    from langmerge.evaluation.runner import EvalResult
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +92,7 @@ def study_tasks(settings: dict, part: str):
     return out
 
 
-def task_score(results: dict, score_tasks: list[str] | None = None) -> dict:
+def task_score(results: EvalResult, score_tasks: list[str] | None = None) -> dict:
     """Main metric per task, and ``score``: the mean of the task-solving metrics (accuracy, exact match)
     of the tasks matching ``score_tasks`` (every task-solving task when empty).
 
@@ -98,17 +102,17 @@ def task_score(results: dict, score_tasks: list[str] | None = None) -> dict:
     from langmerge.evaluation.metrics import MAIN_METRIC
 
     per_task = {}
-    for name, r in results["tasks"].items():
-        metric = MAIN_METRIC[r["kind"]]
-        per_task[name] = {"metric": metric, "value": r["metrics"][metric], "kind": r["kind"], "n": r["n"]}
-        samples = results["samples"][name]
-        if r["kind"] == "bits_per_char":
+    for name, r in results.tasks.items():
+        metric = MAIN_METRIC[r.kind]
+        per_task[name] = {"metric": metric, "value": r.metrics[metric], "kind": r.kind, "n": r.n}
+        samples = results.samples[name]
+        if r.kind == "bits_per_char":
             per_task[name]["bits"] = [x["bits"] for x in samples]
             per_task[name]["characters"] = [x["characters"] for x in samples]
         else:
             per_task[name]["outcomes"] = [x["correct"] for x in samples]
-        if r["kind"] == "generation" and "lang_share" in r["metrics"]:
-            per_task[name]["lang_share"] = r["metrics"]["lang_share"]
+        if r.kind == "generation" and "lang_share" in r.metrics:
+            per_task[name]["lang_share"] = r.metrics["lang_share"]
     import fnmatch
 
     chosen = [n for n, v in per_task.items() if v["kind"] != "bits_per_char"
@@ -241,7 +245,7 @@ def run_eval(step: Step, ctx: Context, out: Path) -> dict:
     results = evaluate(model, tasks, tokenizer=tokenizer, limit=s["limit"], batch_size=s["batch_size"],
                        progress=ctx.progress, lm_eval_tasks=s["lm_eval"], device=s["device"],
                        precision=s.get("precision", "fp32"))
-    results["model"] = name
+    results.model = name
     write_results(results, out / "results")
     summary = task_score(results, s.get("score_tasks"))
     (out / "score.json").write_text(json.dumps(summary, indent=1) + "\n")
