@@ -65,11 +65,11 @@ def test_a_failing_step_leaves_no_folder_and_a_finished_one_is_not_rerun(tmp_pat
     assert list(tmp_path.iterdir()) == []
     good = Step("probe", "good", Probe(fail=False))
     first = run_step(good, ctx)
-    assert first["cached"] is False and first["info"] == {"ok": True}
+    assert first.cached is False and first.info == {"ok": True}
     assert (good.folder(tmp_path) / DONE).is_file() and (good.folder(tmp_path) / "partial.txt").is_file()
     assert json.loads((good.folder(tmp_path) / DONE).read_text())["settings"] == {"fail": False}
     again = run_step(good, ctx)
-    assert again["cached"] is True and calls == ["bad", "good"]
+    assert again.cached is True and calls == ["bad", "good"] and again.model_dump() == first.model_dump()
     run_step(good, ctx, force=True)
     assert calls == ["bad", "good", "good"]
 

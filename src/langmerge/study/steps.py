@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, ClassVar, TypeVar
 
-from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from langmerge.errors import LangmergeError
 from langmerge.io.output import atomic_output_dir
@@ -192,6 +192,22 @@ class Step:
         return (self.folder(cache) / DONE).is_file()
 
 
+class StepRecord(BaseModel):
+    """A finished step: its ``done.json`` (``cached``, not written: whether this run found it done)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: str
+    label: str
+    key: str
+    settings: dict[str, Any]  # the step's settings as hashed into its key
+    deps: dict[str, str]  # input name -> the input step's folder
+    seconds: float
+    cpu_seconds: float | None = None  # absent from records written before it was measured
+    finished: str  # UTC, ISO 8601
+    info: dict[str, Any]  # what the step's runner reports
+    cached: bool = Field(False, exclude=True)
+
+
 @dataclass(frozen=True)
 class Context:
     cache: Path
@@ -221,12 +237,12 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_step(step: Step, ctx: Context, force: bool = False) -> dict:
+def run_step(step: Step, ctx: Context, force: bool = False) -> StepRecord:
     """Run ``step`` unless it is done (or ``force``); returns its done.json record."""
     folder = step.folder(ctx.cache)
     marker = folder / DONE
     if marker.is_file() and not force:
-        return json.loads(marker.read_text()) | {"cached": True}
+        return StepRecord.model_validate({**json.loads(marker.read_text()), "cached": True})
     from langmerge.progress import library_progress_bars
 
     start, cpu_start = time.perf_counter(), _cpu_seconds()
@@ -234,17 +250,17 @@ def run_step(step: Step, ctx: Context, force: bool = False) -> dict:
     # A Ray worker is a process of its own: the CLI's --no-progress does not reach its libraries.
     with library_progress_bars(ctx.progress), atomic_output_dir(folder, force=True) as tmp:
         info = fn(step, ctx, tmp)
-        record = {
-            "kind": step.kind, "label": step.label, "key": step.key(), "settings": step.settings.model_dump(),
-            "deps": {name: dep.folder(ctx.cache).name for name, dep in step.deps.items()},
-            "seconds": round(time.perf_counter() - start, 3),
+        record = StepRecord(
+            kind=step.kind, label=step.label, key=step.key(), settings=step.settings.model_dump(),
+            deps={name: dep.folder(ctx.cache).name for name, dep in step.deps.items()},
+            seconds=round(time.perf_counter() - start, 3),
             # user + system time of this process's threads: what the step costs on a machine shared with other work
-            "cpu_seconds": round(_cpu_seconds() - cpu_start, 3),
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "info": info,
-        }
+            cpu_seconds=round(_cpu_seconds() - cpu_start, 3),
+            finished=datetime.now(timezone.utc).isoformat(timespec="seconds"), info=info,
+        )
         # Written last: a folder without it is never taken for a finished step.
-        (tmp / DONE).write_text(json.dumps(record, indent=1, default=str) + "\n")
-    return record | {"cached": False}
+        (tmp / DONE).write_text(json.dumps(record.model_dump(), indent=1, default=str) + "\n")
+    return record
 
 
 # ----------------------------------------------------------------------------- recipes
