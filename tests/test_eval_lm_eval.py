@@ -44,11 +44,11 @@ def test_lm_eval_agrees_with_langmerge_on_the_same_items(tiny_model, tmp_path, o
     ours = evaluate(model, [load_task(write_task(tmp_path / "ours", MC_SPEC, MC_DOCS))], tokenizer=tok,
                     progress=False)
     result = theirs["results"]["langmerge_toy_mc"]
-    assert result["acc,none"] == pytest.approx(ours["tasks"]["toy_mc"]["metrics"]["acc"])
-    assert result["acc_norm,none"] == pytest.approx(ours["tasks"]["toy_mc"]["metrics"]["acc_norm"])
+    assert result["acc,none"] == pytest.approx(ours.tasks["toy_mc"].metrics["acc"])
+    assert result["acc_norm,none"] == pytest.approx(ours.tasks["toy_mc"].metrics["acc_norm"])
     # per item, the log-likelihoods themselves agree
     their_ll = {s["doc"]["question"]: [r[0][0] for r in s["resps"]] for s in theirs["samples"]["langmerge_toy_mc"]}
-    for sample, doc in zip(ours["samples"]["toy_mc"], MC_DOCS):
+    for sample, doc in zip(ours.samples["toy_mc"], MC_DOCS):
         assert sample["loglikelihoods"] == pytest.approx(their_ll[doc["question"]], abs=1e-4)
 
 

@@ -30,9 +30,9 @@ def test_multiple_choice_accuracy_from_direct_forward_passes(tiny_model, tmp_pat
         hits += max(range(len(lls)), key=lls.__getitem__) == doc["answer_index"]
         normed = [ll / len(c) for ll, c in zip(lls, doc["choices"])]
         hits_norm += max(range(len(lls)), key=normed.__getitem__) == doc["answer_index"]
-        sample = next(s for s in res["samples"]["toy_mc"] if s["context"].endswith(doc["question"] + "\nA:"))
+        sample = next(s for s in res.samples["toy_mc"] if s["context"].endswith(doc["question"] + "\nA:"))
         assert sample["loglikelihoods"] == pytest.approx(lls, abs=1e-4)
-    metrics = res["tasks"]["toy_mc"]["metrics"]
+    metrics = res.tasks["toy_mc"].metrics
     assert metrics["acc"] == pytest.approx(hits / len(MC_DOCS))
     assert metrics["acc_norm"] == pytest.approx(hits_norm / len(MC_DOCS))
 
@@ -43,8 +43,8 @@ def test_folder_and_loaded_model_give_the_same_deterministic_results(tiny_model,
     a = evaluate(tiny_model_dir, [str(path)], progress=False)
     b = evaluate(model, [str(path)], tokenizer=tok, progress=False)
     c = evaluate(model, [str(path)], tokenizer=tok, progress=False, batch_size=2)
-    assert a["tasks"]["toy_mc"]["metrics"] == b["tasks"]["toy_mc"]["metrics"] == c["tasks"]["toy_mc"]["metrics"]
-    assert [s["context"] for s in a["samples"]["toy_mc"]] == [s["context"] for s in b["samples"]["toy_mc"]]
+    assert a.tasks["toy_mc"].metrics == b.tasks["toy_mc"].metrics == c.tasks["toy_mc"].metrics
+    assert [s["context"] for s in a.samples["toy_mc"]] == [s["context"] for s in b.samples["toy_mc"]]
 
 
 def _answerer(answers):
@@ -59,11 +59,11 @@ def test_an_english_answerer_scores_zero_language_share(tiny_model, tmp_path):
     english = {"3 + 4 =": "seven", "திங்கள், செவ்வாய்,": "Wednesday", "நான் எங்கே?": "I am going to school",
                "வானிலை?": "The weather is very nice today"}
     res = evaluate(model, [task], tokenizer=tok, progress=False, generate=_answerer(english))
-    m = res["tasks"]["toy_gen_ta"]["metrics"]
+    m = res.tasks["toy_gen_ta"].metrics
     assert m["lang_share"] == 0.0 and m["exact_match"] == 0.0
     assert m["lang_share_reference"] == 1.0
     tamil = {d["question"]: " " + d["answer"] for d in TAMIL_GEN_DOCS}
-    m = evaluate(model, [task], tokenizer=tok, progress=False, generate=_answerer(tamil))["tasks"]["toy_gen_ta"]["metrics"]
+    m = evaluate(model, [task], tokenizer=tok, progress=False, generate=_answerer(tamil)).tasks["toy_gen_ta"].metrics
     assert m["lang_share"] == 1.0 and m["exact_match"] == 1.0 and m["chrf"] == pytest.approx(100.0)
 
 
@@ -73,9 +73,9 @@ def test_generation_with_the_tiny_model_is_scored_on_what_it_generates(tiny_mode
     model, tok = tiny_model
     task = load_task(write_task(tmp_path, {**GEN_SPEC, "max_new_tokens": 5}, TAMIL_GEN_DOCS))
     res = evaluate(model, [task], tokenizer=tok, progress=False)
-    preds = [s["prediction"] for s in res["samples"]["toy_gen_ta"]]
+    preds = [s["prediction"] for s in res.samples["toy_gen_ta"]]
     refs = [d["answer"] for d in TAMIL_GEN_DOCS]
-    m = res["tasks"]["toy_gen_ta"]["metrics"]
+    m = res.tasks["toy_gen_ta"].metrics
     assert m["chrf"] == pytest.approx(metrics.chrf(preds, refs))
     assert m["lang_share"] == pytest.approx(metrics.language_share(preds, ["ta"]))
 
@@ -88,7 +88,7 @@ def test_bits_per_character_task(tiny_model, tmp_path):
     task = load_task(write_task(tmp_path, {"name": "toy_bpc", "kind": "bits_per_char"}, [{"text": t} for t in texts]))
     res = evaluate(model, [task], tokenizer=tok, progress=False)
     nll = -sum(direct_loglikelihood(model, [tok.bos_token_id], tok.encode(t)) for t in texts)
-    assert res["tasks"]["toy_bpc"]["metrics"]["bpc"] == pytest.approx(nll / math.log(2) / sum(map(len, texts)), rel=1e-5)
+    assert res.tasks["toy_bpc"].metrics["bpc"] == pytest.approx(nll / math.log(2) / sum(map(len, texts)), rel=1e-5)
 
 
 def test_chat_template(tiny_model, tmp_path):
@@ -101,7 +101,7 @@ def test_chat_template(tiny_model, tmp_path):
         res = evaluate(model, [task], tokenizer=tok, chat_template=True, progress=False)
     finally:
         tok.chat_template = None
-    assert res["samples"]["toy_mc"][0]["context"] == "<user>Q: a b c\nA:\n<assistant>"
+    assert res.samples["toy_mc"][0]["context"] == "<user>Q: a b c\nA:\n<assistant>"
 
 
 def test_write_results_and_gap_to_english(tiny_model, tmp_path):
@@ -111,6 +111,13 @@ def test_write_results_and_gap_to_english(tiny_model, tmp_path):
     out = write_results(res, tmp_path / "out")
     summary = json.loads((out / "results.json").read_text())
     assert summary["tasks"]["next_day_ta"]["n"] == 4 and "samples" not in summary
+    # results.json keeps its layout: the keys it had when evaluate returned a dict, in that order
+    assert list(summary) == ["model", "settings", "tasks"]
+    assert list(summary["settings"]) == ["few_shot", "batch_size", "limit", "chat_template", "max_length", "seed",
+                                         "precision"]
+    assert list(summary["tasks"]["next_day_ta"]) == ["kind", "language", "family", "n", "few_shot", "metrics",
+                                                     "seconds", "examples_per_s"]
+    assert summary == json.loads(json.dumps(res.summary())) and summary["settings"]["limit"] == 4
     md = (out / "results.md").read_text()
     gap = summary["tasks"]["next_day_ta"]["metrics"]["acc"] - summary["tasks"]["next_day_en"]["metrics"]["acc"]
     assert f"| next_day | acc |" in md and f"{gap:+.4f}" in md
@@ -161,12 +168,12 @@ def test_per_example_outcomes_and_bf16_precision(tiny_model, tmp_path):
     task = load_task(write_task(tmp_path, MC_SPEC, MC_DOCS))
     fp32 = evaluate(model, [task], tokenizer=tok, progress=False)
     bf16 = evaluate(model, [task], tokenizer=tok, progress=False, precision="bf16")
-    samples = fp32["samples"]["toy_mc"]
+    samples = fp32.samples["toy_mc"]
     assert [s["correct"] for s in samples] == [int(s["predicted"] == s["gold"]) for s in samples]
-    assert sum(s["correct"] for s in samples) / len(samples) == fp32["tasks"]["toy_mc"]["metrics"]["acc"]
-    for a, b in zip(samples, bf16["samples"]["toy_mc"]):
+    assert sum(s["correct"] for s in samples) / len(samples) == fp32.tasks["toy_mc"].metrics["acc"]
+    for a, b in zip(samples, bf16.samples["toy_mc"]):
         assert b["loglikelihoods"] == pytest.approx(a["loglikelihoods"], abs=0.1)
         assert b["loglikelihoods"] != a["loglikelihoods"]  # the products did run in bfloat16
-    assert bf16["settings"]["precision"] == "bf16"
+    assert bf16.settings.precision == "bf16"
     with pytest.raises(LangmergeError, match="precision 'fp16'"):
         evaluate(model, [task], tokenizer=tok, progress=False, precision="fp16")

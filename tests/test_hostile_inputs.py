@@ -494,8 +494,8 @@ def test_eval_loads_pickle_only_weights_with_allow_pickle(models, tmp_path, task
         evaluate(folder, [str(task_file)], limit=3, progress=False)
     got = evaluate(folder, [str(task_file)], limit=3, progress=False, allow_pickle=True)
     want = evaluate(models["base"], [str(task_file)], limit=3, progress=False)
-    assert got["tasks"]["toy_mc"]["metrics"] == want["tasks"]["toy_mc"]["metrics"]
-    assert got["samples"] == want["samples"]  # the same weights: the same log-likelihood of every choice
+    assert got.tasks["toy_mc"].metrics == want.tasks["toy_mc"].metrics
+    assert got.samples == want.samples  # the same weights: the same log-likelihood of every choice
 
 
 def test_pretrained_options_never_fall_back_to_pickle(models, tmp_path):
@@ -516,10 +516,10 @@ def test_pretrained_options_never_fall_back_to_pickle(models, tmp_path):
 def test_study_given_model_with_pickle_weights_needs_allow_pickle(models, tmp_path):
     from langmerge.errors import LangmergeError
     from langmerge.study.run_steps import run_given
-    from langmerge.study.steps import Context, Step
+    from langmerge.study.steps import Context, GivenSettings, Step
 
     folder = _pickle_only(models["base"], tmp_path / "fx" / "bin")
-    step = Step("given", "base", {"path": str(folder)}, {})
+    step = Step("given", "base", GivenSettings(path=str(folder)), {})
     with pytest.raises(LangmergeError, match="only pickle"):
         run_given(step, Context(tmp_path, progress=False), tmp_path)
     assert run_given(step, Context(tmp_path, progress=False, allow_pickle=True), tmp_path) == {"path": str(folder)}

@@ -450,8 +450,8 @@ def test_eval_model_by_id(plain, offline, tmp_path, hub):
     task = write_task(tmp_path / "tasks", MC_SPEC, MC_DOCS)
     by_id = evaluate("org/sft", [str(task)], progress=False)
     by_folder = evaluate(plain["sft"], [str(task)], progress=False)
-    assert by_id["tasks"]["toy_mc"]["metrics"] == by_folder["tasks"]["toy_mc"]["metrics"]
-    assert by_id["model"] == "org/sft" and by_id["model_source"]["commit"] == hub.commits["sft"]
+    assert by_id.tasks["toy_mc"].metrics == by_folder.tasks["toy_mc"].metrics
+    assert by_id.model == "org/sft" and by_id.model_source["commit"] == hub.commits["sft"]
 
 
 def test_train_base_by_id(plain, offline, tmp_path, hub, capsys):
@@ -514,12 +514,12 @@ def test_study_given_models_by_id(offline, tmp_path, hub):
     study = load_study(write_study(tmp_path / "study.yaml", d))
     plan = build_plan(study)
     c = hub.commits
-    assert plan.base.settings == {"hub": "org/base", "commit": c["base"]}
-    assert plan.sft.settings == {"hub": "org/sft", "commit": c["sft"]}
-    assert plan.ct_step("ny", 300).settings == {"hub": "org/ct", "commit": c["ct"]}
+    assert plan.base.settings.model_dump() == {"hub": "org/base", "commit": c["base"]}
+    assert plan.sft.settings.model_dump() == {"hub": "org/sft", "commit": c["sft"]}
+    assert plan.ct_step("ny", 300).settings.model_dump() == {"hub": "org/ct", "commit": c["ct"]}
     ctx = Context(tmp_path / "cache", progress=False)
     record = run_step(plan.base, ctx)
-    assert record["info"]["path"] == str(model_path(ctx, plan.base)) == str(resolve_model("org/base").folder)
+    assert record.info["path"] == str(model_path(ctx, plan.base)) == str(resolve_model("org/base").folder)
 
     bad = dict(d, base={"path": "org/missing"})
     with pytest.raises(LangmergeError, match=r"base\.path: model org/missing: .*offline mode is on"):

@@ -7,24 +7,24 @@ import pytest
 from langmerge.merge.recipe import layer_position
 from langmerge.errors import LangmergeError
 from langmerge.io.writer import plan_shards
-from langmerge.merge.recipe import evaluate_setting, load_recipe
+from langmerge.merge.recipe import evaluate_setting, load_recipe, parse_setting
 
 import torch
 
 
 def test_gradients_interpolate_over_layer_position():
-    assert evaluate_setting([0.0, 1.0], "x", 0.25) == 0.25
-    assert evaluate_setting([0.0, 1.0, 0.0], "x", 0.75) == pytest.approx(0.5)
-    assert evaluate_setting([2.0, 4.0, 8.0], "x", 1.0) == 8.0
-    assert evaluate_setting([True, False], "x", 0.4) is True  # non-numeric lists pick, not interpolate
+    assert evaluate_setting(parse_setting([0.0, 1.0]), "x", 0.25) == 0.25
+    assert evaluate_setting(parse_setting([0.0, 1.0, 0.0]), "x", 0.75) == pytest.approx(0.5)
+    assert evaluate_setting(parse_setting([2.0, 4.0, 8.0]), "x", 1.0) == 8.0
+    assert evaluate_setting(parse_setting([True, False]), "x", 0.4) is True  # non-numeric lists pick, not interpolate
 
 
 def test_filters_take_the_first_match():
-    setting = [{"filter": "mlp", "value": 0.7}, {"filter": "self_attn", "value": [0.0, 1.0]}, {"value": 0.3}]
+    setting = parse_setting([{"filter": "mlp", "value": 0.7}, {"filter": "self_attn", "value": [0.0, 1.0]}, {"value": 0.3}])
     assert evaluate_setting(setting, "model.layers.3.mlp.up_proj.weight", 0.5) == 0.7
     assert evaluate_setting(setting, "model.layers.3.self_attn.q_proj.weight", 0.5) == 0.5
     assert evaluate_setting(setting, "model.norm.weight", 0.5) == 0.3
-    assert evaluate_setting([{"filter": "mlp", "value": 1}], "lm_head.weight", 0) is None
+    assert evaluate_setting(parse_setting([{"filter": "mlp", "value": 1}]), "lm_head.weight", 0) is None
 
 
 def test_layer_positions_follow_mergekit():

@@ -120,7 +120,7 @@ def test_seeds_repeat_the_smallest_budget_and_the_sft_run(inputs, tmp_path):
         assert f"sft (seed {seed})" in labels and f"ct ny (300 tokens, seed {seed})" in labels
         assert f"ct-then-sft ny 300 (seed {seed})" in labels and f"tune ties ny 300 (seed {seed})" in labels
         assert f"eval sft on English (seed {seed})" in labels
-        assert plan.seeded[("ny", seed, "ties")].deps["tune"].deps["sft"].settings["training"]["seed"] == seed
+        assert plan.seeded[("ny", seed, "ties")].deps["tune"].deps["sft"].settings.training.seed == seed
     assert not any("tune wavg ny 300 (seed" in label for label in labels)
     assert set(plan.english) == {(0, "base"), (0, "sft"), (1, "sft"), (2, "sft")}
     # The main runs are the same steps as without seeds: the seed repeats add steps, they change none.

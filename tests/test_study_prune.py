@@ -107,7 +107,7 @@ def test_pruned_gemma_tokenizer_tokenizes_the_miniature_data_identically(tmp_pat
     plan = build_plan(study)
     strings = BUILTIN_SOURCES["bible-ny"][1]()[:3000] + BUILTIN_SOURCES["python-docs-en"][1]()[:200]
     strings += [m for r in BUILTIN_SOURCES["english-tasks-sft"][1]() for m in (r["prompt"], r["response"])]
-    strings += task_strings(plan.base.settings["tasks"])
+    strings += task_strings(plan.base.settings.tasks)
     encoded = full(strings, add_special_tokens=False)["input_ids"]
     tj = json.loads(full.backend_tokenizer.to_str())
     keep = kept_token_ids(tj, {i for ids in encoded for i in ids}, "\n".join(strings), set(full.all_special_ids))

@@ -43,7 +43,7 @@ def test_killed_study_resumes_without_redoing_steps(tmp_path):
     # Finished steps were not redone (their markers are untouched), the rest ran once.
     assert {k: after[k] for k in before} == before
     assert len(after) == len(resumed.plan.steps)
-    ran = {r["label"] for r in resumed.records if not r.get("cached")}
+    ran = {r.label for r in resumed.records if not r.cached}
     assert ran and len(ran) == len(after) - len(before)
     assert not list(cache.glob(".*.partial-*"))  # a half-written step folder was cleaned up
 

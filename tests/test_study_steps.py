@@ -8,21 +8,46 @@ import json
 import pytest
 
 from langmerge.study import run_steps
-from langmerge.study.steps import DONE, Context, Step, canonical, run_step
+from langmerge.study.config import StudyTrainOptions
+from langmerge.study.steps import (DONE, Context, CTSettings, EvalSettings, FileSettings, GivenSettings, Step,
+                                   StepSettings, TaskSettings, canonical, run_step)
+
+
+def _ct(lr: float = 1e-4, budgets: tuple[int, ...] = (1, 2)) -> CTSettings:
+    return CTSettings(language="ny", budgets=list(budgets), replay_ratio=(4, 1), repeat=False,
+                      training=StudyTrainOptions(lr=lr))
 
 
 def test_key_is_the_hash_of_settings_and_input_keys():
-    a = Step("file", "a", {"path": "/x", "sha256": "1"})
-    step = Step("ct", "ct", {"lr": 1e-4, "budgets": [1, 2]}, {"text0": a})
-    # An independent computation of the documented key.
-    doc = {"kind": "ct", "version": 1, "settings": {"budgets": [1, 2], "lr": 1e-4}, "deps": {"text0": a.key()}}
+    a = Step("file", "a", FileSettings(path="/x", sha256="1"))
+    step = Step("ct", "ct", _ct(), {"text0": a})
+    # An independent computation of the documented key: the settings as the plain dict steps were keyed by.
+    settings = {"language": "ny", "budgets": [1, 2], "replay_ratio": [4, 1], "repeat": False,
+                "training": {"seq_len": 512, "batch_size": 8, "micro_batch_size": 8, "lr": 1e-4, "min_lr": 0.0,
+                             "warmup": 0.01, "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": 0, "precision": "auto",
+                             "gradient_checkpointing": False, "lora": None, "deterministic": False}}
+    doc = {"kind": "ct", "version": 1, "settings": settings, "deps": {"text0": a.key()}}
     want = hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
     assert step.key() == want
-    assert Step("ct", "renamed", {"budgets": [1, 2], "lr": 1e-4}, {"text0": a}).key() == want  # label, order: no effect
-    assert Step("ct", "ct", {"lr": 2e-4, "budgets": [1, 2]}, {"text0": a}).key() != want
-    changed_input = Step("file", "a", {"path": "/x", "sha256": "2"})
-    assert Step("ct", "ct", {"lr": 1e-4, "budgets": [1, 2]}, {"text0": changed_input}).key() != want
+    assert Step("ct", "renamed", _ct(), {"text0": a}).key() == want  # the label: no effect
+    assert Step("ct", "ct", _ct(lr=2e-4), {"text0": a}).key() != want
+    changed_input = Step("file", "a", FileSettings(path="/x", sha256="2"))
+    assert Step("ct", "ct", _ct(), {"text0": changed_input}).key() != want
     assert canonical({"b": 1, "a": [1.0, "é"]}) == '{"a":[1.0,"é"],"b":1}'
+
+
+def test_optional_settings_are_absent_from_the_key_when_unset():
+    tasks = TaskSettings(tasks=["next_day_ny"], split="alternate", builtin_version="v3", task_files={})
+    english = EvalSettings(tasks=tasks, limit=None, batch_size=16, lm_eval=[], device="cpu", precision="fp32")
+    assert english.model_dump() == {"tasks": tasks.model_dump(), "limit": None, "batch_size": 16, "lm_eval": [],
+                                    "device": "cpu", "precision": "fp32"}  # limit None is a setting: kept
+    merge = english.model_copy(update={"score_tasks": [], "method_name": "ties"})
+    assert merge.model_dump() == english.model_dump() | {"score_tasks": [], "method_name": "ties"}
+    assert GivenSettings(hub="org/m", commit="abc").model_dump() == {"hub": "org/m", "commit": "abc"}
+
+
+class Probe(StepSettings):
+    fail: bool
 
 
 def test_a_failing_step_leaves_no_folder_and_a_finished_one_is_not_rerun(tmp_path, monkeypatch):
@@ -31,22 +56,23 @@ def test_a_failing_step_leaves_no_folder_and_a_finished_one_is_not_rerun(tmp_pat
     def runner(step, ctx, out):
         calls.append(step.label)
         (out / "partial.txt").write_text("x")
-        if step.settings.get("fail"):
+        if step.settings_as(Probe).fail:
             raise RuntimeError("boom")
         return {"ok": True}
 
     monkeypatch.setitem(run_steps.RUNNERS, "probe", runner)
     ctx = Context(tmp_path, progress=False)
-    bad = Step("probe", "bad", {"fail": True})
+    bad = Step("probe", "bad", Probe(fail=True))
     with pytest.raises(RuntimeError):
         run_step(bad, ctx)
     assert list(tmp_path.iterdir()) == []
-    good = Step("probe", "good", {"fail": False})
+    good = Step("probe", "good", Probe(fail=False))
     first = run_step(good, ctx)
-    assert first["cached"] is False and first["info"] == {"ok": True}
+    assert first.cached is False and first.info == {"ok": True}
     assert (good.folder(tmp_path) / DONE).is_file() and (good.folder(tmp_path) / "partial.txt").is_file()
+    assert json.loads((good.folder(tmp_path) / DONE).read_text())["settings"] == {"fail": False}
     again = run_step(good, ctx)
-    assert again["cached"] is True and calls == ["bad", "good"]
+    assert again.cached is True and calls == ["bad", "good"] and again.model_dump() == first.model_dump()
     run_step(good, ctx, force=True)
     assert calls == ["bad", "good", "good"]
 

@@ -32,6 +32,7 @@ def test_tune_on_a_validation_task_and_reproduce_the_best_score(setup):
     assert main(["tune", str(r), "--space", str(space), "--tasks", str(task), "-o", str(out), "--no-progress"]) == 0
     doc = json.loads((out / "tune.json").read_text())
     assert len(doc["trials"]) == 4 and doc["objective"] == "mean of -bpc(val_bpc)"
+    assert doc["settings"] == {"recipe": str(r), "search": "grid", "trials": 4, "seed": 0}
     scores = [t["score"] for t in doc["trials"]]
     assert doc["best"]["score"] == max(scores) and len(set(scores)) == 4
     # The written recipe, merged by `langmerge merge` and evaluated from disk, scores the best trial's score.
@@ -39,7 +40,7 @@ def test_tune_on_a_validation_task_and_reproduce_the_best_score(setup):
     from langmerge.evaluation import evaluate
 
     results = evaluate(str(root / "merged"), [str(task)], progress=False)
-    assert -results["tasks"]["val_bpc"]["metrics"]["bpc"] == pytest.approx(doc["best"]["score"], rel=1e-6)
+    assert -results.tasks["val_bpc"].metrics["bpc"] == pytest.approx(doc["best"]["score"], rel=1e-6)
     for name in ("leaderboard.csv", "leaderboard.md", "scores.png", "best_recipe.yaml"):
         assert (out / name).is_file()
 

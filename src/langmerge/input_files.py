@@ -1,15 +1,25 @@
-"""Input files users write (task and study YAML, JSONL data): read, check, and report errors by file, line and key."""
+"""Input files users write (recipes, task, study and search-space files, JSONL data): read, check, and report
+errors by file, line and key.
+
+Every configuration file is read the same way: ``read_config_document`` (YAML, or JSON for a ``.json`` file, with
+the structure limits below) and ``load_config`` (that document validated into a pydantic model, every error
+naming the file and key path, ``validation_errors``).
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from langmerge.errors import LangmergeError
+from langmerge.io.files import parse_json, read_regular
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 # Limits on a YAML document's structure, checked before anything walks it: deeper
@@ -21,8 +31,6 @@ MAX_ENTRIES = 100_000
 
 def read_input_text(path: Path, kind: str) -> str:
     """The UTF-8 text of a file the user names; a missing, special, binary or non-UTF-8 file is a one-line error naming it."""
-    from langmerge.io.files import read_regular
-
     if not path.exists():
         raise LangmergeError(f"{kind} file {path} does not exist")
     data = read_regular(path)
@@ -105,19 +113,82 @@ def _key(path: tuple, more: bool = False) -> str:
     return "'" + ".".join(str(p) for p in path) + ("..." if more else "") + "'" if path else "(top level)"
 
 
-def read_yaml_mapping(path: Path, kind: str, hint: str = "") -> dict:
-    """The mapping a YAML file holds; a missing file, bad YAML or another shape is a LangmergeError naming it."""
-    raw = parse_yaml(read_input_text(path, kind), path, kind)
-    if not isinstance(raw, dict):
+def read_config_document(path: Path, kind: str, several: str = "") -> object:
+    """The one document a configuration file holds: JSON for a ``.json`` file (json names the exact position of a
+    fault), else YAML; its structure checked (``check_structure``). Errors are one line naming the file."""
+    text = read_input_text(path, kind)
+    if path.suffix.lower() == ".json":
+        document = parse_json(text.encode("utf-8"), path)
+        check_structure(document, path)
+        return document
+    return parse_yaml(text, path, kind, several)
+
+
+def validation_errors(exc: ValidationError, what: str = "key", unsupported: Mapping[str, str] | None = None,
+                      key_depth: int | None = None) -> list[str]:
+    """Every pydantic error, one line each in document order, as ``WHAT 'a.b[0].c': what was expected``.
+
+    ``unsupported`` maps keys that are refused by name (rather than as unknown) to the reason. ``key_depth``: only
+    that many parts of a location name the key (a model whose messages name the fields inside it).
+    """
+    out = []
+    for err in exc.errors():
+        loc = key_path(err["loc"][:key_depth]) + (err.get("ctx") or {}).get("at", "")  # ``at``: a place inside the value
+        if err["type"] == "extra_forbidden" and unsupported and loc in unsupported:
+            text = f"{what} {loc!r}: {unsupported[loc]}"
+        elif err["type"] == "extra_forbidden":
+            text = f"{what} {loc!r}: unknown key"
+        elif err["type"] == "missing":
+            text = f"{what} {loc!r} is required"
+        else:
+            text = f"{what} {loc!r}: {err['msg'].removeprefix('Value error, ')}"
+        if text not in out:
+            out.append(text)
+    return out
+
+
+def key_path(loc: tuple) -> str:
+    """A pydantic error location as a key path written the way keys are addressed elsewhere: ``models[0].model``;
+    the top level is ``(top level)``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+class ConfigError(LangmergeError):
+    """Everything wrong with a configuration file's schema at once: ``errors`` lists each (naming its key); the
+    message joins them after the file's name."""
+
+    def __init__(self, source: object, errors: list[str], kind: str = ""):
+        self.source = source
+        self.errors = list(errors)
+        what = f"{kind} errors" if kind else "errors"
+        joined = self.errors[0] if len(self.errors) == 1 else f"{len(self.errors)} {what}: " + "; ".join(self.errors)
+        super().__init__(f"{source}: {joined}")
+
+
+def validate_config(document: object, model: type[ModelT], source: object, kind: str = "") -> ModelT:
+    """``document`` validated into ``model``; a ``ConfigError`` naming ``source`` and every bad key otherwise."""
+    try:
+        return model.model_validate(document)
+    except ValidationError as exc:
+        raise ConfigError(source, validation_errors(exc), kind) from None
+
+
+def load_config(path: str | Path, model: type[ModelT], kind: str = "configuration", *, hint: str = "",
+                overrides: Mapping[str, object] | None = None) -> ModelT:
+    """The configuration file ``path`` (YAML, or JSON for a ``.json`` file) validated into ``model``.
+
+    The file must hold one mapping (``hint`` ends the message when it does not); ``overrides`` replace its
+    top-level keys. Errors are ``ConfigError`` / ``LangmergeError`` messages naming the file, the key path and
+    what was expected.
+    """
+    path = Path(path)
+    document = read_config_document(path, kind)
+    if not isinstance(document, dict):
         raise LangmergeError(f"{path}: a {kind} file must be a mapping{hint}")
-    return raw
-
-
-def validation_message(exc: ValidationError, source: str | Path) -> str:
-    """``source: key 'a.b': message`` for the first error pydantic reports."""
-    err = exc.errors()[0]
-    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    return f"{source}: key '{key}': {err['msg'].removeprefix('Value error, ')}"
+    return validate_config({**document, **(overrides or {})}, model, path)
 
 
 def json_object_line(line: str, path: Path, lineno: int) -> dict:

@@ -1,4 +1,4 @@
-"""Run tasks on a model and report: ``evaluate`` (results dict) and ``write_results`` (JSON, Markdown, plot)."""
+"""Run tasks on a model and report: ``evaluate`` (an ``EvalResult``) and ``write_results`` (JSON, Markdown, plot)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from langmerge.errors import LangmergeError
 from langmerge.evaluation import metrics
@@ -21,6 +24,55 @@ METRIC_COLUMNS = ("acc", "acc_norm", "exact_match", "chrf", "lang_share", "lang_
 
 
 PRECISIONS = ("fp32", "bf16")
+
+
+class EvalSettings(BaseModel):
+    """How a model was evaluated (``results.json``'s ``settings``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    few_shot: int | None  # None: each task's own count
+    batch_size: int
+    limit: int | None
+    chat_template: bool
+    max_length: int | None
+    seed: int
+    precision: str
+
+
+class TaskResult(BaseModel):
+    """One task's result: its metrics over ``n`` examples."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: str
+    language: str | None
+    family: str | None
+    n: int
+    few_shot: int
+    metrics: dict[str, int | float | None]
+    seconds: float
+    examples_per_s: float | None
+
+
+class EvalResult(BaseModel):
+    """What ``evaluate`` returns: per-task metrics, per-example samples and lm-eval's results.
+
+    ``summary()`` is ``results.json`` (everything but the samples, which ``samples.jsonl`` holds).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    model_source: dict[str, Any] | None = None  # a model given by Hub id: its resolution (io/hub.py)
+    settings: EvalSettings
+    tasks: dict[str, TaskResult] = Field(default_factory=dict)
+    samples: dict[str, list[dict[str, Any]]] = Field(default_factory=dict)
+    lm_eval: dict[str, Any] | None = None
+
+    def summary(self) -> dict[str, Any]:
+        doc = self.model_dump(exclude={"samples"})
+        for key in ("model_source", "lm_eval"):  # written only where there is one
+            if doc[key] is None:
+                del doc[key]
+        return doc
 
 
 def autocast(device, precision: str):
@@ -190,8 +242,8 @@ def evaluate(
     generate=generate_greedy,
     allow_pickle: bool = False,
     precision: str = "fp32",
-) -> dict:
-    """Evaluate a model on langmerge tasks (and optionally lm-eval tasks); returns a results dict.
+) -> EvalResult:
+    """Evaluate a model on langmerge tasks (and optionally lm-eval tasks).
 
     ``model`` is a model folder or Hub id, or an already-loaded causal LM with its
     ``tokenizer`` (as the tuner passes in-memory merged candidates). ``tasks``
@@ -202,7 +254,7 @@ def evaluate(
     none). ``generate`` is the greedy generation function (replaceable, e.g. to
     test the language check with a fixed answerer). ``precision="bf16"`` runs the
     model's matrix products in bfloat16 (``torch.autocast``; about twice as fast on
-    CPUs with AVX-512 BF16), the weights staying as loaded. The results hold
+    CPUs with AVX-512 BF16), the weights staying as loaded. The result holds
     ``tasks`` (per-task metrics), ``samples`` (per-example outputs) and, with
     ``lm_eval_tasks``, ``lm_eval`` (lm-eval's results). ``allow_pickle`` lets a
     model folder with only pickle (.bin) weights load (with ``weights_only=True``).
@@ -237,14 +289,12 @@ def evaluate(
         raise LangmergeError(f"the tokenizer of {model_name} has no chat template; drop --chat-template")
     model_device = next(model.parameters()).device
     opts = {"seed": seed, "chat": chat_template, "batch_size": batch_size, "max_length": max_length}
-    results: dict = {
-        "model": model_name,
-        **({"model_source": source.to_json()} if source is not None and source.repo_id else {}),
-        "settings": {"few_shot": few_shot, "batch_size": batch_size, "limit": limit, "chat_template": chat_template,
-                     "max_length": max_length, "seed": seed, "precision": precision},
-        "tasks": {},
-        "samples": {},
-    }
+    results = EvalResult(
+        model=model_name,
+        model_source=source.to_json() if source is not None and source.repo_id else None,
+        settings=EvalSettings(few_shot=few_shot, batch_size=batch_size, limit=limit, chat_template=chat_template,
+                              max_length=max_length, seed=seed, precision=precision),
+    )
     for task in task_list:
         idx = list(range(len(task.examples)))[:limit]
         bar = _Progress(progress, task.name, len(idx))
@@ -255,17 +305,17 @@ def evaluate(
         finally:
             bar.close()
         seconds = time.perf_counter() - start
-        results["tasks"][task.name] = {
-            "kind": task.spec.kind, "language": task.spec.language, "family": task.spec.family,
-            "n": len(idx), "few_shot": task.spec.few_shot, "metrics": scores,
-            "seconds": round(seconds, 3), "examples_per_s": round(len(idx) / seconds, 2) if seconds else None,
-        }
-        results["samples"][task.name] = samples
+        results.tasks[task.name] = TaskResult(
+            kind=task.spec.kind, language=task.spec.language, family=task.spec.family,
+            n=len(idx), few_shot=task.spec.few_shot, metrics=scores,
+            seconds=round(seconds, 3), examples_per_s=round(len(idx) / seconds, 2) if seconds else None,
+        )
+        results.samples[task.name] = samples
         log.info("%s: %s", task.name, scores)
     if lm_eval_tasks:
         from langmerge.evaluation.lm_eval_bridge import run_lm_eval
 
-        results["lm_eval"] = run_lm_eval(model, tokenizer, lm_eval_tasks, batch_size=batch_size, limit=limit,
+        results.lm_eval = run_lm_eval(model, tokenizer, lm_eval_tasks, batch_size=batch_size, limit=limit,
                                          num_fewshot=few_shot, resolved=lm_resolved, progress=progress)
     return results
 
@@ -278,18 +328,18 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def results_markdown(results: dict) -> str:
+def results_markdown(results: EvalResult) -> str:
     """Markdown tables: per-task metrics, the gap to English per task family, lm-eval's metrics."""
-    lines = [f"# Evaluation of `{results['model']}`", ""]
-    rows = results.get("tasks", {})
+    lines = [f"# Evaluation of `{results.model}`", ""]
+    rows = results.tasks
     if rows:
-        cols = [c for c in METRIC_COLUMNS if any(c in r["metrics"] for r in rows.values())]
+        cols = [c for c in METRIC_COLUMNS if any(c in r.metrics for r in rows.values())]
         lines += ["| task | language | kind | n | " + " | ".join(cols) + " | examples/s |",
                   "|---|---|---|---:|" + "---:|" * len(cols) + "---:|"]
         for name, r in rows.items():
-            cells = [_fmt(r["metrics"].get(c)) for c in cols]
-            lines.append(f"| {name} | {r['language'] or ''} | {r['kind']} | {r['n']} | " + " | ".join(cells)
-                         + f" | {_fmt(r['examples_per_s'])} |")
+            cells = [_fmt(r.metrics.get(c)) for c in cols]
+            lines.append(f"| {name} | {r.language or ''} | {r.kind} | {r.n} | " + " | ".join(cells)
+                         + f" | {_fmt(r.examples_per_s)} |")
         gaps = english_gaps(results)
         if gaps:
             lines += ["", "## Gap to English (same task family)", "",
@@ -297,64 +347,63 @@ def results_markdown(results: dict) -> str:
             for g in gaps:
                 lines.append(f"| {g['family']} | {g['metric']} | {_fmt(g['english'])} | {g['language']} | "
                              f"{_fmt(g['value'])} | {g['gap']:+.4f} |")
-    if "lm_eval" in results:
+    if results.lm_eval is not None:
         lines += ["", "## lm-evaluation-harness", "", "| task | metric | value |", "|---|---|---:|"]
-        for task, scores in results["lm_eval"]["results"].items():
+        for task, scores in results.lm_eval["results"].items():
             for metric, value in scores.items():
                 if isinstance(value, (int, float)) and metric != "alias":
                     lines.append(f"| {task} | {metric} | {_fmt(float(value))} |")
     return "\n".join(lines) + "\n"
 
 
-def english_gaps(results: dict) -> list[dict]:
+def english_gaps(results: EvalResult) -> list[dict]:
     """For each task family with an English task: every other language's main metric minus English's."""
-    rows = results.get("tasks", {})
-    english = {r["family"]: (n, r) for n, r in rows.items() if r["family"] and r["language"] == "en"}
+    rows = results.tasks
+    english = {r.family: r for r in rows.values() if r.family and r.language == "en"}
     gaps = []
-    for name, r in rows.items():
-        if not r["family"] or r["language"] in (None, "en") or r["family"] not in english:
+    for r in rows.values():
+        if not r.family or r.language in (None, "en") or r.family not in english:
             continue
-        metric = MAIN_METRIC[r["kind"]]
-        en_value = english[r["family"]][1]["metrics"][metric]
-        gaps.append({"family": r["family"], "metric": metric, "english": en_value, "language": r["language"],
-                     "value": r["metrics"][metric], "gap": r["metrics"][metric] - en_value})
+        metric = MAIN_METRIC[r.kind]
+        en_value = english[r.family].metrics[metric]
+        gaps.append({"family": r.family, "metric": metric, "english": en_value, "language": r.language,
+                     "value": r.metrics[metric], "gap": r.metrics[metric] - en_value})
     return gaps
 
 
-def plot_results(results: dict, path: Path) -> None:
+def plot_results(results: EvalResult, path: Path) -> None:
     """Bar chart of each task's main metric."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = results["tasks"]
+    rows = results.tasks
     names = list(rows)
-    values = [rows[n]["metrics"][MAIN_METRIC[rows[n]["kind"]]] for n in names]
-    labels = [f"{n} ({MAIN_METRIC[rows[n]['kind']]})" for n in names]
+    values = [rows[n].metrics[MAIN_METRIC[rows[n].kind]] for n in names]
+    labels = [f"{n} ({MAIN_METRIC[rows[n].kind]})" for n in names]
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1.2))
-    ax.barh(labels, values, color=["#4477aa" if rows[n]["kind"] != "bits_per_char" else "#cc6677" for n in names])
+    ax.barh(labels, values, color=["#4477aa" if rows[n].kind != "bits_per_char" else "#cc6677" for n in names])
     ax.invert_yaxis()
     ax.set_xlabel("accuracy / exact match (higher is better); bits per character (lower is better)")
-    ax.set_title(f"langmerge eval: {Path(results['model']).name}")
+    ax.set_title(f"langmerge eval: {Path(results.model).name}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def write_results(results: dict, out_dir: str | Path, force: bool = False) -> Path:
+def write_results(results: EvalResult, out_dir: str | Path, force: bool = False) -> Path:
     """Write results.json, samples.jsonl, results.md and results.png into a new folder (atomically)."""
     from langmerge.io.output import atomic_output_dir
 
     with atomic_output_dir(out_dir, force) as tmp:
-        summary = {k: v for k, v in results.items() if k != "samples"}
-        (tmp / "results.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n",
-                                          encoding="utf-8")
+        (tmp / "results.json").write_text(json.dumps(results.summary(), indent=2, ensure_ascii=False, default=str)
+                                          + "\n", encoding="utf-8")
         with (tmp / "samples.jsonl").open("w", encoding="utf-8") as fh:
-            for task, samples in results.get("samples", {}).items():
+            for task, samples in results.samples.items():
                 for s in samples:
                     fh.write(json.dumps({"task": task, **s}, ensure_ascii=False) + "\n")
         (tmp / "results.md").write_text(results_markdown(results), encoding="utf-8")
-        if results.get("tasks"):
+        if results.tasks:
             plot_results(results, tmp / "results.png")
     return Path(out_dir)

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from langmerge.errors import LangmergeError
-from langmerge.input_files import json_object_lines, read_input_text, read_yaml_mapping, validation_message
+from langmerge.input_files import json_object_lines, load_config, read_input_text
 
 TaskKind = Literal["multiple_choice", "generation", "bits_per_char"]
 
@@ -149,11 +149,7 @@ def _check_example(spec: TaskSpec, ex: Example) -> None:
 def load_task(yaml_path: str | Path) -> Task:
     """Load and check a task YAML and its JSONL data."""
     path = Path(yaml_path)
-    raw = read_yaml_mapping(path, "task")
-    try:
-        spec = TaskSpec.model_validate(raw)
-    except ValidationError as exc:
-        raise LangmergeError(validation_message(exc, path)) from None
+    spec = load_config(path, TaskSpec, "task")
     if spec.kind == "generation" and spec.language:
         check_language_labels(spec.accepted_labels, path)
     examples = load_jsonl(path.parent / spec.data)

@@ -1,7 +1,8 @@
 """Merge recipes: mergekit's YAML format for the methods langmerge shares with it.
 
 A recipe is validated in two steps. ``load_recipe`` checks its shape (keys,
-types, method, parameter names, model references); ``Recipe.tensor_parameters``
+types, method, parameter names, model references; a parameter's value is one
+of mergekit's shapes, ``ParameterSetting``); ``Recipe.tensor_parameters``
 resolves the per-tensor values (conditional ``filter`` values and layer
 gradients) and checks their ranges. Every error names the recipe key.
 """
@@ -12,13 +13,16 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, TypeAlias, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
+                      TypeAdapter, ValidationError)
+from pydantic_core import PydanticCustomError
 
 from langmerge.errors import LangmergeError
-from langmerge.input_files import check_structure, parse_yaml, read_input_text
+from langmerge.input_files import (ConfigError, check_structure, parse_yaml, parse_yaml_documents, read_config_document,
+                                   read_input_text, validation_errors)
 from langmerge.merge.tokenizer_block import TokenizerSettings, check_chat_template
 from langmerge.methods.base import Method, MethodParameters, ParameterSpec
 from langmerge.methods.registry import get_method
@@ -40,10 +44,109 @@ UNSUPPORTED_KEYS = {
 }
 
 
+# ----------------------------------------------------------------------------- parameter values
+# mergekit's value union (docs/merging.md, "Recipes"): a parameter is set to a scalar, a gradient (a list
+# of scalars interpolated over the layers), or conditional values ({filter, value}, one or a list, whose value is a
+# scalar or a gradient). The shapes are checked here, with one message per fault; types and bounds per method
+# are checked once the method is known (``_check_scalar``).
+
+Scalar: TypeAlias = Union[StrictBool, StrictInt, StrictFloat, StrictStr]
+Gradient: TypeAlias = list[Scalar]
+
+
+class ConditionalValue(BaseModel):
+    """``{filter, value}``: ``value`` where the tensor name contains ``filter`` (absent or ``*``: every tensor)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    filter: StrictStr | None = None
+    value: Union[Scalar, Gradient]
+
+
+def _shape_error(message: str, at: str = "") -> PydanticCustomError:
+    # ``at``: where inside the value the fault is (``[1].value``); validation_errors appends it to the key path
+    return PydanticCustomError("parameter_setting", "{message}", {"message": message, "at": at})
+
+
+def _check_scalar_shape(value: Any, at: str) -> None:
+    if not isinstance(value, (bool, int, float, str)):
+        raise _shape_error(f"expected a number or true/false, got {value!r}", at)
+
+
+def _check_leaves(values: list, at: str) -> None:
+    if not values:
+        raise _shape_error("empty list", at)
+    if any(isinstance(v, dict) for v in values):
+        raise _shape_error("mixes conditional values with plain values", at)
+    if any(isinstance(v, list) for v in values):
+        raise _shape_error("a gradient is a list of numbers (lists do not nest)", at)
+    for i, v in enumerate(values):
+        _check_scalar_shape(v, f"{at}[{i}]")
+
+
+def _check_shape(value: Any) -> Any:
+    """Refuse a value of none of mergekit's shapes, naming the fault (pydantic's own union errors name every
+    alternative tried)."""
+    conditionals = [value] if isinstance(value, (dict, ConditionalValue)) else value
+    if isinstance(conditionals, list) and conditionals and all(isinstance(c, ConditionalValue) for c in conditionals):
+        return value  # already typed (a recipe built from another's parts)
+    if isinstance(conditionals, list) and conditionals and all(isinstance(c, dict) for c in conditionals):
+        for i, cond in enumerate(conditionals):
+            at = f"[{i}]" if isinstance(value, list) else ""
+            if set(cond) - {"filter", "value"} or "value" not in cond:
+                raise _shape_error("a conditional value needs 'value' and an optional 'filter'", at)
+            if cond.get("filter") is not None and not isinstance(cond["filter"], str):
+                raise _shape_error("expected a string", f"{at}.filter")
+            inner = cond["value"]
+            if isinstance(inner, dict) or (isinstance(inner, list) and any(isinstance(v, dict) for v in inner)):
+                raise _shape_error("conditional values do not nest; a conditional value is a number or a gradient",
+                                   f"{at}.value")
+            if isinstance(inner, list):
+                _check_leaves(inner, f"{at}.value")
+            else:
+                _check_scalar_shape(inner, f"{at}.value")
+    elif isinstance(value, list):
+        _check_leaves(value, "")
+    else:
+        _check_scalar_shape(value, "")
+    return value
+
+
+ParameterSetting: TypeAlias = Annotated[
+    Union[ConditionalValue, list[ConditionalValue], Scalar, Gradient],
+    Field(union_mode="left_to_right"),
+    BeforeValidator(_check_shape),
+]
+Parameters: TypeAlias = dict[str, ParameterSetting]
+_SETTING = TypeAdapter(ParameterSetting)
+
+
+def parse_setting(value: Any) -> ParameterSetting:
+    """A parameter value as written (YAML's plain data) in its typed form; pydantic's ValidationError if it has
+    none of the shapes."""
+    return _SETTING.validate_python(value)
+
+
+def _scalars(setting: ParameterSetting) -> list[tuple[Any, str]]:
+    """Every scalar of a setting with where it is inside it (``""``, ``[1]``, ``[0].value[2]``)."""
+    conditionals = [setting] if isinstance(setting, ConditionalValue) else setting
+    if isinstance(conditionals, list) and conditionals and all(isinstance(c, ConditionalValue) for c in conditionals):
+        out = []
+        for i, cond in enumerate(conditionals):
+            at = f"[{i}].value" if isinstance(setting, list) else ".value"
+            out += [(v, at + sub) for v, sub in _scalars(cond.value)]
+        return out
+    if isinstance(setting, list):
+        return [(v, f"[{i}]") for i, v in enumerate(setting)]
+    return [(setting, "")]
+
+
+# ----------------------------------------------------------------------------- the recipe document
+
+
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: Parameters = Field(default_factory=dict)
 
 
 class SliceSource(BaseModel):
@@ -52,7 +155,7 @@ class SliceSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     layer_range: tuple[int, int]
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: Parameters = Field(default_factory=dict)
 
 
 class SliceEntry(BaseModel):
@@ -61,7 +164,7 @@ class SliceEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sources: list[SliceSource] = Field(min_length=1)
     base_model: str | None = None
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: Parameters = Field(default_factory=dict)
 
 
 class RecipeFile(BaseModel):
@@ -73,7 +176,7 @@ class RecipeFile(BaseModel):
     base_model: str | None = None
     models: list[ModelEntry] | None = Field(default=None, min_length=1)
     slices: list[SliceEntry] | None = Field(default=None, min_length=1)
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: Parameters = Field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
@@ -124,30 +227,11 @@ def _check_scalar(spec: ParameterSpec, value: Any, key: str) -> Any:
     return value
 
 
-def _check_setting(spec: ParameterSpec, setting: Any, key: str) -> None:
-    """Validate a setting's shape: scalar, gradient list, or list of {filter, value}."""
-    if isinstance(setting, dict):
-        setting = [setting]
-    if isinstance(setting, list):
-        if not setting:
-            raise LangmergeError(f"recipe key {key!r}: empty list")
-        if all(isinstance(e, dict) for e in setting):
-            for i, cond in enumerate(setting):
-                extra = set(cond) - {"filter", "value"}
-                if extra or "value" not in cond:
-                    raise LangmergeError(
-                        f"recipe key {key}[{i}]: a conditional value needs 'value' and an optional 'filter'"
-                    )
-                if cond.get("filter") is not None and not isinstance(cond["filter"], str):
-                    raise LangmergeError(f"recipe key {key}[{i}].filter: expected a string")
-                _check_setting(spec, cond["value"], f"{key}[{i}].value")
-            return
-        if any(isinstance(e, (dict, list)) for e in setting):
-            raise LangmergeError(f"recipe key {key!r}: mixes conditional values with plain values")
-        for i, e in enumerate(setting):
-            _check_scalar(spec, e, f"{key}[{i}]")
-        return
-    _check_scalar(spec, setting, key)
+def _check_setting(spec: ParameterSpec, setting: ParameterSetting, key: str) -> None:
+    """Check every scalar of a setting (a scalar, a gradient, conditional values) against the parameter's type
+    and bounds."""
+    for value, at in _scalars(setting):
+        _check_scalar(spec, value, key + at)
 
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
@@ -175,23 +259,22 @@ def layer_position(name: str, num_layers: int) -> float:
     return index / (num_layers - 1) if num_layers > 1 else 1.0
 
 
-def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
+def evaluate_setting(setting: ParameterSetting, tensor_name: str, t: float) -> Any:
     """mergekit's resolution of one setting for one tensor.
 
     A list of numbers is a gradient interpolated at ``t`` (the layer's
-    position in [0, 1]); other plain lists pick ``int(t * (n - 1))``; a list of
-    ``{filter, value}`` takes the first whose filter is absent, ``*``, or a
-    substring of the tensor name (None when none matches).
+    position in [0, 1]); other plain lists pick ``int(t * (n - 1))``; conditional
+    values take the first whose filter is absent, ``*``, or a substring of the
+    tensor name (None when none matches).
     """
-    if isinstance(setting, dict):
+    if isinstance(setting, ConditionalValue):
         setting = [setting]
     if not isinstance(setting, list):
         return setting
-    if all(isinstance(e, dict) for e in setting):
+    if setting and all(isinstance(e, ConditionalValue) for e in setting):
         for cond in setting:
-            f = cond.get("filter")
-            if f is None or f == "*" or f in tensor_name:
-                return evaluate_setting(cond["value"], tensor_name, t)
+            if cond.filter is None or cond.filter == "*" or cond.filter in tensor_name:
+                return evaluate_setting(cond.value, tensor_name, t)
         return None
     if all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
         scaled = t * (len(setting) - 1)
@@ -236,7 +319,7 @@ class Recipe:
         except LangmergeError as exc:
             raise RecipeError(source, [*errors, str(exc)]) from None
 
-        self.parameter_layers: list[dict[str, Any]] = [raw.parameters]  # after a model's own: slices add theirs
+        self.parameter_layers: list[Parameters] = [raw.parameters]  # after a model's own: slices add theirs
         self.slices = None
         if raw.models is not None and raw.slices is not None:
             raise RecipeError(source, [*errors, "recipe keys 'models' and 'slices' both given; keep one"])
@@ -299,7 +382,7 @@ class Recipe:
         if errors:
             raise RecipeError(source, errors)
 
-    def check_parameters(self, parameters: dict[str, Any], where: str, errors: list[str]) -> None:
+    def check_parameters(self, parameters: Parameters, where: str, errors: list[str]) -> None:
         """Check recipe-wide settings (``parameters``, a slice's ``parameters``), adding each problem to ``errors``."""
         specs = self.method.parameters
         references = (["protect"] if self.method.takes_protect else []) + list(self.method.reference_parameters)
@@ -443,32 +526,11 @@ class Recipe:
         return doc
 
 
-class RecipeError(LangmergeError):
+class RecipeError(ConfigError):
     """Everything wrong with a recipe's shape at once: ``errors`` lists each (naming its key); the message joins them."""
 
     def __init__(self, source: str, errors: list[str]):
-        self.source = source
-        self.errors = list(errors)
-        joined = self.errors[0] if len(self.errors) == 1 else f"{len(self.errors)} recipe errors: " + "; ".join(self.errors)
-        super().__init__(f"{source}: {joined}")
-
-
-def _format_validation(exc: ValidationError) -> list[str]:
-    """Every pydantic error of a recipe document, one line each, in document order."""
-    out = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "<top>"
-        if err["type"] == "extra_forbidden" and loc in UNSUPPORTED_KEYS:
-            text = f"recipe key {loc!r}: {UNSUPPORTED_KEYS[loc]}"
-        elif err["type"] == "extra_forbidden":
-            text = f"recipe key {loc!r}: unknown key"
-        elif err["type"] == "missing":
-            text = f"recipe key {loc!r} is required"
-        else:
-            text = f"recipe key {loc!r}: {err['msg']}"
-        if text not in out:
-            out.append(text)
-    return out
+        super().__init__(source, errors, "recipe")
 
 
 RECIPE_SUFFIXES = (".yaml", ".yml", ".json", ".txt")
@@ -501,16 +563,9 @@ def _recipe_file(arg: str | Path) -> Path | None:
 
 
 def _read_recipe_file(path: Path) -> Any:
-    from langmerge.io.files import parse_json
-
     if not path.exists():
         raise LangmergeError(f"recipe file {path} does not exist")
-    text = read_input_text(path, "recipe")
-    if path.suffix.lower() == ".json":  # JSON is YAML, but json names the exact position of a fault
-        document = parse_json(text.encode("utf-8"), path)
-        check_structure(document, path)
-        return document
-    return parse_yaml(text, path, "recipe", _SEVERAL)
+    return read_config_document(path, "recipe", _SEVERAL)
 
 
 _SEVERAL = " here (langmerge merge runs a file of several recipes, as mergekit-multi does)"
@@ -519,8 +574,6 @@ _SEVERAL = " here (langmerge merge runs a file of several recipes, as mergekit-m
 def read_recipe_documents(recipe: str | Path) -> tuple[str, list] | None:
     """``(source, documents)`` when the recipe file (or YAML text) holds several documents (mergekit-multi's
     format, ``merge.multi``), else None."""
-    from langmerge.input_files import parse_yaml_documents
-
     path = _recipe_file(recipe)
     if path is not None and path.suffix.lower() == ".json":
         return None
@@ -555,7 +608,7 @@ def load_recipe(recipe: str | Path | dict | Recipe) -> Recipe:
     try:
         raw = RecipeFile.model_validate(recipe)
     except ValidationError as exc:
-        raise RecipeError(source, absent + _format_validation(exc)) from None
+        raise RecipeError(source, absent + validation_errors(exc, "recipe key", UNSUPPORTED_KEYS)) from None
     if absent:
         raise RecipeError(source, absent)
     try:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import sys
 
 from langmerge.cli_options import ALLOW_PICKLE, FORCE, NO_PROGRESS
+from langmerge.study.steps import Step, StepRecord
 
 
-def _print_step(i: int, total: int, step, record: dict) -> None:
-    state = "cached" if record.get("cached") else f"done in {record['seconds']:.1f}s"
+def _print_step(i: int, total: int, step: Step, record: StepRecord) -> None:
+    state = "cached" if record.cached else f"done in {record.seconds:.1f}s"
     print(f"[{i}/{total}] {step.label}: {state}", file=sys.stderr, flush=True)
 
 

@@ -14,10 +14,10 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from langmerge.errors import LangmergeError
-from langmerge.input_files import read_yaml_mapping, validation_message
+from langmerge.input_files import load_config
 from langmerge.methods.registry import METHODS, get_method
 from langmerge.training.options import TrainOptions
 
@@ -446,14 +446,9 @@ def check_study(study: Study) -> None:
 
 
 def load_study(path: str | Path, overrides: dict | None = None) -> Study:
-    """Read and check STUDY.yaml; ``overrides`` replace top-level keys (e.g. the executor from the CLI)."""
+    """Read and check STUDY.yaml (or a JSON study file); ``overrides`` replace top-level keys (e.g. the executor from the CLI)."""
     path = Path(path)
-    raw = read_yaml_mapping(path, "study", " (name, out, base, sft, languages, methods)")
-    raw.update(overrides or {})
-    try:
-        spec = StudySpec.model_validate(raw)
-    except ValidationError as exc:
-        raise LangmergeError(validation_message(exc, path)) from None
+    spec = load_config(path, StudySpec, "study", hint=" (name, out, base, sft, languages, methods)", overrides=overrides)
     study = Study(spec, path.resolve())
     check_study(study)
     return study

@@ -11,14 +11,14 @@ import time
 from collections.abc import Callable, Sequence
 
 from langmerge.errors import LangmergeError
-from langmerge.study.steps import Context, Step, run_step
+from langmerge.study.steps import Context, Step, StepRecord, run_step
 
 log = logging.getLogger(__name__)
 
-Report = Callable[[int, int, Step, dict], None]  # (index, total, step, done.json record)
+Report = Callable[[int, int, Step, StepRecord], None]  # (index, total, step, done.json record)
 
 
-def run_local(steps: Sequence[Step], ctx: Context, *, force: set[int] = frozenset(), report: Report | None = None) -> list[dict]:
+def run_local(steps: Sequence[Step], ctx: Context, *, force: set[int] = frozenset(), report: Report | None = None) -> list[StepRecord]:
     """Run ``steps`` (already in dependency order) one after another; ``force``: ids of steps to rerun."""
     records = []
     for i, step in enumerate(steps, 1):
@@ -29,14 +29,14 @@ def run_local(steps: Sequence[Step], ctx: Context, *, force: set[int] = frozense
     return records
 
 
-def _ray_step(step: Step, ctx: Context, force: bool, *deps_done) -> dict:
+def _ray_step(step: Step, ctx: Context, force: bool, *deps_done) -> StepRecord:
     # deps_done: the records of the dependencies; passing them makes Ray wait for those tasks.
     return run_step(step, ctx, force=force)
 
 
 def run_ray(steps: Sequence[Step], ctx: Context, *, force: set[int] = frozenset(), report: Report | None = None,
             address: str | None = None, num_cpus: float = 1, num_gpus: float = 0,
-            init_kwargs: dict | None = None) -> list[dict]:
+            init_kwargs: dict | None = None) -> list[StepRecord]:
     """Submit every step as a Ray task that waits for its dependencies' tasks; steps already done are not sent.
 
     Without ``address`` (and no Ray already initialised) a local Ray instance is started.
@@ -95,7 +95,7 @@ def run_ray(steps: Sequence[Step], ctx: Context, *, force: set[int] = frozenset(
 
 
 def run_steps(steps: Sequence[Step], ctx: Context, *, executor: str = "local", force: set[int] = frozenset(),
-              report: Report | None = None, **ray_options) -> list[dict]:
+              report: Report | None = None, **ray_options) -> list[StepRecord]:
     start = time.perf_counter()
     if executor == "ray":
         records = run_ray(steps, ctx, force=force, report=report, **ray_options)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from langmerge.errors import LangmergeError
 from langmerge.io.output import atomic_output_dir
+from langmerge.study.steps import BaseSettings, TaskSettings
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ def file_strings(path: Path) -> list[str]:
     return read_documents(path)
 
 
-def task_strings(task_settings: dict) -> list[str]:
+def task_strings(task_settings: TaskSettings) -> list[str]:
     """What evaluation tokenizes for the study's tasks, in both splits: contexts, context+choice, texts."""
     from langmerge.evaluation.tasks import context
     from langmerge.study.run_steps import study_tasks
@@ -253,12 +254,12 @@ def task_strings(task_settings: dict) -> list[str]:
     return out
 
 
-def build_base(settings: dict, vocab_files: list[Path], out: Path, progress: bool = True) -> dict:
+def build_base(settings: BaseSettings, vocab_files: list[Path], out: Path, progress: bool = True) -> dict:
     """The base step of a builtin base: the converted model, pruned to the study's strings if asked."""
-    if settings["builtin"] != "gemma3-270m":
-        raise LangmergeError(f"unknown builtin base {settings['builtin']!r}")
+    if settings.builtin != "gemma3-270m":
+        raise LangmergeError(f"unknown builtin base {settings.builtin!r}")
     full = convert_gemma(gemma_cache())
-    if not settings["prune_vocab"]:
+    if not settings.prune_vocab:
         out.mkdir(parents=True)
         for f in full.iterdir():
             try:
@@ -266,6 +267,8 @@ def build_base(settings: dict, vocab_files: list[Path], out: Path, progress: boo
             except OSError:
                 shutil.copy2(f, out / f.name)
         return {"source": str(full)}
-    strings = [s for f in vocab_files for s in file_strings(f)] + task_strings(settings["tasks"])
+    if settings.tasks is None:
+        raise LangmergeError("a pruned base needs the study's tasks (its settings name none)")
+    strings = [s for f in vocab_files for s in file_strings(f)] + task_strings(settings.tasks)
     info = prune_vocabulary(full, out, strings)
     return info | {"source": str(full)}

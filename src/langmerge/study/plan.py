@@ -8,7 +8,9 @@ from pathlib import Path
 from langmerge.errors import LangmergeError
 from langmerge.study.config import Source, Study
 from langmerge.study.run_steps import folder_fingerprint
-from langmerge.study.steps import Context, Step, file_digest
+from langmerge.study.steps import (AnalyzeSettings, BaseSettings, Context, CTSettings, EvalSettings, FileSettings,
+                                   GivenSettings, SFTSettings, SourceSettings, Step, TaskSettings, TuneSettings,
+                                   file_digest)
 
 
 @dataclass
@@ -35,21 +37,21 @@ def _data_step(study: Study, src: Source, role: str) -> Step:
     if src.builtin is not None:
         from langmerge.study.sources import SOURCE_VERSION
 
-        return Step("source", f"source {src.builtin}", {"builtin": src.builtin, "version": SOURCE_VERSION})
+        return Step("source", f"source {src.builtin}", SourceSettings(builtin=src.builtin, version=SOURCE_VERSION))
     path = study.path(src.path).resolve()
-    return Step("file", f"file {path.name}", {"path": str(path), "sha256": file_digest(path)})
+    return Step("file", f"file {path.name}", FileSettings(path=str(path), sha256=file_digest(path)))
 
 
 def _given(study: Study, value: str, key: str, label: str) -> Step:
     """A model the study is given: a folder (keyed by its files) or a Hub id (keyed by its commit, fetched when the step runs)."""
     model = study.model(value, key)
     if model.from_hub:
-        return Step("given", label, {"hub": model.repo_id, "commit": model.commit})
+        return Step("given", label, GivenSettings(hub=model.repo_id, commit=model.commit))
     path = model.folder.resolve()
-    return Step("given", label, {"path": str(path), "files": folder_fingerprint(path)})
+    return Step("given", label, GivenSettings(path=str(path), files=folder_fingerprint(path)))
 
 
-def _task_settings(study: Study, names: list[str]) -> dict:
+def _task_settings(study: Study, names: list[str]) -> TaskSettings:
     from langmerge.evaluation.builtin import BUILTIN_VERSION
 
     resolved = []
@@ -60,8 +62,8 @@ def _task_settings(study: Study, names: list[str]) -> dict:
         else:
             resolved.append(name)
     digests = {n: file_digest(Path(n)) for n in resolved if n.endswith((".yaml", ".yml"))}
-    return {"tasks": resolved, "split": study.spec.evaluation.split, "builtin_version": BUILTIN_VERSION,
-            "task_files": digests}
+    return TaskSettings(tasks=resolved, split=study.spec.evaluation.split, builtin_version=BUILTIN_VERSION,
+                        task_files=digests)
 
 
 def _add(order: list[Step], seen: set[int], step: Step) -> Step:
@@ -95,8 +97,8 @@ def build_plan(study: Study) -> Plan:
         vocab_inputs = [*replay, *[t for ts in texts.values() for t in ts], *([sft_data] if sft_data else [])]
         tasks = sorted({t for ls in s.languages.values() for t in (*ls.validation, *ls.test)})
         base = Step("base", f"base {s.base.builtin}" + (" (vocabulary pruned)" if s.base.prune_vocab else ""),
-                    {"builtin": s.base.builtin, "prune_vocab": s.base.prune_vocab,
-                     "tasks": _task_settings(study, tasks) if s.base.prune_vocab else None},
+                    BaseSettings(builtin=s.base.builtin, prune_vocab=s.base.prune_vocab,
+                                 tasks=_task_settings(study, tasks) if s.base.prune_vocab else None),
                     {f"vocab{i}": d for i, d in enumerate(vocab_inputs)} if s.base.prune_vocab else {})
     prepare = [_add(order, seen, d) for d in sources.values()]
     _add(order, seen, base)
@@ -104,9 +106,9 @@ def build_plan(study: Study) -> Plan:
     plan = Plan(study, order, prepare, base)
 
     def sft_step(seed: int | None) -> Step:
-        training = s.sft.training.step_settings() | ({"seed": seed} if seed is not None else {})
+        training = s.sft.training.model_copy(update={"seed": seed} if seed is not None else {})
         return Step("sft", "sft" + (f" (seed {seed})" if seed is not None else ""),
-                    {"epochs": s.sft.epochs, "training": training}, {"base": base, "data": sft_data}, training=True)
+                    SFTSettings(epochs=s.sft.epochs, training=training), {"base": base, "data": sft_data}, training=True)
 
     if s.sft.path is not None:
         sft = _given(study, s.sft.path, f"{study.source}: sft.path", "SFT model")
@@ -115,9 +117,9 @@ def build_plan(study: Study) -> Plan:
     plan.sft = _add(order, seen, sft)
     seeded_sft = {seed: _add(order, seen, sft_step(seed)) for seed in s.seeds.extra}
     if s.sft.test:
-        english = {"tasks": _task_settings(study, s.sft.test), "limit": s.evaluation.limit,
-                   "batch_size": s.evaluation.batch_size, "lm_eval": [], "device": s.evaluation.device,
-                   "precision": s.evaluation.precision}
+        english = EvalSettings(tasks=_task_settings(study, s.sft.test), limit=s.evaluation.limit,
+                               batch_size=s.evaluation.batch_size, lm_eval=[], device=s.evaluation.device,
+                               precision=s.evaluation.precision)
         main_seed = s.sft.training.seed
         plan.english[(main_seed, "base")] = _add(order, seen, Step("eval", "eval base on English", english,
                                                                    {"model": base}))
@@ -127,32 +129,32 @@ def build_plan(study: Study) -> Plan:
     ratio = list(study.ratio())
 
     def ct_step(lang: str, budgets: list[int], seed: int | None) -> Step:
-        training = s.ct_training.step_settings() | ({"seed": seed} if seed is not None else {})
+        training = s.ct_training.model_copy(update={"seed": seed} if seed is not None else {})
         deps = {"base": base} | {f"text{i}": t for i, t in enumerate(texts[lang])}
         deps |= {f"replay{i}": r for i, r in enumerate(replay)}
         label = f"ct {lang} ({', '.join(f'{b:,}' for b in budgets)} tokens" + (f", seed {seed})" if seed is not None else ")")
-        return Step("ct", label, {"language": lang, "budgets": budgets, "replay_ratio": ratio, "repeat": s.repeat,
-                                  "training": training}, deps, training=True)
+        return Step("ct", label, CTSettings(language=lang, budgets=budgets, replay_ratio=ratio, repeat=s.repeat,
+                                            training=training), deps, training=True)
 
-    def budget_steps(lang: str, b: int, ct: Step, sft: Step, ev: dict, valid: dict, tag: str,
+    def budget_steps(lang: str, b: int, ct: Step, sft: Step, ev: EvalSettings, valid: TaskSettings, tag: str,
                      methods: list[str]) -> dict[str, Step]:
         """CT-then-SFT and the tuned merges of one budget, and the evaluations of CT, CT-then-SFT and the merges."""
         budget = {"budget": b} if ct.kind == "ct" else {}
-        evals = {"ct": _add(order, seen, Step("eval", f"eval ct {tag}", ev | budget, {"model": ct}))}
-        training = sft.settings.get("training", s.sft.training.step_settings())  # the SFT run's, with its seed
+        evals = {"ct": _add(order, seen, Step("eval", f"eval ct {tag}", ev.model_copy(update=budget), {"model": ct}))}
+        # a given SFT model has no training settings: CT-then-SFT trains as the study's sft.training says
+        training = sft.settings.training if isinstance(sft.settings, SFTSettings) else s.sft.training
         ct_sft = _add(order, seen, Step("ct_sft", f"ct-then-sft {tag}",
-                                        {"epochs": s.sft.epochs, "training": training} | budget,
+                                        SFTSettings(epochs=s.sft.epochs, training=training, budget=budget.get("budget")),
                                         {"base": ct, "data": sft_data}, training=True))
         evals["ct_sft"] = _add(order, seen, Step("eval", f"eval ct-then-sft {tag}", ev, {"model": ct_sft}))
         for name in methods:
             m = s.methods[name]
             tune = _add(order, seen, Step(
                 "tune", f"tune {name} {tag}",
-                {"budget": b, "method": m.model_dump(), "tuning": s.tuning.model_dump(), "tasks": valid,
-                 "batch_size": s.evaluation.batch_size, "dtype": s.dtype, "device": s.evaluation.device,
-                 "precision": s.evaluation.precision},
+                TuneSettings(budget=b, method=m, tuning=s.tuning, tasks=valid, batch_size=s.evaluation.batch_size,
+                             dtype=s.dtype, device=s.evaluation.device, precision=s.evaluation.precision),
                 {"base": base, "ct": ct, "sft": sft}))
-            evals[name] = _add(order, seen, Step("eval", f"eval {name} {tag}", ev | {"method_name": name},
+            evals[name] = _add(order, seen, Step("eval", f"eval {name} {tag}", ev.model_copy(update={"method_name": name}),
                                                  {"tune": tune}))
             evals[f"tune:{name}"] = tune
         return evals
@@ -168,9 +170,9 @@ def build_plan(study: Study) -> Plan:
             plan.ct[lang] = _add(order, seen, ct_step(lang, to_train, None))
         test = _task_settings(study, ls.test)
         valid = _task_settings(study, ls.validation)
-        ev = {"tasks": test, "limit": s.evaluation.limit, "batch_size": s.evaluation.batch_size,
-              "lm_eval": list(ls.lm_eval), "device": s.evaluation.device, "precision": s.evaluation.precision,
-              "score_tasks": list(ls.score)}
+        ev = EvalSettings(tasks=test, limit=s.evaluation.limit, batch_size=s.evaluation.batch_size,
+                          lm_eval=list(ls.lm_eval), device=s.evaluation.device, precision=s.evaluation.precision,
+                          score_tasks=list(ls.score))
         plan.evals[(lang, None, "base")] = _add(order, seen, Step("eval", f"eval base on {lang}", ev, {"model": base}))
         plan.evals[(lang, None, "sft")] = _add(order, seen, Step("eval", f"eval sft on {lang}", ev, {"model": sft}))
         for b in budgets:
@@ -182,7 +184,7 @@ def build_plan(study: Study) -> Plan:
                     plan.evals[(lang, b, row)] = step
             if s.analysis is not None:
                 plan.analyses[(lang, b)] = _add(order, seen, Step(
-                    "analyze", f"analyze {lang} {b:,}", {},
+                    "analyze", f"analyze {lang} {b:,}", AnalyzeSettings(),
                     {"ties": plan.tunes[(lang, b, s.analysis.ties)], "ties_sv": plan.tunes[(lang, b, s.analysis.ties_sv)]}))
         smallest = budgets[0]
         if smallest in given:
@@ -215,7 +217,7 @@ def check_budgets(plan: Plan, ctx: Context) -> dict[str, dict]:
         texts = [data_path(ctx, d) for n, d in step.deps.items() if n.startswith("text")]
         replay = [data_path(ctx, d) for n, d in step.deps.items() if n.startswith("replay")]
         available = len(token_stream(tokenizer, texts))
-        largest = max(step.settings["budgets"])
+        largest = max(step.settings.budgets)
         counts[lang] = {"text_tokens": available}
         if largest > available and not study.spec.repeat:
             raise LangmergeError(

@@ -19,7 +19,7 @@ from langmerge.io.output import atomic_output_dir
 from langmerge.methods.registry import get_method
 from langmerge.study.config import REFERENCE_ROWS
 from langmerge.study.plan import Plan
-from langmerge.study.steps import Context
+from langmerge.study.steps import Context, StepRecord
 
 ROW_LABELS = {"base": "base", "sft": "SFT (English)", "ct": "CT", "ct_sft": "CT-then-SFT"}
 LEVEL = 0.05  # significance level of the findings' tests
@@ -516,12 +516,12 @@ def plot_loss(plan: Plan, data: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def step_timings(records: list[dict]) -> dict:
+def step_timings(records: list[StepRecord]) -> dict:
     """Per kind of step: (count, wall seconds, CPU seconds); a cached step's record keeps its original times."""
     out: dict[str, list] = {}
     for r in records:
-        count, seconds, cpu = out.setdefault(r["kind"], [0, 0.0, 0.0])
-        out[r["kind"]] = [count + 1, seconds + r["seconds"], cpu + r.get("cpu_seconds", 0.0)]
+        count, seconds, cpu = out.setdefault(r.kind, [0, 0.0, 0.0])
+        out[r.kind] = [count + 1, seconds + r.seconds, cpu + (r.cpu_seconds or 0.0)]
     return {k: tuple(v) for k, v in out.items()}
 
 
@@ -539,7 +539,7 @@ def _flat(entry: dict) -> dict:
     return out
 
 
-def write_report(plan: Plan, ctx: Context, records: list[dict], out_dir: Path) -> Path:
+def write_report(plan: Plan, ctx: Context, records: list[StepRecord], out_dir: Path) -> Path:
     """Write the report folder (replaced as a whole each run)."""
     data = collect(plan, ctx)
     found = findings(plan, data)
@@ -559,7 +559,7 @@ def write_report(plan: Plan, ctx: Context, records: list[dict], out_dir: Path) -
                 writer.writerows(data["loss"])
         doc = {"study": plan.study.spec.name, "config": str(plan.study.source),
                **{k: v for k, v in data.items() if k != "outcomes"}, "language_gain": gains, "findings": found,
-               "steps": [{k: r.get(k) for k in ("label", "kind", "key", "seconds", "cpu_seconds", "cached", "info")}
+               "steps": [{k: getattr(r, k) for k in ("label", "kind", "key", "seconds", "cpu_seconds", "cached", "info")}
                          for r in records]}
         (tmp / "results.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
         (tmp / "report.md").write_text(markdown(plan, data, found, gains, timings))

@@ -5,9 +5,16 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from langmerge.errors import LangmergeError
-from langmerge.study.steps import Context, Step, method_recipe, space_for_recipe
+from langmerge.study.steps import (BaseSettings, Context, CTSettings, EvalSettings, FileSettings, GivenSettings,
+                                   SFTSettings, SourceSettings, Step, TaskSettings, TuneSettings, method_recipe,
+                                   space_for_recipe)
+
+if TYPE_CHECKING:  # for the annotation only: importing the evaluator means importing torch and transformers
+    from langmerge.evaluation.runner import EvalResult
+    from langmerge.study.config import StudyTrainOptions
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +33,7 @@ def folder_fingerprint(path: Path) -> list:
 def data_path(ctx: Context, step: Step) -> Path:
     """The file a ``file`` or ``source`` step stands for."""
     if step.kind == "file":
-        return Path(step.settings["path"])
+        return Path(step.settings_as(FileSettings).path)
     if step.kind == "source":
         out = ctx.out(step)
         return next(p for p in (out / "data.txt", out / "data.jsonl") if p.is_file())
@@ -40,20 +47,21 @@ def model_path(ctx: Context, step: Step, budget: int | None = None) -> Path:
     downloaded there at the planned commit if it is not cached (io/hub.py).
     """
     if step.kind == "given":
-        if "hub" in step.settings:
+        given = step.settings_as(GivenSettings)
+        if given.hub is not None:
             from langmerge.io.hub import resolve_model
 
             return resolve_model(
-                f"{step.settings['hub']}@{step.settings['commit']}", allow_pickle=ctx.allow_pickle, progress=ctx.progress
+                f"{given.hub}@{given.commit}", allow_pickle=ctx.allow_pickle, progress=ctx.progress
             ).folder
-        return Path(step.settings["path"])
+        return Path(str(given.path))
     out = ctx.out(step) / "model"
     if step.kind == "ct":
         from langmerge.training.data import format_token_count
 
         if budget is None:
             raise LangmergeError(f"step {step.label}: which budget's checkpoint?")
-        return out if budget == max(step.settings["budgets"]) else out / f"tokens-{format_token_count(budget)}"
+        return out if budget == max(step.settings_as(CTSettings).budgets) else out / f"tokens-{format_token_count(budget)}"
     return out
 
 
@@ -62,22 +70,23 @@ def _inputs(ctx: Context, step: Step, prefix: str) -> list[Path]:
     return [data_path(ctx, step.deps[n]) for n in names]
 
 
-def _options(step: Step):
-    from langmerge.study.config import StudyTrainOptions
-
-    return StudyTrainOptions.model_validate(step.settings["training"])
+def _options(step: Step) -> StudyTrainOptions:
+    training = step.settings.training if isinstance(step.settings, (CTSettings, SFTSettings)) else None
+    if training is None:
+        raise TypeError(f"step {step.label} trains nothing")
+    return training
 
 
 # ----------------------------------------------------------------------------- tasks
 
 
-def study_tasks(settings: dict, part: str):
+def study_tasks(settings: TaskSettings, part: str):
     """The Task objects of a step: resolved by name or path, then split (even examples validate, odd test)."""
     from langmerge.evaluation import resolve_tasks
     from langmerge.evaluation.tasks import Task
 
-    tasks = resolve_tasks(list(settings["tasks"]))
-    if settings["split"] == "none":
+    tasks = resolve_tasks(list(settings.tasks))
+    if settings.split == "none":
         return tasks
     first = 0 if part == "validation" else 1
     out = []
@@ -88,7 +97,7 @@ def study_tasks(settings: dict, part: str):
     return out
 
 
-def task_score(results: dict, score_tasks: list[str] | None = None) -> dict:
+def task_score(results: EvalResult, score_tasks: list[str] | None = None) -> dict:
     """Main metric per task, and ``score``: the mean of the task-solving metrics (accuracy, exact match)
     of the tasks matching ``score_tasks`` (every task-solving task when empty).
 
@@ -98,17 +107,17 @@ def task_score(results: dict, score_tasks: list[str] | None = None) -> dict:
     from langmerge.evaluation.metrics import MAIN_METRIC
 
     per_task = {}
-    for name, r in results["tasks"].items():
-        metric = MAIN_METRIC[r["kind"]]
-        per_task[name] = {"metric": metric, "value": r["metrics"][metric], "kind": r["kind"], "n": r["n"]}
-        samples = results["samples"][name]
-        if r["kind"] == "bits_per_char":
+    for name, r in results.tasks.items():
+        metric = MAIN_METRIC[r.kind]
+        per_task[name] = {"metric": metric, "value": r.metrics[metric], "kind": r.kind, "n": r.n}
+        samples = results.samples[name]
+        if r.kind == "bits_per_char":
             per_task[name]["bits"] = [x["bits"] for x in samples]
             per_task[name]["characters"] = [x["characters"] for x in samples]
         else:
             per_task[name]["outcomes"] = [x["correct"] for x in samples]
-        if r["kind"] == "generation" and "lang_share" in r["metrics"]:
-            per_task[name]["lang_share"] = r["metrics"]["lang_share"]
+        if r.kind == "generation" and "lang_share" in r.metrics:
+            per_task[name]["lang_share"] = r.metrics["lang_share"]
     import fnmatch
 
     chosen = [n for n, v in per_task.items() if v["kind"] != "bits_per_char"
@@ -121,7 +130,7 @@ def task_score(results: dict, score_tasks: list[str] | None = None) -> dict:
 
 
 def run_file(step: Step, ctx: Context, out: Path) -> dict:
-    return {"path": step.settings["path"]}
+    return {"path": step.settings_as(FileSettings).path}
 
 
 def run_given(step: Step, ctx: Context, out: Path) -> dict:
@@ -137,25 +146,25 @@ def run_given(step: Step, ctx: Context, out: Path) -> dict:
 def run_source(step: Step, ctx: Context, out: Path) -> dict:
     from langmerge.study.sources import write_source
 
-    return write_source(step.settings["builtin"], out)
+    return write_source(step.settings_as(SourceSettings).builtin, out)
 
 
 def run_base(step: Step, ctx: Context, out: Path) -> dict:
     from langmerge.study.miniature import build_base
 
     texts = _inputs(ctx, step, "vocab")
-    return build_base(step.settings, texts, out / "model", progress=ctx.progress)
+    return build_base(step.settings_as(BaseSettings), texts, out / "model", progress=ctx.progress)
 
 
 def run_ct(step: Step, ctx: Context, out: Path) -> dict:
     from langmerge.training import train_ct
 
-    s = step.settings
-    budgets = s["budgets"]
+    s = step.settings_as(CTSettings)
+    budgets = s.budgets
     result = train_ct(
         model_path(ctx, step.deps["base"]), _inputs(ctx, step, "text"), max(budgets), out / "model",
-        save_at=budgets[:-1], replay=_inputs(ctx, step, "replay"), replay_ratio=tuple(s["replay_ratio"]),
-        repeat=s["repeat"], options=_options(step), allow_pickle=ctx.allow_pickle, progress=ctx.progress,
+        save_at=budgets[:-1], replay=_inputs(ctx, step, "replay"), replay_ratio=s.replay_ratio,
+        repeat=s.repeat, options=_options(step), allow_pickle=ctx.allow_pickle, progress=ctx.progress,
     )
     return {"steps": result.steps, "target_tokens": result.target_tokens, "replay_tokens": result.replay_tokens,
             "final_loss": result.final_loss, "train_seconds": result.seconds}
@@ -165,20 +174,19 @@ def run_sft(step: Step, ctx: Context, out: Path) -> dict:
     from langmerge.training import train_sft
 
     base = step.deps["base"]
-    result = train_sft(model_path(ctx, base, step.settings.get("budget")), data_path(ctx, step.deps["data"]),
-                       out / "model", epochs=step.settings["epochs"], options=_options(step),
+    s = step.settings_as(SFTSettings)
+    result = train_sft(model_path(ctx, base, s.budget), data_path(ctx, step.deps["data"]),
+                       out / "model", epochs=s.epochs, options=_options(step),
                        allow_pickle=ctx.allow_pickle, progress=ctx.progress)
     return {"steps": result.steps, "target_tokens": result.target_tokens, "trained_tokens": result.trained_tokens,
             "final_loss": result.final_loss, "train_seconds": result.seconds}
 
 
 def _recipe(ctx: Context, step: Step) -> dict:
-    from langmerge.study.config import MethodSpec
-
-    s = step.settings
+    s = step.settings_as(TuneSettings)
     return method_recipe(
-        MethodSpec.model_validate(s["method"]), str(model_path(ctx, step.deps["base"])),
-        str(model_path(ctx, step.deps["ct"], s["budget"])), str(model_path(ctx, step.deps["sft"])), s["dtype"],
+        s.method, str(model_path(ctx, step.deps["base"])),
+        str(model_path(ctx, step.deps["ct"], s.budget)), str(model_path(ctx, step.deps["sft"])), s.dtype,
     )
 
 
@@ -189,18 +197,18 @@ def run_tune(step: Step, ctx: Context, out: Path) -> dict:
     from langmerge.tuning import tune
     from langmerge.tuning.objective import task_objective
 
-    s = step.settings
+    s = step.settings_as(TuneSettings)
     recipe = _recipe(ctx, step)
-    space = space_for_recipe(s["method"]["space"])
-    tasks = study_tasks(s["tasks"], "validation")
-    t = s["tuning"]
+    space = space_for_recipe(s.method.space)
+    tasks = study_tasks(s.tasks, "validation")
+    t = s.tuning
     # The mean task-solving metric on the validation halves, bits per character negated.
-    objective, _ = task_objective(tasks, limit=t["limit"], batch_size=s["batch_size"], seed=t["seed"])
+    objective, _ = task_objective(tasks, limit=t.limit, batch_size=s.batch_size, seed=t.seed)
 
     def score(model, tokenizer) -> float:
         from langmerge.evaluation.runner import autocast
 
-        with autocast(next(model.parameters()).device, s.get("precision", "fp32")):
+        with autocast(next(model.parameters()).device, s.precision):
             return objective(model, tokenizer)
 
     if not space:
@@ -210,11 +218,11 @@ def run_tune(step: Step, ctx: Context, out: Path) -> dict:
 
         (out / "best_recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
         loaded = load_recipe(recipe)
-        merger = InMemoryMerger(loaded, device=s["device"])
+        merger = InMemoryMerger(loaded, device=s.device)
         return {"trials": 0, "best": {}, "validation_score": score(merger.model(loaded), merger.tokenizer)}
-    result = tune(recipe, space, score, search=t["search"], trials=t["trials"], seed=t["seed"],
-                  out_dir=out / "tune", device=s["device"], progress=ctx.progress, objective_name="validation score",
-                  reporter=TqdmReporter(f"tune ({t['search']})", unit="trial") if ctx.progress else None,
+    result = tune(recipe, space, score, search=t.search, trials=t.trials, seed=t.seed,
+                  out_dir=out / "tune", device=s.device, progress=ctx.progress, objective_name="validation score",
+                  reporter=TqdmReporter(f"tune ({t.search})", unit="trial") if ctx.progress else None,
                   allow_pickle=ctx.allow_pickle)
     (out / "best_recipe.yaml").write_text(yaml.safe_dump(result.best_recipe(), sort_keys=False))
     return {"trials": len(result.trials), "best": result.best.values, "validation_score": result.best.score}
@@ -223,27 +231,26 @@ def run_tune(step: Step, ctx: Context, out: Path) -> dict:
 def run_eval(step: Step, ctx: Context, out: Path) -> dict:
     from langmerge.evaluation import evaluate, load_model, write_results
 
-    s = step.settings
-    tasks = study_tasks(s["tasks"], "test")
+    s = step.settings_as(EvalSettings)
+    tasks = study_tasks(s.tasks, "test")
     if "tune" in step.deps:
         from langmerge.merge.recipe import load_recipe
         from langmerge.tuning import InMemoryMerger
 
         # The merge in memory: the same bits `langmerge merge best_recipe.yaml` writes.
         recipe = load_recipe(ctx.out(step.deps["tune"]) / "best_recipe.yaml")
-        merger = InMemoryMerger(recipe, device=s["device"], allow_pickle=ctx.allow_pickle)
+        merger = InMemoryMerger(recipe, device=s.device, allow_pickle=ctx.allow_pickle)
         model, tokenizer = merger.model(recipe), merger.tokenizer
-        name = f"{s['method_name']} ({recipe.method.name})"
+        name = f"{s.method_name} ({recipe.method.name})"
     else:
-        path = model_path(ctx, step.deps["model"], s.get("budget"))
-        model, tokenizer = load_model(path, device=s["device"], allow_pickle=ctx.allow_pickle)
+        path = model_path(ctx, step.deps["model"], s.budget)
+        model, tokenizer = load_model(path, device=s.device, allow_pickle=ctx.allow_pickle)
         name = str(path)
-    results = evaluate(model, tasks, tokenizer=tokenizer, limit=s["limit"], batch_size=s["batch_size"],
-                       progress=ctx.progress, lm_eval_tasks=s["lm_eval"], device=s["device"],
-                       precision=s.get("precision", "fp32"))
-    results["model"] = name
+    results = evaluate(model, tasks, tokenizer=tokenizer, limit=s.limit, batch_size=s.batch_size,
+                       progress=ctx.progress, lm_eval_tasks=s.lm_eval, device=s.device, precision=s.precision)
+    results.model = name
     write_results(results, out / "results")
-    summary = task_score(results, s.get("score_tasks"))
+    summary = task_score(results, s.score_tasks)
     (out / "score.json").write_text(json.dumps(summary, indent=1) + "\n")
     return {"score": summary["score"]}
 

@@ -13,7 +13,7 @@ from langmerge.io.output import check_disjoint, remove_dead_partials
 from langmerge.study.config import Study
 from langmerge.study.executors import Report, run_steps
 from langmerge.study.plan import Plan, build_plan, check_budgets
-from langmerge.study.steps import Context, Step
+from langmerge.study.steps import Context, Step, StepRecord
 
 log = logging.getLogger(__name__)
 
@@ -21,13 +21,13 @@ log = logging.getLogger(__name__)
 @dataclass
 class StudyResult:
     plan: Plan
-    records: list[dict]
+    records: list[StepRecord]
     report_dir: Path | None
     token_counts: dict
 
     @property
     def ran(self) -> list[str]:
-        return [r["label"] for r in self.records if not r.get("cached")]
+        return [r.label for r in self.records if not r.cached]
 
 
 def cache_dir(study: Study) -> Path:

@@ -4,6 +4,11 @@ A step's output is the folder ``cache/<kind>-<key>/``, written atomically with a
 ``done.json`` marker; a step whose folder exists is finished and is never run
 again. Changing a setting changes the key of that step and of every step that
 depends on it, and of nothing else.
+
+A step's settings are a model per kind (``FileSettings`` ... ``AnalyzeSettings``);
+the key hashes their dump, which is the dict the steps were keyed by before they
+were models (a field in ``absent_when_none`` is left out of the dump when None),
+so a study's cache stays valid.
 """
 
 from __future__ import annotations
@@ -15,11 +20,14 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_serializer, model_serializer
 
 from langmerge.errors import LangmergeError
 from langmerge.io.output import atomic_output_dir
 from langmerge.methods.registry import get_method
+from langmerge.study.config import MethodSpec, StudyTrainOptions, TuningSpec
 
 log = logging.getLogger(__name__)
 
@@ -43,24 +51,169 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+# ----------------------------------------------------------------------------- settings of each kind of step
+
+
+class StepSettings(BaseModel):
+    """What a step's output depends on besides its inputs (hashed into its key)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    absent_when_none: ClassVar[tuple[str, ...]] = ()  # fields that only some steps of the kind have
+
+    @model_serializer(mode="wrap")
+    def _leave_out_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        doc = handler(self)
+        for name in self.absent_when_none:
+            if doc.get(name, 0) is None:
+                del doc[name]
+        return doc
+
+
+class FileSettings(StepSettings):
+    """A file the study names, by its content."""
+
+    path: str
+    sha256: str
+
+
+class SourceSettings(StepSettings):
+    """A built-in corpus, made offline (study.sources)."""
+
+    builtin: str
+    version: int
+
+
+class GivenSettings(StepSettings):
+    """A model the study is given: a Hub id at a commit, or a folder by its files (``folder_fingerprint``)."""
+
+    absent_when_none = ("hub", "commit", "path", "files")
+    hub: str | None = None
+    commit: str | None = None
+    path: str | None = None
+    files: list[tuple[str, int, int]] | None = None
+
+
+class TaskSettings(StepSettings):
+    """The tasks of an evaluation or a tuning: names or task files (by content), how they are split."""
+
+    tasks: list[str]
+    split: str
+    builtin_version: str
+    task_files: dict[str, str]  # task file -> sha256
+
+
+class BaseSettings(StepSettings):
+    """A built-in base model, its vocabulary pruned to the study's texts and tasks or not."""
+
+    builtin: str
+    prune_vocab: bool
+    tasks: TaskSettings | None
+
+
+class CTSettings(StepSettings):
+    """One language's continued pre-training, saved at each budget."""
+
+    language: str
+    budgets: list[int]
+    replay_ratio: tuple[int, int]
+    repeat: bool
+    training: StudyTrainOptions
+
+    @field_serializer("training")
+    def _keyed_training(self, training: StudyTrainOptions) -> dict[str, Any]:
+        return training.step_settings()  # the keys study caches began with (study.config.KEYED_TRAINING)
+
+
+class SFTSettings(StepSettings):
+    """Supervised fine-tuning (of the base: ``sft``; of a CT checkpoint at ``budget``: ``ct_sft``)."""
+
+    absent_when_none = ("budget",)
+    epochs: int
+    training: StudyTrainOptions
+
+    @field_serializer("training")
+    def _keyed_training(self, training: StudyTrainOptions) -> dict[str, Any]:
+        return training.step_settings()  # the keys study caches began with (study.config.KEYED_TRAINING)
+    budget: int | None = None
+
+
+class EvalSettings(StepSettings):
+    """An evaluation of a model, a CT checkpoint at ``budget``, or a tuned merge (``method_name``)."""
+
+    absent_when_none = ("score_tasks", "budget", "method_name")
+    tasks: TaskSettings
+    limit: int | None
+    batch_size: int
+    lm_eval: list[str]
+    device: str
+    precision: str
+    score_tasks: list[str] | None = None  # the tasks the score averages ([]: all); absent for English evaluations
+    budget: int | None = None
+    method_name: str | None = None
+
+
+class TuneSettings(StepSettings):
+    """The tuning of one method's merge of the CT checkpoint at ``budget`` and the SFT model."""
+
+    budget: int
+    method: MethodSpec
+    tuning: TuningSpec
+    tasks: TaskSettings
+    batch_size: int
+    dtype: str
+    device: str
+    precision: str
+
+
+class AnalyzeSettings(StepSettings):
+    """The sign-conflict analysis of the tuned TIES and TIES-SV merges (its inputs are all it depends on)."""
+
+
+SettingsT = TypeVar("SettingsT", bound=StepSettings)
+
+# ----------------------------------------------------------------------------- steps
+
+
 @dataclass
 class Step:
     kind: str
     label: str  # for people: "ct ny", "tune ties ny 8k"
-    settings: dict
+    settings: StepSettings
     deps: dict[str, Step] = field(default_factory=dict)
     training: bool = False  # runs a training loop (gets GPUs on a cluster)
 
     def key(self) -> str:
-        doc = {"kind": self.kind, "version": STEP_VERSION, "settings": self.settings,
+        doc = {"kind": self.kind, "version": STEP_VERSION, "settings": self.settings.model_dump(),
                "deps": {name: dep.key() for name, dep in sorted(self.deps.items())}}
         return hashlib.sha256(canonical(doc).encode()).hexdigest()[:16]
+
+    def settings_as(self, kind: type[SettingsT]) -> SettingsT:
+        """The settings, which a step of this kind holds as ``kind`` (a runner's typed view of them)."""
+        if not isinstance(self.settings, kind):
+            raise TypeError(f"step {self.label}: settings are {type(self.settings).__name__}, not {kind.__name__}")
+        return self.settings
 
     def folder(self, cache: Path) -> Path:
         return Path(cache) / f"{self.kind}-{self.key()}"
 
     def done(self, cache: Path) -> bool:
         return (self.folder(cache) / DONE).is_file()
+
+
+class StepRecord(BaseModel):
+    """A finished step: its ``done.json`` (``cached``, not written: whether this run found it done)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: str
+    label: str
+    key: str
+    settings: dict[str, Any]  # the step's settings as hashed into its key
+    deps: dict[str, str]  # input name -> the input step's folder
+    seconds: float
+    cpu_seconds: float | None = None  # absent from records written before it was measured
+    finished: str  # UTC, ISO 8601
+    info: dict[str, Any]  # what the step's runner reports
+    cached: bool = Field(False, exclude=True)
 
 
 @dataclass(frozen=True)
@@ -92,12 +245,12 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_step(step: Step, ctx: Context, force: bool = False) -> dict:
+def run_step(step: Step, ctx: Context, force: bool = False) -> StepRecord:
     """Run ``step`` unless it is done (or ``force``); returns its done.json record."""
     folder = step.folder(ctx.cache)
     marker = folder / DONE
     if marker.is_file() and not force:
-        return json.loads(marker.read_text()) | {"cached": True}
+        return StepRecord.model_validate({**json.loads(marker.read_text()), "cached": True})
     from langmerge.progress import library_progress_bars
 
     start, cpu_start = time.perf_counter(), _cpu_seconds()
@@ -105,23 +258,23 @@ def run_step(step: Step, ctx: Context, force: bool = False) -> dict:
     # A Ray worker is a process of its own: the CLI's --no-progress does not reach its libraries.
     with library_progress_bars(ctx.progress), atomic_output_dir(folder, force=True) as tmp:
         info = fn(step, ctx, tmp)
-        record = {
-            "kind": step.kind, "label": step.label, "key": step.key(), "settings": step.settings,
-            "deps": {name: dep.folder(ctx.cache).name for name, dep in step.deps.items()},
-            "seconds": round(time.perf_counter() - start, 3),
+        record = StepRecord(
+            kind=step.kind, label=step.label, key=step.key(), settings=step.settings.model_dump(),
+            deps={name: dep.folder(ctx.cache).name for name, dep in step.deps.items()},
+            seconds=round(time.perf_counter() - start, 3),
             # user + system time of this process's threads: what the step costs on a machine shared with other work
-            "cpu_seconds": round(_cpu_seconds() - cpu_start, 3),
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "info": info,
-        }
+            cpu_seconds=round(_cpu_seconds() - cpu_start, 3),
+            finished=datetime.now(timezone.utc).isoformat(timespec="seconds"), info=info,
+        )
         # Written last: a folder without it is never taken for a finished step.
-        (tmp / DONE).write_text(json.dumps(record, indent=1, default=str) + "\n")
-    return record | {"cached": False}
+        (tmp / DONE).write_text(json.dumps(record.model_dump(), indent=1, default=str) + "\n")
+    return record
 
 
 # ----------------------------------------------------------------------------- recipes
 
 
-def method_recipe(method, base: str, ct: str, sft: str, dtype: str) -> dict:
+def method_recipe(method: MethodSpec, base: str, ct: str, sft: str, dtype: str) -> dict:
     """The mergekit-format recipe of a study method over (base, CT, SFT)."""
     from langmerge.methods.registry import get_method
 

@@ -57,7 +57,7 @@ def task_objective(
                            few_shot=few_shot, seed=seed, progress=False)
         values = []
         for name, metric_name in metrics.items():
-            value = results["tasks"][name]["metrics"][metric_name]
+            value = results.tasks[name].metrics[metric_name]
             values.append(-value if metric_name in LOWER_IS_BETTER else value)
         return float(sum(values) / len(values))
 

@@ -31,7 +31,7 @@ def leaderboard_markdown(result: TuneResult, top: int = 20) -> str:
     lines = [
         f"# Tuning leaderboard ({result.search}, {len(result.trials)} trials)",
         "",
-        f"Objective (higher is better): {result.objective}. Recipe: {result.settings.get('recipe', '')}.",
+        f"Objective (higher is better): {result.objective}. Recipe: {result.settings.recipe}.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---:" if h not in ("rank",) else "---" for h in header) + "|",
@@ -97,7 +97,7 @@ def write_tune_outputs(result: TuneResult, out: Path) -> None:
         writer.writerows(rows)
     (out / "leaderboard.md").write_text(leaderboard_markdown(result))
     doc = {
-        "settings": result.settings,
+        "settings": result.settings.model_dump(),
         "objective": result.objective,
         "space": [
             {k: v for k, v in vars(d).items() if k not in ("kind",)} | {"type": d.kind.__name__} for d in result.dims

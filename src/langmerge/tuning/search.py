@@ -6,9 +6,11 @@ import itertools
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict
 
 from langmerge.errors import LangmergeError
 from langmerge.io.output import atomic_output_dir, check_output_free
@@ -33,15 +35,27 @@ class Trial:
     seconds: float
 
 
+class SearchSettings(BaseModel):
+    """How a search ran (``tune.json``'s ``settings``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    recipe: str  # where the starting recipe came from (its file, or <recipe>)
+    search: str
+    trials: int
+    seed: int
+
+
 @dataclass
 class TuneResult:
-    recipe: dict  # the recipe as given
+    """What ``tune`` returns: every trial, and the best recipe."""
+
+    recipe: dict  # the recipe as given, Hub ids pinned to their commits
     dims: list[Dimension]
     trials: list[Trial]
     search: str
     objective: str
-    seconds: float = 0.0
-    settings: dict = field(default_factory=dict)
+    seconds: float
+    settings: SearchSettings
 
     @property
     def best(self) -> Trial:
@@ -154,7 +168,7 @@ def tune(
             reporter.close()
     result = TuneResult(
         base_dict, dims, done, search, objective_name, time.perf_counter() - start,
-        settings={"recipe": recipe.source, "search": search, "trials": n_trials, "seed": seed},
+        settings=SearchSettings(recipe=recipe.source, search=search, trials=n_trials, seed=seed),
     )
     if out_dir is not None:
         from langmerge.tuning.report import write_tune_outputs

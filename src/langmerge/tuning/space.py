@@ -12,6 +12,10 @@ model reference or by folder name; ``parameters.NAME`` is a global parameter
 (or the default of a per-model one). A tuned value replaces whatever the
 recipe set at that key (a number, a gradient or conditional values).
 Everything is checked against the recipe's method before any work starts.
+
+The file is a ``SearchSpace``: each key's entry is a ``ValueList`` or a
+``Range`` (a discriminated union: an entry with ``values`` is a list of
+values, else a range). Errors name the file and key (``load_config``'s form).
 """
 
 from __future__ import annotations
@@ -21,16 +25,111 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, RootModel, Tag, ValidationError,
+                      ValidationInfo, field_validator, model_validator)
 
 from langmerge.errors import LangmergeError
-from langmerge.input_files import parse_yaml, read_input_text
-from langmerge.merge.recipe import Recipe, load_recipe
+from langmerge.input_files import ConfigError, read_config_document, validation_errors
+from langmerge.merge.recipe import Recipe, Scalar, load_recipe
 
 _MODEL_KEY = re.compile(r"^models\[([^\]]+)\]\.parameters\.([A-Za-z_][A-Za-z0-9_]*)$")
 _GLOBAL_KEY = re.compile(r"^parameters\.([A-Za-z_][A-Za-z0-9_]*)$")
-_SPEC_KEYS = {"values", "low", "high", "step", "log"}
+_RANGE_KEYS = {"low", "high", "step", "log"}
 PROBE_TENSOR = "model.layers.0.self_attn.q_proj.weight"  # any name: tuned values are plain numbers
+
+
+def _finite(value: Any, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or math.isinf(value):
+        raise ValueError(f"'{field}' must be a finite number, got {value!r}")
+    return value
+
+
+class ValueList(BaseModel):
+    """``{values: [...]}``: the values a key may take (a grid tries each; TPE picks among them)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["values"] = Field("values", exclude=True)
+    values: list[Scalar]
+
+    @field_validator("values", mode="before")
+    @classmethod
+    def _listed(cls, values: Any) -> Any:
+        if not isinstance(values, list) or not values:
+            raise ValueError("'values' is empty; list at least one value")
+        if len(set(map(repr, values))) != len(values):
+            raise ValueError("'values' lists a value twice")
+        for v in values:
+            if not isinstance(v, (bool, int, float, str)):
+                raise ValueError(f"'values' lists {v!r}; a value is a number or true/false")
+        return values
+
+
+class Range(BaseModel):
+    """``{low, high, step?, log?}``: numbers from ``low`` to ``high`` (a grid needs ``step``; ``log``: TPE only)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["range"] = Field("range", exclude=True)
+    low: int | float
+    high: int | float
+    step: int | float | None = None
+    log: bool = False
+
+    @field_validator("low", "high", "step", mode="before")
+    @classmethod
+    def _finite_bound(cls, value: Any, info: ValidationInfo) -> Any:
+        return value if value is None and info.field_name == "step" else _finite(value, str(info.field_name))
+
+    @field_validator("log", mode="before")
+    @classmethod
+    def _flag(cls, value: Any) -> Any:
+        if not isinstance(value, bool):
+            raise ValueError("'log' is true or false")
+        return value
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Range:
+        if not self.low < self.high:
+            raise ValueError(f"empty range (low {self.low} is not below high {self.high})")
+        if self.step is not None and (self.step <= 0 or self.step > self.high - self.low):
+            raise ValueError("'step' must be > 0 and at most high - low")
+        if self.log and (self.low <= 0 or self.step is not None):
+            raise ValueError("a log range needs low > 0 and no step")
+        return self
+
+
+def _entry_kind(entry: Any) -> str | None:
+    if isinstance(entry, dict):
+        return "values" if "values" in entry else "range"
+    return entry.kind if isinstance(entry, (ValueList, Range)) else None
+
+
+def _entry_shape(entry: Any) -> Any:
+    """The faults of an entry's keys, named before the union picks a side (pydantic would name its alternatives)."""
+    if isinstance(entry, (ValueList, Range)):
+        return entry
+    if not isinstance(entry, dict) or not entry:
+        raise ValueError("expected {values: [...]} or {low: .., high: ..}")
+    unknown = set(entry) - _RANGE_KEYS - {"values"}
+    if unknown:
+        raise ValueError(f"unknown field {sorted(unknown)[0]!r}; use values, or low/high/step/log")
+    if "values" in entry and set(entry) != {"values"}:
+        raise ValueError("give either 'values' or a range (low, high), not both")
+    if "values" not in entry and ("low" not in entry or "high" not in entry):
+        raise ValueError("a range needs both 'low' and 'high'")
+    return entry
+
+
+SpaceEntry = Annotated[
+    Union[Annotated[ValueList, Tag("values")], Annotated[Range, Tag("range")]],
+    Discriminator(_entry_kind),
+    BeforeValidator(_entry_shape),
+]
+
+
+class SearchSpace(RootModel[dict[str, SpaceEntry]]):
+    """A search space file: recipe key -> a list of values or a range."""
 
 
 @dataclass(frozen=True)
@@ -99,13 +198,7 @@ def _model_index(recipe: Recipe, ref: str, key: str, where: str) -> int:
     return index
 
 
-def _number(value: Any, key: str, field: str, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or math.isinf(value):
-        raise LangmergeError(f"{where}: key {key!r}: '{field}' must be a finite number, got {value!r}")
-    return value
-
-
-def _dimension(recipe: Recipe, key: str, spec: Any, where: str) -> Dimension:
+def _dimension(recipe: Recipe, key: str, entry: ValueList | Range, where: str) -> Dimension:
     specs = recipe.method.parameters
     m, g = _MODEL_KEY.match(key), _GLOBAL_KEY.match(key)
     if not (m or g):
@@ -128,50 +221,38 @@ def _dimension(recipe: Recipe, key: str, spec: Any, where: str) -> Dimension:
             f"{where}: key {key!r}: every model sets its own {name}, so the global value has no effect; "
             f"tune models[I].parameters.{name}"
         )
-    if not isinstance(spec, dict) or not spec:
-        raise LangmergeError(f"{where}: key {key!r}: expected {{values: [...]}} or {{low: .., high: ..}}")
-    unknown = set(spec) - _SPEC_KEYS
-    if unknown:
-        raise LangmergeError(f"{where}: key {key!r}: unknown field {sorted(unknown)[0]!r}; use values, or low/high/step/log")
     kind = specs[name].type
-    if "values" in spec:
-        if set(spec) != {"values"}:
-            raise LangmergeError(f"{where}: key {key!r}: give either 'values' or a range (low, high), not both")
-        values = spec["values"]
-        if not isinstance(values, list) or not values:
-            raise LangmergeError(f"{where}: key {key!r}: 'values' is empty; list at least one value")
-        if len(set(map(repr, values))) != len(values):
-            raise LangmergeError(f"{where}: key {key!r}: 'values' lists a value twice")
-        return Dimension(key, name, model_index, kind, values=tuple(values))
+    if isinstance(entry, ValueList):
+        return Dimension(key, name, model_index, kind, values=tuple(entry.values))
     if kind is bool:
         raise LangmergeError(f"{where}: key {key!r}: {name} is true or false; use values: [true, false]")
-    if "low" not in spec or "high" not in spec:
-        raise LangmergeError(f"{where}: key {key!r}: a range needs both 'low' and 'high'")
-    low, high = _number(spec["low"], key, "low", where), _number(spec["high"], key, "high", where)
-    if not low < high:
-        raise LangmergeError(f"{where}: key {key!r}: empty range (low {low} is not below high {high})")
-    step = spec.get("step")
-    if step is not None and (_number(step, key, "step", where) <= 0 or step > high - low):
-        raise LangmergeError(f"{where}: key {key!r}: 'step' must be > 0 and at most high - low")
-    log = spec.get("log", False)
-    if not isinstance(log, bool):
-        raise LangmergeError(f"{where}: key {key!r}: 'log' is true or false")
-    if log and (low <= 0 or step is not None):
-        raise LangmergeError(f"{where}: key {key!r}: a log range needs low > 0 and no step")
-    if kind is int and any(v is not None and int(v) != v for v in (low, high, step)):
+    if kind is int and any(v is not None and int(v) != v for v in (entry.low, entry.high, entry.step)):
         raise LangmergeError(f"{where}: key {key!r}: {name} is a whole number; low, high and step must be too")
-    return Dimension(key, name, model_index, kind, low=low, high=high, step=step, log=log)
+    return Dimension(key, name, model_index, kind, low=entry.low, high=entry.high, step=entry.step, log=entry.log)
 
 
-def load_space(space: str | Path | dict, recipe: Recipe) -> list[Dimension]:
-    """Parse and check a search space against ``recipe`` (every bound and value is resolved as a recipe would be)."""
+def read_space(space: str | Path | dict | SearchSpace) -> tuple[SearchSpace, str]:
+    """``(space, where)``: a search space file (YAML, or JSON for a ``.json`` file), mapping or model, validated;
+    ``where`` names it in messages. Errors name the file and key (``key 'K': what was expected``)."""
+    if isinstance(space, SearchSpace):
+        return space, "search space"
     where = "search space"
     if isinstance(space, (str, Path)):
         where = str(space)
-        space = parse_yaml(read_input_text(Path(space), "search space"), where, "search space")
+        space = read_config_document(Path(space), "search space")
     if not isinstance(space, dict) or not space:
         raise LangmergeError(f"{where}: a search space is a non-empty mapping of recipe keys to ranges or values")
-    dims = [_dimension(recipe, str(key), spec, where) for key, spec in space.items()]
+    try:
+        return SearchSpace.model_validate({str(key): entry for key, entry in space.items()}), where
+    except ValidationError as exc:
+        # an entry's messages name its fields themselves: the key is the space's key (the location's first part)
+        raise ConfigError(where, validation_errors(exc, key_depth=1), "search space") from None
+
+
+def load_space(space: str | Path | dict | SearchSpace, recipe: Recipe) -> list[Dimension]:
+    """Parse and check a search space against ``recipe`` (every bound and value is resolved as a recipe would be)."""
+    space, where = read_space(space)
+    dims = [_dimension(recipe, key, entry, where) for key, entry in space.root.items()]
     seen: dict[tuple, str] = {}
     for d in dims:
         target = (d.model_index, d.name)
