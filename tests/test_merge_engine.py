@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -313,23 +314,48 @@ def test_interrupted_merge_leaves_no_output(trio, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_index_and_header_are_read_lazily(trio, tmp_path):
-    """The reader takes shapes from headers; tensors are read one at a time on demand."""
+def test_index_and_header_are_read_lazily(trio, tmp_path, monkeypatch):
+    """Opening a sharded folder reads its index and headers only; each tensor's bytes are read when asked for."""
     from langmerge.io.reader import CheckpointReader
+    from langmerge.io.safetensors_format import read_header
 
     sharded = tmp_path / "sharded"
     sharded.mkdir()
     for f in trio["base"].iterdir():
         if f.suffix != ".safetensors":
             shutil.copy(f, sharded / f.name)
-    write_state_dict(sharded, _weights(trio["base"]), max_shard_bytes=50_000)
-    reader = CheckpointReader(sharded)
     direct = _weights(trio["base"])
-    assert len({e.file for e in reader.entries.values()}) > 1
+    write_state_dict(sharded, direct, max_shard_bytes=50_000)
+    shards = sorted(sharded.glob("*.safetensors"))
+    assert len(shards) > 1
+    read_bytes = []
+    real_preadv = os.preadv
+
+    def counting_preadv(fd, buffers, offset):
+        got = real_preadv(fd, buffers, offset)
+        read_bytes.append(got)
+        return got
+
+    monkeypatch.setattr(os, "preadv", counting_preadv)  # the reader's only way to a tensor's bytes
+    reader = CheckpointReader(sharded)
+    assert read_bytes == []  # opening read no tensor data
+    assert len({e.file for e in reader.entries.values()}) == len(shards)
     assert set(reader.names) == set(direct)
     for name, t in direct.items():
-        assert reader.shape(name) == tuple(t.shape)
-        assert torch.equal(reader.get(name), t)
+        assert reader.shape(name) == tuple(t.shape) and reader.dtype(name) == t.dtype
+    assert read_bytes == []  # nor did asking for shapes and dtypes
+    # New values written in place after opening are what the reader returns: it kept no tensor bytes.
+    changed = {name: t + 1 for name, t in direct.items()}
+    for shard in shards:
+        with open(shard, "r+b") as f:
+            for name, entry in read_header(shard).items():
+                f.seek(entry.begin)
+                f.write(changed[name].reshape(-1).view(torch.uint8).numpy().tobytes())
+    for name, t in changed.items():
+        before = sum(read_bytes)
+        assert torch.equal(reader.get(name), t), name
+        assert sum(read_bytes) - before == t.numel() * t.element_size(), name  # this tensor's bytes, no more
+    reader.close()
 
 
 class _Recorder:
