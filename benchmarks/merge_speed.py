@@ -69,6 +69,7 @@ import yaml
 from langmerge.methods import get_method
 from langmerge.synthetic import TINYLLAMA_1B, LlamaShape, make_trio
 
+
 def _models(p: dict[str, Path], params: dict) -> list[dict]:
     return [{"model": str(p[k]), "parameters": dict(params)} for k in ("ct", "sft")]
 
@@ -288,7 +289,7 @@ def kernels_main(args) -> None:
                         k[0] += TRIO_SHAPES[shape] * wall
                         k[1] += TRIO_SHAPES[shape] * floor
                         k[2] += TRIO_SHAPES[shape] * out_bytes
-    print(f"\nthe 1.1B trio (every tensor, kernels only, no I/O):")
+    print("\nthe 1.1B trio (every tensor, kernels only, no I/O):")
     for (method, kernel), (wall, floor, out_bytes) in model.items():
         print(f"  {method:<16}{kernel:<10}{wall:7.1f} s  {out_bytes / wall / 1e9:5.2f} GB/s of output  "
               f"{wall / floor:5.2f}x the I/O floor ({floor:.1f} s)")
@@ -403,7 +404,7 @@ def bench_trio(name: str, paths: dict[str, Path], methods: list[str], with_merge
         print(f"{method:<16}{warm['wall']:>12.1f}{warm['rss']:>6.2f}{mw:>11.1f}{mr:>6.2f}{mw / warm['wall']:>8.1f}x"
               f"{warm['rss'] / mr:>6.2f}x{floor:>8.1f}{warm['merge'] / floor:>11.2f}x{warm['wall'] / floor:>10.2f}x"
               f"{cold['wall'] / warm['wall']:>9.2f}x")
-    print(f"\nwhere langmerge's time went (warm run, seconds): the executor's threads, then the rest")
+    print("\nwhere langmerge's time went (warm run, seconds): the executor's threads, then the rest")
     print(f"{'method':<16}{'process':>8}{'merge':>7}{'read':>7}{'compute':>8}{'write':>7}{'idle':>6}{'plan+meta':>10}"
           f"{'start-up':>9}")
     for method, _, warm, _, _ in rows:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from eval_helpers import MC_DOCS, MC_SPEC, direct_loglikelihood, tiny_model, tiny_model_dir, write_task  # noqa: F401
+from eval_helpers import MC_DOCS, MC_SPEC, direct_loglikelihood, write_task
 from langmerge.cli import main
 from langmerge.errors import LangmergeError
 from langmerge.evaluation import evaluate, load_task, write_results
@@ -113,7 +113,7 @@ def test_write_results_and_gap_to_english(tiny_model, tmp_path):
     assert summary["tasks"]["next_day_ta"]["n"] == 4 and "samples" not in summary
     md = (out / "results.md").read_text()
     gap = summary["tasks"]["next_day_ta"]["metrics"]["acc"] - summary["tasks"]["next_day_en"]["metrics"]["acc"]
-    assert f"| next_day | acc |" in md and f"{gap:+.4f}" in md
+    assert "| next_day | acc |" in md and f"{gap:+.4f}" in md
     assert (out / "results.png").stat().st_size > 0 and len((out / "samples.jsonl").read_text().splitlines()) == 8
     with pytest.raises(LangmergeError, match="already exists"):
         write_results(res, out)

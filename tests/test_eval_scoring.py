@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from eval_helpers import direct_loglikelihood, tiny_model, tiny_model_dir  # noqa: F401
+from eval_helpers import direct_loglikelihood
 from langmerge.evaluation.scoring import (
     cut_at_stop,
     encode_pair,

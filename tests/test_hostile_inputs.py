@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from ckpt_helpers import SHAPE, load_state
-from eval_helpers import MC_DOCS, MC_SPEC, write_task
 from safetensors.torch import save_file
 
+from ckpt_helpers import SHAPE, load_state
+from eval_helpers import MC_DOCS, MC_SPEC, write_task
 from langmerge.cli import main
 from langmerge.synthetic import make_trio
 

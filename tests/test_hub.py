@@ -15,15 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hub_helpers import FakeHub, folder_files, use_hub
 from safetensors.torch import load_file, save_file
 
+from hub_helpers import FakeHub, folder_files, use_hub
 from langmerge.cli import main
-from langmerge.merge import merge
 from langmerge.errors import LangmergeError
 from langmerge.io.hub import CACHED, DOWNLOADED, LOCAL, TO_DOWNLOAD, ResolvedModel, parse_hub_id, resolve_model
 from langmerge.io.lora import AdapterMismatch, LoraSettings, check_adapter_base
 from langmerge.io.reader import CheckpointReader, open_checkpoint
+from langmerge.merge import merge
 from langmerge.synthetic import LlamaShape, write_model
 
 SHAPE = LlamaShape(hidden=32, intermediate=64, layers=1, heads=2, kv_heads=1)
@@ -444,7 +444,6 @@ def test_tokenizer_source_by_id(plain, offline, tmp_path):
 
 def test_eval_model_by_id(plain, offline, tmp_path, hub):
     from eval_helpers import MC_DOCS, MC_SPEC, write_task
-
     from langmerge.evaluation import evaluate
 
     task = write_task(tmp_path / "tasks", MC_SPEC, MC_DOCS)
@@ -455,9 +454,8 @@ def test_eval_model_by_id(plain, offline, tmp_path, hub):
 
 
 def test_train_base_by_id(plain, offline, tmp_path, hub, capsys):
-    from train_helpers import fast_options
-
     from langmerge.training import train_sft
+    from train_helpers import fast_options
 
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{k} + 1 =", "response": f" {k + 1}"}) + "\n" for k in range(8)))
@@ -500,11 +498,10 @@ def test_tune_by_id(plain, offline, hub):
 
 
 def test_study_given_models_by_id(offline, tmp_path, hub):
-    from study_helpers import study_dict, write_inputs, write_study
-
     from langmerge.study import build_plan, load_study
     from langmerge.study.run_steps import model_path
     from langmerge.study.steps import Context, run_step
+    from study_helpers import study_dict, write_inputs, write_study
 
     write_inputs(tmp_path / "inputs")
     d = study_dict(tmp_path / "inputs", tmp_path / "out", base={"path": "org/base"})
@@ -527,9 +524,8 @@ def test_study_given_models_by_id(offline, tmp_path, hub):
 
 
 def test_lora_trained_on_a_hub_base_records_its_id_and_merges_on_it(offline, tmp_path, hub):
-    from train_helpers import fast_options
-
     from langmerge.training import LoraOptions, train_sft
+    from train_helpers import fast_options
 
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{k} + 2 =", "response": f" {k + 2}"}) + "\n" for k in range(8)))

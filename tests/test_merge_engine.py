@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 
 import langmerge
 from ckpt_helpers import mergekit_yaml
-from langmerge.merge import execute
 from langmerge.cli import main
 from langmerge.io.writer import write_state_dict
+from langmerge.merge import execute
 from langmerge.synthetic import LlamaShape, make_trio
 
 SHAPE = LlamaShape(hidden=64, intermediate=96, layers=3, heads=4, kv_heads=2)

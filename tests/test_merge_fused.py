@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from langmerge.merge import merge
-from langmerge.methods import TensorParameters, get_method, merge_in_memory, merge_tensor
-from langmerge.methods import fused_cpu
+from langmerge.methods import TensorParameters, fused_cpu, get_method, merge_in_memory, merge_tensor
 from langmerge.methods.fused_cpu import CHUNK
 from langmerge.synthetic import make_trio
 

@@ -17,11 +17,11 @@ from langmerge.methods import (
     TensorParameters,
     choose_kernel,
     chunk_ranges,
+    fused_cpu,
     get_method,
     merge_in_memory,
     thread_limit,
 )
-from langmerge.methods import fused_cpu
 from langmerge.methods.exact import ExactL1, round_exact
 from langmerge.methods.selection import keep_count, select_mask
 from langmerge.methods.task_vectors import ENTRIES

@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 
 import langmerge
 from langmerge.analysis import analyze
-from langmerge.merge.check import check_recipe
 from langmerge.errors import LangmergeError
+from langmerge.merge.check import check_recipe
+from langmerge.merge.recipe import load_recipe
 from langmerge.methods import (
     METHODS,
     ChunkRule,
@@ -25,7 +26,6 @@ from langmerge.methods import (
     model_field,
     register_method,
 )
-from langmerge.merge.recipe import load_recipe
 from langmerge.synthetic import LlamaShape, make_trio
 
 SHAPE = LlamaShape(hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2)

@@ -253,7 +253,7 @@ def test_model_stock_refuses_one_model(tmp_path):
     raw = RecipeFile.model_validate({"merge_method": "model_stock", "base_model": "b", "models": [{"model": "a"}]})
     with pytest.raises(LangmergeError, match="merges at least 2 models besides the base"):
         Recipe(raw)
-    with pytest.raises(Exception):  # mergekit refuses it too
+    with pytest.raises(ValueError, match="at least 3 inputs"):  # mergekit refuses it too
         _theirs("model_stock", torch.zeros(3), [torch.ones(3)])
 
 

@@ -14,8 +14,15 @@ import sys
 import pytest
 
 from langmerge.io.output import Owner, process_start
-from output_helpers import error_lines, langmerge, listing, run_langmerge, snapshot, wait_for_partial, write_recipe
-from output_helpers import slow_models  # noqa: F401 (a fixture)
+from output_helpers import (
+    error_lines,
+    langmerge,
+    listing,
+    run_langmerge,
+    snapshot,
+    wait_for_partial,
+    write_recipe,
+)
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from langmerge.errors import LangmergeError
 from langmerge.training import LoraOptions, train_ct, train_sft
-from langmerge.training.data import IGNORE_INDEX
 from langmerge.training import loop as loop_module
+from langmerge.training.data import IGNORE_INDEX
 from train_helpers import ENGLISH, TAMIL, fast_options, tiny_base, write_lines
 
 

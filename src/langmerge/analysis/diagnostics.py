@@ -35,10 +35,9 @@ from langmerge.merge.execute import DEFAULT_MEMORY, Executor, nonfinite_input
 from langmerge.merge.plan import TensorTask, plan_merge, with_params
 from langmerge.merge.recipe import Recipe, layer_index, load_recipe
 from langmerge.methods import fused_cpu
-from langmerge.methods.base import Block, Method, Pass, TensorInfo, TensorMerge
+from langmerge.methods.base import Block, Method, MethodParameters, Pass, TensorInfo, TensorMerge
 from langmerge.methods.consensus import agreement_mask, elect_sign
 from langmerge.methods.driver import DEFAULT_CHUNK_BYTES, choose_kernel, chunk_ranges, memory_reader, run_statistics
-from langmerge.methods.base import MethodParameters
 from langmerge.methods.registry import METHODS
 from langmerge.methods.task_vectors import slack_scale, weight_column
 from langmerge.progress import Reporter

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 
 from langmerge.errors import LangmergeError
 
-
 # The metric that stands for a task of each kind (tuning's "auto" objective, study scores, summaries).
 MAIN_METRIC = {"multiple_choice": "acc", "generation": "exact_match", "bits_per_char": "bpc"}
 

@@ -36,9 +36,9 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 from langmerge.errors import LangmergeError
 from langmerge.io.files import cache_repository, is_regular_file

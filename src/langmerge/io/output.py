@@ -31,9 +31,9 @@ import shutil
 import signal
 import socket
 import threading
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
 
 from langmerge.errors import LangmergeError
 

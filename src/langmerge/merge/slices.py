@@ -23,6 +23,7 @@ layers (``layer_types``, where the config has one, follows the stack).
 from __future__ import annotations
 
 import dataclasses
+
 from langmerge.errors import LangmergeError
 from langmerge.io.tensor_source import GatheredRows, TensorSource
 from langmerge.merge.plan import MergePlan

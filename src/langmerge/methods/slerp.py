@@ -14,7 +14,16 @@ from collections.abc import Iterator
 
 import torch
 
-from langmerge.methods.base import Block, ChunkRule, Method, MethodParameters, Pass, TensorInfo, TensorMerge, global_field
+from langmerge.methods.base import (
+    Block,
+    ChunkRule,
+    Method,
+    MethodParameters,
+    Pass,
+    TensorInfo,
+    TensorMerge,
+    global_field,
+)
 from langmerge.methods.common import finite
 
 SEGMENT = 1 << 20  # mergekit's scratch segment, in entries (one tensor at a time, as merge_tensors and mergekit-yaml run)

@@ -18,8 +18,8 @@ from pathlib import Path
 import yaml
 
 from langmerge.errors import LangmergeError
-from langmerge.io.output import OutputAppeared, atomic_output_dir
 from langmerge.evaluation.builtin import bible, cldr, numbers, udhr
+from langmerge.io.output import OutputAppeared, atomic_output_dir
 
 # Bumped whenever a built-in task's data changes (v2: sequence choices leave out the prompt's names;
 # v3: the verse-aligned Bible tasks).
