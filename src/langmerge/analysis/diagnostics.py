@@ -23,6 +23,7 @@ the merge ``langmerge merge`` would write, in the same flat memory.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -30,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from langmerge.devices import resolve_device
 from langmerge.errors import LangmergeError
 from langmerge.merge.execute import DEFAULT_MEMORY, Executor, nonfinite_input
 from langmerge.merge.plan import TensorTask, plan_merge, with_params
@@ -377,8 +379,6 @@ def analyze(
     it shows what TIES-SV would keep. ``reporter`` hears the progress
     (tensors); ``progress`` shows huggingface_hub's download bars.
     """
-    import time
-
     recipe = load_recipe(recipe)
     recipe.require_whole_models("analyze")
     protected = resolve_protected(recipe, protect)
@@ -386,7 +386,6 @@ def analyze(
     if not slack_list:
         raise LangmergeError("--slack: no value given")
     check_analyzable(recipe, protected, slack_list)
-    from langmerge.devices import resolve_device
 
     dev = resolve_device(device)
     start = time.perf_counter()

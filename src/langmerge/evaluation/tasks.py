@@ -18,6 +18,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from langmerge.errors import LangmergeError
+from langmerge.evaluation.builtin import builtin_task_names, materialize
+from langmerge.evaluation.metrics import language_id_labels
 from langmerge.input_files import json_object_lines, read_input_text, read_yaml_mapping, validation_message
 
 TaskKind = Literal["multiple_choice", "generation", "bits_per_char"]
@@ -172,7 +174,6 @@ def load_task(yaml_path: str | Path) -> Task:
 
 
 def check_language_labels(labels: list[str], where: object) -> None:
-    from langmerge.evaluation.metrics import language_id_labels
 
     known = language_id_labels()
     unknown = [label for label in labels if label not in known]
@@ -225,7 +226,6 @@ def context(task: Task, index: int, seed: int) -> str:
 def resolve_tasks(names: list[str | Task], cache_dir: Path | None = None) -> list[Task]:
     """Tasks from names: built-in task names, shell-style patterns of them, or task YAML paths
     (loaded ``Task`` objects pass through)."""
-    from langmerge.evaluation.builtin import builtin_task_names, materialize
 
     available = builtin_task_names()
     tasks: list[Task] = []

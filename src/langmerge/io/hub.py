@@ -32,6 +32,7 @@ token lookup (gated and private models).
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -136,6 +137,8 @@ def hub_endpoint() -> str:
 
 def parse_hub_id(reference: str) -> tuple[str, str | None] | None:
     """``(repo_id, revision)`` for ``ORG/NAME`` or ``ORG/NAME@REVISION``; None for anything else."""
+    # huggingface_hub is imported only where a Hub id is handled: it is slow to import, and reads the
+    # environment when imported (the module docstring says why langmerge reads it at call time).
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     repo, at, revision = reference.partition("@")
@@ -274,8 +277,6 @@ class _Unreachable(Exception):
 
 def _network_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "no answer from the Hub": the HTTP clients huggingface_hub uses raise their own."""
-    import importlib
-
     errors: list[type[BaseException]] = [OSError, ConnectionError, TimeoutError]
     for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "RequestException")):
         try:

@@ -24,6 +24,7 @@ import torch
 
 from langmerge.errors import LangmergeError
 from langmerge.io.files import folder_file, open_regular, read_json
+from langmerge.io.pickle_reader import load_pickle_state_dict
 from langmerge.io.safetensors_format import read_header, read_range
 from langmerge.io.tensor_source import TensorSource, into
 
@@ -119,7 +120,6 @@ def _adapter_tensors(folder: Path, allow_pickle: bool) -> dict[str, object]:
                 f"adapter {folder}: only pickle weights ({ADAPTER_PICKLE}); pickle files can run code when loaded: "
                 "convert them to safetensors, or pass --allow-pickle"
             )
-        from langmerge.io.pickle_reader import load_pickle_state_dict
 
         return dict(load_pickle_state_dict(pickle))
     raise LangmergeError(f"adapter {folder}: no {ADAPTER_WEIGHTS} in the folder")

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from langmerge.errors import LangmergeError
+from langmerge.io.files import symlink_root
 
 try:
     import fcntl
@@ -304,7 +305,6 @@ def _commit(tmp: Path, out: Path, shown: str, force: bool) -> None:
 
 
 def _resolved_roots(path: Path) -> list[Path]:
-    from langmerge.io.files import symlink_root
 
     roots = [path.resolve()]
     if path.is_dir() and symlink_root(path) != roots[0]:

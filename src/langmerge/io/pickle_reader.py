@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 
 from langmerge.errors import LangmergeError
+from langmerge.io.files import folder_file
+from langmerge.io.reader import read_config, read_weight_map
 from langmerge.io.tensor_source import TensorSource, into
 
 log = logging.getLogger(__name__)
@@ -48,9 +50,6 @@ class PickleReader(TensorSource):
     """The ``TensorSource`` of a folder of ``.bin`` files (memory-mapped: reading a range touches its pages only)."""
 
     def __init__(self, folder: str | Path, label: str | None = None):
-        from langmerge.io.files import folder_file
-        from langmerge.io.reader import read_weight_map
-
         self.folder = Path(folder)
         self.label = label or str(folder)
         index_path = folder_file(self.folder, PICKLE_INDEX_FILE)
@@ -88,8 +87,6 @@ class PickleReader(TensorSource):
         return into(out, flat[start:stop])
 
     def config(self) -> dict | None:
-        from langmerge.io.reader import read_config
-
         return read_config(self.folder)
 
     def close(self) -> None:

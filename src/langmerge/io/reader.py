@@ -192,7 +192,7 @@ def open_checkpoint(folder: str | Path, label: str | None = None, *, allow_pickl
     """A reader for a model folder: safetensors, or (only with ``allow_pickle``) pickle ``.bin`` files."""
     folder = Path(folder)
     if allow_pickle and folder.is_dir() and not has_safetensors(folder) and has_pickle(folder):
-        from langmerge.io.pickle_reader import PickleReader
+        from langmerge.io.pickle_reader import PickleReader  # here: pickle_reader imports this module
 
         return PickleReader(folder, label)
     return CheckpointReader(folder, label)

@@ -17,11 +17,11 @@ from pathlib import Path
 from langmerge.errors import LangmergeError
 from langmerge.io.hub import TO_DOWNLOAD, ResolvedModel, hub_repository_folder, resolve_model
 from langmerge.io.lora import ADAPTER_CONFIG, LoraSource, is_adapter
+from langmerge.io.pickle_reader import PickleReader
 from langmerge.io.reader import open_checkpoint
 
 
 def source_kind(source) -> str:
-    from langmerge.io.pickle_reader import PickleReader
 
     if isinstance(source, LoraSource):
         return "LoRA adapter"

@@ -26,7 +26,7 @@ def read_tokens(folder: Path) -> dict[str, int] | None:
     path = optional_folder_file(folder, "tokenizer.json")
     if path is None:
         return None
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer  # slow to import; only union vocabularies need it
 
     data = read_regular(path)
     try:
@@ -87,7 +87,7 @@ def build_union_tokenizer(reference, new_tokens: list[tuple[str, object]], first
     vocabulary token is added as a (non-special) added token instead, as
     mergekit adds every new token.
     """
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer  # slow to import; only union vocabularies need it
 
     ref_path = reference.tokenizer_folder / "tokenizer.json"
     tj = _load_json(ref_path)

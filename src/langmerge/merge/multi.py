@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from langmerge.errors import LangmergeError
+from langmerge.io.output import check_disjoint
+from langmerge.merge.execute import merge
 from langmerge.merge.recipe import RecipeError, load_recipe
 
 log = logging.getLogger(__name__)
@@ -148,8 +150,6 @@ def _check_out_dir(multi: MultiRecipe, force: bool) -> None:
 def run_multi(source: str, documents: list, out_dir: str | Path, *, force: bool = False, **options):
     """Merge every document (``merge.execute.merge``'s options); returns the final merge's report (the last one's
     when every document is named)."""
-    from langmerge.io.output import check_disjoint
-    from langmerge.merge.execute import merge
 
     multi = MultiRecipe(source, documents, Path(out_dir))
     check_disjoint([multi.out_dir], [source if source != "<recipe>" else None])  # the recipe file is no intermediate

