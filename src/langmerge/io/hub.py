@@ -40,6 +40,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, TypeVar
 
 from langmerge.errors import LangmergeError
 from langmerge.io.files import cache_repository, is_regular_file
@@ -47,6 +48,7 @@ from langmerge.io.lora import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_WEIGHTS
 from langmerge.io.metadata import GENERATION_FILES, TOKENIZER_FILES, TRAINING_METADATA
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -100,7 +102,7 @@ class ResolvedModel:
             state = self.origin
         return f"{asked} -> commit {self.commit}, {state}, {self.folder}"
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "reference": self.reference, "folder": str(self.folder), "repo_id": self.repo_id,
             "revision": self.revision, "commit": self.commit, "origin": self.origin, "pinned": self.pinned,
@@ -290,7 +292,7 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def _ask_hub(ref: str, repo_id: str, revision: str | None, call: Callable[[], object]):
+def _ask_hub(ref: str, repo_id: str, revision: str | None, call: Callable[[], T]) -> T:
     """Run a huggingface_hub call; answers that settle the matter become LangmergeErrors, the rest _Unreachable."""
     from huggingface_hub.utils import (
         GatedRepoError,
@@ -325,14 +327,14 @@ def _ask_hub(ref: str, repo_id: str, revision: str | None, call: Callable[[], ob
         raise _Unreachable(f"the Hub is not reachable at {hub_endpoint()} ({_first_line(exc)})") from None
 
 
-def _quiet_tqdm():
+def _quiet_tqdm() -> type[Any]:
     """huggingface_hub's progress bar class, always disabled (for --no-progress)."""
     from huggingface_hub.utils import tqdm as hf_tqdm
 
     class Quiet(hf_tqdm):
-        def __init__(self, *args, **kwargs):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs["disable"] = True
-            super().__init__(*args, **kwargs)
+            super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]  # huggingface_hub's tqdm: untyped
 
     return Quiet
 
@@ -410,8 +412,10 @@ def _locate_online(ref: str, repo_id: str, revision: str | None, allow_pickle: b
     api = HfApi(endpoint=hub_endpoint())
     info = _ask_hub(ref, repo_id, revision, lambda: api.model_info(repo_id, revision=revision, files_metadata=True))
     commit = info.sha
+    if commit is None:
+        raise LangmergeError(f"model {ref}: the Hub named no commit for {repo_id}@{revision or 'main'}")
     sizes = {s.rfilename: s.size for s in info.siblings or []}
-    snapshot = _repo_folder(hub_cache_dir(), repo_id) / "snapshots" / commit
+    snapshot: Path = _repo_folder(hub_cache_dir(), repo_id) / "snapshots" / commit
 
     def read_index(name: str) -> str:
         if not is_regular_file(snapshot / name):
@@ -427,6 +431,7 @@ def _locate_online(ref: str, repo_id: str, revision: str | None, allow_pickle: b
 
 def _download(resolved: ResolvedModel, progress: bool) -> ResolvedModel:
     ref, repo_id, commit = resolved.reference, resolved.repo_id, resolved.commit
+    assert repo_id is not None and commit is not None  # a model of the Hub, resolved
     log.info("model %s: downloading %d files of %s@%s", ref, len(resolved.pending), repo_id, commit)
     try:
         folder = _ask_hub(ref, repo_id, resolved.revision, lambda: _fetch(repo_id, commit, list(resolved.pending), progress))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,7 +61,9 @@ class PickleReader(TensorSource):
             names = [PICKLE_FILE] if single.exists() else sorted(p.name for p in self.folder.glob("*.bin"))
             if len(names) != 1:
                 raise LangmergeError(f"model {self.label}: expected one .bin file or {PICKLE_INDEX_FILE} in {self.folder}")
-            files = [folder_file(self.folder, names[0])]
+            only = folder_file(self.folder, names[0])
+            assert only is not None  # found just now
+            files = [only]
         self._tensors: dict[str, torch.Tensor] = {}
         for path in files:
             self._tensors.update(load_pickle_state_dict(path))
@@ -86,7 +89,7 @@ class PickleReader(TensorSource):
         flat = t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
         return into(out, flat[start:stop])
 
-    def config(self) -> dict | None:
+    def config(self) -> dict[str, Any] | None:
         return read_config(self.folder)
 
     def close(self) -> None:
