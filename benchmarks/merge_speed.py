@@ -66,7 +66,8 @@ from pathlib import Path
 
 import yaml
 
-from langmerge.methods import get_method
+import langmerge
+from langmerge.methods import Block, TensorInfo, chunk_ranges, fused_cpu, get_method, run, thread_limit
 from langmerge.synthetic import TINYLLAMA_1B, LlamaShape, make_trio
 
 
@@ -205,8 +206,6 @@ def time_kernel(method: str, kernel: str, shape: tuple[int, ...], chunk_bytes: i
     """(wall s, CPU s) of one tensor's merge over its chunks: every pass, as a merge runs them."""
     import torch
 
-    from langmerge.methods import Block, TensorInfo, chunk_ranges, run
-
     m = get_method(method)
     n = 2
     p = _recipe_params(method, n)
@@ -248,8 +247,6 @@ def time_mergekit(method: str, shape: tuple[int, ...], dtype) -> float:
 
 def kernels_main(args) -> None:
     import torch
-
-    from langmerge.methods import fused_cpu, thread_limit
 
     dtype = torch.bfloat16
     read_gbs, write_gbs = io_rates(cache_dir().parent if cache_dir().parent.exists() else Path(tempfile.gettempdir()))
@@ -335,8 +332,6 @@ def io_floor(inputs: list[Path], out_bytes: int, folder: Path) -> float:
 
 def clear_compile_caches() -> None:
     """A fresh install's state: langmerge's bytecode caches removed (the C kernels are built at install, not at run)."""
-    import langmerge
-
     for cache in Path(langmerge.__file__).parent.rglob("__pycache__"):
         shutil.rmtree(cache, ignore_errors=True)
 

@@ -9,6 +9,7 @@ import torch
 
 from ckpt_helpers import NEW_TOKENS, load_state, make_extended_trio, recipe
 from langmerge.errors import LangmergeError
+from langmerge.io.writer import write_state_dict
 from langmerge.merge import merge
 from langmerge.synthetic import char_tokenizer
 
@@ -88,8 +89,6 @@ def test_union_logits_match_direct_reference(trio, tmp_path):
 def test_ties_shared_rows_equal_merge_of_truncated_models(trio, tmp_path):
     """Shared rows of a union TIES merge equal a TIES merge of the CT model cut to the base vocabulary."""
     import shutil
-
-    from langmerge.io.writer import write_state_dict
 
     cut = tmp_path / "ct_cut"
     shutil.copytree(trio["base"], cut)  # base tokenizer and config

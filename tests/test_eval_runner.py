@@ -7,7 +7,7 @@ import pytest
 from eval_helpers import MC_DOCS, MC_SPEC, direct_loglikelihood, write_task
 from langmerge.cli import main
 from langmerge.errors import LangmergeError
-from langmerge.evaluation import evaluate, load_task, write_results
+from langmerge.evaluation import evaluate, load_task, metrics, write_results
 from langmerge.evaluation.builtin import materialize
 
 TAMIL_GEN_DOCS = [
@@ -68,8 +68,6 @@ def test_an_english_answerer_scores_zero_language_share(tiny_model, tmp_path):
 
 
 def test_generation_with_the_tiny_model_is_scored_on_what_it_generates(tiny_model, tmp_path):
-    from langmerge.evaluation import metrics
-
     model, tok = tiny_model
     task = load_task(write_task(tmp_path, {**GEN_SPEC, "max_new_tokens": 5}, TAMIL_GEN_DOCS))
     res = evaluate(model, [task], tokenizer=tok, progress=False)

@@ -16,8 +16,11 @@ from safetensors.torch import load_file
 import langmerge
 from ckpt_helpers import mergekit_yaml
 from langmerge.cli import main
-from langmerge.io.writer import write_state_dict
+from langmerge.io.reader import CheckpointReader
+from langmerge.io.safetensors_format import read_header
+from langmerge.io.writer import ShardedWriter, write_state_dict
 from langmerge.merge import execute
+from langmerge.methods import fused_cpu
 from langmerge.synthetic import LlamaShape, make_trio
 
 SHAPE = LlamaShape(hidden=64, intermediate=96, layers=3, heads=4, kv_heads=2)
@@ -80,8 +83,6 @@ RECIPES = {
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_whole_model_identical_to_mergekit_yaml(trio, tmp_path, name, fused, monkeypatch):
-    from langmerge.methods import fused_cpu
-
     # the test model's tensors are small: lower the size from which the fused CPU kernel takes over
     monkeypatch.setattr(fused_cpu, "MIN_NUMEL", 1 if fused else 1 << 62)
     recipe = _write_recipe(tmp_path / "recipe.yaml", RECIPES[name](trio))
@@ -316,9 +317,6 @@ def test_interrupted_merge_leaves_no_output(trio, tmp_path, monkeypatch):
 
 def test_index_and_header_are_read_lazily(trio, tmp_path, monkeypatch):
     """Opening a sharded folder reads its index and headers only; each tensor's bytes are read when asked for."""
-    from langmerge.io.reader import CheckpointReader
-    from langmerge.io.safetensors_format import read_header
-
     sharded = tmp_path / "sharded"
     sharded.mkdir()
     for f in trio["base"].iterdir():
@@ -392,8 +390,6 @@ def test_progress_goes_to_the_reporter_passed_in(trio, tmp_path, capsys):
 def test_timings_count_waiting_for_the_writer_once(trio, tmp_path, monkeypatch):
     """With a slow disk the caller waits for write buffers: that is waiting, not computing, and counted once."""
     import time
-
-    from langmerge.io.writer import ShardedWriter
 
     real = ShardedWriter.write_at
 

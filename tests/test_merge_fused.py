@@ -10,6 +10,9 @@ import torch
 from langmerge.merge import merge
 from langmerge.methods import TensorParameters, fused_cpu, get_method, merge_in_memory, merge_tensor
 from langmerge.methods.fused_cpu import CHUNK
+from langmerge.methods.kernels import NonFiniteMerge
+from langmerge.methods.selection import select_mask
+from langmerge.methods.sparsify import keep_count
 from langmerge.synthetic import make_trio
 
 
@@ -81,9 +84,6 @@ def test_negative_zero_in_the_base_gives_the_reference_bits(dtype, method):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_keep_mask_is_the_reference_selection(dtype):
-    from langmerge.methods.selection import select_mask
-    from langmerge.methods.sparsify import keep_count
-
     g = torch.Generator().manual_seed(8)
     for shape, coarse in [((3 * CHUNK + 11,), False), ((700, 1001), True)]:
         t = torch.randn(shape, generator=g)
@@ -100,8 +100,6 @@ def test_fused_keep_mask_is_the_reference_selection(dtype):
 
 
 def test_nan_or_inf_in_an_input_always_reaches_the_result():
-    from langmerge.methods.kernels import NonFiniteMerge
-
     m = get_method("ties")
     for dtype, bad, density in itertools.product([torch.float32, torch.bfloat16], [float("nan"), float("inf")], [0.0, 0.5, 1.0]):
         base, xs = _inputs((CHUNK + 3,), 2, dtype, 4)

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from langmerge.cli import main
 from langmerge.io.output import Owner, process_start
 from output_helpers import (
     error_lines,
@@ -121,8 +122,6 @@ LEFTOVERS = {
 
 @pytest.mark.parametrize("case", list(LEFTOVERS))
 def test_the_next_run_removes_only_dead_owners_partial_folders(work, case, capsys):
-    from langmerge.cli import main
-
     name, kept = LEFTOVERS[case][0](), LEFTOVERS[case][1]
     (work / name).mkdir()
     (work / name / "model.safetensors").write_bytes(b"half")
@@ -132,8 +131,6 @@ def test_the_next_run_removes_only_dead_owners_partial_folders(work, case, capsy
 
 def test_a_replacement_killed_between_its_renames_is_restored(work, capsys):
     """A dead owner's ``.old-`` folder with no output beside it is the previous output: moved back."""
-    from langmerge.cli import main
-
     old = work / _owner_name("out", "old", Owner.current().host, _dead_pid(), 1)
     old.mkdir()
     (old / "mine.txt").write_text("the previous output")

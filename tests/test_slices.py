@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from langmerge.cli import main
 from langmerge.errors import LangmergeError
+from langmerge.merge import merge
 from langmerge.merge.recipe import RecipeError, load_recipe
 from langmerge.synthetic import LlamaShape, make_trio
 from mergekit_helpers import mergekit_exe
@@ -140,8 +141,6 @@ def test_layer_range_beyond_the_model_is_refused_before_writing(trio, tmp_path):
 
 
 def main_merge(doc, out):
-    from langmerge.merge import merge
-
     return merge(doc, out, progress=False)
 
 

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from langmerge.errors import LangmergeError
+from langmerge.merge import merge
 from langmerge.training import LoraOptions, train_ct, train_sft
 from langmerge.training import loop as loop_module
 from langmerge.training.data import IGNORE_INDEX
@@ -208,8 +209,6 @@ def test_lora_adapter_and_merged_checkpoint_agree(corpus, tmp_path):
 
 
 def test_trained_checkpoints_are_merge_inputs(corpus, tmp_path):
-    from langmerge.merge import merge
-
     data = _sft_file(tmp_path / "sft.jsonl")
     ct = train_ct(corpus["base"], [corpus["ta"]], 600, tmp_path / "ct", save_at=[300], options=fast_options())
     sft = train_sft(corpus["base"], data, tmp_path / "sft", options=fast_options())
