@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -340,7 +341,7 @@ def analyzable(method: Method) -> bool:
     return method.has_sign_vote or method.sparsifier is not None
 
 
-def check_analyzable(recipe: Recipe, protected: list[bool], slacks: list[float | None]) -> None:
+def check_analyzable(recipe: Recipe, protected: list[bool], slacks: Sequence[float | None]) -> None:
     """Bad input, before any tensor is read."""
     method = recipe.method
     if not analyzable(method):

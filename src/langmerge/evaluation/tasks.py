@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import random
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -223,10 +224,9 @@ def context(task: Task, index: int, seed: int) -> str:
     return description + spec.fewshot_delimiter.join([*shots, query])
 
 
-def resolve_tasks(names: list[str | Task], cache_dir: Path | None = None) -> list[Task]:
+def resolve_tasks(names: Sequence[str | Task], cache_dir: Path | None = None) -> list[Task]:
     """Tasks from names: built-in task names, shell-style patterns of them, or task YAML paths
     (loaded ``Task`` objects pass through)."""
-
     available = builtin_task_names()
     tasks: list[Task] = []
     for name in names:
