@@ -20,9 +20,8 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge_speed import RECIPES, ensure_trio, run_measured  # noqa: E402  (same folder: shared cache and timing)
-
 from langmerge.synthetic import TINYLLAMA_1B  # noqa: E402
+from merge_speed import RECIPES, ensure_trio, run_measured  # noqa: E402  (same folder: shared cache and timing)
 
 
 def main() -> None:

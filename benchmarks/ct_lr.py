@@ -20,6 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from langmerge.evaluation import evaluate
+from langmerge.training import TrainOptions, train_ct
+from langmerge.training.data import format_token_count, parse_token_count
+
 
 def cpu_seconds() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
@@ -35,10 +39,6 @@ def _one(cache: Path, kind: str, name: str | None = None) -> Path:
 
 
 def main() -> None:
-    from langmerge.evaluation import evaluate
-    from langmerge.training import TrainOptions, train_ct
-    from langmerge.training.data import format_token_count, parse_token_count
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--study-out", default="runs/miniature-quick")
     ap.add_argument("--lrs", default="1e-5,3e-5,1e-4")

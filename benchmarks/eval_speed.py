@@ -20,6 +20,10 @@ from pathlib import Path
 import torch
 import yaml
 
+from langmerge.evaluation import evaluate, resolve_tasks
+from langmerge.evaluation.lm_eval_bridge import resolve_lm_eval_tasks, run_lm_eval
+from langmerge.synthetic import LlamaShape, write_model
+
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -47,10 +51,6 @@ def lm_eval_task_folder(task, folder: Path) -> Path:
 
 def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from langmerge.evaluation import evaluate, resolve_tasks
-    from langmerge.evaluation.lm_eval_bridge import resolve_lm_eval_tasks, run_lm_eval
-    from langmerge.synthetic import LlamaShape, write_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="model folder (default: generate a random Llama-shaped model)")

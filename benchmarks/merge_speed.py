@@ -66,8 +66,10 @@ from pathlib import Path
 
 import yaml
 
-from langmerge.methods import get_method
+import langmerge
+from langmerge.methods import Block, TensorInfo, chunk_ranges, fused_cpu, get_method, run, thread_limit
 from langmerge.synthetic import TINYLLAMA_1B, LlamaShape, make_trio
+
 
 def _models(p: dict[str, Path], params: dict) -> list[dict]:
     return [{"model": str(p[k]), "parameters": dict(params)} for k in ("ct", "sft")]
@@ -204,8 +206,6 @@ def time_kernel(method: str, kernel: str, shape: tuple[int, ...], chunk_bytes: i
     """(wall s, CPU s) of one tensor's merge over its chunks: every pass, as a merge runs them."""
     import torch
 
-    from langmerge.methods import Block, TensorInfo, chunk_ranges, run
-
     m = get_method(method)
     n = 2
     p = _recipe_params(method, n)
@@ -248,8 +248,6 @@ def time_mergekit(method: str, shape: tuple[int, ...], dtype) -> float:
 def kernels_main(args) -> None:
     import torch
 
-    from langmerge.methods import fused_cpu, thread_limit
-
     dtype = torch.bfloat16
     read_gbs, write_gbs = io_rates(cache_dir().parent if cache_dir().parent.exists() else Path(tempfile.gettempdir()))
     print(f"I/O: read {read_gbs:.2f} GB/s (page cache), write {write_gbs:.2f} GB/s (fsync); "
@@ -288,7 +286,7 @@ def kernels_main(args) -> None:
                         k[0] += TRIO_SHAPES[shape] * wall
                         k[1] += TRIO_SHAPES[shape] * floor
                         k[2] += TRIO_SHAPES[shape] * out_bytes
-    print(f"\nthe 1.1B trio (every tensor, kernels only, no I/O):")
+    print("\nthe 1.1B trio (every tensor, kernels only, no I/O):")
     for (method, kernel), (wall, floor, out_bytes) in model.items():
         print(f"  {method:<16}{kernel:<10}{wall:7.1f} s  {out_bytes / wall / 1e9:5.2f} GB/s of output  "
               f"{wall / floor:5.2f}x the I/O floor ({floor:.1f} s)")
@@ -334,8 +332,6 @@ def io_floor(inputs: list[Path], out_bytes: int, folder: Path) -> float:
 
 def clear_compile_caches() -> None:
     """A fresh install's state: langmerge's bytecode caches removed (the C kernels are built at install, not at run)."""
-    import langmerge
-
     for cache in Path(langmerge.__file__).parent.rglob("__pycache__"):
         shutil.rmtree(cache, ignore_errors=True)
 
@@ -403,7 +399,7 @@ def bench_trio(name: str, paths: dict[str, Path], methods: list[str], with_merge
         print(f"{method:<16}{warm['wall']:>12.1f}{warm['rss']:>6.2f}{mw:>11.1f}{mr:>6.2f}{mw / warm['wall']:>8.1f}x"
               f"{warm['rss'] / mr:>6.2f}x{floor:>8.1f}{warm['merge'] / floor:>11.2f}x{warm['wall'] / floor:>10.2f}x"
               f"{cold['wall'] / warm['wall']:>9.2f}x")
-    print(f"\nwhere langmerge's time went (warm run, seconds): the executor's threads, then the rest")
+    print("\nwhere langmerge's time went (warm run, seconds): the executor's threads, then the rest")
     print(f"{'method':<16}{'process':>8}{'merge':>7}{'read':>7}{'compute':>8}{'write':>7}{'idle':>6}{'plan+meta':>10}"
           f"{'start-up':>9}")
     for method, _, warm, _, _ in rows:

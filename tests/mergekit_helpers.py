@@ -6,6 +6,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from langmerge.cli import main
+
 
 def mergekit_exe(name: str = "mergekit-yaml") -> str:
     """The mergekit command ``name`` of this interpreter's environment (else the one on PATH)."""
@@ -25,8 +27,6 @@ def merge_both(recipe: dict, tmp_path: Path) -> tuple[Path, Path]:
     import subprocess
 
     import yaml
-
-    from langmerge.cli import main
 
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))

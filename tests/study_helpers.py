@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from langmerge.study.sources import english_task_sft
 from langmerge.synthetic import LlamaShape, write_model
 
 SHAPE = LlamaShape(hidden=32, intermediate=64, layers=2, heads=2, kv_heads=1, max_positions=256)
@@ -25,7 +26,6 @@ def write_inputs(root: Path) -> dict[str, Path]:
     (root / "ny.txt").write_text("\n".join(lines) + "\n")
     english = [f"The meeting on day {k} was moved to the next week, and everyone agreed." for k in range(40)]
     (root / "en.txt").write_text("\n".join(english) + "\n")
-    from langmerge.study.sources import english_task_sft
 
     with (root / "sft.jsonl").open("w") as fh:  # a small part of the built-in English SFT set (calendar, numbers)
         for rec in [r for r in english_task_sft() if not r["prompt"].startswith("Verse: ")][:40]:

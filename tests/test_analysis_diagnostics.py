@@ -10,7 +10,7 @@ import torch
 from analysis_helpers import recipe, tiny_trio, weights
 from langmerge.analysis import analyze, module_type, tensor_tally
 from langmerge.errors import LangmergeError
-from langmerge.methods import get_method
+from langmerge.methods import fused_cpu, get_method
 from langmerge.methods.kernels import TensorParameters
 
 SLACKS = [0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 1000.0]
@@ -24,8 +24,6 @@ def trio(tmp_path_factory):
 @pytest.fixture(params=["reference", "fused"])
 def kernel(request, monkeypatch):
     """Run a test through the torch steps and through the fused CPU kernel (which takes tensors of any size here)."""
-    from langmerge.methods import fused_cpu
-
     monkeypatch.setattr(fused_cpu, "MIN_NUMEL", 1 << 62 if request.param == "reference" else 1)
     return request.param
 

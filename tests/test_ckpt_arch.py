@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from ckpt_helpers import load_state
 
+from ckpt_helpers import load_state
 from langmerge.merge import merge
 from langmerge.synthetic import char_tokenizer
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 import yaml
-from ckpt_helpers import NEW_TOKENS, SHAPE, load_state, make_extended_trio, recipe
 
+from ckpt_helpers import NEW_TOKENS, SHAPE, load_state, make_extended_trio, recipe
 from langmerge.cli import main
 from langmerge.merge import merge
 from langmerge.synthetic import LlamaShape, char_tokenizer, write_model

@@ -7,12 +7,12 @@ import shutil
 
 import pytest
 import torch
-from ckpt_helpers import SHAPE, load_state
 
-from langmerge.merge import merge
+from ckpt_helpers import SHAPE, load_state
 from langmerge.errors import LangmergeError
 from langmerge.io.lora import AdapterMismatch, LoraSource
 from langmerge.io.reader import CheckpointReader
+from langmerge.merge import merge
 from langmerge.synthetic import LlamaShape, write_model
 
 

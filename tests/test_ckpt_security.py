@@ -9,12 +9,12 @@ import struct
 
 import pytest
 import torch
-from ckpt_helpers import SHAPE, load_state
 
+from ckpt_helpers import SHAPE, load_state
 from langmerge.cli import main
-from langmerge.merge import merge
 from langmerge.errors import LangmergeError
 from langmerge.io.reader import CheckpointReader, open_checkpoint
+from langmerge.merge import merge
 from langmerge.synthetic import make_trio
 
 

@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
-from ckpt_helpers import NEW_TOKENS, load_state, make_extended_trio, recipe
 
-from langmerge.merge import merge
+from ckpt_helpers import NEW_TOKENS, load_state, make_extended_trio, recipe
 from langmerge.errors import LangmergeError
+from langmerge.io.writer import write_state_dict
+from langmerge.merge import merge
 from langmerge.synthetic import char_tokenizer
 
 EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -87,7 +88,6 @@ def test_union_logits_match_direct_reference(trio, tmp_path):
 
 def test_ties_shared_rows_equal_merge_of_truncated_models(trio, tmp_path):
     """Shared rows of a union TIES merge equal a TIES merge of the CT model cut to the base vocabulary."""
-    from langmerge.io.writer import write_state_dict
     import shutil
 
     cut = tmp_path / "ct_cut"
@@ -130,8 +130,9 @@ def test_tokenizer_source_model_uses_its_vocabulary(trio, tmp_path):
 
 def test_tokens_the_base_lacks_average_the_models_that_have_them(tmp_path):
     """CT adds three words, SFT adds one of them plus its own: every presence pattern at once."""
-    from ckpt_helpers import extend_vocabulary
     from transformers import AutoTokenizer
+
+    from ckpt_helpers import extend_vocabulary
 
     paths = make_extended_trio(tmp_path)
     extend_vocabulary(paths["sft"], ["<tool>", "தமிழ்"], seed=11)
@@ -141,7 +142,7 @@ def test_tokens_the_base_lacks_average_the_models_that_have_them(tmp_path):
     states = {k: load_state(p) for k, p in {**paths, "out": out}.items()}
     assert len(toks["out"]) == len(char_tokenizer()) + 4
     for name in (EMB, HEAD):
-        def row(model, token):
+        def row(model, token, name=name):  # this pass's tensor
             return states[model][name][toks[model].convert_tokens_to_ids(token)]
 
         torch.testing.assert_close(row("out", "தமிழ்"), (0.7 * row("ct", "தமிழ்") + 0.5 * row("sft", "தமிழ்")) / 1.2)

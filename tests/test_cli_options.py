@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from langmerge import merge
 from langmerge.cli import main
 from langmerge.errors import LangmergeError
 from langmerge.synthetic import LlamaShape, make_trio, write_model
@@ -69,8 +70,6 @@ def test_missing_arguments_are_one_line_too(capsys):
 
 @pytest.mark.parametrize("threads", [0, -2, 1.5, True])
 def test_the_python_api_checks_threads_and_device_too(tmp_path, threads):
-    from langmerge import merge
-
     models = make_trio(tmp_path / "m", SHAPE)
     with pytest.raises(LangmergeError, match=r"^threads .*: expected a whole number of at least 1$"):
         merge(write_recipe(tmp_path / "r.yaml", models), tmp_path / "out", threads=threads, progress=False)

@@ -13,7 +13,14 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from langmerge.errors import LangmergeError
 from langmerge.input_files import ConfigError, load_config
-from langmerge.merge.recipe import ConditionalValue, RecipeError, evaluate_setting, layer_position, load_recipe, parse_setting
+from langmerge.merge.recipe import (
+    ConditionalValue,
+    RecipeError,
+    evaluate_setting,
+    layer_position,
+    load_recipe,
+    parse_setting,
+)
 from langmerge.tuning.space import Range, ValueList, load_space, read_space
 
 

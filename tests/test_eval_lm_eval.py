@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from eval_helpers import MC_DOCS, MC_SPEC, tiny_model, tiny_model_dir, write_task  # noqa: F401
+from eval_helpers import MC_DOCS, MC_SPEC, write_task
 from langmerge.cli import main
 from langmerge.errors import LangmergeError
 from langmerge.evaluation import evaluate, load_task

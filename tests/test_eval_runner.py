@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from eval_helpers import MC_DOCS, MC_SPEC, direct_loglikelihood, tiny_model, tiny_model_dir, write_task  # noqa: F401
+from eval_helpers import MC_DOCS, MC_SPEC, direct_loglikelihood, write_task
 from langmerge.cli import main
 from langmerge.errors import LangmergeError
-from langmerge.evaluation import evaluate, load_task, write_results
+from langmerge.evaluation import evaluate, load_task, metrics, write_results
 from langmerge.evaluation.builtin import materialize
 
 TAMIL_GEN_DOCS = [
@@ -68,8 +68,6 @@ def test_an_english_answerer_scores_zero_language_share(tiny_model, tmp_path):
 
 
 def test_generation_with_the_tiny_model_is_scored_on_what_it_generates(tiny_model, tmp_path):
-    from langmerge.evaluation import metrics
-
     model, tok = tiny_model
     task = load_task(write_task(tmp_path, {**GEN_SPEC, "max_new_tokens": 5}, TAMIL_GEN_DOCS))
     res = evaluate(model, [task], tokenizer=tok, progress=False)
@@ -120,7 +118,7 @@ def test_write_results_and_gap_to_english(tiny_model, tmp_path):
     assert summary == json.loads(json.dumps(res.summary())) and summary["settings"]["limit"] == 4
     md = (out / "results.md").read_text()
     gap = summary["tasks"]["next_day_ta"]["metrics"]["acc"] - summary["tasks"]["next_day_en"]["metrics"]["acc"]
-    assert f"| next_day | acc |" in md and f"{gap:+.4f}" in md
+    assert "| next_day | acc |" in md and f"{gap:+.4f}" in md
     assert (out / "results.png").stat().st_size > 0 and len((out / "samples.jsonl").read_text().splitlines()) == 8
     with pytest.raises(LangmergeError, match="already exists"):
         write_results(res, out)

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from eval_helpers import direct_loglikelihood, tiny_model, tiny_model_dir  # noqa: F401
+from eval_helpers import direct_loglikelihood
+from langmerge.evaluation import scoring
 from langmerge.evaluation.scoring import (
     cut_at_stop,
     encode_pair,
@@ -49,8 +50,6 @@ def test_one_token_continuations_of_one_context_share_a_forward_pass(tiny_model)
 
 def test_full_logits_path_matches(tiny_model, monkeypatch):
     """Models without ``logits_to_keep`` are scored from full logits, to the same values."""
-    from langmerge.evaluation import scoring
-
     model, tok = tiny_model
     pairs = [encode_pair(tok, c, x) for c, x in PAIRS]
     keep = loglikelihoods(model, tok, pairs, batch_size=8)

@@ -54,7 +54,7 @@ def test_sign_flip_matches_scipy_exact_permutation_test():
         y = np.concatenate([b1, b2]).astype(float)
         w = np.concatenate([np.full(n1, 1 / n1), np.full(n2, 1 / n2)]) / 2
 
-        def statistic(x, y, axis=-1):
+        def statistic(x, y, axis=-1, w=w):  # this draw's weights
             return np.sum(w * (x - y), axis=axis)
 
         if statistic(x, y) == 0:

@@ -22,11 +22,18 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from ckpt_helpers import SHAPE, load_state
-from eval_helpers import MC_DOCS, MC_SPEC, write_task
 from safetensors.torch import save_file
 
+from ckpt_helpers import SHAPE, load_state
+from eval_helpers import MC_DOCS, MC_SPEC, write_task
 from langmerge.cli import main
+from langmerge.errors import LangmergeError
+from langmerge.evaluation import evaluate
+from langmerge.evaluation.tasks import Example, render
+from langmerge.io.reader import pretrained_options
+from langmerge.merge.recipe import model_key
+from langmerge.study.run_steps import run_given
+from langmerge.study.steps import Context, GivenSettings, Step
 from langmerge.synthetic import make_trio
 
 TIMEOUT = 240  # a hang fails the row instead of the whole run
@@ -376,8 +383,6 @@ def test_spellings_of_one_folder_are_one_model(models, tmp_path, capsys, monkeyp
 
 
 def test_hub_ids_that_are_not_local_paths_compare_as_strings(tmp_path, monkeypatch):
-    from langmerge.merge.recipe import model_key
-
     monkeypatch.chdir(tmp_path)
     assert model_key("org/name") == "org/name" and model_key("org/./name") == "org/./name"
     (tmp_path / "org" / "name").mkdir(parents=True)
@@ -486,9 +491,6 @@ def test_folder_handed_to_transformers_is_checked_first(models, tmp_path, capsys
 
 
 def test_eval_loads_pickle_only_weights_with_allow_pickle(models, tmp_path, task_file):
-    from langmerge.errors import LangmergeError
-    from langmerge.evaluation import evaluate
-
     folder = _pickle_only(models["base"], tmp_path / "fx" / "bin")
     with pytest.raises(LangmergeError, match="--allow-pickle"):
         evaluate(folder, [str(task_file)], limit=3, progress=False)
@@ -499,9 +501,6 @@ def test_eval_loads_pickle_only_weights_with_allow_pickle(models, tmp_path, task
 
 
 def test_pretrained_options_never_fall_back_to_pickle(models, tmp_path):
-    from langmerge.errors import LangmergeError
-    from langmerge.io.reader import pretrained_options
-
     safe = {"use_safetensors": True, "trust_remote_code": False}
     assert pretrained_options(models["base"]) == safe
     torch.save(load_state(models["base"]), models["base"] / "pytorch_model.bin")  # beside the safetensors file
@@ -514,10 +513,6 @@ def test_pretrained_options_never_fall_back_to_pickle(models, tmp_path):
 
 
 def test_study_given_model_with_pickle_weights_needs_allow_pickle(models, tmp_path):
-    from langmerge.errors import LangmergeError
-    from langmerge.study.run_steps import run_given
-    from langmerge.study.steps import Context, GivenSettings, Step
-
     folder = _pickle_only(models["base"], tmp_path / "fx" / "bin")
     step = Step("given", "base", GivenSettings(path=str(folder)), {})
     with pytest.raises(LangmergeError, match="only pickle"):
@@ -570,8 +565,6 @@ def test_task_fault_is_one_line_naming_the_file_and_key(models, tmp_path, capsys
 
 
 def test_a_plain_template_renders_as_str_format_would(tmp_path):
-    from langmerge.evaluation.tasks import Example, render
-
     doc = {"question": "x", "n": 3, "items": ["a", "b"]}
     template = "{{literal}} Q: {question} ({n}) {items}\nA:"
     assert render(template, Example(doc, "f:1"), "t") == template.format(**doc)

@@ -15,16 +15,34 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hub_helpers import FakeHub, folder_files, use_hub
 from safetensors.torch import load_file, save_file
 
+from hub_helpers import FakeHub, folder_files, use_hub
+from langmerge.analysis.cli import training_tokens
+from langmerge.analysis.diagnostics import analyze
 from langmerge.cli import main
-from langmerge.merge import merge
 from langmerge.errors import LangmergeError
-from langmerge.io.hub import CACHED, DOWNLOADED, LOCAL, TO_DOWNLOAD, ResolvedModel, parse_hub_id, resolve_model
+from langmerge.evaluation import evaluate
+from langmerge.io.hub import (
+    CACHED,
+    DOWNLOADED,
+    LOCAL,
+    TO_DOWNLOAD,
+    ResolvedModel,
+    hub_cache_dir,
+    parse_hub_id,
+    resolve_model,
+)
 from langmerge.io.lora import AdapterMismatch, LoraSettings, check_adapter_base
 from langmerge.io.reader import CheckpointReader, open_checkpoint
+from langmerge.merge import merge
+from langmerge.merge.check import check_recipe
+from langmerge.study import build_plan, load_study
+from langmerge.study.run_steps import model_path
+from langmerge.study.steps import Context, run_step
 from langmerge.synthetic import LlamaShape, write_model
+from langmerge.training import LoraOptions, train_sft
+from langmerge.tuning import tune
 
 SHAPE = LlamaShape(hidden=32, intermediate=64, layers=1, heads=2, kv_heads=1)
 NEW_TOKENS = ["வணக்கம்", "தமிழ்"]
@@ -272,8 +290,6 @@ def test_pickle_weights_only_with_allow_pickle(plain, hub, tmp_path, monkeypatch
 
 
 def test_check_reports_each_model_before_downloading_it(plain, hub, tmp_path, monkeypatch, capsys):
-    from langmerge.merge.check import check_recipe
-
     use_hub(monkeypatch, tmp_path / "cache", hub.url)
     hub.clear()
     heard = []
@@ -445,8 +461,6 @@ def test_tokenizer_source_by_id(plain, offline, tmp_path):
 def test_eval_model_by_id(plain, offline, tmp_path, hub):
     from eval_helpers import MC_DOCS, MC_SPEC, write_task
 
-    from langmerge.evaluation import evaluate
-
     task = write_task(tmp_path / "tasks", MC_SPEC, MC_DOCS)
     by_id = evaluate("org/sft", [str(task)], progress=False)
     by_folder = evaluate(plain["sft"], [str(task)], progress=False)
@@ -456,8 +470,6 @@ def test_eval_model_by_id(plain, offline, tmp_path, hub):
 
 def test_train_base_by_id(plain, offline, tmp_path, hub, capsys):
     from train_helpers import fast_options
-
-    from langmerge.training import train_sft
 
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{k} + 1 =", "response": f" {k + 1}"}) + "\n" for k in range(8)))
@@ -472,9 +484,6 @@ def test_train_base_by_id(plain, offline, tmp_path, hub, capsys):
 
 
 def test_analyze_by_id(plain, offline):
-    from langmerge.analysis.cli import training_tokens
-    from langmerge.analysis.diagnostics import analyze
-
     by_id = analyze(_recipe("org/base", "org/ct", "org/sft"), slacks=[0.0, 1.0], progress=False).to_dict()
     by_folder = analyze(_recipe(str(plain["base"]), str(plain["ct"]), str(plain["sft"])), slacks=[0.0, 1.0], progress=False).to_dict()
     assert by_id["total"] == by_folder["total"] and by_id["by_tensor"] == by_folder["by_tensor"]
@@ -482,8 +491,6 @@ def test_analyze_by_id(plain, offline):
 
 
 def test_tune_by_id(plain, offline, hub):
-    from langmerge.tuning import tune
-
     def objective(model, tokenizer):
         return -float(model.model.layers[0].self_attn.q_proj.weight.detach().abs().sum())
 
@@ -501,10 +508,6 @@ def test_tune_by_id(plain, offline, hub):
 
 def test_study_given_models_by_id(offline, tmp_path, hub):
     from study_helpers import study_dict, write_inputs, write_study
-
-    from langmerge.study import build_plan, load_study
-    from langmerge.study.run_steps import model_path
-    from langmerge.study.steps import Context, run_step
 
     write_inputs(tmp_path / "inputs")
     d = study_dict(tmp_path / "inputs", tmp_path / "out", base={"path": "org/base"})
@@ -529,8 +532,6 @@ def test_study_given_models_by_id(offline, tmp_path, hub):
 def test_lora_trained_on_a_hub_base_records_its_id_and_merges_on_it(offline, tmp_path, hub):
     from train_helpers import fast_options
 
-    from langmerge.training import LoraOptions, train_sft
-
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{k} + 2 =", "response": f" {k + 2}"}) + "\n" for k in range(8)))
     train_sft("org/base", data, tmp_path / "adapter", options=fast_options(lora=LoraOptions(rank=2, alpha=4), lr=1e-2),
@@ -546,8 +547,6 @@ def test_lora_trained_on_a_hub_base_records_its_id_and_merges_on_it(offline, tmp
 @pytest.mark.parametrize("command", ["merge", "eval", "train"])
 def test_output_inside_the_cache_repository_of_an_input_by_id_is_refused(offline, tmp_path, command, capsys):
     """An input named by Hub id is its cache repository: an output there is refused before any work."""
-    from langmerge.io.hub import hub_cache_dir
-
     repo = hub_cache_dir() / "models--org--base"
     assert repo.is_dir()
     before = sorted(str(p.relative_to(repo)) for p in repo.rglob("*"))

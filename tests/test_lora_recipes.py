@@ -10,17 +10,16 @@ import subprocess
 import pytest
 import torch
 import yaml
-from ckpt_helpers import SHAPE, load_state
 from safetensors.torch import load_file
 
-from mergekit_helpers import mergekit_exe
-
+from ckpt_helpers import SHAPE, load_state
 from langmerge.cli import main
 from langmerge.errors import LangmergeError
 from langmerge.io.lora import LoraSource
 from langmerge.io.reader import CheckpointReader
 from langmerge.merge import merge
 from langmerge.synthetic import write_model
+from mergekit_helpers import mergekit_exe
 
 
 def _peft_adapter(base_folder, out, *, seed=5, **config):

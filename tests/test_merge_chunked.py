@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from ckpt_helpers import make_extended_trio
 from safetensors.torch import load_file
 
 import langmerge
-from langmerge.merge import execute
+from ckpt_helpers import make_extended_trio
 from langmerge.errors import LangmergeError
+from langmerge.merge import execute
 from langmerge.methods import METHODS, fused_cpu, get_method
 from langmerge.methods.base import ChunkRule
 from langmerge.synthetic import LlamaShape, make_trio

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,9 +15,12 @@ from safetensors.torch import load_file
 
 import langmerge
 from ckpt_helpers import mergekit_yaml
-from langmerge.merge import execute
 from langmerge.cli import main
-from langmerge.io.writer import write_state_dict
+from langmerge.io.reader import CheckpointReader
+from langmerge.io.safetensors_format import read_header
+from langmerge.io.writer import ShardedWriter, write_state_dict
+from langmerge.merge import execute
+from langmerge.methods import fused_cpu
 from langmerge.synthetic import LlamaShape, make_trio
 
 SHAPE = LlamaShape(hidden=64, intermediate=96, layers=3, heads=4, kv_heads=2)
@@ -79,8 +83,6 @@ RECIPES = {
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_whole_model_identical_to_mergekit_yaml(trio, tmp_path, name, fused, monkeypatch):
-    from langmerge.methods import fused_cpu
-
     # the test model's tensors are small: lower the size from which the fused CPU kernel takes over
     monkeypatch.setattr(fused_cpu, "MIN_NUMEL", 1 if fused else 1 << 62)
     recipe = _write_recipe(tmp_path / "recipe.yaml", RECIPES[name](trio))
@@ -313,23 +315,45 @@ def test_interrupted_merge_leaves_no_output(trio, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_index_and_header_are_read_lazily(trio, tmp_path):
-    """The reader takes shapes from headers; tensors are read one at a time on demand."""
-    from langmerge.io.reader import CheckpointReader
-
+def test_index_and_header_are_read_lazily(trio, tmp_path, monkeypatch):
+    """Opening a sharded folder reads its index and headers only; each tensor's bytes are read when asked for."""
     sharded = tmp_path / "sharded"
     sharded.mkdir()
     for f in trio["base"].iterdir():
         if f.suffix != ".safetensors":
             shutil.copy(f, sharded / f.name)
-    write_state_dict(sharded, _weights(trio["base"]), max_shard_bytes=50_000)
-    reader = CheckpointReader(sharded)
     direct = _weights(trio["base"])
-    assert len({e.file for e in reader.entries.values()}) > 1
+    write_state_dict(sharded, direct, max_shard_bytes=50_000)
+    shards = sorted(sharded.glob("*.safetensors"))
+    assert len(shards) > 1
+    read_bytes = []
+    real_preadv = os.preadv
+
+    def counting_preadv(fd, buffers, offset):
+        got = real_preadv(fd, buffers, offset)
+        read_bytes.append(got)
+        return got
+
+    monkeypatch.setattr(os, "preadv", counting_preadv)  # the reader's only way to a tensor's bytes
+    reader = CheckpointReader(sharded)
+    assert read_bytes == []  # opening read no tensor data
+    assert len({e.file for e in reader.entries.values()}) == len(shards)
     assert set(reader.names) == set(direct)
     for name, t in direct.items():
-        assert reader.shape(name) == tuple(t.shape)
-        assert torch.equal(reader.get(name), t)
+        assert reader.shape(name) == tuple(t.shape) and reader.dtype(name) == t.dtype
+    assert read_bytes == []  # nor did asking for shapes and dtypes
+    # New values written in place after opening are what the reader returns: it kept no tensor bytes.
+    changed = {name: t + 1 for name, t in direct.items()}
+    for shard in shards:
+        with open(shard, "r+b") as f:
+            for name, entry in read_header(shard).items():
+                f.seek(entry.begin)
+                f.write(changed[name].reshape(-1).view(torch.uint8).numpy().tobytes())
+    for name, t in changed.items():
+        before = sum(read_bytes)
+        assert torch.equal(reader.get(name), t), name
+        assert sum(read_bytes) - before == t.numel() * t.element_size(), name  # this tensor's bytes, no more
+    reader.close()
 
 
 class _Recorder:
@@ -366,8 +390,6 @@ def test_progress_goes_to_the_reporter_passed_in(trio, tmp_path, capsys):
 def test_timings_count_waiting_for_the_writer_once(trio, tmp_path, monkeypatch):
     """With a slow disk the caller waits for write buffers: that is waiting, not computing, and counted once."""
     import time
-
-    from langmerge.io.writer import ShardedWriter
 
     real = ShardedWriter.write_at
 

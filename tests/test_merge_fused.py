@@ -7,9 +7,13 @@ import itertools
 import pytest
 import torch
 
-from langmerge.methods import TensorParameters, get_method, merge_in_memory, merge_tensor
-from langmerge.methods import fused_cpu
+from langmerge.merge import merge
+from langmerge.methods import TensorParameters, fused_cpu, get_method, merge_in_memory, merge_tensor
 from langmerge.methods.fused_cpu import CHUNK
+from langmerge.methods.kernels import NonFiniteMerge
+from langmerge.methods.selection import select_mask
+from langmerge.methods.sparsify import keep_count
+from langmerge.synthetic import make_trio
 
 
 def test_the_fused_kernels_are_built():
@@ -80,9 +84,6 @@ def test_negative_zero_in_the_base_gives_the_reference_bits(dtype, method):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_keep_mask_is_the_reference_selection(dtype):
-    from langmerge.methods.selection import select_mask
-    from langmerge.methods.sparsify import keep_count
-
     g = torch.Generator().manual_seed(8)
     for shape, coarse in [((3 * CHUNK + 11,), False), ((700, 1001), True)]:
         t = torch.randn(shape, generator=g)
@@ -99,8 +100,6 @@ def test_fused_keep_mask_is_the_reference_selection(dtype):
 
 
 def test_nan_or_inf_in_an_input_always_reaches_the_result():
-    from langmerge.methods.kernels import NonFiniteMerge
-
     m = get_method("ties")
     for dtype, bad, density in itertools.product([torch.float32, torch.bfloat16], [float("nan"), float("inf")], [0.0, 0.5, 1.0]):
         base, xs = _inputs((CHUNK + 3,), 2, dtype, 4)
@@ -111,10 +110,9 @@ def test_nan_or_inf_in_an_input_always_reaches_the_result():
                 merge_tensor(m, base, xs, p, fused=fused)
 
 
-def test_threads_are_set_for_the_merge_and_restored(tmp_path, monkeypatch):
-    from langmerge.merge import merge
-    from langmerge.synthetic import make_trio
-
+@pytest.mark.parametrize("fails", [False, True], ids=["completes", "fails"])
+def test_threads_are_set_for_the_merge_and_restored(tmp_path, monkeypatch, fails):
+    """``threads=N`` is torch's (and so the fused kernels') count during the merge only, even when the merge fails."""
     trio = make_trio(tmp_path / "models")
     recipe = {"merge_method": "ties", "base_model": str(trio["base"]),
               "models": [{"model": str(trio[m]), "parameters": {"weight": 1.0, "density": 0.5}} for m in ("ct", "sft")]}
@@ -123,17 +121,24 @@ def test_threads_are_set_for_the_merge_and_restored(tmp_path, monkeypatch):
 
     def spy(*args, **kwargs):  # the fused kernels run on torch's thread count of the moment
         seen.append(fused_cpu.default_threads())
+        if fails:
+            raise RuntimeError("kernel failure")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(fused_cpu, "merge_ties", spy)
     before = torch.get_num_threads()
     target = 1 if before != 1 else 2
     try:
-        merge(recipe, tmp_path / "out", threads=target, progress=False)
-        assert seen and set(seen) == {target}
-        assert torch.get_num_threads() == before  # restored
+        if fails:
+            with pytest.raises(RuntimeError, match="kernel failure"):
+                merge(recipe, tmp_path / "out", threads=target, progress=False)
+        else:
+            merge(recipe, tmp_path / "out", threads=target, progress=False)
+        after = torch.get_num_threads()
     finally:
-        torch.set_num_threads(before)
+        torch.set_num_threads(before)  # so that a leak fails this test only, not the ones after it
+    assert seen and set(seen) == {target}
+    assert after == before  # restored: the process-wide count did not leak out of the call
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

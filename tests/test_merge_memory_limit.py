@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import langmerge
 from langmerge.methods import get_method
 from langmerge.synthetic import LlamaShape, make_trio
 
@@ -100,7 +101,6 @@ def test_merge_succeeds_with_address_space_below_the_largest_tensor(trios, tmp_p
     assert not (tmp_path / "merged-huge").exists()  # the failed merge left nothing
     assert result["tensors"] == len(load_file(big["base"] / "model.safetensors"))
     # the merge under the limit wrote what an unlimited merge (default budget, this process) writes
-    import langmerge
 
     langmerge.merge(_recipe(method, big), tmp_path / "unlimited", progress=False)
     ours, unlimited = (load_file(folder / "model.safetensors") for folder in (out, tmp_path / "unlimited"))

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from langmerge.merge.recipe import layer_position
 from langmerge.errors import LangmergeError
 from langmerge.io.writer import plan_shards
-from langmerge.merge.recipe import evaluate_setting, load_recipe, parse_setting
-
-import torch
+from langmerge.merge.recipe import evaluate_setting, layer_position, load_recipe, parse_setting
 
 
 def test_gradients_interpolate_over_layer_position():

@@ -10,6 +10,7 @@ import pytest
 import torch
 from mergekit.merge_methods import merge_tensors
 
+from langmerge.analysis import tensor_tally
 from langmerge.methods import (
     METHODS,
     ChunkRule,
@@ -17,11 +18,13 @@ from langmerge.methods import (
     TensorParameters,
     choose_kernel,
     chunk_ranges,
+    driver,
+    fused_cpu,
     get_method,
     merge_in_memory,
+    task_vectors,
     thread_limit,
 )
-from langmerge.methods import fused_cpu
 from langmerge.methods.exact import ExactL1, round_exact
 from langmerge.methods.selection import keep_count, select_mask
 from langmerge.methods.task_vectors import ENTRIES
@@ -259,8 +262,6 @@ def test_every_registered_family_method_is_covered():
 
 @pytest.mark.parametrize("method", ["ties_sv", "dare_ties"])
 def test_the_loss_diagnostic_does_not_depend_on_the_chunks(method, monkeypatch):
-    from langmerge.analysis import tensor_tally
-
     base, xs = _trio((200, 37), 2, torch.bfloat16, seed=6, coarse=True)
     p = _params(method, 2, 0.4)
     slacks = [None, 0.0, 2.0]
@@ -291,8 +292,6 @@ def test_dare_without_generators_draws_from_torch_global_stream_like_mergekit():
 def test_without_the_extension_the_reference_kernel_is_planned_with_one_log_line(monkeypatch, caplog):
     import logging
 
-    from langmerge.methods import driver
-
     monkeypatch.setattr(fused_cpu, "_LIB", None)  # as where no C compiler built it
     driver._note_reference_only.cache_clear()
     info = TensorInfo("t", (64, 64), torch.bfloat16)
@@ -312,8 +311,6 @@ def test_without_the_extension_the_reference_kernel_is_planned_with_one_log_line
 @pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
 def test_dare_masks_kept_or_redrawn_give_the_same_bits(method, monkeypatch):
     """The L1 pass keeps DARE's masks for the merge pass where they fit, else the merge pass redraws them."""
-    from langmerge.methods import task_vectors
-
     base, xs = _trio((300, 41), 2, torch.bfloat16, seed=8)
     p = _params(method, 2, 0.35)
     kept = _merge(method, p, base, xs, "reference", 2000)

@@ -11,8 +11,10 @@ from safetensors.torch import load_file
 
 import langmerge
 from langmerge.analysis import analyze
-from langmerge.merge.check import check_recipe
+from langmerge.cli import main
 from langmerge.errors import LangmergeError
+from langmerge.merge.check import check_recipe
+from langmerge.merge.recipe import load_recipe
 from langmerge.methods import (
     METHODS,
     ChunkRule,
@@ -25,7 +27,9 @@ from langmerge.methods import (
     model_field,
     register_method,
 )
-from langmerge.merge.recipe import load_recipe
+from langmerge.study.config import MethodSpec
+from langmerge.study.report import row_label
+from langmerge.study.steps import method_recipe
 from langmerge.synthetic import LlamaShape, make_trio
 
 SHAPE = LlamaShape(hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2)
@@ -131,8 +135,6 @@ def test_check_accepts_and_analyze_refuses_the_registered_method(peak_method, tr
 
     import yaml
 
-    from langmerge.cli import main
-
     report = check_recipe(_recipe(trio))
     assert report.exit_code == 0 and report.method == "peak_mean"
     path = tmp_path / "recipe.yaml"
@@ -147,10 +149,6 @@ def test_check_accepts_and_analyze_refuses_the_registered_method(peak_method, tr
 
 
 def test_the_study_accepts_the_registered_method(peak_method):
-    from langmerge.study.config import MethodSpec
-    from langmerge.study.report import row_label
-    from langmerge.study.steps import method_recipe
-
     spec = MethodSpec.model_validate({"merge_method": "peak_mean", "parameters": {"peak": 0.5}})
     recipe = method_recipe(spec, "b", "c", "s", "bfloat16")
     assert recipe["merge_method"] == "peak_mean" and recipe["base_model"] == "b"  # uses_base, from the method
@@ -161,8 +159,6 @@ def test_the_study_accepts_the_registered_method(peak_method):
 
 def test_unregistered_methods_are_refused_everywhere():
     from pydantic import ValidationError
-
-    from langmerge.study.config import MethodSpec
 
     assert "peak_mean" not in METHODS
     with pytest.raises(LangmergeError, match="unknown method 'peak_mean'"):

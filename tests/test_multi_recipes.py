@@ -14,12 +14,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from mergekit_helpers import mergekit_exe
-
 from langmerge.cli import main
 from langmerge.errors import LangmergeError
 from langmerge.merge import execute, merge
 from langmerge.synthetic import LlamaShape, make_trio
+from mergekit_helpers import mergekit_exe
 
 SHAPE = LlamaShape(hidden=32, intermediate=64, layers=2, heads=2, kv_heads=1)
 

@@ -11,8 +11,15 @@ import time
 import pytest
 
 from langmerge.io import output
-from output_helpers import ENV, error_lines, langmerge, listing, snapshot, wait_for_partial, write_recipe
-from output_helpers import slow_models  # noqa: F401 (a fixture)
+from output_helpers import (
+    ENV,
+    error_lines,
+    langmerge,
+    listing,
+    snapshot,
+    wait_for_partial,
+    write_recipe,
+)
 
 
 @pytest.fixture

@@ -18,9 +18,16 @@ import sys
 import pytest
 
 from langmerge.cli import main
-from output_helpers import ENV, error_lines, listing, run_langmerge, snapshot, trio, write_recipe
-from output_helpers import slow_models  # noqa: F401 (a fixture)
 from langmerge.synthetic import LlamaShape
+from output_helpers import (
+    ENV,
+    error_lines,
+    listing,
+    run_langmerge,
+    snapshot,
+    trio,
+    write_recipe,
+)
 
 SMALL = LlamaShape(hidden=32, intermediate=64, layers=2, heads=2, kv_heads=1)
 

@@ -13,9 +13,17 @@ import sys
 
 import pytest
 
+from langmerge.cli import main
 from langmerge.io.output import Owner, process_start
-from output_helpers import error_lines, langmerge, listing, run_langmerge, snapshot, wait_for_partial, write_recipe
-from output_helpers import slow_models  # noqa: F401 (a fixture)
+from output_helpers import (
+    error_lines,
+    langmerge,
+    listing,
+    run_langmerge,
+    snapshot,
+    wait_for_partial,
+    write_recipe,
+)
 
 
 @pytest.fixture
@@ -114,8 +122,6 @@ LEFTOVERS = {
 
 @pytest.mark.parametrize("case", list(LEFTOVERS))
 def test_the_next_run_removes_only_dead_owners_partial_folders(work, case, capsys):
-    from langmerge.cli import main
-
     name, kept = LEFTOVERS[case][0](), LEFTOVERS[case][1]
     (work / name).mkdir()
     (work / name / "model.safetensors").write_bytes(b"half")
@@ -125,8 +131,6 @@ def test_the_next_run_removes_only_dead_owners_partial_folders(work, case, capsy
 
 def test_a_replacement_killed_between_its_renames_is_restored(work, capsys):
     """A dead owner's ``.old-`` folder with no output beside it is the previous output: moved back."""
-    from langmerge.cli import main
-
     old = work / _owner_name("out", "old", Owner.current().host, _dead_pid(), 1)
     old.mkdir()
     (old / "mine.txt").write_text("the previous output")

@@ -12,12 +12,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from mergekit_helpers import mergekit_exe
-
 from langmerge.cli import main
 from langmerge.errors import LangmergeError
+from langmerge.merge import merge
 from langmerge.merge.recipe import RecipeError, load_recipe
 from langmerge.synthetic import LlamaShape, make_trio
+from mergekit_helpers import mergekit_exe
 
 SHAPE = LlamaShape(hidden=32, intermediate=64, layers=4, heads=2, kv_heads=1)
 
@@ -141,8 +141,6 @@ def test_layer_range_beyond_the_model_is_refused_before_writing(trio, tmp_path):
 
 
 def main_merge(doc, out):
-    from langmerge.merge import merge
-
     return merge(doc, out, progress=False)
 
 

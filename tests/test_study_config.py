@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from langmerge.errors import LangmergeError
-from langmerge.study import load_study, run_study
+from langmerge.study import build_plan, load_study, run_study
 from study_helpers import study_dict, write_inputs, write_study
 
 
@@ -110,8 +110,6 @@ def test_score_seeds_methods_and_device_are_checked(inputs, tmp_path):
 
 
 def test_seeds_repeat_the_smallest_budget_and_the_sft_run(inputs, tmp_path):
-    from langmerge.study import build_plan
-
     d = study_dict(inputs, tmp_path / "out", seeds={"extra": [1, 2], "methods": ["ties"]})
     d["sft"]["test"] = ["next_day_en"]
     plan = build_plan(load_study(write_study(tmp_path / "study.yaml", d)))

@@ -7,7 +7,10 @@ import json
 import pytest
 import torch
 
-from langmerge.study.miniature import kept_token_ids, prune_vocabulary, pruned_tokenizer_json
+from langmerge.study.config import load_study
+from langmerge.study.miniature import kept_token_ids, prune_vocabulary, pruned_tokenizer_json, task_strings
+from langmerge.study.plan import build_plan
+from langmerge.study.sources import BUILTIN_SOURCES
 from langmerge.synthetic import LlamaShape, write_model
 
 CORPUS = [
@@ -95,11 +98,6 @@ def test_pruned_gemma_tokenizer_tokenizes_the_miniature_data_identically(tmp_pat
 
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
-
-    from langmerge.study.config import load_study
-    from langmerge.study.miniature import task_strings
-    from langmerge.study.plan import build_plan
-    from langmerge.study.sources import BUILTIN_SOURCES
 
     gguf = Path(gemma.assemble(tmp_path / gemma.MODEL_NAME))
     full = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from langmerge.evaluation.statistics import mcnemar_exact
 from langmerge.study import load_study, run_study
+from langmerge.study.report import findings
 from study_helpers import done_markers, load_results, study_dict, write_inputs, write_study
 
 
@@ -112,9 +114,6 @@ def _ones(k: int, n: int = 40) -> list[int]:
 
 def test_findings_from_hand_made_outcomes(finished):
     """The three verdicts on per-example outcomes whose tests are worked out by hand."""
-    from langmerge.evaluation.statistics import mcnemar_exact
-    from langmerge.study.report import findings
-
     _, _, result = finished
     right = {  # (budget, row) -> examples right of 40 (the first k): nested, so every difference is one-sided
         (300, "ct_sft"): 10, (300, "wavg"): 30, (300, "ties"): 10, (300, "ties_sv"): 20,

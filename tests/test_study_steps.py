@@ -7,10 +7,24 @@ import json
 
 import pytest
 
+from langmerge.merge.recipe import load_recipe
+from langmerge.methods.registry import METHODS
 from langmerge.study import run_steps
-from langmerge.study.config import StudyTrainOptions
-from langmerge.study.steps import (DONE, Context, CTSettings, EvalSettings, FileSettings, GivenSettings, Step,
-                                   StepSettings, TaskSettings, canonical, run_step)
+from langmerge.study.config import MethodSpec, StudyTrainOptions
+from langmerge.study.steps import (
+    DONE,
+    Context,
+    CTSettings,
+    EvalSettings,
+    FileSettings,
+    GivenSettings,
+    Step,
+    StepSettings,
+    TaskSettings,
+    canonical,
+    method_recipe,
+    run_step,
+)
 
 
 def _ct(lr: float = 1e-4, budgets: tuple[int, ...] = (1, 2)) -> CTSettings:
@@ -82,11 +96,6 @@ REQUIRED = {"slerp": {"t": 0.5}, "nearswap": {"t": 0.01}, "layer_swap": {"k_bott
 
 
 def test_every_registered_method_makes_a_study_recipe():
-    from langmerge.merge.recipe import load_recipe
-    from langmerge.methods.registry import METHODS
-    from langmerge.study.config import MethodSpec
-    from langmerge.study.steps import method_recipe
-
     for name, method in METHODS.items():
         per_model = {k: 0.5 for k, spec in method.parameters.items() if spec.scope == "model" and spec.default is None}
         spec = MethodSpec(merge_method=name, ct=per_model, sft=per_model, parameters=REQUIRED.get(name, {}))

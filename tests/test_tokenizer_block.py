@@ -11,15 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from union_helpers import union_models
 
-from mergekit_helpers import merge_both, vocab
-
-from langmerge.cli import main
 from langmerge.errors import LangmergeError
 from langmerge.merge import merge
 from langmerge.merge.recipe import RecipeError, load_recipe
 from langmerge.merge.tokenizer_block import BUILTIN_CHAT_TEMPLATES
+from mergekit_helpers import merge_both, vocab
+from union_helpers import union_models
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from langmerge.cli import main
 from train_helpers import TAMIL, tiny_base, write_lines
 
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from langmerge.errors import LangmergeError
+from langmerge.merge import merge
 from langmerge.training import LoraOptions, train_ct, train_sft
-from langmerge.training.data import IGNORE_INDEX
 from langmerge.training import loop as loop_module
+from langmerge.training.data import IGNORE_INDEX
 from train_helpers import ENGLISH, TAMIL, fast_options, tiny_base, write_lines
 
 
@@ -143,21 +144,47 @@ def test_sft_learns_responses_only_and_ct_then_sft_chains(corpus, tmp_path):
     assert meta["kind"] == "sft" and meta["base"] == str(tmp_path / "ct")
 
 
-def test_sft_loss_ignores_prompt_tokens(corpus, tmp_path, monkeypatch):
-    """With a zero learning rate the first step's loss equals a hand computation over response tokens only."""
+def test_sft_loss_ignores_prompt_tokens(corpus, tmp_path):
+    """With a zero learning rate the first step's loss equals a hand computation over response tokens only.
+
+    Two examples of different lengths share one micro-batch, so the shorter one is padded: neither its
+    padding nor any prompt token (labelled IGNORE_INDEX) may add to the loss or to the token count.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    data = tmp_path / "one.jsonl"
-    data.write_text(json.dumps({"prompt": "abc", "response": "de"}) + "\n")
-    result = train_sft(corpus["base"], data, tmp_path / "sft", options=fast_options(lr=0.0, warmup=0), progress=False)
+    rows = [{"prompt": "abc", "response": "de"}, {"prompt": "b", "response": "cab"}]
+    data = tmp_path / "two.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    options = fast_options(lr=0.0, warmup=0, batch_size=2, micro_batch_size=2)
+    result = train_sft(corpus["base"], data, tmp_path / "sft", options=options, progress=False)
     model = AutoModelForCausalLM.from_pretrained(corpus["base"])
     tok = AutoTokenizer.from_pretrained(corpus["base"])
-    ids = [tok.bos_token_id, *tok.convert_tokens_to_ids(list("abcde")), tok.eos_token_id]
-    with torch.no_grad():
-        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
-    expected = -np.mean([logp[t - 1, ids[t]].item() for t in (4, 5, 6)])  # d, e, </s>
+    response_terms, all_terms = [], []
+    for row in rows:
+        ids = [tok.bos_token_id, *tok.convert_tokens_to_ids(list(row["prompt"] + row["response"])), tok.eos_token_id]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+        terms = [-logp[t - 1, ids[t]].item() for t in range(1, len(ids))]  # position t predicts token t
+        all_terms += terms
+        response_terms += terms[len(row["prompt"]) :]  # the response's characters and </s>
+    expected = float(np.mean(response_terms))
+    assert result.trained_tokens == len(response_terms) == 2 + 1 + 3 + 1
     assert result.losses[0] == pytest.approx(expected, rel=1e-5)
-    assert IGNORE_INDEX == -100
+    # The comparison can tell: a loss that also took the prompt tokens is another number.
+    assert abs(float(np.mean(all_terms)) - expected) > 1e-3
+
+
+def test_padding_and_prompt_positions_are_labelled_ignore_index():
+    """The collated batch: labels of padding are IGNORE_INDEX (and the mask 0), prompt labels are kept as given."""
+    items = [
+        loop_module.Item(np.array([1, 5, 6, 7]), np.array([IGNORE_INDEX, IGNORE_INDEX, 6, 7]), 0),
+        loop_module.Item(np.array([1, 8]), np.array([IGNORE_INDEX, 8]), 0),
+    ]
+    batch = loop_module._collate(items, pad_id=0, device="cpu")
+    assert batch["input_ids"].tolist() == [[1, 5, 6, 7], [1, 8, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 6, 7], [IGNORE_INDEX, 8, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert [loop_module._predicted(it) for it in items] == [2, 1]
 
 
 def test_lora_adapter_and_merged_checkpoint_agree(corpus, tmp_path):
@@ -183,8 +210,6 @@ def test_lora_adapter_and_merged_checkpoint_agree(corpus, tmp_path):
 
 
 def test_trained_checkpoints_are_merge_inputs(corpus, tmp_path):
-    from langmerge.merge import merge
-
     data = _sft_file(tmp_path / "sft.jsonl")
     ct = train_ct(corpus["base"], [corpus["ta"]], 600, tmp_path / "ct", save_at=[300], options=fast_options(),
                   progress=False)

@@ -9,6 +9,7 @@ import yaml
 
 from analysis_helpers import recipe, tiny_trio, write_recipe
 from langmerge.cli import main
+from langmerge.evaluation import evaluate
 
 TEXTS = ["வணக்கம் உலகம்", "hello world, hello tune", "ஒன்று இரண்டு மூன்று", "abc abc abc"]
 
@@ -37,7 +38,6 @@ def test_tune_on_a_validation_task_and_reproduce_the_best_score(setup):
     assert doc["best"]["score"] == max(scores) and len(set(scores)) == 4
     # The written recipe, merged by `langmerge merge` and evaluated from disk, scores the best trial's score.
     assert main(["merge", str(out / "best_recipe.yaml"), str(root / "merged"), "--no-progress"]) == 0
-    from langmerge.evaluation import evaluate
 
     results = evaluate(str(root / "merged"), [str(task)], progress=False)
     assert -results.tasks["val_bpc"].metrics["bpc"] == pytest.approx(doc["best"]["score"], rel=1e-6)

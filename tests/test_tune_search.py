@@ -11,6 +11,7 @@ import yaml
 from analysis_helpers import recipe, tiny_trio, weights, write_recipe
 from langmerge.cli import main
 from langmerge.errors import LangmergeError
+from langmerge.merge import merge
 from langmerge.merge.recipe import load_recipe
 from langmerge.tuning import InMemoryMerger, tune
 from langmerge.tuning.space import apply_values, load_space
@@ -32,8 +33,6 @@ def target_objective(trio, dtype="float32"):
     """Negative squared distance to the hidden merge, which `langmerge merge` writes (independent of the tuner)."""
     import tempfile
     from pathlib import Path
-
-    from langmerge.merge import merge
 
     base = recipe(trio, dtype=dtype)
     dims = load_space(SPACE, load_recipe(base))
@@ -86,8 +85,6 @@ def test_tpe_finds_the_optimum_within_its_budget(trio):
     ],
 )
 def test_in_memory_merge_is_bit_identical_to_langmerge_merge(trio, tmp_path, method, dtype, params):
-    from langmerge.merge import merge
-
     start = recipe(trio, method, dtype=dtype)
     if method in ("task_arithmetic", "linear"):
         for m in start["models"]:

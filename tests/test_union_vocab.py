@@ -9,11 +9,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from union_helpers import union_models
-
-from mergekit_helpers import merge_both, vocab
 
 from langmerge.cli import main
+from mergekit_helpers import merge_both, vocab
+from union_helpers import union_models
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 
 class Reporter(Protocol):
@@ -35,7 +36,7 @@ class TqdmReporter:
 
     def __init__(self, desc: str, unit: str = "tensor"):
         self.desc, self.unit = desc, unit
-        self.bar = None
+        self.bar: Any = None  # a tqdm bar once started (tqdm is imported when one is)
         self.nbytes = 0
         self.began = time.perf_counter()
 
@@ -76,7 +77,7 @@ def library_progress_bars(enabled: bool):
     from huggingface_hub import utils as hub
 
     hub_was_on = not hub.are_progress_bars_disabled()
-    undo = []
+    undo: list[Callable[[], object]] = []
     if hub_was_on:
         hub.disable_progress_bars()
         undo.append(hub.enable_progress_bars)

@@ -84,7 +84,7 @@ def llama_tensor_shapes(shape: LlamaShape, vocab: int) -> list[tuple[str, tuple[
     h, i = shape.hidden, shape.intermediate
     head_dim = h // shape.heads
     kv = head_dim * shape.kv_heads
-    out = [("model.embed_tokens.weight", (vocab, h))]
+    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, h))]
     for layer in range(shape.layers):
         p = f"model.layers.{layer}."
         out += [

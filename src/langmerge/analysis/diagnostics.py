@@ -23,22 +23,25 @@ the merge ``langmerge merge`` would write, in the same flat memory.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from langmerge.devices import resolve_device
 from langmerge.errors import LangmergeError
 from langmerge.merge.execute import DEFAULT_MEMORY, Executor, nonfinite_input
 from langmerge.merge.plan import TensorTask, plan_merge, with_params
 from langmerge.merge.recipe import Recipe, layer_index, load_recipe
 from langmerge.methods import fused_cpu
-from langmerge.methods.base import Block, Method, Pass, TensorInfo, TensorMerge
+from langmerge.methods.base import Block, Method, MethodParameters, Pass, TensorInfo, TensorMerge
 from langmerge.methods.consensus import agreement_mask, elect_sign
 from langmerge.methods.driver import DEFAULT_CHUNK_BYTES, choose_kernel, chunk_ranges, memory_reader, run_statistics
-from langmerge.methods.base import MethodParameters
 from langmerge.methods.registry import METHODS
 from langmerge.methods.task_vectors import slack_scale, weight_column
 from langmerge.progress import Reporter
@@ -75,13 +78,14 @@ class Tally:
     n_slacks: int
     numel: int = 0
     tensors: int = 0
-    kept: np.ndarray = field(default=None)  # (models,)
-    kept_mass: np.ndarray = field(default=None)  # (models,)
-    lost: np.ndarray = field(default=None)  # (slacks, models)
-    lost_mass: np.ndarray = field(default=None)  # (slacks, models)
-    squared_norm: np.ndarray = field(default=None)  # (models,)
-    both_kept: np.ndarray = field(default=None)  # (pairs,)
-    conflicts: np.ndarray = field(default=None)  # (pairs,)
+    # zeros of these shapes to begin with (__post_init__)
+    kept: np.ndarray = field(init=False)  # (models,)
+    kept_mass: np.ndarray = field(init=False)  # (models,)
+    lost: np.ndarray = field(init=False)  # (slacks, models)
+    lost_mass: np.ndarray = field(init=False)  # (slacks, models)
+    squared_norm: np.ndarray = field(init=False)  # (models,)
+    both_kept: np.ndarray = field(init=False)  # (pairs,)
+    conflicts: np.ndarray = field(init=False)  # (pairs,)
 
     def __post_init__(self) -> None:
         n, s, pairs = self.n_models, self.n_slacks, len(self.pairs)
@@ -94,8 +98,7 @@ class Tally:
             ("both_kept", (pairs,), np.int64),
             ("conflicts", (pairs,), np.int64),
         ):
-            if getattr(self, name) is None:
-                setattr(self, name, np.zeros(shape, dtype=dtype))
+            setattr(self, name, np.zeros(shape, dtype=dtype))
 
     @property
     def pairs(self) -> list[tuple[int, int]]:
@@ -159,7 +162,10 @@ class TallyPass(Pass):
 
     def __init__(self, merge: TensorMerge, p: MethodParameters, slacks: list[float | None], tally: Tally,
                  kernel: str, task: TensorTask | None = None, voted: bool = True):
-        self.merge, self.p, self.tally, self.task, self.voted = merge, p, tally, task, voted
+        # a merge with a sign vote: it has sparsified() (and the task-vector family's trim_arrays and
+        # weights32, for the fused kernel), whatever its class
+        self.merge: Any = merge
+        self.p, self.tally, self.task, self.voted = p, tally, task, voted
         protected = list(getattr(p, "protected", [False] * tally.n_models))
         own = getattr(p, "slack", 0.0)
         self.scales = [slack_scale(own if slack is None else slack, protected) for slack in slacks]
@@ -181,7 +187,7 @@ class TallyPass(Pass):
             raise found
         if self.fused:
             trim, thresholds, cutoffs = self.merge.trim_arrays(block)
-            fused_cpu.tally(block.base, block.inputs, block.start, trim, thresholds, cutoffs, self.merge.weights32,
+            fused_cpu.tally(block.required_base, block.inputs, block.start, trim, thresholds, cutoffs, self.merge.weights32,
                             self.vote_scales, self.round_vote, self.pair_a, self.pair_b, self.totals)
         else:
             _tally_block(self.tally, block, self.merge.sparsified(block), self.weights, self.scales, self.voted)
@@ -257,7 +263,7 @@ class AnalysisReport:
     @property
     def slack_labels(self) -> list[float | str]:
         if all(s is not None for s in self.slacks):
-            return list(self.slacks)
+            return [s for s in self.slacks if s is not None]
         own = self.recipe_slacks[0] if len(self.recipe_slacks) == 1 else "recipe"
         return [own if s is None else s for s in self.slacks]
 
@@ -335,7 +341,7 @@ def analyzable(method: Method) -> bool:
     return method.has_sign_vote or method.sparsifier is not None
 
 
-def check_analyzable(recipe: Recipe, protected: list[bool], slacks: list[float | None]) -> None:
+def check_analyzable(recipe: Recipe, protected: list[bool], slacks: Sequence[float | None]) -> None:
     """Bad input, before any tensor is read."""
     method = recipe.method
     if not analyzable(method):
@@ -378,8 +384,6 @@ def analyze(
     it shows what TIES-SV would keep. ``reporter`` hears the progress
     (tensors); ``progress`` shows huggingface_hub's download bars.
     """
-    import time
-
     recipe = load_recipe(recipe)
     recipe.require_whole_models("analyze")
     protected = resolve_protected(recipe, protect)
@@ -387,7 +391,6 @@ def analyze(
     if not slack_list:
         raise LangmergeError("--slack: no value given")
     check_analyzable(recipe, protected, slack_list)
-    from langmerge.devices import resolve_device
 
     dev = resolve_device(device)
     start = time.perf_counter()

@@ -10,7 +10,7 @@ from langmerge.analysis.diagnostics import AnalysisReport
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # optional (the tune extra), imported only to plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

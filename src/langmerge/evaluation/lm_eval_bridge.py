@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from langmerge.errors import LangmergeError
+from langmerge.progress import library_progress_bars
 
 LM_EVAL_PRESETS: dict[str, list[str]] = {
     "ta": ["belebele_tam_Taml", "xcopa_ta", "m_mmlu_ta"],
@@ -44,7 +45,7 @@ def resolve_lm_eval_tasks(tasks: Sequence[str], include: Sequence[str | Path] = 
     found in ``include`` only those folders are indexed.
     """
     try:
-        from lm_eval.tasks import TaskManager
+        from lm_eval.tasks import TaskManager  # optional (the eval extra) and slow to import
     except ImportError:
         raise LangmergeError("the lm-eval bridge needs lm-eval: pip install 'lm-eval==0.4.13'") from None
     for folder in include:
@@ -79,10 +80,8 @@ def run_lm_eval(
 
     ``resolved`` is ``resolve_lm_eval_tasks``'s answer when the caller checked the names already.
     """
-    import lm_eval
+    import lm_eval  # optional (the eval extra) and slow to import
     from lm_eval.models.huggingface import HFLM
-
-    from langmerge.progress import library_progress_bars
 
     names, manager = resolved or resolve_lm_eval_tasks(tasks, include)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)

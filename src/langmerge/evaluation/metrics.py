@@ -7,7 +7,6 @@ from collections.abc import Sequence
 
 from langmerge.errors import LangmergeError
 
-
 # The metric that stands for a task of each kind (tuning's "auto" objective, study scores, summaries).
 MAIN_METRIC = {"multiple_choice": "acc", "generation": "exact_match", "bits_per_char": "bpc"}
 
@@ -46,7 +45,7 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
 def chrf(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Corpus chrF (sacrebleu's defaults: character 6-grams, beta 2), 0..100."""
     try:
-        import sacrebleu
+        import sacrebleu  # optional (the eval extra)
     except ImportError:
         raise LangmergeError("chrF needs sacrebleu: pip install 'langmerge[eval]' (or pip install sacrebleu)") from None
     return float(sacrebleu.corpus_chrf(list(predictions), [list(references)]).score)
@@ -55,7 +54,7 @@ def chrf(predictions: Sequence[str], references: Sequence[str]) -> float:
 def language_id_labels() -> set[str]:
     """The labels py3langid can give."""
     try:
-        from py3langid.langid import _get_identifier
+        from py3langid.langid import _get_identifier  # optional (the eval extra); loads its model
     except ImportError:
         raise LangmergeError("the language check needs py3langid: pip install py3langid") from None
     return set(_get_identifier().nb_classes)
@@ -63,7 +62,7 @@ def language_id_labels() -> set[str]:
 
 def identify_language(text: str) -> str | None:
     """py3langid's label for the text; None for text with no letters to judge."""
-    import py3langid
+    import py3langid  # optional (the eval extra); loads its model
 
     if not any(ch.isalpha() for ch in text):
         return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -221,7 +222,7 @@ def generate_greedy(
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         ids, mask = _left_pad([encoded[i] for i in batch], pad_id, device)
-        gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+        gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
         if eos is not None:
             gen_kwargs["eos_token_id"] = eos
         stops = [s for s in stop if s]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import random
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -18,6 +19,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from langmerge.errors import LangmergeError
+from langmerge.evaluation.builtin import builtin_task_names, materialize
+from langmerge.evaluation.metrics import language_id_labels
 from langmerge.input_files import json_object_lines, load_config, read_input_text
 
 TaskKind = Literal["multiple_choice", "generation", "bits_per_char"]
@@ -168,7 +171,6 @@ def load_task(yaml_path: str | Path) -> Task:
 
 
 def check_language_labels(labels: list[str], where: object) -> None:
-    from langmerge.evaluation.metrics import language_id_labels
 
     known = language_id_labels()
     unknown = [label for label in labels if label not in known]
@@ -218,11 +220,9 @@ def context(task: Task, index: int, seed: int) -> str:
     return description + spec.fewshot_delimiter.join([*shots, query])
 
 
-def resolve_tasks(names: list[str | Task], cache_dir: Path | None = None) -> list[Task]:
+def resolve_tasks(names: Sequence[str | Task], cache_dir: Path | None = None) -> list[Task]:
     """Tasks from names: built-in task names, shell-style patterns of them, or task YAML paths
     (loaded ``Task`` objects pass through)."""
-    from langmerge.evaluation.builtin import builtin_task_names, materialize
-
     available = builtin_task_names()
     tasks: list[Task] = []
     for name in names:

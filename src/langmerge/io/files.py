@@ -28,7 +28,7 @@ import os
 import shutil
 import stat
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from langmerge.errors import LangmergeError
 
@@ -151,9 +151,9 @@ class _DuplicateKey(ValueError):
     pass
 
 
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, Any]:
     """A JSON object's dict, refusing a key given twice (json.loads would keep the last silently)."""
-    obj: dict = {}
+    obj: dict[str, Any] = {}
     for key, value in pairs:
         if key in obj:
             raise _DuplicateKey(key)

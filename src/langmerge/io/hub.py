@@ -32,13 +32,15 @@ token lookup (gated and private models).
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, TypeVar
 
 from langmerge.errors import LangmergeError
 from langmerge.io.files import cache_repository, is_regular_file
@@ -46,6 +48,7 @@ from langmerge.io.lora import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_WEIGHTS
 from langmerge.io.metadata import GENERATION_FILES, TOKENIZER_FILES, TRAINING_METADATA
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -99,7 +102,7 @@ class ResolvedModel:
             state = self.origin
         return f"{asked} -> commit {self.commit}, {state}, {self.folder}"
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "reference": self.reference, "folder": str(self.folder), "repo_id": self.repo_id,
             "revision": self.revision, "commit": self.commit, "origin": self.origin, "pinned": self.pinned,
@@ -136,6 +139,8 @@ def hub_endpoint() -> str:
 
 def parse_hub_id(reference: str) -> tuple[str, str | None] | None:
     """``(repo_id, revision)`` for ``ORG/NAME`` or ``ORG/NAME@REVISION``; None for anything else."""
+    # huggingface_hub is imported only where a Hub id is handled: it is slow to import, and reads the
+    # environment when imported (the module docstring says why langmerge reads it at call time).
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     repo, at, revision = reference.partition("@")
@@ -274,8 +279,6 @@ class _Unreachable(Exception):
 
 def _network_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "no answer from the Hub": the HTTP clients huggingface_hub uses raise their own."""
-    import importlib
-
     errors: list[type[BaseException]] = [OSError, ConnectionError, TimeoutError]
     for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "RequestException")):
         try:
@@ -289,7 +292,7 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def _ask_hub(ref: str, repo_id: str, revision: str | None, call: Callable[[], object]):
+def _ask_hub(ref: str, repo_id: str, revision: str | None, call: Callable[[], T]) -> T:
     """Run a huggingface_hub call; answers that settle the matter become LangmergeErrors, the rest _Unreachable."""
     from huggingface_hub.utils import (
         GatedRepoError,
@@ -324,14 +327,14 @@ def _ask_hub(ref: str, repo_id: str, revision: str | None, call: Callable[[], ob
         raise _Unreachable(f"the Hub is not reachable at {hub_endpoint()} ({_first_line(exc)})") from None
 
 
-def _quiet_tqdm():
+def _quiet_tqdm() -> type[Any]:
     """huggingface_hub's progress bar class, always disabled (for --no-progress)."""
     from huggingface_hub.utils import tqdm as hf_tqdm
 
     class Quiet(hf_tqdm):
-        def __init__(self, *args, **kwargs):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs["disable"] = True
-            super().__init__(*args, **kwargs)
+            super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]  # huggingface_hub's tqdm: untyped
 
     return Quiet
 
@@ -409,8 +412,10 @@ def _locate_online(ref: str, repo_id: str, revision: str | None, allow_pickle: b
     api = HfApi(endpoint=hub_endpoint())
     info = _ask_hub(ref, repo_id, revision, lambda: api.model_info(repo_id, revision=revision, files_metadata=True))
     commit = info.sha
+    if commit is None:
+        raise LangmergeError(f"model {ref}: the Hub named no commit for {repo_id}@{revision or 'main'}")
     sizes = {s.rfilename: s.size for s in info.siblings or []}
-    snapshot = _repo_folder(hub_cache_dir(), repo_id) / "snapshots" / commit
+    snapshot: Path = _repo_folder(hub_cache_dir(), repo_id) / "snapshots" / commit
 
     def read_index(name: str) -> str:
         if not is_regular_file(snapshot / name):
@@ -426,6 +431,7 @@ def _locate_online(ref: str, repo_id: str, revision: str | None, allow_pickle: b
 
 def _download(resolved: ResolvedModel, progress: bool) -> ResolvedModel:
     ref, repo_id, commit = resolved.reference, resolved.repo_id, resolved.commit
+    assert repo_id is not None and commit is not None  # a model of the Hub, resolved
     log.info("model %s: downloading %d files of %s@%s", ref, len(resolved.pending), repo_id, commit)
     try:
         folder = _ask_hub(ref, repo_id, resolved.revision, lambda: _fetch(repo_id, commit, list(resolved.pending), progress))

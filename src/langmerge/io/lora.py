@@ -18,13 +18,14 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 
 from langmerge.errors import LangmergeError
 from langmerge.io.files import folder_file, open_regular, read_json
-from langmerge.io.safetensors_format import read_header, read_range
+from langmerge.io.pickle_reader import load_pickle_state_dict
+from langmerge.io.safetensors_format import TensorEntry, read_header, read_range
 from langmerge.io.tensor_source import TensorSource, into
 
 if TYPE_CHECKING:
@@ -53,12 +54,12 @@ class LoraSettings:
     alpha: float
     use_rslora: bool
     fan_in_fan_out: bool
-    rank_pattern: dict
-    alpha_pattern: dict
+    rank_pattern: dict[str, Any]
+    alpha_pattern: dict[str, Any]
     base_model_name_or_path: str | None
     base_revision: str | None = None  # PEFT's "revision": the base's revision the adapter was trained on
 
-    def _pattern(self, pattern: dict, module: str, default):
+    def _pattern(self, pattern: dict[str, Any], module: str, default: float) -> Any:
         # PEFT matches a pattern key against the end of the module name.
         for key, value in pattern.items():
             if re.match(rf"(.*\.)?({key})$", module):
@@ -75,7 +76,7 @@ class LoraSettings:
 
 def read_adapter_config(folder: Path) -> LoraSettings:
     path = folder / ADAPTER_CONFIG
-    cfg = read_json(folder_file(folder, ADAPTER_CONFIG) or path)
+    cfg: Any = read_json(folder_file(folder, ADAPTER_CONFIG) or path)  # JSON: checked key by key below
     if not isinstance(cfg, dict):
         raise LangmergeError(f"{path}: not a JSON object")
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
@@ -91,7 +92,7 @@ def read_adapter_config(folder: Path) -> LoraSettings:
     try:
         settings = LoraSettings(
             r=int(cfg["r"]),
-            alpha=float(cfg.get("lora_alpha", cfg["r"])),
+            alpha=float(cfg["lora_alpha"] if "lora_alpha" in cfg else cfg["r"]),
             use_rslora=bool(cfg.get("use_rslora", False)),
             fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
             rank_pattern=dict(cfg.get("rank_pattern") or {}),
@@ -107,7 +108,7 @@ def read_adapter_config(folder: Path) -> LoraSettings:
     return settings
 
 
-def _adapter_tensors(folder: Path, allow_pickle: bool) -> dict[str, object]:
+def _adapter_tensors(folder: Path, allow_pickle: bool) -> dict[str, TensorEntry | torch.Tensor]:
     """Name -> TensorEntry (safetensors) or tensor (pickle, only when allowed)."""
     st = folder_file(folder, ADAPTER_WEIGHTS)
     if st is not None:
@@ -119,7 +120,6 @@ def _adapter_tensors(folder: Path, allow_pickle: bool) -> dict[str, object]:
                 f"adapter {folder}: only pickle weights ({ADAPTER_PICKLE}); pickle files can run code when loaded: "
                 "convert them to safetensors, or pass --allow-pickle"
             )
-        from langmerge.io.pickle_reader import load_pickle_state_dict
 
         return dict(load_pickle_state_dict(pickle))
     raise LangmergeError(f"adapter {folder}: no {ADAPTER_WEIGHTS} in the folder")
@@ -134,7 +134,7 @@ class LoraPair:
 
 
 def check_adapter_base(
-    settings: LoraSettings, adapter: Path, base_ref: str, base_config: dict | None, base_model: ResolvedModel | None = None
+    settings: LoraSettings, adapter: Path, base_ref: str, base_config: dict[str, Any] | None, base_model: ResolvedModel | None = None
 ) -> None:
     """Refuse an adapter whose recorded base is not the recipe's base model.
 
@@ -171,7 +171,8 @@ def check_adapter_base(
 class LoraSource(TensorSource):
     """A base checkpoint with a LoRA adapter applied, tensor by tensor."""
 
-    def __init__(self, base, adapter_folder: str | Path, label: str | None = None, *, base_ref: str, allow_pickle: bool = False,
+    def __init__(self, base: TensorSource, adapter_folder: str | Path, label: str | None = None, *, base_ref: str,
+                 allow_pickle: bool = False,
                  base_model: ResolvedModel | None = None):
         self.base = base  # owned: closed with this source
         self.folder = Path(adapter_folder)
@@ -179,7 +180,7 @@ class LoraSource(TensorSource):
         self.settings = read_adapter_config(self.folder)
         check_adapter_base(self.settings, self.folder, base_ref, base.config(), base_model)
         self._tensors = _adapter_tensors(self.folder, allow_pickle)
-        self._handle = None
+        self._handle: BinaryIO | None = None
         self._lock = threading.Lock()
         self.pairs: dict[str, LoraPair] = {}
         self.whole: dict[str, str] = {}  # base tensor name -> adapter key saved whole
@@ -253,7 +254,8 @@ class LoraSource(TensorSource):
         with self._lock:
             if self._handle is None:
                 self._handle = open_regular(t.file)
-        return read_range(t, self._handle.fileno(), start, stop, out)
+            handle = self._handle
+        return read_range(t, handle.fileno(), start, stop, out)
 
     def _whole(self, key: str) -> torch.Tensor:
         t = self._tensors[key]
@@ -312,7 +314,7 @@ class LoraSource(TensorSource):
         values = w.float() + self.delta_rows(name, first, last)
         return into(out, values.reshape(-1)[start - first * width : stop - first * width])
 
-    def config(self) -> dict | None:
+    def config(self) -> dict[str, Any] | None:
         return self.base.config()
 
     def close(self) -> None:

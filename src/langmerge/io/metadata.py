@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -29,7 +30,7 @@ TRAINING_METADATA = "langmerge_training.json"  # written by `langmerge train` (l
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
 
 
-def write_config(out: Path, config: dict | None, dtype: torch.dtype | None, source: str, updates: dict | None = None) -> None:
+def write_config(out: Path, config: dict[str, Any] | None, dtype: torch.dtype | None, source: str, updates: dict[str, Any] | None = None) -> None:
     """Write ``config`` with the output dtype and ``updates`` (e.g. vocab_size, tie_word_embeddings).
 
     An update also applies inside ``text_config`` where that nested config has the key
@@ -67,7 +68,7 @@ def copy_tokenizer(source: Path, out: Path) -> list[str]:
 
 
 def write_model_card(
-    out: Path, *, method: str, summary: str, base: str | None, inputs: list[str], recipe: dict, models: Mapping | None = None
+    out: Path, *, method: str, summary: str, base: str | None, inputs: list[str], recipe: dict[str, Any], models: Mapping[str, Any] | None = None
 ) -> None:
     """A README.md whose YAML front matter the Hub (and people) can read, and ``langmerge_recipe.yaml``.
 
@@ -80,7 +81,7 @@ def write_model_card(
     models = models or {}
     refs = ([base] if base else []) + [m for m in inputs if m != base]
     hub_ids = list(dict.fromkeys(models[r].repo_id for r in refs if r in models and models[r].repo_id))
-    front: dict = {}
+    front: dict[str, Any] = {}
     if hub_ids:
         front["base_model"] = hub_ids
         front["base_model_relation"] = "merge"

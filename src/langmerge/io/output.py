@@ -30,17 +30,19 @@ import secrets
 import shutil
 import signal
 import socket
+import sys
 import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
 
 from langmerge.errors import LangmergeError
+from langmerge.io.files import symlink_root
 
-try:
-    import fcntl
-except ImportError:  # not POSIX: no lock; os.rename never replaces a folder there
+if sys.platform == "win32":  # not POSIX: no lock; os.rename never replaces a folder there
     fcntl = None
+else:
+    import fcntl
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +160,7 @@ def remove_dead_partials(parent: str | Path, name: str | None = None) -> list[Pa
                     os.rename(path, out)
                     log.warning("restored %s from %s (a forced replacement was killed half-way)", out, path.name)
                     continue
+        assert owner is not None  # "dead" is the state of a known owner
         log.info("removing %s (left by process %d, which is gone)", path, owner.pid)
         _remove(path)
         removed.append(path)
@@ -188,7 +191,7 @@ def make_partial_dir(out: Path) -> Path:
 
 
 @contextlib.contextmanager
-def output_lock(out: Path):
+def output_lock(out: Path) -> Iterator[None]:
     """Hold ``.NAME.lock`` beside ``out`` (flock); the file is removed on release.
 
     A waiter that locked a file since unlinked by the holder retries on the new one, so
@@ -223,6 +226,7 @@ def output_lock(out: Path):
 
 _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
+_renameat2: Callable[..., int] | None
 try:
     _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
     _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
@@ -250,7 +254,7 @@ def rename_noreplace(src: Path, dst: Path) -> None:
 
 
 @contextlib.contextmanager
-def _signals_deferred():
+def _signals_deferred() -> Iterator[None]:
     """Hold SIGINT and SIGTERM back while renames must happen together, then deliver the first one.
 
     Python runs signal handlers in the main thread whichever thread the kernel picks, so the
@@ -304,7 +308,6 @@ def _commit(tmp: Path, out: Path, shown: str, force: bool) -> None:
 
 
 def _resolved_roots(path: Path) -> list[Path]:
-    from langmerge.io.files import symlink_root
 
     roots = [path.resolve()]
     if path.is_dir() and symlink_root(path) != roots[0]:
@@ -341,7 +344,8 @@ def _existing_ancestor(path: Path) -> Path:
 
 
 def _write_problem(exc: OSError) -> str:
-    return WRITE_ERRORS.get(exc.errno, exc.strerror or str(exc))
+    known = WRITE_ERRORS.get(exc.errno) if exc.errno is not None else None
+    return known if known is not None else exc.strerror or str(exc)
 
 
 def _probe(out: Path, shown: str) -> None:
@@ -472,7 +476,7 @@ def _make_parents(folder: Path) -> list[Path]:
         if os.path.lexists(p):
             break
         missing.append(p)
-    created = []
+    created: list[Path] = []
     for p in reversed(missing):
         try:
             os.mkdir(p)
@@ -492,7 +496,8 @@ def _remove_empty(folders: list[Path]) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out_dir: str | Path, force: bool = False, inputs: Iterable[str | Path | None] = ()):
+def atomic_output_dir(out_dir: str | Path, force: bool = False,
+                      inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
     """Yield a partial folder beside ``out_dir``; on success it becomes ``out_dir``.
 
     On any exception (including KeyboardInterrupt) the partial folder is removed, with

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from langmerge.errors import LangmergeError
+from langmerge.io.files import folder_file
+from langmerge.io.reader import read_config, read_weight_map
 from langmerge.io.tensor_source import TensorSource, into
 
 log = logging.getLogger(__name__)
@@ -48,9 +51,6 @@ class PickleReader(TensorSource):
     """The ``TensorSource`` of a folder of ``.bin`` files (memory-mapped: reading a range touches its pages only)."""
 
     def __init__(self, folder: str | Path, label: str | None = None):
-        from langmerge.io.files import folder_file
-        from langmerge.io.reader import read_weight_map
-
         self.folder = Path(folder)
         self.label = label or str(folder)
         index_path = folder_file(self.folder, PICKLE_INDEX_FILE)
@@ -61,7 +61,9 @@ class PickleReader(TensorSource):
             names = [PICKLE_FILE] if single.exists() else sorted(p.name for p in self.folder.glob("*.bin"))
             if len(names) != 1:
                 raise LangmergeError(f"model {self.label}: expected one .bin file or {PICKLE_INDEX_FILE} in {self.folder}")
-            files = [folder_file(self.folder, names[0])]
+            only = folder_file(self.folder, names[0])
+            assert only is not None  # found just now
+            files = [only]
         self._tensors: dict[str, torch.Tensor] = {}
         for path in files:
             self._tensors.update(load_pickle_state_dict(path))
@@ -87,9 +89,7 @@ class PickleReader(TensorSource):
         flat = t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
         return into(out, flat[start:stop])
 
-    def config(self) -> dict | None:
-        from langmerge.io.reader import read_config
-
+    def config(self) -> dict[str, Any] | None:
         return read_config(self.folder)
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import torch
 
@@ -31,7 +32,7 @@ def _json_kind(value: object) -> str:
     return "null" if value is None else _JSON_KINDS.get(type(value), type(value).__name__)
 
 
-def check_config(config: object, path: Path) -> dict:
+def check_config(config: object, path: Path) -> dict[str, Any]:
     """``config`` when it is a JSON object whose keys langmerge reads have the right types; else a LangmergeError naming the key."""
     if not isinstance(config, dict):
         raise LangmergeError(f"{path}: expected a JSON object, got {_json_kind(config)}")
@@ -53,7 +54,7 @@ def check_config(config: object, path: Path) -> dict:
     return config
 
 
-def read_config(folder: Path) -> dict | None:
+def read_config(folder: Path) -> dict[str, Any] | None:
     """A model folder's config.json, checked (``check_config``); None when the folder has none."""
     path = folder_file(Path(folder), CONFIG_FILE)
     return None if path is None else check_config(read_json(path), path)
@@ -101,7 +102,7 @@ class CheckpointReader(TensorSource):
         if not self.folder.is_dir():
             raise LangmergeError(f"model {self.label}: folder {self.folder} does not exist")
         self.entries = self._index()
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, BinaryIO] = {}
         self._lock = threading.Lock()
 
     def _index(self) -> dict[str, TensorEntry]:
@@ -120,7 +121,9 @@ class CheckpointReader(TensorSource):
             return read_header(single)
         shards = sorted(self.folder.glob("*.safetensors"))
         if len(shards) == 1:
-            return read_header(folder_file(self.folder, shards[0].name))
+            only = folder_file(self.folder, shards[0].name)
+            assert only is not None  # found by the glob just now
+            return read_header(only)
         if has_pickle(self.folder):
             raise pickle_refusal(self.label, self.folder)
         raise LangmergeError(f"model {self.label}: no safetensors weights in {self.folder}")
@@ -152,7 +155,7 @@ class CheckpointReader(TensorSource):
             raise self.missing(name) from None
         return read_range(entry, self._fd(entry.file), start, stop, out)
 
-    def config(self) -> dict | None:
+    def config(self) -> dict[str, Any] | None:
         return read_config(self.folder)
 
     def close(self) -> None:
@@ -171,7 +174,7 @@ def has_pickle(folder: Path) -> bool:
     return any(folder.glob("*.bin"))
 
 
-def pretrained_options(folder: str | Path, *, allow_pickle: bool = False) -> dict:
+def pretrained_options(folder: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]:
     """Check a model folder before transformers loads it; the ``from_pretrained`` options that load its weights.
 
     Every file in it keeps to io/files.py's rule (a planted symlink must not be
@@ -188,11 +191,11 @@ def pretrained_options(folder: str | Path, *, allow_pickle: bool = False) -> dic
     return {"use_safetensors": False, "weights_only": True, "trust_remote_code": False}
 
 
-def open_checkpoint(folder: str | Path, label: str | None = None, *, allow_pickle: bool = False):
+def open_checkpoint(folder: str | Path, label: str | None = None, *, allow_pickle: bool = False) -> TensorSource:
     """A reader for a model folder: safetensors, or (only with ``allow_pickle``) pickle ``.bin`` files."""
     folder = Path(folder)
     if allow_pickle and folder.is_dir() and not has_safetensors(folder) and has_pickle(folder):
-        from langmerge.io.pickle_reader import PickleReader
+        from langmerge.io.pickle_reader import PickleReader  # here: pickle_reader imports this module
 
         return PickleReader(folder, label)
     return CheckpointReader(folder, label)

@@ -13,10 +13,13 @@ import json
 import math
 import os
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import torch
+from typing_extensions import Buffer
 
 from langmerge.errors import LangmergeError
 from langmerge.io.files import open_regular, parse_json
@@ -64,6 +67,14 @@ def _size(value: object) -> int | None:
     return None
 
 
+def _sizes(value: object) -> tuple[int, ...] | None:
+    """``value`` as a tuple when it is a JSON list of ``_size`` integers, else None."""
+    if not isinstance(value, list):
+        return None
+    sizes = [_size(v) for v in value]
+    return tuple(s for s in sizes if s is not None) if None not in sizes else None
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     """Where one tensor lives in one file."""
@@ -84,7 +95,7 @@ class TensorEntry:
         return self.end - self.begin
 
 
-def _parse_json(path: Path, header_bytes: bytes) -> dict:
+def _parse_json(path: Path, header_bytes: bytes) -> dict[str, Any]:
     header = parse_json(header_bytes, path, problem="corrupt safetensors header", unique_keys=True)
     if not isinstance(header, dict):
         raise LangmergeError(f"{path}: corrupt safetensors header (not a JSON object)")
@@ -116,11 +127,11 @@ def _entry(path: Path, name: str, info: object, data_start: int) -> TensorEntry:
     if not isinstance(dtype_name, str) or dtype_name not in ST_TO_DTYPE:
         raise LangmergeError(f"{bad} (unknown dtype {dtype_name!r})")
     raw_shape, raw_offsets = info["shape"], info["data_offsets"]
-    shape = tuple(_size(d) for d in raw_shape) if isinstance(raw_shape, list) else None
-    if shape is None or None in shape:
+    shape = _sizes(raw_shape)
+    if shape is None:
         raise LangmergeError(f"{bad} (shape {raw_shape!r} is not a list of non-negative integers)")
-    offsets = tuple(_size(o) for o in raw_offsets) if isinstance(raw_offsets, list) else ()
-    if len(offsets) != 2 or None in offsets:
+    offsets = _sizes(raw_offsets)
+    if offsets is None or len(offsets) != 2:
         raise LangmergeError(f"{bad} (data_offsets {raw_offsets!r} is not two non-negative integers)")
     numel = 1
     for d in shape:  # as the format does: every partial product must fit
@@ -186,7 +197,7 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
     return entries
 
 
-def read_tensor(entry: TensorEntry, handle=None, buffer: torch.Tensor | None = None) -> torch.Tensor:
+def read_tensor(entry: TensorEntry, handle: BinaryIO | None = None, buffer: torch.Tensor | None = None) -> torch.Tensor:
     """Read one whole tensor's bytes with a plain read, into ``buffer`` (uint8, large enough) or a fresh one.
 
     A plain read (not an mmap) keeps the process's resident memory to the
@@ -194,7 +205,7 @@ def read_tensor(entry: TensorEntry, handle=None, buffer: torch.Tensor | None = N
     """
     buf = buffer[: entry.nbytes] if buffer is not None else torch.empty(entry.nbytes, dtype=torch.uint8)
     own = handle is None
-    f = open_regular(entry.file) if own else handle
+    f = open_regular(entry.file) if handle is None else handle
     try:
         read_range(entry, f.fileno(), 0, entry.numel, buf.view(entry.dtype) if entry.nbytes else buf)
     finally:
@@ -216,7 +227,7 @@ def read_range(entry: TensorEntry, fd: int, start: int, stop: int, out: torch.Te
     nbytes = n * view.element_size()
     if nbytes == 0:
         return view
-    target = memoryview(view.view(torch.uint8).numpy())
+    target = view.view(torch.uint8).numpy().data
     offset = entry.begin + start * view.element_size()
     done = 0
     try:
@@ -247,7 +258,8 @@ class StreamingFileWriter:
     and ``close`` checks that every byte was written.
     """
 
-    def __init__(self, path: Path, layout: list[tuple[str, tuple[int, ...], torch.dtype]], metadata=None):
+    def __init__(self, path: Path, layout: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 metadata: Mapping[str, str] | None = None):
         self.path = path
         self._specs = {name: (shape, dtype) for name, shape, dtype in layout}
         header = header_bytes(layout, metadata)
@@ -262,7 +274,7 @@ class StreamingFileWriter:
         self._fd = self._file.fileno()
         self._pwrite(header, 0)
 
-    def _pwrite(self, data, offset: int) -> None:
+    def _pwrite(self, data: Buffer, offset: int) -> None:
         view = memoryview(data).cast("B")
         while view.nbytes:
             done = os.pwrite(self._fd, view, offset)
@@ -276,7 +288,7 @@ class StreamingFileWriter:
                                f"({values.dtype}) do not fit the planned {list(shape)} {dtype}")
         t = values.detach().to("cpu").contiguous()
         if t.numel():
-            self._pwrite(t.view(torch.uint8).numpy(), self._offsets[name] + start * t.element_size())
+            self._pwrite(t.view(torch.uint8).numpy().data, self._offsets[name] + start * t.element_size())
         self._written[name] += t.numel() * t.element_size()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -300,7 +312,7 @@ class StreamingFileWriter:
         self._file.close()
 
 
-def header_bytes(layout: list[tuple[str, tuple[int, ...], torch.dtype]], metadata=None) -> bytes:
+def header_bytes(layout: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: Mapping[str, str] | None = None) -> bytes:
     """The 8-byte length and JSON header of a safetensors file holding ``layout`` in that order."""
     header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0

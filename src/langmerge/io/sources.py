@@ -13,15 +13,20 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from langmerge.errors import LangmergeError
 from langmerge.io.hub import TO_DOWNLOAD, ResolvedModel, hub_repository_folder, resolve_model
 from langmerge.io.lora import ADAPTER_CONFIG, LoraSource, is_adapter
+from langmerge.io.pickle_reader import PickleReader
 from langmerge.io.reader import open_checkpoint
+from langmerge.io.tensor_source import TensorSource
+
+if TYPE_CHECKING:  # merge.recipe's package imports this module
+    from langmerge.merge.recipe import Recipe
 
 
-def source_kind(source) -> str:
-    from langmerge.io.pickle_reader import PickleReader
+def source_kind(source: TensorSource) -> str:
 
     if isinstance(source, LoraSource):
         return "LoRA adapter"
@@ -60,7 +65,7 @@ def is_adapter_model(model: ResolvedModel) -> bool:
 
 
 def recipe_models(
-    recipe,
+    recipe: Recipe,
     *,
     allow_pickle: bool = False,
     download: bool = True,
@@ -99,7 +104,7 @@ def recipe_models(
             get(part)
         return None
 
-    if recipe.has_base:
+    if recipe.has_base and recipe.base_model is not None:
         get_model(recipe.base_model)
     inputs = [get_model(e.model) for e in recipe.inputs]
     if recipe.base_model is not None and any(m is not None and is_adapter_model(m) for m in inputs):
@@ -113,7 +118,8 @@ def _model(ref: str, models: dict[str, ResolvedModel], allow_pickle: bool) -> Re
     return models[ref]
 
 
-def open_model(path: str, *, base_ref: str | None, allow_pickle: bool = False, models: dict[str, ResolvedModel] | None = None):
+def open_model(path: str, *, base_ref: str | None, allow_pickle: bool = False,
+               models: dict[str, ResolvedModel] | None = None) -> TensorSource:
     """Open one recipe model: a checkpoint, or a LoRA adapter applied to ``base_ref``.
 
     ``models`` holds the references resolved so far (``recipe_models``); what is missing is resolved here and added.
@@ -143,7 +149,8 @@ def _lora_source(label: str, base_ref: str, base_model: ResolvedModel, adapter: 
         raise
 
 
-def _open_adapted(ref: str, base_ref: str, adapter_ref: str, *, allow_pickle: bool, models: dict[str, ResolvedModel]):
+def _open_adapted(ref: str, base_ref: str, adapter_ref: str, *, allow_pickle: bool,
+                  models: dict[str, ResolvedModel]) -> LoraSource:
     """``BASE+ADAPTER``: the adapter applied to the base named with it."""
     base_model = _model(base_ref, models, allow_pickle)
     if is_adapter(base_model.folder):
@@ -154,7 +161,7 @@ def _open_adapted(ref: str, base_ref: str, adapter_ref: str, *, allow_pickle: bo
     return _lora_source(ref, base_ref, base_model, adapter.folder, allow_pickle)
 
 
-def recipe_input_paths(recipe) -> list[str | Path]:
+def recipe_input_paths(recipe: Recipe) -> list[str | Path]:
     """Every path a merge of ``recipe`` reads: the recipe file, the base (a LoRA adapter's base too), the models.
 
     A Hub id that is not a local folder stands for its repository in the Hugging Face cache, where
@@ -166,15 +173,17 @@ def recipe_input_paths(recipe) -> list[str | Path]:
     return paths + [hub_repository_folder(ref) or ref for ref in refs]
 
 
-def open_recipe_sources(recipe, stack: ExitStack, *, allow_pickle: bool = False, models: dict[str, ResolvedModel] | None = None,
-                        on_error: Callable[[str, LangmergeError], None] | None = None):
+def open_recipe_sources(recipe: Recipe, stack: ExitStack, *, allow_pickle: bool = False,
+                        models: dict[str, ResolvedModel] | None = None,
+                        on_error: Callable[[str, LangmergeError], None] | None = None,
+                        ) -> tuple[TensorSource | None, list[TensorSource | None]]:
     """``(base or None, inputs)`` for a recipe; each is closed by ``stack``.
 
     With ``on_error``, a model that cannot be opened is reported there and stands as None; without it the error is raised.
     """
     models = recipe_models(recipe, allow_pickle=allow_pickle) if models is None else models
 
-    def opened(ref: str, base_ref: str | None):
+    def opened(ref: str, base_ref: str | None) -> TensorSource | None:
         try:
             if base_ref is None and split_adapted(ref) is None and is_adapter(_model(ref, models, allow_pickle).folder):
                 raise LangmergeError(f"base_model {ref}: a LoRA adapter cannot be the base model")
@@ -187,5 +196,5 @@ def open_recipe_sources(recipe, stack: ExitStack, *, allow_pickle: bool = False,
         stack.callback(source.close)
         return source
 
-    base = opened(recipe.base_model, None) if recipe.has_base else None
+    base = opened(recipe.base_model, None) if recipe.has_base and recipe.base_model is not None else None
     return base, [opened(entry.model, recipe.base_model) for entry in recipe.inputs]

@@ -20,8 +20,10 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Any
 
 import torch
+from typing_extensions import Self
 
 from langmerge.errors import LangmergeError
 
@@ -63,7 +65,7 @@ class TensorSource(ABC):
         Safe to call from several threads.
         """
 
-    def config(self) -> dict | None:
+    def config(self) -> dict[str, Any] | None:
         """The model's config.json (checked), or None."""
         return None
 
@@ -94,10 +96,10 @@ class TensorSource(ABC):
         out = torch.empty(n, dtype=self.read_dtype(name))
         return self.read(name, 0, n, out).reshape(self.shape(name))
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -114,7 +116,7 @@ class MemorySource(TensorSource):
 
     in_memory = True
 
-    def __init__(self, label: str, tensors: dict[str, torch.Tensor], config: dict | None = None,
+    def __init__(self, label: str, tensors: dict[str, torch.Tensor], config: dict[str, Any] | None = None,
                  folder: Path | None = None):
         self.label = label
         self.folder = Path(folder) if folder is not None else Path(label)
@@ -138,7 +140,7 @@ class MemorySource(TensorSource):
     def read(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         return self._tensors[name][start:stop]
 
-    def config(self) -> dict | None:
+    def config(self) -> dict[str, Any] | None:
         return self._config
 
     @property
@@ -201,5 +203,5 @@ class GatheredRows(TensorSource):
             into(view[lo - start :], self.inner.read(target, inner_lo, inner_lo + hi - lo, view[lo - start :]))
         return view
 
-    def config(self) -> dict | None:
+    def config(self) -> dict[str, Any] | None:
         return self.inner.config()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from langmerge.errors import LangmergeError
 from langmerge.io.files import optional_folder_file, read_json, read_regular
@@ -26,7 +27,7 @@ def read_tokens(folder: Path) -> dict[str, int] | None:
     path = optional_folder_file(folder, "tokenizer.json")
     if path is None:
         return None
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer  # slow to import; only union vocabularies need it
 
     data = read_regular(path)
     try:
@@ -36,10 +37,23 @@ def read_tokens(folder: Path) -> dict[str, int] | None:
         raise LangmergeError(f"{folder / 'tokenizer.json'}: unreadable tokenizer ({first})") from None
 
 
+class TokenizerOwner(Protocol):
+    """A model as the union tokenizer sees it (``merge.vocab.ModelVocab``)."""
+
+    @property
+    def label(self) -> str: ...
+
+    @property
+    def tokenizer_folder(self) -> Path: ...
+
+    @property
+    def tokens(self) -> dict[str, int] | None: ...
+
+
 @dataclass
 class UnionTokenizer:
     tokenizer_json: str
-    tokenizer_config: dict | None
+    tokenizer_config: dict[str, Any] | None
     reference_folder: Path
 
     def write(self, out: Path) -> list[str]:
@@ -52,7 +66,7 @@ class UnionTokenizer:
         return written + copy_optional_files(self.reference_folder, out, names)
 
 
-def _load_json(path: Path) -> dict:
+def _load_json(path: Path) -> dict[str, Any]:
     """A JSON object from a tokenizer file (io/files.py's rule and errors)."""
     value = read_json(path)
     if not isinstance(value, dict):
@@ -69,7 +83,8 @@ def read_added_tokens(folder: Path) -> frozenset[str]:
     return frozenset(a["content"] for a in added if isinstance(a, dict) and isinstance(a.get("content"), str))
 
 
-def build_union_tokenizer(reference, new_tokens: list[tuple[str, object]], first_id: int) -> tuple[UnionTokenizer, dict[str, int]]:
+def build_union_tokenizer(reference: TokenizerOwner, new_tokens: list[tuple[str, TokenizerOwner | None]],
+                          first_id: int) -> tuple[UnionTokenizer, dict[str, int]]:
     """The reference's tokenizer.json extended with ``new_tokens`` (token, model that has it, or None for a token
     the recipe adds: a plain added token); returns it and its vocabulary, which decides the new tokens' ids (the
     reference's keep theirs).
@@ -87,7 +102,7 @@ def build_union_tokenizer(reference, new_tokens: list[tuple[str, object]], first
     vocabulary token is added as a (non-special) added token instead, as
     mergekit adds every new token.
     """
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer  # slow to import; only union vocabularies need it
 
     ref_path = reference.tokenizer_folder / "tokenizer.json"
     tj = _load_json(ref_path)
@@ -98,7 +113,7 @@ def build_union_tokenizer(reference, new_tokens: list[tuple[str, object]], first
     own_added = [a for a in tj.get("added_tokens", []) if isinstance(a, dict) and not (isinstance(vocab, dict) and a.get("content") in vocab)]
     extend_vocab = mtype in ("WordLevel", "BPE", "WordPiece", "Unigram") and not any(a.get("id", 0) >= vocab_size for a in own_added)
     next_id = first_id
-    added_new: list[dict] = []
+    added_new: list[dict[str, Any]] = []
     merged_from: set[Path] = set()
     plain = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": True, "special": False}
     for token, owner in new_tokens:

@@ -92,6 +92,7 @@ class ShardedWriter:
                 self._current.close()
             self._current_index = index
             self._current = StreamingFileWriter(self.folder / self.files[index], self.shards[index])
+        assert self._current is not None  # opened when its shard's first tensor came
         return self._current
 
     def write_at(self, name: str, start: int, values: torch.Tensor) -> None:

@@ -15,12 +15,15 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from langmerge.errors import LangmergeError
 from langmerge.io.hub import ResolvedModel
 from langmerge.io.sources import recipe_models, source_kind
-from langmerge.merge.plan import survey_merge
-from langmerge.merge.recipe import RecipeError, load_recipe
+from langmerge.io.tensor_source import TensorSource
+from langmerge.merge.plan import MergePlan, survey_merge
+from langmerge.merge.recipe import Recipe, RecipeError, load_recipe
 from langmerge.merge.vocab import describe_model
 
 MAX_LISTED = 10
@@ -31,7 +34,7 @@ class CheckReport:
     recipe: str
     method: str
     resolved: dict[str, ResolvedModel] = field(default_factory=dict)  # reference -> what it stands for
-    models: list[dict] = field(default_factory=list)
+    models: list[dict[str, Any]] = field(default_factory=list)
     differences: list[str] = field(default_factory=list)
     vocabulary: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what the merge does besides merging (copied tensors)
@@ -42,7 +45,7 @@ class CheckReport:
     def exit_code(self) -> int:
         return 2 if self.unreadable else (1 if self.problems else 0)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "recipe": self.recipe,
             "method": self.method,
@@ -81,7 +84,7 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def _model_info(source, role: str) -> dict:
+def _model_info(source: TensorSource, role: str) -> dict[str, Any]:
     config = source.config() or {}
     text_config = config.get("text_config") or {}
     arch = ",".join(config.get("architectures") or []) or "unknown architecture"
@@ -106,7 +109,7 @@ def _listed(items: list[str]) -> str:
     return shown + (f" (and {len(items) - MAX_LISTED} more)" if len(items) > MAX_LISTED else "")
 
 
-def _compare(reference, other, vocab_names: set[str], report: CheckReport) -> None:
+def _compare(reference: TensorSource, other: TensorSource, vocab_names: set[str], report: CheckReport) -> None:
     missing = [n for n in reference.names if n not in other]
     extra = [n for n in other.names if n not in reference]
     if missing:
@@ -131,7 +134,7 @@ def _compare(reference, other, vocab_names: set[str], report: CheckReport) -> No
 
 
 def check_recipe(
-    recipe_arg,
+    recipe_arg: str | Path | dict[str, Any] | Recipe,
     *,
     allow_pickle: bool = False,
     progress: bool = True,
@@ -170,7 +173,7 @@ def check_recipe(
     return report
 
 
-def _describe(plan, report: CheckReport) -> None:
+def _describe(plan: MergePlan, report: CheckReport) -> None:
     """The report's sections from a surveyed plan."""
     report.unreadable.extend(str(exc) for exc in plan.unreadable)
     roles = (["base"] if plan.base is not None else []) + ["input"] * len(plan.inputs)
@@ -205,16 +208,17 @@ _BASE_ROLES = {
 }
 
 
-def _method_notes(plan) -> list[str]:
+def _method_notes(plan: MergePlan) -> list[str]:
     """What the method does with the base and (``Method.describe``) with the tensors."""
     recipe = plan.recipe
     method = recipe.method
     notes = []
     if recipe.base_model is not None and method.base_policy in _BASE_ROLES:
         policy = method.base_policy
-        listed = policy == "input" and any(e.model == recipe.base_model for e in recipe.raw.models)
+        listed = policy == "input" and any(e.model == recipe.base_model for e in recipe.raw.models or [])
         if not listed:
             notes.append(_BASE_ROLES[policy].format(name=method.name, base=recipe.base_model))
     tensors = [(task.info, task.params) for t in plan.tensors if not t.copied for task in t.tasks
                if task.params is not None]
-    return notes + method.describe(tensors)
+    described: list[str] = method.describe(tensors)
+    return notes + described

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from langmerge.devices import resolve_device
 from langmerge.errors import LangmergeError
 from langmerge.io.metadata import write_config, write_model_card
 from langmerge.io.output import atomic_output_dir, check_output_free, check_space
@@ -46,6 +47,7 @@ from langmerge.io.sources import recipe_input_paths
 from langmerge.io.writer import ShardedWriter
 from langmerge.merge.plan import DEFAULT_SHARD_BYTES, MergePlan, TensorPlan, TensorTask, iter_tasks, plan_merge
 from langmerge.merge.recipe import Recipe, load_recipe, read_recipe_documents
+from langmerge.merge.tokenizer_block import resolve_chat_template, write_chat_template
 from langmerge.methods.base import Block, NonFiniteMerge, TensorMerge
 from langmerge.methods.driver import chunk_ranges, thread_limit
 from langmerge.methods.fused_cpu import all_finite
@@ -555,10 +557,8 @@ def merge(
     ``reporter`` hears the merge's progress; ``progress`` shows
     huggingface_hub's download bars (models named by Hub id).
     """
-    from langmerge.devices import resolve_device
-
     if isinstance(recipe, (str, Path)) and (several := read_recipe_documents(recipe)) is not None:
-        from langmerge.merge.multi import run_multi
+        from langmerge.merge.multi import run_multi  # here: multi imports this module
 
         return run_multi(*several, out_dir, force=force, device=device, threads=threads, shard_bytes=shard_bytes,
                          memory=memory, progress=progress, reporter=reporter, allow_pickle=allow_pickle)
@@ -616,7 +616,6 @@ def _write_metadata(folder: Path, plan: MergePlan, recipe: Recipe) -> None:
     """config.json, the tokenizer, the chat template, the model card and the pinned recipe."""
     write_model_files(folder, plan)
     if recipe.raw.chat_template is not None:
-        from langmerge.merge.tokenizer_block import resolve_chat_template, write_chat_template
 
         template, how = resolve_chat_template(recipe.raw.chat_template, [s.tokenizer_folder for s in plan.sources])
         log.info("chat template: %s", how)

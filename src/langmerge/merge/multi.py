@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from langmerge.errors import LangmergeError
-from langmerge.merge.recipe import RecipeError, load_recipe
+from langmerge.io.output import check_disjoint
+from langmerge.merge.execute import MergeReport, merge
+from langmerge.merge.recipe import Recipe, RecipeError, load_recipe
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ class MultiRecipe:
     """The documents of a multi-document recipe, checked, with references to other documents made folder paths
     under ``out_dir``, in an order that merges each document after the ones it names."""
 
-    def __init__(self, source: str, documents: list, out_dir: Path):
+    def __init__(self, source: str, documents: list[Any], out_dir: Path):
         self.source, self.out_dir = source, Path(out_dir)
         names: dict[str, str] = {}
         unnamed = []
@@ -103,7 +105,7 @@ class MultiRecipe:
         return self.out_dir if key is None else self.out_dir / key
 
 
-def load_recipe_as(document: dict, label: str):
+def load_recipe_as(document: dict[str, Any], label: str) -> Recipe:
     """A document as a Recipe whose messages name it ``label``."""
     recipe = load_recipe(document)
     recipe.source = label
@@ -115,7 +117,7 @@ def _order(needs: dict[str | None, set[str]], source: str) -> list[str | None]:
     order: list[str | None] = []
     state: dict[str | None, str] = {}
 
-    def visit(key, path):
+    def visit(key: str | None, path: list[str | None]) -> None:
         if state.get(key) == "done":
             return
         if state.get(key) == "visiting":
@@ -145,12 +147,10 @@ def _check_out_dir(multi: MultiRecipe, force: bool) -> None:
         raise LangmergeError(f"output {out} already exists and holds {done}; pass --force to replace it")
 
 
-def run_multi(source: str, documents: list, out_dir: str | Path, *, force: bool = False, **options):
+def run_multi(source: str, documents: list[Any], out_dir: str | Path, *, force: bool = False,
+              **options: Any) -> MergeReport:
     """Merge every document (``merge.execute.merge``'s options); returns the final merge's report (the last one's
     when every document is named)."""
-    from langmerge.merge.execute import merge
-
-    from langmerge.io.output import check_disjoint
 
     multi = MultiRecipe(source, documents, Path(out_dir))
     check_disjoint([multi.out_dir], [source if source != "<recipe>" else None])  # the recipe file is no intermediate

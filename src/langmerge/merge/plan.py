@@ -38,7 +38,16 @@ from langmerge.io.sources import open_recipe_sources, recipe_models
 from langmerge.io.tensor_source import GatheredRows, TensorSource
 from langmerge.io.writer import Placement, shard_layout, shard_sizes
 from langmerge.merge.recipe import Recipe, layer_index, layer_position
-from langmerge.merge.vocab import MeanRows, RowGroup, RowMean, VocabPlan, plan_vocabulary, row_groups, sourced_groups
+from langmerge.merge.vocab import (
+    MeanRows,
+    RowGroup,
+    RowMean,
+    VocabPlan,
+    describe_model,
+    plan_vocabulary,
+    row_groups,
+    sourced_groups,
+)
 from langmerge.methods.base import Block, Kernel, Method, MethodParameters, TensorInfo, TensorMerge
 from langmerge.methods.driver import choose_kernel
 from langmerge.seeds import derive_seed, seeded_generator
@@ -283,7 +292,7 @@ def _build(recipe: Recipe, *, allow_pickle: bool, models, progress: bool, device
            collect: bool) -> MergePlan:
     models = recipe_models(recipe, allow_pickle=allow_pickle, progress=progress, resolved=models)
     if recipe.slices is not None:  # each slice planned as a whole-model merge of its layers, then stacked
-        from langmerge.merge.slices import build_sliced
+        from langmerge.merge.slices import build_sliced  # here: slices imports this module
 
         plan = build_sliced(recipe, _build, allow_pickle=allow_pickle, models=models, progress=progress,
                             device=device, shard_bytes=shard_bytes, collect=True)
@@ -343,7 +352,6 @@ def _vocab_names(plan: MergePlan, sources: list[TensorSource]) -> set[str]:
     """The vocabulary tensors of any model (their rows may legitimately differ in number)."""
     if plan.vocab is not None:
         return {n for m in plan.vocab.models for n in m.vocab_names}
-    from langmerge.merge.vocab import describe_model
 
     names: set[str] = set()
     for s in sources:

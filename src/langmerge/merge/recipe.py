@@ -13,16 +13,33 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, TypeAlias, Union
+from typing import Annotated, Any, TypeAlias
 
 import torch
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
-                      TypeAdapter, ValidationError)
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+)
 from pydantic_core import PydanticCustomError
 
 from langmerge.errors import LangmergeError
-from langmerge.input_files import (ConfigError, check_structure, parse_yaml, parse_yaml_documents, read_config_document,
-                                   read_input_text, validation_errors)
+from langmerge.input_files import (
+    ConfigError,
+    check_structure,
+    parse_yaml,
+    parse_yaml_documents,
+    read_config_document,
+    read_input_text,
+    validation_errors,
+)
 from langmerge.merge.tokenizer_block import TokenizerSettings, check_chat_template
 from langmerge.methods.base import Method, MethodParameters, ParameterSpec
 from langmerge.methods.registry import get_method
@@ -50,7 +67,7 @@ UNSUPPORTED_KEYS = {
 # scalar or a gradient). The shapes are checked here, with one message per fault; types and bounds per method
 # are checked once the method is known (``_check_scalar``).
 
-Scalar: TypeAlias = Union[StrictBool, StrictInt, StrictFloat, StrictStr]
+Scalar: TypeAlias = StrictBool | StrictInt | StrictFloat | StrictStr
 Gradient: TypeAlias = list[Scalar]
 
 
@@ -59,7 +76,7 @@ class ConditionalValue(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     filter: StrictStr | None = None
-    value: Union[Scalar, Gradient]
+    value: Scalar | Gradient
 
 
 def _shape_error(message: str, at: str = "") -> PydanticCustomError:
@@ -112,7 +129,7 @@ def _check_shape(value: Any) -> Any:
 
 
 ParameterSetting: TypeAlias = Annotated[
-    Union[ConditionalValue, list[ConditionalValue], Scalar, Gradient],
+    ConditionalValue | list[ConditionalValue] | Scalar | Gradient,
     Field(union_mode="left_to_right"),
     BeforeValidator(_check_shape),
 ]

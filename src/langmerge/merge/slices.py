@@ -23,10 +23,25 @@ layers (``layer_types``, where the config has one, follows the stack).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
 from langmerge.errors import LangmergeError
+from langmerge.io.hub import ResolvedModel
 from langmerge.io.tensor_source import GatheredRows, TensorSource
-from langmerge.merge.plan import MergePlan
-from langmerge.merge.recipe import ModelEntry, Recipe, RecipeError, RecipeFile, layer_index, model_key, with_layer_index
+from langmerge.merge.plan import MergePlan, TensorPlan
+from langmerge.merge.recipe import (
+    ModelEntry,
+    Recipe,
+    RecipeError,
+    RecipeFile,
+    SliceEntry,
+    layer_index,
+    model_key,
+    with_layer_index,
+)
 from langmerge.merge.vocab import INPUT_EMBEDDINGS
 from langmerge.seeds import derive_seed
 
@@ -34,10 +49,16 @@ from langmerge.seeds import derive_seed
 _BEFORE_LAYERS = (*INPUT_EMBEDDINGS, "wpe.weight", "embed_positions.weight", "embed_layer_norm.weight")
 
 
+def _slices(raw: RecipeFile) -> list[SliceEntry]:
+    """The slices of a slices recipe (the functions here are called for those only)."""
+    assert raw.slices is not None, "not a slices recipe"
+    return raw.slices
+
+
 def slice_models(raw: RecipeFile) -> list[ModelEntry]:
     """Each model the slices name, once (by ``model_key``), in order of appearance: the recipe's models."""
     seen: dict[str, ModelEntry] = {}
-    for piece in raw.slices:
+    for piece in _slices(raw):
         for ref in ([piece.base_model] if piece.base_model else []) + [s.model for s in piece.sources]:
             seen.setdefault(model_key(ref), ModelEntry(model=ref))
     return list(seen.values())
@@ -51,7 +72,7 @@ class SliceView(GatheredRows):
         layers = max(indices) + 1 if indices else 0
         if stop > layers:
             raise LangmergeError(f"model {inner.label}: layer_range {[start, stop]} but the model has {layers} layers")
-        tensors = {}
+        tensors: dict[str, tuple[str, torch.Tensor | None]] = {}
         for name in inner.names:
             index = layer_index(name)
             if index is None:
@@ -61,7 +82,7 @@ class SliceView(GatheredRows):
         super().__init__(inner, tensors)
         self.start, self.stop = start, stop
 
-    def config(self) -> dict | None:
+    def config(self) -> dict[str, Any] | None:
         config = self.inner.config()
         return None if config is None else sliced_config(config, [(self.start, self.stop)])
 
@@ -69,7 +90,7 @@ class SliceView(GatheredRows):
         self.inner.close()
 
 
-def sliced_config(config: dict, ranges: list[tuple[int, int]]) -> dict:
+def sliced_config(config: dict[str, Any], ranges: list[tuple[int, int]]) -> dict[str, Any]:
     """``config`` for a model made of the layer ``ranges`` of it: ``num_hidden_layers`` and ``layer_types`` follow."""
     out = dict(config)
     out["num_hidden_layers"] = sum(b - a for a, b in ranges)
@@ -83,7 +104,7 @@ class SliceRecipe(Recipe):
     sources' and the recipe's."""
 
     def __init__(self, parent: Recipe, index: int):
-        piece = parent.raw.slices[index]
+        piece = _slices(parent.raw)[index]
         self.index = index
         self.parent = parent
         self.ranges = {model_key(s.model): tuple(s.layer_range) for s in piece.sources}
@@ -103,10 +124,11 @@ class SliceRecipe(Recipe):
     @property
     def length(self) -> int:
         a, b = next(iter(self.ranges.values()))
-        return b - a
+        return int(b - a)
 
     def view_source(self, index: int | None, source: TensorSource) -> TensorSource:
         ref = self.base_model if index is None else self.inputs[index].model
+        assert ref is not None  # a slice has its base model (SliceRecipe's RecipeFile names one)
         start, stop = self.ranges[model_key(ref)]
         return SliceView(source, start, stop)
 
@@ -118,7 +140,7 @@ class SliceRecipe(Recipe):
 def slice_recipes(parent: Recipe, errors: list[str]) -> list[SliceRecipe]:
     """Each slice of ``parent`` checked and made a ``SliceRecipe``; problems are added to ``errors`` (keys named)."""
     out = []
-    for k, piece in enumerate(parent.raw.slices):
+    for k, piece in enumerate(_slices(parent.raw)):
         where = f"slices[{k}]"
         before = len(errors)
         lengths = []
@@ -133,7 +155,7 @@ def slice_recipes(parent: Recipe, errors: list[str]) -> list[SliceRecipe]:
                           f"(layer ranges of {', '.join(map(str, lengths))} layers)")
         parent.check_parameters(piece.parameters, f"{where}.parameters", errors)
         base = piece.base_model or parent.raw.base_model
-        if parent.method.uses_base and model_key(base) not in {model_key(s.model) for s in piece.sources}:
+        if parent.method.uses_base and (base is None or model_key(base) not in {model_key(s.model) for s in piece.sources}):
             errors.append(f"recipe key '{where}.sources': the slice's base model {base!r} is not one of its sources "
                           "(list it with its layer_range)")
         if len(errors) > before:
@@ -158,7 +180,7 @@ class SlicedPlan(MergePlan):
 
     parts: list[MergePlan] = dataclasses.field(default_factory=list)
 
-    def replan(self, recipe, views=None):
+    def replan(self, recipe: Recipe, views: list[TensorSource] | None = None) -> list[TensorPlan]:
         raise LangmergeError("a slices recipe cannot be replanned with other parameters (tune takes whole-model recipes)")
 
     def close(self) -> None:
@@ -166,13 +188,14 @@ class SlicedPlan(MergePlan):
             part.close()
 
 
-def build_sliced(recipe: Recipe, build, *, models, shard_bytes: int, **options) -> SlicedPlan:
+def build_sliced(recipe: Recipe, build: Callable[..., MergePlan], *, models: dict[str, ResolvedModel], shard_bytes: int,
+                 **options: Any) -> SlicedPlan:
     """Plan each slice (``build``: plan.py's builder) and stack their layers; tensors outside the layers come from
     the first slice (before the layers) and the last (after). Problems are collected as the builder does."""
     parts: list[MergePlan] = []
     unreadable: list[LangmergeError] = []
     try:
-        for k, piece in enumerate(recipe.slices):
+        for k, piece in enumerate(recipe.slices or []):
             try:
                 parts.append(build(piece, models=models, shard_bytes=shard_bytes, **options))
             except LangmergeError as exc:  # a layer range the model lacks
@@ -187,7 +210,7 @@ def build_sliced(recipe: Recipe, build, *, models, shard_bytes: int, **options) 
         return SlicedPlan(recipe, None, [], [], options["device"], models=models, unreadable=unreadable, parts=parts)
     first, last = parts[0], parts[-1]
     tensors, problems, offset = [], [], 0
-    for k, (piece, part) in enumerate(zip(recipe.slices, parts)):
+    for k, (piece, part) in enumerate(zip(recipe.slices or [], parts)):
         problems += [type(exc)(f"slices[{k}]: {exc}") for exc in part.problems]
         unreadable += [type(exc)(f"slices[{k}]: {exc}") for exc in part.unreadable]
         for tensor in part.tensors:

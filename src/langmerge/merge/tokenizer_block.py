@@ -22,13 +22,17 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from langmerge.errors import LangmergeError
 from langmerge.io.files import optional_folder_file, read_json, read_regular
+
+if TYPE_CHECKING:  # vocab imports this module
+    from langmerge.merge.vocab import ModelVocab
 
 
 class ModelTokenSource(BaseModel):
@@ -41,7 +45,7 @@ class ModelTokenSource(BaseModel):
     token_id: int | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
-    def _one_of(self):
+    def _one_of(self) -> ModelTokenSource:
         if (self.token is None) == (self.token_id is None):
             raise ValueError("give exactly one of 'token' and 'token_id'")
         return self
@@ -118,7 +122,7 @@ def check_chat_template(value: str) -> None:
             f"recipe key 'chat_template': {value!r} is neither 'auto', a built-in template "
             f"({', '.join(sorted(BUILTIN_CHAT_TEMPLATES))}) nor a Jinja template")
     try:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from jinja2.sandbox import ImmutableSandboxedEnvironment  # only a recipe with a chat template needs it
 
         ImmutableSandboxedEnvironment().parse(value)
     except ImportError:  # transformers needs jinja2 for chat templates: without it nothing could use one
@@ -135,7 +139,10 @@ def model_chat_template(folder: Path) -> str | None:
     config_path = optional_folder_file(folder, "tokenizer_config.json")
     if config_path is None:
         return None
-    template = (read_json(config_path) or {}).get("chat_template")
+    config = read_json(config_path) or {}
+    if not isinstance(config, dict):
+        raise LangmergeError(f"{config_path}: expected a JSON object")
+    template = config.get("chat_template")
     if isinstance(template, list):  # [{name, template}, ...]
         template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
     return template if isinstance(template, str) and template.strip() else None
@@ -169,12 +176,13 @@ def write_chat_template(out: Path, template: str) -> None:
 # ----------------------------------------------------------------------------- named tokens' rows
 
 
-def token_rows(settings: TokenizerSettings, models, index_of, out_tokens: dict[str, int], presence) -> dict[int, tuple]:
+def token_rows(settings: TokenizerSettings, models: Sequence[ModelVocab], index_of: Callable[[str], int | None],
+               out_tokens: dict[str, int], presence: Callable[[int], bool]) -> dict[int, tuple[Any, ...]]:
     """Output row -> where its values come from, for the block's tokens: ``("row", k, row)`` (model ``k``'s row),
     ``("zero",)``. ``models`` are the vocabulary step's ``ModelVocab`` (base first), ``index_of(ref)`` a model
     reference's position among them (None: not a model of the recipe), ``presence(j)`` whether any model has row j.
     A token some model has keeps the merge's rows unless ``force``."""
-    out: dict[int, tuple] = {}
+    out: dict[int, tuple[Any, ...]] = {}
     for token, setting in (settings.tokens or {}).items():
         where = f"recipe key 'tokenizer.tokens.{token}'"
         j = out_tokens[token]
@@ -191,12 +199,14 @@ def token_rows(settings: TokenizerSettings, models, index_of, out_tokens: dict[s
         m = models[k]
         if isinstance(source, str) or source.token is not None:
             wanted = token if isinstance(source, str) else source.token
+            assert wanted is not None
             row = m.tokens.get(wanted) if m.tokens is not None else None
             if row is None:
                 raise LangmergeError(f"{where}: model {m.label} has no token {wanted!r}")
         else:
             row = source.token_id
-        if row >= m.rows:
+        assert row is not None  # ModelTokenSource names a token or a token_id
+        if m.rows is None or row >= m.rows:
             raise LangmergeError(f"{where}: row {row} of model {m.label} is beyond its {m.rows} embedding rows")
         out[j] = ("row", k, row)
     return out

@@ -36,7 +36,13 @@ import torch
 from langmerge.errors import LangmergeError
 from langmerge.io.metadata import copy_tokenizer
 from langmerge.io.tensor_source import GatheredRows, TensorSource, into
-from langmerge.io.tokenizer import STALE_FOR_UNION, UnionTokenizer, build_union_tokenizer, read_added_tokens, read_tokens
+from langmerge.io.tokenizer import (
+    STALE_FOR_UNION,
+    UnionTokenizer,
+    build_union_tokenizer,
+    read_added_tokens,
+    read_tokens,
+)
 from langmerge.merge.recipe import layer_index, model_key
 from langmerge.merge.tokenizer_block import token_rows
 from langmerge.methods.base import Block, NonFiniteMerge, TensorMerge

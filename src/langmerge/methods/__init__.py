@@ -13,7 +13,7 @@ from langmerge.methods.base import (
     global_field,
     model_field,
 )
-from langmerge.methods.driver import chunk_ranges, choose_kernel, merge_in_memory, run, thread_limit
+from langmerge.methods.driver import choose_kernel, chunk_ranges, merge_in_memory, run, thread_limit
 from langmerge.methods.kernels import TensorParameters, merge_tensor
 from langmerge.methods.registry import METHODS, get_method, method_names, register_method
 

@@ -15,7 +15,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from langmerge.methods.base import Method, MethodParameters, TensorMerge, global_field
+from langmerge.methods.base import (
+    Kernel,
+    Method,
+    MethodParameters,
+    TensorInfo,
+    TensorMerge,
+    global_field,
+    required_base,
+)
 from langmerge.methods.common import WholeTensorMerge, widened
 
 SAMPLE = 1_000_000  # above this many entries, the quartiles come from a sample of this size
@@ -46,11 +54,11 @@ def quartiles(values: torch.Tensor, generator: torch.Generator | None) -> torch.
 def arcee_fusion(base: torch.Tensor, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     score = importance(x, base)
     q1, median, q3 = quartiles(score, generator)
-    mask = (score >= median + 1.5 * (q3 - q1)).float()
+    mask: torch.Tensor = (score >= median + 1.5 * (q3 - q1)).float()
     return base + (x - base) * mask
 
 
-class ArceeFusionMethod(Method):
+class ArceeFusionMethod(Method[ArceeFusionParameters]):
     name = "arcee_fusion"
     summary = "the model's changes where their importance (|change| x row KL divergence) is an upper outlier"
     label = "Arcee Fusion"
@@ -59,9 +67,10 @@ class ArceeFusionMethod(Method):
     min_models = max_models = 1
     randomized = True  # the quartile sample of tensors above 10^6 entries
 
-    def plan(self, params, tensor, kernel="reference", generators=None) -> TensorMerge:
+    def plan(self, params: ArceeFusionParameters, tensor: TensorInfo, kernel: Kernel = "reference",
+             generators: list[torch.Generator] | None = None) -> TensorMerge:
         generator = generators[0] if generators else None
-        return WholeTensorMerge(tensor, lambda base, inputs: arcee_fusion(base, inputs[0], generator),
+        return WholeTensorMerge(tensor, lambda base, inputs: arcee_fusion(required_base(base), inputs[0], generator),
                                 result_dtype=widened(tensor.dtype))
 
 

@@ -22,11 +22,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Generic, Literal, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
+from typing_extensions import TypeVar
 
 Scope = Literal["model", "global"]
 Kernel = Literal["fused", "reference"]
@@ -80,6 +82,12 @@ def global_field(default: Any = PydanticUndefined, *, alias: str | None = None, 
     return Field(default, alias=alias, description=help, json_schema_extra=extra, ge=ge, le=le)
 
 
+def _field_extra(f: FieldInfo) -> dict[str, Any]:
+    """What ``model_field`` / ``global_field`` recorded about a field (its scope, default, bounds)."""
+    extra = f.json_schema_extra
+    return dict(extra) if isinstance(extra, dict) else {}
+
+
 class MethodParameters(BaseModel):
     """A method's parameters, resolved for one tensor.
 
@@ -91,8 +99,8 @@ class MethodParameters(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, arbitrary_types_allowed=True)
 
     @classmethod
-    def _extras(cls) -> dict[str, dict]:
-        return {name: dict(f.json_schema_extra or {}) for name, f in cls.model_fields.items()}
+    def _extras(cls) -> dict[str, dict[str, Any]]:
+        return {name: _field_extra(f) for name, f in cls.model_fields.items()}
 
     @classmethod
     def recipe_name(cls, field: str) -> str:
@@ -103,10 +111,10 @@ class MethodParameters(BaseModel):
         """Every recipe parameter, by recipe name, in field order."""
         out = {}
         for name, f in cls.model_fields.items():
-            extra = f.json_schema_extra or {}
+            extra = _field_extra(f)
             if not extra.get("recipe", True):
                 continue
-            kind = f.annotation
+            kind: Any = f.annotation
             if extra.get("scope") == "model":
                 kind = get_args(kind)[0] if get_args(kind) else float
             spec = ParameterSpec(cls.recipe_name(name), extra.get("scope", "global"), kind, extra.get("default"),
@@ -202,6 +210,13 @@ class ChunkRule:
     whole_tensor: bool = False
 
 
+def required_base(base: torch.Tensor | None) -> torch.Tensor:
+    """``base``, for a merge relative to the base (the recipe's base policy makes sure there is one)."""
+    if base is None:
+        raise ValueError("this merge needs the base model's values")
+    return base
+
+
 @dataclass
 class Block:
     """One chunk of a tensor: elements ``start .. start + numel`` of the flattened (row-major) tensor.
@@ -219,6 +234,11 @@ class Block:
     @property
     def numel(self) -> int:
         return (self.base if self.base is not None else self.inputs[0]).numel()
+
+    @property
+    def required_base(self) -> torch.Tensor:
+        """``base``, for a merge relative to the base (the recipe's base policy makes sure there is one)."""
+        return required_base(self.base)
 
     @property
     def stop(self) -> int:
@@ -262,26 +282,58 @@ class TensorMerge(ABC):
         """The merged values of ``block`` (1-D, compute dtype); raises ``NonFiniteMerge`` on NaN or Inf."""
 
 
-class Method(ABC):
+# A method's parameter model; a plain ``Method`` takes the base class.
+P = TypeVar("P", bound=MethodParameters, default=MethodParameters)
+
+
+class Method(ABC, Generic[P]):
     """A merge method (see the module doc). Register one with ``registry.register_method``."""
 
     name: str
     summary: str
     label: str  # the report's name for it ("TIES-SV")
     reference: str = ""
-    base_policy: BasePolicy = "required"
     min_models: int = 1  # input models besides the base (a joining base counts as an input)
     max_models: int | None = None
-    parameter_model: type[MethodParameters]  # a class attribute or a property
+
+    # The properties below are read-only for callers; a method sets them as class attributes, or overrides
+    # them with properties of its own (the task-vector family derives them from its composition).
+
+    @property
+    def parameter_model(self) -> type[P]:
+        raise NotImplementedError(f"{type(self).__name__} has no parameter_model")
+
+    @property
+    def base_policy(self) -> BasePolicy:
+        return "required"
 
     # What the rest of langmerge asks of a method; these come from the method, never from lists elsewhere.
-    has_sign_vote: bool = False  # analyze's loss diagnostic applies
-    sparsifier: str | None = None  # the sparsification of its task vectors, if any
-    randomized: bool = False  # needs one seeded torch.Generator per input model
-    takes_protect: bool = False  # accepts ``parameters.protect`` (a list of model references)
-    # The merge is ``base + f(x_i - base)``, f of the task vectors alone, bit for bit: the in-memory tuner then
-    # merges candidates from task vectors computed once.
-    adds_to_base: bool = False
+    @property
+    def has_sign_vote(self) -> bool:
+        """analyze's loss diagnostic applies."""
+        return False
+
+    @property
+    def sparsifier(self) -> str | None:
+        """The sparsification of its task vectors, if any."""
+        return None
+
+    @property
+    def randomized(self) -> bool:
+        """Needs one seeded torch.Generator per input model."""
+        return False
+
+    @property
+    def takes_protect(self) -> bool:
+        """Accepts ``parameters.protect`` (a list of model references)."""
+        return False
+
+    @property
+    def adds_to_base(self) -> bool:
+        """The merge is ``base + f(x_i - base)``, f of the task vectors alone, bit for bit: the in-memory tuner
+        then merges candidates from task vectors computed once."""
+        return False
+
     # Global parameters whose values are model references (one, or a list), resolved by the recipe to one bool
     # per input model and passed to ``tensor_parameters`` under that name; each maps to the study's model
     # ("ct" or "sft") it names by default.
@@ -297,26 +349,26 @@ class Method(ABC):
         """The recipe parameters of this method, by recipe name."""
         return self.parameter_model.specs()
 
-    def tensor_parameters(self, values: dict[str, Any], protected: list[bool] | None = None) -> MethodParameters:
+    def tensor_parameters(self, values: dict[str, Any], protected: list[bool] | None = None) -> P:
         """Build the parameters of one tensor from resolved recipe values (by recipe name)."""
         return self.parameter_model.model_validate(values)
 
-    def kernels(self, params: MethodParameters, dtype: torch.dtype, device: torch.device) -> tuple[Kernel, ...]:
+    def kernels(self, params: P, dtype: torch.dtype, device: torch.device) -> tuple[Kernel, ...]:
         """The kernels that can merge a tensor with these parameters, the fastest first."""
         return ("reference",)
 
-    def check(self, params: MethodParameters, tensor: TensorInfo) -> None:
+    def check(self, params: P, tensor: TensorInfo) -> None:
         """Refuse, with a ``LangmergeError`` naming the tensor and parameter, what ``plan`` could not merge.
 
         Called when a merge is planned (headers only), so bad parameters fail before any output exists.
         """
         return None
 
-    def describe(self, tensors: list[tuple[TensorInfo, MethodParameters]]) -> list[str]:
+    def describe(self, tensors: list[tuple[TensorInfo, P]]) -> list[str]:
         """Notes for ``langmerge check`` on what the merge will do with these tensors (none by default)."""
         return []
 
     @abstractmethod
-    def plan(self, params: MethodParameters, tensor: TensorInfo, kernel: Kernel = "reference",
+    def plan(self, params: P, tensor: TensorInfo, kernel: Kernel = "reference",
              generators: list[torch.Generator] | None = None) -> TensorMerge:
         """One tensor's merge; ``generators`` (one per input model) when ``randomized``."""

@@ -18,6 +18,7 @@ import ctypes
 import functools
 import importlib.util
 import logging
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -71,6 +72,13 @@ def _load() -> ctypes.CDLL | None:
 _LIB = _load()
 
 
+def _lib() -> ctypes.CDLL:
+    """The opened extension; the kernels are called only where ``available()`` (the planner's rule)."""
+    if _LIB is None:
+        raise RuntimeError("the fused CPU kernels are not built")
+    return _LIB
+
+
 def available() -> bool:
     """True where the C extension was built and opens."""
     return _LIB is not None
@@ -93,24 +101,28 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+@overload
+def _flat(t: torch.Tensor) -> torch.Tensor: ...
+@overload
+def _flat(t: None) -> None: ...
 def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.reshape(-1).contiguous()
 
 
-def _np_ptr(a: np.ndarray) -> int:
-    return a.ctypes.data
+def _np_ptr(a: np.ndarray[Any, Any]) -> int:
+    return int(a.ctypes.data)
 
 
-def _pointers(ts: list[torch.Tensor]):
+def _pointers(ts: list[torch.Tensor]) -> ctypes.Array[ctypes.c_void_p]:
     return (ctypes.c_void_p * max(1, len(ts)))(*[t.data_ptr() for t in ts])
 
 
-def histogram(base: torch.Tensor | None, x: torch.Tensor, level: int, prefix: int, hist: np.ndarray,
+def histogram(base: torch.Tensor | None, x: torch.Tensor, level: int, prefix: int, hist: np.ndarray[Any, Any],
               threads: int | None = None) -> None:
     """Add to ``hist`` (int64, 65536) the magnitude-key counts of ``round(x - base)`` (``x`` without a base)."""
     assert hist.dtype == np.int64 and hist.size == BINS and hist.flags.c_contiguous
     base, x = _flat(base), _flat(x)
-    _LIB.lm_histogram(_bf(x), _ptr(base), _ptr(x), x.numel(), level, prefix, _np_ptr(hist),
+    _lib().lm_histogram(_bf(x), _ptr(base), _ptr(x), x.numel(), level, prefix, _np_ptr(hist),
                       threads or default_threads())
 
 
@@ -120,17 +132,20 @@ def tie_scan(base: torch.Tensor | None, x: torch.Tensor, key: int, need: int,
     the index of the ``need``-th of them (from 0), else -1."""
     base, x = _flat(base), _flat(x)
     index = ctypes.c_int64(-1)
-    count = _LIB.lm_tie_scan(_bf(x), _ptr(base), _ptr(x), x.numel(), key, need, ctypes.addressof(index),
+    count = _lib().lm_tie_scan(_bf(x), _ptr(base), _ptr(x), x.numel(), key, need, ctypes.addressof(index),
                              threads or default_threads())
     return int(count), index.value
 
 
-def merge_linear(xs: list[torch.Tensor], weights: np.ndarray, divisor: float, normalize: bool, out: torch.Tensor,
-                 threads: int | None = None) -> int:
+def merge_linear(xs: list[torch.Tensor], weights: np.ndarray[Any, Any], divisor: float, normalize: bool,
+                 out: torch.Tensor, threads: int | None = None) -> int:
     """linear into ``out`` (float32 accumulation, as torch's addcmul_ does it here); returns the NaN/Inf count."""
+    fuses = addcmul_fuses()
+    if fuses is None:  # the planner offers this kernel only where one of the roundings reproduces torch's
+        raise RuntimeError("no fused linear kernel reproduces torch's addcmul_ on this machine")
     xs = [_flat(x) for x in xs]
-    return int(_LIB.lm_merge_linear(_bf(xs[0]), _pointers(xs), len(xs), xs[0].numel(), _np_ptr(weights), divisor,
-                                    int(normalize), int(addcmul_fuses()), _ptr(out), threads or default_threads()))
+    return int(_lib().lm_merge_linear(_bf(xs[0]), _pointers(xs), len(xs), xs[0].numel(), _np_ptr(weights), divisor,
+                                      int(normalize), int(fuses), _ptr(out), threads or default_threads()))
 
 
 @functools.cache
@@ -154,48 +169,51 @@ def _linear_probe(dtype: torch.dtype, n: int, mode: bool, g: torch.Generator) ->
     for x, coefficient in zip(xs, w.unbind(0)):
         acc.addcmul_(x, coefficient)
     out = torch.empty(n, dtype=dtype)
-    _LIB.lm_merge_linear(_bf(out), _pointers(xs), 3, n, _np_ptr(w.numpy()), 1.0, 0, int(mode), _ptr(out), 1)
+    _lib().lm_merge_linear(_bf(out), _pointers(xs), 3, n, _np_ptr(w.numpy()), 1.0, 0, int(mode), _ptr(out), 1)
     return torch.equal(out, acc.to(dtype))
 
 
-def merge_sum(base: torch.Tensor, xs: list[torch.Tensor], weights: np.ndarray, divisor: float, normalize: bool,
+def merge_sum(base: torch.Tensor, xs: list[torch.Tensor], weights: np.ndarray[Any, Any], divisor: float, normalize: bool,
               lam: float, out: torch.Tensor, threads: int | None = None) -> int:
     """Task arithmetic into ``out``; returns how many outputs are NaN or Inf."""
     base, xs = _flat(base), [_flat(x) for x in xs]
     ptrs = _pointers(xs)
-    return int(_LIB.lm_merge_sum(_bf(base), _ptr(base), ptrs, len(xs), base.numel(), _np_ptr(weights), divisor,
+    return int(_lib().lm_merge_sum(_bf(base), _ptr(base), ptrs, len(xs), base.numel(), _np_ptr(weights), divisor,
                                  int(normalize), lam, _ptr(out), threads or default_threads()))
 
 
-def merge_ties(base: torch.Tensor, xs: list[torch.Tensor], offset: int, trim: np.ndarray, thresholds: np.ndarray,
-               cutoffs: np.ndarray, weights: np.ndarray, scales: np.ndarray, round_vote: bool, normalize: bool,
+def merge_ties(base: torch.Tensor, xs: list[torch.Tensor], offset: int, trim: np.ndarray[Any, Any],
+               thresholds: np.ndarray[Any, Any], cutoffs: np.ndarray[Any, Any], weights: np.ndarray[Any, Any],
+               scales: np.ndarray[Any, Any], round_vote: bool, normalize: bool,
                lam: float, out: torch.Tensor, threads: int | None = None) -> int:
     """TIES / TIES-SV into ``out`` for entries ``offset..offset+numel`` of the tensor; returns the NaN/Inf count."""
     base, xs = _flat(base), [_flat(x) for x in xs]
     ptrs = _pointers(xs)
-    return int(_LIB.lm_merge_ties(_bf(base), _ptr(base), ptrs, len(xs), base.numel(), offset, _np_ptr(trim),
+    return int(_lib().lm_merge_ties(_bf(base), _ptr(base), ptrs, len(xs), base.numel(), offset, _np_ptr(trim),
                                   _np_ptr(thresholds), _np_ptr(cutoffs), _np_ptr(weights), _np_ptr(scales),
                                   int(round_vote), int(normalize), lam, _ptr(out), threads or default_threads()))
 
 
-def tally(base, xs, offset, trim, thresholds, cutoffs, weights, scales, round_vote, pair_a, pair_b, totals: dict,
-          threads: int | None = None) -> None:
+def tally(base: torch.Tensor, xs: list[torch.Tensor], offset: int, trim: np.ndarray[Any, Any],
+          thresholds: np.ndarray[Any, Any], cutoffs: np.ndarray[Any, Any], weights: np.ndarray[Any, Any],
+          scales: np.ndarray[Any, Any], round_vote: np.ndarray[Any, Any], pair_a: np.ndarray[Any, Any],
+          pair_b: np.ndarray[Any, Any], totals: dict[str, np.ndarray[Any, Any]], threads: int | None = None) -> None:
     """Add one block's loss diagnostic to ``totals`` (numpy arrays: kept, kept_mass, squared_norm, both_kept,
     conflicts, lost, lost_mass; see ``analysis.diagnostics.Tally``)."""
     base, xs = _flat(base), [_flat(x) for x in xs]
     ptrs = _pointers(xs)
-    _LIB.lm_tally(_bf(base), _ptr(base), ptrs, len(xs), base.numel(), offset, _np_ptr(trim), _np_ptr(thresholds),
+    _lib().lm_tally(_bf(base), _ptr(base), ptrs, len(xs), base.numel(), offset, _np_ptr(trim), _np_ptr(thresholds),
                   _np_ptr(cutoffs), _np_ptr(weights), scales.shape[0], _np_ptr(scales), _np_ptr(round_vote),
                   pair_a.size, _np_ptr(pair_a), _np_ptr(pair_b), *(_np_ptr(totals[k]) for k in (
                       "kept", "kept_mass", "squared_norm", "both_kept", "conflicts", "lost", "lost_mass")),
                   threads or default_threads())
 
 
-def l1_sums(x: torch.Tensor, threads: int | None = None) -> np.ndarray:
+def l1_sums(x: torch.Tensor, threads: int | None = None) -> np.ndarray[Any, Any]:
     """Per float32 exponent (0 counted as 1), the integer sum of the mantissas of ``|x|``: ``exact.ExactL1``'s buckets."""
     x = _flat(x)
     sums = np.zeros(256, dtype=np.uint64)
-    _LIB.lm_l1_sums(_bf(x), _ptr(x), x.numel(), _np_ptr(sums), threads or default_threads())
+    _lib().lm_l1_sums(_bf(x), _ptr(x), x.numel(), _np_ptr(sums), threads or default_threads())
     return sums
 
 
@@ -204,4 +222,4 @@ def all_finite(tensor: torch.Tensor) -> bool:
     if not supports(tensor.dtype, tensor.device):
         return bool(torch.isfinite(tensor).all())
     x = _flat(tensor)
-    return int(_LIB.lm_count_nonfinite(_bf(x), _ptr(x), x.numel(), default_threads())) == 0
+    return int(_lib().lm_count_nonfinite(_bf(x), _ptr(x), x.numel(), default_threads())) == 0

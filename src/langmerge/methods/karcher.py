@@ -9,9 +9,11 @@ per model and step): one chunk (``WholeTensorMerge``).
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
-from langmerge.methods.base import Method, MethodParameters, TensorMerge, global_field
+from langmerge.methods.base import Kernel, Method, MethodParameters, TensorInfo, TensorMerge, global_field
 from langmerge.methods.common import WholeTensorMerge
 
 
@@ -29,7 +31,7 @@ def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torc
     units = [torch.zeros_like(x) if n.item() == 0.0 else (x / n).to(x.dtype) for x, n in zip(tensors, norms)]
     valid = [i for i, n in enumerate(norms) if n.item() > tol]
     if not valid:
-        return sum(x * 0 for x in tensors)
+        return cast(torch.Tensor, sum(x * 0 for x in tensors))  # zeros of the inputs' dtype, as mergekit's
     total = sum(alphas[i] for i in valid)
     weights = [alphas[i] / total for i in valid]
     points = [units[i] for i in valid]
@@ -54,10 +56,10 @@ def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torc
         size = torch.linalg.vector_norm(mean.to(work))
         if size.item() > tol:
             mean = (mean / size).to(mean.dtype)
-    return sum(a * n for a, n in zip(alphas, norms)) * mean
+    return cast(torch.Tensor, sum(a * n for a, n in zip(alphas, norms))) * mean
 
 
-class KarcherMethod(Method):
+class KarcherMethod(Method[KarcherParameters]):
     name = "karcher"
     summary = "Karcher (Riemannian) mean of the models on the hypersphere, scaled to their mean norm"
     label = "Karcher mean"
@@ -65,7 +67,8 @@ class KarcherMethod(Method):
     base_policy = "input"
     parameter_model = KarcherParameters
 
-    def plan(self, params, tensor, kernel="reference", generators=None) -> TensorMerge:
+    def plan(self, params: KarcherParameters, tensor: TensorInfo, kernel: Kernel = "reference",
+             generators: list[torch.Generator] | None = None) -> TensorMerge:
         return WholeTensorMerge(tensor, lambda base, inputs: karcher_mean(inputs, params.max_iter, params.tol))
 
 

@@ -21,10 +21,11 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
+import torch
 from pydantic import model_validator
 
 from langmerge.errors import LangmergeError
-from langmerge.methods.base import Method, MethodParameters, TensorInfo, TensorMerge, global_field, model_field
+from langmerge.methods.base import Kernel, Method, MethodParameters, TensorInfo, TensorMerge, global_field, model_field
 from langmerge.methods.common import ElementwiseMerge
 from langmerge.methods.task_vectors import linear
 
@@ -73,6 +74,7 @@ def language_share(p: LayerSwapParameters, tensor: TensorInfo) -> Fraction:
     if role == "other":
         return Fraction(0)
     n, i, w = tensor.num_layers, tensor.layer, p.transition
+    assert n is not None and i is not None  # a layer's tensor, with the layer count check() requires
     shares = [Fraction(0)]
     if p.k_bottom:
         # layers 0 .. k_bottom - 1 swapped; k_bottom .. k_bottom + w - 1 blended w/(w+1), ..., 1/(w+1)
@@ -83,7 +85,7 @@ def language_share(p: LayerSwapParameters, tensor: TensorInfo) -> Fraction:
     return max(shares)
 
 
-class LayerSwapMethod(Method):
+class LayerSwapMethod(Method[LayerSwapParameters]):
     name = "layer_swap"
     summary = "the task expert with its bottom and top layers from the language expert, blended in transition zones"
     label = "layer swapping"
@@ -106,7 +108,8 @@ class LayerSwapMethod(Method):
         if tensor.layer >= n:
             raise LangmergeError(f"tensor {tensor.name!r}: layer {tensor.layer} of a model of {n} layers")
 
-    def plan(self, params, tensor, kernel="reference", generators=None) -> TensorMerge:
+    def plan(self, params: LayerSwapParameters, tensor: TensorInfo, kernel: Kernel = "reference",
+             generators: list[torch.Generator] | None = None) -> TensorMerge:
         self.check(params, tensor)
         share = language_share(params, tensor)
         lang = params.language.index(True)
@@ -134,7 +137,8 @@ class LayerSwapMethod(Method):
             if len(shares) > 1:
                 return "mixed (per-tensor parameters)"
             (a,) = shares
-            return {0: "task expert", 1: "language expert"}.get(a, f"blend: {float(a):.3g} language expert")
+            names = {Fraction(0): "task expert", Fraction(1): "language expert"}
+            return names.get(a, f"blend: {float(a):.3g} language expert")
 
         layers = sorted((int(k.split()[1]), source(v)) for k, v in by_part.items() if k.startswith("layer "))
         runs: list[tuple[int, int, str]] = []

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from langmerge.methods.base import Method, MethodParameters, TensorMerge, global_field
+from langmerge.methods.base import (
+    Kernel,
+    Method,
+    MethodParameters,
+    TensorInfo,
+    TensorMerge,
+    global_field,
+    required_base,
+)
 from langmerge.methods.common import WholeTensorMerge
 
 
@@ -41,7 +49,7 @@ def model_stock(base: torch.Tensor, inputs: list[torch.Tensor], filter_wise: boo
     return (t * average + (1 - t) * base).reshape(shape)
 
 
-class ModelStockMethod(Method):
+class ModelStockMethod(Method[ModelStockParameters]):
     name = "model_stock"
     summary = "interpolate from the base towards the models' average by their task vectors' mean cosine"
     label = "Model Stock"
@@ -49,8 +57,9 @@ class ModelStockMethod(Method):
     parameter_model = ModelStockParameters
     min_models = 2
 
-    def plan(self, params, tensor, kernel="reference", generators=None) -> TensorMerge:
-        return WholeTensorMerge(tensor, lambda base, inputs: model_stock(base, inputs, params.filter_wise))
+    def plan(self, params: ModelStockParameters, tensor: TensorInfo, kernel: Kernel = "reference",
+             generators: list[torch.Generator] | None = None) -> TensorMerge:
+        return WholeTensorMerge(tensor, lambda base, inputs: model_stock(required_base(base), inputs, params.filter_wise))
 
 
 MODEL_STOCK = ModelStockMethod()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from langmerge.errors import LangmergeError
-from langmerge.methods.base import Method, MethodParameters, TensorMerge, global_field, model_field
+from langmerge.methods.base import Kernel, Method, MethodParameters, TensorInfo, TensorMerge, global_field, model_field
 from langmerge.methods.common import WholeTensorMerge
 
 
@@ -39,7 +39,7 @@ def multislerp(base: torch.Tensor | None, inputs: list[torch.Tensor], p: Multisl
         if len(inputs) != 2:
             raise LangmergeError(f"tensor {name!r}: multislerp's weighted mean of the unit vectors is zero "
                                  "(antipodal vectors with balancing weights); change the weights")
-        result = (vectors[0] * w[0] + vectors[1] * w[1]).view(vectors.shape[1:])  # two models: linear
+        result: torch.Tensor = (vectors[0] * w[0] + vectors[1] * w[1]).view(vectors.shape[1:])  # two models: linear
         return result if base is None else result + base
     mean = mean / mean_norm
     tangents = units - (units * mean).sum(-1, keepdim=True) * mean
@@ -50,7 +50,7 @@ def multislerp(base: torch.Tensor | None, inputs: list[torch.Tensor], p: Multisl
     return result if base is None else result + base
 
 
-class MultislerpMethod(Method):
+class MultislerpMethod(Method[MultislerpParameters]):
     name = "multislerp"
     summary = "barycentric interpolation of several models (or task vectors) on the hypersphere"
     label = "Multi-SLERP"
@@ -58,7 +58,8 @@ class MultislerpMethod(Method):
     base_policy = "optional"
     parameter_model = MultislerpParameters
 
-    def plan(self, params, tensor, kernel="reference", generators=None) -> TensorMerge:
+    def plan(self, params: MultislerpParameters, tensor: TensorInfo, kernel: Kernel = "reference",
+             generators: list[torch.Generator] | None = None) -> TensorMerge:
         return WholeTensorMerge(tensor, lambda base, inputs: multislerp(base, inputs, params, tensor.name))
 
 

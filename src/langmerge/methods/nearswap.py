@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from langmerge.methods.base import Method, MethodParameters, TensorMerge, global_field
+from langmerge.methods.base import (
+    Kernel,
+    Method,
+    MethodParameters,
+    TensorInfo,
+    TensorMerge,
+    global_field,
+    required_base,
+)
 from langmerge.methods.common import ElementwiseMerge
 
 
@@ -21,7 +29,7 @@ def nearswap(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     return weight * b + (1 - weight) * a
 
 
-class NearswapMethod(Method):
+class NearswapMethod(Method[NearswapParameters]):
     name = "nearswap"
     summary = "per entry, the other model's value where it is within t of the base's, blended towards the base beyond"
     label = "NearSwap"
@@ -29,8 +37,9 @@ class NearswapMethod(Method):
     parameter_model = NearswapParameters
     min_models = max_models = 1
 
-    def plan(self, params, tensor, kernel="reference", generators=None) -> TensorMerge:
-        return ElementwiseMerge(lambda base, inputs: nearswap(base, inputs[0], params.t))
+    def plan(self, params: NearswapParameters, tensor: TensorInfo, kernel: Kernel = "reference",
+             generators: list[torch.Generator] | None = None) -> TensorMerge:
+        return ElementwiseMerge(lambda base, inputs: nearswap(required_base(base), inputs[0], params.t))
 
 
 NEARSWAP = NearswapMethod()

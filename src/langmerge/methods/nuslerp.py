@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from langmerge.methods.base import Method, MethodParameters, TensorMerge, global_field, model_field
+from langmerge.methods.base import Kernel, Method, MethodParameters, TensorInfo, TensorMerge, global_field, model_field
 from langmerge.methods.common import WholeTensorMerge
 
 EPS = 1e-8  # (1 - cos^2) at or below EPS^2 counts as colinear: interpolate linearly
@@ -47,7 +47,7 @@ def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int, flatten: boo
     return result.reshape(shape)
 
 
-class NuslerpMethod(Method):
+class NuslerpMethod(Method[NuslerpParameters]):
     name = "nuslerp"
     summary = "spherical interpolation of two models (of their task vectors when a base is given), t from the weights"
     label = "NuSLERP"
@@ -56,11 +56,12 @@ class NuslerpMethod(Method):
     parameter_model = NuslerpParameters
     min_models = max_models = 2
 
-    def plan(self, params, tensor, kernel="reference", generators=None) -> TensorMerge:
+    def plan(self, params: NuslerpParameters, tensor: TensorInfo, kernel: Kernel = "reference",
+             generators: list[torch.Generator] | None = None) -> TensorMerge:
         t = interpolation_point(params.weights)
         dim = 0 if params.row_wise else -1
 
-        def merge(base, inputs):
+        def merge(base: torch.Tensor | None, inputs: list[torch.Tensor]) -> torch.Tensor:
             if base is None:
                 return nuslerp(t, inputs[0], inputs[1], dim, params.flatten)
             return base + nuslerp(t, inputs[0] - base, inputs[1] - base, dim, params.flatten)

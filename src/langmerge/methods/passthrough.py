@@ -6,7 +6,9 @@ copies the one model. A base_model not listed is one more input, as in mergekit,
 
 from __future__ import annotations
 
-from langmerge.methods.base import Method, MethodParameters, TensorMerge, model_field
+import torch
+
+from langmerge.methods.base import Kernel, Method, MethodParameters, TensorInfo, TensorMerge, model_field
 from langmerge.methods.common import ElementwiseMerge
 
 
@@ -15,7 +17,7 @@ class PassthroughParameters(MethodParameters):
     scales: list[float] = model_field(1.0, alias="scale", help="multiply the model's tensors by this")
 
 
-class PassthroughMethod(Method):
+class PassthroughMethod(Method[PassthroughParameters]):
     name = "passthrough"
     summary = "the one model's tensors, optionally scaled"
     label = "passthrough"
@@ -23,7 +25,8 @@ class PassthroughMethod(Method):
     parameter_model = PassthroughParameters
     min_models = max_models = 1
 
-    def plan(self, params, tensor, kernel="reference", generators=None) -> TensorMerge:
+    def plan(self, params: PassthroughParameters, tensor: TensorInfo, kernel: Kernel = "reference",
+             generators: list[torch.Generator] | None = None) -> TensorMerge:
         scale = params.scales[0] if params.scales else 1.0  # no per-model list: the default
         return ElementwiseMerge(lambda base, inputs: inputs[0] if scale == 1 else inputs[0] * scale)
 

@@ -14,7 +14,17 @@ from collections.abc import Iterator
 
 import torch
 
-from langmerge.methods.base import Block, Method, MethodParameters, Pass, TensorMerge, global_field
+from langmerge.methods.base import (
+    Block,
+    Kernel,
+    Method,
+    MethodParameters,
+    Pass,
+    TensorInfo,
+    TensorMerge,
+    global_field,
+    required_base,
+)
 from langmerge.methods.common import ElementwiseMerge, finite, widened
 
 
@@ -27,7 +37,8 @@ class RamPlusParameters(RamParameters):
     alpha: float = global_field(0.2, help="the largest rho that counts")
 
 
-def _contributions(base: torch.Tensor, inputs: list[torch.Tensor], epsilon: float):
+def _contributions(base: torch.Tensor, inputs: list[torch.Tensor],
+                   epsilon: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Task vectors (models x entries), which exceed epsilon, and per entry how many do."""
     vectors = torch.stack([x - base for x in inputs], dim=0).view(len(inputs), -1)
     counted = vectors.abs() > epsilon
@@ -50,23 +61,25 @@ class _Counts(Pass):
 
     def __init__(self, merge: RamPlusMerge):
         self.merge = merge
-        self.shared = self.unique = 0  # exact integer counts, one per model, as torch int64 tensors once seen
+        # exact integer counts, one per model, as torch int64 tensors once seen
+        self.shared: torch.Tensor | int = 0
+        self.unique: torch.Tensor | int = 0
 
     def update(self, block: Block) -> None:
-        _, counted, contributors = _contributions(block.base, block.inputs, self.merge.p.epsilon)
+        _, counted, contributors = _contributions(block.required_base, block.inputs, self.merge.p.epsilon)
         self.shared = self.shared + (counted & (contributors > 1)).sum(dim=1).cpu()
         self.unique = self.unique + (counted & (contributors == 1)).sum(dim=1).cpu()
 
     def finish(self) -> None:
         p = self.merge.p
-        if not isinstance(self.shared, torch.Tensor):
+        if not isinstance(self.shared, torch.Tensor) or not isinstance(self.unique, torch.Tensor):
             return  # an empty tensor: nothing to merge
         rho = self.shared / self.unique.clamp(min=p.epsilon)
         self.merge.amplify = 1 + p.r * rho.clamp(min=0, max=p.alpha)
 
 
 class RamPlusMerge(TensorMerge):
-    def __init__(self, p: RamPlusParameters, tensor):
+    def __init__(self, p: RamPlusParameters, tensor: TensorInfo):
         self.p, self.tensor = p, tensor
         self.amplify: torch.Tensor | None = None
         self.result_dtype = widened(tensor.dtype)  # the float32 factors promote mergekit's result
@@ -75,28 +88,32 @@ class RamPlusMerge(TensorMerge):
         yield _Counts(self)
 
     def merge(self, block: Block) -> torch.Tensor:
-        return finite(ram(block.base, block.inputs, self.p.epsilon, self.amplify.to(block.base.device)))
+        base = block.required_base
+        assert self.amplify is not None  # set by the counting pass
+        return finite(ram(base, block.inputs, self.p.epsilon, self.amplify.to(base.device)))
 
 
-class RamMethod(Method):
+class RamMethod(Method[RamParameters]):
     name = "ram"
     summary = "per entry, a model's value where it alone changes it, the mean where several do (RAM)"
     label = "RAM"
     reference = "https://arxiv.org/abs/2601.13572"
     parameter_model = RamParameters
 
-    def plan(self, params, tensor, kernel="reference", generators=None) -> TensorMerge:
-        return ElementwiseMerge(lambda base, inputs: ram(base, inputs, params.epsilon))
+    def plan(self, params: RamParameters, tensor: TensorInfo, kernel: Kernel = "reference",
+             generators: list[torch.Generator] | None = None) -> TensorMerge:
+        return ElementwiseMerge(lambda base, inputs: ram(required_base(base), inputs, params.epsilon))
 
 
-class RamPlusMethod(Method):
+class RamPlusMethod(Method[RamPlusParameters]):
     name = "ramplus_tl"
     summary = "RAM with each model's unique entries amplified by its share of shared entries in the tensor (RAM+)"
     label = "RAM+ (tensor-local)"
     reference = "https://arxiv.org/abs/2601.13572"
     parameter_model = RamPlusParameters
 
-    def plan(self, params, tensor, kernel="reference", generators=None) -> TensorMerge:
+    def plan(self, params: RamPlusParameters, tensor: TensorInfo, kernel: Kernel = "reference",
+             generators: list[torch.Generator] | None = None) -> TensorMerge:
         return RamPlusMerge(params, tensor)
 
 

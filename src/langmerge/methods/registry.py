@@ -8,6 +8,8 @@ to all of them.
 
 from __future__ import annotations
 
+from typing import Any
+
 from langmerge.errors import LangmergeError
 from langmerge.methods.arcee_fusion import ARCEE_FUSION
 from langmerge.methods.base import Method
@@ -23,10 +25,10 @@ from langmerge.methods.sce import SCE
 from langmerge.methods.slerp import SLERP
 from langmerge.methods.task_vectors import ENTRIES
 
-METHODS: dict[str, Method] = {}
+METHODS: dict[str, Method[Any]] = {}
 
 
-def register_method(method: Method, *, replace: bool = False) -> Method:
+def register_method(method: Method[Any], *, replace: bool = False) -> Method[Any]:
     """Make ``method`` known by its name to recipes, ``check``, ``analyze`` and the study; returns it.
 
     A second method of the same name is refused unless ``replace``.
@@ -43,7 +45,7 @@ def method_names() -> list[str]:
     return list(METHODS)
 
 
-def get_method(name: str) -> Method:
+def get_method(name: str) -> Method[Any]:
     try:
         return METHODS[name]
     except KeyError:
@@ -53,7 +55,8 @@ def get_method(name: str) -> Method:
 
 
 # every method of mergekit 0.1.5's registry, then langmerge's own (ties_sv among the family's entries, layer_swap)
-for _entry in (*ENTRIES, SLERP, NUSLERP, MULTISLERP, KARCHER, SCE, MODEL_STOCK, NEARSWAP, ARCEE_FUSION, PASSTHROUGH,
-               RAM, RAMPLUS_TL, LAYER_SWAP):
+_BUILTIN: tuple[Method[Any], ...] = (*ENTRIES, SLERP, NUSLERP, MULTISLERP, KARCHER, SCE, MODEL_STOCK, NEARSWAP,
+                                     ARCEE_FUSION, PASSTHROUGH, RAM, RAMPLUS_TL, LAYER_SWAP)
+for _entry in _BUILTIN:
     register_method(_entry)
-del _entry
+del _entry, _BUILTIN

@@ -13,7 +13,16 @@ from __future__ import annotations
 
 import torch
 
-from langmerge.methods.base import Block, Method, MethodParameters, TensorMerge, global_field
+from langmerge.methods.base import (
+    Block,
+    Kernel,
+    Method,
+    MethodParameters,
+    TensorInfo,
+    TensorMerge,
+    global_field,
+    required_base,
+)
 from langmerge.methods.common import WholeTensorMerge
 from langmerge.methods.consensus import agreement_mask, elect_sign
 
@@ -49,7 +58,7 @@ def energy_weights(vectors: torch.Tensor) -> torch.Tensor:
 class SceMerge(TensorMerge):
     """The whole tensor at once; ``selected`` is also what ``analyze`` tallies."""
 
-    def __init__(self, p: SceParameters, tensor):
+    def __init__(self, p: SceParameters, tensor: TensorInfo):
         self.p, self.tensor = p, tensor
         self.whole = WholeTensorMerge(tensor, self._merge)
         self.chunk_rule = self.whole.chunk_rule
@@ -64,7 +73,8 @@ class SceMerge(TensorMerge):
     def mask_dtype(self, base: torch.Tensor) -> torch.dtype:
         return torch.int8 if self.p.int8_mask else base.dtype
 
-    def _merge(self, base: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:
+    def _merge(self, whole_base: torch.Tensor | None, inputs: list[torch.Tensor]) -> torch.Tensor:
+        base = required_base(whole_base)
         vectors = self.selected(base, inputs)
         agree = agreement_mask(vectors, elect_sign(vectors))
         weights = energy_weights(vectors)
@@ -79,13 +89,13 @@ class SceMerge(TensorMerge):
     # what ``analyze`` tallies: the selected task vectors and the vote's weights (SCE votes unweighted)
     def sparsified(self, block: Block) -> torch.Tensor:
         shape = self.tensor.shape
-        selected = self.selected(block.base.reshape(shape), [x.reshape(shape) for x in block.inputs])
+        selected = self.selected(block.required_base.reshape(shape), [x.reshape(shape) for x in block.inputs])
         return selected.reshape(len(block.inputs), -1)
 
     vote_weights = None  # SCE votes on the unweighted task vectors
 
 
-class SceMethod(Method):
+class SceMethod(Method[SceParameters]):
     name = "sce"
     summary = "select entries of largest variance over the models, weight by energy, TIES sign consensus (SCE)"
     label = "SCE"
@@ -94,7 +104,8 @@ class SceMethod(Method):
     has_sign_vote = True
     sparsifier = "variance"
 
-    def plan(self, params, tensor, kernel="reference", generators=None) -> TensorMerge:
+    def plan(self, params: SceParameters, tensor: TensorInfo, kernel: Kernel = "reference",
+             generators: list[torch.Generator] | None = None) -> TensorMerge:
         return SceMerge(params, tensor)
 
 

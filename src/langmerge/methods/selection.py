@@ -19,7 +19,9 @@ Both kernels use this: ``reference`` computes keys and histograms with torch
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,7 +68,7 @@ class TieScan:
         elif self.need == 0:
             self.cutoff = 0
 
-    def for_block(self, start: int, numel: int, scan) -> int:
+    def for_block(self, start: int, numel: int, scan: Callable[[int], tuple[int, int]]) -> int:
         """The cutoff valid for the chunk ``start .. start + numel``; call it for every chunk, in order.
 
         ``scan(n)`` gives the chunk's count of tied entries and, when that is
@@ -97,7 +99,7 @@ class Selection:
     prefix: int | None = None  # the high 16 bits, between the two levels
     need: int = 0
     ties: TieScan | None = None
-    hist: np.ndarray = field(default=None, repr=False)
+    hist: np.ndarray[Any, Any] | None = field(default=None, repr=False)
 
     @property
     def trims(self) -> bool:
@@ -107,13 +109,25 @@ class Selection:
     def done(self) -> bool:
         return self.threshold is not None
 
+    @property
+    def key_threshold(self) -> int:
+        """The magnitude key at the selection's edge, once it is done."""
+        assert self.threshold is not None, "the selection's histogram passes have not run"
+        return self.threshold
+
+    @property
+    def tie_scan(self) -> TieScan:
+        """Which ties at the edge are kept, once the selection is done."""
+        assert self.ties is not None, "the selection's histogram passes have not run"
+        return self.ties
+
     def __post_init__(self) -> None:
         if self.k >= self.numel:
             self.threshold, self.ties = 0, TieScan(0, 0, self.numel)  # keep all (never consulted)
         elif self.k == 0:
             self.threshold, self.ties = KEEP_NONE, TieScan(0, 0, self.numel)
 
-    def take(self, hist: np.ndarray, level: int) -> None:
+    def take(self, hist: np.ndarray[Any, Any], level: int) -> None:
         """Fold one finished level's histogram into the selection."""
         above = 0
         target = self.k if level == 1 else self.need
@@ -129,18 +143,20 @@ class Selection:
                 # every tie kept keeps exactly the bin and everything above it
                 self.threshold, self.ties = bin_ << 16, TieScan(need, in_bin, self.numel)
         else:
+            assert self.prefix is not None  # level 1 came first
             self.threshold, self.ties = (self.prefix << 16) | bin_, TieScan(need, in_bin, self.numel)
 
     def cutoff(self, block: Block, i: int, fused: bool) -> int:
         """The tie cutoff for model ``i`` in ``block`` (advances the scan: call once per block, in order)."""
         if fused:
-            scan = lambda n: fused_cpu.tie_scan(block.base, block.inputs[i], self.threshold, n)  # noqa: E731
+            def scan(n: int) -> tuple[int, int]:
+                return fused_cpu.tie_scan(block.base, block.inputs[i], self.key_threshold, n)
         else:
             def scan(n: int) -> tuple[int, int]:
-                tied = magnitude_keys(_task_vector(block, i)) == self.threshold
+                tied: torch.Tensor = magnitude_keys(_task_vector(block, i)) == self.key_threshold
                 count = int(tied.sum())
                 return count, int(torch.nonzero(tied).reshape(-1)[n]) if count > n else -1
-        return self.ties.for_block(block.start, block.numel, scan)
+        return self.tie_scan.for_block(block.start, block.numel, scan)
 
 
 def keep_mask(delta: torch.Tensor, threshold: int, cutoff: int, start: int) -> torch.Tensor:
@@ -167,6 +183,7 @@ class HistogramPass(Pass):
     def update(self, block: Block) -> None:
         for i, s in self.selections.items():
             if self.fused:
+                assert s.hist is not None
                 fused_cpu.histogram(block.base, block.inputs[i], self.level, s.prefix or 0, s.hist)
                 continue
             keys = magnitude_keys(_task_vector(block, i))
@@ -177,13 +194,14 @@ class HistogramPass(Pass):
 
     def finish(self) -> None:
         for i, s in self.selections.items():
+            assert s.hist is not None
             if i in self.counts:
                 s.hist += self.counts[i].cpu().numpy()
             s.take(s.hist, self.level)
             s.hist = None
 
 
-def selection_passes(selections: dict[int, Selection], fused: bool):
+def selection_passes(selections: dict[int, Selection], fused: bool) -> Iterator[Pass]:
     """The histogram passes that complete ``selections`` (a generator of ``Pass``, as ``statistics`` yields them)."""
     for level in (1, 2):
         if all(s.done for s in selections.values()):
@@ -204,4 +222,4 @@ def select_mask(tensor: torch.Tensor, k: int, fused: bool = False) -> torch.Tens
     for p in selection_passes({0: s}, fused):
         p.update(block)
         p.finish()
-    return keep_mask(flat, s.threshold, s.cutoff(block, 0, fused), 0).reshape(tensor.shape)
+    return keep_mask(flat, s.key_threshold, s.cutoff(block, 0, fused), 0).reshape(tensor.shape)

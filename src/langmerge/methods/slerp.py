@@ -14,7 +14,17 @@ from collections.abc import Iterator
 
 import torch
 
-from langmerge.methods.base import Block, ChunkRule, Method, MethodParameters, Pass, TensorInfo, TensorMerge, global_field
+from langmerge.methods.base import (
+    Block,
+    ChunkRule,
+    Kernel,
+    Method,
+    MethodParameters,
+    Pass,
+    TensorInfo,
+    TensorMerge,
+    global_field,
+)
 from langmerge.methods.common import finite
 
 SEGMENT = 1 << 20  # mergekit's scratch segment, in entries (one tensor at a time, as merge_tensors and mergekit-yaml run)
@@ -30,17 +40,20 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _segments(block: Block):
+def _segments(block: Block) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The block's 2^20-entry segments (the last one of the tensor may be shorter): (base, other) in the work dtype."""
-    work = _work_dtype(block.base.dtype)
+    base = block.required_base
+    work = _work_dtype(base.dtype)
     for a in range(0, block.numel, SEGMENT):
-        yield (block.base[a : a + SEGMENT].to(work).reshape(1, -1),
+        yield (base[a : a + SEGMENT].to(work).reshape(1, -1),
                block.inputs[0][a : a + SEGMENT].to(work).reshape(1, -1))
 
 
 class _Norms(Pass):
     def __init__(self, merge: SlerpMerge):
-        self.merge, self.base, self.other = merge, [], []
+        self.merge = merge
+        self.base: list[torch.Tensor] = []
+        self.other: list[torch.Tensor] = []
 
     def update(self, block: Block) -> None:
         for x, y in _segments(block):
@@ -57,10 +70,12 @@ class _Norms(Pass):
 
 class _Dots(Pass):
     def __init__(self, merge: SlerpMerge):
-        self.merge, self.parts = merge, []
+        self.merge = merge
+        self.parts: list[torch.Tensor] = []
 
     def update(self, block: Block) -> None:
         m = self.merge
+        assert m.norm_base is not None and m.norm_other is not None  # the norms pass ran first
         for x, y in _segments(block):
             self.parts.append(((x / m.norm_base) * (y / m.norm_other)).sum(dim=1, keepdim=True))
 
@@ -74,8 +89,11 @@ class SlerpMerge(TensorMerge):
     def __init__(self, p: SlerpParameters, tensor: TensorInfo):
         self.t = torch.tensor([[p.t]], dtype=_work_dtype(tensor.dtype), device=tensor.device)
         self.empty = tensor.numel == 0
-        self.norm_base = self.norm_other = None
-        self.coef_base = self.coef_other = None
+        self.norm_base: torch.Tensor | None = None
+        self.norm_other: torch.Tensor | None = None
+        # set by the statistics passes
+        self.coef_base: torch.Tensor | None = None
+        self.coef_other: torch.Tensor | None = None
 
     def statistics(self) -> Iterator[Pass]:
         if self.empty:
@@ -94,11 +112,13 @@ class SlerpMerge(TensorMerge):
 
     def merge(self, block: Block) -> torch.Tensor:
         work = self.t.dtype
-        x, y = block.base.to(work).reshape(1, -1), block.inputs[0].to(work).reshape(1, -1)
-        return finite((self.coef_base * x + self.coef_other * y).reshape(-1).to(block.base.dtype))
+        base = block.required_base
+        assert self.coef_base is not None and self.coef_other is not None  # set by the passes
+        x, y = base.to(work).reshape(1, -1), block.inputs[0].to(work).reshape(1, -1)
+        return finite((self.coef_base * x + self.coef_other * y).reshape(-1).to(base.dtype))
 
 
-class SlerpMethod(Method):
+class SlerpMethod(Method[SlerpParameters]):
     name = "slerp"
     summary = "spherical interpolation from the base (t = 0) to the other model (t = 1)"
     label = "SLERP"
@@ -106,7 +126,8 @@ class SlerpMethod(Method):
     parameter_model = SlerpParameters
     min_models = max_models = 1
 
-    def plan(self, params, tensor, kernel="reference", generators=None) -> TensorMerge:
+    def plan(self, params: SlerpParameters, tensor: TensorInfo, kernel: Kernel = "reference",
+             generators: list[torch.Generator] | None = None) -> TensorMerge:
         return SlerpMerge(params, tensor)
 
 

@@ -29,12 +29,14 @@ from pydantic import create_model
 from langmerge.errors import LangmergeError
 from langmerge.methods import fused_cpu
 from langmerge.methods.base import (
+    BasePolicy,
     Block,
     ChunkRule,
     Kernel,
     Method,
     MethodParameters,
     NonFiniteMerge,
+    ParameterSpec,
     Pass,
     TensorInfo,
     TensorMerge,
@@ -86,7 +88,7 @@ class TensorParameters(MethodParameters):
 
 
 @dataclass(frozen=True, eq=False)
-class TaskVectorMethod(Method):
+class TaskVectorMethod(Method[TensorParameters]):
     """A method of the family: sparsify each task vector, weight, optionally elect signs, sum, add to the base."""
 
     name: str
@@ -119,7 +121,7 @@ class TaskVectorMethod(Method):
         return self.uses_base
 
     @property
-    def base_policy(self) -> str:
+    def base_policy(self) -> BasePolicy:
         # without a base (linear), a named base_model is one more input, as in mergekit
         return "required" if self.uses_base else "input"
 
@@ -150,7 +152,7 @@ class TaskVectorMethod(Method):
         return _parameter_model(self.name, self.default_normalize, self.default_rescale)
 
     @property
-    def parameters(self):
+    def parameters(self) -> dict[str, ParameterSpec]:
         model = self.parameter_model
         specs = model.specs()
         return {model.recipe_name(f): specs[model.recipe_name(f)] for f in self.fields}
@@ -213,8 +215,8 @@ def _parameter_model(name: str, normalize: bool, rescale: bool) -> type[TensorPa
     return create_model(
         "".join(p.title() for p in name.split("_")) + "Parameters",
         __base__=TensorParameters,
-        normalize=(bool, global_field(normalize, help=fields["normalize"].description)),
-        rescale=(bool, global_field(rescale, help=fields["rescale"].description)),
+        normalize=(bool, global_field(normalize, help=fields["normalize"].description or "")),
+        rescale=(bool, global_field(rescale, help=fields["rescale"].description or "")),
     )
 
 
@@ -292,7 +294,7 @@ class BaseCopy(TensorMerge):
     """No model besides the base: the base itself."""
 
     def merge(self, block: Block) -> torch.Tensor:
-        return finite(block.base)
+        return finite(block.required_base)
 
 
 class _L1Pass(Pass):
@@ -304,7 +306,7 @@ class _L1Pass(Pass):
         self.before = {i: ExactL1() for i in self.models}
         self.after = {i: ExactL1() for i in self.models}
         randomized = merge.method.randomized
-        self.states = {i: merge.generators[i].get_state() for i in self.models if randomized}
+        self.states = {i: merge.generator(i).get_state() for i in self.models if randomized}
         # DARE's masks are kept for the merge pass where they fit MASK_CACHE_BYTES (one byte an entry),
         # else the merge pass redraws them from the same stream: the same bits either way
         merge.masks = {} if randomized and merge.tensor.numel * len(self.models) <= MASK_CACHE_BYTES else None
@@ -319,7 +321,7 @@ class _L1Pass(Pass):
         m = self.merge
         for i in self.models:
             if i in self.states and m.masks is None:
-                m.generators[i].set_state(self.states[i])  # the merge pass redraws the same masks
+                m.generator(i).set_state(self.states[i])  # the merge pass redraws the same masks
             m.factors[i] = rescale_factor(self.before[i], self.after[i], m.work_dtype, m.tensor.device)
 
 
@@ -359,6 +361,11 @@ class TaskVectorMerge(TensorMerge):
         """The weights the sign vote multiplies the sparsified task vectors by (``analyze`` tallies with them)."""
         return self.p.weights
 
+    def generator(self, i: int) -> torch.Generator:
+        """Model ``i``'s random stream (a randomized sparsification is planned with one per model)."""
+        assert self.generators is not None, "a randomized merge is planned with its generators"
+        return self.generators[i]
+
     def sparsifies(self, i: int) -> bool:
         if self.method.sparsification in ("magnitude", "magnitude_outliers"):
             return i in self.selections
@@ -382,15 +389,15 @@ class TaskVectorMerge(TensorMerge):
         s = self.selections[i]
         if cutoff is None:
             cutoff = s.cutoff(block, i, fused=self.kernel == "fused")
-        keep = keep_mask(delta, s.threshold, cutoff, block.start)
+        keep = keep_mask(delta, s.key_threshold, cutoff, block.start)
         if i in self.outliers:
             o = self.outliers[i]
-            keep &= ~keep_mask(delta, o.threshold, o.cutoff(block, i, fused=False), block.start)
+            keep &= ~keep_mask(delta, o.key_threshold, o.cutoff(block, i, fused=False), block.start)
         return keep
 
     def masked(self, block: Block, i: int, cutoff: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Model i's task vector on ``block`` in the work dtype, and its sparsified values before any rescale."""
-        delta = block.inputs[i] - block.base
+        delta = block.inputs[i] - block.required_base
         if self.method.sparsification in ("magnitude", "magnitude_outliers"):
             return delta, delta * self._kept(block, i, delta, cutoff)
         density = self.p.densities[i]
@@ -401,9 +408,9 @@ class TaskVectorMerge(TensorMerge):
         else:
             if self.method.sparsification == "della":
                 rows = delta.reshape(-1, *self.tensor.shape[1:]) if len(self.tensor.shape) >= 2 else delta.reshape(1, -1)
-                mask = della_mask(rows, density, self.p.epsilons[i], self.generators[i]).reshape(-1)
+                mask = della_mask(rows, density, self.p.epsilons[i], self.generator(i)).reshape(-1)
             else:
-                mask = draw_mask(delta, density, self.generators[i])
+                mask = draw_mask(delta, density, self.generator(i))
             if self.masks is not None:
                 self.masks[(i, block.start)] = mask.bool()
         original = delta.to(mask.dtype)
@@ -412,16 +419,17 @@ class TaskVectorMerge(TensorMerge):
     def sparsified(self, block: Block) -> torch.Tensor:
         """The stack of sparsified (unweighted) task vectors of ``block``: ``(n_models, numel)``."""
         cutoffs = self.cutoffs(block)
-        deltas = block.base.new_empty((self.m, block.numel))
+        base = block.required_base
+        deltas = base.new_empty((self.m, block.numel))
         for i, x in enumerate(block.inputs):
             if not self.sparsifies(i):
-                deltas[i] = x - block.base
+                deltas[i] = x - base
                 continue
             _, masked = self.masked(block, i, cutoffs.get(i))
             factor = self.factors.get(i)
             if factor is not None:
                 masked = masked * factor
-            deltas[i] = masked.to(block.base.dtype)
+            deltas[i] = masked.to(base.dtype)
         return deltas
 
     # ------------------------------------------------------------------ the merge pass
@@ -433,7 +441,8 @@ class TaskVectorMerge(TensorMerge):
         w = weight_column(self.p.weights, weighted)
         weighted.mul_(w)
         mixed = combine(weighted, w, self.p, self.method.consensus)
-        return finite((block.base + mixed).to(block.base.dtype))
+        base = block.required_base
+        return finite((base + mixed).to(base.dtype))
 
     def trim_arrays(self, block: Block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The fused kernels' view of the trim for ``block``: trimmed per model, key threshold, flat tie cutoff."""
@@ -442,11 +451,11 @@ class TaskVectorMerge(TensorMerge):
         cutoffs = np.zeros(self.m, dtype=np.int64)
         for i, cut in self.cutoffs(block).items():
             s = self.selections[i]
-            trim[i], thresholds[i], cutoffs[i] = 1, s.threshold, cut
+            trim[i], thresholds[i], cutoffs[i] = 1, s.key_threshold, cut
         return trim, thresholds, cutoffs
 
     def _merge_fused(self, block: Block) -> torch.Tensor:
-        base, xs = block.base, block.inputs
+        base, xs = block.required_base, block.inputs
         if self._out is None or self._out.numel() < base.numel():
             self._out = torch.empty(base.numel(), dtype=base.dtype)
         out = self._out[: base.numel()]

@@ -25,10 +25,21 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, RootModel, Tag, ValidationError,
-                      ValidationInfo, field_validator, model_validator)
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    RootModel,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from langmerge.errors import LangmergeError
 from langmerge.input_files import ConfigError, read_config_document, validation_errors
@@ -122,7 +133,7 @@ def _entry_shape(entry: Any) -> Any:
 
 
 SpaceEntry = Annotated[
-    Union[Annotated[ValueList, Tag("values")], Annotated[Range, Tag("range")]],
+    Annotated[ValueList, Tag("values")] | Annotated[Range, Tag("range")],
     Discriminator(_entry_kind),
     BeforeValidator(_entry_shape),
 ]

@@ -18,8 +18,8 @@ from pathlib import Path
 import yaml
 
 from langmerge.errors import LangmergeError
-from langmerge.io.output import OutputAppeared, atomic_output_dir
 from langmerge.evaluation.builtin import bible, cldr, numbers, udhr
+from langmerge.io.output import OutputAppeared, atomic_output_dir
 
 # Bumped whenever a built-in task's data changes (v2: sequence choices leave out the prompt's names;
 # v3: the verse-aligned Bible tasks).
@@ -34,6 +34,17 @@ NO_LANGID = {"ny"}
 class BuiltinTask:
     spec: dict
     build: Callable[[Path], list[dict]]
+
+
+# The builders are looked up when a task is built (the lambdas below), not when the table is made.
+def _cacheless(build: Callable[[str], list[dict]], language: str) -> Callable[[Path], list[dict]]:
+    """The builder of a task of ``language`` that needs no download cache."""
+    return lambda _cache: build(language)
+
+
+def _cached(build: Callable[[str, Path], list[dict]], language: str) -> Callable[[Path], list[dict]]:
+    """The builder of a task of ``language`` that downloads into the cache folder."""
+    return lambda cache_dir: build(language, cache_dir)
 
 
 def cache_root(cache_dir: Path | None = None) -> Path:
@@ -69,27 +80,27 @@ def builtin_tasks() -> dict[str, BuiltinTask]:
         gen = dict(stop=["\n"], few_shot=3, fewshot_delimiter="\n", max_new_tokens=48)
         tasks[f"number_words_{lang}"] = BuiltinTask(
             _gen(f"number_words_{lang}", "number_words", lang, **gen),
-            lambda _cache, lang=lang: numbers.build_number_words(lang))
+            _cacheless(lambda language: numbers.build_number_words(language), lang))
         tasks[f"arith_words_{lang}"] = BuiltinTask(
             _gen(f"arith_words_{lang}", "arith_words", lang, **gen),
-            lambda _cache, lang=lang: numbers.build_arith_words(lang))
+            _cacheless(lambda language: numbers.build_arith_words(language), lang))
         tasks[f"arith_words_mc_{lang}"] = BuiltinTask(
             _mc(f"arith_words_mc_{lang}", "arith_words_mc", lang),
-            lambda _cache, lang=lang: numbers.build_arith_words_mc(lang))
+            _cacheless(lambda language: numbers.build_arith_words_mc(language), lang))
     for lang in udhr.UDHR_CODES:
         tasks[f"udhr_bpc_{lang}"] = BuiltinTask(
             {"name": f"udhr_bpc_{lang}", "kind": "bits_per_char", "family": "udhr_bpc", "language": lang,
              "text_field": "text"},
-            lambda cache_dir, lang=lang: udhr.build_udhr(lang, cache_dir))
+            _cached(lambda language, cache_dir: udhr.build_udhr(language, cache_dir), lang))
     for lang in bible.LANGUAGES:
         tasks[f"verse_cont_{lang}"] = BuiltinTask(
-            _mc(f"verse_cont_{lang}", "verse_cont", lang), lambda _cache, lang=lang: bible.build_verse_cont(lang))
+            _mc(f"verse_cont_{lang}", "verse_cont", lang), _cacheless(lambda language: bible.build_verse_cont(language), lang))
         tasks[f"bible_genre_{lang}"] = BuiltinTask(
-            _mc(f"bible_genre_{lang}", "bible_genre", lang), lambda _cache, lang=lang: bible.build_genre(lang))
+            _mc(f"bible_genre_{lang}", "bible_genre", lang), _cacheless(lambda language: bible.build_genre(language), lang))
         tasks[f"bible_bpc_{lang}"] = BuiltinTask(
             {"name": f"bible_bpc_{lang}", "kind": "bits_per_char", "family": "bible_bpc", "language": lang,
              "text_field": "text"},
-            lambda _cache, lang=lang: bible.build_bible_bpc(lang))
+            _cacheless(lambda language: bible.build_bible_bpc(language), lang))
     return tasks
 
 

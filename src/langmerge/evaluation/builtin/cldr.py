@@ -26,7 +26,7 @@ RUN_LENGTHS = (2, 3, 4)
 
 def _babel_locale(language: str):
     try:
-        from babel import Locale
+        from babel import Locale  # optional (the eval extra)
     except ImportError:
         raise LangmergeError("built-in day/month tasks need babel: pip install babel") from None
     return Locale.parse(CLDR_LOCALES[language])

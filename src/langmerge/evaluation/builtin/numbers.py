@@ -17,7 +17,7 @@ N_EXAMPLES = 40
 
 def number_words(n: int, language: str) -> str:
     try:
-        from num2words import num2words
+        from num2words import num2words  # optional (the eval extra)
     except ImportError:
         raise LangmergeError("built-in number-word tasks need num2words: pip install num2words") from None
     return num2words(n, lang=language)
