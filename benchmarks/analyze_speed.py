@@ -47,11 +47,27 @@ def main() -> None:
 
             os.environ["OMP_NUM_THREADS"] = str(args.threads)  # analyze has no --threads; torch reads this
         one = run_measured([exe, "analyze", str(recipe), "-o", str(work / "a1"), "--no-progress"])
-        many = run_measured([exe, "analyze", str(recipe), "-o", str(work / "a2"), "--no-progress",
-                             "--slack", args.slack, "--protect", "sft"])
+        many = run_measured(
+            [
+                exe,
+                "analyze",
+                str(recipe),
+                "-o",
+                str(work / "a2"),
+                "--no-progress",
+                "--slack",
+                args.slack,
+                "--protect",
+                "sft",
+            ]
+        )
         n_slacks = len(args.slack.split(","))
         print(f"\n{'command':<36}{'seconds':>9}{'peak GB':>9}{'time ratio':>12}{'mem ratio':>11}")
-        rows = [("merge (ties)", merge), ("analyze (recipe's slack)", one), (f"analyze ({n_slacks} slacks, one pass)", many)]
+        rows = [
+            ("merge (ties)", merge),
+            ("analyze (recipe's slack)", one),
+            (f"analyze ({n_slacks} slacks, one pass)", many),
+        ]
         for name, (wall, rss) in rows:
             print(f"{name:<36}{wall:>9.1f}{rss:>9.2f}{wall / merge[0]:>11.2f}x{rss / merge[1]:>10.2f}x")
         print("\ntime ratio = command time / ties merge time; mem ratio = peak RSS / ties merge peak RSS")

@@ -60,23 +60,39 @@ def main() -> None:
 
     rows = [("base", 0, bpc(base), 0.0)]
     for lr in (float(x) for x in args.lrs.split(",")):
-        opts = TrainOptions(seq_len=args.seq_len, batch_size=args.batch_size, micro_batch_size=args.batch_size,
-                            lr=lr, min_lr=lr, warmup=0, precision="bf16", checkpoint_every=0)
+        opts = TrainOptions(
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            micro_batch_size=args.batch_size,
+            lr=lr,
+            min_lr=lr,
+            warmup=0,
+            precision="bf16",
+            checkpoint_every=0,
+        )
         with tempfile.TemporaryDirectory(prefix="ct-lr-") as tmp:
             start, wall = cpu_seconds(), time.perf_counter()
             out = Path(tmp) / "ct"
-            train_ct(base, [text], budgets[-1], out, save_at=budgets[:-1], replay=[replay], options=opts,
-                     progress=False)
+            train_ct(
+                base, [text], budgets[-1], out, save_at=budgets[:-1], replay=[replay], options=opts, progress=False
+            )
             seconds = cpu_seconds() - start
             for b in budgets:
                 folder = out if b == budgets[-1] else out / f"tokens-{format_token_count(b)}"
                 rows.append((f"lr {lr:g}", b, bpc(folder), seconds))
-            print(f"lr {lr:g}: CT to {budgets[-1]:,} tokens took {seconds:.0f} CPU s "
-                  f"({time.perf_counter() - wall:.0f} s wall)", flush=True)
+            print(
+                f"lr {lr:g}: CT to {budgets[-1]:,} tokens took {seconds:.0f} CPU s "
+                f"({time.perf_counter() - wall:.0f} s wall)",
+                flush=True,
+            )
     print("| run | CT tokens | " + " | ".join(tasks) + " |")
     print("|---|---:|" + "---:|" * len(tasks))
     for name, b, values, _ in rows:
-        print(f"| {name} | {format_token_count(b) if b else '—'} | " + " | ".join(f"{values[t]:.3f}" for t in tasks) + " |")
+        print(
+            f"| {name} | {format_token_count(b) if b else '—'} | "
+            + " | ".join(f"{values[t]:.3f}" for t in tasks)
+            + " |"
+        )
 
 
 if __name__ == "__main__":

@@ -32,20 +32,28 @@ def lm_eval_task_folder(task, folder: Path) -> Path:
     """The langmerge task as an lm-eval task over local JSONL (same prompt, choices and answers)."""
     spec = task.spec
     docs = [ex.doc for ex in task.examples]
-    (folder / "data.jsonl").write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    (folder / "data.jsonl").write_text(
+        "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8"
+    )
     jinja_prompt = spec.prompt.replace("{", "{{").replace("}", "}}")
-    (folder / "task.yaml").write_text(yaml.safe_dump({
-        "task": "langmerge_bench",
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(folder / "data.jsonl")}},
-        "test_split": "test",
-        "output_type": "multiple_choice",
-        "doc_to_text": jinja_prompt,
-        "doc_to_choice": "{{" + spec.choices_field + "}}",
-        "doc_to_target": "{{" + spec.answer_field + "}}",
-        "target_delimiter": spec.target_delimiter,
-        "metric_list": [{"metric": "acc"}],
-    }, allow_unicode=True), encoding="utf-8")
+    (folder / "task.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "task": "langmerge_bench",
+                "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {"test": str(folder / "data.jsonl")}},
+                "test_split": "test",
+                "output_type": "multiple_choice",
+                "doc_to_text": jinja_prompt,
+                "doc_to_choice": "{{" + spec.choices_field + "}}",
+                "doc_to_target": "{{" + spec.answer_field + "}}",
+                "target_delimiter": spec.target_delimiter,
+                "metric_list": [{"metric": "acc"}],
+            },
+            allow_unicode=True,
+        ),
+        encoding="utf-8",
+    )
     return folder
 
 
@@ -64,8 +72,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="langmerge-evalbench-") as tmp:
         tmp = Path(tmp)
-        model_dir = Path(args.model) if args.model else write_model(
-            tmp / "model", LlamaShape(hidden=512, intermediate=1024, layers=4, heads=8, kv_heads=4, vocab=32000), seed=0)
+        model_dir = (
+            Path(args.model)
+            if args.model
+            else write_model(
+                tmp / "model",
+                LlamaShape(hidden=512, intermediate=1024, layers=4, heads=8, kv_heads=4, vocab=32000),
+                seed=0,
+            )
+        )
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         tok = AutoTokenizer.from_pretrained(model_dir)
         (task,) = resolve_tasks([args.task])
@@ -77,10 +92,14 @@ def main() -> None:
         resolved = resolve_lm_eval_tasks(["langmerge_bench"], [lm_eval_task_folder(task, tmp / "lm")])
 
         def ours():
-            return evaluate(model, [task], tokenizer=tok, batch_size=args.batch_size, progress=False)["tasks"][task.name]["metrics"]["acc"]
+            return evaluate(model, [task], tokenizer=tok, batch_size=args.batch_size, progress=False)["tasks"][
+                task.name
+            ]["metrics"]["acc"]
 
         def theirs():
-            return run_lm_eval(model, tok, [], batch_size=args.batch_size, resolved=resolved)["results"]["langmerge_bench"]["acc,none"]
+            return run_lm_eval(model, tok, [], batch_size=args.batch_size, resolved=resolved)["results"][
+                "langmerge_bench"
+            ]["acc,none"]
 
         timings = {}
         accs = {}
@@ -94,9 +113,11 @@ def main() -> None:
             timings[name] = best
 
     params = sum(p.numel() for p in model.parameters())
-    print(f"model: {model_dir if args.model else 'generated Llama-shaped'} ({params / 1e6:.1f}M parameters, "
-          f"vocabulary {model.config.vocab_size}), task {task.name}: {n} examples, {n_requests} scored choices, "
-          f"batch size {args.batch_size}, torch threads {torch.get_num_threads()}")
+    print(
+        f"model: {model_dir if args.model else 'generated Llama-shaped'} ({params / 1e6:.1f}M parameters, "
+        f"vocabulary {model.config.vocab_size}), task {task.name}: {n} examples, {n_requests} scored choices, "
+        f"batch size {args.batch_size}, torch threads {torch.get_num_threads()}"
+    )
     for name in ("langmerge", "lm-eval"):
         print(f"{name:10s} {timings[name]:7.2f} s  {n / timings[name]:8.1f} examples/s  acc {accs[name]:.4f}")
     print(f"ratio (langmerge speed / lm-eval speed): {timings['lm-eval'] / timings['langmerge']:.2f}x")

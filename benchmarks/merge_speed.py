@@ -78,22 +78,30 @@ def _models(p: dict[str, Path], params: dict) -> list[dict]:
 RECIPES = {
     "linear": lambda p: {"merge_method": "linear", "models": _models(p, {"weight": 0.5}), "dtype": "bfloat16"},
     "task_arithmetic": lambda p: {
-        "merge_method": "task_arithmetic", "base_model": str(p["base"]), "models": _models(p, {"weight": 0.5}),
+        "merge_method": "task_arithmetic",
+        "base_model": str(p["base"]),
+        "models": _models(p, {"weight": 0.5}),
         "dtype": "bfloat16",
     },
     "ties": lambda p: {
-        "merge_method": "ties", "base_model": str(p["base"]), "models": _models(p, {"weight": 1.0, "density": 0.5}),
+        "merge_method": "ties",
+        "base_model": str(p["base"]),
+        "models": _models(p, {"weight": 1.0, "density": 0.5}),
         "dtype": "bfloat16",
     },
     "ties_sv": lambda p: {
-        "merge_method": "ties_sv", "base_model": str(p["base"]), "models": _models(p, {"weight": 1.0, "density": 0.5}),
-        "parameters": {"slack": 1.0, "protect": [str(p["sft"])]}, "dtype": "bfloat16",
+        "merge_method": "ties_sv",
+        "base_model": str(p["base"]),
+        "models": _models(p, {"weight": 1.0, "density": 0.5}),
+        "parameters": {"slack": 1.0, "protect": [str(p["sft"])]},
+        "dtype": "bfloat16",
     },
 }
 MERGEKIT_STAND_IN = {"ties_sv": "ties"}  # mergekit has no TIES-SV: its TIES does the same work but the slack
 DEFAULT_METHODS = "linear,task_arithmetic,ties,ties_sv"
-EMBEDDING_TRIO = LlamaShape(hidden=4096, intermediate=1024, layers=1, heads=32, kv_heads=8, vocab=128256,
-                            max_positions=2048)
+EMBEDDING_TRIO = LlamaShape(
+    hidden=4096, intermediate=1024, layers=1, heads=32, kv_heads=8, vocab=128256, max_positions=2048
+)
 
 
 def cache_dir() -> Path:
@@ -117,8 +125,11 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 def run_child(cmd: list[str]) -> tuple[float, float, str]:
     """Wall seconds, peak RSS (GB) and standard output of one command, spawned by a small launcher."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
-            tempfile.NamedTemporaryFile("r", suffix=".maxrss") as rss:  # files: a chatty child cannot block
+    with (
+        tempfile.TemporaryFile() as out,
+        tempfile.TemporaryFile() as err,
+        tempfile.NamedTemporaryFile("r", suffix=".maxrss") as rss,
+    ):  # files: a chatty child cannot block
         start = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, rss.name, *cmd], stdout=out, stderr=err)
         proc.wait()
@@ -165,7 +176,12 @@ def ensure_embedding_trio() -> dict[str, Path]:
 # ----------------------------------------------------------------------------- the kernels alone
 
 TRIO_SHAPES = {  # the 1.1B trio's tensors: shape -> how many
-    (32000, 2048): 2, (5632, 2048): 44, (2048, 5632): 22, (2048, 2048): 44, (256, 2048): 44, (2048,): 45,
+    (32000, 2048): 2,
+    (5632, 2048): 44,
+    (2048, 5632): 22,
+    (2048, 2048): 44,
+    (256, 2048): 44,
+    (2048,): 45,
 }
 BIG_EMBEDDING = (128256, 4096)
 KERNEL_METHODS = ("linear", "task_arithmetic", "ties", "ties_sv", "dare_ties")
@@ -250,9 +266,11 @@ def kernels_main(args) -> None:
 
     dtype = torch.bfloat16
     read_gbs, write_gbs = io_rates(cache_dir().parent if cache_dir().parent.exists() else Path(tempfile.gettempdir()))
-    print(f"I/O: read {read_gbs:.2f} GB/s (page cache), write {write_gbs:.2f} GB/s (fsync); "
-          f"chunks of {args.chunk_mb} MiB per input; {torch.get_num_threads()} threads; fused kernels "
-          f"{'built' if fused_cpu.available() else 'NOT built'}\n")
+    print(
+        f"I/O: read {read_gbs:.2f} GB/s (page cache), write {write_gbs:.2f} GB/s (fsync); "
+        f"chunks of {args.chunk_mb} MiB per input; {torch.get_num_threads()} threads; fused kernels "
+        f"{'built' if fused_cpu.available() else 'NOT built'}\n"
+    )
     methods = args.methods.split(",") if args.methods != DEFAULT_METHODS else list(KERNEL_METHODS)
     shapes = list(TRIO_SHAPES) + ([] if args.skip_big else [BIG_EMBEDDING])
     chunk_bytes = args.chunk_mb << 20
@@ -272,15 +290,19 @@ def kernels_main(args) -> None:
                         cold = time_kernel(method, kernel, shape, chunk_bytes, dtype)[0]
                     wall, cpu = time_kernel(method, kernel, shape, chunk_bytes, dtype)
                     if first:
-                        print(f"{'':<16}{kernel:<10}first call in the process {cold:.3f} s, second {wall:.3f} s "
-                              f"({cold / wall:.2f}x)")
+                        print(
+                            f"{'':<16}{kernel:<10}first call in the process {cold:.3f} s, second {wall:.3f} s "
+                            f"({cold / wall:.2f}x)"
+                        )
                         first = False
                     floor = (3 if m.uses_base else 2) * out_bytes / read_gbs / 1e9 + out_bytes / write_gbs / 1e9
                     mk = ""
                     if args.mergekit and shape != BIG_EMBEDDING:
                         mk = f"{time_mergekit(method, shape, dtype) / wall:.1f}x"
-                    print(f"{method:<16}{kernel:<10}{'x'.join(map(str, shape)):<15}{out_bytes / wall / 1e9:>7.2f}"
-                          f"{cpu / (out_bytes / 1e9):>9.2f}{wall / floor:>8.2f}x{mk:>10}")
+                    print(
+                        f"{method:<16}{kernel:<10}{'x'.join(map(str, shape)):<15}{out_bytes / wall / 1e9:>7.2f}"
+                        f"{cpu / (out_bytes / 1e9):>9.2f}{wall / floor:>8.2f}x{mk:>10}"
+                    )
                     if shape in TRIO_SHAPES:
                         k = model.setdefault((method, kernel), [0.0, 0.0, 0])
                         k[0] += TRIO_SHAPES[shape] * wall
@@ -288,10 +310,14 @@ def kernels_main(args) -> None:
                         k[2] += TRIO_SHAPES[shape] * out_bytes
     print("\nthe 1.1B trio (every tensor, kernels only, no I/O):")
     for (method, kernel), (wall, floor, out_bytes) in model.items():
-        print(f"  {method:<16}{kernel:<10}{wall:7.1f} s  {out_bytes / wall / 1e9:5.2f} GB/s of output  "
-              f"{wall / floor:5.2f}x the I/O floor ({floor:.1f} s)")
-    print("\nvs floor = kernel time / (read the inputs + write the output at the rates above);"
-          " mergekit = mergekit time / langmerge time, same tensor")
+        print(
+            f"  {method:<16}{kernel:<10}{wall:7.1f} s  {out_bytes / wall / 1e9:5.2f} GB/s of output  "
+            f"{wall / floor:5.2f}x the I/O floor ({floor:.1f} s)"
+        )
+    print(
+        "\nvs floor = kernel time / (read the inputs + write the output at the rates above);"
+        " mergekit = mergekit time / langmerge time, same tensor"
+    )
 
 
 # ----------------------------------------------------------------------------- whole merges
@@ -348,8 +374,15 @@ def langmerge_run(recipe: Path, out: Path, args) -> dict:
     if summary is None or timings is None:
         raise SystemExit(f"cannot read the merge's report from its output:\n{stdout}")
     read, compute, write, wait = map(float, timings.groups())
-    return {"wall": wall, "rss": rss, "merge": float(summary.group(3)), "read": read, "compute": compute,
-            "write": write, "idle": wait}
+    return {
+        "wall": wall,
+        "rss": rss,
+        "merge": float(summary.group(3)),
+        "read": read,
+        "compute": compute,
+        "write": write,
+        "idle": wait,
+    }
 
 
 def mergekit_run(recipe: Path, out: Path, args) -> dict:
@@ -364,8 +397,9 @@ def bench_trio(name: str, paths: dict[str, Path], methods: list[str], with_merge
     work = Path(tempfile.mkdtemp(prefix="langmerge-bench-", dir=paths["base"].parent.parent))
     try:
         inputs = {b: [paths[k] for k in (("base", "ct", "sft") if b else ("ct", "sft"))] for b in (False, True)}
-        print(f"\ntrio {name}: {params / 1e9:.2f}B parameters a model, bf16, {out_bytes / 1e9:.2f} GB a model",
-              flush=True)
+        print(
+            f"\ntrio {name}: {params / 1e9:.2f}B parameters a model, bf16, {out_bytes / 1e9:.2f} GB a model", flush=True
+        )
         rows, theirs_done = [], {}
         for method in methods:
             recipe = work / f"{method}.yaml"
@@ -386,26 +420,37 @@ def bench_trio(name: str, paths: dict[str, Path], methods: list[str], with_merge
                     theirs_done[theirs] = mergekit_run(mk_recipe, work / "mk", args)
                 mk = theirs_done[theirs]
             rows.append((method, cold, warm, mk, floor))
-            print(f"  {method}: langmerge {warm['wall']:.1f} s (cold {cold['wall']:.1f} s), I/O floor {floor:.1f} s"
-                  + (f", mergekit {mk['wall']:.1f} s" if mk else ""), flush=True)
+            print(
+                f"  {method}: langmerge {warm['wall']:.1f} s (cold {cold['wall']:.1f} s), I/O floor {floor:.1f} s"
+                + (f", mergekit {mk['wall']:.1f} s" if mk else ""),
+                flush=True,
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     nan = float("nan")
-    print(f"\n{'method':<16}{'langmerge s':>12}{'GB':>6}{'mergekit s':>11}{'GB':>6}{'speed-up':>9}{'mem':>7}"
-          f"{'floor s':>8}{'merge/floor':>12}{'wall/floor':>11}{'cold/warm':>10}")
+    print(
+        f"\n{'method':<16}{'langmerge s':>12}{'GB':>6}{'mergekit s':>11}{'GB':>6}{'speed-up':>9}{'mem':>7}"
+        f"{'floor s':>8}{'merge/floor':>12}{'wall/floor':>11}{'cold/warm':>10}"
+    )
     for method, cold, warm, mk, floor in rows:
         mw, mr = (mk["wall"], mk["rss"]) if mk else (nan, nan)
-        print(f"{method:<16}{warm['wall']:>12.1f}{warm['rss']:>6.2f}{mw:>11.1f}{mr:>6.2f}{mw / warm['wall']:>8.1f}x"
-              f"{warm['rss'] / mr:>6.2f}x{floor:>8.1f}{warm['merge'] / floor:>11.2f}x{warm['wall'] / floor:>10.2f}x"
-              f"{cold['wall'] / warm['wall']:>9.2f}x")
+        print(
+            f"{method:<16}{warm['wall']:>12.1f}{warm['rss']:>6.2f}{mw:>11.1f}{mr:>6.2f}{mw / warm['wall']:>8.1f}x"
+            f"{warm['rss'] / mr:>6.2f}x{floor:>8.1f}{warm['merge'] / floor:>11.2f}x{warm['wall'] / floor:>10.2f}x"
+            f"{cold['wall'] / warm['wall']:>9.2f}x"
+        )
     print("\nwhere langmerge's time went (warm run, seconds): the executor's threads, then the rest")
-    print(f"{'method':<16}{'process':>8}{'merge':>7}{'read':>7}{'compute':>8}{'write':>7}{'idle':>6}{'plan+meta':>10}"
-          f"{'start-up':>9}")
+    print(
+        f"{'method':<16}{'process':>8}{'merge':>7}{'read':>7}{'compute':>8}{'write':>7}{'idle':>6}{'plan+meta':>10}"
+        f"{'start-up':>9}"
+    )
     for method, _, warm, _, _ in rows:
         rest = warm["merge"] - warm["compute"] - warm["idle"]
-        print(f"{method:<16}{warm['wall']:>8.1f}{warm['merge']:>7.1f}{warm['read']:>7.1f}{warm['compute']:>8.1f}"
-              f"{warm['write']:>7.1f}{warm['idle']:>6.1f}{rest:>10.1f}{warm['wall'] - warm['merge']:>9.1f}")
+        print(
+            f"{method:<16}{warm['wall']:>8.1f}{warm['merge']:>7.1f}{warm['read']:>7.1f}{warm['compute']:>8.1f}"
+            f"{warm['write']:>7.1f}{warm['idle']:>6.1f}{rest:>10.1f}{warm['wall'] - warm['merge']:>9.1f}"
+        )
 
 
 def main() -> None:
@@ -414,16 +459,24 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=TINYLLAMA_1B.layers, help="layers of the 1b trio")
     ap.add_argument("--methods", default=DEFAULT_METHODS)
     ap.add_argument("--skip-mergekit", action="store_true")
-    ap.add_argument("--mergekit-trios", default=None,
-                    help="run mergekit on these trios only (default: all; its TIES on the embedding trio peaks near 20 GB)")
+    ap.add_argument(
+        "--mergekit-trios",
+        default=None,
+        help="run mergekit on these trios only (default: all; its TIES on the embedding trio peaks near 20 GB)",
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--memory", default=None, help="langmerge merge --memory (default: its default)")
     ap.add_argument("--kernels", action="store_true", help="time the per-chunk kernels alone (no trio is built)")
     ap.add_argument("--chunk-mb", type=int, default=8, help="--kernels: chunk size per input, MiB")
     ap.add_argument("--skip-big", action="store_true", help="--kernels: leave out the 128256 x 4096 embedding")
-    ap.add_argument("--mergekit", action="store_true", help="--kernels: time mergekit's merge_tensors on the same tensors")
-    ap.add_argument("--reference", action="store_true",
-                    help="--kernels: time the reference kernel too where a merge plans the fused one (slow)")
+    ap.add_argument(
+        "--mergekit", action="store_true", help="--kernels: time mergekit's merge_tensors on the same tensors"
+    )
+    ap.add_argument(
+        "--reference",
+        action="store_true",
+        help="--kernels: time the reference kernel too where a merge plans the fused one (slow)",
+    )
     args = ap.parse_args()
     if args.kernels:
         kernels_main(args)
@@ -433,7 +486,9 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--methods: no benchmark recipe for {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
     trios = args.trios.split(",")
-    mergekit_trios = set() if args.skip_mergekit else set(args.mergekit_trios.split(",") if args.mergekit_trios else trios)
+    mergekit_trios = (
+        set() if args.skip_mergekit else set(args.mergekit_trios.split(",") if args.mergekit_trios else trios)
+    )
     builders = {"1b": lambda: ensure_trio(args.layers), "embedding": ensure_embedding_trio}
     for name in trios:
         if name not in builders:

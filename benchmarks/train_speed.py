@@ -35,9 +35,15 @@ LINES = [
 
 
 def run_langmerge(base: Path, text: Path, tokens: int, args, work: Path, repeat_index: int) -> float:
-    opts = TrainOptions(seq_len=args.seq_len, batch_size=args.batch_size, micro_batch_size=args.batch_size, lr=1e-4,
-                        warmup=0.1, checkpoint_every=0,
-                        precision="bf16" if args.device == "cuda" else "fp32")
+    opts = TrainOptions(
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        micro_batch_size=args.batch_size,
+        lr=1e-4,
+        warmup=0.1,
+        checkpoint_every=0,
+        precision="bf16" if args.device == "cuda" else "fp32",
+    )
     result = train_ct(base, [text], tokens, work / f"lm-{repeat_index}", options=opts, force=True, progress=False)
     return result.tokens_seen / result.seconds
 
@@ -69,10 +75,22 @@ def run_trainer(base: Path, text: Path, tokens: int, args, work: Path, repeat_in
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     targs = TrainingArguments(
-        output_dir=str(work / f"hf-{repeat_index}"), per_device_train_batch_size=args.batch_size, num_train_epochs=1,
-        learning_rate=1e-4, lr_scheduler_type="cosine", warmup_steps=max(1, plan.steps // 10), weight_decay=0.0,
-        max_grad_norm=1.0, save_strategy="no", report_to=[], logging_strategy="no", disable_tqdm=True,
-        dataloader_num_workers=0, use_cpu=args.device == "cpu", bf16=args.device == "cuda", seed=0,
+        output_dir=str(work / f"hf-{repeat_index}"),
+        per_device_train_batch_size=args.batch_size,
+        num_train_epochs=1,
+        learning_rate=1e-4,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, plan.steps // 10),
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        save_strategy="no",
+        report_to=[],
+        logging_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        use_cpu=args.device == "cpu",
+        bf16=args.device == "cuda",
+        seed=0,
     )
     trainer = Trainer(model=model, args=targs, train_dataset=Packed(), data_collator=collate)
     t0 = time.perf_counter()
@@ -97,8 +115,14 @@ def main() -> None:
         raise SystemExit("no GPU here")
 
     work = Path(tempfile.mkdtemp(prefix="langmerge-train-speed-"))
-    shape = LlamaShape(hidden=args.hidden, intermediate=args.hidden * 11 // 4, layers=args.layers,
-                       heads=max(1, args.hidden // 64), kv_heads=max(1, args.hidden // 128), max_positions=max(512, args.seq_len))
+    shape = LlamaShape(
+        hidden=args.hidden,
+        intermediate=args.hidden * 11 // 4,
+        layers=args.layers,
+        heads=max(1, args.hidden // 64),
+        kv_heads=max(1, args.hidden // 128),
+        max_positions=max(512, args.seq_len),
+    )
     base = write_model(work / "base", shape, seed=0)
     tokens = args.steps * args.batch_size * args.seq_len
     text = work / "corpus.txt"
@@ -113,16 +137,29 @@ def main() -> None:
         rates["langmerge"].append(run_langmerge(base, text, tokens, args, work, r))
     best = {k: max(v) for k, v in rates.items()}
     ratio = best["langmerge"] / best["transformers.Trainer"]
-    print(f"model: Llama-shaped, {n_params / 1e6:.1f}M parameters, hidden {args.hidden}, {args.layers} layers; "
-          f"{args.steps} steps x {args.batch_size} x {args.seq_len} tokens = {tokens:,} tokens; device {args.device}; "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"model: Llama-shaped, {n_params / 1e6:.1f}M parameters, hidden {args.hidden}, {args.layers} layers; "
+        f"{args.steps} steps x {args.batch_size} x {args.seq_len} tokens = {tokens:,} tokens; device {args.device}; "
+        f"torch threads {torch.get_num_threads()}"
+    )
     print(f"{'loop':<22}{'tokens/s (best)':>16}   all runs")
     for name, values in rates.items():
         print(f"{name:<22}{best[name]:>16,.0f}   " + ", ".join(f"{v:,.0f}" for v in values))
     print(f"ratio langmerge / Trainer: {ratio:.3f}")
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "parameters": n_params,
-                                         "tokens": tokens, "rates": rates, "best": best, "ratio": ratio}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "parameters": n_params,
+                    "tokens": tokens,
+                    "rates": rates,
+                    "best": best,
+                    "ratio": ratio,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,17 @@ def ct_model(root: Path, scale: float, tokens: int | None = None) -> Path:
     return folder
 
 
-def recipe(paths: dict[str, Path], method: str = "ties_sv", *, slack: float | None = 1.0, ct_density: float = 0.5,
-           sft_density: float = 0.5, weights=(1.0, 1.0), dtype: str = "float32", ct: Path | None = None) -> dict:
+def recipe(
+    paths: dict[str, Path],
+    method: str = "ties_sv",
+    *,
+    slack: float | None = 1.0,
+    ct_density: float = 0.5,
+    sft_density: float = 0.5,
+    weights=(1.0, 1.0),
+    dtype: str = "float32",
+    ct: Path | None = None,
+) -> dict:
     out = {
         "merge_method": method,
         "base_model": str(paths["base"]),

@@ -59,7 +59,13 @@ def make_extended_trio(root: Path, shape: LlamaShape = SHAPE) -> dict[str, Path]
 
 def recipe(paths: dict[str, Path], method: str = "task_arithmetic", weights=(0.7, 0.5), **extra) -> dict:
     models = [
-        {"model": str(paths["ct"]), "parameters": {"weight": weights[0], **({"density": 0.5} if "ties" in method else {})}},
-        {"model": str(paths["sft"]), "parameters": {"weight": weights[1], **({"density": 0.5} if "ties" in method else {})}},
+        {
+            "model": str(paths["ct"]),
+            "parameters": {"weight": weights[0], **({"density": 0.5} if "ties" in method else {})},
+        },
+        {
+            "model": str(paths["sft"]),
+            "parameters": {"weight": weights[1], **({"density": 0.5} if "ties" in method else {})},
+        },
     ]
     return {"merge_method": method, "base_model": str(paths["base"]), "models": models, "dtype": "float32", **extra}

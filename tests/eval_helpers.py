@@ -33,8 +33,10 @@ def write_task(folder: Path, spec: dict, docs: list[dict] | str) -> Path:
     """A task YAML plus its JSONL data (``docs`` as raw text writes the file verbatim)."""
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / f"{spec['name']}.jsonl"
-    data.write_text(docs if isinstance(docs, str) else "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs),
-                    encoding="utf-8")
+    data.write_text(
+        docs if isinstance(docs, str) else "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs),
+        encoding="utf-8",
+    )
     path = folder / f"{spec['name']}.yaml"
     path.write_text(yaml.safe_dump({"data": data.name, **spec}, allow_unicode=True), encoding="utf-8")
     return path

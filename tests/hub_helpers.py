@@ -45,7 +45,9 @@ class FakeHub:
     def push(self, repo_id: str, files: dict[str, bytes], *, refs: tuple[str, ...] = ("main",)) -> str:
         """Add a commit holding ``files`` and point ``refs`` at it; returns its 40-hex commit hash."""
         repo = self.repos.setdefault(repo_id, Repo())
-        digest = hashlib.sha1(repo_id.encode() + json.dumps(sorted((k, hashlib.sha256(v).hexdigest()) for k, v in files.items())).encode())
+        digest = hashlib.sha1(
+            repo_id.encode() + json.dumps(sorted((k, hashlib.sha256(v).hexdigest()) for k, v in files.items())).encode()
+        )
         commit = digest.hexdigest()
         repo.commits[commit] = dict(files)
         for ref in refs:
@@ -121,11 +123,23 @@ class FakeHub:
             return self._send(req, 404, b'{"error": "Invalid rev id"}', {"X-Error-Code": "RevisionNotFound"})
         files = repo.commits[commit]
         if rest[0] == "revision":
-            siblings = [{"rfilename": p, "size": len(b), "blobId": hashlib.sha1(b).hexdigest()} for p, b in sorted(files.items())]
-            body = {"id": repo_id, "modelId": repo_id, "sha": commit, "private": False,
-                    "gated": "auto" if repo.gated_token else False, "siblings": siblings}
+            siblings = [
+                {"rfilename": p, "size": len(b), "blobId": hashlib.sha1(b).hexdigest()}
+                for p, b in sorted(files.items())
+            ]
+            body = {
+                "id": repo_id,
+                "modelId": repo_id,
+                "sha": commit,
+                "private": False,
+                "gated": "auto" if repo.gated_token else False,
+                "siblings": siblings,
+            }
         else:
-            body = [{"type": "file", "path": p, "size": len(b), "oid": hashlib.sha1(b).hexdigest()} for p, b in sorted(files.items())]
+            body = [
+                {"type": "file", "path": p, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                for p, b in sorted(files.items())
+            ]
         self._send(req, 200, json.dumps(body).encode(), {"Content-Type": "application/json"})
 
     def _file(self, req, repo_id: str, revision: str, name: str, head: bool) -> None:
@@ -133,7 +147,13 @@ class FakeHub:
         if repo is None:
             return self._send(req, 404, b"", {"X-Error-Code": "RepoNotFound"}, head)
         if repo.gated_token and req.headers.get("Authorization") != f"Bearer {repo.gated_token}":
-            return self._send(req, 403, b"", {"X-Error-Code": "GatedRepo", "X-Error-Message": "Access to this model is restricted"}, head)
+            return self._send(
+                req,
+                403,
+                b"",
+                {"X-Error-Code": "GatedRepo", "X-Error-Message": "Access to this model is restricted"},
+                head,
+            )
         commit = self._commit(repo, revision)
         if commit is None:
             return self._send(req, 404, b"", {"X-Error-Code": "RevisionNotFound"}, head)
@@ -141,7 +161,13 @@ class FakeHub:
         if data is None:
             return self._send(req, 404, b"", {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": commit}, head)
         etag = hashlib.sha256(data).hexdigest() if name.endswith(".safetensors") else hashlib.sha1(data).hexdigest()
-        self._send(req, 200, data, {"X-Repo-Commit": commit, "ETag": f'"{etag}"', "Content-Type": "application/octet-stream"}, head)
+        self._send(
+            req,
+            200,
+            data,
+            {"X-Repo-Commit": commit, "ETag": f'"{etag}"', "Content-Type": "application/octet-stream"},
+            head,
+        )
 
     @staticmethod
     def _send(req, status: int, body: bytes, headers: dict[str, str], head: bool = False) -> None:

@@ -35,7 +35,10 @@ def write_recipe(path: Path, models: dict[str, Path], method: str = "ties") -> P
     recipe = {
         "merge_method": method,
         "base_model": str(models["base"]),
-        "models": [{"model": str(models["ct"]), "parameters": params}, {"model": str(models["sft"]), "parameters": params}],
+        "models": [
+            {"model": str(models["ct"]), "parameters": params},
+            {"model": str(models["sft"]), "parameters": params},
+        ],
         "dtype": "float32",
     }
     path.write_text(yaml.safe_dump(recipe))
@@ -64,8 +67,14 @@ def listing(folder: Path) -> list[str]:
 
 def langmerge(*args, **popen) -> subprocess.Popen:
     """``python -m langmerge ARGS`` as a child process (stdout and stderr captured)."""
-    return subprocess.Popen([sys.executable, "-m", "langmerge", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "langmerge", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        **popen,
+    )
 
 
 def run_langmerge(*args, timeout: float = 600, **popen) -> tuple[int, str, str]:
@@ -74,8 +83,9 @@ def run_langmerge(*args, timeout: float = 600, **popen) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
-def wait_for_partial(parent: Path, out_name: str, proc: subprocess.Popen, file: str = "model.safetensors",
-                     timeout: float = 300) -> Path:
+def wait_for_partial(
+    parent: Path, out_name: str, proc: subprocess.Popen, file: str = "model.safetensors", timeout: float = 300
+) -> Path:
     """The partial folder of ``proc``'s output, once ``file`` has appeared in it (the merge is writing)."""
     deadline = time.monotonic() + timeout
     prefix = f".{out_name}.partial-"

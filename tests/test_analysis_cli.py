@@ -54,7 +54,9 @@ def test_several_ct_budgets_give_the_sft_loss_against_tokens(trio, tmp_path):
     assert (out / "loss_vs_tokens.png").stat().st_size > 1000
     # --tokens overrides the metadata, aligned with the recipes.
     out2 = tmp_path / "budgets2"
-    assert main(["analyze", *recipes, "-o", str(out2), "--protect", "sft", "--tokens", "1M,2M,3.5M", "--no-progress"]) == 0
+    assert (
+        main(["analyze", *recipes, "-o", str(out2), "--protect", "sft", "--tokens", "1M,2M,3.5M", "--no-progress"]) == 0
+    )
     assert json.loads((out2 / "analysis.json").read_text())["ct_tokens"] == [1_000_000, 2_000_000, 3_500_000]
 
 
@@ -82,6 +84,8 @@ def test_several_recipes_need_tokens_and_the_sft_model(trio, tmp_path, capsys):
     assert "name it with --protect" in capsys.readouterr().err
     assert main(["analyze", a, b, "-o", str(tmp_path / "o"), "--protect", "sft", "--no-progress"]) == 2
     assert "no langmerge_training.json" in capsys.readouterr().err
-    assert main(["analyze", a, b, "-o", str(tmp_path / "o"), "--protect", "sft", "--tokens", "1M", "--no-progress"]) == 2
+    assert (
+        main(["analyze", a, b, "-o", str(tmp_path / "o"), "--protect", "sft", "--tokens", "1M", "--no-progress"]) == 2
+    )
     assert "1 values for 2 recipes" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

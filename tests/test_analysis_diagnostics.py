@@ -44,10 +44,13 @@ def direct(base, inputs, weights_, densities, slack, protected):
     for t, vi in zip(trimmed, v):
         kept = t != 0
         lost = kept & (torch.sign(vi) != g)
-        out.append({
-            "kept": int(kept.sum()), "lost": int(lost.sum()),
-            "mass_loss": float(t.abs()[lost].sum() / t.abs()[kept].sum()),
-        })
+        out.append(
+            {
+                "kept": int(kept.sum()),
+                "lost": int(lost.sum()),
+                "mass_loss": float(t.abs()[lost].sum() / t.abs()[kept].sum()),
+            }
+        )
     both = (trimmed[0] != 0) & (trimmed[1] != 0)
     conflict = int((both & (torch.sign(v[0]) != torch.sign(v[1]))).sum())
     return out, int(both.sum()), conflict
@@ -68,7 +71,9 @@ def test_tensor_tally_equals_direct_computation(weights_, kernel):
             assert tally.mass_loss()[s, i] == pytest.approx(m["mass_loss"], rel=1e-5, abs=1e-9)
         assert (tally.both_kept[0], tally.conflicts[0]) == (both, conflict)
     for i, x in enumerate(inputs):
-        assert math.sqrt(tally.squared_norm[i]) == pytest.approx(float(torch.linalg.vector_norm((x - base).double())), rel=1e-5)
+        assert math.sqrt(tally.squared_norm[i]) == pytest.approx(
+            float(torch.linalg.vector_norm((x - base).double())), rel=1e-5
+        )
 
 
 def test_whole_model_totals_equal_direct_computation_per_tensor(trio, kernel):
@@ -137,8 +142,14 @@ def test_module_types():
 
 def test_bad_input_fails_before_reading_tensors(trio, tmp_path):
     with pytest.raises(LangmergeError, match="task_arithmetic.*no sign vote"):
-        analyze({"merge_method": "task_arithmetic", "base_model": str(trio["base"]),
-                 "models": [{"model": str(trio["ct"]), "parameters": {"weight": 1.0}}]}, progress=False)
+        analyze(
+            {
+                "merge_method": "task_arithmetic",
+                "base_model": str(trio["base"]),
+                "models": [{"model": str(trio["ct"]), "parameters": {"weight": 1.0}}],
+            },
+            progress=False,
+        )
     with pytest.raises(LangmergeError, match="needs a protected model"):
         analyze(recipe(trio, "ties"), slacks=[0.0, 1.0], progress=False)
     with pytest.raises(LangmergeError, match="--protect 'nope'"):

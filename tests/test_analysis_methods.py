@@ -19,9 +19,16 @@ def trio(tmp_path_factory):
 
 
 def _recipe(trio, method, ct=None, sft=None, **parameters):
-    return {"merge_method": method, "base_model": str(trio["base"]), "dtype": "float32", "parameters": parameters,
-            "models": [{"model": str(trio["ct"]), "parameters": ct or {}},
-                       {"model": str(trio["sft"]), "parameters": sft or {}}]}
+    return {
+        "merge_method": method,
+        "base_model": str(trio["base"]),
+        "dtype": "float32",
+        "parameters": parameters,
+        "models": [
+            {"model": str(trio["ct"]), "parameters": ct or {}},
+            {"model": str(trio["sft"]), "parameters": sft or {}},
+        ],
+    }
 
 
 def _counts(sparsified, weights_, voted=True):
@@ -36,8 +43,15 @@ def _counts(sparsified, weights_, voted=True):
 @pytest.mark.parametrize("method", ["breadcrumbs_ties", "breadcrumbs"])
 def test_breadcrumbs_tally_equals_mergekit_sparsifier(trio, method):
     dens, gam, w = (0.5, 0.7), (0.05, 0.1), (1.0, 0.8)
-    report = analyze(_recipe(trio, method, ct={"weight": w[0], "density": dens[0], "gamma": gam[0]},
-                             sft={"weight": w[1], "density": dens[1], "gamma": gam[1]}), progress=False)
+    report = analyze(
+        _recipe(
+            trio,
+            method,
+            ct={"weight": w[0], "density": dens[0], "gamma": gam[0]},
+            sft={"weight": w[1], "density": dens[1], "gamma": gam[1]},
+        ),
+        progress=False,
+    )
     base, ct, sft = (weights(trio[k]) for k in ("base", "ct", "sft"))
     kept_total, lost_total = [0, 0], [0, 0]
     for name in base:
@@ -89,7 +103,8 @@ def test_methods_without_vote_or_sparsifier_are_not_applicable(trio):
         with pytest.raises(LangmergeError, match=f"not applicable to merge_method '{method}'.*applies to .*sce"):
             analyze(doc, progress=False)
     with pytest.raises(LangmergeError, match="'breadcrumbs' holds no sign vote for a slack"):
-        analyze(_recipe(trio, "breadcrumbs", ct={"density": 0.5}), slacks=[1.0], protect=[str(trio["sft"])],
-                progress=False)
+        analyze(
+            _recipe(trio, "breadcrumbs", ct={"density": 0.5}), slacks=[1.0], protect=[str(trio["sft"])], progress=False
+        )
     with pytest.raises(LangmergeError, match="'sce' has a sign vote without protected models"):
         analyze(_recipe(trio, "sce"), slacks=[1.0], protect=[str(trio["sft"])], progress=False)

@@ -11,8 +11,17 @@ from ckpt_helpers import load_state
 from langmerge.merge import merge
 from langmerge.synthetic import char_tokenizer
 
-COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-              max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+COMMON = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def _config(arch: str, vocab: int):
@@ -61,7 +70,10 @@ def test_merged_architecture_loads_and_generates(tmp_path, arch):
     recipe = {
         "merge_method": "task_arithmetic",
         "base_model": str(paths["base"]),
-        "models": [{"model": str(paths["ct"]), "parameters": {"weight": 0.6}}, {"model": str(paths["sft"]), "parameters": {"weight": 0.4}}],
+        "models": [
+            {"model": str(paths["ct"]), "parameters": {"weight": 0.6}},
+            {"model": str(paths["sft"]), "parameters": {"weight": 0.4}},
+        ],
         "dtype": "float32",
     }
     out = tmp_path / "merged"

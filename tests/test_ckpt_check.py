@@ -73,6 +73,10 @@ def test_tied_and_untied_inputs_merge_into_untied_output(tmp_path):
     merge(data, tmp_path / "out", progress=False)
     b, c, s, m = (load_state(p) for p in (base, ct, sft, tmp_path / "out"))
     assert "lm_head.weight" not in c
-    expected = b["lm_head.weight"] + 0.7 * (c["model.embed_tokens.weight"] - b["lm_head.weight"]) + 0.5 * (s["lm_head.weight"] - b["lm_head.weight"])
+    expected = (
+        b["lm_head.weight"]
+        + 0.7 * (c["model.embed_tokens.weight"] - b["lm_head.weight"])
+        + 0.5 * (s["lm_head.weight"] - b["lm_head.weight"])
+    )
     torch.testing.assert_close(m["lm_head.weight"], expected, rtol=1e-5, atol=1e-6)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False

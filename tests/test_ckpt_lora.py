@@ -91,7 +91,10 @@ def test_merge_with_adapter_equals_merge_with_peft_merged_model(models, tmp_path
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     # The adapter changed the merge (not a no-op): q_proj differs from the base-only TIES of sft.
-    assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"], load_state(models["base"])["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        a["model.layers.0.self_attn.q_proj.weight"],
+        load_state(models["base"])["model.layers.0.self_attn.q_proj.weight"],
+    )
 
 
 def test_adapter_of_another_base_is_refused(models, tmp_path):
@@ -113,12 +116,22 @@ def test_adapter_with_wrong_shapes_is_refused(models, tmp_path):
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = str(wide)
     (adapter / "adapter_config.json").write_text(json.dumps(config))
-    recipe = {"merge_method": "task_arithmetic", "base_model": str(wide), "models": [{"model": str(adapter), "parameters": {"weight": 1.0}}]}
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(wide),
+        "models": [{"model": str(adapter), "parameters": {"weight": 1.0}}],
+    }
     with pytest.raises(AdapterMismatch, match="trained on another base"):
         merge(recipe, tmp_path / "out", progress=False)
 
 
 def test_adapter_needs_a_base(models, tmp_path):
-    recipe = {"merge_method": "linear", "models": [{"model": str(models["adapter"]), "parameters": {"weight": 1.0}}, {"model": str(models["sft"]), "parameters": {"weight": 1.0}}]}
+    recipe = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(models["adapter"]), "parameters": {"weight": 1.0}},
+            {"model": str(models["sft"]), "parameters": {"weight": 1.0}},
+        ],
+    }
     with pytest.raises(LangmergeError, match="base_model"):
         merge(recipe, tmp_path / "out", progress=False)

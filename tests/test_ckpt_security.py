@@ -66,7 +66,9 @@ def test_truncated_file_names_the_file(trio, tmp_path):
     assert str(path) in str(err.value) and "truncated" in str(err.value)
 
 
-@pytest.mark.parametrize("header", [b"{not json", b"[1, 2]", b'{"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}'])
+@pytest.mark.parametrize(
+    "header", [b"{not json", b"[1, 2]", b'{"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}']
+)
 def test_corrupt_header_names_the_file(tmp_path, header):
     path = tmp_path / "model.safetensors"
     path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
@@ -104,12 +106,17 @@ def test_pickle_refused_without_flag_and_loaded_with_it(trio, tmp_path):
     recipe = {
         "merge_method": "task_arithmetic",
         "base_model": str(trio["base"]),
-        "models": [{"model": str(ct_bin), "parameters": {"weight": 1.0}}, {"model": str(trio["sft"]), "parameters": {"weight": 1.0}}],
+        "models": [
+            {"model": str(ct_bin), "parameters": {"weight": 1.0}},
+            {"model": str(trio["sft"]), "parameters": {"weight": 1.0}},
+        ],
     }
     with pytest.raises(LangmergeError, match="--allow-pickle"):
         merge(recipe, tmp_path / "out", progress=False)
     merge(recipe, tmp_path / "out", progress=False, allow_pickle=True)
-    expected_recipe = dict(recipe, models=[{"model": str(trio["ct"]), "parameters": {"weight": 1.0}}, recipe["models"][1]])
+    expected_recipe = dict(
+        recipe, models=[{"model": str(trio["ct"]), "parameters": {"weight": 1.0}}, recipe["models"][1]]
+    )
     merge(expected_recipe, tmp_path / "expected", progress=False)
     got, expected = load_state(tmp_path / "out"), load_state(tmp_path / "expected")
     assert got.keys() == expected.keys()

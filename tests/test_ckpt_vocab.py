@@ -142,6 +142,7 @@ def test_tokens_the_base_lacks_average_the_models_that_have_them(tmp_path):
     states = {k: load_state(p) for k, p in {**paths, "out": out}.items()}
     assert len(toks["out"]) == len(char_tokenizer()) + 4
     for name in (EMB, HEAD):
+
         def row(model, token, name=name):  # this pass's tensor
             return states[model][name][toks[model].convert_tokens_to_ids(token)]
 

@@ -56,7 +56,8 @@ def test_bad_option_value_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, 
         main([*ARGV[command], option, value])
     assert exit_info.value.code == 2
     assert error_lines(capsys.readouterr().err) == [
-        f"langmerge {command}: error: argument {option}: {BAD_OPTIONS[key]} (see langmerge {command} --help)"]
+        f"langmerge {command}: error: argument {option}: {BAD_OPTIONS[key]} (see langmerge {command} --help)"
+    ]
     assert listing(tmp_path) == []
 
 
@@ -65,7 +66,8 @@ def test_missing_arguments_are_one_line_too(capsys):
         main(["train", "sft", "--base", "b"])
     assert exit_info.value.code == 2
     assert error_lines(capsys.readouterr().err) == [
-        "langmerge train sft: error: the following arguments are required: --data, --out (see langmerge train sft --help)"]
+        "langmerge train sft: error: the following arguments are required: --data, --out (see langmerge train sft --help)"
+    ]
 
 
 @pytest.mark.parametrize("threads", [0, -2, 1.5, True])
@@ -89,8 +91,20 @@ def test_no_progress_hides_the_bars_of_transformers(tmp_path, capsys, quiet):
     base = write_model(tmp_path / "base", SHAPE)
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}?", "response": f"{i}!"}) + "\n" for i in range(4)))
-    argv = ["train", "sft", "--base", str(base), "--data", str(data), "--out", str(tmp_path / "out"), "--seq-len", "32",
-            "--batch-size", "2"]
+    argv = [
+        "train",
+        "sft",
+        "--base",
+        str(base),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "out"),
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+    ]
     capsys.readouterr()
     assert main(argv + (["--no-progress"] if quiet else [])) == 0
     err = capsys.readouterr().err
@@ -110,7 +124,8 @@ def test_demo_keeps_its_work_folder_without_force(tmp_path, capsys):
     assert listing(work) == ["inputs", "merged"]
     assert main(["demo", "--work-dir", str(work), "--no-progress"]) == 2
     assert error_lines(capsys.readouterr().err) == [
-        f"langmerge: error: output {work / 'inputs'} already exists; pass --force to replace it"]
+        f"langmerge: error: output {work / 'inputs'} already exists; pass --force to replace it"
+    ]
     assert snapshot(work) == before
     assert main(["demo", "--work-dir", str(work), "--no-progress", "--force"]) == 0
     assert listing(work) == ["inputs", "merged"]

@@ -54,10 +54,13 @@ def test_overrides_replace_top_level_keys(tmp_path):
     assert load_config(tmp_path / "s.yaml", Settings, overrides={"ratio": 1.0}).ratio == 1.0
 
 
-@pytest.mark.parametrize("suffix,text", [
-    (".yaml", "title: t\nitems:\n  - {name: a, size: 2}\n  - {name: b, size: 0, colour: red}\n"),
-    (".json", '{"title": "t", "items": [{"name": "a", "size": 2}, {"name": "b", "size": 0, "colour": "red"}]}'),
-])
+@pytest.mark.parametrize(
+    "suffix,text",
+    [
+        (".yaml", "title: t\nitems:\n  - {name: a, size: 2}\n  - {name: b, size: 0, colour: red}\n"),
+        (".json", '{"title": "t", "items": [{"name": "a", "size": 2}, {"name": "b", "size": 0, "colour": "red"}]}'),
+    ],
+)
 def test_errors_name_the_file_and_every_key_path(tmp_path, suffix, text):
     path = tmp_path / f"s{suffix}"
     path.write_text(text)
@@ -84,15 +87,24 @@ def test_json_faults_give_the_position(tmp_path):
         load_config(path, Settings, "settings")
 
 
-@pytest.mark.parametrize("content,message", [
-    (b"- a\n- b\n", "s.yaml: a settings file must be a mapping (title, items)"),
-    (b"title: t\n---\ntitle: u\n", "s.yaml: holds 2 YAML documents; a settings file is one document"),
-    (b"title: !!python/name:os.system\n", "s.yaml: line 1, column 8: the YAML tag !!python/name:os.system is not allowed"),
-    (b"title: \0\n", "s.yaml: a binary file (it holds NUL bytes), not a settings file"),
-    (b"a: &a [1, 2]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\n"
-     b"d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\ne: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\n"
-     b"f: [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]\n", "s.yaml: key 'f': more than 100000 entries"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"- a\n- b\n", "s.yaml: a settings file must be a mapping (title, items)"),
+        (b"title: t\n---\ntitle: u\n", "s.yaml: holds 2 YAML documents; a settings file is one document"),
+        (
+            b"title: !!python/name:os.system\n",
+            "s.yaml: line 1, column 8: the YAML tag !!python/name:os.system is not allowed",
+        ),
+        (b"title: \0\n", "s.yaml: a binary file (it holds NUL bytes), not a settings file"),
+        (
+            b"a: &a [1, 2]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\n"
+            b"d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\ne: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\n"
+            b"f: [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]\n",
+            "s.yaml: key 'f': more than 100000 entries",
+        ),
+    ],
+)
 def test_hostile_files_are_refused_naming_the_file(tmp_path, content, message):
     path = tmp_path / "s.yaml"
     path.write_bytes(content)
@@ -109,7 +121,9 @@ def test_the_value_shapes_parse_as_mergekit_defines_them():
     assert parse_setting([0.0, 1.0]) == [0.0, 1.0]  # a gradient
     assert parse_setting({"filter": "mlp", "value": 0.7}) == ConditionalValue(filter="mlp", value=0.7)
     assert parse_setting([{"filter": "mlp", "value": [0.1, 0.9]}, {"value": 0.3}]) == [
-        ConditionalValue(filter="mlp", value=[0.1, 0.9]), ConditionalValue(value=0.3)]
+        ConditionalValue(filter="mlp", value=[0.1, 0.9]),
+        ConditionalValue(value=0.3),
+    ]
 
 
 SETTINGS = {
@@ -118,8 +132,11 @@ SETTINGS = {
     "three-point gradient": [0.2, 1.0, 0.4],
     "boolean list": [True, False, True],
     "one conditional": {"filter": "mlp", "value": 0.7},
-    "conditionals": [{"filter": "self_attn", "value": [0.0, 0.5, 1.0]}, {"filter": "mlp", "value": 0.8},
-                     {"value": [1.0, 0.0]}],
+    "conditionals": [
+        {"filter": "self_attn", "value": [0.0, 0.5, 1.0]},
+        {"filter": "mlp", "value": 0.8},
+        {"value": [1.0, 0.0]},
+    ],
     "star filter": [{"filter": "*", "value": [0.3, 0.6]}],
 }
 TENSORS = [f"model.layers.{i}.{part}.weight" for i in range(5) for part in ("self_attn.q_proj", "mlp.up_proj")]
@@ -133,35 +150,61 @@ def test_values_resolve_per_layer_as_mergekit_resolves_them(case):
     for tensor in TENSORS:
         t = layer_position(tensor, 5)
         assert evaluate_setting(ours, tensor, t) == pytest.approx(
-            mergekit_evaluate(tensor, theirs, t, validate=lambda v: v)), (case, tensor)
+            mergekit_evaluate(tensor, theirs, t, validate=lambda v: v)
+        ), (case, tensor)
 
 
 def test_values_resolve_per_layer_to_hand_worked_values():
-    recipe = load_recipe({
-        "merge_method": "task_arithmetic", "base_model": "b",
-        "models": [{"model": "ct", "parameters": {"weight": [0.0, 1.0]}},
-                   {"model": "sft", "parameters": {"weight": [{"filter": "mlp", "value": [1.0, 0.0, 1.0]},
-                                                              {"value": 0.5}]}}],
-    })
+    recipe = load_recipe(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": "b",
+            "models": [
+                {"model": "ct", "parameters": {"weight": [0.0, 1.0]}},
+                {
+                    "model": "sft",
+                    "parameters": {"weight": [{"filter": "mlp", "value": [1.0, 0.0, 1.0]}, {"value": 0.5}]},
+                },
+            ],
+        }
+    )
     weights = {}
     for i in range(5):
         for part in ("mlp.up_proj", "self_attn.q_proj"):
             name = f"model.layers.{i}.{part}.weight"
             weights[i, part] = recipe.tensor_parameters(name, layer_position(name, 5)).weights
     # layer i of 5 at t = i / 4; the 3-point gradient runs 1 -> 0 -> 1 over the layers
-    assert [weights[i, "mlp.up_proj"] for i in range(5)] == [[0.0, 1.0], [0.25, 0.5], [0.5, 0.0], [0.75, 0.5],
-                                                             [1.0, 1.0]]
-    assert [weights[i, "self_attn.q_proj"] for i in range(5)] == [[0.0, 0.5], [0.25, 0.5], [0.5, 0.5], [0.75, 0.5],
-                                                                  [1.0, 0.5]]
+    assert [weights[i, "mlp.up_proj"] for i in range(5)] == [
+        [0.0, 1.0],
+        [0.25, 0.5],
+        [0.5, 0.0],
+        [0.75, 0.5],
+        [1.0, 1.0],
+    ]
+    assert [weights[i, "self_attn.q_proj"] for i in range(5)] == [
+        [0.0, 0.5],
+        [0.25, 0.5],
+        [0.5, 0.5],
+        [0.75, 0.5],
+        [1.0, 0.5],
+    ]
     assert recipe.tensor_parameters("lm_head.weight", 0.0).weights == [0.0, 0.5]
 
 
 def test_every_malformed_value_is_named_at_once():
     doc = {
-        "merge_method": "ties", "base_model": "b",
-        "models": [{"model": "ct", "parameters": {"weight": [], "density": [0.5, [0.2]]}},
-                   {"model": "sft", "parameters": {"weight": [{"filter": 3, "value": 1}],
-                                                   "density": [{"value": 0.5}, {"value": {"value": 0.2}}]}}],
+        "merge_method": "ties",
+        "base_model": "b",
+        "models": [
+            {"model": "ct", "parameters": {"weight": [], "density": [0.5, [0.2]]}},
+            {
+                "model": "sft",
+                "parameters": {
+                    "weight": [{"filter": 3, "value": 1}],
+                    "density": [{"value": 0.5}, {"value": {"value": 0.2}}],
+                },
+            },
+        ],
         "parameters": {"lambda": None, "normalize": [{"filter": "mlp", "value": 1}, 0.5], "epsilon": [{"valu": 1}]},
     }
     with pytest.raises(RecipeError) as info:
@@ -179,9 +222,14 @@ def test_every_malformed_value_is_named_at_once():
 
 
 def test_values_inside_gradients_and_conditionals_are_checked_against_the_method():
-    doc = {"merge_method": "ties", "base_model": "b",
-           "models": [{"model": "ct", "parameters": {"weight": 1, "density": [0.5, 1.5]}},
-                      {"model": "sft", "parameters": {"weight": 1, "density": {"filter": "mlp", "value": [0.2, -1]}}}]}
+    doc = {
+        "merge_method": "ties",
+        "base_model": "b",
+        "models": [
+            {"model": "ct", "parameters": {"weight": 1, "density": [0.5, 1.5]}},
+            {"model": "sft", "parameters": {"weight": 1, "density": {"filter": "mlp", "value": [0.2, -1]}}},
+        ],
+    }
     with pytest.raises(RecipeError) as info:
         load_recipe(doc)
     assert info.value.errors == [
@@ -191,11 +239,18 @@ def test_values_inside_gradients_and_conditionals_are_checked_against_the_method
 
 
 def test_a_recipe_dumps_its_values_as_written():
-    doc = {"merge_method": "ties", "base_model": "b",
-           "models": [{"model": "ct", "parameters": {"weight": [0.0, 1.0], "density": {"filter": "mlp", "value": 0.5}}},
-                      {"model": "sft", "parameters": {"weight": 1, "density": [{"filter": "mlp", "value": 0.7},
-                                                                               {"value": [0.1, 0.2]}]}}],
-           "parameters": {"normalize": True}}
+    doc = {
+        "merge_method": "ties",
+        "base_model": "b",
+        "models": [
+            {"model": "ct", "parameters": {"weight": [0.0, 1.0], "density": {"filter": "mlp", "value": 0.5}}},
+            {
+                "model": "sft",
+                "parameters": {"weight": 1, "density": [{"filter": "mlp", "value": 0.7}, {"value": [0.1, 0.2]}]},
+            },
+        ],
+        "parameters": {"normalize": True},
+    }
     assert load_recipe(doc).to_dict() == doc
 
 
@@ -203,29 +258,38 @@ def test_a_recipe_dumps_its_values_as_written():
 
 
 def test_a_space_entry_is_a_value_list_or_a_range():
-    space, where = read_space({"parameters.lambda": {"values": [0.5, 1]},
-                               "models[0].parameters.weight": {"low": 0.2, "high": 1.0, "step": 0.4},
-                               "parameters.epsilon": {"low": 0.01, "high": 1, "log": True}})
+    space, where = read_space(
+        {
+            "parameters.lambda": {"values": [0.5, 1]},
+            "models[0].parameters.weight": {"low": 0.2, "high": 1.0, "step": 0.4},
+            "parameters.epsilon": {"low": 0.01, "high": 1, "log": True},
+        }
+    )
     assert where == "search space"
-    assert space.root == {"parameters.lambda": ValueList(values=[0.5, 1]),
-                          "models[0].parameters.weight": Range(low=0.2, high=1.0, step=0.4),
-                          "parameters.epsilon": Range(low=0.01, high=1, log=True)}
+    assert space.root == {
+        "parameters.lambda": ValueList(values=[0.5, 1]),
+        "models[0].parameters.weight": Range(low=0.2, high=1.0, step=0.4),
+        "parameters.epsilon": Range(low=0.01, high=1, log=True),
+    }
     assert isinstance(space.root["parameters.lambda"].values[1], int)  # as written: an int stays one
 
 
 def test_space_files_in_yaml_and_json_load_the_same(tmp_path):
     doc = {"parameters.lambda": {"values": [0.5, 1.0]}, "parameters.slack": {"low": 0, "high": 2, "step": 1}}
-    (tmp_path / "space.yaml").write_text("parameters.lambda: {values: [0.5, 1.0]}\n"
-                                         "parameters.slack: {low: 0, high: 2, step: 1}\n")
+    (tmp_path / "space.yaml").write_text(
+        "parameters.lambda: {values: [0.5, 1.0]}\nparameters.slack: {low: 0, high: 2, step: 1}\n"
+    )
     (tmp_path / "space.json").write_text(json.dumps(doc))
     assert read_space(tmp_path / "space.yaml")[0] == read_space(tmp_path / "space.json")[0] == read_space(doc)[0]
 
 
 def test_every_space_entry_fault_is_named_by_file_and_key(tmp_path):
     path = tmp_path / "space.yaml"
-    path.write_text("parameters.a: {values: []}\nparameters.b: {low: 1, high: 1}\nparameters.c: {low: 0, high: 1, "
-                    "stride: 1}\nparameters.d: {values: [1], low: 0}\nparameters.e: {low: .nan, high: 1}\n"
-                    "parameters.f: {low: 0, high: 1, log: yes, step: 0.5}\nparameters.g: 3\n")
+    path.write_text(
+        "parameters.a: {values: []}\nparameters.b: {low: 1, high: 1}\nparameters.c: {low: 0, high: 1, "
+        "stride: 1}\nparameters.d: {values: [1], low: 0}\nparameters.e: {low: .nan, high: 1}\n"
+        "parameters.f: {low: 0, high: 1, log: yes, step: 0.5}\nparameters.g: 3\n"
+    )
     with pytest.raises(ConfigError) as info:
         read_space(path)
     assert info.value.errors == [
@@ -241,8 +305,18 @@ def test_every_space_entry_fault_is_named_by_file_and_key(tmp_path):
 
 
 def test_a_range_grid_reads_as_typed():
-    recipe = load_recipe({"merge_method": "ties", "base_model": "b",
-                          "models": [{"model": "ct", "parameters": {"weight": 1}}, {"model": "sft", "parameters": {"weight": 1}}]})
-    dims = load_space({"models[ct].parameters.weight": {"low": 0.1, "high": 0.5, "step": 0.2},
-                       "parameters.lambda": {"values": [1, 2]}}, recipe)
+    recipe = load_recipe(
+        {
+            "merge_method": "ties",
+            "base_model": "b",
+            "models": [{"model": "ct", "parameters": {"weight": 1}}, {"model": "sft", "parameters": {"weight": 1}}],
+        }
+    )
+    dims = load_space(
+        {
+            "models[ct].parameters.weight": {"low": 0.1, "high": 0.5, "step": 0.2},
+            "parameters.lambda": {"values": [1, 2]},
+        },
+        recipe,
+    )
     assert [d.grid() for d in dims] == [[0.1, 0.3, 0.5], [1, 2]]

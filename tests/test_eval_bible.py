@@ -39,9 +39,15 @@ def raw_kjv(ref: tuple[int, int, int]) -> str:
 
 @pytest.fixture(scope="module")
 def built():
-    tasks = {(family, lang): build(lang) for lang in bible.LANGUAGES
-             for family, build in (("cont", bible.build_verse_cont), ("genre", bible.build_genre),
-                                   ("bpc", bible.build_bible_bpc))}
+    tasks = {
+        (family, lang): build(lang)
+        for lang in bible.LANGUAGES
+        for family, build in (
+            ("cont", bible.build_verse_cont),
+            ("genre", bible.build_genre),
+            ("bpc", bible.build_bible_bpc),
+        )
+    }
     ct = {lang: "\n".join(bible.ct_verses(lang)) for lang in bible.LANGUAGES}
     sft = BUILTIN_SOURCES["english-tasks-sft"][1]()
     return tasks, ct, sft
@@ -49,7 +55,9 @@ def built():
 
 def test_split_verse_by_hand():
     assert bible.split_verse("And he said, Let there be light: and there was light.") == (
-        "And he said, Let there be light:", "and there was light.")
+        "And he said, Let there be light:",
+        "and there was light.",
+    )
     assert bible.split_verse("Jesus wept.") is None
     assert bible.split_verse("One two three, 4 five six") is None  # the tail must start with a letter
 
@@ -98,8 +106,9 @@ def test_the_two_languages_are_aligned_item_by_item(built):
     tasks, _, _ = built
     for family in ("cont", "genre"):
         ny, en = tasks[(family, "ny")], tasks[(family, "en")]
-        assert [(d["ref"], d["answer_index"], d.get("option_refs")) for d in ny] == \
-               [(d["ref"], d["answer_index"], d.get("option_refs")) for d in en]
+        assert [(d["ref"], d["answer_index"], d.get("option_refs")) for d in ny] == [
+            (d["ref"], d["answer_index"], d.get("option_refs")) for d in en
+        ]
 
 
 def test_no_duplicates(built):
@@ -134,7 +143,7 @@ def test_in_ct_text_agrees_with_a_full_scan():
     for text in held[::7]:
         assert bible.in_ct_text(text, "ny") == (text in ct)
     quoted = bible.ct_verses("ny")[100]
-    assert bible.in_ct_text(quoted, "ny") and bible.in_ct_text(quoted[quoted.index(" ") + 1:], "ny")
+    assert bible.in_ct_text(quoted, "ny") and bible.in_ct_text(quoted[quoted.index(" ") + 1 :], "ny")
 
 
 def test_english_sft_data_is_english_and_from_other_books(built):
@@ -144,7 +153,7 @@ def test_english_sft_data_is_english_and_from_other_books(built):
     ny_words = {"ndipo", "Yehova", "Mulungu", "anati"}
     assert not any(w in r["prompt"] + r["response"] for r in sft for w in ny_words)
     held = {t for r, t in bible.kjv_verses().items() if r[0] in bible.HELD_OUT_BOOKS}
-    assert not any(p[len("Verse: "):].split("\n")[0] in held for p in prompts)
+    assert not any(p[len("Verse: ") :].split("\n")[0] in held for p in prompts)
 
 
 def test_builders_are_deterministic(built):

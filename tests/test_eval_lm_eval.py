@@ -41,8 +41,7 @@ def test_lm_eval_agrees_with_langmerge_on_the_same_items(tiny_model, tmp_path, o
     model, tok = tiny_model
     include = lm_eval_json_task(tmp_path / "lm", MC_DOCS)
     theirs = run_lm_eval(model, tok, ["langmerge_toy_mc"], include=[include], batch_size=4, log_samples=True)
-    ours = evaluate(model, [load_task(write_task(tmp_path / "ours", MC_SPEC, MC_DOCS))], tokenizer=tok,
-                    progress=False)
+    ours = evaluate(model, [load_task(write_task(tmp_path / "ours", MC_SPEC, MC_DOCS))], tokenizer=tok, progress=False)
     result = theirs["results"]["langmerge_toy_mc"]
     assert result["acc,none"] == pytest.approx(ours.tasks["toy_mc"].metrics["acc"])
     assert result["acc_norm,none"] == pytest.approx(ours.tasks["toy_mc"].metrics["acc_norm"])
@@ -61,8 +60,19 @@ def test_presets_and_unknown_tasks(tiny_model, tmp_path, offline):
 
 def test_cli_lm_eval(tiny_model_dir, tmp_path, capsys, offline):
     include = lm_eval_json_task(tmp_path / "lm", MC_DOCS)
-    code = main(["eval", str(tiny_model_dir), "--lm-eval", "langmerge_toy_mc", "--lm-eval-include", include,
-                 "--out", str(tmp_path / "out"), "--no-progress"])
+    code = main(
+        [
+            "eval",
+            str(tiny_model_dir),
+            "--lm-eval",
+            "langmerge_toy_mc",
+            "--lm-eval-include",
+            include,
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     assert "| langmerge_toy_mc | acc,none |" in capsys.readouterr().out
     saved = json.loads((tmp_path / "out" / "results.json").read_text())

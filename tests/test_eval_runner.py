@@ -50,14 +50,19 @@ def test_folder_and_loaded_model_give_the_same_deterministic_results(tiny_model,
 def _answerer(answers):
     def generate(model, tokenizer, prompts, **kwargs):
         return [answers[p] for p in prompts]
+
     return generate
 
 
 def test_an_english_answerer_scores_zero_language_share(tiny_model, tmp_path):
     model, tok = tiny_model
     task = load_task(write_task(tmp_path, GEN_SPEC, TAMIL_GEN_DOCS))
-    english = {"3 + 4 =": "seven", "திங்கள், செவ்வாய்,": "Wednesday", "நான் எங்கே?": "I am going to school",
-               "வானிலை?": "The weather is very nice today"}
+    english = {
+        "3 + 4 =": "seven",
+        "திங்கள், செவ்வாய்,": "Wednesday",
+        "நான் எங்கே?": "I am going to school",
+        "வானிலை?": "The weather is very nice today",
+    }
     res = evaluate(model, [task], tokenizer=tok, progress=False, generate=_answerer(english))
     m = res.tasks["toy_gen_ta"].metrics
     assert m["lang_share"] == 0.0 and m["exact_match"] == 0.0
@@ -111,10 +116,25 @@ def test_write_results_and_gap_to_english(tiny_model, tmp_path):
     assert summary["tasks"]["next_day_ta"]["n"] == 4 and "samples" not in summary
     # results.json keeps its layout: the keys it had when evaluate returned a dict, in that order
     assert list(summary) == ["model", "settings", "tasks"]
-    assert list(summary["settings"]) == ["few_shot", "batch_size", "limit", "chat_template", "max_length", "seed",
-                                         "precision"]
-    assert list(summary["tasks"]["next_day_ta"]) == ["kind", "language", "family", "n", "few_shot", "metrics",
-                                                     "seconds", "examples_per_s"]
+    assert list(summary["settings"]) == [
+        "few_shot",
+        "batch_size",
+        "limit",
+        "chat_template",
+        "max_length",
+        "seed",
+        "precision",
+    ]
+    assert list(summary["tasks"]["next_day_ta"]) == [
+        "kind",
+        "language",
+        "family",
+        "n",
+        "few_shot",
+        "metrics",
+        "seconds",
+        "examples_per_s",
+    ]
     assert summary == json.loads(json.dumps(res.summary())) and summary["settings"]["limit"] == 4
     md = (out / "results.md").read_text()
     gap = summary["tasks"]["next_day_ta"]["metrics"]["acc"] - summary["tasks"]["next_day_en"]["metrics"]["acc"]
@@ -157,7 +177,9 @@ def test_cli_writes_results(tiny_model_dir, tmp_path, capsys):
     assert main(["eval", str(tiny_model_dir), "--tasks", str(good), "--out", str(out), "--no-progress"]) == 0
     assert "| toy_mc |" in capsys.readouterr().out
     assert json.loads((out / "results.json").read_text())["tasks"]["toy_mc"]["n"] == 6
-    assert "already exists" in _cli_error(capsys, ["eval", str(tiny_model_dir), "--tasks", str(good), "--out", str(out)])
+    assert "already exists" in _cli_error(
+        capsys, ["eval", str(tiny_model_dir), "--tasks", str(good), "--out", str(out)]
+    )
 
 
 def test_per_example_outcomes_and_bf16_precision(tiny_model, tmp_path):

@@ -16,8 +16,14 @@ from langmerge.evaluation.scoring import (
     texts_nll,
 )
 
-PAIRS = [("hello world", " foo"), ("a", " bcdefgh"), ("திங்கள், செவ்வாய்,", " புதன்"), ("x", "y"),
-         ("a much longer context string here", " end"), ("Q: 1 2 3\nA:", " 4")]
+PAIRS = [
+    ("hello world", " foo"),
+    ("a", " bcdefgh"),
+    ("திங்கள், செவ்வாய்,", " புதன்"),
+    ("x", "y"),
+    ("a much longer context string here", " end"),
+    ("Q: 1 2 3\nA:", " 4"),
+]
 
 
 @pytest.mark.parametrize("batch_size", [1, 4, 16])
@@ -37,8 +43,9 @@ def test_one_token_continuations_of_one_context_share_a_forward_pass(tiny_model)
     pairs += [encode_pair(tok, "Q: 1 2\nAnswer:", " two tokens")]  # a longer continuation of a shared context
     assert all(len(p.continuation) == 1 for p in pairs[:-1]) and len(pairs[-1].continuation) > 1
     calls = []
-    hook = model.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(kwargs["input_ids"].shape[0]),
-                                           with_kwargs=True)
+    hook = model.register_forward_pre_hook(
+        lambda mod, args, kwargs: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
     try:
         got = loglikelihoods(model, tok, pairs, batch_size=64)
     finally:

@@ -59,8 +59,9 @@ def test_sign_flip_matches_scipy_exact_permutation_test():
 
         if statistic(x, y) == 0:
             continue
-        exact = scipy.stats.permutation_test((x, y), statistic, permutation_type="samples", n_resamples=np.inf,
-                                             alternative="two-sided")
+        exact = scipy.stats.permutation_test(
+            (x, y), statistic, permutation_type="samples", n_resamples=np.inf, alternative="two-sided"
+        )
         ours = st.sign_flip_test([a1, a2], [b1, b2])
         assert ours.difference == pytest.approx(statistic(x, y))
         assert ours.p_value == pytest.approx(exact.pvalue, rel=1e-9)
@@ -91,8 +92,9 @@ def test_bootstrap_ci_matches_scipy_percentile_interval():
     rng = np.random.default_rng(11)
     values = rng.integers(0, 2, 320).astype(float)
     ours = st.bootstrap_ci([values], resamples=40_000)
-    theirs = scipy.stats.bootstrap((values,), np.mean, method="percentile", n_resamples=40_000,
-                                   random_state=np.random.default_rng(0)).confidence_interval
+    theirs = scipy.stats.bootstrap(
+        (values,), np.mean, method="percentile", n_resamples=40_000, random_state=np.random.default_rng(0)
+    ).confidence_interval
     # Different random draws: the two Monte Carlo intervals agree to well within one example (1/320).
     assert ours[0] == pytest.approx(theirs.low, abs=0.004)
     assert ours[1] == pytest.approx(theirs.high, abs=0.004)
@@ -124,9 +126,14 @@ def test_paired_bootstrap_against_scipy_and_by_hand():
     a = rng.integers(0, 2, 400).astype(float)
     b = np.where(rng.random(400) < 0.8, a, 1 - a)
     ours = st.paired_bootstrap([a], [b], resamples=40_000)
-    theirs = scipy.stats.bootstrap((a, b), lambda x, y, axis=-1: np.mean(x - y, axis=axis), paired=True,
-                                   method="percentile", n_resamples=40_000,
-                                   random_state=np.random.default_rng(1)).confidence_interval
+    theirs = scipy.stats.bootstrap(
+        (a, b),
+        lambda x, y, axis=-1: np.mean(x - y, axis=axis),
+        paired=True,
+        method="percentile",
+        n_resamples=40_000,
+        random_state=np.random.default_rng(1),
+    ).confidence_interval
     assert ours.difference == pytest.approx((a - b).mean())
     assert ours.ci[0] == pytest.approx(theirs.low, abs=0.004) and ours.ci[1] == pytest.approx(theirs.high, abs=0.004)
     # Identical models: difference 0, p = 1. A clear win: a tiny p-value (bounded below by 1 / (B + 1)).

@@ -46,7 +46,9 @@ def test_bad_examples_and_empty_tasks(tmp_path):
 
 def test_template_with_missing_field_is_a_clear_error(tmp_path):
     docs = [MC_DOCS[0], {**MC_DOCS[1], "passage": "p"}]
-    with pytest.raises(LangmergeError, match=r"references field 'passage' missing from the example at .*toy_mc\.jsonl:1"):
+    with pytest.raises(
+        LangmergeError, match=r"references field 'passage' missing from the example at .*toy_mc\.jsonl:1"
+    ):
         load_task(write_task(tmp_path, {**MC_SPEC, "prompt": "{question} {passage}"}, docs))
 
 
@@ -56,8 +58,11 @@ def test_spec_errors_name_the_key(tmp_path):
     with pytest.raises(LangmergeError, match="key 'prompt'.*plain name"):
         load_task(write_task(tmp_path, {**MC_SPEC, "prompt": "{question.__class__}"}, MC_DOCS))
     with pytest.raises(LangmergeError, match="not known to py3langid"):
-        load_task(write_task(tmp_path, {"name": "g", "kind": "generation", "language": "xx"},
-                             [{"question": "q", "answer": "a"}]))
+        load_task(
+            write_task(
+                tmp_path, {"name": "g", "kind": "generation", "language": "xx"}, [{"question": "q", "answer": "a"}]
+            )
+        )
 
 
 def test_unknown_task_name(tmp_path):

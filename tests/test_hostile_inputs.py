@@ -70,8 +70,10 @@ def recipe_for(models, *, ct=None, sft=None, **extra) -> dict:
     return {
         "merge_method": "task_arithmetic",
         "base_model": str(models["base"]),
-        "models": [{"model": str(ct or models["ct"]), "parameters": {"weight": 0.7}},
-                   {"model": str(sft or models["sft"]), "parameters": {"weight": 0.5}}],
+        "models": [
+            {"model": str(ct or models["ct"]), "parameters": {"weight": 0.7}},
+            {"model": str(sft or models["sft"]), "parameters": {"weight": 0.5}},
+        ],
         "dtype": "float32",
         **extra,
     }
@@ -89,8 +91,9 @@ def run(argv: list[str], capsys, *, subprocess_: bool = False) -> tuple[int, str
     """Exit code, stdout and stderr of ``langmerge argv``; in a subprocess (with a timeout) for a row that could hang."""
     if subprocess_:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-        proc = subprocess.run([sys.executable, "-m", "langmerge", *argv], capture_output=True, text=True,
-                              timeout=TIMEOUT, env=env)
+        proc = subprocess.run(
+            [sys.executable, "-m", "langmerge", *argv], capture_output=True, text=True, timeout=TIMEOUT, env=env
+        )
         return proc.returncode, proc.stdout, proc.stderr
     capsys.readouterr()
     code = main(argv)
@@ -124,6 +127,7 @@ def _entry(dtype="F32", shape=(1,), offsets=(0, 4)) -> dict:
 def _plant_weights(content: bytes):
     def plant(m, tmp):
         (m["ct"] / "model.safetensors").write_bytes(content)
+
     return plant
 
 
@@ -131,6 +135,7 @@ def _plant_fifo(name: str, model: str = "ct"):
     def plant(m, tmp):
         (m[model] / name).unlink(missing_ok=True)
         os.mkfifo(m[model] / name)
+
     return plant
 
 
@@ -141,12 +146,14 @@ def _plant_outside_link(name: str, model: str = "ct"):
             secret.write_text('{"secret": "do not copy me"}')
         (m[model] / name).unlink(missing_ok=True)
         os.symlink(secret, m[model] / name)
+
     return plant
 
 
 def _plant_config(text: str):
     def plant(m, tmp):
         (m["ct"] / "config.json").write_text(text)
+
     return plant
 
 
@@ -158,6 +165,7 @@ def _config_with(**updates):
     def plant(m, tmp):
         config = json.loads((m["ct"] / "config.json").read_text())
         (m["ct"] / "config.json").write_text(json.dumps({**config, **updates}))
+
     return plant
 
 
@@ -165,36 +173,65 @@ def _config_with(**updates):
 
 CKPT = "fx/ct/model.safetensors"
 CHECKPOINT_FAULTS = {
-    "negative offsets": (_plant_weights(st_bytes({"w": _entry(offsets=(-4, 0))}, b"")),
-                         f"{CKPT}: corrupt safetensors entry for tensor 'w' (data_offsets [-4, 0] is not two non-negative"),
-    "overlapping offsets": (_plant_weights(st_bytes({"a": _entry(), "b": _entry(offsets=(2, 6))}, b"\0" * 6)),
-                            f"{CKPT}: corrupt safetensors entry for tensor 'b' (data_offsets 2..6 overlaps the tensor before it"),
-    "gap between tensors": (_plant_weights(st_bytes({"a": _entry(), "b": _entry(offsets=(8, 12))}, b"\0" * 12)),
-                            "(data_offsets 8..12 leaves a gap before it; expected to start at 4)"),
-    "duplicate names": (_plant_weights(st_bytes('{"a": ' + json.dumps(_entry()) + ', "a": ' + json.dumps(_entry()) + "}",
-                                                b"\0" * 4)),
-                        f"{CKPT}: corrupt safetensors header (key 'a' appears twice)"),
-    "byte length not shape x dtype": (_plant_weights(st_bytes({"a": _entry(shape=(2,))}, b"\0" * 4)),
-                                      "corrupt safetensors entry for tensor 'a' (offsets 0..4 for 8 bytes of F32 [2])"),
-    "bytes after the last tensor": (_plant_weights(st_bytes({"a": _entry()}, b"\0" * 5)),
-                                    f"{CKPT}: corrupt safetensors file (the data region holds 5 bytes but its tensors cover 4)"),
-    "fp8 tensor": (_plant_weights(st_bytes({"a": _entry("F8_E4M3", (4,))}, b"\0" * 4)),
-                   f"{CKPT}: tensor 'a' has dtype F8_E4M3, which langmerge does not support"),
-    "header nested 100,000 deep": (_plant_weights(st_bytes('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", b"")),
-                                   f"{CKPT}: corrupt safetensors header (nested too deeply)"),
-    "metadata not strings": (_plant_weights(st_bytes({"__metadata__": {"format": 1}}, b"")),
-                             "'__metadata__' must map strings to strings"),
-    "header not an object": (_plant_weights(st_bytes("[1, 2]", b"")), f"{CKPT}: corrupt safetensors header (not a JSON object)"),
-    "index nested 100,000 deep": (_plant_deep_index, "model.safetensors.index.json: not valid JSON (nested too deeply)"),
+    "negative offsets": (
+        _plant_weights(st_bytes({"w": _entry(offsets=(-4, 0))}, b"")),
+        f"{CKPT}: corrupt safetensors entry for tensor 'w' (data_offsets [-4, 0] is not two non-negative",
+    ),
+    "overlapping offsets": (
+        _plant_weights(st_bytes({"a": _entry(), "b": _entry(offsets=(2, 6))}, b"\0" * 6)),
+        f"{CKPT}: corrupt safetensors entry for tensor 'b' (data_offsets 2..6 overlaps the tensor before it",
+    ),
+    "gap between tensors": (
+        _plant_weights(st_bytes({"a": _entry(), "b": _entry(offsets=(8, 12))}, b"\0" * 12)),
+        "(data_offsets 8..12 leaves a gap before it; expected to start at 4)",
+    ),
+    "duplicate names": (
+        _plant_weights(st_bytes('{"a": ' + json.dumps(_entry()) + ', "a": ' + json.dumps(_entry()) + "}", b"\0" * 4)),
+        f"{CKPT}: corrupt safetensors header (key 'a' appears twice)",
+    ),
+    "byte length not shape x dtype": (
+        _plant_weights(st_bytes({"a": _entry(shape=(2,))}, b"\0" * 4)),
+        "corrupt safetensors entry for tensor 'a' (offsets 0..4 for 8 bytes of F32 [2])",
+    ),
+    "bytes after the last tensor": (
+        _plant_weights(st_bytes({"a": _entry()}, b"\0" * 5)),
+        f"{CKPT}: corrupt safetensors file (the data region holds 5 bytes but its tensors cover 4)",
+    ),
+    "fp8 tensor": (
+        _plant_weights(st_bytes({"a": _entry("F8_E4M3", (4,))}, b"\0" * 4)),
+        f"{CKPT}: tensor 'a' has dtype F8_E4M3, which langmerge does not support",
+    ),
+    "header nested 100,000 deep": (
+        _plant_weights(st_bytes('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", b"")),
+        f"{CKPT}: corrupt safetensors header (nested too deeply)",
+    ),
+    "metadata not strings": (
+        _plant_weights(st_bytes({"__metadata__": {"format": 1}}, b"")),
+        "'__metadata__' must map strings to strings",
+    ),
+    "header not an object": (
+        _plant_weights(st_bytes("[1, 2]", b"")),
+        f"{CKPT}: corrupt safetensors header (not a JSON object)",
+    ),
+    "index nested 100,000 deep": (
+        _plant_deep_index,
+        "model.safetensors.index.json: not valid JSON (nested too deeply)",
+    ),
     "weights are a FIFO": (_plant_fifo("model.safetensors"), f"{CKPT}: a FIFO, not a regular file; refused"),
     "config.json is a FIFO": (_plant_fifo("config.json"), "fx/ct/config.json: a FIFO, not a regular file; refused"),
-    "weights link outside the folder": (_plant_outside_link("model.safetensors"),
-                                        f"{CKPT} points outside the model folder; refused"),
-    "config.json links outside the folder": (_plant_outside_link("config.json"),
-                                             "fx/ct/config.json points outside the model folder; refused"),
+    "weights link outside the folder": (
+        _plant_outside_link("model.safetensors"),
+        f"{CKPT} points outside the model folder; refused",
+    ),
+    "config.json links outside the folder": (
+        _plant_outside_link("config.json"),
+        "fx/ct/config.json points outside the model folder; refused",
+    ),
     "config.json is a list": (_plant_config("[1, 2]"), "fx/ct/config.json: expected a JSON object, got an array"),
-    "num_hidden_layers is a word": (_config_with(num_hidden_layers="two"),
-                                    "fx/ct/config.json: key 'num_hidden_layers' must be a positive whole number, got 'two'"),
+    "num_hidden_layers is a word": (
+        _config_with(num_hidden_layers="two"),
+        "fx/ct/config.json: key 'num_hidden_layers' must be a positive whole number, got 'two'",
+    ),
     "config.json is not JSON": (_plant_config("{oops"), "fx/ct/config.json: not valid JSON (Expecting property name"),
 }
 HANGS = {"weights are a FIFO", "config.json is a FIFO"}
@@ -207,7 +244,9 @@ def test_checkpoint_fault_is_refused_and_nothing_is_written(models, tmp_path, ca
     plant(models, tmp_path)
     recipe = write_recipe(tmp_path, recipe_for(models))
     before = snapshot(tmp_path)
-    argv = ["merge", str(recipe), str(tmp_path / "out"), "--no-progress"] if command == "merge" else ["check", str(recipe)]
+    argv = (
+        ["merge", str(recipe), str(tmp_path / "out"), "--no-progress"] if command == "merge" else ["check", str(recipe)]
+    )
     code, out, err = run(argv, capsys, subprocess_=case in HANGS)
     assert_refused(code, out.replace(str(tmp_path) + "/", ""), err.replace(str(tmp_path) + "/", ""), command, expected)
     assert snapshot(tmp_path) == before
@@ -216,7 +255,10 @@ def test_checkpoint_fault_is_refused_and_nothing_is_written(models, tmp_path, ca
 # ---------------------------------------------------------------- optional files: skipped with a warning
 
 OPTIONAL_FAULTS = {
-    "tokenizer_config.json links outside": (_plant_outside_link("tokenizer_config.json", "base"), "tokenizer_config.json"),
+    "tokenizer_config.json links outside": (
+        _plant_outside_link("tokenizer_config.json", "base"),
+        "tokenizer_config.json",
+    ),
     "chat_template.jinja links outside": (_plant_outside_link("chat_template.jinja", "base"), "chat_template.jinja"),
     "generation_config.json is a FIFO": (_plant_fifo("generation_config.json", "base"), "generation_config.json"),
     "tokenizer.json of ct is a FIFO": (_plant_fifo("tokenizer.json", "ct"), None),
@@ -276,32 +318,68 @@ def _alias_bomb(m, levels: int) -> str:
     chain = "&v0 [{filter: q, value: 1.0}, {value: 0.5}]"
     for i in range(1, levels + 1):
         chain = f"&v{i} [{{filter: f{i}, value: {chain}}}, {{value: *v{i - 1}}}]"
-    return (f"merge_method: task_arithmetic\nbase_model: {m['base']}\nmodels:\n  - model: {m['ct']}\n"
-            f"    parameters:\n      weight: {chain}\n  - model: {m['sft']}\n    parameters: {{weight: 0.5}}\n"
-            "dtype: float32\n")
+    return (
+        f"merge_method: task_arithmetic\nbase_model: {m['base']}\nmodels:\n  - model: {m['ct']}\n"
+        f"    parameters:\n      weight: {chain}\n  - model: {m['sft']}\n    parameters: {{weight: 0.5}}\n"
+        "dtype: float32\n"
+    )
 
 
 RECIPE_FAULTS = {
-    "alias bomb, 2^40 paths": (lambda m: _alias_bomb(m, 40), "recipe.yaml: key 'models.0.parameters.weight.0.value.0"
-                               ".value...': nested more than 64 levels deep", True),
-    "alias bomb, 2^24 paths": (lambda m: _alias_bomb(m, 24), "recipe.yaml: key 'models.0.parameters.weight.0.value.0"
-                               ".value...': more than 100000 entries once YAML aliases are expanded", True),
-    "nested 100,000 deep": (lambda m: "merge_method: linear\nmodels: " + "[" * 100_000 + "]" * 100_000 + "\n",
-                            "recipe.yaml: not valid YAML (nested too deeply)", False),
-    "binary file": (lambda m: b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR", "recipe.yaml: a binary file (it holds NUL bytes), not a recipe file",
-                    False),
-    "not UTF-8": (lambda m: "merge_method: linear\n# caf\xe9\n".encode("latin-1"), "recipe.yaml: not UTF-8 text (invalid "
-                  "continuation byte at byte 26); a recipe file must be UTF-8", False),
-    "400-digit weight": (lambda m: recipe_for(m) | {"models": [{"model": str(m["ct"]), "parameters": {"weight": 10**400}},
-                                                                {"model": str(m["sft"]), "parameters": {"weight": 0.5}}]},
-                         "recipe key 'models[0].parameters.weight': a 401-digit number is out of range", False),
-    "two YAML documents": (lambda m: yaml.safe_dump(recipe_for(m)) + "---\n" + yaml.safe_dump(recipe_for(m)),
-                           "recipe.yaml: holds 2 YAML documents", False),  # check: one document; merge: names them
-    "python tag": (lambda m: "merge_method: !!python/object/apply:os.system ['echo pwned']\n",
-                   "recipe.yaml: line 1, column 15: the YAML tag !!python/object/apply:os.system is not allowed", False),
-    "one model spelt twice": (lambda m: recipe_for(m, sft=str(m["ct"].parent) + "/./ct"),
-                              "recipe key 'models[1].model': '{fx}/./ct' is listed twice (the same model as '{fx}/ct')",
-                              False),
+    "alias bomb, 2^40 paths": (
+        lambda m: _alias_bomb(m, 40),
+        "recipe.yaml: key 'models.0.parameters.weight.0.value.0.value...': nested more than 64 levels deep",
+        True,
+    ),
+    "alias bomb, 2^24 paths": (
+        lambda m: _alias_bomb(m, 24),
+        "recipe.yaml: key 'models.0.parameters.weight.0.value.0"
+        ".value...': more than 100000 entries once YAML aliases are expanded",
+        True,
+    ),
+    "nested 100,000 deep": (
+        lambda m: "merge_method: linear\nmodels: " + "[" * 100_000 + "]" * 100_000 + "\n",
+        "recipe.yaml: not valid YAML (nested too deeply)",
+        False,
+    ),
+    "binary file": (
+        lambda m: b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR",
+        "recipe.yaml: a binary file (it holds NUL bytes), not a recipe file",
+        False,
+    ),
+    "not UTF-8": (
+        lambda m: "merge_method: linear\n# caf\xe9\n".encode("latin-1"),
+        "recipe.yaml: not UTF-8 text (invalid continuation byte at byte 26); a recipe file must be UTF-8",
+        False,
+    ),
+    "400-digit weight": (
+        lambda m: (
+            recipe_for(m)
+            | {
+                "models": [
+                    {"model": str(m["ct"]), "parameters": {"weight": 10**400}},
+                    {"model": str(m["sft"]), "parameters": {"weight": 0.5}},
+                ]
+            }
+        ),
+        "recipe key 'models[0].parameters.weight': a 401-digit number is out of range",
+        False,
+    ),
+    "two YAML documents": (
+        lambda m: yaml.safe_dump(recipe_for(m)) + "---\n" + yaml.safe_dump(recipe_for(m)),
+        "recipe.yaml: holds 2 YAML documents",
+        False,
+    ),  # check: one document; merge: names them
+    "python tag": (
+        lambda m: "merge_method: !!python/object/apply:os.system ['echo pwned']\n",
+        "recipe.yaml: line 1, column 15: the YAML tag !!python/object/apply:os.system is not allowed",
+        False,
+    ),
+    "one model spelt twice": (
+        lambda m: recipe_for(m, sft=str(m["ct"].parent) + "/./ct"),
+        "recipe key 'models[1].model': '{fx}/./ct' is listed twice (the same model as '{fx}/ct')",
+        False,
+    ),
 }
 
 
@@ -315,7 +393,9 @@ def test_recipe_fault_is_one_line_and_nothing_is_written(models, tmp_path, capsy
     make, expected, hangs = RECIPE_FAULTS[case]
     recipe = write_recipe(tmp_path, make(models))
     before = snapshot(tmp_path)
-    argv = ["merge", str(recipe), str(tmp_path / "out"), "--no-progress"] if command == "merge" else ["check", str(recipe)]
+    argv = (
+        ["merge", str(recipe), str(tmp_path / "out"), "--no-progress"] if command == "merge" else ["check", str(recipe)]
+    )
     code, out, err = run(argv, capsys, subprocess_=hangs)
     assert_refused(code, out, err, command, _refs(expected, tmp_path))
     assert snapshot(tmp_path) == before
@@ -324,8 +404,12 @@ def test_recipe_fault_is_one_line_and_nothing_is_written(models, tmp_path, capsy
 RECIPE_FILES = {
     "missing .json": (None, "recipe.json", "recipe file {tmp}/recipe.json does not exist"),
     "missing path without suffix": (None, "recipes/ties", "recipe file {tmp}/recipes/ties does not exist"),
-    "bad JSON": ('{"merge_method": "linear",, }', "recipe.json", "{tmp}/recipe.json: not valid JSON (Expecting "
-                 "property name enclosed in double quotes: line 1 column 27 (char 26))"),
+    "bad JSON": (
+        '{"merge_method": "linear",, }',
+        "recipe.json",
+        "{tmp}/recipe.json: not valid JSON (Expecting "
+        "property name enclosed in double quotes: line 1 column 27 (char 26))",
+    ),
     "a folder": ("folder", "recipe.yaml", "{tmp}/recipe.yaml: a folder, not a regular file; refused"),
     "a FIFO": ("fifo", "recipe.yaml", "{tmp}/recipe.yaml: a FIFO, not a regular file; refused"),
 }
@@ -342,7 +426,9 @@ def test_recipe_argument_names_the_file(tmp_path, capsys, case):
     elif content is not None:
         path.write_text(content)
     before = snapshot(tmp_path)
-    code, _, err = run(["merge", str(path), str(tmp_path / "out"), "--no-progress"], capsys, subprocess_=content == "fifo")
+    code, _, err = run(
+        ["merge", str(path), str(tmp_path / "out"), "--no-progress"], capsys, subprocess_=content == "fifo"
+    )
     assert_refused(code, "", err, "merge", expected.replace("{tmp}", str(tmp_path)))
     assert snapshot(tmp_path) == before
 
@@ -364,10 +450,16 @@ def test_spellings_of_one_folder_are_one_model(models, tmp_path, capsys, monkeyp
     monkeypatch.chdir(tmp_path)
     os.symlink(models["sft"], tmp_path / "sft-link")
     plain = {
-        "merge_method": "ties_sv", "base_model": "fx/base",
-        "models": [{"model": "fx/base"}, {"model": "fx/ct", "parameters": {"weight": 1.0, "density": 0.5}},
-                   {"model": "fx/sft", "parameters": {"weight": 1.0, "density": 0.5}}],
-        "parameters": {"slack": 1.0, "protect": ["fx/sft"]}, "tokenizer_source": "fx/ct", "dtype": "float32",
+        "merge_method": "ties_sv",
+        "base_model": "fx/base",
+        "models": [
+            {"model": "fx/base"},
+            {"model": "fx/ct", "parameters": {"weight": 1.0, "density": 0.5}},
+            {"model": "fx/sft", "parameters": {"weight": 1.0, "density": 0.5}},
+        ],
+        "parameters": {"slack": 1.0, "protect": ["fx/sft"]},
+        "tokenizer_source": "fx/ct",
+        "dtype": "float32",
     }
     spelt = json.loads(json.dumps(plain))
     spelt["models"][0]["model"] = "fx/./base"  # the base under models: not a task vector
@@ -399,15 +491,23 @@ def _add_tensor(folder: Path, name: str, tensor: torch.Tensor) -> None:
 
 
 INTEGER_CASES = {
-    "differs between models": ({"base": torch.arange(6, dtype=torch.int8), "ct": torch.arange(6, dtype=torch.int8) * 2,
-                                "sft": torch.arange(6, dtype=torch.int8)},
-                               "tensor 'model.extra': the int8 tensor differs between {fx}/ct and {fx}/base; integer and "
-                               "bool tensors are not merged, only copied when every model has the same values"),
-    "integer in one model only": ({"base": torch.ones(6), "ct": torch.ones(6, dtype=torch.int8), "sft": torch.ones(6)},
-                                  "tensor 'model.extra': int8 in {fx}/ct but float32 in {fx}/base; integer and bool"),
-    "bool mask differs": ({"base": torch.tensor([True, False]), "ct": torch.tensor([True, False]),
-                           "sft": torch.tensor([False, False])},
-                          "tensor 'model.extra': the bool tensor differs between {fx}/sft and {fx}/base"),
+    "differs between models": (
+        {
+            "base": torch.arange(6, dtype=torch.int8),
+            "ct": torch.arange(6, dtype=torch.int8) * 2,
+            "sft": torch.arange(6, dtype=torch.int8),
+        },
+        "tensor 'model.extra': the int8 tensor differs between {fx}/ct and {fx}/base; integer and "
+        "bool tensors are not merged, only copied when every model has the same values",
+    ),
+    "integer in one model only": (
+        {"base": torch.ones(6), "ct": torch.ones(6, dtype=torch.int8), "sft": torch.ones(6)},
+        "tensor 'model.extra': int8 in {fx}/ct but float32 in {fx}/base; integer and bool",
+    ),
+    "bool mask differs": (
+        {"base": torch.tensor([True, False]), "ct": torch.tensor([True, False]), "sft": torch.tensor([False, False])},
+        "tensor 'model.extra': the bool tensor differs between {fx}/sft and {fx}/base",
+    ),
 }
 
 
@@ -431,7 +531,10 @@ def test_identical_integer_tensors_are_copied_and_check_notes_it(models, tmp_pat
         _add_tensor(models[role], "model.extra", ids)
     recipe = write_recipe(tmp_path, recipe_for(models))
     code, out, _ = run(["check", str(recipe)], capsys)
-    assert code == 0 and "1 integer or bool tensors are the same in every model and are copied as is: model.extra (int64)" in out
+    assert (
+        code == 0
+        and "1 integer or bool tensors are the same in every model and are copied as is: model.extra (int64)" in out
+    )
     assert run(["merge", str(recipe), str(tmp_path / "out"), "--no-progress"], capsys)[0] == 0
     got = load_state(tmp_path / "out")["model.extra"]
     assert got.dtype == torch.int64 and torch.equal(got, ids)
@@ -459,24 +562,58 @@ def _eval_argv(model: Path, task: Path, *extra) -> list[str]:
 
 
 TRANSFORMERS_FAULTS = {
-    "eval of pickle-only weights": (lambda m, tmp, task: _eval_argv(_pickle_only(m["base"], tmp / "fx" / "bin"), task),
-                                    "only pickle (.bin) weights in {fx}/bin; pickle files can run code", False),
+    "eval of pickle-only weights": (
+        lambda m, tmp, task: _eval_argv(_pickle_only(m["base"], tmp / "fx" / "bin"), task),
+        "only pickle (.bin) weights in {fx}/bin; pickle files can run code",
+        False,
+    ),
     "train of pickle-only weights": (
-        lambda m, tmp, task: ["train", "ct", "--base", str(_pickle_only(m["base"], tmp / "fx" / "bin")), "--text",
-                              str(task.parent / "toy_mc.jsonl"), "--tokens", "100", "--out", str(tmp / "out"),
-                              "--no-progress"],
-        "only pickle (.bin) weights in {fx}/bin; pickle files can run code", False),
-    "eval of a planted symlink": (lambda m, tmp, task: (_plant_outside_link("tokenizer_config.json", "base")(m, tmp),
-                                                        _eval_argv(m["base"], task))[1],
-                                  "{fx}/base/tokenizer_config.json points outside the model folder; refused", False),
+        lambda m, tmp, task: [
+            "train",
+            "ct",
+            "--base",
+            str(_pickle_only(m["base"], tmp / "fx" / "bin")),
+            "--text",
+            str(task.parent / "toy_mc.jsonl"),
+            "--tokens",
+            "100",
+            "--out",
+            str(tmp / "out"),
+            "--no-progress",
+        ],
+        "only pickle (.bin) weights in {fx}/bin; pickle files can run code",
+        False,
+    ),
+    "eval of a planted symlink": (
+        lambda m, tmp, task: (
+            _plant_outside_link("tokenizer_config.json", "base")(m, tmp),
+            _eval_argv(m["base"], task),
+        )[1],
+        "{fx}/base/tokenizer_config.json points outside the model folder; refused",
+        False,
+    ),
     "train of a planted symlink": (
-        lambda m, tmp, task: (_plant_outside_link("special_tokens_map.json", "base")(m, tmp),
-                              ["train", "sft", "--base", str(m["base"]), "--data", str(task.parent / "toy_mc.jsonl"),
-                               "--out", str(tmp / "out")])[1],
-        "{fx}/base/special_tokens_map.json points outside the model folder; refused", False),
-    "eval of a FIFO tokenizer": (lambda m, tmp, task: (_plant_fifo("tokenizer.json", "base")(m, tmp),
-                                                       _eval_argv(m["base"], task))[1],
-                                 "{fx}/base/tokenizer.json: a FIFO, not a regular file; refused", True),
+        lambda m, tmp, task: (
+            _plant_outside_link("special_tokens_map.json", "base")(m, tmp),
+            [
+                "train",
+                "sft",
+                "--base",
+                str(m["base"]),
+                "--data",
+                str(task.parent / "toy_mc.jsonl"),
+                "--out",
+                str(tmp / "out"),
+            ],
+        )[1],
+        "{fx}/base/special_tokens_map.json points outside the model folder; refused",
+        False,
+    ),
+    "eval of a FIFO tokenizer": (
+        lambda m, tmp, task: (_plant_fifo("tokenizer.json", "base")(m, tmp), _eval_argv(m["base"], task))[1],
+        "{fx}/base/tokenizer.json: a FIFO, not a regular file; refused",
+        True,
+    ),
 }
 
 
@@ -509,7 +646,10 @@ def test_pretrained_options_never_fall_back_to_pickle(models, tmp_path):
     with pytest.raises(LangmergeError, match="only pickle"):
         pretrained_options(folder)
     assert pretrained_options(folder, allow_pickle=True) == {
-        "use_safetensors": False, "weights_only": True, "trust_remote_code": False}
+        "use_safetensors": False,
+        "weights_only": True,
+        "trust_remote_code": False,
+    }
 
 
 def test_study_given_model_with_pickle_weights_needs_allow_pickle(models, tmp_path):
@@ -532,25 +672,38 @@ def _raw_task(content: bytes):
         path = _task(tmp_path)
         path.write_bytes(content)
         return path
+
     return make
 
 
 TASK_FAULTS = {
-    "absurd format spec": (lambda tmp: _task(tmp, prompt="Q: {question:>99999999999}"),
-                           "toy_mc.yaml: key 'prompt': template field {question:>99999999999}: format specs and "
-                           "conversions are not supported; write {question}"),
-    "attribute access": (lambda tmp: _task(tmp, prompt="{0.__class__}"),
-                         "toy_mc.yaml: key 'prompt': template field {0.__class__} must be a plain name"),
-    "nested format field": (lambda tmp: _task(tmp, description="{question:{question.__class__}}"),
-                            "toy_mc.yaml: key 'description': template field {question:{question.__class__}}: format specs"),
-    "conversion": (lambda tmp: _task(tmp, prompt="{question!r}"),
-                   "toy_mc.yaml: key 'prompt': template field {question!r}: format specs and conversions"),
+    "absurd format spec": (
+        lambda tmp: _task(tmp, prompt="Q: {question:>99999999999}"),
+        "toy_mc.yaml: key 'prompt': template field {question:>99999999999}: format specs and "
+        "conversions are not supported; write {question}",
+    ),
+    "attribute access": (
+        lambda tmp: _task(tmp, prompt="{0.__class__}"),
+        "toy_mc.yaml: key 'prompt': template field {0.__class__} must be a plain name",
+    ),
+    "nested format field": (
+        lambda tmp: _task(tmp, description="{question:{question.__class__}}"),
+        "toy_mc.yaml: key 'description': template field {question:{question.__class__}}: format specs",
+    ),
+    "conversion": (
+        lambda tmp: _task(tmp, prompt="{question!r}"),
+        "toy_mc.yaml: key 'prompt': template field {question!r}: format specs and conversions",
+    ),
     "binary task file": (_raw_task(b"\0\1\2\3"), "toy_mc.yaml: a binary file (it holds NUL bytes), not a task file"),
     "non-UTF-8 task file": (_raw_task("name: caf\xe9\n".encode("latin-1")), "toy_mc.yaml: not UTF-8 text"),
-    "python tag in a task file": (_raw_task(b"name: !!python/name:os.system\n"),
-                                  "toy_mc.yaml: line 1, column 7: the YAML tag !!python/name:os.system is not allowed"),
-    "non-UTF-8 task data": (lambda tmp: (_task(tmp), (tmp / "tasks" / "toy_mc.jsonl").write_bytes(b'{"q": "\xe9"}\n'))[0],
-                            "toy_mc.jsonl: not UTF-8 text"),
+    "python tag in a task file": (
+        _raw_task(b"name: !!python/name:os.system\n"),
+        "toy_mc.yaml: line 1, column 7: the YAML tag !!python/name:os.system is not allowed",
+    ),
+    "non-UTF-8 task data": (
+        lambda tmp: (_task(tmp), (tmp / "tasks" / "toy_mc.jsonl").write_bytes(b'{"q": "\xe9"}\n'))[0],
+        "toy_mc.jsonl: not UTF-8 text",
+    ),
 }
 
 
@@ -568,4 +721,3 @@ def test_a_plain_template_renders_as_str_format_would(tmp_path):
     doc = {"question": "x", "n": 3, "items": ["a", "b"]}
     template = "{{literal}} Q: {question} ({n}) {items}\nA:"
     assert render(template, Example(doc, "f:1"), "t") == template.format(**doc)
-

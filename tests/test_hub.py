@@ -48,9 +48,20 @@ SHAPE = LlamaShape(hidden=32, intermediate=64, layers=1, heads=2, kv_heads=1)
 NEW_TOKENS = ["வணக்கம்", "தமிழ்"]
 SECRET = "hf_test_token"
 # What a merge of org/ct (sharded, with training metadata) fetches; the repository also holds files it must not fetch.
-CT_NEEDED = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-             "langmerge_training.json", "model.safetensors.index.json"}
-JUNK = {"pytorch_model.bin": b"pickle", "consolidated.safetensors": b"junk", "onnx/model.onnx": b"onnx", "README.md": b"# card"}
+CT_NEEDED = {
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "langmerge_training.json",
+    "model.safetensors.index.json",
+}
+JUNK = {
+    "pytorch_model.bin": b"pickle",
+    "consolidated.safetensors": b"junk",
+    "onnx/model.onnx": b"onnx",
+    "README.md": b"# card",
+}
 
 
 def _adapter(folder: Path, recorded_base: str) -> Path:
@@ -58,10 +69,24 @@ def _adapter(folder: Path, recorded_base: str) -> Path:
     folder.mkdir(parents=True)
     g = torch.Generator().manual_seed(11)
     prefix = "base_model.model.model.layers.0.self_attn.q_proj"
-    save_file({f"{prefix}.lora_A.weight": torch.randn(2, SHAPE.hidden, generator=g),
-               f"{prefix}.lora_B.weight": torch.randn(SHAPE.hidden, 2, generator=g)}, str(folder / "adapter_model.safetensors"))
-    (folder / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "base_model_name_or_path": recorded_base}))
+    save_file(
+        {
+            f"{prefix}.lora_A.weight": torch.randn(2, SHAPE.hidden, generator=g),
+            f"{prefix}.lora_B.weight": torch.randn(SHAPE.hidden, 2, generator=g),
+        },
+        str(folder / "adapter_model.safetensors"),
+    )
+    (folder / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": 2,
+                "lora_alpha": 4,
+                "target_modules": ["q_proj"],
+                "base_model_name_or_path": recorded_base,
+            }
+        )
+    )
     return folder
 
 
@@ -91,16 +116,20 @@ def plain(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def hub(plain):
     with FakeHub() as server:
-        server.commits.update({
-            "base-v1": server.push("org/base", folder_files(plain["base-v1"]), refs=("v1", "dev")),
-            "base": server.push("org/base", folder_files(plain["base"])),
-            "ct": server.push("org/ct", folder_files(plain["ct"]) | JUNK),
-            "sft": server.push("org/sft", folder_files(plain["sft"]) | {"pytorch_model.bin": b"pickle", "README.md": b"#"}),
-            "ct-ext": server.push("org/ct-ext", folder_files(plain["ct-ext"])),
-            "adapter": server.push("org/adapter", folder_files(plain["adapter"])),
-            "pickled": server.push("org/pickled", folder_files(plain["pickled"])),
-            "gated": server.push("org/gated", folder_files(plain["sft"])),
-        })
+        server.commits.update(
+            {
+                "base-v1": server.push("org/base", folder_files(plain["base-v1"]), refs=("v1", "dev")),
+                "base": server.push("org/base", folder_files(plain["base"])),
+                "ct": server.push("org/ct", folder_files(plain["ct"]) | JUNK),
+                "sft": server.push(
+                    "org/sft", folder_files(plain["sft"]) | {"pytorch_model.bin": b"pickle", "README.md": b"#"}
+                ),
+                "ct-ext": server.push("org/ct-ext", folder_files(plain["ct-ext"])),
+                "adapter": server.push("org/adapter", folder_files(plain["adapter"])),
+                "pickled": server.push("org/pickled", folder_files(plain["pickled"])),
+                "gated": server.push("org/gated", folder_files(plain["sft"])),
+            }
+        )
         server.repos["org/gated"].gated_token = SECRET
         yield server
 
@@ -126,10 +155,17 @@ def offline(filled, monkeypatch, hub):
 
 
 def _recipe(base: str, ct: str, sft: str, **extra) -> dict:
-    return {"merge_method": "ties_sv", "base_model": base,
-            "models": [{"model": ct, "parameters": {"weight": 1.0, "density": 0.5}},
-                       {"model": sft, "parameters": {"weight": 1.0, "density": 0.5}}],
-            "parameters": {"slack": 1.0, "protect": [sft]}, "dtype": "float32", **extra}
+    return {
+        "merge_method": "ties_sv",
+        "base_model": base,
+        "models": [
+            {"model": ct, "parameters": {"weight": 1.0, "density": 0.5}},
+            {"model": sft, "parameters": {"weight": 1.0, "density": 0.5}},
+        ],
+        "parameters": {"slack": 1.0, "protect": [sft]},
+        "dtype": "float32",
+        **extra,
+    }
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -157,14 +193,25 @@ def golden(plain, tmp_path_factory) -> Path:
 # ----------------------------------------------------------------------------- references
 
 
-@pytest.mark.parametrize("ref, parsed", [
-    ("org/name", ("org/name", None)),
-    ("meta-llama/Llama-2-7b-hf@main", ("meta-llama/Llama-2-7b-hf", "main")),
-    ("org/name@refs/pr/1", ("org/name", "refs/pr/1")),
-    ("org/name@" + "a" * 40, ("org/name", "a" * 40)),
-    ("name", None), ("./org/name", None), ("/abs/path", None), ("a/b/c", None), ("org/name@", None),
-    ("../name", None), ("org--x/name", None), ("org/name@../../x", None), ("org/name@/etc", None), ("org/name@a b", None),
-])
+@pytest.mark.parametrize(
+    "ref, parsed",
+    [
+        ("org/name", ("org/name", None)),
+        ("meta-llama/Llama-2-7b-hf@main", ("meta-llama/Llama-2-7b-hf", "main")),
+        ("org/name@refs/pr/1", ("org/name", "refs/pr/1")),
+        ("org/name@" + "a" * 40, ("org/name", "a" * 40)),
+        ("name", None),
+        ("./org/name", None),
+        ("/abs/path", None),
+        ("a/b/c", None),
+        ("org/name@", None),
+        ("../name", None),
+        ("org--x/name", None),
+        ("org/name@../../x", None),
+        ("org/name@/etc", None),
+        ("org/name@a b", None),
+    ],
+)
 def test_parse_hub_id(ref, parsed):
     assert parse_hub_id(ref) == parsed
 
@@ -187,7 +234,9 @@ def test_missing_folder_that_is_no_id_keeps_its_message(tmp_path):
 # ----------------------------------------------------------------------------- downloading from the stand-in Hub
 
 
-def test_download_fetches_only_what_the_merge_reads_and_equals_the_plain_merge(plain, hub, golden, tmp_path, monkeypatch):
+def test_download_fetches_only_what_the_merge_reads_and_equals_the_plain_merge(
+    plain, hub, golden, tmp_path, monkeypatch
+):
     use_hub(monkeypatch, tmp_path / "cache", hub.url)
     hub.clear()
     merge(_recipe("org/base", "org/ct", "org/sft"), tmp_path / "merged", progress=False)
@@ -230,8 +279,13 @@ def test_revisions_branch_tag_and_commit(plain, hub, filled, tmp_path, monkeypat
     for ref in ("org/base@v1", f"org/base@{old}"):
         model = resolve_model(ref)
         assert model.commit == old and model.origin == CACHED
-        assert load_file(str(model.folder / "model.safetensors")).keys() == load_file(str(plain["base-v1"] / "model.safetensors")).keys()
-    with pytest.raises(LangmergeError, match=r"org/base@dev is not \(completely\) in the Hugging Face cache .* offline mode is on"):
+        assert (
+            load_file(str(model.folder / "model.safetensors")).keys()
+            == load_file(str(plain["base-v1"] / "model.safetensors")).keys()
+        )
+    with pytest.raises(
+        LangmergeError, match=r"org/base@dev is not \(completely\) in the Hugging Face cache .* offline mode is on"
+    ):
         resolve_model("org/base@dev")  # resolved online above, but never downloaded: no ref in the cache
     merge(_recipe(f"org/base@{old}", "org/ct", "org/sft"), tmp_path / "by-commit", progress=False)
     merge(_recipe("org/base@v1", "org/ct", "org/sft"), tmp_path / "by-tag", progress=False)
@@ -254,7 +308,9 @@ def test_offline_and_not_cached_is_one_line_and_exit_2(filled, hub, tmp_path, mo
     use_hub(monkeypatch, filled)  # online, but nothing listens at the endpoint
     assert main(["merge", str(recipe), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "org/unknown" in err and "the Hub is not reachable at http://127.0.0.1:9" in err
+    assert (
+        len(err.splitlines()) == 1 and "org/unknown" in err and "the Hub is not reachable at http://127.0.0.1:9" in err
+    )
 
 
 def test_unreachable_hub_falls_back_to_the_cache_with_a_warning(filled, hub, monkeypatch, caplog):
@@ -269,7 +325,9 @@ def test_unknown_gated_and_token(hub, tmp_path, monkeypatch):
     use_hub(monkeypatch, tmp_path / "cache", hub.url)
     with pytest.raises(LangmergeError, match="no model org/nope on the Hub .*HF_TOKEN"):
         resolve_model("org/nope")
-    with pytest.raises(LangmergeError, match=r"org/gated is gated on the Hub: accept its conditions at .* set HF_TOKEN"):
+    with pytest.raises(
+        LangmergeError, match=r"org/gated is gated on the Hub: accept its conditions at .* set HF_TOKEN"
+    ):
         resolve_model("org/gated")
     monkeypatch.setenv("HF_TOKEN", SECRET)  # read when the request is made, as huggingface_hub's get_token does
     model = resolve_model("org/gated", progress=False)
@@ -301,8 +359,10 @@ def test_check_reports_each_model_before_downloading_it(plain, hub, tmp_path, mo
     report = check_recipe(_recipe("org/base", "org/ct", "org/sft"), announce=announce, progress=False)
     assert report.exit_code == 0, report.text()
     assert [(r, o, c) for r, o, c, _ in heard] == [
-        ("org/base", TO_DOWNLOAD, hub.commits["base"]), ("org/ct", TO_DOWNLOAD, hub.commits["ct"]),
-        ("org/sft", TO_DOWNLOAD, hub.commits["sft"])]
+        ("org/base", TO_DOWNLOAD, hub.commits["base"]),
+        ("org/ct", TO_DOWNLOAD, hub.commits["ct"]),
+        ("org/sft", TO_DOWNLOAD, hub.commits["sft"]),
+    ]
     assert all(weights == [] for *_, weights in heard), "weights were downloaded before every model was reported"
     assert {m.origin for m in report.resolved.values()} == {DOWNLOADED}
     text = report.text()
@@ -322,8 +382,14 @@ def test_local_dir_download_is_a_plain_folder(plain, hub, golden, tmp_path, monk
     from huggingface_hub import snapshot_download
 
     use_hub(monkeypatch, tmp_path / "cache", hub.url)
-    local = Path(snapshot_download("org/ct", local_dir=tmp_path / "ct-local", endpoint=hub.url,
-                                   allow_patterns=["*.json", "model-*.safetensors"]))
+    local = Path(
+        snapshot_download(
+            "org/ct",
+            local_dir=tmp_path / "ct-local",
+            endpoint=hub.url,
+            allow_patterns=["*.json", "model-*.safetensors"],
+        )
+    )
     assert (local / ".cache" / "huggingface").is_dir()
     assert resolve_model(str(local)).origin == LOCAL
     merge(_recipe(str(plain["base"]), str(local), str(plain["sft"])), tmp_path / "merged", progress=False)
@@ -354,7 +420,9 @@ def test_symlink_leaving_its_cache_repository_is_refused(offline, tmp_path, monk
     foreign = os.path.realpath(sft / "model.safetensors")  # a blob of another cache repository
     shard.unlink()
     os.symlink(foreign, shard)
-    with pytest.raises(LangmergeError, match=rf"weight map entry '{shard.name}' points outside the model folder; refused"):
+    with pytest.raises(
+        LangmergeError, match=rf"weight map entry '{shard.name}' points outside the model folder; refused"
+    ):
         CheckpointReader(ct)
     (tmp_path / "elsewhere.safetensors").write_bytes(Path(foreign).read_bytes())
     single = sft / "model.safetensors"
@@ -404,8 +472,15 @@ def test_model_card_and_pinned_recipe_reproduce_the_merge(offline, golden, tmp_p
 
 def test_adapter_by_id_on_a_base_by_id(plain, offline, tmp_path, hub):
     def recipe(base, adapter, sft):
-        return {"merge_method": "task_arithmetic", "base_model": base, "dtype": "float32",
-                "models": [{"model": adapter, "parameters": {"weight": 0.7}}, {"model": sft, "parameters": {"weight": 0.5}}]}
+        return {
+            "merge_method": "task_arithmetic",
+            "base_model": base,
+            "dtype": "float32",
+            "models": [
+                {"model": adapter, "parameters": {"weight": 0.7}},
+                {"model": sft, "parameters": {"weight": 0.5}},
+            ],
+        }
 
     merge(recipe("org/base", "org/adapter", "org/sft"), tmp_path / "ids", progress=False)
     merge(recipe(f"org/base@{hub.commits['base']}", "org/adapter", "org/sft"), tmp_path / "pinned", progress=False)
@@ -413,14 +488,24 @@ def test_adapter_by_id_on_a_base_by_id(plain, offline, tmp_path, hub):
     _assert_same(tmp_path / "ids", tmp_path / "plain")
     _assert_same(tmp_path / "pinned", tmp_path / "plain")
     assert yaml.safe_load((tmp_path / "ids" / "README.md").read_text().split("---")[1])["base_model"] == [
-        "org/base", "org/adapter", "org/sft"]
+        "org/base",
+        "org/adapter",
+        "org/sft",
+    ]
 
 
 def test_base_plus_adapter_by_ids_and_mixed(plain, offline, tmp_path, hub):
     """mergekit's ``BASE+ADAPTER`` with a Hub id on either side: the adapter applies to the base named with it."""
+
     def recipe(first):
-        return {"merge_method": "linear", "dtype": "float32",
-                "models": [{"model": first, "parameters": {"weight": 0.7}}, {"model": "org/sft", "parameters": {"weight": 0.3}}]}
+        return {
+            "merge_method": "linear",
+            "dtype": "float32",
+            "models": [
+                {"model": first, "parameters": {"weight": 0.7}},
+                {"model": "org/sft", "parameters": {"weight": 0.3}},
+            ],
+        }
 
     commit = hub.commits["base"]
     merge(recipe(f"org/base@{commit}+org/adapter"), tmp_path / "ids", progress=False)
@@ -446,15 +531,26 @@ def test_adapter_base_recorded_as_an_id(tmp_path):
 def test_tokenizer_source_by_id(plain, offline, tmp_path):
     def recipe(base, ct, sft):
         # linear takes no base: a base_model would be merged as one more input (and need a weight), as in mergekit
-        return {"merge_method": "linear", "tokenizer_source": ct, "dtype": "float32",
-                "models": [{"model": ct, "parameters": {"weight": 0.5}}, {"model": sft, "parameters": {"weight": 0.5}},
-                           {"model": base, "parameters": {"weight": 0.0}}]}
+        return {
+            "merge_method": "linear",
+            "tokenizer_source": ct,
+            "dtype": "float32",
+            "models": [
+                {"model": ct, "parameters": {"weight": 0.5}},
+                {"model": sft, "parameters": {"weight": 0.5}},
+                {"model": base, "parameters": {"weight": 0.0}},
+            ],
+        }
 
     merge(recipe("org/base", "org/ct-ext", "org/sft"), tmp_path / "ids", progress=False)
     merge(recipe(str(plain["base"]), str(plain["ct-ext"]), str(plain["sft"])), tmp_path / "plain", progress=False)
     _assert_same(tmp_path / "ids", tmp_path / "plain")
     rows = _tensors(tmp_path / "ids")["model.embed_tokens.weight"].shape[0]
-    assert rows == _tensors(plain["ct-ext"])["model.embed_tokens.weight"].shape[0] > _tensors(plain["sft"])["model.embed_tokens.weight"].shape[0]
+    assert (
+        rows
+        == _tensors(plain["ct-ext"])["model.embed_tokens.weight"].shape[0]
+        > _tensors(plain["sft"])["model.embed_tokens.weight"].shape[0]
+    )
     assert (tmp_path / "ids" / "tokenizer.json").read_text() == (plain["ct-ext"] / "tokenizer.json").read_text()
 
 
@@ -473,9 +569,34 @@ def test_train_base_by_id(plain, offline, tmp_path, hub, capsys):
 
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{k} + 1 =", "response": f" {k + 1}"}) + "\n" for k in range(8)))
-    assert main(["train", "sft", "--base", "org/base", "--data", str(data), "--out", str(tmp_path / "by-id"),
-                 "--seq-len", "32", "--batch-size", "4", "--micro-batch-size", "2", "--lr", "3e-3", "--warmup", "0.1",
-                 "--seed", "0", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "sft",
+                "--base",
+                "org/base",
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "by-id"),
+                "--seq-len",
+                "32",
+                "--batch-size",
+                "4",
+                "--micro-batch-size",
+                "2",
+                "--lr",
+                "3e-3",
+                "--warmup",
+                "0.1",
+                "--seed",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     by_folder = train_sft(plain["base"], data, tmp_path / "by-folder", options=fast_options(), progress=False)
     meta = json.loads((tmp_path / "by-id" / "langmerge_training.json").read_text())
     assert meta["base"] == f"org/base@{hub.commits['base']}"
@@ -485,7 +606,9 @@ def test_train_base_by_id(plain, offline, tmp_path, hub, capsys):
 
 def test_analyze_by_id(plain, offline):
     by_id = analyze(_recipe("org/base", "org/ct", "org/sft"), slacks=[0.0, 1.0], progress=False).to_dict()
-    by_folder = analyze(_recipe(str(plain["base"]), str(plain["ct"]), str(plain["sft"])), slacks=[0.0, 1.0], progress=False).to_dict()
+    by_folder = analyze(
+        _recipe(str(plain["base"]), str(plain["ct"]), str(plain["sft"])), slacks=[0.0, 1.0], progress=False
+    ).to_dict()
     assert by_id["total"] == by_folder["total"] and by_id["by_tensor"] == by_folder["by_tensor"]
     assert training_tokens("org/ct") == 1234  # read from the model's langmerge_training.json, fetched with it
 
@@ -498,8 +621,9 @@ def test_tune_by_id(plain, offline, hub):
         return {"parameters.slack": {"values": [0.0, 1.0]}, f"models[{ct}].parameters.density": {"values": [0.3, 0.7]}}
 
     by_id = tune(_recipe("org/base", "org/ct", "org/sft"), space("org/ct"), objective, progress=False)
-    by_folder = tune(_recipe(str(plain["base"]), str(plain["ct"]), str(plain["sft"])), space(plain["ct"]), objective,
-                     progress=False)
+    by_folder = tune(
+        _recipe(str(plain["base"]), str(plain["ct"]), str(plain["sft"])), space(plain["ct"]), objective, progress=False
+    )
     assert [t.score for t in by_id.trials] == [t.score for t in by_folder.trials]
     best = by_id.best_recipe()
     assert best["base_model"] == f"org/base@{hub.commits['base']}"  # the best recipe names the commits tuned
@@ -534,12 +658,21 @@ def test_lora_trained_on_a_hub_base_records_its_id_and_merges_on_it(offline, tmp
 
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{k} + 2 =", "response": f" {k + 2}"}) + "\n" for k in range(8)))
-    train_sft("org/base", data, tmp_path / "adapter", options=fast_options(lora=LoraOptions(rank=2, alpha=4), lr=1e-2),
-              progress=False)
+    train_sft(
+        "org/base",
+        data,
+        tmp_path / "adapter",
+        options=fast_options(lora=LoraOptions(rank=2, alpha=4), lr=1e-2),
+        progress=False,
+    )
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert (config["base_model_name_or_path"], config["revision"]) == ("org/base", hub.commits["base"])
-    recipe = {"merge_method": "task_arithmetic", "base_model": "org/base", "dtype": "float32",
-              "models": [{"model": str(tmp_path / "adapter"), "parameters": {"weight": 1.0}}]}
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": "org/base",
+        "dtype": "float32",
+        "models": [{"model": str(tmp_path / "adapter"), "parameters": {"weight": 1.0}}],
+    }
     merge(recipe, tmp_path / "merged", progress=False)  # the recorded id is the base's: accepted
     assert (tmp_path / "merged" / "model.safetensors").is_file()
 

@@ -25,8 +25,25 @@ from langmerge.errors import LangmergeError
 from langmerge.io.safetensors_format import ST_TO_DTYPE, UNSUPPORTED_DTYPES, read_header, read_tensor
 
 # Element sizes of every dtype the format defines (F4 and F6 are packed: not generated).
-SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "F16": 2, "BF16": 2, "I32": 4, "F32": 4, "I64": 8, "F64": 8,
-         "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "U16": 2, "U32": 4, "U64": 8, "C64": 8}
+SIZES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "I16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "F32": 4,
+    "I64": 8,
+    "F64": 8,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+    "C64": 8,
+}
 assert set(ST_TO_DTYPE) <= set(SIZES) and set(SIZES) - set(ST_TO_DTYPE) <= UNSUPPORTED_DTYPES
 
 
@@ -89,9 +106,30 @@ SHAPES = st.lists(st.integers(0, 4), max_size=3)
 BAD_NUMBERS = st.sampled_from([-1, -8, 1.5, 2.0, True, "2", None, 2**64, 2**63, [1], 10**30])
 DEEP = st.sampled_from([3, 130, 2000, 100_000]).map(lambda n: Raw("[" * n + "]" * n))
 MUTATIONS = [
-    "shift", "move", "alias", "negative", "swap", "duplicate", "rename", "bad_dim", "shape_scalar", "offsets_len", "drop_key",
-    "extra_key", "extra_deep", "metadata", "trailing_data", "truncate_data", "padding", "leading", "top",
-    "length", "dtype", "entry_not_object", "surrogate", "bad_utf8",
+    "shift",
+    "move",
+    "alias",
+    "negative",
+    "swap",
+    "duplicate",
+    "rename",
+    "bad_dim",
+    "shape_scalar",
+    "offsets_len",
+    "drop_key",
+    "extra_key",
+    "extra_deep",
+    "metadata",
+    "trailing_data",
+    "truncate_data",
+    "padding",
+    "leading",
+    "top",
+    "length",
+    "dtype",
+    "entry_not_object",
+    "surrogate",
+    "bad_utf8",
 ]
 
 
@@ -107,8 +145,10 @@ def cases(draw) -> Case:
             n *= d
         offsets[i] = (position, position + n)
         position += n
-    entries = [(name, Pairs([("dtype", dtype), ("shape", list(shape)), ("data_offsets", list(offsets[i]))]))
-               for i, (name, dtype, shape) in enumerate(specs)]
+    entries = [
+        (name, Pairs([("dtype", dtype), ("shape", list(shape)), ("data_offsets", list(offsets[i]))]))
+        for i, (name, dtype, shape) in enumerate(specs)
+    ]
     data = draw(st.binary(min_size=position, max_size=position))
     case = Case(entries, data, padding=b" " * draw(st.integers(0, 7)))
     if draw(st.booleans()):
@@ -171,8 +211,20 @@ def _mutate(draw, case: Case, mutation: str) -> None:
         pick().append(("extra", draw(DEEP)))
     elif mutation == "metadata":
         case.has_metadata = True
-        case.metadata = draw(st.sampled_from([None, [], "x", 1, Pairs([("a", 1)]), Pairs([("a", None)]),
-                                              Pairs([("a", "b"), ("a", "c")]), Pairs([("a", Raw('"\\ud800"'))])]))
+        case.metadata = draw(
+            st.sampled_from(
+                [
+                    None,
+                    [],
+                    "x",
+                    1,
+                    Pairs([("a", 1)]),
+                    Pairs([("a", None)]),
+                    Pairs([("a", "b"), ("a", "c")]),
+                    Pairs([("a", Raw('"\\ud800"'))]),
+                ]
+            )
+        )
         if draw(st.booleans()):
             case.metadata = Pairs([("a", draw(DEEP))])
     elif mutation == "trailing_data":
@@ -184,8 +236,11 @@ def _mutate(draw, case: Case, mutation: str) -> None:
     elif mutation == "leading":
         case.leading = draw(st.sampled_from([b" ", b"\n", b"\xef\xbb\xbf", b"\0"]))
     elif mutation == "top":
-        case.top = draw(st.sampled_from([[], 1, "x", None, Raw("[" * 100_000 + "]" * 100_000),
-                                         Raw("{" + '"a":{' * 50_000 + "}" * 50_001)]))
+        case.top = draw(
+            st.sampled_from(
+                [[], 1, "x", None, Raw("[" * 100_000 + "]" * 100_000), Raw("{" + '"a":{' * 50_000 + "}" * 50_001)]
+            )
+        )
     elif mutation == "length":
         case.length_delta = draw(st.sampled_from([-1, 1, 7, -8, 10**9]))
     elif mutation == "dtype" and entries:
@@ -293,8 +348,11 @@ def test_hand_made_headers_get_the_named_refusal(tmp_path, entries, data, messag
 @pytest.mark.parametrize(
     "header,message",
     [
-        ('{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a": {"dtype": "F32", "shape": [1], '
-         '"data_offsets": [0, 4]}}', "key 'a' appears twice"),
+        (
+            '{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a": {"dtype": "F32", "shape": [1], '
+            '"data_offsets": [0, 4]}}',
+            "key 'a' appears twice",
+        ),
         ('{"__metadata__": {"format": 1}}', "'__metadata__' must map strings to strings"),
         ('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
     ],

@@ -68,8 +68,9 @@ def test_embedding_saved_by_auto_merges_equal_to_peft(models):
 
 
 def test_rslora_with_modules_to_save_equals_peft(models, tmp_path):
-    merged = _peft_adapter(models["base"], tmp_path / "rs", seed=9, target_modules=ALL_LINEAR, use_rslora=True,
-                           modules_to_save=["lm_head"])
+    merged = _peft_adapter(
+        models["base"], tmp_path / "rs", seed=9, target_modules=ALL_LINEAR, use_rslora=True, modules_to_save=["lm_head"]
+    )
     source = LoraSource(CheckpointReader(models["base"]), tmp_path / "rs", base_ref=str(models["base"]))
     assert "lm_head.weight" in source.whole
     assert not torch.equal(merged["lm_head.weight"], load_state(models["base"])["lm_head.weight"])
@@ -86,18 +87,31 @@ def test_dora_is_refused_clearly(models, tmp_path):
 
 
 def _linear(models, first: str) -> dict:
-    return {"merge_method": "linear", "dtype": "float32",
-            "models": [{"model": first, "parameters": {"weight": 0.6}},
-                       {"model": str(models["sft"]), "parameters": {"weight": 0.4}}]}
-
+    return {
+        "merge_method": "linear",
+        "dtype": "float32",
+        "models": [
+            {"model": first, "parameters": {"weight": 0.6}},
+            {"model": str(models["sft"]), "parameters": {"weight": 0.4}},
+        ],
+    }
 
 
 def test_plus_syntax_equals_mergekit_yaml_and_the_peft_merged_folder(models, tmp_path):
     ref = f"{models['base']}+{models['adapter']}"
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(_linear(models, ref)))
-    subprocess.run([mergekit_exe("mergekit-yaml"), str(recipe), str(tmp_path / "mk"), "--lora-merge-cache", str(tmp_path / "cache")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            mergekit_exe("mergekit-yaml"),
+            str(recipe),
+            str(tmp_path / "mk"),
+            "--lora-merge-cache",
+            str(tmp_path / "cache"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     assert main(["merge", str(recipe), str(tmp_path / "lm"), "--no-progress"]) == 0
     ours, theirs = load_state(tmp_path / "lm"), load_file(str(tmp_path / "mk" / "model.safetensors"))
     expected_folder = write_model(tmp_path / "peft", SHAPE, seed=0)  # the PEFT-merged model as a folder
@@ -129,7 +143,10 @@ def test_plus_syntax_errors_name_the_side(models, tmp_path):
 def test_folder_with_plus_in_its_name_is_a_folder(models, tmp_path):
     plus = tmp_path / "a+b"
     shutil.copytree(models["sft"], plus)
-    merge({**_linear(models, str(plus)), "models": [{"model": str(plus), "parameters": {"weight": 1.0}}]},
-          tmp_path / "out", progress=False)
+    merge(
+        {**_linear(models, str(plus)), "models": [{"model": str(plus), "parameters": {"weight": 1.0}}]},
+        tmp_path / "out",
+        progress=False,
+    )
     for key, value in load_state(tmp_path / "out").items():
         assert torch.equal(value, load_state(models["sft"])[key]), key

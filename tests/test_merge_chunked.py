@@ -31,8 +31,13 @@ def trios(tmp_path_factory):
 
 # Per-model parameters get two distinct values (ct, sft); global ones one value each; a parameter not named
 # here keeps its default.
-PER_MODEL = {"weight": (0.9, 0.6), "density": (0.35, 0.7), "gamma": (0.05, 0.1), "epsilon": (0.1, 0.2),
-             "scale": (1.5, 0.5)}
+PER_MODEL = {
+    "weight": (0.9, 0.6),
+    "density": (0.35, 0.7),
+    "gamma": (0.05, 0.1),
+    "epsilon": (0.1, 0.2),
+    "scale": (1.5, 0.5),
+}
 GLOBAL = {"slack": 0.8, "seed": 11, "t": 0.3, "k_bottom": 1, "k_top": 0, "transition": 1}
 
 
@@ -85,7 +90,17 @@ def _record_layouts(monkeypatch) -> list[tuple[str, int, int, list[tuple[int, in
 
 # Rows the base lacks come from the models that have them, by their weights: methods without per-model weights,
 # or that need both of their two models everywhere, refuse a vocabulary the models do not share.
-UNION_REFUSED = {"sce", "ram", "ramplus_tl", "model_stock", "nuslerp", "layer_swap", "slerp", "nearswap", "arcee_fusion"}
+UNION_REFUSED = {
+    "sce",
+    "ram",
+    "ramplus_tl",
+    "model_stock",
+    "nuslerp",
+    "layer_swap",
+    "slerp",
+    "nearswap",
+    "arcee_fusion",
+}
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
@@ -122,12 +137,21 @@ def test_a_tiny_budget_gives_the_bits_of_an_unchunked_merge(trios, tmp_path, mon
         sizes = [b - a for *_, chunks, _, _ in free for a, b in chunks]
         largest = max(sizes)
         assert largest * 4 <= TINY // 2
-        uneven = [n for n, row, _, chunks, *_ in free if len(chunks) > 1 and row > 1
-                  and (chunks[0][1] - chunks[0][0]) % row == 0 and chunks[-1][1] - chunks[-1][0] < chunks[0][1] - chunks[0][0]]
+        uneven = [
+            n
+            for n, row, _, chunks, *_ in free
+            if len(chunks) > 1
+            and row > 1
+            and (chunks[0][1] - chunks[0][0]) % row == 0
+            and chunks[-1][1] - chunks[-1][0] < chunks[0][1] - chunks[0][0]
+        ]
         within = [n for n, row, _, chunks, *_ in free if any(b - a < row for a, b in chunks[:-1])]
         small = [n for n, _, numel, chunks, *_ in free if len(chunks) == 1 and numel < largest]
         assert uneven and small and "model.layers.0.mlp.down_proj.weight" in within
-        assert {held for *_, held, _ in free} == {True, False}  # small tensors held between passes, large ones read again
+        assert {held for *_, held, _ in free} == {
+            True,
+            False,
+        }  # small tensors held between passes, large ones read again
     if vocab == "union" and len(recipe["models"]) + ("base_model" in recipe) > 1:
         # the vocabulary tensors merged in row groups, each one task
         assert sum(n == "model.embed_tokens.weight" for n, *_ in layouts) > 1

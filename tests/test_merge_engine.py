@@ -87,7 +87,7 @@ def test_whole_model_identical_to_mergekit_yaml(trio, tmp_path, name, fused, mon
     monkeypatch.setattr(fused_cpu, "MIN_NUMEL", 1 if fused else 1 << 62)
     recipe = _write_recipe(tmp_path / "recipe.yaml", RECIPES[name](trio))
     subprocess.run([mergekit_yaml(), str(recipe), str(tmp_path / "mk")], check=True, capture_output=True)
-    assert main([ "merge", str(recipe), str(tmp_path / "lm"), "--no-progress"]) == 0
+    assert main(["merge", str(recipe), str(tmp_path / "lm"), "--no-progress"]) == 0
     theirs, ours = _weights(tmp_path / "mk"), _weights(tmp_path / "lm")
     assert set(theirs) == set(ours)
     for key in theirs:
@@ -121,7 +121,9 @@ def test_output_folder_loads_generates_and_describes_itself(trio, tmp_path):
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     card = (out / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
-    assert "base_model" not in front  # local folders are not Hub ids; the Hub's model tree needs ids (tests/test_hub.py)
+    assert (
+        "base_model" not in front
+    )  # local folders are not Hub ids; the Hub's model tree needs ids (tests/test_hub.py)
     assert f"Base model: `{trio['base']}`" in card and f"- `{trio['ct']}`" in card
     assert "ties_sv" in front["tags"]
     assert yaml.safe_load((out / "langmerge_recipe.yaml").read_text())["merge_method"] == "ties_sv"
@@ -161,7 +163,9 @@ def test_dare_is_reproducible_by_seed(trio, tmp_path):
     # DARE keeps about `density` of each task vector
     base, ct = _weights(trio["base"]), _weights(trio["ct"])
     key = "model.layers.1.mlp.up_proj.weight"
-    langmerge.merge({**recipe(1), "merge_method": "dare_linear", "models": recipe(1)["models"][:1]}, tmp_path / "d", progress=False)
+    langmerge.merge(
+        {**recipe(1), "merge_method": "dare_linear", "models": recipe(1)["models"][:1]}, tmp_path / "d", progress=False
+    )
     kept = (_weights(tmp_path / "d")[key] != base[key]).float().mean()
     assert abs(float(kept) - 0.3) < 0.03
     assert not torch.equal(ct[key], base[key])
@@ -253,7 +257,9 @@ BAD_INPUT = {
                 {
                     "model": str(
                         _broken_copy(
-                            t["sft"], d / "sft_nan", lambda w: w["model.layers.1.mlp.up_proj.weight"].__setitem__((0, 0), float("nan"))
+                            t["sft"],
+                            d / "sft_nan",
+                            lambda w: w["model.layers.1.mlp.up_proj.weight"].__setitem__((0, 0), float("nan")),
                         )
                     ),
                     "parameters": {"weight": 1.0, "density": 0.5},

@@ -50,7 +50,12 @@ CASES = list(
 def test_fused_equals_reference_bit_for_bit(dtype, shape, n, method):
     m = get_method(method)
     for seed, (d, weights, lam, ties) in enumerate(
-        [(0.0, [1.0, 1.0, 1.0], 1.0, False), (0.3, [0.7, -0.3, 1.3], 0.8, False), (1.0, [1.0, 0.5, 2.0], 1.0, True), (0.5, [1.0, 1.0, 1.0], 1.0, True)]
+        [
+            (0.0, [1.0, 1.0, 1.0], 1.0, False),
+            (0.3, [0.7, -0.3, 1.3], 0.8, False),
+            (1.0, [1.0, 0.5, 2.0], 1.0, True),
+            (0.5, [1.0, 1.0, 1.0], 1.0, True),
+        ]
     ):
         base, xs = _inputs(shape, n, dtype, seed, ties)
         p = TensorParameters(
@@ -76,8 +81,13 @@ def test_negative_zero_in_the_base_gives_the_reference_bits(dtype, method):
     base.view(-1)[5:40] = -0.0
     xs[0].view(-1)[5:20] = -0.0  # zero task vectors over a -0.0 base: the sign of the zero sum shows
     xs[1].view(-1)[10:30] = 0.0
-    p = TensorParameters(weights=[1.0, 1.0], normalize=m.default_normalize, densities=[0.5, 0.5], slack=1.0,
-                         protected=[False, method == "ties_sv"])
+    p = TensorParameters(
+        weights=[1.0, 1.0],
+        normalize=m.default_normalize,
+        densities=[0.5, 0.5],
+        slack=1.0,
+        protected=[False, method == "ties_sv"],
+    )
     fused = merge_in_memory(m, p, base, xs, kernel="fused")
     assert torch.equal(_bits(fused), _bits(merge_tensor(m, base, xs, p, fused=False)))
 
@@ -101,7 +111,9 @@ def test_fused_keep_mask_is_the_reference_selection(dtype):
 
 def test_nan_or_inf_in_an_input_always_reaches_the_result():
     m = get_method("ties")
-    for dtype, bad, density in itertools.product([torch.float32, torch.bfloat16], [float("nan"), float("inf")], [0.0, 0.5, 1.0]):
+    for dtype, bad, density in itertools.product(
+        [torch.float32, torch.bfloat16], [float("nan"), float("inf")], [0.0, 0.5, 1.0]
+    ):
         base, xs = _inputs((CHUNK + 3,), 2, dtype, 4)
         xs[1][77] = bad
         p = TensorParameters(weights=[1.0, 1.0], normalize=True, densities=[0.5, density])
@@ -114,8 +126,11 @@ def test_nan_or_inf_in_an_input_always_reaches_the_result():
 def test_threads_are_set_for_the_merge_and_restored(tmp_path, monkeypatch, fails):
     """``threads=N`` is torch's (and so the fused kernels') count during the merge only, even when the merge fails."""
     trio = make_trio(tmp_path / "models")
-    recipe = {"merge_method": "ties", "base_model": str(trio["base"]),
-              "models": [{"model": str(trio[m]), "parameters": {"weight": 1.0, "density": 0.5}} for m in ("ct", "sft")]}
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(trio["base"]),
+        "models": [{"model": str(trio[m]), "parameters": {"weight": 1.0, "density": 0.5}} for m in ("ct", "sft")],
+    }
     seen = []
     real = fused_cpu.merge_ties
 
@@ -145,8 +160,12 @@ def test_threads_are_set_for_the_merge_and_restored(tmp_path, monkeypatch, fails
 @pytest.mark.parametrize("shape", [(1,), (7,), (33, 17), (2 * CHUNK + 5,)])
 def test_fused_linear_equals_reference_bit_for_bit(dtype, shape):
     m = get_method("linear")
-    for n, weights, normalize in [(1, [0.7], True), (2, [0.3, 0.7], True), (3, [1.0, -0.4, 2.5], False),
-                                  (3, [0.2, 0.2, 0.6], True)]:
+    for n, weights, normalize in [
+        (1, [0.7], True),
+        (2, [0.3, 0.7], True),
+        (3, [1.0, -0.4, 2.5], False),
+        (3, [0.2, 0.2, 0.6], True),
+    ]:
         _, xs = _inputs(shape, n, dtype, n)
         p = TensorParameters(weights=weights, normalize=normalize)
         fused = merge_in_memory(m, p, None, xs, kernel="fused")

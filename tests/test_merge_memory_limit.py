@@ -78,9 +78,13 @@ def trios(tmp_path_factory):
 def _recipe(method: str, paths) -> dict:
     m = get_method(method)
     params = {"weight": 1.0, **({"density": 0.4} if m.sparsifier else {})}
-    return {"merge_method": method, "base_model": str(paths["base"]), "dtype": "float32",
-            "parameters": {"seed": 3} if m.randomized else {},
-            "models": [{"model": str(paths[k]), "parameters": params} for k in ("ct", "sft")]}
+    return {
+        "merge_method": method,
+        "base_model": str(paths["base"]),
+        "dtype": "float32",
+        "parameters": {"seed": 3} if m.randomized else {},
+        "models": [{"model": str(paths[k]), "parameters": params} for k in ("ct", "sft")],
+    }
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status (Linux)")

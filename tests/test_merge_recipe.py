@@ -18,7 +18,9 @@ def test_gradients_interpolate_over_layer_position():
 
 
 def test_filters_take_the_first_match():
-    setting = parse_setting([{"filter": "mlp", "value": 0.7}, {"filter": "self_attn", "value": [0.0, 1.0]}, {"value": 0.3}])
+    setting = parse_setting(
+        [{"filter": "mlp", "value": 0.7}, {"filter": "self_attn", "value": [0.0, 1.0]}, {"value": 0.3}]
+    )
     assert evaluate_setting(setting, "model.layers.3.mlp.up_proj.weight", 0.5) == 0.7
     assert evaluate_setting(setting, "model.layers.3.self_attn.q_proj.weight", 0.5) == 0.5
     assert evaluate_setting(setting, "model.norm.weight", 0.5) == 0.3
@@ -89,7 +91,16 @@ def test_malformed_recipes_name_the_key(over, needle):
 
 def test_out_of_range_values_inside_conditionals_are_caught_before_any_tensor():
     with pytest.raises(LangmergeError, match=r"models\[0\]\.parameters\.density\[1\]\.value': 2 is above the maximum"):
-        load_recipe(_recipe(models=[{"model": "ct", "parameters": {"weight": 1, "density": [{"filter": "mlp", "value": 0.5}, {"value": 2}]}}]))
+        load_recipe(
+            _recipe(
+                models=[
+                    {
+                        "model": "ct",
+                        "parameters": {"weight": 1, "density": [{"filter": "mlp", "value": 0.5}, {"value": 2}]},
+                    }
+                ]
+            )
+        )
 
 
 def test_required_weight_is_reported():

@@ -80,8 +80,15 @@ def _generators(method, n):
 
 def _merge(method, p, base, xs, kernel, chunk_bytes):
     m = get_method(method)
-    return merge_in_memory(m, p, base if m.uses_base else None, xs, kernel=kernel,
-                           generators=_generators(method, len(xs)), chunk_bytes=chunk_bytes)
+    return merge_in_memory(
+        m,
+        p,
+        base if m.uses_base else None,
+        xs,
+        kernel=kernel,
+        generators=_generators(method, len(xs)),
+        chunk_bytes=chunk_bytes,
+    )
 
 
 def _kernels(method, p, dtype):
@@ -93,7 +100,13 @@ def _kernels(method, p, dtype):
 def test_chunked_equals_unchunked_bit_for_bit(method, dtype):
     flip = not get_method(method).default_rescale if get_method(method).sparsifier else None
     # (models, density, coarse task vectors, rescale): densities below 1 trim (or drop) all but the last model's
-    cases = [(1, 0.3, False, None), (3, 0.3, True, None), (3, 0.0, False, flip), (1, 1.0, True, flip), (3, 0.3, False, flip)]
+    cases = [
+        (1, 0.3, False, None),
+        (3, 0.3, True, None),
+        (3, 0.0, False, flip),
+        (1, 1.0, True, flip),
+        (3, 0.3, False, flip),
+    ]
     for (shape, chunk_bytes), (n, density, coarse, rescale) in itertools.product(LAYOUTS, cases):
         base, xs = _trio(shape, n, dtype, seed=len(shape) + n, coarse=coarse)
         p = _params(method, n, density, rescale)
@@ -126,11 +139,16 @@ def test_chunked_ties_and_dare_equal_mergekit_float32():
         assert torch.equal(merge_in_memory(get_method("ties"), p, base, xs, kernel=kernel, chunk_bytes=1000), theirs)
     # DARE draws one uniform per entry in flat order: a generator carried over the chunks gives mergekit's masks
     torch.manual_seed(5)
-    theirs = merge_tensors([base, xs[0]], "dare_linear", parameters={"weight": {1: 1.0}, "density": {1: 0.4},
-                                                                    "rescale": False}, base_index=0)
+    theirs = merge_tensors(
+        [base, xs[0]],
+        "dare_linear",
+        parameters={"weight": {1: 1.0}, "density": {1: 0.4}, "rescale": False},
+        base_index=0,
+    )
     p = TensorParameters(weights=[1.0], normalize=False, densities=[0.4])
-    ours = merge_in_memory(get_method("dare_linear"), p, base, xs[:1], generators=[torch.Generator().manual_seed(5)],
-                           chunk_bytes=700)
+    ours = merge_in_memory(
+        get_method("dare_linear"), p, base, xs[:1], generators=[torch.Generator().manual_seed(5)], chunk_bytes=700
+    )
     assert torch.equal(ours, theirs)
 
 
@@ -203,7 +221,9 @@ def test_round_exact_hand_cases():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_exact_l1_equals_fractions_in_any_order(dtype):
     g = torch.Generator().manual_seed(2)
-    t = (torch.randn(5000, generator=g, dtype=torch.float64) * torch.exp(torch.randn(5000, generator=g, dtype=torch.float64) * 8))
+    t = torch.randn(5000, generator=g, dtype=torch.float64) * torch.exp(
+        torch.randn(5000, generator=g, dtype=torch.float64) * 8
+    )
     t[:10] = torch.tensor([1e-40, -1e-42, 3e-45, 0.0, -0.0, 1e30, -2e30, 1e-310, 5e-324, 7.0], dtype=torch.float64)
     t = t.to(dtype)
     t[~torch.isfinite(t)] = 1.0  # beyond float16's range
@@ -267,8 +287,10 @@ def test_the_loss_diagnostic_does_not_depend_on_the_chunks(method, monkeypatch):
     slacks = [None, 0.0, 2.0]
     for min_numel in (1, 1 << 62):  # the fused kernel (ties_sv), then the reference one
         monkeypatch.setattr(fused_cpu, "MIN_NUMEL", min_numel)
-        whole, chunked = (tensor_tally(get_method(method), base, xs, p, slacks, _generators(method, 2), chunk_bytes=c)
-                          for c in (1 << 40, 900))
+        whole, chunked = (
+            tensor_tally(get_method(method), base, xs, p, slacks, _generators(method, 2), chunk_bytes=c)
+            for c in (1 << 40, 900)
+        )
         for name in ("kept", "lost", "both_kept", "conflicts"):
             assert (getattr(whole, name) == getattr(chunked, name)).all(), name
         for name in ("kept_mass", "lost_mass", "squared_norm"):
@@ -279,8 +301,12 @@ def test_dare_without_generators_draws_from_torch_global_stream_like_mergekit():
     """Models share the global stream, model after model over the whole tensor, as in mergekit."""
     base, xs = _trio((40, 30), 2, torch.float32, seed=12)
     torch.manual_seed(77)
-    theirs = merge_tensors([base, *xs], "dare_ties", parameters={"weight": {1: 1.0, 2: 0.6}, "density": {1: 0.3, 2: 0.5},
-                                                                 "rescale": False}, base_index=0)
+    theirs = merge_tensors(
+        [base, *xs],
+        "dare_ties",
+        parameters={"weight": {1: 1.0, 2: 0.6}, "density": {1: 0.3, 2: 0.5}, "rescale": False},
+        base_index=0,
+    )
     after_theirs = torch.rand(3)
     torch.manual_seed(77)
     p = TensorParameters(weights=[1.0, 0.6], normalize=False, densities=[0.3, 0.5])

@@ -180,8 +180,16 @@ def test_family_entries_expose_their_composition():
     assert not ta.has_sign_vote and ta.sparsifier is None and "density" not in ta.parameters
     assert dare.randomized and dare.has_sign_vote and dare.parameters["rescale"].default is True
     assert get_method("ties_sv").takes_protect and not ties.takes_protect
-    assert get_method("linear").parameters["normalize"].default is True and "lambda" not in get_method("linear").parameters
+    assert (
+        get_method("linear").parameters["normalize"].default is True and "lambda" not in get_method("linear").parameters
+    )
     # one parameter model per entry, with the entry's defaults; resolved values by recipe (mergekit) name
     p = ties.tensor_parameters({"weight": [1.0, 0.5], "density": [0.3, 0.6], "lambda": 0.8})
-    assert (p.weights, p.densities, p.lam, p.normalize, p.protected) == ([1.0, 0.5], [0.3, 0.6], 0.8, True, [False, False])
+    assert (p.weights, p.densities, p.lam, p.normalize, p.protected) == (
+        [1.0, 0.5],
+        [0.3, 0.6],
+        0.8,
+        True,
+        [False, False],
+    )
     assert p.restrict([1]).weights == [0.5] and p.restrict([1]).densities == [0.6]

@@ -61,9 +61,12 @@ def test_k_zero_is_the_task_expert_and_all_layers_the_language_expert():
 def test_merge_picks_bits_and_blends_in_float32():
     lang, task = torch.randn(4, 6), torch.randn(4, 6)
     p = _params(language=(False, True), k_bottom=1, k_top=1, transition=1)  # the second model is the language expert
+
     def merged(layer):
-        return merge_in_memory(SWAP, p, None, [task, lang], name=f"model.layers.{layer}.mlp.up_proj.weight",
-                               layer=layer, num_layers=6)
+        return merge_in_memory(
+            SWAP, p, None, [task, lang], name=f"model.layers.{layer}.mlp.up_proj.weight", layer=layer, num_layers=6
+        )
+
     assert torch.equal(merged(0), lang) and torch.equal(merged(5), lang)
     assert torch.equal(merged(2), task) and torch.equal(merged(3), task)
     torch.testing.assert_close(merged(1), 0.5 * lang + 0.5 * task, rtol=0, atol=0)
@@ -139,9 +142,11 @@ def test_check_says_which_layers_come_from_which_expert(trio, tmp_path, capsys):
     assert main(["check", str(recipe)]) == 0
     text = capsys.readouterr().out
     assert (f"layer_swap does not read base_model {trio['base']}") in text
-    assert ("layer_swap takes layer 0: language expert; layer 1: blend: 0.5 language expert; layer 2: task expert; "
-            "layer 3: blend: 0.5 language expert; layers 4-5: language expert; embeddings: task expert; "
-            "output: language expert") in text
+    assert (
+        "layer_swap takes layer 0: language expert; layer 1: blend: 0.5 language expert; layer 2: task expert; "
+        "layer 3: blend: 0.5 language expert; layers 4-5: language expert; embeddings: task expert; "
+        "output: language expert"
+    ) in text
     recipe = _recipe(tmp_path, trio, k_bottom=4, k_top=3)
     assert main(["check", str(recipe)]) == 1
     assert "k_bottom (4) + k_top (3) exceed the model's 6 layers" in capsys.readouterr().out

@@ -113,13 +113,21 @@ def test_nuslerp_colinear_task_vectors_interpolate_linearly():
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
 def test_breadcrumbs_bit_identical_to_mergekit(shape, method):
-    for seed, (densities, gammas) in enumerate([([0.5, 0.8], [0.01, 0.1]), ([0.9, 0.3], [0.2, 0.0]),
-                                                ([0.0, 1.0], [0.05, 0.05]), ([0.97, 0.6], [0.5, 0.3])]):
+    for seed, (densities, gammas) in enumerate(
+        [([0.5, 0.8], [0.01, 0.1]), ([0.9, 0.3], [0.2, 0.0]), ([0.0, 1.0], [0.05, 0.05]), ([0.97, 0.6], [0.5, 0.3])]
+    ):
         base, inputs = _models(shape, 2, 10 + seed)
         weights = [1.0, 0.6]
         for normalize in (False, True):
-            expected = _theirs(method, base, inputs, weight=_per_model(weights), density=_per_model(densities),
-                               gamma=_per_model(gammas), normalize=normalize)
+            expected = _theirs(
+                method,
+                base,
+                inputs,
+                weight=_per_model(weights),
+                density=_per_model(densities),
+                gamma=_per_model(gammas),
+                normalize=normalize,
+            )
             out = _ours(method, base, inputs, weight=weights, density=densities, gamma=gammas, normalize=normalize)
             assert torch.equal(out, expected), (shape, method, densities, gammas, normalize)
 
@@ -148,8 +156,13 @@ def test_della_masks_and_values_match_mergekit_with_the_same_seed(shape, method)
         for rescale in (False, True):
             values = dict(density=densities, epsilon=epsilons, rescale=rescale)
             torch.manual_seed(77 + seed)
-            expected = _theirs(method, base, inputs, weight=_per_model(weights),
-                               **{k: _per_model(v) if isinstance(v, list) else v for k, v in values.items()})
+            expected = _theirs(
+                method,
+                base,
+                inputs,
+                weight=_per_model(weights),
+                **{k: _per_model(v) if isinstance(v, list) else v for k, v in values.items()},
+            )
             torch.manual_seed(77 + seed)
             out = _ours(method, base, inputs, weight=weights, **values)
             if not rescale:
@@ -181,8 +194,7 @@ def test_della_one_entry_rows_keep_with_probability_density():
     probs = della_probabilities(torch.randn(5, 1), 0.4, 0.1)
     assert torch.equal(probs, torch.full((5, 1), 0.4))
     with pytest.raises(RuntimeError):
-        _theirs("della", torch.zeros(5, 1), [torch.randn(5, 1)], weight={1: 1.0}, density={1: 0.4},
-                epsilon={1: 0.1})
+        _theirs("della", torch.zeros(5, 1), [torch.randn(5, 1)], weight={1: 1.0}, density={1: 0.4}, epsilon={1: 0.1})
 
 
 def test_della_probabilities_hand_case():
@@ -281,8 +293,9 @@ def test_multislerp_bit_identical_to_mergekit(shape, n):
             base, inputs = _models(shape, n, 60 + n)
             base = base if with_base else None
             w = weights[:n]
-            expected = _theirs("multislerp", base, inputs, weight=_per_model(w, 1 if with_base else 0),
-                               normalize_weights=normalize)
+            expected = _theirs(
+                "multislerp", base, inputs, weight=_per_model(w, 1 if with_base else 0), normalize_weights=normalize
+            )
             out = _ours("multislerp", base, inputs, weight=w, normalize_weights=normalize)
             assert torch.equal(out, expected), (shape, n, with_base, w, normalize)
 
@@ -374,5 +387,4 @@ def test_ram_hand_case():
     # entry 0 changed by both: mean 2; entries 1 and 3 by one: taken whole; entry 2 by none
     assert _ours("ram", base, [a, b]).tolist() == [2.0, 2.0, 0.0, 4.0]
     # RAM+: rho = shared / unique = 1 / 1 for both models, clamped to alpha 0.5: unique entries x (1 + 0.2 * 0.5)
-    torch.testing.assert_close(_ours("ramplus_tl", base, [a, b], r=0.2, alpha=0.5),
-                               torch.tensor([2.0, 2.2, 0.0, 4.4]))
+    torch.testing.assert_close(_ours("ramplus_tl", base, [a, b], r=0.2, alpha=0.5), torch.tensor([2.0, 2.2, 0.0, 4.4]))

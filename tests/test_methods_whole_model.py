@@ -55,16 +55,27 @@ RECIPES = {
         "dtype": "bfloat16",
     },
     "nuslerp_task_vectors": lambda p: _two(p, "nuslerp", ct={"weight": 0.4}, sft={"weight": 0.6}),
-    "nuslerp_row_wise": lambda p: _two(p, "nuslerp", {"nuslerp_flatten": False, "nuslerp_row_wise": True},
-                                       base=False, ct={"weight": 1.0}, sft={"weight": 3.0}),
+    "nuslerp_row_wise": lambda p: _two(
+        p,
+        "nuslerp",
+        {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+        base=False,
+        ct={"weight": 1.0},
+        sft={"weight": 3.0},
+    ),
     "multislerp": lambda p: _two(p, "multislerp", ct={"weight": [0.2, 1.0]}, sft={"weight": 0.7}),
     "karcher": lambda p: _two(p, "karcher", {"max_iter": 5}, base=False),
     "karcher_with_base": lambda p: _two(p, "karcher"),
-    "breadcrumbs": lambda p: _two(p, "breadcrumbs", ct={"weight": 1.0, "density": 0.6, "gamma": 0.05},
-                                  sft={"weight": 0.5, "density": 0.8}),
-    "breadcrumbs_ties": lambda p: _two(p, "breadcrumbs_ties", {"normalize": True},
-                                       ct={"weight": 1.0, "density": 0.5, "gamma": 0.1},
-                                       sft={"weight": 1.0, "density": [0.9, 0.4]}),
+    "breadcrumbs": lambda p: _two(
+        p, "breadcrumbs", ct={"weight": 1.0, "density": 0.6, "gamma": 0.05}, sft={"weight": 0.5, "density": 0.8}
+    ),
+    "breadcrumbs_ties": lambda p: _two(
+        p,
+        "breadcrumbs_ties",
+        {"normalize": True},
+        ct={"weight": 1.0, "density": 0.5, "gamma": 0.1},
+        sft={"weight": 1.0, "density": [0.9, 0.4]},
+    ),
     "sce": lambda p: _two(p, "sce", {"select_topk": 0.4}),
     "model_stock": lambda p: _two(p, "model_stock", {"filter_wise": True}),
     "nearswap": lambda p: {
@@ -76,7 +87,9 @@ RECIPES = {
     },
     "passthrough": lambda p: {
         "merge_method": "passthrough",
-        "models": [{"model": str(p["sft"]), "parameters": {"scale": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}}],
+        "models": [
+            {"model": str(p["sft"]), "parameters": {"scale": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}}
+        ],
         "dtype": "float32",
     },
     "arcee_fusion": lambda p: {
@@ -104,14 +117,23 @@ def test_whole_model_identical_to_mergekit_yaml(trio, tmp_path, name):
         assert torch.equal(ours[key], theirs[key]), key
 
 
-@pytest.mark.parametrize("method,count", [("slerp", "exactly 1"), ("nearswap", "exactly 1"), ("nuslerp", "exactly 2"),
-                                          ("model_stock", "at least 2"), ("arcee_fusion", "exactly 1")])
+@pytest.mark.parametrize(
+    "method,count",
+    [
+        ("slerp", "exactly 1"),
+        ("nearswap", "exactly 1"),
+        ("nuslerp", "exactly 2"),
+        ("model_stock", "at least 2"),
+        ("arcee_fusion", "exactly 1"),
+    ],
+)
 def test_model_counts_refused_in_one_line(trio, tmp_path, capsys, method, count):
     recipe = {
         "merge_method": method,
         "base_model": str(trio["base"]),
         "models": [{"model": str(trio["ct"])}, {"model": str(trio["sft"])}, {"model": str(tmp_path / "third")}]
-        if count != "at least 2" else [{"model": str(trio["ct"])}],
+        if count != "at least 2"
+        else [{"model": str(trio["ct"])}],
         "parameters": {"t": 0.5} if method in ("slerp", "nearswap") else {},
     }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
@@ -122,9 +144,11 @@ def test_model_counts_refused_in_one_line(trio, tmp_path, capsys, method, count)
 
 
 def test_check_says_what_the_method_does_with_the_base(trio, tmp_path, capsys):
-    for name, says in (("karcher_with_base", "karcher takes no base: base_model {base} is merged as one more input"),
-                       ("nuslerp_task_vectors", "nuslerp merges the task vectors over base_model {base}"),
-                       ("breadcrumbs", None)):
+    for name, says in (
+        ("karcher_with_base", "karcher takes no base: base_model {base} is merged as one more input"),
+        ("nuslerp_task_vectors", "nuslerp merges the task vectors over base_model {base}"),
+        ("breadcrumbs", None),
+    ):
         recipe = tmp_path / f"{name}.yaml"
         recipe.write_text(yaml.safe_dump(RECIPES[name](trio)))
         assert main(["check", str(recipe)]) == 0

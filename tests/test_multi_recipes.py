@@ -30,13 +30,34 @@ def trio(tmp_path_factory):
 
 def _documents(p) -> list[dict]:
     return [  # the final first: the order is the dependencies', not the file's
-        {"merge_method": "ties", "base_model": p["base"], "dtype": "float32",
-         "models": [{"model": "ta", "parameters": {"weight": 1.0, "density": 0.5}},
-                    {"model": "ct_sft", "parameters": {"weight": 0.6, "density": 0.7}}]},
-        {"name": "ta", "merge_method": "task_arithmetic", "base_model": p["base"], "dtype": "float32",
-         "models": [{"model": "ct_sft", "parameters": {"weight": 0.8}}, {"model": p["sft"], "parameters": {"weight": 0.3}}]},
-        {"name": "ct_sft", "merge_method": "linear", "dtype": "float32",
-         "models": [{"model": p["ct"], "parameters": {"weight": 0.5}}, {"model": p["sft"], "parameters": {"weight": 0.5}}]},
+        {
+            "merge_method": "ties",
+            "base_model": p["base"],
+            "dtype": "float32",
+            "models": [
+                {"model": "ta", "parameters": {"weight": 1.0, "density": 0.5}},
+                {"model": "ct_sft", "parameters": {"weight": 0.6, "density": 0.7}},
+            ],
+        },
+        {
+            "name": "ta",
+            "merge_method": "task_arithmetic",
+            "base_model": p["base"],
+            "dtype": "float32",
+            "models": [
+                {"model": "ct_sft", "parameters": {"weight": 0.8}},
+                {"model": p["sft"], "parameters": {"weight": 0.3}},
+            ],
+        },
+        {
+            "name": "ct_sft",
+            "merge_method": "linear",
+            "dtype": "float32",
+            "models": [
+                {"model": p["ct"], "parameters": {"weight": 0.5}},
+                {"model": p["sft"], "parameters": {"weight": 0.5}},
+            ],
+        },
     ]
 
 
@@ -49,16 +70,28 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(folder) / "model.safetensors"))
 
 
-
 def test_equal_to_mergekit_multi(trio, tmp_path):
     recipe = _write(tmp_path / "multi.yaml", _documents(trio))
-    subprocess.run([mergekit_exe("mergekit-multi"), str(recipe), "--intermediate-dir", str(tmp_path / "mk-int"),
-                    "--out-path", str(tmp_path / "mk")], check=True, capture_output=True)
+    subprocess.run(
+        [
+            mergekit_exe("mergekit-multi"),
+            str(recipe),
+            "--intermediate-dir",
+            str(tmp_path / "mk-int"),
+            "--out-path",
+            str(tmp_path / "mk"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     assert main(["merge", str(recipe), str(tmp_path / "lm"), "--no-progress"]) == 0
     out = tmp_path / "lm"
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["ct_sft", "ta"]
-    for ours, theirs in ((out, tmp_path / "mk"), (out / "ta", tmp_path / "mk-int" / "ta"),
-                         (out / "ct_sft", tmp_path / "mk-int" / "ct_sft")):
+    for ours, theirs in (
+        (out, tmp_path / "mk"),
+        (out / "ta", tmp_path / "mk-int" / "ta"),
+        (out / "ct_sft", tmp_path / "mk-int" / "ct_sft"),
+    ):
         a, b = _tensors(ours), _tensors(theirs)
         assert set(a) == set(b)
         for key in a:
@@ -90,11 +123,15 @@ def test_killed_after_the_first_document_and_rerun(trio, tmp_path, monkeypatch):
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, "-c", KILL_SECOND, str(recipe), str(out)], capture_output=True)
     assert run.returncode == -9
-    assert (out / "ct_sft" / "config.json").exists() and not (out / "ta").exists() and not (out / "config.json").exists()
+    assert (
+        (out / "ct_sft" / "config.json").exists() and not (out / "ta").exists() and not (out / "config.json").exists()
+    )
     first = (out / "ct_sft" / "model.safetensors").stat()
 
     real, merged = execute._merge, []
-    monkeypatch.setattr(execute, "_merge", lambda recipe, out_dir, *a: merged.append(out_dir) or real(recipe, out_dir, *a))
+    monkeypatch.setattr(
+        execute, "_merge", lambda recipe, out_dir, *a: merged.append(out_dir) or real(recipe, out_dir, *a)
+    )
     assert main(["merge", str(recipe), str(out), "--no-progress"]) == 0
     assert merged == [out / "ta", out]  # the finished intermediate is reused
     assert (out / "ct_sft" / "model.safetensors").stat().st_ino == first.st_ino
@@ -117,8 +154,10 @@ def test_documents_are_checked_together_before_any_merge(trio, tmp_path):
         merge(str(_write(tmp_path / "bad.yaml", docs)), tmp_path / "out", progress=False)
     assert "2 recipe errors" in str(info.value) and "[ta]" in str(info.value) and "[ct_sft]" in str(info.value)
     assert not (tmp_path / "out").exists()
-    cycle = [{**docs[1], "models": [{"model": "ct_sft", "parameters": {"weight": 1.0}}]},
-             {**_documents(trio)[2], "models": [{"model": "ta", "parameters": {"weight": 1.0}}]}]
+    cycle = [
+        {**docs[1], "models": [{"model": "ct_sft", "parameters": {"weight": 1.0}}]},
+        {**_documents(trio)[2], "models": [{"model": "ta", "parameters": {"weight": 1.0}}]},
+    ]
     with pytest.raises(LangmergeError, match=r"cycle \((ta -> ct_sft -> ta|ct_sft -> ta -> ct_sft)\)"):
         merge(str(_write(tmp_path / "cycle.yaml", cycle)), tmp_path / "out", progress=False)
     two = [{k: v for k, v in d.items() if k != "name"} for d in _documents(trio)[1:]]
@@ -127,7 +166,9 @@ def test_documents_are_checked_together_before_any_merge(trio, tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(LangmergeError, match=r"already exists and holds files this recipe does not write \(notes.txt\)"):
+    with pytest.raises(
+        LangmergeError, match=r"already exists and holds files this recipe does not write \(notes.txt\)"
+    ):
         merge(str(_write(tmp_path / "ok.yaml", _documents(trio))), foreign, progress=False)
     assert (foreign / "notes.txt").read_text() == "mine" and not (foreign / "ct_sft").exists()
 

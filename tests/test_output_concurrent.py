@@ -36,8 +36,12 @@ def _finish(proc) -> tuple[int, list[str]]:
 
 # case -> (--force?, exit code of the run that finishes last, its message)
 RACES = {
-    "without --force": (False, 2, "langmerge: error: output {out} appeared while this run was working (another run?); "
-                                  "it was kept as it is and this run's output discarded; pass --force to replace it"),
+    "without --force": (
+        False,
+        2,
+        "langmerge: error: output {out} appeared while this run was working (another run?); "
+        "it was kept as it is and this run's output discarded; pass --force to replace it",
+    ),
     "with --force": (True, 0, None),
 }
 
@@ -91,8 +95,13 @@ def test_forced_runs_take_turns_at_the_lock_beside_the_output(work):
     """A forced commit waits for the lock another process holds on ``.out.lock``."""
     (work / "out").mkdir()
     (work / "out" / "old.txt").write_text("old")
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(work / "out")], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, env=ENV)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(work / "out")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         run = langmerge("merge", work / "r.yaml", work / "out", "--no-progress", "--force")

@@ -77,6 +77,7 @@ def _existing_file(force: bool):
     def prepare(w):
         (w / "out").write_text("x")
         return w / "out", ["--force"] if force else []
+
     return prepare
 
 
@@ -87,11 +88,16 @@ def _parent_is_a_file(w):
 
 # case -> (prepare(work) -> (OUT as given, extra flags), expected message)
 LOCATIONS = {
-    "dangling symlink": (_dangling_symlink, "output {out} is a symlink to nowhere, which does not exist; name a real folder"),
+    "dangling symlink": (
+        _dangling_symlink,
+        "output {out} is a symlink to nowhere, which does not exist; name a real folder",
+    ),
     "symlink to a folder": (_symlink_to_folder, "output {out} is a symlink to real; name a real folder"),
     "current folder": (_current_folder, "output . is the current folder or one of its parents; name a new folder"),
-    "parent of the current folder": (_parent_of_current_folder,
-                                     "output .. is the current folder or one of its parents; name a new folder"),
+    "parent of the current folder": (
+        _parent_of_current_folder,
+        "output .. is the current folder or one of its parents; name a new folder",
+    ),
     "existing file": (_existing_file(False), "output {out} exists and is not a folder"),
     "existing file, --force": (_existing_file(True), "output {out} exists and is not a folder"),
     "parent is a file": (_parent_is_a_file, "output {out}: cannot create it, {work}/f is not a folder"),
@@ -141,10 +147,26 @@ def test_read_only_parent_is_refused_before_the_merge(models, tmp_path):
     ro.chmod(0o555)
     try:
         for out in (ro / "out", ro / "deeper" / "out"):
-            proc = subprocess.run([*_as_unprivileged(), sys.executable, "-m", "langmerge", "merge", str(recipe), str(out),
-                                   "--no-progress"], capture_output=True, text=True, env=ENV, timeout=600)
+            proc = subprocess.run(
+                [
+                    *_as_unprivileged(),
+                    sys.executable,
+                    "-m",
+                    "langmerge",
+                    "merge",
+                    str(recipe),
+                    str(out),
+                    "--no-progress",
+                ],
+                capture_output=True,
+                text=True,
+                env=ENV,
+                timeout=600,
+            )
             assert (proc.returncode, error_lines(proc.stderr)) == (
-                2, [f"langmerge: error: output {out}: cannot write in {ro} (permission denied)"])
+                2,
+                [f"langmerge: error: output {out}: cannot write in {ro} (permission denied)"],
+            )
             assert listing(ro) == [] and listing(tmp_path) == ["r.yaml", "ro"]
     finally:
         ro.chmod(0o755)
@@ -158,9 +180,13 @@ def test_file_size_limit_below_a_shard_is_refused_before_the_merge(slow_models, 
     recipe = write_recipe(tmp_path / "r.yaml", slow_models)
     need = _tensor_bytes(slow_models["base"])
     code, _, err = run_langmerge("merge", recipe, tmp_path / "out", "--no-progress", preexec_fn=_file_size_limit(10**6))
-    assert (code, error_lines(err)) == (2, [
-        f"langmerge: error: output {tmp_path / 'out'}: model.safetensors will be {need:,} bytes but this process may "
-        "write files of at most 1,000,000 bytes (RLIMIT_FSIZE, ulimit -f)"])
+    assert (code, error_lines(err)) == (
+        2,
+        [
+            f"langmerge: error: output {tmp_path / 'out'}: model.safetensors will be {need:,} bytes but this process may "
+            "write files of at most 1,000,000 bytes (RLIMIT_FSIZE, ulimit -f)"
+        ],
+    )
     assert listing(tmp_path) == ["r.yaml"]
 
 
@@ -170,14 +196,20 @@ def test_a_write_past_the_file_size_limit_during_the_merge_is_one_line(slow_mode
     inputs = snapshot(slow_models["base"].parent)
     limit = _tensor_bytes(slow_models["base"])
     code, _, err = run_langmerge("merge", recipe, tmp_path / "out", "--no-progress", preexec_fn=_file_size_limit(limit))
-    assert (code, error_lines(err)) == (2, [
-        f"langmerge: error: file too large writing {tmp_path / 'out' / 'model.safetensors'} (File too large); "
-        "no partial output was kept"])
+    assert (code, error_lines(err)) == (
+        2,
+        [
+            f"langmerge: error: file too large writing {tmp_path / 'out' / 'model.safetensors'} (File too large); "
+            "no partial output was kept"
+        ],
+    )
     assert listing(tmp_path) == ["r.yaml"] and snapshot(slow_models["base"].parent) == inputs
 
 
-_ON_TMPFS = 'mount -t tmpfs -o "$0" tmpfs "$1" || exit 99; mnt="$1"; shift; "$@"; code=$?; ' \
-            'echo "LISTING:$(ls -A "$mnt" | tr "\\n" " ")"; exit $code'
+_ON_TMPFS = (
+    'mount -t tmpfs -o "$0" tmpfs "$1" || exit 99; mnt="$1"; shift; "$@"; code=$?; '
+    'echo "LISTING:$(ls -A "$mnt" | tr "\\n" " ")"; exit $code'
+)
 
 
 def _merge_on_tmpfs(recipe, size: int, tmp_path, options: str = "") -> tuple[int, list[str], list[str]]:
@@ -187,13 +219,29 @@ def _merge_on_tmpfs(recipe, size: int, tmp_path, options: str = "") -> tuple[int
     """
     mnt = tmp_path / "small"
     mnt.mkdir()
-    cmd = ["unshare", "-rm", "sh", "-c", _ON_TMPFS, f"size={size}{options}", str(mnt),
-           sys.executable, "-m", "langmerge", "merge", str(recipe), str(mnt / "out"), "--no-progress"]
+    cmd = [
+        "unshare",
+        "-rm",
+        "sh",
+        "-c",
+        _ON_TMPFS,
+        f"size={size}{options}",
+        str(mnt),
+        sys.executable,
+        "-m",
+        "langmerge",
+        "merge",
+        str(recipe),
+        str(mnt / "out"),
+        "--no-progress",
+    ]
     if shutil.which("unshare") is None:
         pytest.skip("no unshare (util-linux) to mount a private tmpfs; the RLIMIT_FSIZE cases cover disk full")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
     if proc.returncode == 99 or "unshare failed" in proc.stderr:
-        pytest.skip(f"cannot mount a private tmpfs here ({proc.stderr.strip()[:200]}); the RLIMIT_FSIZE cases cover disk full")
+        pytest.skip(
+            f"cannot mount a private tmpfs here ({proc.stderr.strip()[:200]}); the RLIMIT_FSIZE cases cover disk full"
+        )
     listing_line = next(line for line in proc.stdout.splitlines() if line.startswith("LISTING:"))
     return proc.returncode, error_lines(proc.stderr), listing_line.removeprefix("LISTING:").split()
 
@@ -203,8 +251,13 @@ def test_a_full_disk_is_refused_before_the_merge(slow_models, tmp_path):
     need = _tensor_bytes(slow_models["base"])
     code, err, entries = _merge_on_tmpfs(recipe, 2**20, tmp_path)
     mnt = tmp_path / "small"
-    assert (code, err) == (2, [f"langmerge: error: output {mnt / 'out'}: not enough disk space in {mnt} "
-                               f"(the output needs {need:,} bytes, 1,048,576 are free)"])
+    assert (code, err) == (
+        2,
+        [
+            f"langmerge: error: output {mnt / 'out'}: not enough disk space in {mnt} "
+            f"(the output needs {need:,} bytes, 1,048,576 are free)"
+        ],
+    )
     assert entries == []
 
 
@@ -214,8 +267,13 @@ def test_a_disk_that_fills_during_the_merge_is_one_line(slow_models, tmp_path):
     size = -(-_tensor_bytes(slow_models["base"]) // 4096) * 4096
     code, err, entries = _merge_on_tmpfs(recipe, size, tmp_path)
     out = tmp_path / "small" / "out"
-    assert (code, err) == (2, [f"langmerge: error: disk full writing {out / 'model.safetensors'} "
-                               "(No space left on device); no partial output was kept"])
+    assert (code, err) == (
+        2,
+        [
+            f"langmerge: error: disk full writing {out / 'model.safetensors'} "
+            "(No space left on device); no partial output was kept"
+        ],
+    )
     assert entries == []
 
 
@@ -224,7 +282,10 @@ def test_a_read_only_file_system_is_refused_before_the_merge(models, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", models)
     code, err, entries = _merge_on_tmpfs(recipe, 2**20, tmp_path, options=",ro")
     mnt = tmp_path / "small"
-    assert (code, err) == (2, [f"langmerge: error: output {mnt / 'out'}: cannot write in {mnt} (read-only file system)"])
+    assert (code, err) == (
+        2,
+        [f"langmerge: error: output {mnt / 'out'}: cannot write in {mnt} (read-only file system)"],
+    )
     assert entries == []
 
 

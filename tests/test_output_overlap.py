@@ -22,7 +22,9 @@ IS, INSIDE, CONTAINS = "is", "is inside", "contains"
 
 
 def _message(out, relation, given) -> str:
-    return f"langmerge: error: output {out} {relation} the input {given}; write the output somewhere apart from the inputs"
+    return (
+        f"langmerge: error: output {out} {relation} the input {given}; write the output somewhere apart from the inputs"
+    )
 
 
 @pytest.fixture
@@ -45,26 +47,44 @@ def world(tmp_path, monkeypatch):
     data = root / "data"
     data.mkdir()
     (data / "ta.txt").write_text("வணக்கம் உலகம்\n" * 20)
-    (data / "sft.jsonl").write_text("".join(json.dumps({"prompt": f"{i}?", "response": f"{i}!"}) + "\n" for i in range(4)))
+    (data / "sft.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"{i}?", "response": f"{i}!"}) + "\n" for i in range(4))
+    )
     (data / "val.jsonl").write_text(json.dumps({"text": "hello world"}) + "\n")
     (data / "val.yaml").write_text(yaml.safe_dump({"name": "val_bpc", "kind": "bits_per_char", "data": "val.jsonl"}))
     (data / "space.yaml").write_text(yaml.safe_dump({"models[0].parameters.density": {"values": [0.5]}}))
 
     def recipe(name, models, base=m["base"], method="ties"):
-        doc = {"merge_method": method, "base_model": str(base), "dtype": "float32",
-               "models": [{"model": str(p), "parameters": {"weight": 1.0, **({"density": 0.5} if method == "ties" else {})}}
-                          for p in models]}
+        doc = {
+            "merge_method": method,
+            "base_model": str(base),
+            "dtype": "float32",
+            "models": [
+                {"model": str(p), "parameters": {"weight": 1.0, **({"density": 0.5} if method == "ties" else {})}}
+                for p in models
+            ],
+        }
         (root / name).write_text(yaml.safe_dump(doc))
         return root / name
 
-    w = {**m, "root": root, "adapter": adapter, "snapshot": snap, "blobs": repo / "blobs", "sft_link": root / "sft-link",
-         "state_base": write_model(root / "run.train-state", SHAPE),  # a model named like OUT's run state
-         "data": data, "text": data / "ta.txt", "sft_data": data / "sft.jsonl", "task": data / "val.yaml",
-         "space": data / "space.yaml",
-         "recipe": recipe("r.yaml", [m["ct"], m["sft"]]),
-         "lora": recipe("lora.yaml", [adapter, m["sft"]], method="linear"),
-         "hub": recipe("hub.yaml", [snap, m["sft"]]),
-         "link": recipe("link.yaml", [m["ct"], root / "sft-link"])}
+    w = {
+        **m,
+        "root": root,
+        "adapter": adapter,
+        "snapshot": snap,
+        "blobs": repo / "blobs",
+        "sft_link": root / "sft-link",
+        "state_base": write_model(root / "run.train-state", SHAPE),  # a model named like OUT's run state
+        "data": data,
+        "text": data / "ta.txt",
+        "sft_data": data / "sft.jsonl",
+        "task": data / "val.yaml",
+        "space": data / "space.yaml",
+        "recipe": recipe("r.yaml", [m["ct"], m["sft"]]),
+        "lora": recipe("lora.yaml", [adapter, m["sft"]], method="linear"),
+        "hub": recipe("hub.yaml", [snap, m["sft"]]),
+        "link": recipe("link.yaml", [m["ct"], root / "sft-link"]),
+    }
     monkeypatch.chdir(tmp_path)
     return w
 
@@ -86,27 +106,64 @@ def _eval(w, out):
 
 
 def _train_ct_from(base):
-    return lambda w, out: ["train", "ct", "--base", w[base], "--text", w["text"], "--tokens", "50", "--seq-len", "32",
-                           "--out", out, "--no-progress"]
+    return lambda w, out: [
+        "train",
+        "ct",
+        "--base",
+        w[base],
+        "--text",
+        w["text"],
+        "--tokens",
+        "50",
+        "--seq-len",
+        "32",
+        "--out",
+        out,
+        "--no-progress",
+    ]
 
 
 _train_ct = _train_ct_from("base")
 
 
 def _train_sft(w, out):
-    return ["train", "sft", "--base", w["base"], "--data", w["sft_data"], "--seq-len", "32", "--out", out, "--no-progress"]
+    return [
+        "train",
+        "sft",
+        "--base",
+        w["base"],
+        "--data",
+        w["sft_data"],
+        "--seq-len",
+        "32",
+        "--out",
+        out,
+        "--no-progress",
+    ]
 
 
 # case -> (argv(world, OUT), OUT(world), (output named, relation, input named)(world, OUT))
 OVERLAPS = {
     "merge: OUT is the base": (_merge("recipe"), lambda w: w["base"], lambda w, o: (o, IS, w["base"])),
     "merge: OUT inside a CT model": (_merge("recipe"), lambda w: w["ct"] / "merged", lambda w, o: (o, INSIDE, w["ct"])),
-    "merge: OUT contains the models": (_merge("recipe"), lambda w: w["base"].parent, lambda w, o: (o, CONTAINS, w["base"])),
+    "merge: OUT contains the models": (
+        _merge("recipe"),
+        lambda w: w["base"].parent,
+        lambda w, o: (o, CONTAINS, w["base"]),
+    ),
     "merge: OUT contains the recipe": (_merge("recipe"), lambda w: w["root"], lambda w, o: (o, CONTAINS, w["recipe"])),
     "merge: OUT is a LoRA adapter": (_merge("lora"), lambda w: w["adapter"], lambda w, o: (o, IS, w["adapter"])),
     "merge: OUT is a LoRA adapter's base": (_merge("lora"), lambda w: w["base"], lambda w, o: (o, IS, w["base"])),
-    "merge: OUT is a symlinked model's target": (_merge("link"), lambda w: w["sft"], lambda w, o: (o, IS, w["sft_link"])),
-    "merge: OUT is a cache snapshot's blobs": (_merge("hub"), lambda w: w["blobs"], lambda w, o: (o, INSIDE, w["snapshot"])),
+    "merge: OUT is a symlinked model's target": (
+        _merge("link"),
+        lambda w: w["sft"],
+        lambda w, o: (o, IS, w["sft_link"]),
+    ),
+    "merge: OUT is a cache snapshot's blobs": (
+        _merge("hub"),
+        lambda w: w["blobs"],
+        lambda w, o: (o, INSIDE, w["snapshot"]),
+    ),
     "analyze: OUT is the SFT model": (_analyze, lambda w: w["sft"], lambda w, o: (o, IS, w["sft"])),
     "tune: OUT is the base": (_tune, lambda w: w["base"], lambda w, o: (o, IS, w["base"])),
     "tune: OUT contains the space file": (_tune, lambda w: w["data"], lambda w, o: (o, CONTAINS, w["space"])),
@@ -115,8 +172,11 @@ OVERLAPS = {
     "train ct: OUT is --base": (_train_ct, lambda w: w["base"], lambda w, o: (o, IS, w["base"])),
     "train ct: OUT contains the text": (_train_ct, lambda w: w["data"], lambda w, o: (o, CONTAINS, w["text"])),
     # OUT's run state, OUT.train-state beside it, would be the base model folder.
-    "train ct: OUT's run state is --base": (_train_ct_from("state_base"), lambda w: w["root"] / "run",
-                                            lambda w, o: (w["state_base"], IS, w["state_base"])),
+    "train ct: OUT's run state is --base": (
+        _train_ct_from("state_base"),
+        lambda w: w["root"] / "run",
+        lambda w, o: (w["state_base"], IS, w["state_base"]),
+    ),
     "train sft: OUT contains the data": (_train_sft, lambda w: w["data"], lambda w, o: (o, CONTAINS, w["sft_data"])),
 }
 
@@ -138,8 +198,11 @@ def test_study_out_overlapping_its_inputs_is_refused(tmp_path, capsys, monkeypat
 
     root = tmp_path / "in"
     write_inputs(root)
-    for out, relation, given in [(root, CONTAINS, root / "study.yaml"), (root / "base", IS, root / "base"),
-                                 (root / "base" / "runs", INSIDE, root / "base")]:
+    for out, relation, given in [
+        (root, CONTAINS, root / "study.yaml"),
+        (root / "base", IS, root / "base"),
+        (root / "base" / "runs", INSIDE, root / "base"),
+    ]:
         cfg = write_study(root / "study.yaml", study_dict(root, out))
         before = snapshot(tmp_path)
         capsys.readouterr()

@@ -112,8 +112,10 @@ LEFTOVERS = {
     "dead owner": (lambda: _owner_name("out", "partial", Owner.current().host, _dead_pid(), 12345), False),
     # Our own pid, alive, but started at another time: the pid was reused, the owner is gone.
     "reused pid": (lambda: _owner_name("out", "partial", Owner.current().host, os.getpid(), 1), False),
-    "live owner": (lambda: _owner_name("out", "partial", Owner.current().host, os.getpid(),
-                                       process_start(os.getpid())), True),
+    "live owner": (
+        lambda: _owner_name("out", "partial", Owner.current().host, os.getpid(), process_start(os.getpid())),
+        True,
+    ),
     "other host": (lambda: _owner_name("out", "partial", "elsewhere.example", _dead_pid(), 1), True),
     "unknown owner": (lambda: ".out.partial-k2j3h4", True),  # not named by langmerge: not ours to remove
     "other output": (lambda: _owner_name("other", "partial", Owner.current().host, _dead_pid(), 1), True),

@@ -27,8 +27,10 @@ def test_every_parameter_error_is_reported_at_once():
         "merge_method": "ties",
         "base_model": "b",
         "dtype": "float8",
-        "models": [{"model": "ct", "parameters": {"weight": 1, "density": 2}},
-                   {"model": "sft", "parameters": {"normalize": True, "colour": 1}}],
+        "models": [
+            {"model": "ct", "parameters": {"weight": 1, "density": 2}},
+            {"model": "sft", "parameters": {"normalize": True, "colour": 1}},
+        ],
         "parameters": {"lambda": "x"},
     }
     with pytest.raises(RecipeError) as info:

@@ -33,38 +33,59 @@ def _src(model, a, b, **parameters):
 
 RECIPES = {
     "frankenmerge": lambda p: {
-        "merge_method": "linear", "dtype": "float32",
-        "slices": [{"sources": [_src(p["ct"], 0, 3, weight=1.0)]},
-                   {"sources": [_src(p["sft"], 1, 4, weight=1.0)]}],
+        "merge_method": "linear",
+        "dtype": "float32",
+        "slices": [{"sources": [_src(p["ct"], 0, 3, weight=1.0)]}, {"sources": [_src(p["sft"], 1, 4, weight=1.0)]}],
     },
     # the community's usual frankenmerge: passthrough over stacked layer ranges (with a scale filter)
     "passthrough_frankenmerge": lambda p: {
-        "merge_method": "passthrough", "dtype": "float32",
-        "slices": [{"sources": [_src(p["ct"], 0, 3)]},
-                   {"sources": [_src(p["sft"], 1, 4, scale=[{"filter": "o_proj", "value": 0.5}, {"value": 1.0}])]},
-                   {"sources": [_src(p["ct"], 3, 4)]}],
+        "merge_method": "passthrough",
+        "dtype": "float32",
+        "slices": [
+            {"sources": [_src(p["ct"], 0, 3)]},
+            {"sources": [_src(p["sft"], 1, 4, scale=[{"filter": "o_proj", "value": 0.5}, {"value": 1.0}])]},
+            {"sources": [_src(p["ct"], 3, 4)]},
+        ],
     },
     "task_arithmetic_slice_parameters": lambda p: {
-        "merge_method": "task_arithmetic", "base_model": p["base"], "dtype": "float32",
+        "merge_method": "task_arithmetic",
+        "base_model": p["base"],
+        "dtype": "float32",
         "parameters": {"lambda": 0.9},
         "slices": [
-            {"sources": [_src(p["base"], 0, 2), _src(p["ct"], 0, 2, weight=0.6), _src(p["sft"], 0, 2, weight=[0.2, 1.0])]},
-            {"sources": [_src(p["base"], 2, 4), _src(p["ct"], 2, 4), _src(p["sft"], 2, 4, weight=0.5)],
-             "parameters": {"weight": 0.3, "lambda": 1.1}},
+            {
+                "sources": [
+                    _src(p["base"], 0, 2),
+                    _src(p["ct"], 0, 2, weight=0.6),
+                    _src(p["sft"], 0, 2, weight=[0.2, 1.0]),
+                ]
+            },
+            {
+                "sources": [_src(p["base"], 2, 4), _src(p["ct"], 2, 4), _src(p["sft"], 2, 4, weight=0.5)],
+                "parameters": {"weight": 0.3, "lambda": 1.1},
+            },
         ],
     },
     "ties_sources_at_other_depths": lambda p: {
-        "merge_method": "ties", "base_model": p["base"], "dtype": "float32",
+        "merge_method": "ties",
+        "base_model": p["base"],
+        "dtype": "float32",
         "parameters": {"density": 0.5},
         "slices": [
-            {"sources": [_src(p["base"], 0, 3), _src(p["ct"], 1, 4, weight=0.7),
-                         _src(p["sft"], 0, 3, weight=1.0, density=[{"filter": "mlp", "value": 0.8}, {"value": [0.3, 0.6]}])]},
-            {"sources": [_src(p["base"], 2, 4), _src(p["ct"], 0, 2, weight=1.0), _src(p["sft"], 2, 4, weight=0.4)],
-             "parameters": {"normalize": False}},
+            {
+                "sources": [
+                    _src(p["base"], 0, 3),
+                    _src(p["ct"], 1, 4, weight=0.7),
+                    _src(p["sft"], 0, 3, weight=1.0, density=[{"filter": "mlp", "value": 0.8}, {"value": [0.3, 0.6]}]),
+                ]
+            },
+            {
+                "sources": [_src(p["base"], 2, 4), _src(p["ct"], 0, 2, weight=1.0), _src(p["sft"], 2, 4, weight=0.4)],
+                "parameters": {"normalize": False},
+            },
         ],
     },
 }
-
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
@@ -109,14 +130,23 @@ def _write(tmp_path, data) -> str:
 
 
 def test_slice_errors_are_named_and_collected(trio):
-    doc = {"merge_method": "task_arithmetic", "base_model": trio["base"],
-           "slices": [{"sources": [_src(trio["base"], 0, 2), _src(trio["ct"], 0, 3, weight=2, colour=1)],
-                       "parameters": {"density": 0.5}},
-                      {"sources": [_src(trio["ct"], 2, 2, weight=1)]}]}
+    doc = {
+        "merge_method": "task_arithmetic",
+        "base_model": trio["base"],
+        "slices": [
+            {
+                "sources": [_src(trio["base"], 0, 2), _src(trio["ct"], 0, 3, weight=2, colour=1)],
+                "parameters": {"density": 0.5},
+            },
+            {"sources": [_src(trio["ct"], 2, 2, weight=1)]},
+        ],
+    }
     with pytest.raises(RecipeError) as info:
         load_recipe(doc)
     errors = info.value.errors
-    assert errors[1].startswith("recipe key 'slices[0].parameters.density': not a parameter of task_arithmetic; known: ")
+    assert errors[1].startswith(
+        "recipe key 'slices[0].parameters.density': not a parameter of task_arithmetic; known: "
+    )
     assert errors[:1] + errors[2:] == [
         "recipe key 'slices[0].sources': every source of a slice has the same number of layers (layer ranges of 2, 3 layers)",
         "recipe key 'slices[1].sources[0].layer_range': [2, 2] is not a range of layers [start, stop) with 0 <= start < stop",

@@ -15,8 +15,11 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 PAPER = sorted((EXAMPLES / "paper").glob("*.yaml"))
 CONFIGS = PAPER + sorted((EXAMPLES / "miniature").glob("*.yaml"))
 # The models of the paper, as their Hub ids (Tao et al. released the CT and SFT models as pkupie/...).
-PAPER_IDS = {"meta-llama/Llama-2-7b-hf", "pkupie/Llama-2-7b-FLAN-step884",
-             *(f"pkupie/Llama-2-7b-{lang}" for lang in ("tam", "tel", "ben", "bod", "uig", "mon"))}
+PAPER_IDS = {
+    "meta-llama/Llama-2-7b-hf",
+    "pkupie/Llama-2-7b-FLAN-step884",
+    *(f"pkupie/Llama-2-7b-{lang}" for lang in ("tam", "tel", "ben", "bod", "uig", "mon")),
+}
 
 
 def test_there_are_paper_and_miniature_configs():

@@ -31,8 +31,9 @@ def bpe_tokenizer():
     tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
     tok.normalizer = normalizers.Replace(" ", "▁")
     bytes_ = [f"<0x{i:02X}>" for i in range(256)]
-    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"],
-                                  initial_alphabet=[], show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=700, special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"], initial_alphabet=[], show_progress=False
+    )
     tok.train_from_iterator(CORPUS, trainer)
     tok.add_tokens([])  # keep the trained model vocab as is
     tj = json.loads(tok.to_str())
@@ -41,8 +42,9 @@ def bpe_tokenizer():
         vocab.setdefault(b, len(vocab))
     tok = Tokenizer.from_str(json.dumps(tj))
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -84,8 +86,14 @@ def test_pruned_model_tokenizes_and_scores_kept_strings_identically(tmp_path, ti
 
 
 def test_merge_closure_keeps_the_parts_of_every_kept_token():
-    tj = {"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "c": 2, "ab": 3, "abc": 4, "bc": 5, "cc": 6},
-                    "merges": ["a b", "ab c", "b c", "c c"]}, "added_tokens": []}
+    tj = {
+        "model": {
+            "type": "BPE",
+            "vocab": {"a": 0, "b": 1, "c": 2, "ab": 3, "abc": 4, "bc": 5, "cc": 6},
+            "merges": ["a b", "ab c", "b c", "c c"],
+        },
+        "added_tokens": [],
+    }
     # "abc" needs "ab" and "c", and "ab" needs "a" and "b"; "bc" and "cc" are not needed.
     assert kept_token_ids(tj, {4}, "abc", set()) == [0, 1, 2, 3, 4]
 
@@ -112,6 +120,9 @@ def test_pruned_gemma_tokenizer_tokenizes_the_miniature_data_identically(tmp_pat
     assert len(keep) < len(full) // 10  # the point of pruning: a small fraction of the 262k vocabulary
     pruned = Tokenizer.from_str(json.dumps(pruned_tokenizer_json(tj, keep)))
     new_id = {old: new for new, old in enumerate(keep)}
-    mismatches = [s for s, ids in zip(strings, encoded)
-                  if pruned.encode(s, add_special_tokens=False).ids != [new_id[i] for i in ids]]
+    mismatches = [
+        s
+        for s, ids in zip(strings, encoded)
+        if pruned.encode(s, add_special_tokens=False).ids != [new_id[i] for i in ids]
+    ]
     assert mismatches == []

@@ -24,8 +24,13 @@ def test_killed_study_resumes_without_redoing_steps(tmp_path):
     cfg = write_study(tmp_path / "study.yaml", d)
     cache = tmp_path / "killed" / "cache"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    proc = subprocess.Popen([sys.executable, "-m", "langmerge", "study", str(cfg), "--no-progress"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "langmerge", "study", str(cfg), "--no-progress"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 240
     try:
         while len(done_markers(cache)) < 12 and proc.poll() is None and time.monotonic() < deadline:

@@ -22,8 +22,15 @@ def finished(tmp_path_factory):
 def test_every_artefact_is_written(finished):
     root, _, result = finished
     report = root / "out" / "report"
-    for name in ("results.csv", "results.json", "report.md", "loss_rates.csv", "score_vs_tokens.png", "sft_loss_rate.png",
-                 "per_task.png"):
+    for name in (
+        "results.csv",
+        "results.json",
+        "report.md",
+        "loss_rates.csv",
+        "score_vs_tokens.png",
+        "sft_loss_rate.png",
+        "per_task.png",
+    ):
         assert (report / name).is_file(), name
     doc = load_results(root / "out")
     rows = {(r["ct_tokens"], r["row"]): r for r in doc["rows"]}
@@ -38,7 +45,8 @@ def test_every_artefact_is_written(finished):
     for r in doc["loss"]:
         assert 0.0 <= r["ties_sft_loss_rate"] <= 1.0
     assert [f["verdict"] for f in doc["findings"]] and all(
-        f["verdict"] in ("reproduced", "contradicted", "inconclusive", "not testable") for f in doc["findings"])
+        f["verdict"] in ("reproduced", "contradicted", "inconclusive", "not testable") for f in doc["findings"]
+    )
     for r in doc["rows"]:  # every score has its 95% interval around it
         low, high = r["score_ci"]
         assert low <= r["score"] <= high
@@ -53,7 +61,11 @@ def test_ct_checkpoints_have_exact_budgets(finished):
 
     root, _, result = finished
     ct = result.plan.ct["ny"].folder(result.plan.study.out / "cache")
-    for budget, folder in ((1200, ct / "model"), (300, ct / "model" / "tokens-300"), (600, ct / "model" / "tokens-600")):
+    for budget, folder in (
+        (1200, ct / "model"),
+        (300, ct / "model" / "tokens-300"),
+        (600, ct / "model" / "tokens-600"),
+    ):
         meta = json.loads((folder / "langmerge_training.json").read_text())
         assert meta["tokens"]["target"] == budget
         assert meta["tokens"]["replay"] == budget // 4
@@ -82,7 +94,8 @@ def test_rerun_is_all_cached_and_a_change_reruns_only_its_dependants(finished, t
     assert sorted(changed.ran) == sorted(
         [f"tune ties ny {b}" for b in ("300", "600", "1,200")]
         + [f"eval ties ny {b}" for b in ("300", "600", "1,200")]
-        + [f"analyze ny {b}" for b in ("300", "600", "1,200")])
+        + [f"analyze ny {b}" for b in ("300", "600", "1,200")]
+    )
 
 
 def test_only_and_force_rerun_just_the_matching_step(finished):
@@ -100,8 +113,9 @@ def test_dry_run_lists_steps_and_their_state(finished):
     import sys
 
     root, cfg, result = finished
-    done = subprocess.run([sys.executable, "-m", "langmerge", "study", str(cfg), "--dry-run"],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "langmerge", "study", str(cfg), "--dry-run"], capture_output=True, text=True, check=True
+    )
     lines = done.stdout.strip().splitlines()
     assert len(lines) == len(result.plan.steps)
     assert all(line.split()[0] in ("done", "to") for line in lines)
@@ -116,18 +130,44 @@ def test_findings_from_hand_made_outcomes(finished):
     """The three verdicts on per-example outcomes whose tests are worked out by hand."""
     _, _, result = finished
     right = {  # (budget, row) -> examples right of 40 (the first k): nested, so every difference is one-sided
-        (300, "ct_sft"): 10, (300, "wavg"): 30, (300, "ties"): 10, (300, "ties_sv"): 20,
-        (600, "ct_sft"): 10, (600, "wavg"): 10, (600, "ties"): 30, (600, "ties_sv"): 35,
-        (1200, "ct_sft"): 10, (1200, "wavg"): 10, (1200, "ties"): 30, (1200, "ties_sv"): 35,
+        (300, "ct_sft"): 10,
+        (300, "wavg"): 30,
+        (300, "ties"): 10,
+        (300, "ties_sv"): 20,
+        (600, "ct_sft"): 10,
+        (600, "wavg"): 10,
+        (600, "ties"): 30,
+        (600, "ties_sv"): 35,
+        (1200, "ct_sft"): 10,
+        (1200, "wavg"): 10,
+        (1200, "ties"): 30,
+        (1200, "ties_sv"): 35,
     }
     validation = {"wavg": 0.9, "ties": 0.5, "ties_sv": 0.4}
 
     def data(right, loss_sv=(0.01, 0.02, 0.05)):
-        rows = [{"language": "ny", "ct_tokens": b, "row": r, "method": r, "score": k / 40,
-                 "validation_score": validation.get(r)} for (b, r), k in right.items()]
+        rows = [
+            {
+                "language": "ny",
+                "ct_tokens": b,
+                "row": r,
+                "method": r,
+                "score": k / 40,
+                "validation_score": validation.get(r),
+            }
+            for (b, r), k in right.items()
+        ]
         outcomes = {("ny", b, r): [_ones(k)] for (b, r), k in right.items()}
-        loss = [{"language": "ny", "ct_tokens": b, "ties_sft_loss_rate": t, "ties_sv_sft_loss_rate": v,
-                 "ties_sv_slack": 1.0} for b, t, v in zip((300, 600, 1200), (0.02, 0.05, 0.09), loss_sv)]
+        loss = [
+            {
+                "language": "ny",
+                "ct_tokens": b,
+                "ties_sft_loss_rate": t,
+                "ties_sv_sft_loss_rate": v,
+                "ties_sv_slack": 1.0,
+            }
+            for b, t, v in zip((300, 600, 1200), (0.02, 0.05, 0.09), loss_sv)
+        ]
         return {"rows": rows, "outcomes": outcomes, "loss": loss}
 
     found = findings(result.plan, data(right))

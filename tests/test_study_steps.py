@@ -28,18 +28,36 @@ from langmerge.study.steps import (
 
 
 def _ct(lr: float = 1e-4, budgets: tuple[int, ...] = (1, 2)) -> CTSettings:
-    return CTSettings(language="ny", budgets=list(budgets), replay_ratio=(4, 1), repeat=False,
-                      training=StudyTrainOptions(lr=lr))
+    return CTSettings(
+        language="ny", budgets=list(budgets), replay_ratio=(4, 1), repeat=False, training=StudyTrainOptions(lr=lr)
+    )
 
 
 def test_key_is_the_hash_of_settings_and_input_keys():
     a = Step("file", "a", FileSettings(path="/x", sha256="1"))
     step = Step("ct", "ct", _ct(), {"text0": a})
     # An independent computation of the documented key: the settings as the plain dict steps were keyed by.
-    settings = {"language": "ny", "budgets": [1, 2], "replay_ratio": [4, 1], "repeat": False,
-                "training": {"seq_len": 512, "batch_size": 8, "micro_batch_size": 8, "lr": 1e-4, "min_lr": 0.0,
-                             "warmup": 0.01, "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": 0, "precision": "auto",
-                             "gradient_checkpointing": False, "lora": None, "deterministic": False}}
+    settings = {
+        "language": "ny",
+        "budgets": [1, 2],
+        "replay_ratio": [4, 1],
+        "repeat": False,
+        "training": {
+            "seq_len": 512,
+            "batch_size": 8,
+            "micro_batch_size": 8,
+            "lr": 1e-4,
+            "min_lr": 0.0,
+            "warmup": 0.01,
+            "weight_decay": 0.0,
+            "max_grad_norm": 1.0,
+            "seed": 0,
+            "precision": "auto",
+            "gradient_checkpointing": False,
+            "lora": None,
+            "deterministic": False,
+        },
+    }
     doc = {"kind": "ct", "version": 1, "settings": settings, "deps": {"text0": a.key()}}
     want = hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
     assert step.key() == want
@@ -53,8 +71,14 @@ def test_key_is_the_hash_of_settings_and_input_keys():
 def test_optional_settings_are_absent_from_the_key_when_unset():
     tasks = TaskSettings(tasks=["next_day_ny"], split="alternate", builtin_version="v3", task_files={})
     english = EvalSettings(tasks=tasks, limit=None, batch_size=16, lm_eval=[], device="cpu", precision="fp32")
-    assert english.model_dump() == {"tasks": tasks.model_dump(), "limit": None, "batch_size": 16, "lm_eval": [],
-                                    "device": "cpu", "precision": "fp32"}  # limit None is a setting: kept
+    assert english.model_dump() == {
+        "tasks": tasks.model_dump(),
+        "limit": None,
+        "batch_size": 16,
+        "lm_eval": [],
+        "device": "cpu",
+        "precision": "fp32",
+    }  # limit None is a setting: kept
     merge = english.model_copy(update={"score_tasks": [], "method_name": "ties"})
     assert merge.model_dump() == english.model_dump() | {"score_tasks": [], "method_name": "ties"}
     assert GivenSettings(hub="org/m", commit="abc").model_dump() == {"hub": "org/m", "commit": "abc"}

@@ -25,8 +25,19 @@ from langmerge.training.data import (
 from langmerge.training.schedule import cosine_lr, warmup_steps_for
 
 
-@pytest.mark.parametrize("text,value", [("1M", 10**6), ("500k", 500_000), ("2.5M", 2_500_000), ("1e6", 10**6),
-                                        ("1000", 1000), ("1_000", 1000), ("3B", 3 * 10**9), ("1.001k", 1001)])
+@pytest.mark.parametrize(
+    "text,value",
+    [
+        ("1M", 10**6),
+        ("500k", 500_000),
+        ("2.5M", 2_500_000),
+        ("1e6", 10**6),
+        ("1000", 1000),
+        ("1_000", 1000),
+        ("3B", 3 * 10**9),
+        ("1.001k", 1001),
+    ],
+)
 def test_token_counts_parse(text, value):
     assert parse_token_count(text) == value
 
@@ -38,7 +49,13 @@ def test_bad_token_counts_are_refused(text):
 
 
 def test_budget_names():
-    assert [format_token_count(n) for n in (10**6, 2_500_000, 500_000, 1234, 3 * 10**9)] == ["1M", "2.5M", "500k", "1.234k", "3B"]
+    assert [format_token_count(n) for n in (10**6, 2_500_000, 500_000, 1234, 3 * 10**9)] == [
+        "1M",
+        "2.5M",
+        "500k",
+        "1.234k",
+        "3B",
+    ]
 
 
 def _covered(plan, source):
@@ -94,8 +111,14 @@ def test_documents_get_bos_and_eos(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("ab\n\nதம\n", encoding="utf-8")
     ids = token_stream(tok, [path])
-    expected = [tok.bos_token_id, *tok.convert_tokens_to_ids(["a", "b"]), tok.eos_token_id,
-                tok.bos_token_id, *tok.convert_tokens_to_ids(["த", "ம"]), tok.eos_token_id]
+    expected = [
+        tok.bos_token_id,
+        *tok.convert_tokens_to_ids(["a", "b"]),
+        tok.eos_token_id,
+        tok.bos_token_id,
+        *tok.convert_tokens_to_ids(["த", "ம"]),
+        tok.eos_token_id,
+    ]
     assert ids.tolist() == expected
 
 
@@ -149,7 +172,9 @@ def test_sft_mask_with_chat_template_token_by_token():
 
 def test_template_that_is_not_prefix_stable_is_refused():
     tok = char_tokenizer()
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    )
     with pytest.raises(LangmergeError, match="prefix by prefix"):
         build_sft_example(tok, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], where="x")
 

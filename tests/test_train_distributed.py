@@ -34,14 +34,31 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     common = ["train", "ct", "--base", str(base), "--text", str(text), *ARGS]
     assert main([*common, "--out", str(tmp_path / "one")]) == 0
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "langmerge"]
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "langmerge",
+    ]
     # One sequence per forward pass: each process accumulates its two sequences of a step.
-    proc = subprocess.run([*launch, *common, "--micro-batch-size", "1", "--out", str(tmp_path / "two")],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [*launch, *common, "--micro-batch-size", "1", "--out", str(tmp_path / "two")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = json.loads((tmp_path / "two" / "langmerge_training.json").read_text())
     assert meta["processes"] == 2 and meta["tokens"]["target"] == 1000
-    assert json.loads((tmp_path / "two" / "tokens-500" / "langmerge_training.json").read_text())["tokens"]["target"] == 500
+    assert (
+        json.loads((tmp_path / "two" / "tokens-500" / "langmerge_training.json").read_text())["tokens"]["target"] == 500
+    )
     one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     base_w = load_file(base / "model.safetensors")
     for name in one:

@@ -48,15 +48,25 @@ def test_ct_loss_falls_and_checkpoint_loads(corpus, tmp_path):
 def test_token_budgets_are_exact_when_counted_in_the_loop(corpus, tmp_path):
     # Budgets that are multiples of neither the sequence length nor the batch size.
     result = train_ct(
-        corpus["base"], [corpus["ta"]], "1.001k", tmp_path / "ct",
-        save_at=["333", "700"], replay=[corpus["en"]], replay_ratio=(4, 1), options=fast_options(),
+        corpus["base"],
+        [corpus["ta"]],
+        "1.001k",
+        tmp_path / "ct",
+        save_at=["333", "700"],
+        replay=[corpus["en"]],
+        replay_ratio=(4, 1),
+        options=fast_options(),
         progress=False,
     )
     assert (result.target_tokens, result.replay_tokens) == (1001, 1001 // 4)
     for name, budget in (("tokens-333", 333), ("tokens-700", 700)):
         meta = json.loads((tmp_path / "ct" / name / "langmerge_training.json").read_text())
-        assert meta["tokens"] == {"target": budget, "replay": budget // 4, "total": budget + budget // 4,
-                                  "trained": meta["tokens"]["trained"]}
+        assert meta["tokens"] == {
+            "target": budget,
+            "replay": budget // 4,
+            "total": budget + budget // 4,
+            "trained": meta["tokens"]["trained"],
+        }
     # A budget checkpoint is the state after its steps: it differs from the final weights.
     early, final = _weights(tmp_path / "ct" / "tokens-333"), _weights(tmp_path / "ct")
     assert any(not torch.equal(early[k], final[k]) for k in final)
@@ -73,8 +83,16 @@ def test_counted_tokens_are_the_tokens_fed_to_the_model(corpus, tmp_path, monkey
         return batch
 
     monkeypatch.setattr(loop_module, "_collate", counting_collate)
-    result = train_ct(corpus["base"], [corpus["ta"]], 517, tmp_path / "ct", replay=[corpus["en"]],
-                      replay_ratio=(3, 2), options=fast_options(), progress=False)
+    result = train_ct(
+        corpus["base"],
+        [corpus["ta"]],
+        517,
+        tmp_path / "ct",
+        replay=[corpus["en"]],
+        replay_ratio=(3, 2),
+        options=fast_options(),
+        progress=False,
+    )
     assert sum(fed) == 517 + 517 * 2 // 3 == result.tokens_seen
 
 
@@ -182,7 +200,10 @@ def test_padding_and_prompt_positions_are_labelled_ignore_index():
     ]
     batch = loop_module._collate(items, pad_id=0, device="cpu")
     assert batch["input_ids"].tolist() == [[1, 5, 6, 7], [1, 8, 0, 0]]
-    assert batch["labels"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 6, 7], [IGNORE_INDEX, 8, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch["labels"].tolist() == [
+        [IGNORE_INDEX, IGNORE_INDEX, 6, 7],
+        [IGNORE_INDEX, 8, IGNORE_INDEX, IGNORE_INDEX],
+    ]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
     assert [loop_module._predicted(it) for it in items] == [2, 1]
 
@@ -194,8 +215,14 @@ def test_lora_adapter_and_merged_checkpoint_agree(corpus, tmp_path):
     lora = LoraOptions(rank=4, alpha=8)
     opts = fast_options(lora=lora, lr=1e-2)
     adapter = train_ct(corpus["base"], [corpus["ta"]], 400, tmp_path / "adapter", options=opts, progress=False)
-    merged = train_ct(corpus["base"], [corpus["ta"]], 400, tmp_path / "merged",
-                      options=fast_options(lora=lora, lr=1e-2, merge_lora=True), progress=False)
+    merged = train_ct(
+        corpus["base"],
+        [corpus["ta"]],
+        400,
+        tmp_path / "merged",
+        options=fast_options(lora=lora, lr=1e-2, merge_lora=True),
+        progress=False,
+    )
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert not (tmp_path / "adapter" / "model.safetensors").exists()
     assert adapter.losses == merged.losses
@@ -211,8 +238,9 @@ def test_lora_adapter_and_merged_checkpoint_agree(corpus, tmp_path):
 
 def test_trained_checkpoints_are_merge_inputs(corpus, tmp_path):
     data = _sft_file(tmp_path / "sft.jsonl")
-    ct = train_ct(corpus["base"], [corpus["ta"]], 600, tmp_path / "ct", save_at=[300], options=fast_options(),
-                  progress=False)
+    ct = train_ct(
+        corpus["base"], [corpus["ta"]], 600, tmp_path / "ct", save_at=[300], options=fast_options(), progress=False
+    )
     sft = train_sft(corpus["base"], data, tmp_path / "sft", options=fast_options(), progress=False)
     recipe = {
         "merge_method": "ties",

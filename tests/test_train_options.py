@@ -31,8 +31,10 @@ from langmerge.training import LoraOptions, TrainOptions
 from output_helpers import error_lines
 from study_helpers import study_dict
 
-TRAIN_ARGV = {"ct": ["train", "ct", "--base", "b", "--out", "o", "--text", "t.txt", "--tokens", "1k"],
-              "sft": ["train", "sft", "--base", "b", "--out", "o", "--data", "d.jsonl"]}
+TRAIN_ARGV = {
+    "ct": ["train", "ct", "--base", "b", "--out", "o", "--text", "t.txt", "--tokens", "1k"],
+    "sft": ["train", "sft", "--base", "b", "--out", "o", "--data", "d.jsonl"],
+}
 
 
 def _other_value(name: str, info) -> tuple[list[str], object]:
@@ -86,7 +88,7 @@ def test_every_field_is_a_train_flag_and_reaches_the_model(kind, path):
     needs += ["--lora"] if path == ("merge_lora",) else []
     options = model_from_args(_parse([*TRAIN_ARGV[kind], *needs, flag, *words]), TrainOptions)
     got = _get(options, path)
-    assert (got is not None if value is True and path == ("lora",) else got == value), (path, got, value)
+    assert got is not None if value is True and path == ("lora",) else got == value, (path, got, value)
     # The Python API takes the same value under the same name.
     api = {path[0]: {path[1]: value}} if len(path) > 1 else {path[0]: {} if path == ("lora",) else value}
     if path == ("merge_lora",):
@@ -132,9 +134,21 @@ def test_the_study_sets_merge_lora_and_checkpointing_and_keeps_its_micro_batch()
 
 def test_step_settings_keep_the_keys_of_existing_caches():
     """The settings study caches were keyed by (the study's TrainSpec.model_dump()), written out by hand."""
-    v1 = {"seq_len": 512, "batch_size": 8, "micro_batch_size": 8, "lr": 3e-5, "min_lr": 0.0, "warmup": 0.01,
-          "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": 0, "precision": "auto", "gradient_checkpointing": False,
-          "lora": None, "deterministic": False}
+    v1 = {
+        "seq_len": 512,
+        "batch_size": 8,
+        "micro_batch_size": 8,
+        "lr": 3e-5,
+        "min_lr": 0.0,
+        "warmup": 0.01,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "seed": 0,
+        "precision": "auto",
+        "gradient_checkpointing": False,
+        "lora": None,
+        "deterministic": False,
+    }
     assert StudyTrainOptions().step_settings() == v1
     lora = StudyTrainOptions(lora={"rank": 4, "alpha": 8}).step_settings()
     assert lora == v1 | {"lora": {"rank": 4, "alpha": 8, "dropout": 0.0}}
@@ -156,24 +170,29 @@ def test_train_help_lists_every_option_with_its_default_and_unit(kind, capsys):
     for path, info in _fields(TrainOptions):
         flag = model_flags(TrainOptions)[path]
         assert flag in text and _compact(field_help(info)) in text, flag
-    for expected in ("--seq-len SEQ_LEN tokens per sequence (default: 512 tokens)",
-                     "all processes together (default: 8 sequences)",
-                     "gradient accumulation makes up the batch (default: the batch size)",
-                     "--lr LR peak learning rate (default: 3e-05)",
-                     "--precision {auto,fp32,bf16} auto: bf16 on GPU, fp32 on CPU (default: auto)",
-                     "--lora train LoRA adapters instead of every parameter (default: off)",
-                     "--lora-rank LORA_RANK rank of each adapter's two factors (default: 16)",
-                     "(0: only on stop) (default: 100 steps)"):
+    for expected in (
+        "--seq-len SEQ_LEN tokens per sequence (default: 512 tokens)",
+        "all processes together (default: 8 sequences)",
+        "gradient accumulation makes up the batch (default: the batch size)",
+        "--lr LR peak learning rate (default: 3e-05)",
+        "--precision {auto,fp32,bf16} auto: bf16 on GPU, fp32 on CPU (default: auto)",
+        "--lora train LoRA adapters instead of every parameter (default: off)",
+        "--lora-rank LORA_RANK rank of each adapter's two factors (default: 16)",
+        "(0: only on stop) (default: 100 steps)",
+    ):
         assert expected in text, expected
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--seq-len", "1"], "argument --seq-len: must be at least 2, got 1"),
-    (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
-    (["--lora", "--lora-dropout", "1.0"], "argument --lora-dropout: must be less than 1.0, got 1.0"),
-    (["--merge-lora"], "--merge-lora needs --lora"),
-    (["--lora-rank", "4"], "--lora-rank needs --lora"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--seq-len", "1"], "argument --seq-len: must be at least 2, got 1"),
+        (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+        (["--lora", "--lora-dropout", "1.0"], "argument --lora-dropout: must be less than 1.0, got 1.0"),
+        (["--merge-lora"], "--merge-lora needs --lora"),
+        (["--lora-rank", "4"], "--lora-rank needs --lora"),
+    ],
+)
 def test_a_value_the_model_refuses_is_one_line_naming_the_flag(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
     assert main([*TRAIN_ARGV["sft"], *argv]) == 2
@@ -202,8 +221,16 @@ SHARED = {
     LIMIT.name: {"eval", "tune"},
     FEW_SHOT.name: {"eval", "tune"},
 }
-SHARED_VALUES = {"--force": [], "--no-progress": [], "--allow-pickle": [], "--device": ["cpu"], "--threads": ["3"],
-                 "--batch-size": ["5"], "--limit": ["7"], "--few-shot": ["2"]}
+SHARED_VALUES = {
+    "--force": [],
+    "--no-progress": [],
+    "--allow-pickle": [],
+    "--device": ["cpu"],
+    "--threads": ["3"],
+    "--batch-size": ["5"],
+    "--limit": ["7"],
+    "--few-shot": ["2"],
+}
 FLAGS = [FORCE, NO_PROGRESS, ALLOW_PICKLE, DEVICE, THREADS, BATCH_SIZE, LIMIT, FEW_SHOT]
 
 
@@ -222,7 +249,12 @@ def test_shared_flags_parse_identically_in_every_command(flag):
     parsed = set()
     for name, action in having.items():
         assert (action.dest, action.type, action.default, action.nargs, action.const) == (
-            dest, flag.options.get("type"), flag.options.get("default", False), action.nargs, action.const)
+            dest,
+            flag.options.get("type"),
+            flag.options.get("default", False),
+            action.nargs,
+            action.const,
+        )
         assert type(action) is type(having[next(iter(having))])  # the same action everywhere
         words = _minimal_argv(name)
         absent = vars(commands[name].parse_args(words))[dest]
@@ -234,9 +266,15 @@ def test_shared_flags_parse_identically_in_every_command(flag):
 def _minimal_argv(command: str) -> list[str]:
     """Arguments that satisfy the command's required ones (after its name)."""
     return {
-        "merge": ["r.yaml", "out"], "check": ["r.yaml"], "demo": [], "eval": ["m"], "analyze": ["r.yaml", "-o", "o"],
-        "tune": ["r.yaml", "--space", "s.yaml", "--tasks", "x", "-o", "o"], "study": ["s.yaml"],
-        "train ct": TRAIN_ARGV["ct"][2:], "train sft": TRAIN_ARGV["sft"][2:],
+        "merge": ["r.yaml", "out"],
+        "check": ["r.yaml"],
+        "demo": [],
+        "eval": ["m"],
+        "analyze": ["r.yaml", "-o", "o"],
+        "tune": ["r.yaml", "--space", "s.yaml", "--tasks", "x", "-o", "o"],
+        "study": ["s.yaml"],
+        "train ct": TRAIN_ARGV["ct"][2:],
+        "train sft": TRAIN_ARGV["sft"][2:],
     }[command]
 
 

@@ -23,7 +23,9 @@ def setup(tmp_path_factory):
     task.write_text(yaml.safe_dump({"name": "val_bpc", "kind": "bits_per_char", "data": "val.jsonl"}))
     r = write_recipe(root / "start.yaml", recipe(trio))
     space = root / "space.yaml"
-    space.write_text(yaml.safe_dump({"parameters.slack": {"values": [0, 4]}, "models[ct].parameters.weight": {"values": [0.1, 1.0]}}))
+    space.write_text(
+        yaml.safe_dump({"parameters.slack": {"values": [0, 4]}, "models[ct].parameters.weight": {"values": [0.1, 1.0]}})
+    )
     return root, r, task, space
 
 
@@ -67,6 +69,9 @@ def test_bad_space_file_names_the_file_and_key(setup, capsys):
     root, r, task, _ = setup
     bad = root / "bad_space.yaml"
     bad.write_text(yaml.safe_dump({"parameters.slack": {"low": 1, "high": 1}}))
-    assert main(["tune", str(r), "--space", str(bad), "--tasks", str(task), "-o", str(root / "never"), "--no-progress"]) == 2
+    assert (
+        main(["tune", str(r), "--space", str(bad), "--tasks", str(task), "-o", str(root / "never"), "--no-progress"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert str(bad) in err and "'parameters.slack'" in err and "empty range" in err

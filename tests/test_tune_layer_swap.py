@@ -15,8 +15,11 @@ from langmerge.merge.recipe import load_recipe
 from langmerge.tuning import InMemoryMerger, tune
 from langmerge.tuning.space import apply_values, load_space
 
-SPACE = {"parameters.k_bottom": {"low": 0, "high": 1, "step": 1}, "parameters.k_top": {"values": [0, 1]},
-         "parameters.transition": {"values": [0]}}
+SPACE = {
+    "parameters.k_bottom": {"low": 0, "high": 1, "step": 1},
+    "parameters.k_top": {"values": [0, 1]},
+    "parameters.transition": {"values": [0]},
+}
 HIDDEN = {"parameters.k_bottom": 1, "parameters.k_top": 0, "parameters.transition": 0}
 
 
@@ -26,9 +29,12 @@ def trio(tmp_path_factory):
 
 
 def _recipe(trio, **parameters):
-    return {"merge_method": "layer_swap", "dtype": "float32",
-            "models": [{"model": str(trio["ct"])}, {"model": str(trio["sft"])}],
-            "parameters": {"language_expert": str(trio["ct"]), "k_bottom": 0, "k_top": 0, **parameters}}
+    return {
+        "merge_method": "layer_swap",
+        "dtype": "float32",
+        "models": [{"model": str(trio["ct"])}, {"model": str(trio["sft"])}],
+        "parameters": {"language_expert": str(trio["ct"]), "k_bottom": 0, "k_top": 0, **parameters},
+    }
 
 
 def test_grid_over_integer_layer_counts_finds_the_hidden_optimum(trio):

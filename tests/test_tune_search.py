@@ -78,7 +78,11 @@ def test_tpe_finds_the_optimum_within_its_budget(trio):
 @pytest.mark.parametrize(
     "method, dtype, params",
     [
-        ("ties_sv", "bfloat16", {"models[0].parameters.weight": 0.7, "parameters.slack": 1.5, "parameters.lambda": 0.9}),
+        (
+            "ties_sv",
+            "bfloat16",
+            {"models[0].parameters.weight": 0.7, "parameters.slack": 1.5, "parameters.lambda": 0.9},
+        ),
         ("dare_ties", "float32", {"models[0].parameters.weight": 0.7, "parameters.seed": 5}),
         ("task_arithmetic", "float16", {"models[0].parameters.weight": 0.3, "parameters.lambda": 1.2}),
         ("linear", "float32", {"models[0].parameters.weight": 0.3}),
@@ -102,7 +106,9 @@ def test_in_memory_merge_is_bit_identical_to_langmerge_merge(trio, tmp_path, met
     for k, v in on_disk.items():
         assert in_memory[k].dtype == v.dtype and torch.equal(in_memory[k], v), k
     model = merger.model(load_recipe(candidate))
-    assert torch.equal(model.state_dict()["model.layers.1.mlp.up_proj.weight"], on_disk["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(
+        model.state_dict()["model.layers.1.mlp.up_proj.weight"], on_disk["model.layers.1.mlp.up_proj.weight"]
+    )
 
 
 @pytest.mark.parametrize(

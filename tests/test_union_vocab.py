@@ -26,8 +26,15 @@ def _by_token(folder: Path, name: str) -> dict[str, torch.Tensor]:
 
 
 def _recipe(method: str, base: Path, others: list[Path]) -> dict:
-    return {"merge_method": method, "base_model": str(base), "dtype": "float32", "tokenizer_source": "union",
-            "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip([base, *others], [1.0, 0.7, 0.4, 0.5])]}
+    return {
+        "merge_method": method,
+        "base_model": str(base),
+        "dtype": "float32",
+        "tokenizer_source": "union",
+        "models": [
+            {"model": str(m), "parameters": {"weight": w}} for m, w in zip([base, *others], [1.0, 0.7, 0.4, 0.5])
+        ],
+    }
 
 
 def _assert_equal_by_token(mk: Path, lm: Path):

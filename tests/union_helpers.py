@@ -17,8 +17,11 @@ def bpe_tokenizer(vocab_size: int = 64, extra_vocab: list[str] = (), added: list
     from transformers import LlamaTokenizerFast
 
     names = ["<unk>", "<s>", "</s>"] + [f"_tok_{i}" for i in range(3, vocab_size)] + list(extra_vocab)
-    data = {"version": "1.0", "model": {"type": "BPE", "vocab": {t: i for i, t in enumerate(names)}, "merges": []},
-            "added_tokens": []}
+    data = {
+        "version": "1.0",
+        "model": {"type": "BPE", "vocab": {t: i for i, t in enumerate(names)}, "merges": []},
+        "added_tokens": [],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "tokenizer.json"
         Tokenizer.from_str(json.dumps(data)).save(str(path))
@@ -32,11 +35,31 @@ def union_models(root: Path) -> dict[str, Path]:
     only 64 rows: unused), and vocab (three more vocabulary tokens, 67 rows)."""
     root = Path(root)
     return {
-        "base": write_model(root / "base", LlamaShape(**{**SHAPE.__dict__, "vocab": 64}), seed=0, tokenizer=bpe_tokenizer()),
-        "chatml": write_model(root / "chatml", LlamaShape(**{**SHAPE.__dict__, "vocab": 66}), seed=0, delta_scale=0.3,
-                              delta_key="chatml", tokenizer=bpe_tokenizer(added=["<|im_start|>", "<|im_end|>"])),
-        "padded": write_model(root / "padded", LlamaShape(**{**SHAPE.__dict__, "vocab": 64}), seed=0, delta_scale=0.2,
-                              delta_key="padded", tokenizer=bpe_tokenizer(added=[f"<UNUSED_{i}>" for i in range(4)])),
-        "vocab": write_model(root / "vocab", LlamaShape(**{**SHAPE.__dict__, "vocab": 67}), seed=0, delta_scale=0.25,
-                             delta_key="vocab", tokenizer=bpe_tokenizer(extra_vocab=["_new_a", "_new_b", "_new_c"])),
+        "base": write_model(
+            root / "base", LlamaShape(**{**SHAPE.__dict__, "vocab": 64}), seed=0, tokenizer=bpe_tokenizer()
+        ),
+        "chatml": write_model(
+            root / "chatml",
+            LlamaShape(**{**SHAPE.__dict__, "vocab": 66}),
+            seed=0,
+            delta_scale=0.3,
+            delta_key="chatml",
+            tokenizer=bpe_tokenizer(added=["<|im_start|>", "<|im_end|>"]),
+        ),
+        "padded": write_model(
+            root / "padded",
+            LlamaShape(**{**SHAPE.__dict__, "vocab": 64}),
+            seed=0,
+            delta_scale=0.2,
+            delta_key="padded",
+            tokenizer=bpe_tokenizer(added=[f"<UNUSED_{i}>" for i in range(4)]),
+        ),
+        "vocab": write_model(
+            root / "vocab",
+            LlamaShape(**{**SHAPE.__dict__, "vocab": 67}),
+            seed=0,
+            delta_scale=0.25,
+            delta_key="vocab",
+            tokenizer=bpe_tokenizer(extra_vocab=["_new_a", "_new_b", "_new_c"]),
+        ),
     }

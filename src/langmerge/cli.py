@@ -21,8 +21,14 @@ import threading
 
 from langmerge.errors import LangmergeError
 
-COMMAND_PROVIDERS = ("langmerge.merge.cli", "langmerge.training.cli", "langmerge.evaluation.cli", "langmerge.analysis.cli",
-                     "langmerge.tuning.cli", "langmerge.study.cli")
+COMMAND_PROVIDERS = (
+    "langmerge.merge.cli",
+    "langmerge.training.cli",
+    "langmerge.evaluation.cli",
+    "langmerge.analysis.cli",
+    "langmerge.tuning.cli",
+    "langmerge.study.cli",
+)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -81,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         with _signal_handling(), library_progress_bars(not getattr(args, "no_progress", False)):
             return args.handler(args)

@@ -85,15 +85,17 @@ class SharedFlag:
 
 FORCE = SharedFlag("--force", "replace an existing output folder", {"action": "store_true"})
 NO_PROGRESS = SharedFlag("--no-progress", "hide the progress bar", {"action": "store_true"})
-ALLOW_PICKLE = SharedFlag("--allow-pickle", "read .bin (pickle) weights with torch.load(weights_only=True)",
-                          {"action": "store_true"})
+ALLOW_PICKLE = SharedFlag(
+    "--allow-pickle", "read .bin (pickle) weights with torch.load(weights_only=True)", {"action": "store_true"}
+)
 DEVICE = SharedFlag("--device", "cpu, cuda, cuda:N or mps", {"type": device_name, "default": "cpu"})
 THREADS = SharedFlag("--threads", "CPU threads for the tensor arithmetic", {"type": positive_int, "default": None})
 # Evaluation on tasks (eval, tune)
 BATCH_SIZE = SharedFlag("--batch-size", "examples per forward pass (default 16)", {"type": positive_int, "default": 16})
 LIMIT = SharedFlag("--limit", "first N examples of each task", {"type": positive_int, "default": None})
-FEW_SHOT = SharedFlag("--few-shot", "few-shot examples per prompt (default: each task's own)",
-                      {"type": int, "default": None})
+FEW_SHOT = SharedFlag(
+    "--few-shot", "few-shot examples per prompt (default: each task's own)", {"type": int, "default": None}
+)
 
 
 # ----------------------------------------------------------------------------- flags from a model
@@ -214,8 +216,12 @@ def model_from_args(args: argparse.Namespace, model: type[BaseModel]):
         raise LangmergeError(option_message(exc, model_flags(model))) from None
 
 
-_BOUNDS = {"greater_than_equal": ("ge", "at least"), "greater_than": ("gt", "more than"),
-           "less_than_equal": ("le", "at most"), "less_than": ("lt", "less than")}
+_BOUNDS = {
+    "greater_than_equal": ("ge", "at least"),
+    "greater_than": ("gt", "more than"),
+    "less_than_equal": ("le", "at most"),
+    "less_than": ("lt", "less than"),
+}
 
 
 def option_message(exc: ValidationError, flags: dict[tuple[str, ...], str]) -> str:

@@ -39,7 +39,9 @@ def read_input_text(path: Path, kind: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise LangmergeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); a {kind} file must be UTF-8") from None
+        raise LangmergeError(
+            f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); a {kind} file must be UTF-8"
+        ) from None
 
 
 def parse_yaml(text: str, source: object, kind: str, several: str = "") -> object:
@@ -81,7 +83,9 @@ def check_structure(document: object, source: object) -> None:
     counted: dict[int, tuple[int, int]] = {}  # id -> (entries, height)
 
     def deep(path: tuple) -> LangmergeError:
-        return LangmergeError(f"{source}: key {_key(path[:8], more=len(path) > 8)}: nested more than {MAX_NESTING} levels deep")
+        return LangmergeError(
+            f"{source}: key {_key(path[:8], more=len(path) > 8)}: nested more than {MAX_NESTING} levels deep"
+        )
 
     def walk(node: object, path: tuple) -> tuple[int, int]:
         if not isinstance(node, (dict, list)):
@@ -124,8 +128,9 @@ def read_config_document(path: Path, kind: str, several: str = "") -> object:
     return parse_yaml(text, path, kind, several)
 
 
-def validation_errors(exc: ValidationError, what: str = "key", unsupported: Mapping[str, str] | None = None,
-                      key_depth: int | None = None) -> list[str]:
+def validation_errors(
+    exc: ValidationError, what: str = "key", unsupported: Mapping[str, str] | None = None, key_depth: int | None = None
+) -> list[str]:
     """Every pydantic error, one line each in document order, as ``WHAT 'a.b[0].c': what was expected``.
 
     ``unsupported`` maps keys that are refused by name (rather than as unknown) to the reason. ``key_depth``: only
@@ -133,7 +138,9 @@ def validation_errors(exc: ValidationError, what: str = "key", unsupported: Mapp
     """
     out = []
     for err in exc.errors():
-        loc = key_path(err["loc"][:key_depth]) + (err.get("ctx") or {}).get("at", "")  # ``at``: a place inside the value
+        loc = key_path(err["loc"][:key_depth]) + (err.get("ctx") or {}).get(
+            "at", ""
+        )  # ``at``: a place inside the value
         if err["type"] == "extra_forbidden" and unsupported and loc in unsupported:
             text = f"{what} {loc!r}: {unsupported[loc]}"
         elif err["type"] == "extra_forbidden":
@@ -176,8 +183,14 @@ def validate_config(document: object, model: type[ModelT], source: object, kind:
         raise ConfigError(source, validation_errors(exc), kind) from None
 
 
-def load_config(path: str | Path, model: type[ModelT], kind: str = "configuration", *, hint: str = "",
-                overrides: Mapping[str, object] | None = None) -> ModelT:
+def load_config(
+    path: str | Path,
+    model: type[ModelT],
+    kind: str = "configuration",
+    *,
+    hint: str = "",
+    overrides: Mapping[str, object] | None = None,
+) -> ModelT:
     """The configuration file ``path`` (YAML, or JSON for a ``.json`` file) validated into ``model``.
 
     The file must hold one mapping (``hint`` ends the message when it does not); ``overrides`` replace its

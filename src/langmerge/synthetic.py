@@ -40,7 +40,9 @@ class LlamaShape:
     max_positions: int = 512
 
 
-TINYLLAMA_1B = LlamaShape(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000, max_positions=2048)
+TINYLLAMA_1B = LlamaShape(
+    hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000, max_positions=2048
+)
 
 
 def char_tokenizer(alphabet: list[str] | None = None):

@@ -98,9 +98,13 @@ def _tracked_and_tokens(recipes, protected, tokens_arg):
 
 
 def summary_markdown(reports: list[AnalysisReport], tokens: list[int] | None) -> str:
-    lines = ["# Merge diagnostics", "",
-             "Loss rate: the model's entries kept after trimming that lose the sign vote; mass loss: their share of",
-             "the kept magnitude (docs/methods.md, the loss diagnostic).", ""]
+    lines = [
+        "# Merge diagnostics",
+        "",
+        "Loss rate: the model's entries kept after trimming that lose the sign vote; mass loss: their share of",
+        "the kept magnitude (docs/methods.md, the loss diagnostic).",
+        "",
+    ]
     lines.append("| recipe | CT tokens | model | slack | kept | lost | loss rate | mass loss | task-vector norm |")
     lines.append("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for k, r in enumerate(reports):
@@ -123,8 +127,10 @@ def summary_markdown(reports: list[AnalysisReport], tokens: list[int] | None) ->
     for r in reports:
         conflict = r.total.conflict_rate()
         for k, (i, j) in enumerate(r.total.pairs):
-            lines.append(f"- {Path(r.recipe).name}: sign conflicts {r.labels[i]} vs {r.labels[j]}: "
-                         f"{percent(conflict[k])} of the entries both keep")
+            lines.append(
+                f"- {Path(r.recipe).name}: sign conflicts {r.labels[i]} vs {r.labels[j]}: "
+                f"{percent(conflict[k])} of the entries both keep"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -150,8 +156,17 @@ def run_analyze(args) -> int:
     reports = []
     for recipe in recipes:
         reporter = None if args.no_progress else TqdmReporter(f"analyze ({recipe.method.name})")
-        reports.append(analyze(recipe, slacks=slacks, protect=protect, device=args.device,
-                               progress=not args.no_progress, reporter=reporter, allow_pickle=args.allow_pickle))
+        reports.append(
+            analyze(
+                recipe,
+                slacks=slacks,
+                protect=protect,
+                device=args.device,
+                progress=not args.no_progress,
+                reporter=reporter,
+                allow_pickle=args.allow_pickle,
+            )
+        )
     with atomic_output_dir(args.out, force=args.force) as tmp:
         doc = {"runs": [r.to_dict() for r in reports]}
         if tokens is not None:
@@ -176,12 +191,20 @@ def add_commands(sub) -> None:
     )
     p.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe YAML file(s); several: one per CT budget")
     p.add_argument("-o", "--out", required=True, help="output folder: analysis.json, summary.md, PNG plots")
-    p.add_argument("--slack", default=None, help="slack values analysed in one pass, e.g. 0,0.5,1,2 (default: the recipe's)")
-    p.add_argument("--protect", default=None,
-                   help="model(s) voting with weight 1 + slack (the SFT model), by path or folder name; "
-                        "default: the recipe's 'protect'")
-    p.add_argument("--tokens", default=None,
-                   help="CT tokens per recipe, e.g. 1M,2M,4M (default: read from the CT model's langmerge_training.json)")
+    p.add_argument(
+        "--slack", default=None, help="slack values analysed in one pass, e.g. 0,0.5,1,2 (default: the recipe's)"
+    )
+    p.add_argument(
+        "--protect",
+        default=None,
+        help="model(s) voting with weight 1 + slack (the SFT model), by path or folder name; "
+        "default: the recipe's 'protect'",
+    )
+    p.add_argument(
+        "--tokens",
+        default=None,
+        help="CT tokens per recipe, e.g. 1M,2M,4M (default: read from the CT model's langmerge_training.json)",
+    )
     DEVICE.add(p)
     FORCE.add(p)
     NO_PROGRESS.add(p)

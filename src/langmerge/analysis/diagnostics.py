@@ -117,7 +117,9 @@ class Tally:
 
     def mass_loss(self) -> np.ndarray:
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(self.kept_mass > 0, self.lost_mass / np.where(self.kept_mass > 0, self.kept_mass, 1), np.nan)
+            return np.where(
+                self.kept_mass > 0, self.lost_mass / np.where(self.kept_mass > 0, self.kept_mass, 1), np.nan
+            )
 
     def conflict_rate(self) -> np.ndarray:
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -160,8 +162,16 @@ class TallyPass(Pass):
     refused naming the model (every count would be meaningless).
     """
 
-    def __init__(self, merge: TensorMerge, p: MethodParameters, slacks: list[float | None], tally: Tally,
-                 kernel: str, task: TensorTask | None = None, voted: bool = True):
+    def __init__(
+        self,
+        merge: TensorMerge,
+        p: MethodParameters,
+        slacks: list[float | None],
+        tally: Tally,
+        kernel: str,
+        task: TensorTask | None = None,
+        voted: bool = True,
+    ):
         # a merge with a sign vote: it has sparsified() (and the task-vector family's trim_arrays and
         # weights32, for the fused kernel), whatever its class
         self.merge: Any = merge
@@ -175,9 +185,13 @@ class TallyPass(Pass):
         self.fused = kernel == "fused"
         n = tally.n_models
         if self.fused:
-            self.totals = {k: getattr(tally, k) for k in ("kept", "kept_mass", "squared_norm", "both_kept", "conflicts",
-                                                          "lost", "lost_mass")}
-            self.vote_scales = np.asarray([s.tolist() if s is not None else [1.0] * n for s in self.scales], dtype=np.float32)
+            self.totals = {
+                k: getattr(tally, k)
+                for k in ("kept", "kept_mass", "squared_norm", "both_kept", "conflicts", "lost", "lost_mass")
+            }
+            self.vote_scales = np.asarray(
+                [s.tolist() if s is not None else [1.0] * n for s in self.scales], dtype=np.float32
+            )
             self.round_vote = np.asarray([s is None for s in self.scales], dtype=np.uint8)
             self.pair_a = np.asarray([i for i, _ in tally.pairs], dtype=np.int32)
             self.pair_b = np.asarray([j for _, j in tally.pairs], dtype=np.int32)
@@ -187,8 +201,20 @@ class TallyPass(Pass):
             raise found
         if self.fused:
             trim, thresholds, cutoffs = self.merge.trim_arrays(block)
-            fused_cpu.tally(block.required_base, block.inputs, block.start, trim, thresholds, cutoffs, self.merge.weights32,
-                            self.vote_scales, self.round_vote, self.pair_a, self.pair_b, self.totals)
+            fused_cpu.tally(
+                block.required_base,
+                block.inputs,
+                block.start,
+                trim,
+                thresholds,
+                cutoffs,
+                self.merge.weights32,
+                self.vote_scales,
+                self.round_vote,
+                self.pair_a,
+                self.pair_b,
+                self.totals,
+            )
         else:
             _tally_block(self.tally, block, self.merge.sparsified(block), self.weights, self.scales, self.voted)
 
@@ -287,7 +313,9 @@ class AnalysisReport:
     def table(self) -> str:
         """A short text table: per model and slack, kept, lost, loss rate and mass loss in total."""
         rows = [f"{self.recipe} ({self.method})"]
-        rows.append(f"  {'model':<24}{'slack':>8}{'kept':>14}{'lost':>14}{'loss rate':>11}{'mass loss':>11}{'||t||':>10}")
+        rows.append(
+            f"  {'model':<24}{'slack':>8}{'kept':>14}{'lost':>14}{'loss rate':>11}{'mass loss':>11}{'||t||':>10}"
+        )
         rate, mass = self.total.loss_rate(), self.total.mass_loss()
         for i, label in enumerate(self.labels):
             name = label + (" *" if self.protected[i] else "")
@@ -298,7 +326,9 @@ class AnalysisReport:
                 )
         conflict = self.total.conflict_rate()
         for k, (i, j) in enumerate(self.total.pairs):
-            rows.append(f"  sign conflicts {self.labels[i]} vs {self.labels[j]}: {percent(conflict[k])} of entries both keep")
+            rows.append(
+                f"  sign conflicts {self.labels[i]} vs {self.labels[j]}: {percent(conflict[k])} of entries both keep"
+            )
         if any(self.protected):
             rows.append("  * protected model")
         return "\n".join(rows)
@@ -353,8 +383,9 @@ def check_analyzable(recipe: Recipe, protected: list[bool], slacks: Sequence[flo
     slack_votes = method.has_sign_vote and "protected" in method.parameter_model.model_fields
     if any(s for s in slacks if s is not None) and not slack_votes:
         what = "holds no sign vote" if not method.has_sign_vote else "has a sign vote without protected models"
-        raise LangmergeError(f"--slack: merge_method {method.name!r} {what} for a slack to change; "
-                             "analyse it without --slack")
+        raise LangmergeError(
+            f"--slack: merge_method {method.name!r} {what} for a slack to change; analyse it without --slack"
+        )
     for s in slacks:
         if s is not None and (s != s or s < 0 or s == float("inf")):
             raise LangmergeError(f"--slack: {s!r} is not a finite number >= 0")
@@ -409,8 +440,9 @@ def analyze(
             skipped[tensor.name] = "vocabulary-aligned rows (merged per row group, not analysed)"
         else:
             if "protected" in recipe.method.parameter_model.model_fields:  # the methods with a slack
-                tensor.tasks = [with_params(task, lambda p: p.model_copy(update={"protected": protected}))
-                                for task in tensor.tasks]
+                tensor.tasks = [
+                    with_params(task, lambda p: p.model_copy(update={"protected": protected})) for task in tensor.tasks
+                ]
             recipe_slacks.update(getattr(task.params, "slack", 0.0) for task in tensor.tasks)
             tensors.append(tensor)
 

@@ -78,9 +78,15 @@ def add_commands(sub) -> None:
     p.add_argument("--max-length", type=int, default=None, help="max tokens per sequence (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the few-shot selection")
     DEVICE.add(p)
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16: matrix products in bfloat16 (torch.autocast), about twice as fast on AVX-512 BF16 CPUs")
+    p.add_argument(
+        "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's"
+    )
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16: matrix products in bfloat16 (torch.autocast), about twice as fast on AVX-512 BF16 CPUs",
+    )
     NO_PROGRESS.add(p, "hide the progress bars")
     p.add_argument("--list-tasks", action="store_true", help="list the built-in tasks and lm-eval presets")
     ALLOW_PICKLE.add(p, "load .bin (pickle) weights, with torch.load(weights_only=True)")

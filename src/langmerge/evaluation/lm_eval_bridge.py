@@ -87,8 +87,13 @@ def run_lm_eval(
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     with library_progress_bars(progress):  # datasets is imported by now: its bars can be switched off too
         out = lm_eval.simple_evaluate(
-            model=lm, tasks=names, task_manager=manager, num_fewshot=num_fewshot, limit=limit,
-            log_samples=log_samples, bootstrap_iters=0,
+            model=lm,
+            tasks=names,
+            task_manager=manager,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            log_samples=log_samples,
+            bootstrap_iters=0,
         )
     if out is None:
         raise LangmergeError("lm-eval returned no results")

@@ -89,7 +89,12 @@ def autocast(device, precision: str):
 
 
 def load_model(
-    model_dir: str | Path, *, device: str = "cpu", dtype: str | None = None, progress: bool = True, allow_pickle: bool = False
+    model_dir: str | Path,
+    *,
+    device: str = "cpu",
+    dtype: str | None = None,
+    progress: bool = True,
+    allow_pickle: bool = False,
 ):
     """(model, tokenizer) from a model folder or Hub id (io/hub.py); never runs code from the folder.
 
@@ -155,8 +160,14 @@ def _run_multiple_choice(task, idx, model, tokenizer, opts, progress) -> tuple[d
         for choice in task.examples[i].doc[spec.choices_field]:
             owners.append(k)
             pairs.append(encode_pair(tokenizer, prompt, delimiter + choice, add_special_tokens=not opts["chat"]))
-    lls = loglikelihoods(model, tokenizer, pairs, batch_size=opts["batch_size"], max_length=opts["max_length"],
-                         progress=progress.scaled(len(idx) / len(pairs)))
+    lls = loglikelihoods(
+        model,
+        tokenizer,
+        pairs,
+        batch_size=opts["batch_size"],
+        max_length=opts["max_length"],
+        progress=progress.scaled(len(idx) / len(pairs)),
+    )
     per_example: list[list[float]] = [[] for _ in idx]
     for k, ll in zip(owners, lls, strict=True):
         per_example[k].append(ll)
@@ -167,8 +178,15 @@ def _run_multiple_choice(task, idx, model, tokenizer, opts, progress) -> tuple[d
         "acc_norm": metrics.accuracy_norm(per_example, choices, golds),
     }
     samples = [
-        {"where": task.examples[i].where, "context": p, "choices": c, "loglikelihoods": ll, "gold": g,
-         "predicted": metrics.argmax(ll), "correct": int(metrics.argmax(ll) == g)}
+        {
+            "where": task.examples[i].where,
+            "context": p,
+            "choices": c,
+            "loglikelihoods": ll,
+            "gold": g,
+            "predicted": metrics.argmax(ll),
+            "correct": int(metrics.argmax(ll) == g),
+        }
         for i, p, c, ll, g in zip(idx, prompts, choices, per_example, golds)
     ]
     return scores, samples
@@ -177,9 +195,17 @@ def _run_multiple_choice(task, idx, model, tokenizer, opts, progress) -> tuple[d
 def _run_generation(task, idx, model, tokenizer, opts, progress, generate) -> tuple[dict, list[dict]]:
     spec = task.spec
     prompts = _prompts(task, idx, opts["seed"], tokenizer, opts["chat"])
-    raw = generate(model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens, stop=spec.stop,
-                   batch_size=opts["batch_size"], add_special_tokens=not opts["chat"],
-                   max_length=opts["max_length"], progress=progress.scaled(1.0))
+    raw = generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=spec.max_new_tokens,
+        stop=spec.stop,
+        batch_size=opts["batch_size"],
+        add_special_tokens=not opts["chat"],
+        max_length=opts["max_length"],
+        progress=progress.scaled(1.0),
+    )
     predictions = [r.strip() for r in raw]
     references = [answer_text(task, task.examples[i]) for i in idx]
     scores = {
@@ -193,8 +219,14 @@ def _run_generation(task, idx, model, tokenizer, opts, progress, generate) -> tu
         # The check's own hit rate on the correct answers: how far the language share can be trusted here.
         scores["lang_share_reference"] = metrics.language_share(references, labels)
     samples = [
-        {"where": task.examples[i].where, "prompt": p, "prediction": pred, "reference": ref, "language": lang,
-         "correct": int(metrics.normalize_answer(pred) == metrics.normalize_answer(ref))}
+        {
+            "where": task.examples[i].where,
+            "prompt": p,
+            "prediction": pred,
+            "reference": ref,
+            "language": lang,
+            "correct": int(metrics.normalize_answer(pred) == metrics.normalize_answer(ref)),
+        }
         for i, p, pred, ref, lang in zip(idx, prompts, predictions, references, languages)
     ]
     return scores, samples
@@ -202,13 +234,23 @@ def _run_generation(task, idx, model, tokenizer, opts, progress, generate) -> tu
 
 def _run_bits_per_char(task, idx, model, tokenizer, opts, progress) -> tuple[dict, list[dict]]:
     texts = [task.examples[i].doc[task.spec.text_field] for i in idx]
-    nlls = texts_nll(model, tokenizer, texts, batch_size=opts["batch_size"], max_length=opts["max_length"],
-                     progress=progress.scaled(1.0))
+    nlls = texts_nll(
+        model,
+        tokenizer,
+        texts,
+        batch_size=opts["batch_size"],
+        max_length=opts["max_length"],
+        progress=progress.scaled(1.0),
+    )
     n_chars = sum(len(t) for t in texts)
     scores = {"bpc": metrics.bits_per_character(sum(nlls), n_chars), "characters": n_chars}
     samples = [
-        {"where": task.examples[i].where, "characters": len(t), "bpc": metrics.bits_per_character(nll, len(t)),
-         "bits": nll / math.log(2)}
+        {
+            "where": task.examples[i].where,
+            "characters": len(t),
+            "bpc": metrics.bits_per_character(nll, len(t)),
+            "bits": nll / math.log(2),
+        }
         for i, t, nll in zip(idx, texts, nlls)
     ]
     return scores, samples
@@ -292,8 +334,15 @@ def evaluate(
     results = EvalResult(
         model=model_name,
         model_source=source.to_json() if source is not None and source.repo_id else None,
-        settings=EvalSettings(few_shot=few_shot, batch_size=batch_size, limit=limit, chat_template=chat_template,
-                              max_length=max_length, seed=seed, precision=precision),
+        settings=EvalSettings(
+            few_shot=few_shot,
+            batch_size=batch_size,
+            limit=limit,
+            chat_template=chat_template,
+            max_length=max_length,
+            seed=seed,
+            precision=precision,
+        ),
     )
     for task in task_list:
         idx = list(range(len(task.examples)))[:limit]
@@ -306,17 +355,30 @@ def evaluate(
             bar.close()
         seconds = time.perf_counter() - start
         results.tasks[task.name] = TaskResult(
-            kind=task.spec.kind, language=task.spec.language, family=task.spec.family,
-            n=len(idx), few_shot=task.spec.few_shot, metrics=scores,
-            seconds=round(seconds, 3), examples_per_s=round(len(idx) / seconds, 2) if seconds else None,
+            kind=task.spec.kind,
+            language=task.spec.language,
+            family=task.spec.family,
+            n=len(idx),
+            few_shot=task.spec.few_shot,
+            metrics=scores,
+            seconds=round(seconds, 3),
+            examples_per_s=round(len(idx) / seconds, 2) if seconds else None,
         )
         results.samples[task.name] = samples
         log.info("%s: %s", task.name, scores)
     if lm_eval_tasks:
         from langmerge.evaluation.lm_eval_bridge import run_lm_eval
 
-        results.lm_eval = run_lm_eval(model, tokenizer, lm_eval_tasks, batch_size=batch_size, limit=limit,
-                                         num_fewshot=few_shot, resolved=lm_resolved, progress=progress)
+        results.lm_eval = run_lm_eval(
+            model,
+            tokenizer,
+            lm_eval_tasks,
+            batch_size=batch_size,
+            limit=limit,
+            num_fewshot=few_shot,
+            resolved=lm_resolved,
+            progress=progress,
+        )
     return results
 
 
@@ -334,19 +396,31 @@ def results_markdown(results: EvalResult) -> str:
     rows = results.tasks
     if rows:
         cols = [c for c in METRIC_COLUMNS if any(c in r.metrics for r in rows.values())]
-        lines += ["| task | language | kind | n | " + " | ".join(cols) + " | examples/s |",
-                  "|---|---|---|---:|" + "---:|" * len(cols) + "---:|"]
+        lines += [
+            "| task | language | kind | n | " + " | ".join(cols) + " | examples/s |",
+            "|---|---|---|---:|" + "---:|" * len(cols) + "---:|",
+        ]
         for name, r in rows.items():
             cells = [_fmt(r.metrics.get(c)) for c in cols]
-            lines.append(f"| {name} | {r.language or ''} | {r.kind} | {r.n} | " + " | ".join(cells)
-                         + f" | {_fmt(r.examples_per_s)} |")
+            lines.append(
+                f"| {name} | {r.language or ''} | {r.kind} | {r.n} | "
+                + " | ".join(cells)
+                + f" | {_fmt(r.examples_per_s)} |"
+            )
         gaps = english_gaps(results)
         if gaps:
-            lines += ["", "## Gap to English (same task family)", "",
-                      "| family | metric | English | language | value | gap |", "|---|---|---:|---|---:|---:|"]
+            lines += [
+                "",
+                "## Gap to English (same task family)",
+                "",
+                "| family | metric | English | language | value | gap |",
+                "|---|---|---:|---|---:|---:|",
+            ]
             for g in gaps:
-                lines.append(f"| {g['family']} | {g['metric']} | {_fmt(g['english'])} | {g['language']} | "
-                             f"{_fmt(g['value'])} | {g['gap']:+.4f} |")
+                lines.append(
+                    f"| {g['family']} | {g['metric']} | {_fmt(g['english'])} | {g['language']} | "
+                    f"{_fmt(g['value'])} | {g['gap']:+.4f} |"
+                )
     if results.lm_eval is not None:
         lines += ["", "## lm-evaluation-harness", "", "| task | metric | value |", "|---|---|---:|"]
         for task, scores in results.lm_eval["results"].items():
@@ -366,8 +440,16 @@ def english_gaps(results: EvalResult) -> list[dict]:
             continue
         metric = MAIN_METRIC[r.kind]
         en_value = english[r.family].metrics[metric]
-        gaps.append({"family": r.family, "metric": metric, "english": en_value, "language": r.language,
-                     "value": r.metrics[metric], "gap": r.metrics[metric] - en_value})
+        gaps.append(
+            {
+                "family": r.family,
+                "metric": metric,
+                "english": en_value,
+                "language": r.language,
+                "value": r.metrics[metric],
+                "gap": r.metrics[metric] - en_value,
+            }
+        )
     return gaps
 
 
@@ -397,8 +479,9 @@ def write_results(results: EvalResult, out_dir: str | Path, force: bool = False)
     from langmerge.io.output import atomic_output_dir
 
     with atomic_output_dir(out_dir, force) as tmp:
-        (tmp / "results.json").write_text(json.dumps(results.summary(), indent=2, ensure_ascii=False, default=str)
-                                          + "\n", encoding="utf-8")
+        (tmp / "results.json").write_text(
+            json.dumps(results.summary(), indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8"
+        )
         with (tmp / "samples.jsonl").open("w", encoding="utf-8") as fh:
             for task, samples in results.samples.items():
                 for s in samples:

@@ -228,9 +228,7 @@ def generate_greedy(
         stops = [s for s in stop if s]
         if stops:
             gen_kwargs.update(stop_strings=stops, tokenizer=tokenizer)
-        out = model.generate(
-            input_ids=ids, attention_mask=mask, temperature=None, top_p=None, top_k=None, **gen_kwargs
-        )
+        out = model.generate(input_ids=ids, attention_mask=mask, temperature=None, top_p=None, top_k=None, **gen_kwargs)
         new = out[:, ids.shape[1] :]
         for row, i in enumerate(batch):
             text = tokenizer.decode(new[row], skip_special_tokens=True)

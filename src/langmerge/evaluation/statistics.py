@@ -65,15 +65,22 @@ def _percentile_interval(replicates: np.ndarray, confidence: float) -> tuple[flo
     return float(low), float(high)
 
 
-def bootstrap_ci(groups: Sequence[Sequence[float]], *, resamples: int = RESAMPLES, confidence: float = CONFIDENCE,
-                 seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    groups: Sequence[Sequence[float]], *, resamples: int = RESAMPLES, confidence: float = CONFIDENCE, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the grouped mean; examples are resampled within their group."""
     gs = _groups(groups, "bootstrap")
     return _percentile_interval(_bootstrap_means(gs, resamples, seed), confidence)
 
 
-def bootstrap_ratio_ci(numerators: Sequence[float], denominators: Sequence[float], *, resamples: int = RESAMPLES,
-                       confidence: float = CONFIDENCE, seed: int = 0) -> tuple[float, float]:
+def bootstrap_ratio_ci(
+    numerators: Sequence[float],
+    denominators: Sequence[float],
+    *,
+    resamples: int = RESAMPLES,
+    confidence: float = CONFIDENCE,
+    seed: int = 0,
+) -> tuple[float, float]:
     """Percentile bootstrap interval of ``sum(numerators) / sum(denominators)``, resampling the items
     (bits per character over passages: bits and characters of each passage)."""
     num, den = np.asarray(numerators, dtype=np.float64), np.asarray(denominators, dtype=np.float64)
@@ -97,8 +104,14 @@ class PairedResult:
         return self.p_value < level
 
     def to_json(self) -> dict:
-        return {"difference": self.difference, "ci": list(self.ci), "p_value": self.p_value, "test": self.test,
-                "n": self.n, "discordant": self.discordant}
+        return {
+            "difference": self.difference,
+            "ci": list(self.ci),
+            "p_value": self.p_value,
+            "test": self.test,
+            "n": self.n,
+            "discordant": self.discordant,
+        }
 
 
 def _paired(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]] | None) -> list[np.ndarray]:
@@ -107,13 +120,21 @@ def _paired(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]] | None) -
         return ga
     gb = _groups(b, "paired test")
     if [len(g) for g in ga] != [len(g) for g in gb]:
-        raise LangmergeError("paired test: the two models were not scored on the same examples "
-                             f"(examples per task {[len(g) for g in ga]} vs {[len(g) for g in gb]})")
+        raise LangmergeError(
+            "paired test: the two models were not scored on the same examples "
+            f"(examples per task {[len(g) for g in ga]} vs {[len(g) for g in gb]})"
+        )
     return [x - y for x, y in zip(ga, gb)]
 
 
-def paired_bootstrap(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]] | None = None, *,
-                     resamples: int = RESAMPLES, confidence: float = CONFIDENCE, seed: int = 0) -> PairedResult:
+def paired_bootstrap(
+    a: Sequence[Sequence[float]],
+    b: Sequence[Sequence[float]] | None = None,
+    *,
+    resamples: int = RESAMPLES,
+    confidence: float = CONFIDENCE,
+    seed: int = 0,
+) -> PairedResult:
     """Paired bootstrap of ``score(a) - score(b)`` (or of the grouped mean of ``a`` when ``b`` is None).
 
     The p-value is two-sided: the share of bootstrap replicates, centred on the estimate, at least
@@ -124,8 +145,9 @@ def paired_bootstrap(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]] 
     reps = _bootstrap_means(diffs, resamples, seed)
     hits = int(np.sum(np.abs(reps - estimate) >= abs(estimate) - 1e-12))
     p = 1.0 if estimate == 0 else (1 + hits) / (1 + resamples)
-    return PairedResult(estimate, _percentile_interval(reps, confidence), min(1.0, p), "paired bootstrap",
-                        sum(len(d) for d in diffs))
+    return PairedResult(
+        estimate, _percentile_interval(reps, confidence), min(1.0, p), "paired bootstrap", sum(len(d) for d in diffs)
+    )
 
 
 def _binomial_pmf(m: int) -> np.ndarray:
@@ -157,8 +179,14 @@ def sign_flip_null(weights: Sequence[int], discordant: Sequence[int]) -> tuple[n
     return dist, span
 
 
-def sign_flip_test(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]], *, resamples: int = RESAMPLES,
-                   confidence: float = CONFIDENCE, seed: int = 0) -> PairedResult:
+def sign_flip_test(
+    a: Sequence[Sequence[float]],
+    b: Sequence[Sequence[float]],
+    *,
+    resamples: int = RESAMPLES,
+    confidence: float = CONFIDENCE,
+    seed: int = 0,
+) -> PairedResult:
     """Exact paired sign-flip (permutation) test of ``score(a) - score(b)`` on binary outcomes.
 
     The p-value is two-sided, ``P(|T| >= |t|)`` under the null distribution (exact; seeded Monte Carlo
@@ -190,8 +218,9 @@ def sign_flip_test(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]], *
             signs = rng.choice([-1.0, 1.0], size=(resamples, len(nz)))
             flipped += w * (signs * nz).sum(axis=1)
         p = (1 + int(np.sum(np.abs(flipped) >= abs(observed)))) / (1 + resamples)
-    return PairedResult(boot.difference, boot.ci, min(1.0, p), "exact sign-flip (McNemar for one task)", boot.n,
-                        m_total)
+    return PairedResult(
+        boot.difference, boot.ci, min(1.0, p), "exact sign-flip (McNemar for one task)", boot.n, m_total
+    )
 
 
 def mcnemar_exact(b: int, c: int) -> float:
@@ -204,7 +233,7 @@ def mcnemar_exact(b: int, c: int) -> float:
 
 
 def verdict(result: PairedResult, level: float = 0.05) -> str:
-    """"reproduced" when the difference is significantly > 0, "contradicted" when significantly < 0."""
+    """ "reproduced" when the difference is significantly > 0, "contradicted" when significantly < 0."""
     if result.p_value < level and result.difference > 0:
         return "reproduced"
     if result.p_value < level and result.difference < 0:

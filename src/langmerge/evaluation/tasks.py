@@ -97,7 +97,9 @@ def _pieces(template: str) -> list[tuple[str, str | None]]:
             if not field.isidentifier():
                 raise ValueError(f"template field {shown} must be a plain name (no dots, brackets or positions)")
             if spec or conversion:
-                raise ValueError(f"template field {shown}: format specs and conversions are not supported; write {{{field}}}")
+                raise ValueError(
+                    f"template field {shown}: format specs and conversions are not supported; write {{{field}}}"
+                )
         pieces.append((literal, field))
     return pieces
 

@@ -104,9 +104,16 @@ class ResolvedModel:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "reference": self.reference, "folder": str(self.folder), "repo_id": self.repo_id,
-            "revision": self.revision, "commit": self.commit, "origin": self.origin, "pinned": self.pinned,
-            "files": list(self.files), "pending": list(self.pending), "pending_bytes": self.pending_bytes,
+            "reference": self.reference,
+            "folder": str(self.folder),
+            "repo_id": self.repo_id,
+            "revision": self.revision,
+            "commit": self.commit,
+            "origin": self.origin,
+            "pinned": self.pinned,
+            "files": list(self.files),
+            "pending": list(self.pending),
+            "pending_bytes": self.pending_bytes,
         }
 
 
@@ -120,7 +127,9 @@ def _gigabytes(n: int) -> str:
 def hub_cache_dir() -> Path:
     """The huggingface_hub cache folder, from the environment as it is now."""
     env = os.environ
-    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+    home = env.get("HF_HOME") or os.path.join(
+        env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
+    )
     cache = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE") or os.path.join(os.path.expanduser(home), "hub")
     return Path(os.path.expandvars(os.path.expanduser(cache)))
 
@@ -214,7 +223,14 @@ def resolve_model(
 # ----------------------------------------------------------------------------- which files
 
 
-def _weights(label: str, top: set[str], listing: set[str], kind: tuple[str, str, str], read_index: Callable[[str], str], skip: set[str]) -> list[str]:
+def _weights(
+    label: str,
+    top: set[str],
+    listing: set[str],
+    kind: tuple[str, str, str],
+    read_index: Callable[[str], str],
+    skip: set[str],
+) -> list[str]:
     """One kind of weights, chosen as the readers choose them: the index's shards, the single file, or the one file."""
     index, single, suffix = kind
     if index in top:
@@ -226,7 +242,9 @@ def _weights(label: str, top: set[str], listing: set[str], kind: tuple[str, str,
             raise LangmergeError(f"model {label}: {index}: unreadable index ({exc!r})") from None
         missing = [s for s in shards if s not in listing]
         if missing:
-            raise LangmergeError(f"model {label}: {index} names shard {missing[0]!r}, which the repository does not have")
+            raise LangmergeError(
+                f"model {label}: {index} names shard {missing[0]!r}, which the repository does not have"
+            )
         return [index, *shards]
     if single in top:
         return [single]
@@ -236,7 +254,9 @@ def _weights(label: str, top: set[str], listing: set[str], kind: tuple[str, str,
     return candidates
 
 
-def needed_files(label: str, listing: set[str], read_index: Callable[[str], str], *, allow_pickle: bool = False) -> list[str]:
+def needed_files(
+    label: str, listing: set[str], read_index: Callable[[str], str], *, allow_pickle: bool = False
+) -> list[str]:
     """The files of a repository (``listing``: paths in it) that langmerge reads: metadata, then weights.
 
     ``read_index(name)`` returns the text of an index file. Raises when the
@@ -244,8 +264,10 @@ def needed_files(label: str, listing: set[str], read_index: Callable[[str], str]
     """
     top = {f for f in listing if "/" not in f}
     wanted = [f for f in METADATA_FILES if f in top] + sorted(f for f in listing if f.startswith(CHAT_TEMPLATE_FOLDER))
-    pickle_hint = ("pickle files can run code when loaded: convert them to safetensors, or pass --allow-pickle to load "
-                   "them with torch.load(weights_only=True)")
+    pickle_hint = (
+        "pickle files can run code when loaded: convert them to safetensors, or pass --allow-pickle to load "
+        "them with torch.load(weights_only=True)"
+    )
     if ADAPTER_CONFIG in top:
         if ADAPTER_WEIGHTS in top:
             return wanted + [ADAPTER_WEIGHTS]
@@ -321,7 +343,9 @@ def _ask_hub(ref: str, repo_id: str, revision: str | None, call: Callable[[], T]
     except HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status in (401, 403):
-            raise LangmergeError(f"model {ref}: the Hub refused access to {repo_id} (HTTP {status}); set HF_TOKEN") from None
+            raise LangmergeError(
+                f"model {ref}: the Hub refused access to {repo_id} (HTTP {status}); set HF_TOKEN"
+            ) from None
         raise _Unreachable(f"the Hub answered with an error ({_first_line(exc)})") from None
     except _network_errors() as exc:
         raise _Unreachable(f"the Hub is not reachable at {hub_endpoint()} ({_first_line(exc)})") from None
@@ -376,7 +400,9 @@ def _from_cache(ref: str, repo_id: str, revision: str | None, allow_pickle: bool
     if snapshot is None:
         return None
     listing = _snapshot_listing(snapshot)
-    files = needed_files(f"{repo_id}@{snapshot.name}", listing, lambda name: (snapshot / name).read_text(), allow_pickle=allow_pickle)
+    files = needed_files(
+        f"{repo_id}@{snapshot.name}", listing, lambda name: (snapshot / name).read_text(), allow_pickle=allow_pickle
+    )
     if any(not is_regular_file(snapshot / f) for f in files):
         return None
     return ResolvedModel(ref, snapshot, repo_id, revision, snapshot.name, CACHED, tuple(files))
@@ -401,8 +427,13 @@ def _locate(ref: str, repo_id: str, revision: str | None, allow_pickle: bool) ->
                 f"{hub_cache_dir()}, and {exc.reason}"
             ) from None
         # Offline mode asks for the cache; an unreachable Hub is worth a warning (the branch may have moved).
-        log.log(logging.INFO if offline else logging.WARNING, "model %s: %s; using the cached commit %s",
-                ref, exc.reason, cached.commit)
+        log.log(
+            logging.INFO if offline else logging.WARNING,
+            "model %s: %s; using the cached commit %s",
+            ref,
+            exc.reason,
+            cached.commit,
+        )
         return cached
 
 
@@ -434,7 +465,9 @@ def _download(resolved: ResolvedModel, progress: bool) -> ResolvedModel:
     assert repo_id is not None and commit is not None  # a model of the Hub, resolved
     log.info("model %s: downloading %d files of %s@%s", ref, len(resolved.pending), repo_id, commit)
     try:
-        folder = _ask_hub(ref, repo_id, resolved.revision, lambda: _fetch(repo_id, commit, list(resolved.pending), progress))
+        folder = _ask_hub(
+            ref, repo_id, resolved.revision, lambda: _fetch(repo_id, commit, list(resolved.pending), progress)
+        )
     except _Unreachable as exc:
         raise LangmergeError(f"model {ref}: downloading {repo_id}@{commit} failed: {exc.reason}") from None
     missing = [f for f in resolved.files if not is_regular_file(folder / f)]

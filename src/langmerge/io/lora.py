@@ -85,7 +85,8 @@ def read_adapter_config(folder: Path) -> LoraSettings:
     if cfg.get("use_dora"):
         raise LangmergeError(
             f"{path}: a DoRA adapter ('use_dora': true) is not supported; merge it into its base with PEFT's "
-            "merge_and_unload() and name the merged folder in the recipe")
+            "merge_and_unload() and name the merged folder in the recipe"
+        )
     for key in ("trainable_token_indices", "layer_replication"):
         if cfg.get(key):
             raise LangmergeError(f"{path}: {key!r} is not supported")
@@ -134,7 +135,11 @@ class LoraPair:
 
 
 def check_adapter_base(
-    settings: LoraSettings, adapter: Path, base_ref: str, base_config: dict[str, Any] | None, base_model: ResolvedModel | None = None
+    settings: LoraSettings,
+    adapter: Path,
+    base_ref: str,
+    base_config: dict[str, Any] | None,
+    base_model: ResolvedModel | None = None,
 ) -> None:
     """Refuse an adapter whose recorded base is not the recipe's base model.
 
@@ -155,11 +160,22 @@ def check_adapter_base(
     if recorded_path.is_dir():
         if recorded_path.resolve() == base_path.resolve():
             return
-    elif recorded in (base_ref, base_id, (base_config or {}).get("_name_or_path")) or recorded.rstrip("/").split("/")[-1] == base_path.resolve().name:
+    elif (
+        recorded in (base_ref, base_id, (base_config or {}).get("_name_or_path"))
+        or recorded.rstrip("/").split("/")[-1] == base_path.resolve().name
+    ):
         commit = base_model.commit if base_model is not None else None
         revision = settings.base_revision
-        if recorded == base_id and commit and revision and re.fullmatch(r"[0-9a-f]{40}", revision) and revision != commit:
-            log.warning("adapter %s was trained on %s@%s; the recipe's base is commit %s", adapter, recorded, revision, commit)
+        if (
+            recorded == base_id
+            and commit
+            and revision
+            and re.fullmatch(r"[0-9a-f]{40}", revision)
+            and revision != commit
+        ):
+            log.warning(
+                "adapter %s was trained on %s@%s; the recipe's base is commit %s", adapter, recorded, revision, commit
+            )
         return
     raise AdapterMismatch(
         f"adapter {adapter}: its base is {recorded!r} ({ADAPTER_CONFIG} base_model_name_or_path) but the recipe's "
@@ -171,9 +187,16 @@ def check_adapter_base(
 class LoraSource(TensorSource):
     """A base checkpoint with a LoRA adapter applied, tensor by tensor."""
 
-    def __init__(self, base: TensorSource, adapter_folder: str | Path, label: str | None = None, *, base_ref: str,
-                 allow_pickle: bool = False,
-                 base_model: ResolvedModel | None = None):
+    def __init__(
+        self,
+        base: TensorSource,
+        adapter_folder: str | Path,
+        label: str | None = None,
+        *,
+        base_ref: str,
+        allow_pickle: bool = False,
+        base_model: ResolvedModel | None = None,
+    ):
         self.base = base  # owned: closed with this source
         self.folder = Path(adapter_folder)
         self.label = label or str(adapter_folder)
@@ -197,7 +220,10 @@ class LoraSource(TensorSource):
         halves: dict[str, dict[str, str]] = {}
         for key in self._tensors:
             name = key.removeprefix(_PEFT_PREFIX)
-            m = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.default)?\.weight|(.+)\.(lora_embedding_A|lora_embedding_B)(?:\.default)?", name)
+            m = re.fullmatch(
+                r"(.+)\.(lora_A|lora_B)(?:\.default)?\.weight|(.+)\.(lora_embedding_A|lora_embedding_B)(?:\.default)?",
+                name,
+            )
             if m:
                 module = m.group(1) or m.group(3)
                 kind = m.group(2) or m.group(4)
@@ -205,7 +231,11 @@ class LoraSource(TensorSource):
                 continue
             if "lora_" in name or "magnitude" in name:
                 raise LangmergeError(f"adapter {self.label}: tensor {key!r} is not a LoRA weight langmerge understands")
-            target = name.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".").replace(".base_layer.", ".")
+            target = (
+                name.replace(".modules_to_save.default.", ".")
+                .replace(".modules_to_save.", ".")
+                .replace(".base_layer.", ".")
+            )
             if target not in self.base:
                 raise AdapterMismatch(
                     f"adapter {self.label}: saved tensor {key!r} has no counterpart {target!r} in the base {self.base.label}"
@@ -224,7 +254,9 @@ class LoraSource(TensorSource):
                 )
             a_shape, b_shape = self._shape(kinds[a]), self._shape(kinds[b])
             if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
-                raise LangmergeError(f"adapter {self.label}: module {module!r}: LoRA shapes {list(a_shape)} and {list(b_shape)} do not chain")
+                raise LangmergeError(
+                    f"adapter {self.label}: module {module!r}: LoRA shapes {list(a_shape)} and {list(b_shape)} do not chain"
+                )
             delta_shape = (b_shape[0], a_shape[1])
             if embedding or self.settings.fan_in_fan_out:
                 delta_shape = delta_shape[::-1]
@@ -238,7 +270,8 @@ class LoraSource(TensorSource):
                 )
             if target in self.whole and ".base_layer." not in self.whole[target]:
                 raise LangmergeError(
-                    f"adapter {self.label}: {target!r} is both saved whole ({self.whole[target]!r}, modules_to_save) and adapted")
+                    f"adapter {self.label}: {target!r} is both saved whole ({self.whole[target]!r}, modules_to_save) and adapted"
+                )
             self.settings.scale(module, a_shape[0])  # validates rank/pattern now, before any merge
             self.pairs[target] = LoraPair(kinds[a], kinds[b], module, embedding)
 

@@ -30,7 +30,13 @@ TRAINING_METADATA = "langmerge_training.json"  # written by `langmerge train` (l
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
 
 
-def write_config(out: Path, config: dict[str, Any] | None, dtype: torch.dtype | None, source: str, updates: dict[str, Any] | None = None) -> None:
+def write_config(
+    out: Path,
+    config: dict[str, Any] | None,
+    dtype: torch.dtype | None,
+    source: str,
+    updates: dict[str, Any] | None = None,
+) -> None:
     """Write ``config`` with the output dtype and ``updates`` (e.g. vocab_size, tie_word_embeddings).
 
     An update also applies inside ``text_config`` where that nested config has the key
@@ -68,7 +74,14 @@ def copy_tokenizer(source: Path, out: Path) -> list[str]:
 
 
 def write_model_card(
-    out: Path, *, method: str, summary: str, base: str | None, inputs: list[str], recipe: dict[str, Any], models: Mapping[str, Any] | None = None
+    out: Path,
+    *,
+    method: str,
+    summary: str,
+    base: str | None,
+    inputs: list[str],
+    recipe: dict[str, Any],
+    models: Mapping[str, Any] | None = None,
 ) -> None:
     """A README.md whose YAML front matter the Hub (and people) can read, and ``langmerge_recipe.yaml``.
 
@@ -95,10 +108,20 @@ def write_model_card(
         at = f" at commit `{model.commit}`" if model.commit else ""
         return f"`{ref}` ([{model.repo_id}](https://huggingface.co/{model.repo_id}){at})"
 
-    pins = [f"# {ref}: {m.repo_id}@{m.revision or 'main'} resolved to commit {m.commit}"
-            for ref, m in models.items() if m.from_hub]
-    header = ["# Written by langmerge. Hub models are pinned to the commit they resolved to, so rerunning",
-              "# this recipe reproduces the merge exactly:", *pins] if pins else []
+    pins = [
+        f"# {ref}: {m.repo_id}@{m.revision or 'main'} resolved to commit {m.commit}"
+        for ref, m in models.items()
+        if m.from_hub
+    ]
+    header = (
+        [
+            "# Written by langmerge. Hub models are pinned to the commit they resolved to, so rerunning",
+            "# this recipe reproduces the merge exactly:",
+            *pins,
+        ]
+        if pins
+        else []
+    )
     recipe_text = yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True)
     lines = [
         "---",

@@ -365,8 +365,9 @@ def _probe(out: Path, shown: str) -> None:
             _remove(probe)
 
 
-def check_output_free(out_dir: str | Path, force: bool, inputs: Iterable[str | Path | None] = (),
-                      *, probe: bool = True) -> Path:
+def check_output_free(
+    out_dir: str | Path, force: bool, inputs: Iterable[str | Path | None] = (), *, probe: bool = True
+) -> Path:
     """Refuse what the output folder cannot be, before any work starts (see the module doc).
 
     ``inputs``: every path the run reads (model folders, data files, the recipe); the output
@@ -496,8 +497,9 @@ def _remove_empty(folders: list[Path]) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out_dir: str | Path, force: bool = False,
-                      inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
+def atomic_output_dir(
+    out_dir: str | Path, force: bool = False, inputs: Iterable[str | Path | None] = ()
+) -> Iterator[Path]:
     """Yield a partial folder beside ``out_dir``; on success it becomes ``out_dir``.
 
     On any exception (including KeyboardInterrupt) the partial folder is removed, with

@@ -60,7 +60,9 @@ class PickleReader(TensorSource):
             single = self.folder / PICKLE_FILE
             names = [PICKLE_FILE] if single.exists() else sorted(p.name for p in self.folder.glob("*.bin"))
             if len(names) != 1:
-                raise LangmergeError(f"model {self.label}: expected one .bin file or {PICKLE_INDEX_FILE} in {self.folder}")
+                raise LangmergeError(
+                    f"model {self.label}: expected one .bin file or {PICKLE_INDEX_FILE} in {self.folder}"
+                )
             only = folder_file(self.folder, names[0])
             assert only is not None  # found just now
             files = [only]

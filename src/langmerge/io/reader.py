@@ -25,7 +25,14 @@ INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 # config.json keys langmerge reads, that must be positive whole numbers when present (also inside text_config).
 _CONFIG_COUNTS = ("num_hidden_layers", "vocab_size", "max_position_embeddings")
-_JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+_JSON_KINDS = {
+    dict: "an object",
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+}
 
 
 def _json_kind(value: object) -> str:
@@ -39,7 +46,9 @@ def check_config(config: object, path: Path) -> dict[str, Any]:
     sections = [("", config)]
     if config.get("text_config") is not None:
         if not isinstance(config["text_config"], dict):
-            raise LangmergeError(f"{path}: key 'text_config' must be an object, got {_json_kind(config['text_config'])}")
+            raise LangmergeError(
+                f"{path}: key 'text_config' must be an object, got {_json_kind(config['text_config'])}"
+            )
         sections.append(("text_config.", config["text_config"]))
     for prefix, section in sections:
         for key in _CONFIG_COUNTS:
@@ -74,7 +83,9 @@ def read_weight_map(index_path: Path) -> dict[Path, list[str]]:
     files: dict[Path, list[str]] = {}
     for name, rel in weight_map.items():
         if not isinstance(rel, str):
-            raise LangmergeError(f"{index_path}: weight map entry of tensor {name!r} is {_json_kind(rel)}, not a file name")
+            raise LangmergeError(
+                f"{index_path}: weight map entry of tensor {name!r} is {_json_kind(rel)}, not a file name"
+            )
         files.setdefault(_inside(index_path.parent, rel, index_path), []).append(name)
     for path in files:
         if not path.exists():

@@ -120,7 +120,9 @@ def _entry(path: Path, name: str, info: object, data_start: int) -> TensorEntry:
         raise LangmergeError(f"{bad} (not a JSON object)")
     if set(info) != _ENTRY_KEYS:
         missing, extra = sorted(_ENTRY_KEYS - set(info)), sorted(set(info) - _ENTRY_KEYS)
-        raise LangmergeError(f"{bad} ({'missing ' + ', '.join(missing) if missing else 'unknown key ' + ', '.join(extra)})")
+        raise LangmergeError(
+            f"{bad} ({'missing ' + ', '.join(missing) if missing else 'unknown key ' + ', '.join(extra)})"
+        )
     dtype_name = info["dtype"]
     if isinstance(dtype_name, str) and dtype_name in UNSUPPORTED_DTYPES:
         raise LangmergeError(f"{path}: tensor {name!r} has dtype {dtype_name}, which langmerge does not support")
@@ -164,9 +166,7 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
                 raise LangmergeError(f"{path}: not a safetensors file (shorter than 8 bytes)")
             (header_len,) = struct.unpack("<Q", raw_len)
             if header_len > _MAX_HEADER_BYTES or 8 + header_len > size:
-                raise LangmergeError(
-                    f"{path}: corrupt safetensors header (claims {header_len} bytes, file has {size})"
-                )
+                raise LangmergeError(f"{path}: corrupt safetensors header (claims {header_len} bytes, file has {size})")
             header_bytes = f.read(header_len)
         except OSError as exc:
             raise LangmergeError(f"{path}: cannot read ({exc.strerror or exc})") from exc
@@ -174,9 +174,7 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
     _check_metadata(path, header.get("__metadata__"))
 
     data_start = 8 + header_len
-    entries = {
-        name: _entry(path, name, info, data_start) for name, info in header.items() if name != "__metadata__"
-    }
+    entries = {name: _entry(path, name, info, data_start) for name, info in header.items() if name != "__metadata__"}
     position = data_start
     for entry in sorted(entries.values(), key=lambda e: (e.begin, e.end)):
         if entry.begin != position:
@@ -258,8 +256,12 @@ class StreamingFileWriter:
     and ``close`` checks that every byte was written.
     """
 
-    def __init__(self, path: Path, layout: list[tuple[str, tuple[int, ...], torch.dtype]],
-                 metadata: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        path: Path,
+        layout: list[tuple[str, tuple[int, ...], torch.dtype]],
+        metadata: Mapping[str, str] | None = None,
+    ):
         self.path = path
         self._specs = {name: (shape, dtype) for name, shape, dtype in layout}
         header = header_bytes(layout, metadata)
@@ -284,8 +286,10 @@ class StreamingFileWriter:
         """Elements ``start .. start + values.numel()`` of tensor ``name`` (``values``: 1-D, the planned dtype)."""
         shape, dtype = self._specs[name]
         if values.dtype != dtype or values.dim() != 1 or start < 0 or start + values.numel() > math.prod(shape):
-            raise RuntimeError(f"{self.path}: elements {start}..{start + values.numel()} of {name!r} "
-                               f"({values.dtype}) do not fit the planned {list(shape)} {dtype}")
+            raise RuntimeError(
+                f"{self.path}: elements {start}..{start + values.numel()} of {name!r} "
+                f"({values.dtype}) do not fit the planned {list(shape)} {dtype}"
+            )
         t = values.detach().to("cpu").contiguous()
         if t.numel():
             self._pwrite(t.view(torch.uint8).numpy().data, self._offsets[name] + start * t.element_size())
@@ -312,7 +316,9 @@ class StreamingFileWriter:
         self._file.close()
 
 
-def header_bytes(layout: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: Mapping[str, str] | None = None) -> bytes:
+def header_bytes(
+    layout: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: Mapping[str, str] | None = None
+) -> bytes:
     """The 8-byte length and JSON header of a safetensors file holding ``layout`` in that order."""
     header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0

@@ -49,7 +49,9 @@ def split_adapted(ref: str) -> tuple[str, str] | None:
         pass
     parts = ref.split("+")
     if len(parts) != 2 or not all(p.strip() for p in parts):
-        raise LangmergeError(f"model {ref!r}: write a LoRA-adapted model as BASE+ADAPTER (one '+', a model on each side)")
+        raise LangmergeError(
+            f"model {ref!r}: write a LoRA-adapted model as BASE+ADAPTER (one '+', a model on each side)"
+        )
     return parts[0], parts[1]
 
 
@@ -86,7 +88,9 @@ def recipe_models(
         current = models.get(ref)
         if current is None or (download and current.origin == TO_DOWNLOAD):
             try:
-                models[ref] = resolve_model(current or ref, allow_pickle=allow_pickle, download=download, progress=progress)
+                models[ref] = resolve_model(
+                    current or ref, allow_pickle=allow_pickle, download=download, progress=progress
+                )
             except LangmergeError as exc:
                 if on_error is None:
                     raise
@@ -118,8 +122,9 @@ def _model(ref: str, models: dict[str, ResolvedModel], allow_pickle: bool) -> Re
     return models[ref]
 
 
-def open_model(path: str, *, base_ref: str | None, allow_pickle: bool = False,
-               models: dict[str, ResolvedModel] | None = None) -> TensorSource:
+def open_model(
+    path: str, *, base_ref: str | None, allow_pickle: bool = False, models: dict[str, ResolvedModel] | None = None
+) -> TensorSource:
     """Open one recipe model: a checkpoint, or a LoRA adapter applied to ``base_ref``.
 
     ``models`` holds the references resolved so far (``recipe_models``); what is missing is resolved here and added.
@@ -131,7 +136,9 @@ def open_model(path: str, *, base_ref: str | None, allow_pickle: bool = False,
     model = _model(path, models, allow_pickle)
     if is_adapter(model.folder):
         if base_ref is None:
-            raise LangmergeError(f"model {path}: a LoRA adapter needs the recipe's base_model (the model it was trained on)")
+            raise LangmergeError(
+                f"model {path}: a LoRA adapter needs the recipe's base_model (the model it was trained on)"
+            )
         base_model = _model(base_ref, models, allow_pickle)
         if is_adapter(base_model.folder):
             raise LangmergeError(f"base_model {base_ref}: a LoRA adapter cannot be the base model")
@@ -143,21 +150,26 @@ def _lora_source(label: str, base_ref: str, base_model: ResolvedModel, adapter: 
     """The adapter in folder ``adapter`` applied to ``base_model`` (opened here, and closed if the adapter is refused)."""
     base = open_checkpoint(base_model.folder, label=base_ref, allow_pickle=allow_pickle)
     try:
-        return LoraSource(base, adapter, label=label, base_ref=base_ref, allow_pickle=allow_pickle, base_model=base_model)
+        return LoraSource(
+            base, adapter, label=label, base_ref=base_ref, allow_pickle=allow_pickle, base_model=base_model
+        )
     except BaseException:
         base.close()
         raise
 
 
-def _open_adapted(ref: str, base_ref: str, adapter_ref: str, *, allow_pickle: bool,
-                  models: dict[str, ResolvedModel]) -> LoraSource:
+def _open_adapted(
+    ref: str, base_ref: str, adapter_ref: str, *, allow_pickle: bool, models: dict[str, ResolvedModel]
+) -> LoraSource:
     """``BASE+ADAPTER``: the adapter applied to the base named with it."""
     base_model = _model(base_ref, models, allow_pickle)
     if is_adapter(base_model.folder):
         raise LangmergeError(f"model {ref}: {base_ref} is a LoRA adapter; BASE+ADAPTER names the base model first")
     adapter = _model(adapter_ref, models, allow_pickle)
     if not is_adapter(adapter.folder):
-        raise LangmergeError(f"model {ref}: {adapter_ref} is not a LoRA adapter (no {ADAPTER_CONFIG} in {adapter.folder})")
+        raise LangmergeError(
+            f"model {ref}: {adapter_ref} is not a LoRA adapter (no {ADAPTER_CONFIG} in {adapter.folder})"
+        )
     return _lora_source(ref, base_ref, base_model, adapter.folder, allow_pickle)
 
 
@@ -173,10 +185,14 @@ def recipe_input_paths(recipe: Recipe) -> list[str | Path]:
     return paths + [hub_repository_folder(ref) or ref for ref in refs]
 
 
-def open_recipe_sources(recipe: Recipe, stack: ExitStack, *, allow_pickle: bool = False,
-                        models: dict[str, ResolvedModel] | None = None,
-                        on_error: Callable[[str, LangmergeError], None] | None = None,
-                        ) -> tuple[TensorSource | None, list[TensorSource | None]]:
+def open_recipe_sources(
+    recipe: Recipe,
+    stack: ExitStack,
+    *,
+    allow_pickle: bool = False,
+    models: dict[str, ResolvedModel] | None = None,
+    on_error: Callable[[str, LangmergeError], None] | None = None,
+) -> tuple[TensorSource | None, list[TensorSource | None]]:
     """``(base or None, inputs)`` for a recipe; each is closed by ``stack``.
 
     With ``on_error``, a model that cannot be opened is reported there and stands as None; without it the error is raised.

@@ -116,8 +116,13 @@ class MemorySource(TensorSource):
 
     in_memory = True
 
-    def __init__(self, label: str, tensors: dict[str, torch.Tensor], config: dict[str, Any] | None = None,
-                 folder: Path | None = None):
+    def __init__(
+        self,
+        label: str,
+        tensors: dict[str, torch.Tensor],
+        config: dict[str, Any] | None = None,
+        folder: Path | None = None,
+    ):
         self.label = label
         self.folder = Path(folder) if folder is not None else Path(label)
         self._tensors = {name: t.reshape(-1) for name, t in tensors.items()}
@@ -160,8 +165,10 @@ class GatheredRows(TensorSource):
         self.inner = inner
         self.label = inner.label
         self.folder = inner.folder
-        self._tensors = {name: (target, None if rows is None else rows.to(torch.long).cpu())
-                         for name, (target, rows) in tensors.items()}
+        self._tensors = {
+            name: (target, None if rows is None else rows.to(torch.long).cpu())
+            for name, (target, rows) in tensors.items()
+        }
 
     @property
     def names(self) -> list[str]:

@@ -60,7 +60,9 @@ class UnionTokenizer:
         (out / "tokenizer.json").write_text(self.tokenizer_json)
         written = ["tokenizer.json"]
         if self.tokenizer_config is not None:
-            (out / "tokenizer_config.json").write_text(json.dumps(self.tokenizer_config, indent=2, ensure_ascii=False) + "\n")
+            (out / "tokenizer_config.json").write_text(
+                json.dumps(self.tokenizer_config, indent=2, ensure_ascii=False) + "\n"
+            )
             written.append("tokenizer_config.json")
         names = ("special_tokens_map.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
         return written + copy_optional_files(self.reference_folder, out, names)
@@ -83,8 +85,9 @@ def read_added_tokens(folder: Path) -> frozenset[str]:
     return frozenset(a["content"] for a in added if isinstance(a, dict) and isinstance(a.get("content"), str))
 
 
-def build_union_tokenizer(reference: TokenizerOwner, new_tokens: list[tuple[str, TokenizerOwner | None]],
-                          first_id: int) -> tuple[UnionTokenizer, dict[str, int]]:
+def build_union_tokenizer(
+    reference: TokenizerOwner, new_tokens: list[tuple[str, TokenizerOwner | None]], first_id: int
+) -> tuple[UnionTokenizer, dict[str, int]]:
     """The reference's tokenizer.json extended with ``new_tokens`` (token, model that has it, or None for a token
     the recipe adds: a plain added token); returns it and its vocabulary, which decides the new tokens' ids (the
     reference's keep theirs).
@@ -110,8 +113,14 @@ def build_union_tokenizer(reference: TokenizerOwner, new_tokens: list[tuple[str,
     mtype = model.get("type")
     vocab = model.get("vocab")
     vocab_size = len(vocab) if isinstance(vocab, (dict, list)) else 0
-    own_added = [a for a in tj.get("added_tokens", []) if isinstance(a, dict) and not (isinstance(vocab, dict) and a.get("content") in vocab)]
-    extend_vocab = mtype in ("WordLevel", "BPE", "WordPiece", "Unigram") and not any(a.get("id", 0) >= vocab_size for a in own_added)
+    own_added = [
+        a
+        for a in tj.get("added_tokens", [])
+        if isinstance(a, dict) and not (isinstance(vocab, dict) and a.get("content") in vocab)
+    ]
+    extend_vocab = mtype in ("WordLevel", "BPE", "WordPiece", "Unigram") and not any(
+        a.get("id", 0) >= vocab_size for a in own_added
+    )
     next_id = first_id
     added_new: list[dict[str, Any]] = []
     merged_from: set[Path] = set()
@@ -145,7 +154,9 @@ def build_union_tokenizer(reference: TokenizerOwner, new_tokens: list[tuple[str,
     try:
         loaded = Tokenizer.from_str(json.dumps(tj, ensure_ascii=False))
     except Exception as exc:
-        raise LangmergeError(f"tokenizer_source union: the extended tokenizer of {ref_path} does not load ({exc})") from exc
+        raise LangmergeError(
+            f"tokenizer_source union: the extended tokenizer of {ref_path} does not load ({exc})"
+        ) from exc
     got = loaded.get_vocab(with_added_tokens=True)
     text = loaded.to_str()  # the ids the library gave the added tokens, written as it reads them
     reference_tokens = reference.tokens or {}

@@ -42,7 +42,9 @@ def shard_names(count: int) -> list[str]:
 def shard_sizes(specs: list[TensorSpec], max_shard_bytes: int) -> dict[str, int]:
     """Each shard file's size in bytes, less its header (a lower bound known before any tensor is computed)."""
     shards = plan_shards(specs, max_shard_bytes)
-    return {name: sum(tensor_nbytes(s, d) for _, s, d in shard) for name, shard in zip(shard_names(len(shards)), shards)}
+    return {
+        name: sum(tensor_nbytes(s, d) for _, s, d in shard) for name, shard in zip(shard_names(len(shards)), shards)
+    }
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,9 @@ class ShardedWriter:
         index = self._shard_of[name]
         if index != self._current_index:
             if index < self._current_index:
-                raise RuntimeError(f"{self.folder}: tensor {name!r} of shard {index + 1} written after shard {self._current_index + 1}")
+                raise RuntimeError(
+                    f"{self.folder}: tensor {name!r} of shard {index + 1} written after shard {self._current_index + 1}"
+                )
             if self._current is not None:
                 self._current.close()
             self._current_index = index

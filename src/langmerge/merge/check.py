@@ -71,7 +71,11 @@ class CheckReport:
                 f"dtypes {m['dtypes']}, {vocab}, {m['embedding_rows']} embedding rows, "
                 f"embeddings {'tied' if m['tied'] else 'untied'}"
             )
-        sections = [("differences", self.differences), ("vocabulary and embeddings", self.vocabulary), ("notes", self.notes)]
+        sections = [
+            ("differences", self.differences),
+            ("vocabulary and embeddings", self.vocabulary),
+            ("notes", self.notes),
+        ]
         for title, items in sections:
             lines += ["", f"{title}:"] + ([f"  - {x}" for x in items] or ["  none"])
         if self.unreadable:
@@ -113,7 +117,9 @@ def _compare(reference: TensorSource, other: TensorSource, vocab_names: set[str]
     missing = [n for n in reference.names if n not in other]
     extra = [n for n in other.names if n not in reference]
     if missing:
-        report.differences.append(f"{other.label} lacks {len(missing)} tensors of {reference.label}: {_listed(missing)}")
+        report.differences.append(
+            f"{other.label} lacks {len(missing)} tensors of {reference.label}: {_listed(missing)}"
+        )
     if extra:
         report.differences.append(f"{other.label} has {len(extra)} tensors {reference.label} lacks: {_listed(extra)}")
     shapes = [
@@ -126,7 +132,9 @@ def _compare(reference: TensorSource, other: TensorSource, vocab_names: set[str]
     if vocab_shapes:
         report.differences.append(f"{other.label}: vocabulary tensors differ in rows: {_listed(vocab_shapes)}")
     if other_shapes:
-        report.differences.append(f"{other.label}: {len(other_shapes)} shapes differ from {reference.label}: {_listed(other_shapes)}")
+        report.differences.append(
+            f"{other.label}: {len(other_shapes)} shapes differ from {reference.label}: {_listed(other_shapes)}"
+        )
     ref_arch = (reference.config() or {}).get("architectures")
     other_arch = (other.config() or {}).get("architectures")
     if ref_arch != other_arch:
@@ -153,8 +161,9 @@ def check_recipe(
         report.unreadable.append(str(exc))
         return report
     report = CheckReport(recipe.source, recipe.method.name)
-    report.resolved = recipe_models(recipe, allow_pickle=allow_pickle, download=False,
-                                    on_error=lambda ref, exc: report.unreadable.append(str(exc)))
+    report.resolved = recipe_models(
+        recipe, allow_pickle=allow_pickle, download=False, on_error=lambda ref, exc: report.unreadable.append(str(exc))
+    )
     for ref, model in report.resolved.items():
         if announce is not None:
             announce(ref, model)
@@ -218,7 +227,8 @@ def _method_notes(plan: MergePlan) -> list[str]:
         listed = policy == "input" and any(e.model == recipe.base_model for e in recipe.raw.models or [])
         if not listed:
             notes.append(_BASE_ROLES[policy].format(name=method.name, base=recipe.base_model))
-    tensors = [(task.info, task.params) for t in plan.tensors if not t.copied for task in t.tasks
-               if task.params is not None]
+    tensors = [
+        (task.info, task.params) for t in plan.tensors if not t.copied for task in t.tasks if task.params is not None
+    ]
     described: list[str] = method.describe(tensors)
     return notes + described

@@ -47,7 +47,9 @@ def _announce(ref: str, model: ResolvedModel) -> None:
 def _check(args) -> int:
     from langmerge.merge.check import check_recipe
 
-    report = check_recipe(args.recipe, allow_pickle=args.allow_pickle, progress=not args.no_progress, announce=_announce)
+    report = check_recipe(
+        args.recipe, allow_pickle=args.allow_pickle, progress=not args.no_progress, announce=_announce
+    )
     print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else report.text())
     return report.exit_code
 
@@ -76,8 +78,13 @@ def _demo(args) -> int:
         "dtype": "float32",
     }
     print(f"generated a base, a CT and an SFT model (Llama-shaped, random) under {work / 'inputs'}")
-    report = merge(recipe, work / "merged", force=args.force, progress=not args.no_progress,
-                   reporter=_reporter(args, "merge (ties_sv)"))
+    report = merge(
+        recipe,
+        work / "merged",
+        force=args.force,
+        progress=not args.no_progress,
+        reporter=_reporter(args, "merge (ties_sv)"),
+    )
     print(report.summary())
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -99,15 +106,23 @@ def add_commands(sub) -> None:
     FORCE.add(p)
     DEVICE.add(p)
     THREADS.add(p)
-    p.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_BYTES, help="max bytes per shard (default 5GB)")
-    p.add_argument("--memory", type=parse_size, default=DEFAULT_MEMORY,
-                   help=f"bytes of tensor buffers the merge may hold, which set its chunk size (default "
-                        f"{DEFAULT_MEMORY >> 20}MiB; the interpreter adds about 0.25GB), e.g. 1GB")
+    p.add_argument(
+        "--shard-size", type=parse_size, default=DEFAULT_SHARD_BYTES, help="max bytes per shard (default 5GB)"
+    )
+    p.add_argument(
+        "--memory",
+        type=parse_size,
+        default=DEFAULT_MEMORY,
+        help=f"bytes of tensor buffers the merge may hold, which set its chunk size (default "
+        f"{DEFAULT_MEMORY >> 20}MiB; the interpreter adds about 0.25GB), e.g. 1GB",
+    )
     NO_PROGRESS.add(p)
     ALLOW_PICKLE.add(p)
     p.set_defaults(handler=_merge)
 
-    p = sub.add_parser("check", help="report what a merge would meet (architectures, shapes, vocabularies) before merging")
+    p = sub.add_parser(
+        "check", help="report what a merge would meet (architectures, shapes, vocabularies) before merging"
+    )
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     ALLOW_PICKLE.add(p)
@@ -115,8 +130,11 @@ def add_commands(sub) -> None:
     p.set_defaults(handler=_check)
 
     p = sub.add_parser("demo", help="merge a small generated model trio and show the result")
-    p.add_argument("--work-dir", default=None,
-                   help="where to put the generated models (WORK/inputs) and the merge (WORK/merged); default: a temp folder")
+    p.add_argument(
+        "--work-dir",
+        default=None,
+        help="where to put the generated models (WORK/inputs) and the merge (WORK/merged); default: a temp folder",
+    )
     FORCE.add(p, "replace WORK/inputs and WORK/merged if they exist")
     NO_PROGRESS.add(p, "hide the progress bars")
     p.set_defaults(handler=_demo)

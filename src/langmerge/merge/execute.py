@@ -124,8 +124,9 @@ class Timings:
     wait: float = 0.0  # the caller waiting for a chunk to be read, or for a write buffer
 
     def text(self) -> str:
-        return (f"read {self.read:.1f} s, compute {self.compute:.1f} s, write {self.write:.1f} s, "
-                f"waiting {self.wait:.1f} s")
+        return (
+            f"read {self.read:.1f} s, compute {self.compute:.1f} s, write {self.write:.1f} s, waiting {self.wait:.1f} s"
+        )
 
 
 # ----------------------------------------------------------------------------- buffers
@@ -143,8 +144,9 @@ class _Buffers:
     def _get(self, store: dict, k: int, dtype: torch.dtype, n: int, device: torch.device) -> torch.Tensor:
         buf = store.get(k)
         if buf is None or buf.dtype != dtype or buf.numel() < n:
-            store[k] = buf = torch.empty(max(n, 1), dtype=dtype, device=device,
-                                         pin_memory=device.type == "cpu" and self.device.type == "cuda")
+            store[k] = buf = torch.empty(
+                max(n, 1), dtype=dtype, device=device, pin_memory=device.type == "cpu" and self.device.type == "cuda"
+            )
         return buf[:n]
 
     def block(self, k: int, dtype: torch.dtype, n: int) -> torch.Tensor:
@@ -231,7 +233,9 @@ class _Reader:
                     values.append(got)
                     continue
             target = buffers.block(k, dtype, n)
-            got = ref.source.read(ref.name, a, b, staging.stage(k, ref.source.read_dtype(ref.name), n) if staged else target)
+            got = ref.source.read(
+                ref.name, a, b, staging.stage(k, ref.source.read_dtype(ref.name), n) if staged else target
+            )
             if got.dtype != dtype or got.device != self.device:
                 target.copy_(got)
                 got = target
@@ -428,14 +432,17 @@ def nonfinite_error(task: TensorTask, block: Block | None = None, memory: int = 
             for a in range(0, n, step):
                 if not all_finite(ref.source.read(ref.name, a, min(n, a + step), buf)):
                     return LangmergeError(f"model {ref.label}: tensor {task.name!r} contains NaN or Inf")
-    return LangmergeError(f"tensor {task.name!r}: the merge produced NaN or Inf (weights summing to zero with normalize?)")
+    return LangmergeError(
+        f"tensor {task.name!r}: the merge produced NaN or Inf (weights summing to zero with normalize?)"
+    )
 
 
 class Executor:
     """Runs planned tensors (see the module doc); ``timings`` says where the time went."""
 
-    def __init__(self, device: torch.device = torch.device("cpu"), memory: int = DEFAULT_MEMORY,
-                 reporter: Reporter | None = None):
+    def __init__(
+        self, device: torch.device = torch.device("cpu"), memory: int = DEFAULT_MEMORY, reporter: Reporter | None = None
+    ):
         self.device = device
         self.memory = check_memory(memory)
         self.reporter = reporter
@@ -474,7 +481,9 @@ class Executor:
                     if index + 1 < len(work):  # the merge pass is the task's last: read the next task meanwhile
                         opened = self._open(*work[index + 1])
                         reader.order(work[index + 1][1], opened[1], opened[2])
-                    consume = final(tensor, task, merge) if final is not None else self._writes(tensor, task, merge, sink)
+                    consume = (
+                        final(tensor, task, merge) if final is not None else self._writes(tensor, task, merge, sink)
+                    )
                     for block in reader.blocks(len(ranges)):
                         began, waited = time.perf_counter(), self.timings.wait
                         consume(block)  # a sink's wait for a write buffer counts as waiting, not computing
@@ -560,22 +569,51 @@ def merge(
     if isinstance(recipe, (str, Path)) and (several := read_recipe_documents(recipe)) is not None:
         from langmerge.merge.multi import run_multi  # here: multi imports this module
 
-        return run_multi(*several, out_dir, force=force, device=device, threads=threads, shard_bytes=shard_bytes,
-                         memory=memory, progress=progress, reporter=reporter, allow_pickle=allow_pickle)
+        return run_multi(
+            *several,
+            out_dir,
+            force=force,
+            device=device,
+            threads=threads,
+            shard_bytes=shard_bytes,
+            memory=memory,
+            progress=progress,
+            reporter=reporter,
+            allow_pickle=allow_pickle,
+        )
     recipe = load_recipe(recipe)
     kept = {Path(p).resolve() for p in adopt}
-    check_output_free(out_dir, force, [p for p in recipe_input_paths(recipe)
-                                       if not any(Path(p).resolve() == k or k in Path(p).resolve().parents for k in kept)])
+    check_output_free(
+        out_dir,
+        force,
+        [
+            p
+            for p in recipe_input_paths(recipe)
+            if not any(Path(p).resolve() == k or k in Path(p).resolve().parents for k in kept)
+        ],
+    )
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise LangmergeError(f"threads {threads!r}: expected a whole number of at least 1")
     check_memory(memory)
     dev = resolve_device(device)
     with thread_limit(threads):
-        return _merge(recipe, Path(out_dir), force, dev, shard_bytes, memory, progress, reporter, allow_pickle, list(adopt))
+        return _merge(
+            recipe, Path(out_dir), force, dev, shard_bytes, memory, progress, reporter, allow_pickle, list(adopt)
+        )
 
 
-def _merge(recipe: Recipe, out_dir: Path, force: bool, dev: torch.device, shard_bytes: int, memory: int,
-           progress: bool, reporter: Reporter | None, allow_pickle: bool, adopt: list[Path]) -> MergeReport:
+def _merge(
+    recipe: Recipe,
+    out_dir: Path,
+    force: bool,
+    dev: torch.device,
+    shard_bytes: int,
+    memory: int,
+    progress: bool,
+    reporter: Reporter | None,
+    allow_pickle: bool,
+    adopt: list[Path],
+) -> MergeReport:
     start = time.perf_counter()
     plan = plan_merge(recipe, allow_pickle=allow_pickle, progress=progress, device=dev, shard_bytes=shard_bytes)
     executor = Executor(dev, memory, reporter)
@@ -598,8 +636,14 @@ def _merge(recipe: Recipe, out_dir: Path, force: bool, dev: torch.device, shard_
                 folder.rename(tmp / folder.name)  # they would go with the partial folder, to be merged again)
     finally:
         plan.close()
-    report = MergeReport(out_dir, recipe.method.name, len(plan.tensors), writer.total_bytes,
-                         time.perf_counter() - start, executor.timings)
+    report = MergeReport(
+        out_dir,
+        recipe.method.name,
+        len(plan.tensors),
+        writer.total_bytes,
+        time.perf_counter() - start,
+        executor.timings,
+    )
     log.info(report.summary())
     log.info("time: %s", executor.timings.text())
     return report
@@ -607,8 +651,13 @@ def _merge(recipe: Recipe, out_dir: Path, force: bool, dev: torch.device, shard_
 
 def write_model_files(folder: Path, plan: MergePlan) -> None:
     """config.json and the tokenizer of the merged model: what transformers loads besides the weights."""
-    write_config(folder, plan.reference.config(), plan.model_dtype, plan.reference.label,
-                 updates={**plan.vocab.config_updates(), **plan.config_updates})
+    write_config(
+        folder,
+        plan.reference.config(),
+        plan.model_dtype,
+        plan.reference.label,
+        updates={**plan.vocab.config_updates(), **plan.config_updates},
+    )
     plan.vocab.write_tokenizer(folder)
 
 
@@ -616,7 +665,6 @@ def _write_metadata(folder: Path, plan: MergePlan, recipe: Recipe) -> None:
     """config.json, the tokenizer, the chat template, the model card and the pinned recipe."""
     write_model_files(folder, plan)
     if recipe.raw.chat_template is not None:
-
         template, how = resolve_chat_template(recipe.raw.chat_template, [s.tokenizer_folder for s in plan.sources])
         log.info("chat template: %s", how)
         if template is not None:
@@ -630,5 +678,3 @@ def _write_metadata(folder: Path, plan: MergePlan, recipe: Recipe) -> None:
         recipe=recipe.to_dict({ref: m.pinned for ref, m in plan.models.items()}),
         models=plan.models,
     )
-
-

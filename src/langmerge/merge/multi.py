@@ -40,7 +40,11 @@ def _rename(value: Any, names: dict[str, str], used: set[str]) -> Any:
         out = {}
         for key, v in value.items():
             if key == "parameters":  # only protect names models there
-                out[key] = {**v, "protect": _rename(v["protect"], names, used)} if isinstance(v, dict) and "protect" in v else v
+                out[key] = (
+                    {**v, "protect": _rename(v["protect"], names, used)}
+                    if isinstance(v, dict) and "protect" in v
+                    else v
+                )
             elif key in _MODEL_KEYS or isinstance(v, (dict, list)):
                 out[key] = _rename(v, names, used)
             else:
@@ -69,15 +73,24 @@ class MultiRecipe:
             if name is None:
                 unnamed.append(i)
                 continue
-            if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
+            if (
+                not isinstance(name, str)
+                or not name
+                or name in (".", "..")
+                or "/" in name
+                or "\\" in name
+                or name.startswith(".")
+            ):
                 raise LangmergeError(f"{source}: document {i + 1}: 'name' {name!r} must be a plain folder name")
             if name in names:
                 raise LangmergeError(f"{source}: document {i + 1}: name {name!r} is used by an earlier document")
             names[name] = str(self.out_dir / name)
         if len(unnamed) > 1:
-            raise LangmergeError(f"{source}: holds {len(documents)} YAML documents, and documents {unnamed[0] + 1} and "
-                                 f"{unnamed[1] + 1} both have no 'name'; only the final merge (written to OUT_DIR) may "
-                                 "be unnamed (the others are intermediates, named for their sub-folders)")
+            raise LangmergeError(
+                f"{source}: holds {len(documents)} YAML documents, and documents {unnamed[0] + 1} and "
+                f"{unnamed[1] + 1} both have no 'name'; only the final merge (written to OUT_DIR) may "
+                "be unnamed (the others are intermediates, named for their sub-folders)"
+            )
         self.names = names
         docs, needs = {}, {}
         for i, doc in enumerate(documents):
@@ -143,12 +156,17 @@ def _check_out_dir(multi: MultiRecipe, force: bool) -> None:
         raise LangmergeError(f"output {out} exists and is not a folder")
     foreign = [p.name for p in out.iterdir() if p.name not in multi.names and not p.name.startswith(".")]
     if foreign:
-        done = "a finished merge" if (out / "config.json").exists() else f"files this recipe does not write ({', '.join(sorted(foreign)[:3])})"
+        done = (
+            "a finished merge"
+            if (out / "config.json").exists()
+            else f"files this recipe does not write ({', '.join(sorted(foreign)[:3])})"
+        )
         raise LangmergeError(f"output {out} already exists and holds {done}; pass --force to replace it")
 
 
-def run_multi(source: str, documents: list[Any], out_dir: str | Path, *, force: bool = False,
-              **options: Any) -> MergeReport:
+def run_multi(
+    source: str, documents: list[Any], out_dir: str | Path, *, force: bool = False, **options: Any
+) -> MergeReport:
     """Merge every document (``merge.execute.merge``'s options); returns the final merge's report (the last one's
     when every document is named)."""
 
@@ -166,5 +184,7 @@ def run_multi(source: str, documents: list[Any], out_dir: str | Path, *, force: 
         adopt = [p for p in intermediates if p.exists()] if key is None else []
         report = merge(multi.recipes[key], folder, force=force or key is None, adopt=adopt, **options)
     if report is None:
-        raise LangmergeError(f"output {multi.out_dir} already holds every document's merge; pass --force to merge them again")
+        raise LangmergeError(
+            f"output {multi.out_dir} already holds every document's merge; pass --force to merge them again"
+        )
     return report

@@ -262,40 +262,70 @@ class _Problems:
 # ----------------------------------------------------------------------------- planning
 
 
-def plan_merge(recipe: Recipe, *, allow_pickle: bool = False, models: dict[str, ResolvedModel] | None = None,
-               progress: bool = True, device: torch.device = torch.device("cpu"),
-               shard_bytes: int = DEFAULT_SHARD_BYTES) -> MergePlan:
+def plan_merge(
+    recipe: Recipe,
+    *,
+    allow_pickle: bool = False,
+    models: dict[str, ResolvedModel] | None = None,
+    progress: bool = True,
+    device: torch.device = torch.device("cpu"),
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> MergePlan:
     """Open the inputs and plan every tensor; raises the first problem (a LangmergeError) on bad input.
 
     Model references are resolved first (io/hub.py: Hub ids are downloaded as
     needed, huggingface_hub's bars shown with ``progress``); ``models`` holds
     references resolved already. The caller closes the plan.
     """
-    plan = _build(recipe, allow_pickle=allow_pickle, models=models, progress=progress, device=device,
-                  shard_bytes=shard_bytes, collect=False)
+    plan = _build(
+        recipe,
+        allow_pickle=allow_pickle,
+        models=models,
+        progress=progress,
+        device=device,
+        shard_bytes=shard_bytes,
+        collect=False,
+    )
     return plan
 
 
-def survey_merge(recipe: Recipe, *, allow_pickle: bool = False, models: dict[str, ResolvedModel] | None = None,
-                 progress: bool = True) -> MergePlan:
+def survey_merge(
+    recipe: Recipe, *, allow_pickle: bool = False, models: dict[str, ResolvedModel] | None = None, progress: bool = True
+) -> MergePlan:
     """``plan_merge`` that collects every problem instead of raising (``langmerge check``).
 
     An input that cannot be opened is in ``unreadable`` (an adapter for
     another base in ``problems``), and the plan then holds the sources that
     opened and no tensors. The caller closes the plan.
     """
-    return _build(recipe, allow_pickle=allow_pickle, models=models, progress=progress, device=torch.device("cpu"),
-                  shard_bytes=DEFAULT_SHARD_BYTES, collect=True)
+    return _build(
+        recipe,
+        allow_pickle=allow_pickle,
+        models=models,
+        progress=progress,
+        device=torch.device("cpu"),
+        shard_bytes=DEFAULT_SHARD_BYTES,
+        collect=True,
+    )
 
 
-def _build(recipe: Recipe, *, allow_pickle: bool, models, progress: bool, device: torch.device, shard_bytes: int,
-           collect: bool) -> MergePlan:
+def _build(
+    recipe: Recipe, *, allow_pickle: bool, models, progress: bool, device: torch.device, shard_bytes: int, collect: bool
+) -> MergePlan:
     models = recipe_models(recipe, allow_pickle=allow_pickle, progress=progress, resolved=models)
     if recipe.slices is not None:  # each slice planned as a whole-model merge of its layers, then stacked
         from langmerge.merge.slices import build_sliced  # here: slices imports this module
 
-        plan = build_sliced(recipe, _build, allow_pickle=allow_pickle, models=models, progress=progress,
-                            device=device, shard_bytes=shard_bytes, collect=True)
+        plan = build_sliced(
+            recipe,
+            _build,
+            allow_pickle=allow_pickle,
+            models=models,
+            progress=progress,
+            device=device,
+            shard_bytes=shard_bytes,
+            collect=True,
+        )
         if not collect and (plan.problems or plan.unreadable):
             plan.close()
             problems = _Problems()
@@ -306,11 +336,13 @@ def _build(recipe: Recipe, *, allow_pickle: bool, models, progress: bool, device
     problems = _Problems()
     unreadable: list[LangmergeError] = []
     with ExitStack() as stack:
+
         def failed(ref: str, exc: LangmergeError) -> None:  # with collect: report, and plan what opened
             (problems.add(exc) if isinstance(exc, AdapterMismatch) else unreadable.append(exc))
 
-        base, inputs = open_recipe_sources(recipe, stack, allow_pickle=allow_pickle, models=models,
-                                           on_error=failed if collect else None)
+        base, inputs = open_recipe_sources(
+            recipe, stack, allow_pickle=allow_pickle, models=models, on_error=failed if collect else None
+        )
         base = recipe.view_source(None, base) if base is not None else None
         inputs = [recipe.view_source(i, s) if s is not None else None for i, s in enumerate(inputs)]
         plan = MergePlan(recipe, base, [s for s in inputs if s is not None], [], device, models=models)
@@ -366,8 +398,9 @@ def _listed_more(items: list[str]) -> str:
     return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
 
 
-def _compare_models(views: list[TensorSource], vocab_names: set[str], vocab: VocabPlan | None,
-                    problems: _Problems) -> set[str]:
+def _compare_models(
+    views: list[TensorSource], vocab_names: set[str], vocab: VocabPlan | None, problems: _Problems
+) -> set[str]:
     """Missing and extra tensors, and shapes that differ, model by model; returns the names not to plan."""
     reference, others = views[0], views[1:]
     names = reference.names
@@ -376,13 +409,18 @@ def _compare_models(views: list[TensorSource], vocab_names: set[str], vocab: Voc
     for other in others:
         missing = [n for n in names if n not in other]
         if missing:
-            problems.add(LangmergeError(f"model {other.label}: tensor {missing[0]!r} is missing{_listed_more(missing)}"))
+            problems.add(
+                LangmergeError(f"model {other.label}: tensor {missing[0]!r} is missing{_listed_more(missing)}")
+            )
             bad |= set(missing)
         known = set(names)
         extra = [n for n in other.names if n not in known]
         if extra:
-            problems.add(LangmergeError(
-                f"model {other.label}: tensor {extra[0]!r} is not in {reference.label}{_listed_more(extra)}"))
+            problems.add(
+                LangmergeError(
+                    f"model {other.label}: tensor {extra[0]!r} is not in {reference.label}{_listed_more(extra)}"
+                )
+            )
         differ = []
         for n in names:
             if n not in other:
@@ -396,17 +434,21 @@ def _compare_models(views: list[TensorSource], vocab_names: set[str], vocab: Voc
                 differ.append(n)
         if differ:
             n = differ[0]
-            problems.add(LangmergeError(
-                f"tensor {n!r}: shape {list(other.shape(n))} in {other.label} but {list(reference.shape(n))} in "
-                f"{reference.label}" + (f" (and {len(differ) - 1} more tensors)" if len(differ) > 1 else "")))
+            problems.add(
+                LangmergeError(
+                    f"tensor {n!r}: shape {list(other.shape(n))} in {other.label} but {list(reference.shape(n))} in "
+                    f"{reference.label}" + (f" (and {len(differ) - 1} more tensors)" if len(differ) > 1 else "")
+                )
+            )
             bad |= set(differ)
     if vocab is None:
         bad |= vocab_names
     return bad
 
 
-def _static(name: str, views: list[TensorSource], recipe: Recipe, vocab: VocabPlan | None,
-            problems: _Problems) -> _Static | None:
+def _static(
+    name: str, views: list[TensorSource], recipe: Recipe, vocab: VocabPlan | None, problems: _Problems
+) -> _Static | None:
     reference = views[0]
     native = reference.dtype(name)
     aligned = vocab is not None and vocab.is_aligned(name)
@@ -429,8 +471,10 @@ def check_copied_tensor(name: str, reference: TensorSource, others: list[TensorS
     dtype = reference.dtype(name)
     for other in others:
         if other.dtype(name) != dtype:
-            raise LangmergeError(f"tensor {name!r}: {_dtype_name(other.dtype(name))} in {other.label} but "
-                                 f"{_dtype_name(dtype)} in {reference.label}; {_COPY_RULE}")
+            raise LangmergeError(
+                f"tensor {name!r}: {_dtype_name(other.dtype(name))} in {other.label} but "
+                f"{_dtype_name(dtype)} in {reference.label}; {_COPY_RULE}"
+            )
     n = reference.numel(name)
     step = max(1, COMPARE_BYTES // torch.empty((), dtype=dtype).element_size())
     mine = torch.empty(min(n, step), dtype=dtype)
@@ -439,16 +483,19 @@ def check_copied_tensor(name: str, reference: TensorSource, others: list[TensorS
         for a in range(0, n, step):
             b = min(n, a + step)
             if not torch.equal(reference.read(name, a, b, mine), other.read(name, a, b, theirs)):
-                raise LangmergeError(f"tensor {name!r}: the {_dtype_name(dtype)} tensor differs between {other.label} "
-                                     f"and {reference.label}; {_COPY_RULE}")
+                raise LangmergeError(
+                    f"tensor {name!r}: the {_dtype_name(dtype)} tensor differs between {other.label} "
+                    f"and {reference.label}; {_COPY_RULE}"
+                )
 
 
 def _info(name: str, shape: tuple[int, ...], dtype: torch.dtype, plan: MergePlan) -> TensorInfo:
     return TensorInfo(name, tuple(shape), dtype, plan.device, layer=layer_index(name), num_layers=plan.num_layers)
 
 
-def _plan_tensor(static: _Static, recipe: Recipe, views: list[TensorSource], plan: MergePlan,
-                 problems: _Problems) -> TensorPlan:
+def _plan_tensor(
+    static: _Static, recipe: Recipe, views: list[TensorSource], plan: MergePlan, problems: _Problems
+) -> TensorPlan:
     name = static.name
     offset = 1 if plan.base is not None else 0
     refs = [TensorRef(v, name) for v in views]
@@ -473,8 +520,18 @@ def _plan_tensor(static: _Static, recipe: Recipe, views: list[TensorSource], pla
         return TensorPlan(name, static.shape, out_dtype, [])
     if not static.aligned:
         info = _info(name, static.shape, compute, plan)
-        task = TensorTask(name, info, base_ref, refs[offset:], method, params, choose_kernel(method, params, info),
-                          seed, (), tuple(range(len(refs) - offset)))
+        task = TensorTask(
+            name,
+            info,
+            base_ref,
+            refs[offset:],
+            method,
+            params,
+            choose_kernel(method, params, info),
+            seed,
+            (),
+            tuple(range(len(refs) - offset)),
+        )
         return TensorPlan(name, static.shape, out_dtype, [task])
     tasks = []
     for group in row_groups(plan.vocab):
@@ -484,13 +541,26 @@ def _plan_tensor(static: _Static, recipe: Recipe, views: list[TensorSource], pla
         else:
             tasks.append(task)
     for key, rows, model_rows in sourced_groups(plan.vocab):
-        tasks.append(_sourced_task(name, static, key, rows, model_rows, views, compute, method, params, seed, plan, offset))
+        tasks.append(
+            _sourced_task(name, static, key, rows, model_rows, views, compute, method, params, seed, plan, offset)
+        )
     return TensorPlan(name, static.shape, out_dtype, tasks, aligned=True)
 
 
-def _sourced_task(name: str, static: _Static, key: tuple, rows: torch.Tensor, model_rows: torch.Tensor,
-                  views: list[TensorSource], compute: torch.dtype, method: Method, params: MethodParameters, seed: int,
-                  plan: MergePlan, offset: int) -> TensorTask:
+def _sourced_task(
+    name: str,
+    static: _Static,
+    key: tuple,
+    rows: torch.Tensor,
+    model_rows: torch.Tensor,
+    views: list[TensorSource],
+    compute: torch.dtype,
+    method: Method,
+    params: MethodParameters,
+    seed: int,
+    plan: MergePlan,
+    offset: int,
+) -> TensorTask:
     """Rows with a source of their own: a named model's row as is (``row``), zero (a token no model has a row
     for), or padding rows (``mean``: each model's mean row, merged by the method, as mergekit pads)."""
     info = _info(name, (int(rows.numel()), *static.shape[1:]), compute, plan)
@@ -500,13 +570,36 @@ def _sourced_task(name: str, static: _Static, key: tuple, rows: torch.Tensor, mo
     if key[0] == "zero":  # the input only gives the shape: any row of the first model
         ref = TensorRef(GatheredRows(views[0], {name: (name, torch.zeros_like(rows))}), name)
         return TensorTask(name, info, None, [ref], None, None, rows=rows, average=[])
-    refs = [TensorRef(MeanRows(views[k], name, plan.vocab.own_rows(k), int(rows.numel())), name) for k in range(len(views))]
-    return TensorTask(name, info, refs[0] if offset else None, refs[offset:], method, params,
-                      choose_kernel(method, params, info), seed, ("mean",), tuple(range(len(refs) - offset)), rows=rows)
+    refs = [
+        TensorRef(MeanRows(views[k], name, plan.vocab.own_rows(k), int(rows.numel())), name) for k in range(len(views))
+    ]
+    return TensorTask(
+        name,
+        info,
+        refs[0] if offset else None,
+        refs[offset:],
+        method,
+        params,
+        choose_kernel(method, params, info),
+        seed,
+        ("mean",),
+        tuple(range(len(refs) - offset)),
+        rows=rows,
+    )
 
 
-def _group_task(name: str, static: _Static, group: RowGroup, views: list[TensorSource], compute: torch.dtype,
-                method: Method, params: MethodParameters, seed: int, plan: MergePlan, offset: int):
+def _group_task(
+    name: str,
+    static: _Static,
+    group: RowGroup,
+    views: list[TensorSource],
+    compute: torch.dtype,
+    method: Method,
+    params: MethodParameters,
+    seed: int,
+    plan: MergePlan,
+    offset: int,
+):
     """One row group of a vocabulary tensor as a task of its own (or the problem that stops it)."""
     shape = (int(group.rows.numel()), *static.shape[1:])
     info = _info(name, shape, compute, plan)
@@ -518,23 +611,38 @@ def _group_task(name: str, static: _Static, group: RowGroup, views: list[TensorS
     inputs = [ref(offset + i) for i in present]
     if offset and not group.present[0]:  # the base lacks these tokens: the mean of the models that have them
         if not hasattr(params, "weights"):
-            return LangmergeError(f"tensor {name!r}: rows the base lacks are a weighted average of the models that "
-                                  f"have them, and {method.name} has no per-model weights; give the models one "
-                                  "vocabulary (tokenizer_source: base)")
+            return LangmergeError(
+                f"tensor {name!r}: rows the base lacks are a weighted average of the models that "
+                f"have them, and {method.name} has no per-model weights; give the models one "
+                "vocabulary (tokenizer_source: base)"
+            )
         weights = [params.weights[i] for i in present]
         if sum(weights) == 0:
             return LangmergeError(
                 f"tensor {name!r}: rows the base lacks are a weighted average, but the weights of "
-                f"{', '.join(plan.inputs[i].label for i in present)} sum to zero")
+                f"{', '.join(plan.inputs[i].label for i in present)} sum to zero"
+            )
         return TensorTask(name, info, None, inputs, None, None, rows=group.rows, average=weights)
     if len(present) < min(method.min_models, len(plan.inputs)):
         return LangmergeError(
             f"tensor {name!r}: {method.name} merges {method.min_models} models, but {len(present) or 'none'} of them "
             f"{'has' if len(present) == 1 else 'have'} some of its vocabulary rows; give the models one vocabulary "
-            "(tokenizer_source: base)")
+            "(tokenizer_source: base)"
+        )
     p = params.restrict(present)
-    return TensorTask(name, info, ref(0) if offset else None, inputs, method, p, choose_kernel(method, p, info), seed,
-                      (group.key,), tuple(present), rows=group.rows)
+    return TensorTask(
+        name,
+        info,
+        ref(0) if offset else None,
+        inputs,
+        method,
+        p,
+        choose_kernel(method, p, info),
+        seed,
+        (group.key,),
+        tuple(present),
+        rows=group.rows,
+    )
 
 
 def iter_tasks(tensors: list[TensorPlan]) -> Iterator[tuple[TensorPlan, TensorTask]]:

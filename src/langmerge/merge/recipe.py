@@ -115,8 +115,9 @@ def _check_shape(value: Any) -> Any:
                 raise _shape_error("expected a string", f"{at}.filter")
             inner = cond["value"]
             if isinstance(inner, dict) or (isinstance(inner, list) and any(isinstance(v, dict) for v in inner)):
-                raise _shape_error("conditional values do not nest; a conditional value is a number or a gradient",
-                                   f"{at}.value")
+                raise _shape_error(
+                    "conditional values do not nest; a conditional value is a number or a gradient", f"{at}.value"
+                )
             if isinstance(inner, list):
                 _check_leaves(inner, f"{at}.value")
             else:
@@ -207,7 +208,9 @@ def _dtype(value: str | None, key: str) -> torch.dtype | None:
     try:
         return DTYPES[value.removeprefix("torch.")]
     except KeyError:
-        raise LangmergeError(f"recipe key {key!r}: unknown dtype {value!r}; use one of float32, float16, bfloat16") from None
+        raise LangmergeError(
+            f"recipe key {key!r}: unknown dtype {value!r}; use one of float32, float16, bfloat16"
+        ) from None
 
 
 def model_key(ref: str) -> str:
@@ -265,7 +268,7 @@ def with_layer_index(name: str, index: int) -> str:
     m = _LAYER.search(name)
     if m is None:
         raise ValueError(f"{name!r} is not a layer tensor")
-    return name[: m.start(1)] + str(index) + name[m.end(1):]
+    return name[: m.start(1)] + str(index) + name[m.end(1) :]
 
 
 def layer_position(name: str, num_layers: int) -> float:
@@ -343,7 +346,9 @@ class Recipe:
         slice_bases = raw.slices is not None and all(s.base_model is not None for s in raw.slices)
         policy = self.method.base_policy
         if policy == "required" and raw.base_model is None and not slice_bases:
-            raise RecipeError(source, [*errors, f"recipe key 'base_model' is required by merge_method {self.method.name!r}"])
+            raise RecipeError(
+                source, [*errors, f"recipe key 'base_model' is required by merge_method {self.method.name!r}"]
+            )
         self.base_model = raw.base_model
         # Whether the merge reads a base (the origin of the task vectors): docs/methods.md, "The method interface".
         self.has_base = policy == "required" or (policy == "optional" and raw.base_model is not None)
@@ -369,9 +374,15 @@ class Recipe:
         # a slices recipe counts its models slice by slice (each SliceRecipe checks its own sources)
         if raw.slices is None and (len(self.inputs) < low or (high is not None and len(self.inputs) > high)):
             count = f"exactly {low}" if low == high else (f"at least {low}" if high is None else f"{low} to {high}")
-            besides = " besides the base" if self.has_base else (" (a base_model not listed counts)" if policy == "input" else "")
-            errors.append(f"recipe key 'models': merge_method {self.method.name!r} merges {count} "
-                          f"model{'s' if high != 1 else ''}{besides}; the recipe gives {len(self.inputs)}")
+            besides = (
+                " besides the base"
+                if self.has_base
+                else (" (a base_model not listed counts)" if policy == "input" else "")
+            )
+            errors.append(
+                f"recipe key 'models': merge_method {self.method.name!r} merges {count} "
+                f"model{'s' if high != 1 else ''}{besides}; the recipe gives {len(self.inputs)}"
+            )
         seen: dict[str, str] = {}
         for i, e in enumerate(self.inputs):
             key = model_key(e.model)
@@ -496,7 +507,9 @@ class Recipe:
         try:
             return self.method.tensor_parameters(values, self.protected)
         except ValidationError as exc:
-            raise LangmergeError(f"recipe parameters of {self.method.name} ({tensor}): {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+            raise LangmergeError(
+                f"recipe parameters of {self.method.name} ({tensor}): {exc.errors()[0]['msg'].removeprefix('Value error, ')}"
+            ) from None
         except LangmergeError as exc:
             raise LangmergeError(f"tensor {tensor!r}: {exc}") from None
 
@@ -621,7 +634,11 @@ def load_recipe(recipe: str | Path | dict | Recipe) -> Recipe:
         check_structure(recipe, source)
     if not isinstance(recipe, dict):
         raise LangmergeError(f"{source}: a recipe is a YAML mapping with 'merge_method' and 'models'")
-    absent = [] if "models" in recipe or "slices" in recipe else ["recipe key 'models' is required (or 'slices', layer ranges)"]
+    absent = (
+        []
+        if "models" in recipe or "slices" in recipe
+        else ["recipe key 'models' is required (or 'slices', layer ranges)"]
+    )
     try:
         raw = RecipeFile.model_validate(recipe)
     except ValidationError as exc:

@@ -147,24 +147,34 @@ def slice_recipes(parent: Recipe, errors: list[str]) -> list[SliceRecipe]:
         for j, s in enumerate(piece.sources):
             a, b = s.layer_range
             if a < 0 or b <= a:
-                errors.append(f"recipe key '{where}.sources[{j}].layer_range': {[a, b]} is not a range of layers "
-                              "[start, stop) with 0 <= start < stop")
+                errors.append(
+                    f"recipe key '{where}.sources[{j}].layer_range': {[a, b]} is not a range of layers "
+                    "[start, stop) with 0 <= start < stop"
+                )
             lengths.append(b - a)
         if len(set(lengths)) > 1:
-            errors.append(f"recipe key '{where}.sources': every source of a slice has the same number of layers "
-                          f"(layer ranges of {', '.join(map(str, lengths))} layers)")
+            errors.append(
+                f"recipe key '{where}.sources': every source of a slice has the same number of layers "
+                f"(layer ranges of {', '.join(map(str, lengths))} layers)"
+            )
         parent.check_parameters(piece.parameters, f"{where}.parameters", errors)
         base = piece.base_model or parent.raw.base_model
-        if parent.method.uses_base and (base is None or model_key(base) not in {model_key(s.model) for s in piece.sources}):
-            errors.append(f"recipe key '{where}.sources': the slice's base model {base!r} is not one of its sources "
-                          "(list it with its layer_range)")
+        if parent.method.uses_base and (
+            base is None or model_key(base) not in {model_key(s.model) for s in piece.sources}
+        ):
+            errors.append(
+                f"recipe key '{where}.sources': the slice's base model {base!r} is not one of its sources "
+                "(list it with its layer_range)"
+            )
         if len(errors) > before:
             continue
         try:
             out.append(SliceRecipe(parent, k))
         except RecipeError as exc:
             for e in exc.errors:
-                e = e.replace("'models[", f"'{where}.sources[").replace("recipe key 'models'", f"recipe key '{where}.sources'")
+                e = e.replace("'models[", f"'{where}.sources[").replace(
+                    "recipe key 'models'", f"recipe key '{where}.sources'"
+                )
                 if e not in errors:
                     errors.append(e)
     return out
@@ -181,15 +191,23 @@ class SlicedPlan(MergePlan):
     parts: list[MergePlan] = dataclasses.field(default_factory=list)
 
     def replan(self, recipe: Recipe, views: list[TensorSource] | None = None) -> list[TensorPlan]:
-        raise LangmergeError("a slices recipe cannot be replanned with other parameters (tune takes whole-model recipes)")
+        raise LangmergeError(
+            "a slices recipe cannot be replanned with other parameters (tune takes whole-model recipes)"
+        )
 
     def close(self) -> None:
         for part in self.parts:
             part.close()
 
 
-def build_sliced(recipe: Recipe, build: Callable[..., MergePlan], *, models: dict[str, ResolvedModel], shard_bytes: int,
-                 **options: Any) -> SlicedPlan:
+def build_sliced(
+    recipe: Recipe,
+    build: Callable[..., MergePlan],
+    *,
+    models: dict[str, ResolvedModel],
+    shard_bytes: int,
+    **options: Any,
+) -> SlicedPlan:
     """Plan each slice (``build``: plan.py's builder) and stack their layers; tensors outside the layers come from
     the first slice (before the layers) and the last (after). Problems are collected as the builder does."""
     parts: list[MergePlan] = []
@@ -223,13 +241,32 @@ def build_sliced(recipe: Recipe, build: Callable[..., MergePlan], *, models: dic
             tasks = [dataclasses.replace(t, name=name) for t in tensor.tasks]
             tensors.append(dataclasses.replace(tensor, name=name, tasks=tasks, placement=None))
         offset += piece.length
-    if first.vocab is not None and last.vocab is not None and (first.vocab.out_tokens, first.vocab.out_rows) != (
-            last.vocab.out_tokens, last.vocab.out_rows):
-        problems.append(LangmergeError("slices: the first and the last slice's models give different output "
-                                       "vocabularies; give them the same vocabulary or one tokenizer_source model"))
-    plan = SlicedPlan(recipe, first.base, first.inputs, tensors, first.device, num_layers=offset, vocab=first.vocab,
-                      vocab_problem=first.vocab_problem, models=models, problems=problems, unreadable=unreadable,
-                      views=first.views, parts=parts)
+    if (
+        first.vocab is not None
+        and last.vocab is not None
+        and (first.vocab.out_tokens, first.vocab.out_rows) != (last.vocab.out_tokens, last.vocab.out_rows)
+    ):
+        problems.append(
+            LangmergeError(
+                "slices: the first and the last slice's models give different output "
+                "vocabularies; give them the same vocabulary or one tokenizer_source model"
+            )
+        )
+    plan = SlicedPlan(
+        recipe,
+        first.base,
+        first.inputs,
+        tensors,
+        first.device,
+        num_layers=offset,
+        vocab=first.vocab,
+        vocab_problem=first.vocab_problem,
+        models=models,
+        problems=problems,
+        unreadable=unreadable,
+        views=first.views,
+        parts=parts,
+    )
     plan.config_updates = {"num_hidden_layers": offset}
     configs = [part.reference.config() or {} for part in parts] if all(p.views for p in parts) else []
     if configs and all(isinstance(c.get("layer_types"), list) for c in configs):

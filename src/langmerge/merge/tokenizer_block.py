@@ -120,7 +120,8 @@ def check_chat_template(value: str) -> None:
     if "{" not in value:
         raise LangmergeError(
             f"recipe key 'chat_template': {value!r} is neither 'auto', a built-in template "
-            f"({', '.join(sorted(BUILTIN_CHAT_TEMPLATES))}) nor a Jinja template")
+            f"({', '.join(sorted(BUILTIN_CHAT_TEMPLATES))}) nor a Jinja template"
+        )
     try:
         from jinja2.sandbox import ImmutableSandboxedEnvironment  # only a recipe with a chat template needs it
 
@@ -144,7 +145,9 @@ def model_chat_template(folder: Path) -> str | None:
         raise LangmergeError(f"{config_path}: expected a JSON object")
     template = config.get("chat_template")
     if isinstance(template, list):  # [{name, template}, ...]
-        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+        template = next(
+            (t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None
+        )
     return template if isinstance(template, str) and template.strip() else None
 
 
@@ -176,8 +179,13 @@ def write_chat_template(out: Path, template: str) -> None:
 # ----------------------------------------------------------------------------- named tokens' rows
 
 
-def token_rows(settings: TokenizerSettings, models: Sequence[ModelVocab], index_of: Callable[[str], int | None],
-               out_tokens: dict[str, int], presence: Callable[[int], bool]) -> dict[int, tuple[Any, ...]]:
+def token_rows(
+    settings: TokenizerSettings,
+    models: Sequence[ModelVocab],
+    index_of: Callable[[str], int | None],
+    out_tokens: dict[str, int],
+    presence: Callable[[int], bool],
+) -> dict[int, tuple[Any, ...]]:
     """Output row -> where its values come from, for the block's tokens: ``("row", k, row)`` (model ``k``'s row),
     ``("zero",)``. ``models`` are the vocabulary step's ``ModelVocab`` (base first), ``index_of(ref)`` a model
     reference's position among them (None: not a model of the recipe), ``presence(j)`` whether any model has row j.

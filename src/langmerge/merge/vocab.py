@@ -50,7 +50,14 @@ from langmerge.methods.fused_cpu import all_finite
 
 log = logging.getLogger(__name__)
 
-INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "tok_embeddings.weight", "word_embeddings.weight", "shared.weight")
+INPUT_EMBEDDINGS = (
+    "embed_tokens.weight",
+    "wte.weight",
+    "embed_in.weight",
+    "tok_embeddings.weight",
+    "word_embeddings.weight",
+    "shared.weight",
+)
 OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight", "output.weight")
 
 
@@ -69,7 +76,9 @@ class ModelVocab:
     input_name: str | None
     output_name: str | None
     config: dict = field(default_factory=dict)
-    added: frozenset[str] = frozenset()  # tokenizer.json's added tokens (the others are the tokenizer model's vocabulary)
+    added: frozenset[str] = (
+        frozenset()
+    )  # tokenizer.json's added tokens (the others are the tokenizer model's vocabulary)
 
     @property
     def tied(self) -> bool:
@@ -88,11 +97,23 @@ def describe_model(source: TensorSource) -> ModelVocab:
     inputs = _candidates(source, INPUT_EMBEDDINGS)
     input_name = inputs[0] if inputs else None
     config = source.config() or {}
-    rows = source.shape(input_name)[0] if input_name else (config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size"))
+    rows = (
+        source.shape(input_name)[0]
+        if input_name
+        else (config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size"))
+    )
     outputs = [n for n in _candidates(source, OUTPUT_EMBEDDINGS) if source.shape(n)[0] == rows and n != input_name]
     folder = source.tokenizer_folder
-    return ModelVocab(source.label, rows, read_tokens(folder), folder, input_name, outputs[0] if outputs else None, config,
-                      read_added_tokens(folder))
+    return ModelVocab(
+        source.label,
+        rows,
+        read_tokens(folder),
+        folder,
+        input_name,
+        outputs[0] if outputs else None,
+        config,
+        read_added_tokens(folder),
+    )
 
 
 @dataclass
@@ -102,7 +123,9 @@ class VocabPlan:
     tokenizer_model: int | None  # index into models whose tokenizer is copied; None for a union
     out_tokens: dict[str, int] | None
     out_rows: int | None
-    row_maps: list[torch.Tensor | None]  # per model: its row for each output row (-1: it lacks the token); None: the same rows
+    row_maps: list[
+        torch.Tensor | None
+    ]  # per model: its row for each output row (-1: it lacks the token); None: the same rows
     union: UnionTokenizer | None
     output_tied: bool
     aliases: dict[int, dict[str, str]]  # per model: output-layer name -> the tied input embedding that stands for it
@@ -122,7 +145,9 @@ class VocabPlan:
         """Model ``index``'s rows that hold an output token (padding rows' mean is taken over these)."""
         row_map = self.row_maps[index]
         if row_map is None:
-            return torch.tensor(sorted(j for j in self.out_tokens.values() if j < self.models[index].rows), dtype=torch.long)
+            return torch.tensor(
+                sorted(j for j in self.out_tokens.values() if j < self.models[index].rows), dtype=torch.long
+            )
         tokens = torch.zeros(self.out_rows, dtype=torch.bool)
         tokens[list(self.out_tokens.values())] = True
         return row_map[tokens & (row_map >= 0)]
@@ -133,7 +158,9 @@ class VocabPlan:
         aliases = self.aliases.get(index, {})
         if not aliases:
             return source
-        return GatheredRows(source, {**{n: (n, None) for n in source.names}, **{a: (t, None) for a, t in aliases.items()}})
+        return GatheredRows(
+            source, {**{n: (n, None) for n in source.names}, **{a: (t, None) for a, t in aliases.items()}}
+        )
 
     def config_updates(self) -> dict:
         updates: dict = {}
@@ -180,8 +207,10 @@ def row_groups(plan: VocabPlan) -> list[RowGroup]:
     keep = torch.ones(rows, dtype=torch.bool)
     keep[list(plan.sourced)] = False
     patterns, inverse = torch.unique(presence.to(torch.int8), dim=0, return_inverse=True)
-    groups = [RowGroup(tuple(bool(v) for v in pattern), torch.nonzero((inverse == k) & keep).reshape(-1))
-              for k, pattern in enumerate(patterns.tolist())]
+    groups = [
+        RowGroup(tuple(bool(v) for v in pattern), torch.nonzero((inverse == k) & keep).reshape(-1))
+        for k, pattern in enumerate(patterns.tolist())
+    ]
     return [g for g in groups if g.rows.numel()]
 
 
@@ -227,7 +256,9 @@ class MeanRows(TensorSource):
             if self._mean is None:
                 total = None
                 for a in range(0, int(self.rows.numel()), self.PIECE_ROWS):
-                    piece = GatheredRows(self.inner, {self.name: (self.name, self.rows[a:a + self.PIECE_ROWS])}).get(self.name)
+                    piece = GatheredRows(self.inner, {self.name: (self.name, self.rows[a : a + self.PIECE_ROWS])}).get(
+                        self.name
+                    )
                     part = piece.to(torch.float64).sum(dim=0)
                     total = part if total is None else total + part
                 self._mean = (total / max(1, int(self.rows.numel()))).to(self.read_dtype(self.name))
@@ -238,7 +269,7 @@ class MeanRows(TensorSource):
         width = mean.numel()
         first, last = start // width, (stop - 1) // width + 1
         values = mean.reshape(1, -1).expand(last - first, width).reshape(-1)
-        return into(out, values[start - first * width: stop - first * width])
+        return into(out, values[start - first * width : stop - first * width])
 
 
 class RowMean(TensorMerge):
@@ -285,7 +316,9 @@ def _resolve_source(recipe, has_base: bool) -> int | None:
     index = _model_position(recipe, source, has_base)
     if index is not None:
         return index
-    raise LangmergeError(f"recipe key 'tokenizer_source': {source!r} is neither 'base', 'union' nor one of the recipe's models")
+    raise LangmergeError(
+        f"recipe key 'tokenizer_source': {source!r} is neither 'base', 'union' nor one of the recipe's models"
+    )
 
 
 def _examples(tokens: list[str], n: int = 5) -> str:
@@ -293,7 +326,9 @@ def _examples(tokens: list[str], n: int = 5) -> str:
     return shown + (", ..." if len(tokens) > n else "")
 
 
-def _union(ref: ModelVocab, others: list[ModelVocab], notes: list[str], wanted: list[str]) -> tuple[UnionTokenizer, dict[str, int]]:
+def _union(
+    ref: ModelVocab, others: list[ModelVocab], notes: list[str], wanted: list[str]
+) -> tuple[UnionTokenizer, dict[str, int]]:
     """The union tokenizer and its vocabulary: the reference's tokens, then the others' it lacks.
 
     As in mergekit, a model's tokens at ids beyond its embedding rows (a
@@ -308,8 +343,10 @@ def _union(ref: ModelVocab, others: list[ModelVocab], notes: list[str], wanted: 
     for m in others:
         unused = [t for t, i in m.tokens.items() if i >= m.rows]
         if unused:
-            notes.append(f"{m.label}: {len(unused)} tokens beyond its {m.rows} embedding rows have no row and are "
-                         f"not taken into the union ({_examples(sorted(unused, key=m.tokens.get))})")
+            notes.append(
+                f"{m.label}: {len(unused)} tokens beyond its {m.rows} embedding rows have no row and are "
+                f"not taken into the union ({_examples(sorted(unused, key=m.tokens.get))})"
+            )
         for token, i in sorted(m.tokens.items(), key=lambda kv: kv[1]):
             if token in seen or i >= m.rows:
                 continue
@@ -346,7 +383,9 @@ def plan_vocabulary(recipe, base, inputs) -> VocabPlan:
             "their input embedding to it) and config.json says tie_word_embeddings: false"
         )
     elif tied:
-        notes.append(f"embeddings: {'tied (no separate output layer)' if output_tied else 'untied'} in every model; kept as is")
+        notes.append(
+            f"embeddings: {'tied (no separate output layer)' if output_tied else 'untied'} in every model; kept as is"
+        )
 
     rows = {m.rows for m in models}
     token_sets = [m.tokens for m in models]
@@ -356,11 +395,15 @@ def plan_vocabulary(recipe, base, inputs) -> VocabPlan:
     same = len(rows) == 1 and (not have_tokens or all(t == ref.tokens for t in token_sets))
     if same and not reshaped:
         if not have_tokens and len(models) > 1:
-            notes.append("vocabulary: some models have no tokenizer.json; equal embedding rows, so rows are matched by index")
+            notes.append(
+                "vocabulary: some models have no tokenizer.json; equal embedding rows, so rows are matched by index"
+            )
         else:
             notes.append(f"vocabulary: every model has the same {len(ref.tokens) if ref.tokens else ref.rows} tokens")
         index = 0 if chosen is None else chosen
-        return VocabPlan(models, recipe.tokenizer_source, index, None, None, [None] * len(models), None, output_tied, aliases, notes)
+        return VocabPlan(
+            models, recipe.tokenizer_source, index, None, None, [None] * len(models), None, output_tied, aliases, notes
+        )
 
     sizes = "; ".join(m.size_text() for m in models)
     if not explicit:
@@ -370,7 +413,9 @@ def plan_vocabulary(recipe, base, inputs) -> VocabPlan:
         )
     for m in models:
         if m.tokens is None:
-            raise LangmergeError(f"model {m.label}: vocabularies differ ({sizes}) but {m.tokenizer_folder} has no tokenizer.json to align rows by token")
+            raise LangmergeError(
+                f"model {m.label}: vocabularies differ ({sizes}) but {m.tokenizer_folder} has no tokenizer.json to align rows by token"
+            )
         if m.rows is None:
             raise LangmergeError(f"model {m.label}: no input embedding tensor found to align")
 
@@ -384,13 +429,17 @@ def plan_vocabulary(recipe, base, inputs) -> VocabPlan:
         if extra:
             first_id = max(models[chosen].rows, max(out_tokens.values(), default=-1) + 1)
             union, out_tokens = build_union_tokenizer(models[chosen], [(t, None) for t in extra], first_id)
-            notes.append(f"tokenizer.tokens: {len(extra)} tokens added to the tokenizer of {models[chosen].label} "
-                         f"({_examples(extra)})")
+            notes.append(
+                f"tokenizer.tokens: {len(extra)} tokens added to the tokenizer of {models[chosen].label} "
+                f"({_examples(extra)})"
+            )
     out_rows = max(models[chosen or 0].rows, max(out_tokens.values(), default=-1) + 1)
     if block is not None and block.pad_to_multiple_of and out_rows % block.pad_to_multiple_of:
         padded = -(-out_rows // block.pad_to_multiple_of) * block.pad_to_multiple_of
-        notes.append(f"tokenizer.pad_to_multiple_of {block.pad_to_multiple_of}: {out_rows} rows padded to {padded}; "
-                     "each new row is every model's mean row, merged")
+        notes.append(
+            f"tokenizer.pad_to_multiple_of {block.pad_to_multiple_of}: {out_rows} rows padded to {padded}; "
+            "each new row is every model's mean row, merged"
+        )
         out_rows = padded
 
     by_id: list[str | None] = [None] * out_rows
@@ -415,30 +464,44 @@ def plan_vocabulary(recipe, base, inputs) -> VocabPlan:
         row_maps.append(None if identity else row_map)
     sourced: dict[int, tuple] = {}
     if block is not None and block.tokens:
-        sourced = token_rows(block, models, lambda r: _model_position(recipe, r, base is not None), out_tokens,
-                             lambda j: bool(anyone[j]))
+        sourced = token_rows(
+            block, models, lambda r: _model_position(recipe, r, base is not None), out_tokens, lambda j: bool(anyone[j])
+        )
         for token in block.tokens:
             if out_tokens[token] in sourced:
-                notes.append(f"tokenizer.tokens: {token!r} takes its rows from {block.tokens[token].source!r}"
-                             + (" (force)" if block.tokens[token].force else ""))
+                notes.append(
+                    f"tokenizer.tokens: {token!r} takes its rows from {block.tokens[token].source!r}"
+                    + (" (force)" if block.tokens[token].force else "")
+                )
     padding = [j for j in (~anyone).nonzero().reshape(-1).tolist() if j not in sourced and by_id[j] is None]
     if block is not None and block.pad_to_multiple_of:
         sourced.update({j: ("mean",) for j in padding})
-    nowhere = [by_id[j] if by_id[j] is not None else f"<row {j}>" for j in (~anyone).nonzero().reshape(-1).tolist()
-               if j not in sourced]
+    nowhere = [
+        by_id[j] if by_id[j] is not None else f"<row {j}>"
+        for j in (~anyone).nonzero().reshape(-1).tolist()
+        if j not in sourced
+    ]
     if nowhere:  # mergekit's rule too: a token no model has a row for gets a zero row
         sourced.update({j: ("zero",) for j in (~anyone).nonzero().reshape(-1).tolist() if j not in sourced})
-        notes.append(f"{len(nowhere)} output tokens have an embedding row in no model ({_examples(nowhere)}): their rows are zero")
+        notes.append(
+            f"{len(nowhere)} output tokens have an embedding row in no model ({_examples(nowhere)}): their rows are zero"
+        )
 
     for m in models:
         lacking = [t for t in m.tokens if t not in out_tokens]
         extra = [t for t in out_tokens if t not in m.tokens]
         if lacking:
-            notes.append(f"{m.label}: {len(lacking)} tokens not in the output vocabulary are dropped ({_examples(lacking)})")
+            notes.append(
+                f"{m.label}: {len(lacking)} tokens not in the output vocabulary are dropped ({_examples(lacking)})"
+            )
         if extra:
-            notes.append(f"{m.label}: lacks {len(extra)} output tokens ({_examples(extra)}); it has no say on their rows")
+            notes.append(
+                f"{m.label}: lacks {len(extra)} output tokens ({_examples(extra)}); it has no say on their rows"
+            )
     what = "union of all vocabularies" if chosen is None else f"vocabulary of {models[chosen].label}"
-    notes.append(f"vocabulary mismatch ({sizes}); tokenizer_source {recipe.tokenizer_source}: output is the {what}, {out_rows} rows, matched by token string")
+    notes.append(
+        f"vocabulary mismatch ({sizes}); tokenizer_source {recipe.tokenizer_source}: output is the {what}, {out_rows} rows, matched by token string"
+    )
     rule_base = (
         "rows every model has follow the merge method; rows only some models have merge those models alone; "
         "rows the base lacks take the weighted average of the models that have them (one model: its row as is)"
@@ -450,8 +513,21 @@ def plan_vocabulary(recipe, base, inputs) -> VocabPlan:
     if chosen is None:
         stale = [n for n in STALE_FOR_UNION if (ref.tokenizer_folder / n).exists()]
         if stale:
-            notes.append(f"union tokenizer: written as tokenizer.json; {', '.join(stale)} of the base are not copied (they would disagree)")
+            notes.append(
+                f"union tokenizer: written as tokenizer.json; {', '.join(stale)} of the base are not copied (they would disagree)"
+            )
     for note in notes:
         log.info("vocabulary: %s", note)
-    return VocabPlan(models, recipe.tokenizer_source, chosen, out_tokens, out_rows, row_maps, union, output_tied, aliases,
-                     notes, sourced)
+    return VocabPlan(
+        models,
+        recipe.tokenizer_source,
+        chosen,
+        out_tokens,
+        out_rows,
+        row_maps,
+        union,
+        output_tied,
+        aliases,
+        notes,
+        sourced,
+    )

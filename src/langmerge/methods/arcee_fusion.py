@@ -67,11 +67,19 @@ class ArceeFusionMethod(Method[ArceeFusionParameters]):
     min_models = max_models = 1
     randomized = True  # the quartile sample of tensors above 10^6 entries
 
-    def plan(self, params: ArceeFusionParameters, tensor: TensorInfo, kernel: Kernel = "reference",
-             generators: list[torch.Generator] | None = None) -> TensorMerge:
+    def plan(
+        self,
+        params: ArceeFusionParameters,
+        tensor: TensorInfo,
+        kernel: Kernel = "reference",
+        generators: list[torch.Generator] | None = None,
+    ) -> TensorMerge:
         generator = generators[0] if generators else None
-        return WholeTensorMerge(tensor, lambda base, inputs: arcee_fusion(required_base(base), inputs[0], generator),
-                                result_dtype=widened(tensor.dtype))
+        return WholeTensorMerge(
+            tensor,
+            lambda base, inputs: arcee_fusion(required_base(base), inputs[0], generator),
+            result_dtype=widened(tensor.dtype),
+        )
 
 
 ARCEE_FUSION = ArceeFusionMethod()

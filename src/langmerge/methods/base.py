@@ -60,25 +60,52 @@ class ParameterSpec:
     help: str = ""
 
 
-def model_field(default: Any = PydanticUndefined, *, alias: str | None = None, ge: float | None = None,
-                le: float | None = None, help: str = "", recipe: bool = True) -> Any:
+def model_field(
+    default: Any = PydanticUndefined,
+    *,
+    alias: str | None = None,
+    ge: float | None = None,
+    le: float | None = None,
+    help: str = "",
+    recipe: bool = True,
+) -> Any:
     """A per-model field: a list with one value per input model; ``default`` is each model's default.
 
     ``recipe=False`` marks a field the recipe fills by other means (TIES-SV's
     ``protected``, from ``parameters.protect``), not a recipe parameter.
     """
-    extra = {"scope": "model", "default": None if default is PydanticUndefined else default, "minimum": ge,
-             "maximum": le, "recipe": recipe}
+    extra = {
+        "scope": "model",
+        "default": None if default is PydanticUndefined else default,
+        "minimum": ge,
+        "maximum": le,
+        "recipe": recipe,
+    }
     # The list's default is filled per model count by MethodParameters._fill_models.
-    return Field(None if default is not PydanticUndefined else PydanticUndefined, alias=alias, description=help,
-                 json_schema_extra=extra)
+    return Field(
+        None if default is not PydanticUndefined else PydanticUndefined,
+        alias=alias,
+        description=help,
+        json_schema_extra=extra,
+    )
 
 
-def global_field(default: Any = PydanticUndefined, *, alias: str | None = None, ge: float | None = None,
-                 le: float | None = None, help: str = "") -> Any:
+def global_field(
+    default: Any = PydanticUndefined,
+    *,
+    alias: str | None = None,
+    ge: float | None = None,
+    le: float | None = None,
+    help: str = "",
+) -> Any:
     """A global field: one value for all models."""
-    extra = {"scope": "global", "default": None if default is PydanticUndefined else default, "minimum": ge,
-             "maximum": le, "recipe": True}
+    extra = {
+        "scope": "global",
+        "default": None if default is PydanticUndefined else default,
+        "minimum": ge,
+        "maximum": le,
+        "recipe": True,
+    }
     return Field(default, alias=alias, description=help, json_schema_extra=extra, ge=ge, le=le)
 
 
@@ -117,8 +144,15 @@ class MethodParameters(BaseModel):
             kind: Any = f.annotation
             if extra.get("scope") == "model":
                 kind = get_args(kind)[0] if get_args(kind) else float
-            spec = ParameterSpec(cls.recipe_name(name), extra.get("scope", "global"), kind, extra.get("default"),
-                                 extra.get("minimum"), extra.get("maximum"), f.description or "")
+            spec = ParameterSpec(
+                cls.recipe_name(name),
+                extra.get("scope", "global"),
+                kind,
+                extra.get("default"),
+                extra.get("minimum"),
+                extra.get("maximum"),
+                f.description or "",
+            )
             out[spec.name] = spec
         return out
 
@@ -160,8 +194,11 @@ class MethodParameters(BaseModel):
 
     def restrict(self, models: list[int]) -> MethodParameters:
         """The same parameters for a subset of the input models (rows only some models have, docs/checkpoints.md)."""
-        update = {name: [getattr(self, name)[i] for i in models]
-                  for name, extra in self._extras().items() if extra.get("scope") == "model"}
+        update = {
+            name: [getattr(self, name)[i] for i in models]
+            for name, extra in self._extras().items()
+            if extra.get("scope") == "model"
+        }
         return self.model_copy(update=update)
 
 
@@ -369,6 +406,11 @@ class Method(ABC, Generic[P]):
         return []
 
     @abstractmethod
-    def plan(self, params: P, tensor: TensorInfo, kernel: Kernel = "reference",
-             generators: list[torch.Generator] | None = None) -> TensorMerge:
+    def plan(
+        self,
+        params: P,
+        tensor: TensorInfo,
+        kernel: Kernel = "reference",
+        generators: list[torch.Generator] | None = None,
+    ) -> TensorMerge:
         """One tensor's merge; ``generators`` (one per input model) when ``randomized``."""

@@ -31,9 +31,7 @@ def agreement_mask(weighted: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     return weighted.sign() == sign
 
 
-def disjoint_sum(
-    weighted: torch.Tensor, weights: torch.Tensor, agree: torch.Tensor, normalize: bool
-) -> torch.Tensor:
+def disjoint_sum(weighted: torch.Tensor, weights: torch.Tensor, agree: torch.Tensor, normalize: bool) -> torch.Tensor:
     """Sum the agreeing entries; with ``normalize``, divide by the agreeing weights (0 -> 1)."""
     mixed = (weighted * agree).sum(dim=0)
     if normalize:

@@ -28,8 +28,9 @@ Reader = Callable[[int, int], Block]  # (start, stop) flat element range -> the 
 Writer = Callable[[int, int, torch.Tensor], None]  # (start, stop, merged values) for that range
 
 
-def chunk_ranges(shape: tuple[int, ...], element_size: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 rule: ChunkRule = ChunkRule()) -> list[tuple[int, int]]:
+def chunk_ranges(
+    shape: tuple[int, ...], element_size: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES, rule: ChunkRule = ChunkRule()
+) -> list[tuple[int, int]]:
     """The chunks of a tensor: flat element ranges ``[start, stop)`` in row order, covering it once.
 
     Chunks hold whole rows (as many as fit in ``chunk_bytes``); a row larger
@@ -83,8 +84,10 @@ def memory_reader(base: torch.Tensor | None, inputs: list[torch.Tensor]) -> Read
 
 @functools.cache
 def _note_reference_only() -> None:
-    log.info("the fused CPU kernels are not built (no C compiler when langmerge was installed): "
-             "merges run the reference torch kernel")
+    log.info(
+        "the fused CPU kernels are not built (no C compiler when langmerge was installed): "
+        "merges run the reference torch kernel"
+    )
 
 
 def choose_kernel(method: Method, params: MethodParameters, tensor: TensorInfo, fused: bool = True) -> Kernel:

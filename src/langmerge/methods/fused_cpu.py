@@ -52,16 +52,78 @@ def _load() -> ctypes.CDLL | None:
     signatures = {
         "lm_histogram": (None, [ctypes.c_int, _p, _p, _i64, ctypes.c_int, ctypes.c_uint32, _p, ctypes.c_int]),
         "lm_tie_scan": (_i64, [ctypes.c_int, _p, _p, _i64, ctypes.c_uint32, _i64, _p, ctypes.c_int]),
-        "lm_merge_linear": (_i64, [ctypes.c_int, _p, ctypes.c_int, _i64, _p, ctypes.c_float, ctypes.c_int,
-                                   ctypes.c_int, _p, ctypes.c_int]),
-        "lm_merge_sum": (_i64, [ctypes.c_int, _p, _p, ctypes.c_int, _i64, _p, ctypes.c_float, ctypes.c_int,
-                                ctypes.c_float, _p, ctypes.c_int]),
-        "lm_merge_ties": (_i64, [ctypes.c_int, _p, _p, ctypes.c_int, _i64, _i64, _p, _p, _p, _p, _p, ctypes.c_int,
-                                 ctypes.c_int, ctypes.c_float, _p, ctypes.c_int]),
+        "lm_merge_linear": (
+            _i64,
+            [ctypes.c_int, _p, ctypes.c_int, _i64, _p, ctypes.c_float, ctypes.c_int, ctypes.c_int, _p, ctypes.c_int],
+        ),
+        "lm_merge_sum": (
+            _i64,
+            [
+                ctypes.c_int,
+                _p,
+                _p,
+                ctypes.c_int,
+                _i64,
+                _p,
+                ctypes.c_float,
+                ctypes.c_int,
+                ctypes.c_float,
+                _p,
+                ctypes.c_int,
+            ],
+        ),
+        "lm_merge_ties": (
+            _i64,
+            [
+                ctypes.c_int,
+                _p,
+                _p,
+                ctypes.c_int,
+                _i64,
+                _i64,
+                _p,
+                _p,
+                _p,
+                _p,
+                _p,
+                ctypes.c_int,
+                ctypes.c_int,
+                ctypes.c_float,
+                _p,
+                ctypes.c_int,
+            ],
+        ),
         "lm_l1_sums": (None, [ctypes.c_int, _p, _i64, _p, ctypes.c_int]),
         "lm_count_nonfinite": (_i64, [ctypes.c_int, _p, _i64, ctypes.c_int]),
-        "lm_tally": (None, [ctypes.c_int, _p, _p, ctypes.c_int, _i64, _i64, _p, _p, _p, _p, ctypes.c_int, _p, _p,
-                            ctypes.c_int, _p, _p, _p, _p, _p, _p, _p, _p, _p, ctypes.c_int]),
+        "lm_tally": (
+            None,
+            [
+                ctypes.c_int,
+                _p,
+                _p,
+                ctypes.c_int,
+                _i64,
+                _i64,
+                _p,
+                _p,
+                _p,
+                _p,
+                ctypes.c_int,
+                _p,
+                _p,
+                ctypes.c_int,
+                _p,
+                _p,
+                _p,
+                _p,
+                _p,
+                _p,
+                _p,
+                _p,
+                _p,
+                ctypes.c_int,
+            ],
+        ),
     }
     for name, (res, args) in signatures.items():
         fn = getattr(lib, name)
@@ -117,35 +179,62 @@ def _pointers(ts: list[torch.Tensor]) -> ctypes.Array[ctypes.c_void_p]:
     return (ctypes.c_void_p * max(1, len(ts)))(*[t.data_ptr() for t in ts])
 
 
-def histogram(base: torch.Tensor | None, x: torch.Tensor, level: int, prefix: int, hist: np.ndarray[Any, Any],
-              threads: int | None = None) -> None:
+def histogram(
+    base: torch.Tensor | None,
+    x: torch.Tensor,
+    level: int,
+    prefix: int,
+    hist: np.ndarray[Any, Any],
+    threads: int | None = None,
+) -> None:
     """Add to ``hist`` (int64, 65536) the magnitude-key counts of ``round(x - base)`` (``x`` without a base)."""
     assert hist.dtype == np.int64 and hist.size == BINS and hist.flags.c_contiguous
     base, x = _flat(base), _flat(x)
-    _lib().lm_histogram(_bf(x), _ptr(base), _ptr(x), x.numel(), level, prefix, _np_ptr(hist),
-                      threads or default_threads())
+    _lib().lm_histogram(
+        _bf(x), _ptr(base), _ptr(x), x.numel(), level, prefix, _np_ptr(hist), threads or default_threads()
+    )
 
 
-def tie_scan(base: torch.Tensor | None, x: torch.Tensor, key: int, need: int,
-             threads: int | None = None) -> tuple[int, int]:
+def tie_scan(
+    base: torch.Tensor | None, x: torch.Tensor, key: int, need: int, threads: int | None = None
+) -> tuple[int, int]:
     """How many entries of ``round(x - base)`` have magnitude key ``key``, and (when more than ``need``)
     the index of the ``need``-th of them (from 0), else -1."""
     base, x = _flat(base), _flat(x)
     index = ctypes.c_int64(-1)
-    count = _lib().lm_tie_scan(_bf(x), _ptr(base), _ptr(x), x.numel(), key, need, ctypes.addressof(index),
-                             threads or default_threads())
+    count = _lib().lm_tie_scan(
+        _bf(x), _ptr(base), _ptr(x), x.numel(), key, need, ctypes.addressof(index), threads or default_threads()
+    )
     return int(count), index.value
 
 
-def merge_linear(xs: list[torch.Tensor], weights: np.ndarray[Any, Any], divisor: float, normalize: bool,
-                 out: torch.Tensor, threads: int | None = None) -> int:
+def merge_linear(
+    xs: list[torch.Tensor],
+    weights: np.ndarray[Any, Any],
+    divisor: float,
+    normalize: bool,
+    out: torch.Tensor,
+    threads: int | None = None,
+) -> int:
     """linear into ``out`` (float32 accumulation, as torch's addcmul_ does it here); returns the NaN/Inf count."""
     fuses = addcmul_fuses()
     if fuses is None:  # the planner offers this kernel only where one of the roundings reproduces torch's
         raise RuntimeError("no fused linear kernel reproduces torch's addcmul_ on this machine")
     xs = [_flat(x) for x in xs]
-    return int(_lib().lm_merge_linear(_bf(xs[0]), _pointers(xs), len(xs), xs[0].numel(), _np_ptr(weights), divisor,
-                                      int(normalize), int(fuses), _ptr(out), threads or default_threads()))
+    return int(
+        _lib().lm_merge_linear(
+            _bf(xs[0]),
+            _pointers(xs),
+            len(xs),
+            xs[0].numel(),
+            _np_ptr(weights),
+            divisor,
+            int(normalize),
+            int(fuses),
+            _ptr(out),
+            threads or default_threads(),
+        )
+    )
 
 
 @functools.cache
@@ -173,40 +262,118 @@ def _linear_probe(dtype: torch.dtype, n: int, mode: bool, g: torch.Generator) ->
     return torch.equal(out, acc.to(dtype))
 
 
-def merge_sum(base: torch.Tensor, xs: list[torch.Tensor], weights: np.ndarray[Any, Any], divisor: float, normalize: bool,
-              lam: float, out: torch.Tensor, threads: int | None = None) -> int:
+def merge_sum(
+    base: torch.Tensor,
+    xs: list[torch.Tensor],
+    weights: np.ndarray[Any, Any],
+    divisor: float,
+    normalize: bool,
+    lam: float,
+    out: torch.Tensor,
+    threads: int | None = None,
+) -> int:
     """Task arithmetic into ``out``; returns how many outputs are NaN or Inf."""
     base, xs = _flat(base), [_flat(x) for x in xs]
     ptrs = _pointers(xs)
-    return int(_lib().lm_merge_sum(_bf(base), _ptr(base), ptrs, len(xs), base.numel(), _np_ptr(weights), divisor,
-                                 int(normalize), lam, _ptr(out), threads or default_threads()))
+    return int(
+        _lib().lm_merge_sum(
+            _bf(base),
+            _ptr(base),
+            ptrs,
+            len(xs),
+            base.numel(),
+            _np_ptr(weights),
+            divisor,
+            int(normalize),
+            lam,
+            _ptr(out),
+            threads or default_threads(),
+        )
+    )
 
 
-def merge_ties(base: torch.Tensor, xs: list[torch.Tensor], offset: int, trim: np.ndarray[Any, Any],
-               thresholds: np.ndarray[Any, Any], cutoffs: np.ndarray[Any, Any], weights: np.ndarray[Any, Any],
-               scales: np.ndarray[Any, Any], round_vote: bool, normalize: bool,
-               lam: float, out: torch.Tensor, threads: int | None = None) -> int:
+def merge_ties(
+    base: torch.Tensor,
+    xs: list[torch.Tensor],
+    offset: int,
+    trim: np.ndarray[Any, Any],
+    thresholds: np.ndarray[Any, Any],
+    cutoffs: np.ndarray[Any, Any],
+    weights: np.ndarray[Any, Any],
+    scales: np.ndarray[Any, Any],
+    round_vote: bool,
+    normalize: bool,
+    lam: float,
+    out: torch.Tensor,
+    threads: int | None = None,
+) -> int:
     """TIES / TIES-SV into ``out`` for entries ``offset..offset+numel`` of the tensor; returns the NaN/Inf count."""
     base, xs = _flat(base), [_flat(x) for x in xs]
     ptrs = _pointers(xs)
-    return int(_lib().lm_merge_ties(_bf(base), _ptr(base), ptrs, len(xs), base.numel(), offset, _np_ptr(trim),
-                                  _np_ptr(thresholds), _np_ptr(cutoffs), _np_ptr(weights), _np_ptr(scales),
-                                  int(round_vote), int(normalize), lam, _ptr(out), threads or default_threads()))
+    return int(
+        _lib().lm_merge_ties(
+            _bf(base),
+            _ptr(base),
+            ptrs,
+            len(xs),
+            base.numel(),
+            offset,
+            _np_ptr(trim),
+            _np_ptr(thresholds),
+            _np_ptr(cutoffs),
+            _np_ptr(weights),
+            _np_ptr(scales),
+            int(round_vote),
+            int(normalize),
+            lam,
+            _ptr(out),
+            threads or default_threads(),
+        )
+    )
 
 
-def tally(base: torch.Tensor, xs: list[torch.Tensor], offset: int, trim: np.ndarray[Any, Any],
-          thresholds: np.ndarray[Any, Any], cutoffs: np.ndarray[Any, Any], weights: np.ndarray[Any, Any],
-          scales: np.ndarray[Any, Any], round_vote: np.ndarray[Any, Any], pair_a: np.ndarray[Any, Any],
-          pair_b: np.ndarray[Any, Any], totals: dict[str, np.ndarray[Any, Any]], threads: int | None = None) -> None:
+def tally(
+    base: torch.Tensor,
+    xs: list[torch.Tensor],
+    offset: int,
+    trim: np.ndarray[Any, Any],
+    thresholds: np.ndarray[Any, Any],
+    cutoffs: np.ndarray[Any, Any],
+    weights: np.ndarray[Any, Any],
+    scales: np.ndarray[Any, Any],
+    round_vote: np.ndarray[Any, Any],
+    pair_a: np.ndarray[Any, Any],
+    pair_b: np.ndarray[Any, Any],
+    totals: dict[str, np.ndarray[Any, Any]],
+    threads: int | None = None,
+) -> None:
     """Add one block's loss diagnostic to ``totals`` (numpy arrays: kept, kept_mass, squared_norm, both_kept,
     conflicts, lost, lost_mass; see ``analysis.diagnostics.Tally``)."""
     base, xs = _flat(base), [_flat(x) for x in xs]
     ptrs = _pointers(xs)
-    _lib().lm_tally(_bf(base), _ptr(base), ptrs, len(xs), base.numel(), offset, _np_ptr(trim), _np_ptr(thresholds),
-                  _np_ptr(cutoffs), _np_ptr(weights), scales.shape[0], _np_ptr(scales), _np_ptr(round_vote),
-                  pair_a.size, _np_ptr(pair_a), _np_ptr(pair_b), *(_np_ptr(totals[k]) for k in (
-                      "kept", "kept_mass", "squared_norm", "both_kept", "conflicts", "lost", "lost_mass")),
-                  threads or default_threads())
+    _lib().lm_tally(
+        _bf(base),
+        _ptr(base),
+        ptrs,
+        len(xs),
+        base.numel(),
+        offset,
+        _np_ptr(trim),
+        _np_ptr(thresholds),
+        _np_ptr(cutoffs),
+        _np_ptr(weights),
+        scales.shape[0],
+        _np_ptr(scales),
+        _np_ptr(round_vote),
+        pair_a.size,
+        _np_ptr(pair_a),
+        _np_ptr(pair_b),
+        *(
+            _np_ptr(totals[k])
+            for k in ("kept", "kept_mass", "squared_norm", "both_kept", "conflicts", "lost", "lost_mass")
+        ),
+        threads or default_threads(),
+    )
 
 
 def l1_sums(x: torch.Tensor, threads: int | None = None) -> np.ndarray[Any, Any]:

@@ -67,8 +67,13 @@ class KarcherMethod(Method[KarcherParameters]):
     base_policy = "input"
     parameter_model = KarcherParameters
 
-    def plan(self, params: KarcherParameters, tensor: TensorInfo, kernel: Kernel = "reference",
-             generators: list[torch.Generator] | None = None) -> TensorMerge:
+    def plan(
+        self,
+        params: KarcherParameters,
+        tensor: TensorInfo,
+        kernel: Kernel = "reference",
+        generators: list[torch.Generator] | None = None,
+    ) -> TensorMerge:
         return WholeTensorMerge(tensor, lambda base, inputs: karcher_mean(inputs, params.max_iter, params.tol))
 
 

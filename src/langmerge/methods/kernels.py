@@ -41,5 +41,6 @@ def merge_tensor(
     first = base if base is not None else inputs[0]
     info = TensorInfo(name, tuple(first.shape), first.dtype, first.device, layer, num_layers)
     kernel = choose_kernel(method, p, info, fused=fused)
-    return merge_in_memory(method, p, base, inputs, kernel=kernel, generators=generators, name=name, layer=layer,
-                           num_layers=num_layers)
+    return merge_in_memory(
+        method, p, base, inputs, kernel=kernel, generators=generators, name=name, layer=layer, num_layers=num_layers
+    )

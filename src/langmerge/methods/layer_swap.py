@@ -30,15 +30,21 @@ from langmerge.methods.common import ElementwiseMerge
 from langmerge.methods.task_vectors import linear
 
 # Outside the layers: input embeddings, and the output layer with the norm before it (names across architectures)
-_EMBEDDING = re.compile(r"(?:^|\.)(?:embed_tokens|wte|wpe|word_embeddings|embed_in|tok_embeddings|embed_positions|"
-                        r"position_embeddings|token_type_embeddings)(?:\.|$)")
+_EMBEDDING = re.compile(
+    r"(?:^|\.)(?:embed_tokens|wte|wpe|word_embeddings|embed_in|tok_embeddings|embed_positions|"
+    r"position_embeddings|token_type_embeddings)(?:\.|$)"
+)
 _OUTPUT = re.compile(r"(?:^|\.)(?:lm_head|embed_out|output|norm|final_layernorm|final_layer_norm|ln_f|norm_f)(?:\.|$)")
 
 
 class LayerSwapParameters(MethodParameters):
     # From the recipe's ``parameters.language_expert`` (a model reference), not a parameter of its own.
-    language: list[bool] = model_field(False, alias="language_expert", recipe=False,
-                                       help="the model is the language expert (the other is the task expert)")
+    language: list[bool] = model_field(
+        False,
+        alias="language_expert",
+        recipe=False,
+        help="the model is the language expert (the other is the task expert)",
+    )
     k_bottom: int = global_field(ge=0, help="bottom transformer layers taken from the language expert")
     k_top: int = global_field(ge=0, help="top transformer layers taken from the language expert")
     transition: int = global_field(0, ge=0, help="layers on the inner side of each swapped block blended linearly")
@@ -48,8 +54,10 @@ class LayerSwapParameters(MethodParameters):
     @model_validator(mode="after")
     def _one_language_expert(self) -> LayerSwapParameters:
         if len(self.language) == 2 and sum(self.language) != 1:
-            raise ValueError("parameters.language_expert must name exactly one of the two models "
-                             "(the language expert, e.g. the CT model; the other is the task expert)")
+            raise ValueError(
+                "parameters.language_expert must name exactly one of the two models "
+                "(the language expert, e.g. the CT model; the other is the task expert)"
+            )
         return self
 
 
@@ -104,12 +112,18 @@ class LayerSwapMethod(Method[LayerSwapParameters]):
         if params.k_bottom + params.k_top > n:
             raise LangmergeError(
                 f"tensor {tensor.name!r}: parameters k_bottom ({params.k_bottom}) + k_top ({params.k_top}) "
-                f"exceed the model's {n} layers")
+                f"exceed the model's {n} layers"
+            )
         if tensor.layer >= n:
             raise LangmergeError(f"tensor {tensor.name!r}: layer {tensor.layer} of a model of {n} layers")
 
-    def plan(self, params: LayerSwapParameters, tensor: TensorInfo, kernel: Kernel = "reference",
-             generators: list[torch.Generator] | None = None) -> TensorMerge:
+    def plan(
+        self,
+        params: LayerSwapParameters,
+        tensor: TensorInfo,
+        kernel: Kernel = "reference",
+        generators: list[torch.Generator] | None = None,
+    ) -> TensorMerge:
         self.check(params, tensor)
         share = language_share(params, tensor)
         lang = params.language.index(True)

@@ -43,8 +43,9 @@ def model_stock(base: torch.Tensor, inputs: list[torch.Tensor], filter_wise: boo
     n = len(inputs)
     denominator = 1 + (n - 1) * cos
     singular = denominator.abs() < 1e-6  # no finite estimate there: keep the base
-    t = torch.where(singular, torch.zeros_like(cos), (n * cos) / torch.where(singular, torch.ones_like(denominator),
-                                                                               denominator))
+    t = torch.where(
+        singular, torch.zeros_like(cos), (n * cos) / torch.where(singular, torch.ones_like(denominator), denominator)
+    )
     average = sum(inputs) / n
     return (t * average + (1 - t) * base).reshape(shape)
 
@@ -57,9 +58,16 @@ class ModelStockMethod(Method[ModelStockParameters]):
     parameter_model = ModelStockParameters
     min_models = 2
 
-    def plan(self, params: ModelStockParameters, tensor: TensorInfo, kernel: Kernel = "reference",
-             generators: list[torch.Generator] | None = None) -> TensorMerge:
-        return WholeTensorMerge(tensor, lambda base, inputs: model_stock(required_base(base), inputs, params.filter_wise))
+    def plan(
+        self,
+        params: ModelStockParameters,
+        tensor: TensorInfo,
+        kernel: Kernel = "reference",
+        generators: list[torch.Generator] | None = None,
+    ) -> TensorMerge:
+        return WholeTensorMerge(
+            tensor, lambda base, inputs: model_stock(required_base(base), inputs, params.filter_wise)
+        )
 
 
 MODEL_STOCK = ModelStockMethod()

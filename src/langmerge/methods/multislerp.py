@@ -21,7 +21,9 @@ class MultislerpParameters(MethodParameters):
     eps: float = global_field(1e-8, help="added to norms before dividing")
 
 
-def multislerp(base: torch.Tensor | None, inputs: list[torch.Tensor], p: MultislerpParameters, name: str) -> torch.Tensor:
+def multislerp(
+    base: torch.Tensor | None, inputs: list[torch.Tensor], p: MultislerpParameters, name: str
+) -> torch.Tensor:
     if len(inputs) == 1:
         return inputs[0]  # mergekit returns the one model as it is, base or not
     vectors = torch.stack(inputs, dim=0)
@@ -37,8 +39,10 @@ def multislerp(base: torch.Tensor | None, inputs: list[torch.Tensor], p: Multisl
     mean_norm = torch.norm(mean)
     if mean_norm < p.eps:
         if len(inputs) != 2:
-            raise LangmergeError(f"tensor {name!r}: multislerp's weighted mean of the unit vectors is zero "
-                                 "(antipodal vectors with balancing weights); change the weights")
+            raise LangmergeError(
+                f"tensor {name!r}: multislerp's weighted mean of the unit vectors is zero "
+                "(antipodal vectors with balancing weights); change the weights"
+            )
         result: torch.Tensor = (vectors[0] * w[0] + vectors[1] * w[1]).view(vectors.shape[1:])  # two models: linear
         return result if base is None else result + base
     mean = mean / mean_norm
@@ -58,8 +62,13 @@ class MultislerpMethod(Method[MultislerpParameters]):
     base_policy = "optional"
     parameter_model = MultislerpParameters
 
-    def plan(self, params: MultislerpParameters, tensor: TensorInfo, kernel: Kernel = "reference",
-             generators: list[torch.Generator] | None = None) -> TensorMerge:
+    def plan(
+        self,
+        params: MultislerpParameters,
+        tensor: TensorInfo,
+        kernel: Kernel = "reference",
+        generators: list[torch.Generator] | None = None,
+    ) -> TensorMerge:
         return WholeTensorMerge(tensor, lambda base, inputs: multislerp(base, inputs, params, tensor.name))
 
 

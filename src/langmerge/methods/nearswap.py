@@ -37,8 +37,13 @@ class NearswapMethod(Method[NearswapParameters]):
     parameter_model = NearswapParameters
     min_models = max_models = 1
 
-    def plan(self, params: NearswapParameters, tensor: TensorInfo, kernel: Kernel = "reference",
-             generators: list[torch.Generator] | None = None) -> TensorMerge:
+    def plan(
+        self,
+        params: NearswapParameters,
+        tensor: TensorInfo,
+        kernel: Kernel = "reference",
+        generators: list[torch.Generator] | None = None,
+    ) -> TensorMerge:
         return ElementwiseMerge(lambda base, inputs: nearswap(required_base(base), inputs[0], params.t))
 
 

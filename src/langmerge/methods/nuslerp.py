@@ -56,8 +56,13 @@ class NuslerpMethod(Method[NuslerpParameters]):
     parameter_model = NuslerpParameters
     min_models = max_models = 2
 
-    def plan(self, params: NuslerpParameters, tensor: TensorInfo, kernel: Kernel = "reference",
-             generators: list[torch.Generator] | None = None) -> TensorMerge:
+    def plan(
+        self,
+        params: NuslerpParameters,
+        tensor: TensorInfo,
+        kernel: Kernel = "reference",
+        generators: list[torch.Generator] | None = None,
+    ) -> TensorMerge:
         t = interpolation_point(params.weights)
         dim = 0 if params.row_wise else -1
 

@@ -25,8 +25,13 @@ class PassthroughMethod(Method[PassthroughParameters]):
     parameter_model = PassthroughParameters
     min_models = max_models = 1
 
-    def plan(self, params: PassthroughParameters, tensor: TensorInfo, kernel: Kernel = "reference",
-             generators: list[torch.Generator] | None = None) -> TensorMerge:
+    def plan(
+        self,
+        params: PassthroughParameters,
+        tensor: TensorInfo,
+        kernel: Kernel = "reference",
+        generators: list[torch.Generator] | None = None,
+    ) -> TensorMerge:
         scale = params.scales[0] if params.scales else 1.0  # no per-model list: the default
         return ElementwiseMerge(lambda base, inputs: inputs[0] if scale == 1 else inputs[0] * scale)
 

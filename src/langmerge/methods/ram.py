@@ -37,8 +37,9 @@ class RamPlusParameters(RamParameters):
     alpha: float = global_field(0.2, help="the largest rho that counts")
 
 
-def _contributions(base: torch.Tensor, inputs: list[torch.Tensor],
-                   epsilon: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _contributions(
+    base: torch.Tensor, inputs: list[torch.Tensor], epsilon: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Task vectors (models x entries), which exceed epsilon, and per entry how many do."""
     vectors = torch.stack([x - base for x in inputs], dim=0).view(len(inputs), -1)
     counted = vectors.abs() > epsilon
@@ -46,7 +47,9 @@ def _contributions(base: torch.Tensor, inputs: list[torch.Tensor],
     return vectors, counted, contributors
 
 
-def ram(base: torch.Tensor, inputs: list[torch.Tensor], epsilon: float, amplify: torch.Tensor | None = None) -> torch.Tensor:
+def ram(
+    base: torch.Tensor, inputs: list[torch.Tensor], epsilon: float, amplify: torch.Tensor | None = None
+) -> torch.Tensor:
     """One chunk; ``amplify`` (one factor per model, RAM+) scales the entries a model alone changes."""
     vectors, counted, contributors = _contributions(base, inputs, epsilon)
     shared, unique = contributors > 1, contributors == 1
@@ -100,8 +103,13 @@ class RamMethod(Method[RamParameters]):
     reference = "https://arxiv.org/abs/2601.13572"
     parameter_model = RamParameters
 
-    def plan(self, params: RamParameters, tensor: TensorInfo, kernel: Kernel = "reference",
-             generators: list[torch.Generator] | None = None) -> TensorMerge:
+    def plan(
+        self,
+        params: RamParameters,
+        tensor: TensorInfo,
+        kernel: Kernel = "reference",
+        generators: list[torch.Generator] | None = None,
+    ) -> TensorMerge:
         return ElementwiseMerge(lambda base, inputs: ram(required_base(base), inputs, params.epsilon))
 
 
@@ -112,8 +120,13 @@ class RamPlusMethod(Method[RamPlusParameters]):
     reference = "https://arxiv.org/abs/2601.13572"
     parameter_model = RamPlusParameters
 
-    def plan(self, params: RamPlusParameters, tensor: TensorInfo, kernel: Kernel = "reference",
-             generators: list[torch.Generator] | None = None) -> TensorMerge:
+    def plan(
+        self,
+        params: RamPlusParameters,
+        tensor: TensorInfo,
+        kernel: Kernel = "reference",
+        generators: list[torch.Generator] | None = None,
+    ) -> TensorMerge:
         return RamPlusMerge(params, tensor)
 
 

@@ -55,8 +55,21 @@ def get_method(name: str) -> Method[Any]:
 
 
 # every method of mergekit 0.1.5's registry, then langmerge's own (ties_sv among the family's entries, layer_swap)
-_BUILTIN: tuple[Method[Any], ...] = (*ENTRIES, SLERP, NUSLERP, MULTISLERP, KARCHER, SCE, MODEL_STOCK, NEARSWAP,
-                                     ARCEE_FUSION, PASSTHROUGH, RAM, RAMPLUS_TL, LAYER_SWAP)
+_BUILTIN: tuple[Method[Any], ...] = (
+    *ENTRIES,
+    SLERP,
+    NUSLERP,
+    MULTISLERP,
+    KARCHER,
+    SCE,
+    MODEL_STOCK,
+    NEARSWAP,
+    ARCEE_FUSION,
+    PASSTHROUGH,
+    RAM,
+    RAMPLUS_TL,
+    LAYER_SWAP,
+)
 for _entry in _BUILTIN:
     register_method(_entry)
 del _entry, _BUILTIN

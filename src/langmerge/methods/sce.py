@@ -104,8 +104,13 @@ class SceMethod(Method[SceParameters]):
     has_sign_vote = True
     sparsifier = "variance"
 
-    def plan(self, params: SceParameters, tensor: TensorInfo, kernel: Kernel = "reference",
-             generators: list[torch.Generator] | None = None) -> TensorMerge:
+    def plan(
+        self,
+        params: SceParameters,
+        tensor: TensorInfo,
+        kernel: Kernel = "reference",
+        generators: list[torch.Generator] | None = None,
+    ) -> TensorMerge:
         return SceMerge(params, tensor)
 
 

@@ -149,13 +149,16 @@ class Selection:
     def cutoff(self, block: Block, i: int, fused: bool) -> int:
         """The tie cutoff for model ``i`` in ``block`` (advances the scan: call once per block, in order)."""
         if fused:
+
             def scan(n: int) -> tuple[int, int]:
                 return fused_cpu.tie_scan(block.base, block.inputs[i], self.key_threshold, n)
         else:
+
             def scan(n: int) -> tuple[int, int]:
                 tied: torch.Tensor = magnitude_keys(_task_vector(block, i)) == self.key_threshold
                 count = int(tied.sum())
                 return count, int(torch.nonzero(tied).reshape(-1)[n]) if count > n else -1
+
         return self.tie_scan.for_block(block.start, block.numel, scan)
 
 
@@ -165,7 +168,7 @@ def keep_mask(delta: torch.Tensor, threshold: int, cutoff: int, start: int) -> t
     keep = keys > threshold
     tied = keys == threshold
     if cutoff > start:
-        tied[max(0, cutoff - start):] = False
+        tied[max(0, cutoff - start) :] = False
         keep |= tied
     return keep.reshape(delta.shape)
 

@@ -27,7 +27,9 @@ from langmerge.methods.base import (
 )
 from langmerge.methods.common import finite
 
-SEGMENT = 1 << 20  # mergekit's scratch segment, in entries (one tensor at a time, as merge_tensors and mergekit-yaml run)
+SEGMENT = (
+    1 << 20
+)  # mergekit's scratch segment, in entries (one tensor at a time, as merge_tensors and mergekit-yaml run)
 DOT_THRESHOLD = 0.9995  # above this |cos|, the two are (anti)parallel: interpolate linearly
 EPS = 1e-8  # a norm at or below this counts as 1
 
@@ -45,8 +47,7 @@ def _segments(block: Block) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     base = block.required_base
     work = _work_dtype(base.dtype)
     for a in range(0, block.numel, SEGMENT):
-        yield (base[a : a + SEGMENT].to(work).reshape(1, -1),
-               block.inputs[0][a : a + SEGMENT].to(work).reshape(1, -1))
+        yield (base[a : a + SEGMENT].to(work).reshape(1, -1), block.inputs[0][a : a + SEGMENT].to(work).reshape(1, -1))
 
 
 class _Norms(Pass):
@@ -126,8 +127,13 @@ class SlerpMethod(Method[SlerpParameters]):
     parameter_model = SlerpParameters
     min_models = max_models = 1
 
-    def plan(self, params: SlerpParameters, tensor: TensorInfo, kernel: Kernel = "reference",
-             generators: list[torch.Generator] | None = None) -> TensorMerge:
+    def plan(
+        self,
+        params: SlerpParameters,
+        tensor: TensorInfo,
+        kernel: Kernel = "reference",
+        generators: list[torch.Generator] | None = None,
+    ) -> TensorMerge:
         return SlerpMerge(params, tensor)
 
 

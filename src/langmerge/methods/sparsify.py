@@ -20,8 +20,19 @@ from langmerge.methods.selection import keep_count, select_mask
 
 L1_EPS = 1e-7
 
-__all__ = ["L1_EPS", "bernoulli_drop", "dare_work_dtype", "della_mask", "della_probabilities", "draw_mask",
-           "keep_count", "magnitude_keep_mask", "magnitude_trim", "outlier_counts", "rescale_factor"]
+__all__ = [
+    "L1_EPS",
+    "bernoulli_drop",
+    "dare_work_dtype",
+    "della_mask",
+    "della_probabilities",
+    "draw_mask",
+    "keep_count",
+    "magnitude_keep_mask",
+    "magnitude_trim",
+    "outlier_counts",
+    "rescale_factor",
+]
 
 
 def dare_work_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:

@@ -77,10 +77,16 @@ class TensorParameters(MethodParameters):
     int8_mask: bool = global_field(False, help="accepted for mergekit recipes; no numeric effect")
     densities: list[float] = model_field(1.0, alias="density", ge=0.0, le=1.0, help="fraction of the task vector kept")
     rescale: bool = global_field(False, help="restore the L1 norm after dropping")
-    gammas: list[float] = model_field(0.01, alias="gamma", ge=0.0, le=1.0,
-                                      help="breadcrumbs: the share of largest magnitudes dropped as outliers")
-    epsilons: list[float] = model_field(0.15, alias="epsilon", ge=0.0, le=1.0,
-                                        help="DELLA: keep probabilities span density +- epsilon over the magnitude ranks")
+    gammas: list[float] = model_field(
+        0.01, alias="gamma", ge=0.0, le=1.0, help="breadcrumbs: the share of largest magnitudes dropped as outliers"
+    )
+    epsilons: list[float] = model_field(
+        0.15,
+        alias="epsilon",
+        ge=0.0,
+        le=1.0,
+        help="DELLA: keep probabilities span density +- epsilon over the magnitude ranks",
+    )
     seed: int = global_field(0, help="seed of the random drop masks (DARE, DELLA)")
     slack: float = global_field(0.0, ge=0.0, help="s >= 0: protected models vote with weight 1 + s")
     # From the recipe's ``parameters.protect`` (model references), not a parameter of its own.
@@ -165,9 +171,11 @@ class TaskVectorMethod(Method[TensorParameters]):
         if self.sparsification == "della":
             for i, (d, e) in enumerate(zip(p.densities, p.epsilons)):
                 if 0 < d < 1 and (d + e >= 1 or d - e <= 0):
-                    raise LangmergeError(f"parameters density {d} and epsilon {e} of model {i}: DELLA keeps entries "
-                                         "with probabilities from density - epsilon to density + epsilon, which "
-                                         "must lie inside (0, 1)")
+                    raise LangmergeError(
+                        f"parameters density {d} and epsilon {e} of model {i}: DELLA keeps entries "
+                        "with probabilities from density - epsilon to density + epsilon, which "
+                        "must lie inside (0, 1)"
+                    )
         return p
 
     # ------------------------------------------------------------------ planning
@@ -185,11 +193,18 @@ class TaskVectorMethod(Method[TensorParameters]):
             )
         return ("fused", "reference") if fused else ("reference",)
 
-    def plan(self, params: TensorParameters, tensor: TensorInfo, kernel: Kernel = "reference",
-             generators: list[torch.Generator] | None = None) -> TensorMerge:
+    def plan(
+        self,
+        params: TensorParameters,
+        tensor: TensorInfo,
+        kernel: Kernel = "reference",
+        generators: list[torch.Generator] | None = None,
+    ) -> TensorMerge:
         if kernel not in self.kernels(params, tensor.dtype, tensor.device):
-            raise ValueError(f"{self.name}: the {kernel} kernel cannot merge {tensor.name!r} "
-                             f"({tensor.dtype}, {tensor.device}); plan one of {self.kernels(params, tensor.dtype, tensor.device)}")
+            raise ValueError(
+                f"{self.name}: the {kernel} kernel cannot merge {tensor.name!r} "
+                f"({tensor.dtype}, {tensor.device}); plan one of {self.kernels(params, tensor.dtype, tensor.device)}"
+            )
         if not self.uses_base:
             return LinearMerge(params, kernel)
         if params.n_models == 0:
@@ -199,7 +214,9 @@ class TaskVectorMethod(Method[TensorParameters]):
             # torch's global stream, shared by the models as mergekit draws it: model after model over the
             # whole tensor, so the tensor is one chunk
             device = tensor.device
-            shared = torch.cuda.default_generators[device.index or 0] if device.type == "cuda" else torch.default_generator
+            shared = (
+                torch.cuda.default_generators[device.index or 0] if device.type == "cuda" else torch.default_generator
+            )
             merge.generators = [shared] * params.n_models
             merge.chunk_rule = ChunkRule(whole_tensor=True)
         elif self.sparsification == "della":
@@ -328,8 +345,14 @@ class _L1Pass(Pass):
 class TaskVectorMerge(TensorMerge):
     """One tensor of a task-vector method with a base (see the module doc)."""
 
-    def __init__(self, method: TaskVectorMethod, p: TensorParameters, tensor: TensorInfo, kernel: Kernel,
-                 generators: list[torch.Generator] | None):
+    def __init__(
+        self,
+        method: TaskVectorMethod,
+        p: TensorParameters,
+        tensor: TensorInfo,
+        kernel: Kernel,
+        generators: list[torch.Generator] | None,
+    ):
         self.method, self.p, self.tensor, self.kernel = method, p, tensor, kernel
         self.m = p.n_models
         self.generators = generators
@@ -407,7 +430,9 @@ class TaskVectorMerge(TensorMerge):
             mask = self.masks.pop((i, block.start)).to(self.work_dtype)
         else:
             if self.method.sparsification == "della":
-                rows = delta.reshape(-1, *self.tensor.shape[1:]) if len(self.tensor.shape) >= 2 else delta.reshape(1, -1)
+                rows = (
+                    delta.reshape(-1, *self.tensor.shape[1:]) if len(self.tensor.shape) >= 2 else delta.reshape(1, -1)
+                )
                 mask = della_mask(rows, density, self.p.epsilons[i], self.generator(i)).reshape(-1)
             else:
                 mask = draw_mask(delta, density, self.generator(i))
@@ -465,8 +490,20 @@ class TaskVectorMerge(TensorMerge):
             scale = vote_scale(p)
             scales = np.asarray(scale.tolist() if scale is not None else [1.0] * self.m, dtype=np.float32)
             # TIES rounds the vote to the compute dtype (a torch sum); TIES-SV's scaled vote stays float32
-            bad = fused_cpu.merge_ties(base, xs, block.start, trim, thresholds, cutoffs, self.weights32, scales,
-                                       scale is None, p.normalize, p.lam, out)
+            bad = fused_cpu.merge_ties(
+                base,
+                xs,
+                block.start,
+                trim,
+                thresholds,
+                cutoffs,
+                self.weights32,
+                scales,
+                scale is None,
+                p.normalize,
+                p.lam,
+                out,
+            )
         else:
             bad = fused_cpu.merge_sum(base, xs, self.weights32, self._divisor(), p.normalize, p.lam, out)
         if bad:

@@ -32,11 +32,20 @@ def run_study_command(args) -> int:
             state = "done" if step.done(cache) else "to run"
             print(f"{state:>7}  {step.kind:<8} {step.key()}  {step.label}")
         return 0
-    result = run_study(study, only=args.only or (), force=args.force, executor=args.executor,
-                       progress=not args.no_progress, report=_print_step, allow_pickle=args.allow_pickle)
+    result = run_study(
+        study,
+        only=args.only or (),
+        force=args.force,
+        executor=args.executor,
+        progress=not args.no_progress,
+        report=_print_step,
+        allow_pickle=args.allow_pickle,
+    )
     ran = len(result.ran)
-    print(f"{len(result.records)} steps ({ran} run, {len(result.records) - ran} cached); "
-          f"report: {result.report_dir / 'report.md'}")
+    print(
+        f"{len(result.records)} steps ({ran} run, {len(result.records) - ran} cached); "
+        f"report: {result.report_dir / 'report.md'}"
+    )
     import json
 
     doc = json.loads((result.report_dir / "results.json").read_text())
@@ -48,11 +57,20 @@ def run_study_command(args) -> int:
 def add_commands(sub) -> None:
     p = sub.add_parser("study", help="run a whole study (CT, SFT, CT-then-SFT, tuned merges, evaluation, analysis)")
     p.add_argument("study", help="study YAML file (see docs/study.md)")
-    p.add_argument("--executor", choices=["local", "ray"], default=None,
-                   help="local: steps in order on this machine; ray: Ray tasks (default: the config's)")
+    p.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        default=None,
+        help="local: steps in order on this machine; ray: Ray tasks (default: the config's)",
+    )
     FORCE.add(p, "rerun the selected steps even if they are cached")
-    p.add_argument("--only", action="append", default=None, metavar="PATTERN",
-                   help="run only steps whose label or kind matches (shell pattern; repeatable), and what they need")
+    p.add_argument(
+        "--only",
+        action="append",
+        default=None,
+        metavar="PATTERN",
+        help="run only steps whose label or kind matches (shell pattern; repeatable), and what they need",
+    )
     p.add_argument("--dry-run", action="store_true", help="list the steps, their keys and whether they are done")
     NO_PROGRESS.add(p, "hide the progress bars")
     ALLOW_PICKLE.add(p, "let given models with only .bin (pickle) weights load, with torch.load(weights_only=True)")

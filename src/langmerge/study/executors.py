@@ -18,7 +18,9 @@ log = logging.getLogger(__name__)
 Report = Callable[[int, int, Step, StepRecord], None]  # (index, total, step, done.json record)
 
 
-def run_local(steps: Sequence[Step], ctx: Context, *, force: set[int] = frozenset(), report: Report | None = None) -> list[StepRecord]:
+def run_local(
+    steps: Sequence[Step], ctx: Context, *, force: set[int] = frozenset(), report: Report | None = None
+) -> list[StepRecord]:
     """Run ``steps`` (already in dependency order) one after another; ``force``: ids of steps to rerun."""
     records = []
     for i, step in enumerate(steps, 1):
@@ -34,9 +36,17 @@ def _ray_step(step: Step, ctx: Context, force: bool, *deps_done) -> StepRecord:
     return run_step(step, ctx, force=force)
 
 
-def run_ray(steps: Sequence[Step], ctx: Context, *, force: set[int] = frozenset(), report: Report | None = None,
-            address: str | None = None, num_cpus: float = 1, num_gpus: float = 0,
-            init_kwargs: dict | None = None) -> list[StepRecord]:
+def run_ray(
+    steps: Sequence[Step],
+    ctx: Context,
+    *,
+    force: set[int] = frozenset(),
+    report: Report | None = None,
+    address: str | None = None,
+    num_cpus: float = 1,
+    num_gpus: float = 0,
+    init_kwargs: dict | None = None,
+) -> list[StepRecord]:
     """Submit every step as a Ray task that waits for its dependencies' tasks; steps already done are not sent.
 
     Without ``address`` (and no Ray already initialised) a local Ray instance is started.
@@ -94,8 +104,15 @@ def run_ray(steps: Sequence[Step], ctx: Context, *, force: set[int] = frozenset(
             ray.shutdown()
 
 
-def run_steps(steps: Sequence[Step], ctx: Context, *, executor: str = "local", force: set[int] = frozenset(),
-              report: Report | None = None, **ray_options) -> list[StepRecord]:
+def run_steps(
+    steps: Sequence[Step],
+    ctx: Context,
+    *,
+    executor: str = "local",
+    force: set[int] = frozenset(),
+    report: Report | None = None,
+    **ray_options,
+) -> list[StepRecord]:
     start = time.perf_counter()
     if executor == "ray":
         records = run_ray(steps, ctx, force=force, report=report, **ray_options)

@@ -162,7 +162,9 @@ def prune_vocabulary(src: Path, dest: Path, strings: list[str]) -> dict:
     new_id = {old: new for new, old in enumerate(keep)}
     dest.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(dest)
-    (dest / "tokenizer.json").write_text(json.dumps(pruned_tokenizer_json(tj, keep), ensure_ascii=False), encoding="utf-8")
+    (dest / "tokenizer.json").write_text(
+        json.dumps(pruned_tokenizer_json(tj, keep), ensure_ascii=False), encoding="utf-8"
+    )
     for name in ("tokenizer.model", "vocab.json", "merges.txt"):  # slow-tokenizer files would disagree with the new ids
         (dest / name).unlink(missing_ok=True)
     config_file = dest / "tokenizer_config.json"
@@ -213,7 +215,9 @@ def prune_vocabulary(src: Path, dest: Path, strings: list[str]) -> dict:
     again = check(strings, add_special_tokens=False)["input_ids"]
     for s, old, new in zip(strings, encoded, again):
         if [new_id[i] for i in old] != new:
-            raise LangmergeError(f"vocabulary pruning changed the tokenization of {s[:60]!r}; not using the pruned model")
+            raise LangmergeError(
+                f"vocabulary pruning changed the tokenization of {s[:60]!r}; not using the pruned model"
+            )
     return {"vocab_before": int(embed.shape[0]), "vocab_after": len(keep), "strings_checked": len(strings)}
 
 
@@ -246,7 +250,7 @@ def task_strings(task_settings: TaskSettings) -> list[str]:
                 stripped = ctx.rstrip()
                 out += [ctx, stripped]
                 if spec.kind == "multiple_choice":
-                    tail = ctx[len(stripped):] + spec.target_delimiter
+                    tail = ctx[len(stripped) :] + spec.target_delimiter
                     out += [stripped + tail + c for c in ex.doc[spec.choices_field]]
                     out += list(ex.doc[spec.choices_field])
                 else:

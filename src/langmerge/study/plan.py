@@ -8,9 +8,21 @@ from pathlib import Path
 from langmerge.errors import LangmergeError
 from langmerge.study.config import Source, Study
 from langmerge.study.run_steps import folder_fingerprint
-from langmerge.study.steps import (AnalyzeSettings, BaseSettings, Context, CTSettings, EvalSettings, FileSettings,
-                                   GivenSettings, SFTSettings, SourceSettings, Step, TaskSettings, TuneSettings,
-                                   file_digest)
+from langmerge.study.steps import (
+    AnalyzeSettings,
+    BaseSettings,
+    Context,
+    CTSettings,
+    EvalSettings,
+    FileSettings,
+    GivenSettings,
+    SFTSettings,
+    SourceSettings,
+    Step,
+    TaskSettings,
+    TuneSettings,
+    file_digest,
+)
 
 
 @dataclass
@@ -62,8 +74,9 @@ def _task_settings(study: Study, names: list[str]) -> TaskSettings:
         else:
             resolved.append(name)
     digests = {n: file_digest(Path(n)) for n in resolved if n.endswith((".yaml", ".yml"))}
-    return TaskSettings(tasks=resolved, split=study.spec.evaluation.split, builtin_version=BUILTIN_VERSION,
-                        task_files=digests)
+    return TaskSettings(
+        tasks=resolved, split=study.spec.evaluation.split, builtin_version=BUILTIN_VERSION, task_files=digests
+    )
 
 
 def _add(order: list[Step], seen: set[int], step: Step) -> Step:
@@ -96,10 +109,16 @@ def build_plan(study: Study) -> Plan:
     else:
         vocab_inputs = [*replay, *[t for ts in texts.values() for t in ts], *([sft_data] if sft_data else [])]
         tasks = sorted({t for ls in s.languages.values() for t in (*ls.validation, *ls.test)})
-        base = Step("base", f"base {s.base.builtin}" + (" (vocabulary pruned)" if s.base.prune_vocab else ""),
-                    BaseSettings(builtin=s.base.builtin, prune_vocab=s.base.prune_vocab,
-                                 tasks=_task_settings(study, tasks) if s.base.prune_vocab else None),
-                    {f"vocab{i}": d for i, d in enumerate(vocab_inputs)} if s.base.prune_vocab else {})
+        base = Step(
+            "base",
+            f"base {s.base.builtin}" + (" (vocabulary pruned)" if s.base.prune_vocab else ""),
+            BaseSettings(
+                builtin=s.base.builtin,
+                prune_vocab=s.base.prune_vocab,
+                tasks=_task_settings(study, tasks) if s.base.prune_vocab else None,
+            ),
+            {f"vocab{i}": d for i, d in enumerate(vocab_inputs)} if s.base.prune_vocab else {},
+        )
     prepare = [_add(order, seen, d) for d in sources.values()]
     _add(order, seen, base)
     prepare.append(base)
@@ -107,8 +126,13 @@ def build_plan(study: Study) -> Plan:
 
     def sft_step(seed: int | None) -> Step:
         training = s.sft.training.model_copy(update={"seed": seed} if seed is not None else {})
-        return Step("sft", "sft" + (f" (seed {seed})" if seed is not None else ""),
-                    SFTSettings(epochs=s.sft.epochs, training=training), {"base": base, "data": sft_data}, training=True)
+        return Step(
+            "sft",
+            "sft" + (f" (seed {seed})" if seed is not None else ""),
+            SFTSettings(epochs=s.sft.epochs, training=training),
+            {"base": base, "data": sft_data},
+            training=True,
+        )
 
     if s.sft.path is not None:
         sft = _given(study, s.sft.path, f"{study.source}: sft.path", "SFT model")
@@ -117,12 +141,18 @@ def build_plan(study: Study) -> Plan:
     plan.sft = _add(order, seen, sft)
     seeded_sft = {seed: _add(order, seen, sft_step(seed)) for seed in s.seeds.extra}
     if s.sft.test:
-        english = EvalSettings(tasks=_task_settings(study, s.sft.test), limit=s.evaluation.limit,
-                               batch_size=s.evaluation.batch_size, lm_eval=[], device=s.evaluation.device,
-                               precision=s.evaluation.precision)
+        english = EvalSettings(
+            tasks=_task_settings(study, s.sft.test),
+            limit=s.evaluation.limit,
+            batch_size=s.evaluation.batch_size,
+            lm_eval=[],
+            device=s.evaluation.device,
+            precision=s.evaluation.precision,
+        )
         main_seed = s.sft.training.seed
-        plan.english[(main_seed, "base")] = _add(order, seen, Step("eval", "eval base on English", english,
-                                                                   {"model": base}))
+        plan.english[(main_seed, "base")] = _add(
+            order, seen, Step("eval", "eval base on English", english, {"model": base})
+        )
         for seed, model in {main_seed: sft, **seeded_sft}.items():
             label = "eval sft on English" + (f" (seed {seed})" if seed != main_seed else "")
             plan.english[(seed, "sft")] = _add(order, seen, Step("eval", label, english, {"model": model}))
@@ -132,30 +162,63 @@ def build_plan(study: Study) -> Plan:
         training = s.ct_training.model_copy(update={"seed": seed} if seed is not None else {})
         deps = {"base": base} | {f"text{i}": t for i, t in enumerate(texts[lang])}
         deps |= {f"replay{i}": r for i, r in enumerate(replay)}
-        label = f"ct {lang} ({', '.join(f'{b:,}' for b in budgets)} tokens" + (f", seed {seed})" if seed is not None else ")")
-        return Step("ct", label, CTSettings(language=lang, budgets=budgets, replay_ratio=ratio, repeat=s.repeat,
-                                            training=training), deps, training=True)
+        label = f"ct {lang} ({', '.join(f'{b:,}' for b in budgets)} tokens" + (
+            f", seed {seed})" if seed is not None else ")"
+        )
+        return Step(
+            "ct",
+            label,
+            CTSettings(language=lang, budgets=budgets, replay_ratio=ratio, repeat=s.repeat, training=training),
+            deps,
+            training=True,
+        )
 
-    def budget_steps(lang: str, b: int, ct: Step, sft: Step, ev: EvalSettings, valid: TaskSettings, tag: str,
-                     methods: list[str]) -> dict[str, Step]:
+    def budget_steps(
+        lang: str, b: int, ct: Step, sft: Step, ev: EvalSettings, valid: TaskSettings, tag: str, methods: list[str]
+    ) -> dict[str, Step]:
         """CT-then-SFT and the tuned merges of one budget, and the evaluations of CT, CT-then-SFT and the merges."""
         budget = {"budget": b} if ct.kind == "ct" else {}
         evals = {"ct": _add(order, seen, Step("eval", f"eval ct {tag}", ev.model_copy(update=budget), {"model": ct}))}
         # a given SFT model has no training settings: CT-then-SFT trains as the study's sft.training says
         training = sft.settings.training if isinstance(sft.settings, SFTSettings) else s.sft.training
-        ct_sft = _add(order, seen, Step("ct_sft", f"ct-then-sft {tag}",
-                                        SFTSettings(epochs=s.sft.epochs, training=training, budget=budget.get("budget")),
-                                        {"base": ct, "data": sft_data}, training=True))
+        ct_sft = _add(
+            order,
+            seen,
+            Step(
+                "ct_sft",
+                f"ct-then-sft {tag}",
+                SFTSettings(epochs=s.sft.epochs, training=training, budget=budget.get("budget")),
+                {"base": ct, "data": sft_data},
+                training=True,
+            ),
+        )
         evals["ct_sft"] = _add(order, seen, Step("eval", f"eval ct-then-sft {tag}", ev, {"model": ct_sft}))
         for name in methods:
             m = s.methods[name]
-            tune = _add(order, seen, Step(
-                "tune", f"tune {name} {tag}",
-                TuneSettings(budget=b, method=m, tuning=s.tuning, tasks=valid, batch_size=s.evaluation.batch_size,
-                             dtype=s.dtype, device=s.evaluation.device, precision=s.evaluation.precision),
-                {"base": base, "ct": ct, "sft": sft}))
-            evals[name] = _add(order, seen, Step("eval", f"eval {name} {tag}", ev.model_copy(update={"method_name": name}),
-                                                 {"tune": tune}))
+            tune = _add(
+                order,
+                seen,
+                Step(
+                    "tune",
+                    f"tune {name} {tag}",
+                    TuneSettings(
+                        budget=b,
+                        method=m,
+                        tuning=s.tuning,
+                        tasks=valid,
+                        batch_size=s.evaluation.batch_size,
+                        dtype=s.dtype,
+                        device=s.evaluation.device,
+                        precision=s.evaluation.precision,
+                    ),
+                    {"base": base, "ct": ct, "sft": sft},
+                ),
+            )
+            evals[name] = _add(
+                order,
+                seen,
+                Step("eval", f"eval {name} {tag}", ev.model_copy(update={"method_name": name}), {"tune": tune}),
+            )
             evals[f"tune:{name}"] = tune
         return evals
 
@@ -170,9 +233,15 @@ def build_plan(study: Study) -> Plan:
             plan.ct[lang] = _add(order, seen, ct_step(lang, to_train, None))
         test = _task_settings(study, ls.test)
         valid = _task_settings(study, ls.validation)
-        ev = EvalSettings(tasks=test, limit=s.evaluation.limit, batch_size=s.evaluation.batch_size,
-                          lm_eval=list(ls.lm_eval), device=s.evaluation.device, precision=s.evaluation.precision,
-                          score_tasks=list(ls.score))
+        ev = EvalSettings(
+            tasks=test,
+            limit=s.evaluation.limit,
+            batch_size=s.evaluation.batch_size,
+            lm_eval=list(ls.lm_eval),
+            device=s.evaluation.device,
+            precision=s.evaluation.precision,
+            score_tasks=list(ls.score),
+        )
         plan.evals[(lang, None, "base")] = _add(order, seen, Step("eval", f"eval base on {lang}", ev, {"model": base}))
         plan.evals[(lang, None, "sft")] = _add(order, seen, Step("eval", f"eval sft on {lang}", ev, {"model": sft}))
         for b in budgets:
@@ -183,17 +252,28 @@ def build_plan(study: Study) -> Plan:
                 else:
                     plan.evals[(lang, b, row)] = step
             if s.analysis is not None:
-                plan.analyses[(lang, b)] = _add(order, seen, Step(
-                    "analyze", f"analyze {lang} {b:,}", AnalyzeSettings(),
-                    {"ties": plan.tunes[(lang, b, s.analysis.ties)], "ties_sv": plan.tunes[(lang, b, s.analysis.ties_sv)]}))
+                plan.analyses[(lang, b)] = _add(
+                    order,
+                    seen,
+                    Step(
+                        "analyze",
+                        f"analyze {lang} {b:,}",
+                        AnalyzeSettings(),
+                        {
+                            "ties": plan.tunes[(lang, b, s.analysis.ties)],
+                            "ties_sv": plan.tunes[(lang, b, s.analysis.ties_sv)],
+                        },
+                    ),
+                )
         smallest = budgets[0]
         if smallest in given:
             continue  # a given CT checkpoint has no seed to vary
         for seed, seed_sft in seeded_sft.items():
             ct = _add(order, seen, ct_step(lang, [smallest], seed))
             tag = f"{lang} {smallest:,} (seed {seed})"
-            plan.seeded[(lang, seed, "sft")] = _add(order, seen, Step(
-                "eval", f"eval sft on {lang} (seed {seed})", ev, {"model": seed_sft}))
+            plan.seeded[(lang, seed, "sft")] = _add(
+                order, seen, Step("eval", f"eval sft on {lang} (seed {seed})", ev, {"model": seed_sft})
+            )
             steps = budget_steps(lang, smallest, ct, seed_sft, ev, valid, tag, list(s.seeds.methods))
             for row, step in steps.items():
                 if not row.startswith("tune:"):

@@ -55,15 +55,24 @@ def _entry(plan: Plan, score: dict | None) -> dict:
         return {"score": None, "score_ci": None, "tasks": {}}
     resamples = _resamples(plan)
     groups = solving_groups(score)
-    out = {"score": score["score"], "score_ci": st.bootstrap_ci(groups, resamples=resamples) if groups else None,
-           "tasks": {}}
+    out = {
+        "score": score["score"],
+        "score_ci": st.bootstrap_ci(groups, resamples=resamples) if groups else None,
+        "tasks": {},
+    }
     for name, t in score["tasks"].items():
         if "outcomes" in t:
             ci = st.bootstrap_ci([t["outcomes"]], resamples=resamples)
         else:
             ci = st.bootstrap_ratio_ci(t["bits"], t["characters"], resamples=resamples) if t.get("bits") else None
-        out["tasks"][name] = {"metric": t["metric"], "value": t["value"], "ci": ci, "kind": t["kind"], "n": t["n"],
-                              **({"lang_share": t["lang_share"]} if "lang_share" in t else {})}
+        out["tasks"][name] = {
+            "metric": t["metric"],
+            "value": t["value"],
+            "ci": ci,
+            "kind": t["kind"],
+            "n": t["n"],
+            **({"lang_share": t["lang_share"]} if "lang_share" in t else {}),
+        }
     return out
 
 
@@ -79,8 +88,13 @@ def collect(plan: Plan, ctx: Context) -> dict:
             for row in row_names(plan):
                 step = plan.evals.get((lang, None if row in ("base", "sft") else budget, row))
                 score = _score_of(step, ctx)
-                entry = {"language": lang, "ct_tokens": budget, "row": row, "method": row_label(plan, row),
-                         **_entry(plan, score)}
+                entry = {
+                    "language": lang,
+                    "ct_tokens": budget,
+                    "row": row,
+                    "method": row_label(plan, row),
+                    **_entry(plan, score),
+                }
                 if score is not None:
                     outcomes[(lang, budget, row)] = solving_groups(score)
                 tune = plan.tunes.get((lang, budget, row))
@@ -95,21 +109,42 @@ def collect(plan: Plan, ctx: Context) -> dict:
     seeded = []
     main_seed = plan.study.spec.ct_training.seed
     for (lang, seed, row), step in plan.seeded.items():
-        seeded.append({"language": lang, "seed": seed, "row": row, "method": row_label(plan, row),
-                       **_entry(plan, _score_of(step, ctx))})
+        seeded.append(
+            {
+                "language": lang,
+                "seed": seed,
+                "row": row,
+                "method": row_label(plan, row),
+                **_entry(plan, _score_of(step, ctx)),
+            }
+        )
     for lang in sorted({k[0] for k in plan.seeded}):
         b0 = plan.study.budgets(lang)[0]
         rows_here = {k[2] for k in plan.seeded if k[0] == lang}
         for r in rows:
             if r["language"] == lang and r["ct_tokens"] == b0 and r["row"] in rows_here:
-                seeded.append({"language": lang, "seed": main_seed, "row": r["row"], "method": r["method"],
-                               "score": r["score"], "score_ci": r["score_ci"], "tasks": r["tasks"]})
+                seeded.append(
+                    {
+                        "language": lang,
+                        "seed": main_seed,
+                        "row": r["row"],
+                        "method": r["method"],
+                        "score": r["score"],
+                        "score_ci": r["score_ci"],
+                        "tasks": r["tasks"],
+                    }
+                )
     losses = []
     for (lang, budget), step in plan.analyses.items():
         doc = _read(step.folder(ctx.cache) / "analysis.json") if step.done(ctx.cache) else None
         if doc:
-            losses.append({"language": lang, "ct_tokens": budget, **{f"{role}_{k}": v for role, d in doc.items()
-                                                                      for k, v in d.items()}})
+            losses.append(
+                {
+                    "language": lang,
+                    "ct_tokens": budget,
+                    **{f"{role}_{k}": v for role, d in doc.items() for k, v in d.items()},
+                }
+            )
     return {"rows": rows, "english": english, "seeded": seeded, "loss": losses, "outcomes": outcomes}
 
 
@@ -146,8 +181,10 @@ def _tokens(n: int) -> str:
 def _test_text(r: st.PairedResult, points: bool = True) -> str:
     scale, unit = (100, " points") if points else (1, "")
     extra = f", {r.discordant} of {r.n} examples discordant" if r.discordant is not None else f", {r.n} examples"
-    return (f"difference {scale * r.difference:+.1f}{unit} (95% CI {scale * r.ci[0]:+.1f} to {scale * r.ci[1]:+.1f}), "
-            f"{r.test} p = {r.p_value:.3g}{extra}")
+    return (
+        f"difference {scale * r.difference:+.1f}{unit} (95% CI {scale * r.ci[0]:+.1f} to {scale * r.ci[1]:+.1f}), "
+        f"{r.test} p = {r.p_value:.3g}{extra}"
+    )
 
 
 def findings(plan: Plan, data: dict) -> list[dict]:
@@ -174,9 +211,11 @@ def findings(plan: Plan, data: dict) -> list[dict]:
         test = st.sign_flip_test(a, c, resamples=resamples)
         pooled_a += a
         pooled_b += c
-        lines.append(f"{lang} at {_tokens(b)} CT tokens: {row_label(plan, best)} (best validation score) "
-                     f"{_pct(_score(data, lang, b, best))} vs CT-then-SFT {_pct(_score(data, lang, b, 'ct_sft'))}: "
-                     f"{_test_text(test)} -> {st.verdict(test, LEVEL)}")
+        lines.append(
+            f"{lang} at {_tokens(b)} CT tokens: {row_label(plan, best)} (best validation score) "
+            f"{_pct(_score(data, lang, b, best))} vs CT-then-SFT {_pct(_score(data, lang, b, 'ct_sft'))}: "
+            f"{_test_text(test)} -> {st.verdict(test, LEVEL)}"
+        )
         others = []
         for m in merges:
             if m != best and (lang, b, m) in outcomes:
@@ -190,8 +229,14 @@ def findings(plan: Plan, data: dict) -> list[dict]:
         verdict, test_doc = st.verdict(pooled, LEVEL), pooled.to_json()
         if len([ln for ln in lines if " CT tokens: " in ln]) > 1:
             lines.insert(0, f"all languages pooled: {_test_text(pooled)}")
-    out.append({"finding": "Merging beats CT-then-SFT when CT data is scarcest (smallest budget)",
-                "verdict": verdict, "test": test_doc, "evidence": lines})
+    out.append(
+        {
+            "finding": "Merging beats CT-then-SFT when CT data is scarcest (smallest budget)",
+            "verdict": verdict,
+            "test": test_doc,
+            "evidence": lines,
+        }
+    )
 
     # 2. TIES saturates: it gains more per doubling of CT tokens over the first budget interval than
     # over the last. Per example: (x1 - x0) / log2(b1 / b0) - (xk - x(k-1)) / log2(bk / b(k-1)), paired bootstrap.
@@ -204,8 +249,10 @@ def findings(plan: Plan, data: dict) -> list[dict]:
                 continue
             x = [outcomes[(lang, b, ties)] for b in budgets]
             l_first, l_last = math.log2(budgets[1] / budgets[0]), math.log2(budgets[-1] / budgets[-2])
-            d = [[(x1 - x0) / l_first - (xk - xj) / l_last for x0, x1, xj, xk in zip(g0, g1, gj, gk)]
-                 for g0, g1, gj, gk in zip(x[0], x[1], x[-2], x[-1])]
+            d = [
+                [(x1 - x0) / l_first - (xk - xj) / l_last for x0, x1, xj, xk in zip(g0, g1, gj, gk)]
+                for g0, g1, gj, gk in zip(x[0], x[1], x[-2], x[-1])
+            ]
             sat = st.paired_bootstrap(d, resamples=resamples)
             first = st.sign_flip_test(x[1], x[0], resamples=resamples)
             last = st.sign_flip_test(x[-1], x[-2], resamples=resamples)
@@ -216,11 +263,15 @@ def findings(plan: Plan, data: dict) -> list[dict]:
             rates = [_loss(data, lang, b) for b in budgets]
             loss = ", ".join(f"{_tokens(b)}: {_pct(r['ties_sft_loss_rate'])}%" for b, r in zip(budgets, rates) if r)
             lines.append(f"{lang}: TIES score {series}")
-            lines.append(f"{lang}: gain over the first interval ({_tokens(budgets[0])} -> {_tokens(budgets[1])}): "
-                         f"{_test_text(first)}; over the last ({_tokens(budgets[-2])} -> {_tokens(budgets[-1])}): "
-                         f"{_test_text(last)}")
-            lines.append(f"{lang}: gain per doubling, first minus last interval: {_test_text(sat)}"
-                         + (f"; SFT loss rate under TIES {loss}" if loss else ""))
+            lines.append(
+                f"{lang}: gain over the first interval ({_tokens(budgets[0])} -> {_tokens(budgets[1])}): "
+                f"{_test_text(first)}; over the last ({_tokens(budgets[-2])} -> {_tokens(budgets[-1])}): "
+                f"{_test_text(last)}"
+            )
+            lines.append(
+                f"{lang}: gain per doubling, first minus last interval: {_test_text(sat)}"
+                + (f"; SFT loss rate under TIES {loss}" if loss else "")
+            )
     verdict, test_doc = "not testable", None
     if pooled_d:
         sat = st.paired_bootstrap(pooled_d, resamples=resamples)
@@ -232,10 +283,18 @@ def findings(plan: Plan, data: dict) -> list[dict]:
             verdict = "reproduced"
         else:
             verdict = "inconclusive"
-        lines.append("reproduced needs both a significant gain over the first interval and a significantly "
-                     "smaller gain per doubling over the last")
-    out.append({"finding": "TIES saturates as CT tokens grow (it gains more per doubling of CT tokens early than late)",
-                "verdict": verdict, "test": test_doc, "evidence": lines})
+        lines.append(
+            "reproduced needs both a significant gain over the first interval and a significantly "
+            "smaller gain per doubling over the last"
+        )
+    out.append(
+        {
+            "finding": "TIES saturates as CT tokens grow (it gains more per doubling of CT tokens early than late)",
+            "verdict": verdict,
+            "test": test_doc,
+            "evidence": lines,
+        }
+    )
 
     # 3. TIES-SV lowers the SFT loss rate and raises the score compared with TIES, at each
     # (language, budget); the verdict pools every cell into one sign-flip test.
@@ -253,10 +312,12 @@ def findings(plan: Plan, data: dict) -> list[dict]:
                 lower += loss["ties_sv_sft_loss_rate"] < loss["ties_sft_loss_rate"]
                 pooled_a += a
                 pooled_b += c
-                lines.append(f"{lang} {_tokens(b)}: SFT loss rate {_pct(loss['ties_sft_loss_rate'])}% (TIES) -> "
-                             f"{_pct(loss['ties_sv_sft_loss_rate'])}% (TIES-SV, slack {loss['ties_sv_slack']}); "
-                             f"score {_pct(_score(data, lang, b, s.analysis.ties))} -> "
-                             f"{_pct(_score(data, lang, b, s.analysis.ties_sv))}: {_test_text(t)}")
+                lines.append(
+                    f"{lang} {_tokens(b)}: SFT loss rate {_pct(loss['ties_sft_loss_rate'])}% (TIES) -> "
+                    f"{_pct(loss['ties_sv_sft_loss_rate'])}% (TIES-SV, slack {loss['ties_sv_slack']}); "
+                    f"score {_pct(_score(data, lang, b, s.analysis.ties))} -> "
+                    f"{_pct(_score(data, lang, b, s.analysis.ties_sv))}: {_test_text(t)}"
+                )
     verdict, test_doc = "not testable", None
     if cells:
         pooled = st.sign_flip_test(pooled_a, pooled_b, resamples=resamples)
@@ -264,9 +325,17 @@ def findings(plan: Plan, data: dict) -> list[dict]:
         verdict = st.verdict(pooled, LEVEL)
         if verdict == "reproduced" and 2 * lower <= cells:
             verdict = "inconclusive"  # a higher score without a lower loss rate is not the paper's mechanism
-        lines.insert(0, f"SFT loss rate lower in {lower} of {cells} cells; score, all cells pooled: {_test_text(pooled)}")
-    out.append({"finding": "TIES-SV lowers the SFT loss rate and raises the score compared with TIES",
-                "verdict": verdict, "test": test_doc, "evidence": lines})
+        lines.insert(
+            0, f"SFT loss rate lower in {lower} of {cells} cells; score, all cells pooled: {_test_text(pooled)}"
+        )
+    out.append(
+        {
+            "finding": "TIES-SV lowers the SFT loss rate and raises the score compared with TIES",
+            "verdict": verdict,
+            "test": test_doc,
+            "evidence": lines,
+        }
+    )
     return out
 
 
@@ -284,7 +353,9 @@ def language_gain(plan: Plan, data: dict) -> list[dict]:
                 ct = _row(data, lang, b, "ct")
                 v = (ct or {}).get("tasks", {}).get(task)
                 if v:
-                    curve.append({"ct_tokens": b, "bpc": v["value"], "ci": v["ci"], "below_base": v["value"] < t["value"]})
+                    curve.append(
+                        {"ct_tokens": b, "bpc": v["value"], "ci": v["ci"], "below_base": v["value"] < t["value"]}
+                    )
             out.append({"language": lang, "task": task, "base": t["value"], "base_ci": t["ci"], "ct": curve})
     return out
 
@@ -305,12 +376,16 @@ def markdown(plan: Plan, data: dict, found: list[dict], gains: list[dict], timin
     for c in cols:
         values = [v for v in (_score(data, *c, r) for r in rows) if v is not None]
         best[c] = max(values) if values else None
-    lines = [f"# Study: {s.name}", "",
-             "Score: mean of the test tasks' accuracy / exact match, in percent (higher is better), with its "
-             "95% bootstrap interval (examples resampled within each task); **bold** is the best of each column. "
-             "Base and SFT do not depend on the CT budget.", "",
-             "| method | " + " | ".join(f"{lang} {_tokens(b)}" for lang, b in cols) + " |",
-             "|---|" + "---:|" * len(cols)]
+    lines = [
+        f"# Study: {s.name}",
+        "",
+        "Score: mean of the test tasks' accuracy / exact match, in percent (higher is better), with its "
+        "95% bootstrap interval (examples resampled within each task); **bold** is the best of each column. "
+        "Base and SFT do not depend on the CT budget.",
+        "",
+        "| method | " + " | ".join(f"{lang} {_tokens(b)}" for lang, b in cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
     for r in rows:
         cells = []
         for c in cols:
@@ -323,56 +398,93 @@ def markdown(plan: Plan, data: dict, found: list[dict], gains: list[dict], timin
         for task, t in r["tasks"].items():
             sizes[(r["language"], task)] = t["n"]
     if sizes:
-        lines += ["", "Test examples per task: " + ", ".join(f"{task} {n}" for (lang, task), n in sorted(sizes.items())) + "."]
+        lines += [
+            "",
+            "Test examples per task: " + ", ".join(f"{task} {n}" for (lang, task), n in sorted(sizes.items())) + ".",
+        ]
     if data["english"]:
         tasks = sorted({t for r in data["english"] for t in r["tasks"]})
-        lines += ["", "## English scores (the tasks the SFT data teaches, in English)", "",
-                  "| model | seed | score | " + " | ".join(tasks) + " |", "|---|---:|---:|" + "---:|" * len(tasks)]
+        lines += [
+            "",
+            "## English scores (the tasks the SFT data teaches, in English)",
+            "",
+            "| model | seed | score | " + " | ".join(tasks) + " |",
+            "|---|---:|---:|" + "---:|" * len(tasks),
+        ]
         for r in data["english"]:
             cells = [_with_ci(r["tasks"][t]["value"], r["tasks"][t]["ci"]) if t in r["tasks"] else "—" for t in tasks]
             seed = "" if r["row"] == "base" else str(r["seed"])
-            lines.append(f"| {r['method']} | {seed} | {_with_ci(r['score'], r['score_ci'])} | " + " | ".join(cells) + " |")
+            lines.append(
+                f"| {r['method']} | {seed} | {_with_ci(r['score'], r['score_ci'])} | " + " | ".join(cells) + " |"
+            )
     if gains:
         lines += ["", "## Does CT teach the language? Bits per character on held-out text (lower is better)", ""]
         for g in gains:
             curve = ", ".join(f"{_tokens(p['ct_tokens'])}: {_with_ci(p['bpc'], p['ci'], 1, 3)}" for p in g["ct"])
             below = [p for p in g["ct"][1:] if p["below_base"]]
-            lines.append(f"- {g['language']}, {g['task']}: base {_with_ci(g['base'], g['base_ci'], 1, 3)}; CT {curve}. "
-                         f"Below the base at {len(below)} of {max(len(g['ct']) - 1, 0)} budgets after the smallest.")
+            lines.append(
+                f"- {g['language']}, {g['task']}: base {_with_ci(g['base'], g['base_ci'], 1, 3)}; CT {curve}. "
+                f"Below the base at {len(below)} of {max(len(g['ct']) - 1, 0)} budgets after the smallest."
+            )
     if data["loss"]:
-        lines += ["", "## SFT loss rate (share of the SFT model's kept entries lost to the sign vote)", "",
-                  "| language | CT tokens | TIES | TIES-SV | TIES-SV slack |", "|---|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "## SFT loss rate (share of the SFT model's kept entries lost to the sign vote)",
+            "",
+            "| language | CT tokens | TIES | TIES-SV | TIES-SV slack |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for r in data["loss"]:
-            lines.append(f"| {r['language']} | {_tokens(r['ct_tokens'])} | {_pct(r['ties_sft_loss_rate'])}% | "
-                         f"{_pct(r['ties_sv_sft_loss_rate'])}% | {r['ties_sv_slack']} |")
-    lines += ["", "## The paper's findings at this scale", "",
-              f"Each finding is a paired test on the same test examples: reproduced when significant at "
-              f"{LEVEL:.0%} in the paper's direction, contradicted when significant the other way, inconclusive "
-              "otherwise. Merges are tuned on the validation examples only.", ""]
+            lines.append(
+                f"| {r['language']} | {_tokens(r['ct_tokens'])} | {_pct(r['ties_sft_loss_rate'])}% | "
+                f"{_pct(r['ties_sv_sft_loss_rate'])}% | {r['ties_sv_slack']} |"
+            )
+    lines += [
+        "",
+        "## The paper's findings at this scale",
+        "",
+        f"Each finding is a paired test on the same test examples: reproduced when significant at "
+        f"{LEVEL:.0%} in the paper's direction, contradicted when significant the other way, inconclusive "
+        "otherwise. Merges are tuned on the validation examples only.",
+        "",
+    ]
     for f in found:
         lines.append(f"- **{f['finding']}: {f['verdict']}.**")
         lines += [f"  - {e}" for e in f["evidence"]]
     if data["seeded"]:
-        lines += ["", "## Seeds: the smallest budget's runs repeated", "",
-                  "The SFT run and the smallest-budget CT run (and what derives from them) trained again with other "
-                  "seeds (data order); the spread is the sample standard deviation over seeds.", "",
-                  "| language | method | " + " | ".join(f"seed {x}" for x in sorted({r["seed"] for r in data["seeded"]}))
-                  + " | mean ± sd |", "|---|---|" + "---:|" * (len({r["seed"] for r in data["seeded"]}) + 1)]
+        lines += [
+            "",
+            "## Seeds: the smallest budget's runs repeated",
+            "",
+            "The SFT run and the smallest-budget CT run (and what derives from them) trained again with other "
+            "seeds (data order); the spread is the sample standard deviation over seeds.",
+            "",
+            "| language | method | "
+            + " | ".join(f"seed {x}" for x in sorted({r["seed"] for r in data["seeded"]}))
+            + " | mean ± sd |",
+            "|---|---|" + "---:|" * (len({r["seed"] for r in data["seeded"]}) + 1),
+        ]
         seeds = sorted({r["seed"] for r in data["seeded"]})
         for lang in s.languages:
             for row in row_names(plan):
                 found_rows = {r["seed"]: r for r in data["seeded"] if r["language"] == lang and r["row"] == row}
                 if not found_rows:
                     continue
-                cells = [_with_ci(found_rows[x]["score"], found_rows[x]["score_ci"]) if x in found_rows else "—"
-                         for x in seeds]
+                cells = [
+                    _with_ci(found_rows[x]["score"], found_rows[x]["score_ci"]) if x in found_rows else "—"
+                    for x in seeds
+                ]
                 values = [r["score"] for r in found_rows.values() if r["score"] is not None]
                 lines.append(f"| {lang} | {row_label(plan, row)} | " + " | ".join(cells) + f" | {_spread(values)} |")
     task_cols = sorted({t for r in data["rows"] for t in r["tasks"]})
     if task_cols:
-        lines += ["", "## Per task (accuracy / exact match in percent; bits per character as is), 95% intervals", "",
-                  "| language | CT tokens | method | " + " | ".join(task_cols) + " |",
-                  "|---|---:|---|" + "---:|" * len(task_cols)]
+        lines += [
+            "",
+            "## Per task (accuracy / exact match in percent; bits per character as is), 95% intervals",
+            "",
+            "| language | CT tokens | method | " + " | ".join(task_cols) + " |",
+            "|---|---:|---|" + "---:|" * len(task_cols),
+        ]
         for r in data["rows"]:
             if r["score"] is None and not r["tasks"]:
                 continue
@@ -387,8 +499,13 @@ def markdown(plan: Plan, data: dict, found: list[dict], gains: list[dict], timin
                     cells.append(_with_ci(t["value"], t["ci"]))
             lines.append(f"| {r['language']} | {_tokens(r['ct_tokens'])} | {r['method']} | " + " | ".join(cells) + " |")
     if timings:
-        lines += ["", "## Time per kind of step (when it ran, cached or not; CPU: user + system of all threads)", "",
-                  "| step | count | wall seconds | CPU seconds |", "|---|---:|---:|---:|"]
+        lines += [
+            "",
+            "## Time per kind of step (when it ran, cached or not; CPU: user + system of all threads)",
+            "",
+            "| step | count | wall seconds | CPU seconds |",
+            "|---|---:|---:|---:|",
+        ]
         for kind, (count, seconds, cpu) in timings.items():
             lines.append(f"| {kind} | {count} | {seconds:.1f} | {cpu:.1f} |")
         total = [sum(v[i] for v in timings.values()) for i in (1, 2)]
@@ -426,12 +543,18 @@ def _plot_rows(ax, plan: Plan, data: dict, lang: str, value, scale: float) -> No
         if not xs:
             continue
         if r in ("base", "sft"):
-            line = ax.axhline(scale * ys[0], linestyle=":", color="grey" if r == "base" else "black",
-                              label=row_label(plan, r))
+            line = ax.axhline(
+                scale * ys[0], linestyle=":", color="grey" if r == "base" else "black", label=row_label(plan, r)
+            )
             ax.axhspan(scale * lo[0], scale * hi[0], color=line.get_color(), alpha=0.08)
             continue
-        (line,) = ax.plot(xs, [scale * y for y in ys], marker="o", linestyle="--" if r in ("ct", "ct_sft") else "-",
-                          label=row_label(plan, r))
+        (line,) = ax.plot(
+            xs,
+            [scale * y for y in ys],
+            marker="o",
+            linestyle="--" if r in ("ct", "ct_sft") else "-",
+            label=row_label(plan, r),
+        )
         ax.fill_between(xs, [scale * v for v in lo], [scale * v for v in hi], color=line.get_color(), alpha=0.15)
     ax.set_xscale("log")
     budgets = plan.study.budgets(lang)
@@ -481,7 +604,7 @@ def plot_tasks(plan: Plan, data: dict, path: Path) -> None:
         ax.set_title(f"{lang}: {task}", fontsize=9)
         ax.set_xlabel("CT tokens")
         ax.set_ylabel("bits per character (lower is better)" if scale == 1 else "% right")
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     ncol = min(len(labels), 2 * ncol + 1)
@@ -557,10 +680,17 @@ def write_report(plan: Plan, ctx: Context, records: list[StepRecord], out_dir: P
                 writer = csv.DictWriter(fh, fieldnames=list(data["loss"][0]))
                 writer.writeheader()
                 writer.writerows(data["loss"])
-        doc = {"study": plan.study.spec.name, "config": str(plan.study.source),
-               **{k: v for k, v in data.items() if k != "outcomes"}, "language_gain": gains, "findings": found,
-               "steps": [{k: getattr(r, k) for k in ("label", "kind", "key", "seconds", "cpu_seconds", "cached", "info")}
-                         for r in records]}
+        doc = {
+            "study": plan.study.spec.name,
+            "config": str(plan.study.source),
+            **{k: v for k, v in data.items() if k != "outcomes"},
+            "language_gain": gains,
+            "findings": found,
+            "steps": [
+                {k: getattr(r, k) for k in ("label", "kind", "key", "seconds", "cpu_seconds", "cached", "info")}
+                for r in records
+            ],
+        }
         (tmp / "results.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
         (tmp / "report.md").write_text(markdown(plan, data, found, gains, timings))
         plot_scores(plan, data, tmp / "score_vs_tokens.png")

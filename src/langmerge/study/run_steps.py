@@ -8,9 +8,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from langmerge.errors import LangmergeError
-from langmerge.study.steps import (BaseSettings, Context, CTSettings, EvalSettings, FileSettings, GivenSettings,
-                                   SFTSettings, SourceSettings, Step, TaskSettings, TuneSettings, method_recipe,
-                                   space_for_recipe)
+from langmerge.study.steps import (
+    BaseSettings,
+    Context,
+    CTSettings,
+    EvalSettings,
+    FileSettings,
+    GivenSettings,
+    SFTSettings,
+    SourceSettings,
+    Step,
+    TaskSettings,
+    TuneSettings,
+    method_recipe,
+    space_for_recipe,
+)
 
 if TYPE_CHECKING:  # for the annotation only: importing the evaluator means importing torch and transformers
     from langmerge.evaluation.runner import EvalResult
@@ -61,12 +73,14 @@ def model_path(ctx: Context, step: Step, budget: int | None = None) -> Path:
 
         if budget is None:
             raise LangmergeError(f"step {step.label}: which budget's checkpoint?")
-        return out if budget == max(step.settings_as(CTSettings).budgets) else out / f"tokens-{format_token_count(budget)}"
+        return (
+            out if budget == max(step.settings_as(CTSettings).budgets) else out / f"tokens-{format_token_count(budget)}"
+        )
     return out
 
 
 def _inputs(ctx: Context, step: Step, prefix: str) -> list[Path]:
-    names = sorted((n for n in step.deps if n.startswith(prefix)), key=lambda n: int(n[len(prefix):]))
+    names = sorted((n for n in step.deps if n.startswith(prefix)), key=lambda n: int(n[len(prefix) :]))
     return [data_path(ctx, step.deps[n]) for n in names]
 
 
@@ -120,8 +134,11 @@ def task_score(results: EvalResult, score_tasks: list[str] | None = None) -> dic
             per_task[name]["lang_share"] = r.metrics["lang_share"]
     import fnmatch
 
-    chosen = [n for n, v in per_task.items() if v["kind"] != "bits_per_char"
-              and (not score_tasks or any(fnmatch.fnmatchcase(n, p) for p in score_tasks))]
+    chosen = [
+        n
+        for n, v in per_task.items()
+        if v["kind"] != "bits_per_char" and (not score_tasks or any(fnmatch.fnmatchcase(n, p) for p in score_tasks))
+    ]
     solving = [per_task[n]["value"] for n in chosen]
     return {"score": sum(solving) / len(solving) if solving else None, "score_tasks": chosen, "tasks": per_task}
 
@@ -162,12 +179,25 @@ def run_ct(step: Step, ctx: Context, out: Path) -> dict:
     s = step.settings_as(CTSettings)
     budgets = s.budgets
     result = train_ct(
-        model_path(ctx, step.deps["base"]), _inputs(ctx, step, "text"), max(budgets), out / "model",
-        save_at=budgets[:-1], replay=_inputs(ctx, step, "replay"), replay_ratio=s.replay_ratio,
-        repeat=s.repeat, options=_options(step), allow_pickle=ctx.allow_pickle, progress=ctx.progress,
+        model_path(ctx, step.deps["base"]),
+        _inputs(ctx, step, "text"),
+        max(budgets),
+        out / "model",
+        save_at=budgets[:-1],
+        replay=_inputs(ctx, step, "replay"),
+        replay_ratio=s.replay_ratio,
+        repeat=s.repeat,
+        options=_options(step),
+        allow_pickle=ctx.allow_pickle,
+        progress=ctx.progress,
     )
-    return {"steps": result.steps, "target_tokens": result.target_tokens, "replay_tokens": result.replay_tokens,
-            "final_loss": result.final_loss, "train_seconds": result.seconds}
+    return {
+        "steps": result.steps,
+        "target_tokens": result.target_tokens,
+        "replay_tokens": result.replay_tokens,
+        "final_loss": result.final_loss,
+        "train_seconds": result.seconds,
+    }
 
 
 def run_sft(step: Step, ctx: Context, out: Path) -> dict:
@@ -175,18 +205,32 @@ def run_sft(step: Step, ctx: Context, out: Path) -> dict:
 
     base = step.deps["base"]
     s = step.settings_as(SFTSettings)
-    result = train_sft(model_path(ctx, base, s.budget), data_path(ctx, step.deps["data"]),
-                       out / "model", epochs=s.epochs, options=_options(step),
-                       allow_pickle=ctx.allow_pickle, progress=ctx.progress)
-    return {"steps": result.steps, "target_tokens": result.target_tokens, "trained_tokens": result.trained_tokens,
-            "final_loss": result.final_loss, "train_seconds": result.seconds}
+    result = train_sft(
+        model_path(ctx, base, s.budget),
+        data_path(ctx, step.deps["data"]),
+        out / "model",
+        epochs=s.epochs,
+        options=_options(step),
+        allow_pickle=ctx.allow_pickle,
+        progress=ctx.progress,
+    )
+    return {
+        "steps": result.steps,
+        "target_tokens": result.target_tokens,
+        "trained_tokens": result.trained_tokens,
+        "final_loss": result.final_loss,
+        "train_seconds": result.seconds,
+    }
 
 
 def _recipe(ctx: Context, step: Step) -> dict:
     s = step.settings_as(TuneSettings)
     return method_recipe(
-        s.method, str(model_path(ctx, step.deps["base"])),
-        str(model_path(ctx, step.deps["ct"], s.budget)), str(model_path(ctx, step.deps["sft"])), s.dtype,
+        s.method,
+        str(model_path(ctx, step.deps["base"])),
+        str(model_path(ctx, step.deps["ct"], s.budget)),
+        str(model_path(ctx, step.deps["sft"])),
+        s.dtype,
     )
 
 
@@ -220,10 +264,20 @@ def run_tune(step: Step, ctx: Context, out: Path) -> dict:
         loaded = load_recipe(recipe)
         merger = InMemoryMerger(loaded, device=s.device)
         return {"trials": 0, "best": {}, "validation_score": score(merger.model(loaded), merger.tokenizer)}
-    result = tune(recipe, space, score, search=t.search, trials=t.trials, seed=t.seed,
-                  out_dir=out / "tune", device=s.device, progress=ctx.progress, objective_name="validation score",
-                  reporter=TqdmReporter(f"tune ({t.search})", unit="trial") if ctx.progress else None,
-                  allow_pickle=ctx.allow_pickle)
+    result = tune(
+        recipe,
+        space,
+        score,
+        search=t.search,
+        trials=t.trials,
+        seed=t.seed,
+        out_dir=out / "tune",
+        device=s.device,
+        progress=ctx.progress,
+        objective_name="validation score",
+        reporter=TqdmReporter(f"tune ({t.search})", unit="trial") if ctx.progress else None,
+        allow_pickle=ctx.allow_pickle,
+    )
     (out / "best_recipe.yaml").write_text(yaml.safe_dump(result.best_recipe(), sort_keys=False))
     return {"trials": len(result.trials), "best": result.best.values, "validation_score": result.best.score}
 
@@ -246,8 +300,17 @@ def run_eval(step: Step, ctx: Context, out: Path) -> dict:
         path = model_path(ctx, step.deps["model"], s.budget)
         model, tokenizer = load_model(path, device=s.device, allow_pickle=ctx.allow_pickle)
         name = str(path)
-    results = evaluate(model, tasks, tokenizer=tokenizer, limit=s.limit, batch_size=s.batch_size,
-                       progress=ctx.progress, lm_eval_tasks=s.lm_eval, device=s.device, precision=s.precision)
+    results = evaluate(
+        model,
+        tasks,
+        tokenizer=tokenizer,
+        limit=s.limit,
+        batch_size=s.batch_size,
+        progress=ctx.progress,
+        lm_eval_tasks=s.lm_eval,
+        device=s.device,
+        precision=s.precision,
+    )
     results.model = name
     write_results(results, out / "results")
     summary = task_score(results, s.score_tasks)
@@ -269,15 +332,25 @@ def run_analyze(step: Step, ctx: Context, out: Path) -> dict:
         doc[role] = {
             "method": recipe.method.name,
             "slack": report.slack_labels[0],
-            "sft_loss_rate": float(rate[1]), "ct_loss_rate": float(rate[0]),
+            "sft_loss_rate": float(rate[1]),
+            "ct_loss_rate": float(rate[0]),
             "sft_mass_loss": float(mass[1]),
-            "sft_kept": int(report.total.kept[1]), "sft_lost": int(report.total.lost[0, 1]),
+            "sft_kept": int(report.total.kept[1]),
+            "sft_lost": int(report.total.lost[0, 1]),
         }
     (out / "analysis.json").write_text(json.dumps(doc, indent=1) + "\n")
     return {role: v["sft_loss_rate"] for role, v in doc.items()}
 
 
 RUNNERS = {
-    "file": run_file, "given": run_given, "source": run_source, "base": run_base, "ct": run_ct, "sft": run_sft,
-    "ct_sft": run_sft, "tune": run_tune, "eval": run_eval, "analyze": run_analyze,
+    "file": run_file,
+    "given": run_given,
+    "source": run_source,
+    "base": run_base,
+    "ct": run_ct,
+    "sft": run_sft,
+    "ct_sft": run_sft,
+    "tune": run_tune,
+    "eval": run_eval,
+    "analyze": run_analyze,
 }

@@ -60,9 +60,17 @@ def select(plan: Plan, patterns: Sequence[str]) -> list[Step]:
     return [s for s in plan.steps if id(s) in chosen]
 
 
-def run_study(study: Study, *, only: Sequence[str] = (), force: bool = False, executor: str | None = None,
-              progress: bool = True, report: Report | None = None, write: bool = True,
-              allow_pickle: bool = False) -> StudyResult:
+def run_study(
+    study: Study,
+    *,
+    only: Sequence[str] = (),
+    force: bool = False,
+    executor: str | None = None,
+    progress: bool = True,
+    report: Report | None = None,
+    write: bool = True,
+    allow_pickle: bool = False,
+) -> StudyResult:
     """Run the study's steps (cached) and write ``OUT/report``.
 
     ``only``: run the steps matching these patterns and what they need; ``force`` reruns the
@@ -76,13 +84,17 @@ def run_study(study: Study, *, only: Sequence[str] = (), force: bool = False, ex
         import torch
 
         if not torch.cuda.is_available():
-            raise LangmergeError(f"{study.source}: evaluation.device: {device}, but there is no CUDA device here "
-                                 "(the config checks out; it runs where a GPU is present)")
+            raise LangmergeError(
+                f"{study.source}: evaluation.device: {device}, but there is no CUDA device here "
+                "(the config checks out; it runs where a GPU is present)"
+            )
     cache = cache_dir(study)
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise LangmergeError(f"{study.source}: out {study.out}: cannot create {cache} ({exc.strerror or exc})") from None
+        raise LangmergeError(
+            f"{study.source}: out {study.out}: cannot create {cache} ({exc.strerror or exc})"
+        ) from None
     remove_dead_partials(cache)  # the half-written step folders of killed runs (a live run's are left alone)
     ctx = Context(cache.resolve(), progress, allow_pickle)
     steps = select(plan, only) if only else list(plan.steps)
@@ -94,7 +106,9 @@ def run_study(study: Study, *, only: Sequence[str] = (), force: bool = False, ex
     counts = check_budgets(plan, ctx) if any(s.kind == "ct" and not s.done(ctx.cache) for s in rest) else {}
     spec = study.spec.executor
     kind = executor or spec.kind
-    ray_options = {"address": spec.address, "num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus} if kind == "ray" else {}
+    ray_options = (
+        {"address": spec.address, "num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus} if kind == "ray" else {}
+    )
     offset = len(records)
 
     def shifted(i, total, step, record):

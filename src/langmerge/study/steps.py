@@ -134,6 +134,7 @@ class SFTSettings(StepSettings):
     @field_serializer("training")
     def _keyed_training(self, training: StudyTrainOptions) -> dict[str, Any]:
         return training.step_settings()  # the keys study caches began with (study.config.KEYED_TRAINING)
+
     budget: int | None = None
 
 
@@ -183,8 +184,12 @@ class Step:
     training: bool = False  # runs a training loop (gets GPUs on a cluster)
 
     def key(self) -> str:
-        doc = {"kind": self.kind, "version": STEP_VERSION, "settings": self.settings.model_dump(),
-               "deps": {name: dep.key() for name, dep in sorted(self.deps.items())}}
+        doc = {
+            "kind": self.kind,
+            "version": STEP_VERSION,
+            "settings": self.settings.model_dump(),
+            "deps": {name: dep.key() for name, dep in sorted(self.deps.items())},
+        }
         return hashlib.sha256(canonical(doc).encode()).hexdigest()[:16]
 
     def settings_as(self, kind: type[SettingsT]) -> SettingsT:
@@ -259,12 +264,16 @@ def run_step(step: Step, ctx: Context, force: bool = False) -> StepRecord:
     with library_progress_bars(ctx.progress), atomic_output_dir(folder, force=True) as tmp:
         info = fn(step, ctx, tmp)
         record = StepRecord(
-            kind=step.kind, label=step.label, key=step.key(), settings=step.settings.model_dump(),
+            kind=step.kind,
+            label=step.label,
+            key=step.key(),
+            settings=step.settings.model_dump(),
             deps={name: dep.folder(ctx.cache).name for name, dep in step.deps.items()},
             seconds=round(time.perf_counter() - start, 3),
             # user + system time of this process's threads: what the step costs on a machine shared with other work
             cpu_seconds=round(_cpu_seconds() - cpu_start, 3),
-            finished=datetime.now(timezone.utc).isoformat(timespec="seconds"), info=info,
+            finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            info=info,
         )
         # Written last: a folder without it is never taken for a finished step.
         (tmp / DONE).write_text(json.dumps(record.model_dump(), indent=1, default=str) + "\n")
@@ -307,5 +316,6 @@ def method_recipe(method: MethodSpec, base: str, ct: str, sft: str, dtype: str) 
 
 def space_for_recipe(space: dict) -> dict:
     """Space keys with models[ct] / models[sft] as the recipe's indices (0 and 1)."""
-    return {key.replace("models[ct]", "models[0]").replace("models[sft]", "models[1]"): spec
-            for key, spec in space.items()}
+    return {
+        key.replace("models[ct]", "models[0]").replace("models[sft]", "models[1]"): spec for key, spec in space.items()
+    }

@@ -99,8 +99,16 @@ def train_ct(
     target = token_stream(tokenizer, list(texts))
     replay_stream = token_stream(tokenizer, list(replay)) if replay else None
     plan = plan_ct(
-        target, budgets, seq_len=options.seq_len, batch_size=options.batch_size, seed=options.seed,
-        replay=replay_stream, ratio=replay_ratio, repeat=repeat, target_files=list(texts), replay_files=list(replay),
+        target,
+        budgets,
+        seq_len=options.seq_len,
+        batch_size=options.batch_size,
+        seed=options.seed,
+        replay=replay_stream,
+        ratio=replay_ratio,
+        repeat=repeat,
+        target_files=list(texts),
+        replay_files=list(replay),
     )
 
     def step_items(step: int) -> list[Item]:
@@ -121,14 +129,26 @@ def train_ct(
         "repeat": repeat,
     }
     job = Job(
-        kind="ct", base=base, steps=plan.steps, step_items=step_items, save_steps=plan.save_steps,
-        fingerprint=fingerprint(*plan.streams, plan.source, plan.start, plan.length, plan.step_bounds,
-                                _options_fingerprint(options), source.pinned),
-        metadata=metadata, base_model=source, pretrained=pretrained,
+        kind="ct",
+        base=base,
+        steps=plan.steps,
+        step_items=step_items,
+        save_steps=plan.save_steps,
+        fingerprint=fingerprint(
+            *plan.streams,
+            plan.source,
+            plan.start,
+            plan.length,
+            plan.step_bounds,
+            _options_fingerprint(options),
+            source.pinned,
+        ),
+        metadata=metadata,
+        base_model=source,
+        pretrained=pretrained,
     )
     log.info("CT plan: %d steps, %d target + %d replay tokens", plan.steps, plan.tokens(TARGET), plan.tokens(REPLAY))
-    return run(job, out, options, tokenizer, force=force, resume=resume, stop_after=stop_after,
-               progress=progress)
+    return run(job, out, options, tokenizer, force=force, resume=resume, stop_after=stop_after, progress=progress)
 
 
 def train_sft(
@@ -150,7 +170,9 @@ def train_sft(
     ``options.seq_len``. The CT-then-SFT baseline is ``train_sft(ct_folder, ...)``.
     """
     out, data = Path(out), Path(data)
-    prepare_output(out, force, resume, [hub_repository_folder(str(base)) or base, data])  # fail before downloading anything
+    prepare_output(
+        out, force, resume, [hub_repository_folder(str(base)) or base, data]
+    )  # fail before downloading anything
     source = resolve_model(base, allow_pickle=allow_pickle, progress=progress)
     base = source.folder
     pretrained = check_base(base, options.seq_len, allow_pickle)
@@ -175,10 +197,14 @@ def train_sft(
         "chat_template": bool(getattr(tokenizer, "chat_template", None)),
     }
     job = Job(
-        kind="sft", base=base, steps=len(bounds) - 1, step_items=step_items, save_steps={},
+        kind="sft",
+        base=base,
+        steps=len(bounds) - 1,
+        step_items=step_items,
+        save_steps={},
         fingerprint=fingerprint(flat_ids, order, bounds, _options_fingerprint(options), source.pinned),
-        metadata=metadata, base_model=source, pretrained=pretrained,
+        metadata=metadata,
+        base_model=source,
+        pretrained=pretrained,
     )
-    return run(job, out, options, tokenizer, force=force, resume=resume, stop_after=stop_after,
-               progress=progress)
-
+    return run(job, out, options, tokenizer, force=force, resume=resume, stop_after=stop_after, progress=progress)

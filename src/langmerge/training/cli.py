@@ -46,10 +46,20 @@ def _report(result) -> int:
 def _ct(args) -> int:
     return _report(
         train_ct(
-            args.base, args.text, args.tokens, args.out,
-            save_at=args.save_at or (), replay=args.replay or (), replay_ratio=args.replay_ratio,
-            repeat=args.repeat, options=model_from_args(args, TrainOptions), force=args.force, resume=args.resume,
-            stop_after=args.stop_after, allow_pickle=args.allow_pickle, progress=not args.no_progress,
+            args.base,
+            args.text,
+            args.tokens,
+            args.out,
+            save_at=args.save_at or (),
+            replay=args.replay or (),
+            replay_ratio=args.replay_ratio,
+            repeat=args.repeat,
+            options=model_from_args(args, TrainOptions),
+            force=args.force,
+            resume=args.resume,
+            stop_after=args.stop_after,
+            allow_pickle=args.allow_pickle,
+            progress=not args.no_progress,
         )
     )
 
@@ -57,15 +67,26 @@ def _ct(args) -> int:
 def _sft(args) -> int:
     return _report(
         train_sft(
-            args.base, args.data, args.out, epochs=args.epochs, options=model_from_args(args, TrainOptions),
-            force=args.force, resume=args.resume, stop_after=args.stop_after, allow_pickle=args.allow_pickle,
+            args.base,
+            args.data,
+            args.out,
+            epochs=args.epochs,
+            options=model_from_args(args, TrainOptions),
+            force=args.force,
+            resume=args.resume,
+            stop_after=args.stop_after,
+            allow_pickle=args.allow_pickle,
             progress=not args.no_progress,
         )
     )
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", required=True, help="model to start from: a folder (Hugging Face format) or a Hub id ORG/NAME[@REVISION]")
+    p.add_argument(
+        "--base",
+        required=True,
+        help="model to start from: a folder (Hugging Face format) or a Hub id ORG/NAME[@REVISION]",
+    )
     p.add_argument("--out", required=True, help="output model folder")
     FORCE.add(p, "replace an existing output folder / discard an interrupted run")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last saved state")
@@ -80,9 +101,24 @@ def add_commands(sub) -> None:
     tsub = train.add_subparsers(dest="train_command", required=True, metavar="KIND")
 
     p = tsub.add_parser("ct", help="continual pre-training on raw target-language text")
-    p.add_argument("--text", nargs="+", required=True, help="target-language text files (.txt: a document per line; .jsonl: 'text')")
-    p.add_argument("--tokens", type=_token_count, required=True, help="target-language tokens to train on, exactly (1M, 500k, 2.5M)")
-    p.add_argument("--save-at", type=_token_list, default=None, help="also save at these budgets, e.g. 1M,2M,5M (OUT/tokens-1M/...)")
+    p.add_argument(
+        "--text",
+        nargs="+",
+        required=True,
+        help="target-language text files (.txt: a document per line; .jsonl: 'text')",
+    )
+    p.add_argument(
+        "--tokens",
+        type=_token_count,
+        required=True,
+        help="target-language tokens to train on, exactly (1M, 500k, 2.5M)",
+    )
+    p.add_argument(
+        "--save-at",
+        type=_token_list,
+        default=None,
+        help="also save at these budgets, e.g. 1M,2M,5M (OUT/tokens-1M/...)",
+    )
     p.add_argument("--replay", nargs="+", default=None, help="replay (e.g. English) text files mixed in")
     p.add_argument("--replay-ratio", type=_ratio, default=(4, 1), help="target:replay parts (default 4:1)")
     p.add_argument("--repeat", action="store_true", help="cycle through the text when the budget exceeds it")

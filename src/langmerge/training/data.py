@@ -228,12 +228,18 @@ def read_sft_records(path: str | Path) -> list[list[dict]]:
     for lineno, record in json_object_lines(raw.splitlines(), path):
         if "messages" in record:
             messages = record["messages"]
-            ok = isinstance(messages, list) and messages and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages
+            ok = (
+                isinstance(messages, list)
+                and messages
+                and all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in messages
+                )
             )
             if not ok:
-                raise LangmergeError(f"{path}:{lineno}: 'messages' must be a non-empty list of {{role, content}} strings")
+                raise LangmergeError(
+                    f"{path}:{lineno}: 'messages' must be a non-empty list of {{role, content}} strings"
+                )
             if not any(m["role"] == "assistant" for m in messages):
                 raise LangmergeError(f"{path}:{lineno}: 'messages' has no assistant message to learn")
             conversations.append(messages)
@@ -283,8 +289,12 @@ def build_sft_example(tokenizer, messages: list[dict], where: str = "") -> SFTEx
     if [m["role"] for m in messages] != ["user", "assistant"]:
         raise LangmergeError(f"{where}: multi-turn 'messages' need a tokenizer with a chat template")
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    prompt = ([bos] if bos is not None else []) + tokenizer(messages[0]["content"], add_special_tokens=False)["input_ids"]
-    response = tokenizer(messages[1]["content"], add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+    prompt = ([bos] if bos is not None else []) + tokenizer(messages[0]["content"], add_special_tokens=False)[
+        "input_ids"
+    ]
+    response = tokenizer(messages[1]["content"], add_special_tokens=False)["input_ids"] + (
+        [eos] if eos is not None else []
+    )
     return SFTExample(prompt + response, [IGNORE_INDEX] * len(prompt) + response)
 
 

@@ -59,7 +59,9 @@ class Job:
     fingerprint: str  # identifies the data and plan, checked on resume
     pretrained: dict  # from_pretrained options of the base (io/reader.pretrained_options)
     metadata: dict = field(default_factory=dict)  # data description for langmerge_training.json
-    base_model: ResolvedModel | None = None  # where the base came from (io/hub.py): recorded as its ``pinned`` reference
+    base_model: ResolvedModel | None = (
+        None  # where the base came from (io/hub.py): recorded as its ``pinned`` reference
+    )
 
 
 @dataclass
@@ -347,8 +349,17 @@ def prepare_output(out: Path, force: bool, resume: bool, inputs: Sequence[str | 
     return state
 
 
-def run(job: Job, out: str | Path, options: TrainOptions, tokenizer, *, force: bool = False,
-        resume: bool = False, stop_after: int | None = None, progress: bool = True) -> TrainResult:
+def run(
+    job: Job,
+    out: str | Path,
+    options: TrainOptions,
+    tokenizer,
+    *,
+    force: bool = False,
+    resume: bool = False,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> TrainResult:
     """Train ``job`` into ``out``; with ``stop_after`` stop resumably after that many steps in total.
     ``progress``: show a progress bar."""
     from tqdm.auto import tqdm
@@ -361,14 +372,26 @@ def run(job: Job, out: str | Path, options: TrainOptions, tokenizer, *, force: b
     # From here on ``progress`` is the run's counts (the trainer holds the flag).
     progress = trainer.load_resume_state() if resume else None
     if progress is None:
-        progress = {"step": 0, "target_tokens": 0, "replay_tokens": 0, "trained_tokens": 0, "losses": [],
-                    "seconds": 0.0, "fingerprint": job.fingerprint}
+        progress = {
+            "step": 0,
+            "target_tokens": 0,
+            "replay_tokens": 0,
+            "trained_tokens": 0,
+            "losses": [],
+            "seconds": 0.0,
+            "fingerprint": job.fingerprint,
+        }
     else:
         log.info("resuming at step %d of %d", progress["step"], job.steps)
     budget_at = {steps: name for name, steps in job.save_steps.items() if steps < job.steps}
     end = job.steps if stop_after is None else min(job.steps, stop_after)
-    bar = tqdm(total=job.steps, initial=progress["step"], unit="step",
-               disable=not (trainer.progress and acc.is_main_process), desc=f"train {job.kind}")
+    bar = tqdm(
+        total=job.steps,
+        initial=progress["step"],
+        unit="step",
+        disable=not (trainer.progress and acc.is_main_process),
+        desc=f"train {job.kind}",
+    )
     started = time.perf_counter()
     seconds_before = progress["seconds"]
     last_state_step = progress["step"]
@@ -383,10 +406,17 @@ def run(job: Job, out: str | Path, options: TrainOptions, tokenizer, *, force: b
             progress["losses"].append(loss)
             progress["seconds"] = seconds_before + time.perf_counter() - started
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{(progress['target_tokens'] + progress['replay_tokens']) / max(progress['seconds'], 1e-9):,.0f}")
+            bar.set_postfix(
+                loss=f"{loss:.4f}",
+                tok_s=f"{(progress['target_tokens'] + progress['replay_tokens']) / max(progress['seconds'], 1e-9):,.0f}",
+            )
             if progress["step"] in budget_at:
                 trainer.write_model(state_dir / budget_at[progress["step"]], progress)
-            if options.checkpoint_every and progress["step"] % options.checkpoint_every == 0 and progress["step"] < job.steps:
+            if (
+                options.checkpoint_every
+                and progress["step"] % options.checkpoint_every == 0
+                and progress["step"] < job.steps
+            ):
                 trainer.save_resume_state(progress)
                 last_state_step = progress["step"]
     finally:

@@ -21,13 +21,14 @@ class LoraOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     rank: int = Field(16, ge=1, description="rank of each adapter's two factors")
-    alpha: int = Field(32, ge=1,
-                       description="LoRA's scale numerator: the update is alpha / rank times the adapter product")
+    alpha: int = Field(
+        32, ge=1, description="LoRA's scale numerator: the update is alpha / rank times the adapter product"
+    )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on each adapter's input")
     target_modules: str | tuple[str, ...] = Field(
         "all-linear",
         description="the layers that get adapters: all-linear (every linear layer but the output layer, PEFT's own "
-                    "rule) or module names",
+        "rule) or module names",
         json_schema_extra={"metavar": "MODULE"},
     )
 
@@ -44,11 +45,18 @@ class TrainOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     seq_len: int = Field(512, ge=2, description="tokens per sequence", json_schema_extra={"unit": "tokens"})
-    batch_size: int = Field(8, ge=1, description="sequences per optimizer step, all processes together",
-                            json_schema_extra={"unit": "sequences"})
+    batch_size: int = Field(
+        8,
+        ge=1,
+        description="sequences per optimizer step, all processes together",
+        json_schema_extra={"unit": "sequences"},
+    )
     micro_batch_size: int | None = Field(
-        None, ge=1, description="sequences per forward pass per process; gradient accumulation makes up the batch",
-        json_schema_extra={"unit": "sequences", "default_text": "the batch size"})
+        None,
+        ge=1,
+        description="sequences per forward pass per process; gradient accumulation makes up the batch",
+        json_schema_extra={"unit": "sequences", "default_text": "the batch size"},
+    )
     lr: float = Field(3e-5, ge=0.0, description="peak learning rate")
     min_lr: float = Field(0.0, ge=0.0, description="floor of the cosine schedule")
     warmup: float = Field(0.01, ge=0.0, description="warm-up: a fraction of the steps (< 1) or a step count (>= 1)")
@@ -59,8 +67,9 @@ class TrainOptions(BaseModel):
     gradient_checkpointing: bool = Field(False, description="trade compute for activation memory")
     lora: LoraOptions | None = Field(None, description="train LoRA adapters instead of every parameter")
     merge_lora: bool = Field(False, description="write full checkpoints with the adapters merged in")
-    checkpoint_every: int = Field(100, ge=0, description="steps between resumable states (0: only on stop)",
-                                  json_schema_extra={"unit": "steps"})
+    checkpoint_every: int = Field(
+        100, ge=0, description="steps between resumable states (0: only on stop)", json_schema_extra={"unit": "steps"}
+    )
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms(True)")
 
     @model_validator(mode="before")

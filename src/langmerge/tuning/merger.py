@@ -30,8 +30,15 @@ log = logging.getLogger(__name__)
 class InMemoryMerger:
     """The recipe's inputs held in memory; ``state_dict(candidate)`` merges a candidate recipe."""
 
-    def __init__(self, recipe: Recipe, *, device: str = "cpu", allow_pickle: bool = False, progress: bool = True,
-                 memory: int = DEFAULT_MEMORY):
+    def __init__(
+        self,
+        recipe: Recipe,
+        *,
+        device: str = "cpu",
+        allow_pickle: bool = False,
+        progress: bool = True,
+        memory: int = DEFAULT_MEMORY,
+    ):
         from langmerge.devices import resolve_device
 
         self.recipe = recipe
@@ -54,8 +61,9 @@ class InMemoryMerger:
                 task = tensor.tasks[0]
                 for k, ref in enumerate(task.refs):
                     held[k if not tensor.copied else 0][tensor.name] = load(ref, task.info.dtype, self.device, memory)
-            self.views = [MemorySource(view.label, tensors, view.config(), view.folder)
-                          for view, tensors in zip(plan.views, held)]
+            self.views = [
+                MemorySource(view.label, tensors, view.config(), view.folder) for view, tensors in zip(plan.views, held)
+            ]
             self.plan = plan
             self.model_dtype = plan.model_dtype or torch.float32
             with tempfile.TemporaryDirectory(prefix="langmerge-tune-") as tmp:

@@ -53,8 +53,16 @@ def task_objective(
         metrics[task.name] = name
 
     def score(model, tokenizer) -> float:
-        results = evaluate(model, resolved, tokenizer=tokenizer, limit=limit, batch_size=batch_size,
-                           few_shot=few_shot, seed=seed, progress=False)
+        results = evaluate(
+            model,
+            resolved,
+            tokenizer=tokenizer,
+            limit=limit,
+            batch_size=batch_size,
+            few_shot=few_shot,
+            seed=seed,
+            progress=False,
+        )
         values = []
         for name, metric_name in metrics.items():
             value = results.tasks[name].metrics[metric_name]

@@ -123,7 +123,9 @@ def tune(
     dims = load_space(space, recipe)
     n_trials = check_search(search, dims, trials)
     if out_dir is not None:
-        check_output_free(out_dir, force, [*recipe_input_paths(recipe), space if isinstance(space, (str, Path)) else None])
+        check_output_free(
+            out_dir, force, [*recipe_input_paths(recipe), space if isinstance(space, (str, Path)) else None]
+        )
     start = time.perf_counter()
     merger = InMemoryMerger(recipe, device=device, allow_pickle=allow_pickle, progress=progress)
     log.info("loaded the task vectors in memory (%.2f GB)", merger.nbytes / 1e9)
@@ -161,13 +163,17 @@ def tune(
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
-            study.optimize(lambda trial: evaluate({d.key: d.suggest(trial) for d in dims}), n_trials=n_trials,
-                           catch=())
+            study.optimize(lambda trial: evaluate({d.key: d.suggest(trial) for d in dims}), n_trials=n_trials, catch=())
     finally:
         if reporter is not None:
             reporter.close()
     result = TuneResult(
-        base_dict, dims, done, search, objective_name, time.perf_counter() - start,
+        base_dict,
+        dims,
+        done,
+        search,
+        objective_name,
+        time.perf_counter() - start,
         settings=SearchSettings(recipe=recipe.source, search=search, trials=n_trials, seed=seed),
     )
     if out_dir is not None:

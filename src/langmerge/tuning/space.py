@@ -195,7 +195,9 @@ def _model_index(recipe: Recipe, ref: str, key: str, where: str) -> int:
     if ref.isdigit():
         index = int(ref)
         if index >= len(models):
-            raise LangmergeError(f"{where}: key {key!r}: the recipe lists {len(models)} models (indices 0-{len(models) - 1})")
+            raise LangmergeError(
+                f"{where}: key {key!r}: the recipe lists {len(models)} models (indices 0-{len(models) - 1})"
+            )
     else:
         hits = [i for i, m in enumerate(models) if ref in (m, Path(m.rstrip("/")).name)]
         if len(hits) != 1:
@@ -205,7 +207,9 @@ def _model_index(recipe: Recipe, ref: str, key: str, where: str) -> int:
             )
         index = hits[0]
     if recipe.has_base and models[index] == recipe.base_model:
-        raise LangmergeError(f"{where}: key {key!r}: {models[index]} is the base model; it has no parameters in a merge")
+        raise LangmergeError(
+            f"{where}: key {key!r}: {models[index]} is the base model; it has no parameters in a merge"
+        )
     return index
 
 

@@ -55,14 +55,29 @@ def cache_root(cache_dir: Path | None = None) -> Path:
 
 
 def _mc(name: str, family: str, language: str, **extra) -> dict:
-    return {"name": name, "kind": "multiple_choice", "family": family, "language": language,
-            "prompt": "{question}", "choices_field": "choices", "answer_field": "answer_index", **extra}
+    return {
+        "name": name,
+        "kind": "multiple_choice",
+        "family": family,
+        "language": language,
+        "prompt": "{question}",
+        "choices_field": "choices",
+        "answer_field": "answer_index",
+        **extra,
+    }
 
 
 def _gen(name: str, family: str, language: str, **extra) -> dict:
-    return {"name": name, "kind": "generation", "family": family, "language": language,
-            "language_labels": LANGID_LABELS.get(language, [language]), "prompt": "{question}",
-            "answer_field": "answer", **extra}
+    return {
+        "name": name,
+        "kind": "generation",
+        "family": family,
+        "language": language,
+        "language_labels": LANGID_LABELS.get(language, [language]),
+        "prompt": "{question}",
+        "answer_field": "answer",
+        **extra,
+    }
 
 
 @cache
@@ -80,27 +95,46 @@ def builtin_tasks() -> dict[str, BuiltinTask]:
         gen = dict(stop=["\n"], few_shot=3, fewshot_delimiter="\n", max_new_tokens=48)
         tasks[f"number_words_{lang}"] = BuiltinTask(
             _gen(f"number_words_{lang}", "number_words", lang, **gen),
-            _cacheless(lambda language: numbers.build_number_words(language), lang))
+            _cacheless(lambda language: numbers.build_number_words(language), lang),
+        )
         tasks[f"arith_words_{lang}"] = BuiltinTask(
             _gen(f"arith_words_{lang}", "arith_words", lang, **gen),
-            _cacheless(lambda language: numbers.build_arith_words(language), lang))
+            _cacheless(lambda language: numbers.build_arith_words(language), lang),
+        )
         tasks[f"arith_words_mc_{lang}"] = BuiltinTask(
             _mc(f"arith_words_mc_{lang}", "arith_words_mc", lang),
-            _cacheless(lambda language: numbers.build_arith_words_mc(language), lang))
+            _cacheless(lambda language: numbers.build_arith_words_mc(language), lang),
+        )
     for lang in udhr.UDHR_CODES:
         tasks[f"udhr_bpc_{lang}"] = BuiltinTask(
-            {"name": f"udhr_bpc_{lang}", "kind": "bits_per_char", "family": "udhr_bpc", "language": lang,
-             "text_field": "text"},
-            _cached(lambda language, cache_dir: udhr.build_udhr(language, cache_dir), lang))
+            {
+                "name": f"udhr_bpc_{lang}",
+                "kind": "bits_per_char",
+                "family": "udhr_bpc",
+                "language": lang,
+                "text_field": "text",
+            },
+            _cached(lambda language, cache_dir: udhr.build_udhr(language, cache_dir), lang),
+        )
     for lang in bible.LANGUAGES:
         tasks[f"verse_cont_{lang}"] = BuiltinTask(
-            _mc(f"verse_cont_{lang}", "verse_cont", lang), _cacheless(lambda language: bible.build_verse_cont(language), lang))
+            _mc(f"verse_cont_{lang}", "verse_cont", lang),
+            _cacheless(lambda language: bible.build_verse_cont(language), lang),
+        )
         tasks[f"bible_genre_{lang}"] = BuiltinTask(
-            _mc(f"bible_genre_{lang}", "bible_genre", lang), _cacheless(lambda language: bible.build_genre(language), lang))
+            _mc(f"bible_genre_{lang}", "bible_genre", lang),
+            _cacheless(lambda language: bible.build_genre(language), lang),
+        )
         tasks[f"bible_bpc_{lang}"] = BuiltinTask(
-            {"name": f"bible_bpc_{lang}", "kind": "bits_per_char", "family": "bible_bpc", "language": lang,
-             "text_field": "text"},
-            _cacheless(lambda language: bible.build_bible_bpc(language), lang))
+            {
+                "name": f"bible_bpc_{lang}",
+                "kind": "bits_per_char",
+                "family": "bible_bpc",
+                "language": lang,
+                "text_field": "text",
+            },
+            _cacheless(lambda language: bible.build_bible_bpc(language), lang),
+        )
     return tasks
 
 

@@ -75,7 +75,9 @@ def chichewa_verses() -> dict[tuple[int, int, int], str]:
     out = {}
     for number, book in enumerate(books, start=1):
         for chapter in range(1, book["chapters"] + 1):
-            text = root.joinpath("resources").joinpath(str(number)).joinpath(f"{chapter}.json").read_text(encoding="utf-8")
+            text = (
+                root.joinpath("resources").joinpath(str(number)).joinpath(f"{chapter}.json").read_text(encoding="utf-8")
+            )
             for verse, v in enumerate(json.loads(text), start=1):
                 if v.strip():
                     out[(number, chapter, verse)] = _normal(v)
@@ -190,7 +192,9 @@ def _genre(book: int) -> str:
     return genre
 
 
-def _candidates(books: tuple[int, ...], languages: tuple[str, ...], max_chars: dict[str, int]) -> list[tuple[int, int, int]]:
+def _candidates(
+    books: tuple[int, ...], languages: tuple[str, ...], max_chars: dict[str, int]
+) -> list[tuple[int, int, int]]:
     """Verses of ``books`` for task items: in every one of ``languages`` (aligned where more than one),
     short enough, and unique within the books; verses of held-out books whose text also occurs in
     the CT text (quotations, parallel passages) are left out."""
@@ -219,8 +223,11 @@ def _cont_items(books: tuple[int, ...], languages: tuple[str, ...], n: int, seed
     """verse_cont items over ``books``, the same in each language: the verse, three distractor verses
     of the same book (whose endings differ from its own), and the answer's position."""
     texts = {lang: verses(lang) for lang in languages}
-    pool = [r for r in _candidates(books, languages, MAX_VERSE_CHARS)
-            if all(split_verse(texts[lang][r]) is not None for lang in languages)]
+    pool = [
+        r
+        for r in _candidates(books, languages, MAX_VERSE_CHARS)
+        if all(split_verse(texts[lang][r]) is not None for lang in languages)
+    ]
     tails = {lang: {r: _split(texts[lang][r])[1] for r in pool} for lang in languages}
     rng = random.Random(seed)
     chosen = rng.sample(pool, min(n, len(pool)))
@@ -251,8 +258,15 @@ def _cont_docs(language: str, items) -> list[dict]:
     for it in items:
         head, _ = _split(vs[it["ref"]])
         endings = [_split(vs[o])[1] for o in it["options"]]
-        docs.append({"question": cont_prompt(head, endings), "choices": list(LETTERS), "answer_index": it["answer"],
-                     "ref": _ref(it["ref"]), "option_refs": [_ref(o) for o in it["options"]]})
+        docs.append(
+            {
+                "question": cont_prompt(head, endings),
+                "choices": list(LETTERS),
+                "answer_index": it["answer"],
+                "ref": _ref(it["ref"]),
+                "option_refs": [_ref(o) for o in it["options"]],
+            }
+        )
     return docs
 
 
@@ -266,7 +280,9 @@ def genre_prompt(verse: str) -> str:
 
 
 @cache
-def _genre_items(books: tuple[int, ...], languages: tuple[str, ...], per_class: int, seed: str) -> tuple[tuple[int, int, int], ...]:
+def _genre_items(
+    books: tuple[int, ...], languages: tuple[str, ...], per_class: int, seed: str
+) -> tuple[tuple[int, int, int], ...]:
     """bible_genre items over ``books``: ``per_class`` verses of each genre, shuffled."""
     pool = _candidates(books, languages, {"ny": 240, "en": 200})
     rng = random.Random(seed)
@@ -282,8 +298,15 @@ def _genre_items(books: tuple[int, ...], languages: tuple[str, ...], per_class: 
 
 def _genre_docs(language: str, refs) -> list[dict]:
     vs = verses(language)
-    return [{"question": genre_prompt(vs[r]), "choices": list(GENRES), "answer_index": GENRES.index(BOOK_GENRE[r[0]]),
-             "ref": _ref(r)} for r in refs]
+    return [
+        {
+            "question": genre_prompt(vs[r]),
+            "choices": list(GENRES),
+            "answer_index": GENRES.index(BOOK_GENRE[r[0]]),
+            "ref": _ref(r),
+        }
+        for r in refs
+    ]
 
 
 def build_genre(language: str) -> list[dict]:
@@ -301,8 +324,12 @@ def build_bible_bpc(language: str) -> list[dict]:
         numbers = sorted(v for (b, c, v) in vs if (b, c) == (book, chapter))
         start = numbers[0] if len(numbers) <= 5 else rng.choice(numbers[: len(numbers) - 4])
         picked = [v for v in numbers if start <= v < start + 5]
-        docs.append({"ref": f"{book}:{chapter}:{picked[0]}-{picked[-1]}",
-                     "text": " ".join(vs[(book, chapter, v)] for v in picked)})
+        docs.append(
+            {
+                "ref": f"{book}:{chapter}:{picked[0]}-{picked[-1]}",
+                "text": " ".join(vs[(book, chapter, v)] for v in picked),
+            }
+        )
     return docs
 
 

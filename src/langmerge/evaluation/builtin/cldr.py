@@ -18,8 +18,20 @@ from langmerge.errors import LangmergeError
 
 # ISO 639-1 code -> the CLDR locale babel knows it by.
 CLDR_LOCALES = {
-    "ta": "ta", "te": "te", "bn": "bn", "or": "or", "ne": "ne", "mn": "mn", "ug": "ug", "bo": "bo",
-    "si": "si", "sw": "sw", "yo": "yo", "ny": "ny", "am": "am", "en": "en",
+    "ta": "ta",
+    "te": "te",
+    "bn": "bn",
+    "or": "or",
+    "ne": "ne",
+    "mn": "mn",
+    "ug": "ug",
+    "bo": "bo",
+    "si": "si",
+    "sw": "sw",
+    "yo": "yo",
+    "ny": "ny",
+    "am": "am",
+    "en": "en",
 }
 RUN_LENGTHS = (2, 3, 4)
 
@@ -52,8 +64,14 @@ def sequence_examples(names: list[str]) -> list[dict]:
             run = [(start + j) % n for j in range(length)]
             answer = (start + length) % n
             choices = [i for i in range(n) if i not in run]
-            docs.append({"question": ", ".join(names[i] for i in run) + ",", "choices": [names[i] for i in choices],
-                         "answer_index": choices.index(answer), "answer": names[answer]})
+            docs.append(
+                {
+                    "question": ", ".join(names[i] for i in run) + ",",
+                    "choices": [names[i] for i in choices],
+                    "answer_index": choices.index(answer),
+                    "answer": names[answer],
+                }
+            )
     return docs
 
 

@@ -47,9 +47,11 @@ def build_arith_words_mc(language: str) -> list[dict]:
         total = a + b
         values = [total, total + 1, total - 1, total + 10]
         rng.shuffle(values)
-        docs.append({
-            "question": f"{a} + {b} =",
-            "choices": [number_words(v, language) for v in values],
-            "answer_index": values.index(total),
-        })
+        docs.append(
+            {
+                "question": f"{a} + {b} =",
+                "choices": [number_words(v, language) for v in values],
+                "answer_index": values.index(total),
+            }
+        )
     return docs

