@@ -41,6 +41,7 @@ def run_study_command(args) -> int:
         report=_print_step,
         allow_pickle=args.allow_pickle,
     )
+    assert result.report_dir is not None  # run_study writes the report unless told not to
     ran = len(result.ran)
     print(
         f"{len(result.records)} steps ({ran} run, {len(result.records) - ran} cached); "

@@ -370,8 +370,10 @@ def _check_source(study: Study, src: Source, key: str, kind: str) -> None:
         need = missing_requirement(src.builtin)
         if need:
             raise LangmergeError(f"{key}: builtin source {src.builtin!r} needs {need}")
-    elif not study.path(src.path).is_file():
-        raise LangmergeError(f"{key}: file {study.path(src.path)} does not exist")
+    else:
+        assert src.path is not None  # a Source is exactly one of path and builtin
+        if not study.path(src.path).is_file():
+            raise LangmergeError(f"{key}: file {study.path(src.path)} does not exist")
 
 
 def _check_space(study: Study, name: str, m: MethodSpec) -> None:

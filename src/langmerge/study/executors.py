@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from langmerge.errors import LangmergeError
 from langmerge.study.steps import Context, Step, StepRecord, run_step
@@ -19,7 +19,7 @@ Report = Callable[[int, int, Step, StepRecord], None]  # (index, total, step, do
 
 
 def run_local(
-    steps: Sequence[Step], ctx: Context, *, force: set[int] = frozenset(), report: Report | None = None
+    steps: Sequence[Step], ctx: Context, *, force: Collection[int] = frozenset(), report: Report | None = None
 ) -> list[StepRecord]:
     """Run ``steps`` (already in dependency order) one after another; ``force``: ids of steps to rerun."""
     records = []
@@ -40,7 +40,7 @@ def run_ray(
     steps: Sequence[Step],
     ctx: Context,
     *,
-    force: set[int] = frozenset(),
+    force: Collection[int] = frozenset(),
     report: Report | None = None,
     address: str | None = None,
     num_cpus: float = 1,
@@ -109,7 +109,7 @@ def run_steps(
     ctx: Context,
     *,
     executor: str = "local",
-    force: set[int] = frozenset(),
+    force: Collection[int] = frozenset(),
     report: Report | None = None,
     **ray_options,
 ) -> list[StepRecord]:

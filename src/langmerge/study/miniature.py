@@ -179,7 +179,9 @@ def prune_vocabulary(src: Path, dest: Path, strings: list[str]) -> dict:
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     index = torch.tensor(keep, dtype=torch.long)
     state = model.state_dict()
-    embed = model.get_input_embeddings().weight.detach()
+    embed = model.get_input_embeddings().weight
+    assert isinstance(embed, torch.Tensor)  # a parameter (nn.Module's typing says Tensor or Module)
+    embed = embed.detach()
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     text_config.vocab_size = len(keep)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):

@@ -50,6 +50,7 @@ def _data_step(study: Study, src: Source, role: str) -> Step:
         from langmerge.study.sources import SOURCE_VERSION
 
         return Step("source", f"source {src.builtin}", SourceSettings(builtin=src.builtin, version=SOURCE_VERSION))
+    assert src.path is not None  # a Source is exactly one of path and builtin
     path = study.path(src.path).resolve()
     return Step("file", f"file {path.name}", FileSettings(path=str(path), sha256=file_digest(path)))
 
@@ -102,12 +103,14 @@ def build_plan(study: Study) -> Plan:
 
     replay = [data(src, "replay") for src in s.replay]
     texts = {lang: [data(src, "text") for src in ls.text] for lang, ls in s.languages.items()}
-    sft_data = data(s.sft.data[0], "sft") if s.sft.data else None
+    assert s.sft.data is not None  # SFTSpec requires it (one file)
+    sft_data = data(s.sft.data[0], "sft")
 
     if s.base.path is not None:
         base = _given(study, s.base.path, f"{study.source}: base.path", "base model")
     else:
-        vocab_inputs = [*replay, *[t for ts in texts.values() for t in ts], *([sft_data] if sft_data else [])]
+        assert s.base.builtin is not None  # a base is exactly one of path and builtin
+        vocab_inputs = [*replay, *[t for ts in texts.values() for t in ts], sft_data]
         tasks = sorted({t for ls in s.languages.values() for t in (*ls.validation, *ls.test)})
         base = Step(
             "base",
@@ -156,7 +159,7 @@ def build_plan(study: Study) -> Plan:
         for seed, model in {main_seed: sft, **seeded_sft}.items():
             label = "eval sft on English" + (f" (seed {seed})" if seed != main_seed else "")
             plan.english[(seed, "sft")] = _add(order, seen, Step("eval", label, english, {"model": model}))
-    ratio = list(study.ratio())
+    ratio = study.ratio()
 
     def ct_step(lang: str, budgets: list[int], seed: int | None) -> Step:
         training = s.ct_training.model_copy(update={"seed": seed} if seed is not None else {})
@@ -294,10 +297,10 @@ def check_budgets(plan: Plan, ctx: Context) -> dict[str, dict]:
     counts: dict[str, dict] = {}
     replay_tokens = None
     for lang, step in plan.ct.items():
-        texts = [data_path(ctx, d) for n, d in step.deps.items() if n.startswith("text")]
-        replay = [data_path(ctx, d) for n, d in step.deps.items() if n.startswith("replay")]
+        texts: list[str | Path] = [data_path(ctx, d) for n, d in step.deps.items() if n.startswith("text")]
+        replay: list[str | Path] = [data_path(ctx, d) for n, d in step.deps.items() if n.startswith("replay")]
         available = len(token_stream(tokenizer, texts))
-        largest = max(step.settings.budgets)
+        largest = max(step.settings_as(CTSettings).budgets)
         counts[lang] = {"text_tokens": available}
         if largest > available and not study.spec.repeat:
             raise LangmergeError(

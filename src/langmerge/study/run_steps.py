@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from langmerge.errors import LangmergeError
 from langmerge.study.steps import (
@@ -17,6 +17,7 @@ from langmerge.study.steps import (
     GivenSettings,
     SFTSettings,
     SourceSettings,
+    Runner,
     Step,
     TaskSettings,
     TuneSettings,
@@ -120,7 +121,7 @@ def task_score(results: EvalResult, score_tasks: list[str] | None = None) -> dic
     """
     from langmerge.evaluation.metrics import MAIN_METRIC
 
-    per_task = {}
+    per_task: dict[str, dict[str, Any]] = {}
     for name, r in results.tasks.items():
         metric = MAIN_METRIC[r.kind]
         per_task[name] = {"metric": metric, "value": r.metrics[metric], "kind": r.kind, "n": r.n}
@@ -325,7 +326,9 @@ def run_analyze(step: Step, ctx: Context, out: Path) -> dict:
     doc = {}
     for role in ("ties", "ties_sv"):
         recipe = load_recipe(ctx.out(step.deps[role]) / "best_recipe.yaml")
-        sft = recipe.raw.models[1].model
+        models = recipe.raw.models
+        assert models is not None  # a study's recipe lists its models (method_recipe), it has no slices
+        sft = models[1].model
         report = analyze(recipe, protect=[sft], progress=ctx.progress, allow_pickle=ctx.allow_pickle)
         rate = report.total.loss_rate()[0]
         mass = report.total.mass_loss()[0]
@@ -342,7 +345,7 @@ def run_analyze(step: Step, ctx: Context, out: Path) -> dict:
     return {role: v["sft_loss_rate"] for role, v in doc.items()}
 
 
-RUNNERS = {
+RUNNERS: dict[str, Runner] = {
     "file": run_file,
     "given": run_given,
     "source": run_source,

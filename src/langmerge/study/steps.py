@@ -283,12 +283,10 @@ def run_step(step: Step, ctx: Context, force: bool = False) -> StepRecord:
 # ----------------------------------------------------------------------------- recipes
 
 
-def method_recipe(method: MethodSpec, base: str, ct: str, sft: str, dtype: str) -> dict:
+def method_recipe(method: MethodSpec, base: str, ct: str, sft: str, dtype: str) -> dict[str, Any]:
     """The mergekit-format recipe of a study method over (base, CT, SFT)."""
-    from langmerge.methods.registry import get_method
-
     kind = get_method(method.merge_method)
-    recipe = {
+    recipe: dict[str, Any] = {
         "merge_method": method.merge_method,
         "models": [
             {"model": ct, "parameters": dict(method.ct)},
