@@ -53,7 +53,7 @@ def run_ray(
     Training steps ask for ``num_gpus`` GPUs; all steps ask for ``num_cpus`` CPUs.
     The cache folder must be on storage every node sees (a shared file system).
     """
-    import ray
+    import ray  # an optional dependency (langmerge[study]), only for this executor
 
     started_here = False
     if not ray.is_initialized():

@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from langmerge.errors import LangmergeError
+from langmerge.evaluation.builtin import BUILTIN_VERSION
 from langmerge.study.config import Source, Study
-from langmerge.study.run_steps import folder_fingerprint
+from langmerge.study.run_steps import data_path, folder_fingerprint, model_path
+from langmerge.study.sources import SOURCE_VERSION
 from langmerge.study.steps import (
     AnalyzeSettings,
     BaseSettings,
@@ -23,6 +25,8 @@ from langmerge.study.steps import (
     TuneSettings,
     file_digest,
 )
+from langmerge.training.api import load_tokenizer
+from langmerge.training.data import token_stream
 
 
 @dataclass
@@ -47,8 +51,6 @@ class Plan:
 
 def _data_step(study: Study, src: Source, role: str) -> Step:
     if src.builtin is not None:
-        from langmerge.study.sources import SOURCE_VERSION
-
         return Step("source", f"source {src.builtin}", SourceSettings(builtin=src.builtin, version=SOURCE_VERSION))
     assert src.path is not None  # a Source is exactly one of path and builtin
     path = study.path(src.path).resolve()
@@ -65,8 +67,6 @@ def _given(study: Study, value: str, key: str, label: str) -> Step:
 
 
 def _task_settings(study: Study, names: list[str]) -> TaskSettings:
-    from langmerge.evaluation.builtin import BUILTIN_VERSION
-
     resolved = []
     for name in names:
         if name.endswith((".yaml", ".yml")):
@@ -286,10 +286,6 @@ def build_plan(study: Study) -> Plan:
 
 def check_budgets(plan: Plan, ctx: Context) -> dict[str, dict]:
     """Every CT budget against the tokens its text (and replay) holds; run after the base exists."""
-    from langmerge.study.run_steps import data_path, model_path
-    from langmerge.training.api import load_tokenizer
-    from langmerge.training.data import token_stream
-
     study = plan.study
     if not plan.ct:
         return {}

@@ -20,6 +20,7 @@ from langmerge.methods.registry import get_method
 from langmerge.study.config import REFERENCE_ROWS
 from langmerge.study.plan import Plan
 from langmerge.study.steps import DONE, Context, StepRecord
+from langmerge.training.data import format_token_count
 
 ROW_LABELS = {"base": "base", "sft": "SFT (English)", "ct": "CT", "ct_sft": "CT-then-SFT"}
 LEVEL = 0.05  # significance level of the findings' tests
@@ -174,8 +175,6 @@ def _with_ci(v: float | None, ci, scale: float = 100, digits: int = 1) -> str:
 
 
 def _tokens(n: int) -> str:
-    from langmerge.training.data import format_token_count
-
     return format_token_count(n)
 
 
@@ -519,7 +518,7 @@ def markdown(plan: Plan, data: dict, found: list[dict], gains: list[dict], timin
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # an optional dependency (langmerge[tune]), slow to import: only to draw the plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
