@@ -39,8 +39,8 @@ machine are rough.
 
 ``--kernels`` times each method's merge of one tensor, chunk by chunk as a
 merge runs it (statistics passes and merge pass, with the kernel a merge plans;
-``--reference`` adds the reference kernel where that is the fused one), on each distinct tensor shape of the 1.1B trio and on a 128256 x
-4096 embedding, from chunks held in memory (a few reused buffers, so the big
+``--reference`` adds the reference kernel where that is the fused one), on each distinct tensor shape of
+the 1.1B trio and on a 128256 x 4096 embedding, from chunks held in memory (a few reused buffers, so the big
 tensor needs no gigabytes): GB/s of output and CPU seconds per GB. The I/O
 floor beside it is reading three inputs and writing one output at this
 machine's rates, measured in the same run (a file written with fsync, then
@@ -342,7 +342,8 @@ def read_inputs(inputs: list[Path], buf: memoryview | None = None) -> None:
 
 
 def io_floor(inputs: list[Path], out_bytes: int, folder: Path) -> float:
-    """Seconds to read every shard of ``inputs`` once and write ``out_bytes`` into ``folder`` (no fsync, as the merges)."""
+    """Seconds to read every shard of ``inputs`` once and write ``out_bytes`` into ``folder``
+    (no fsync, as the merges)."""
     buf = memoryview(bytearray(FLOOR_BUFFER))
     target = folder / "io-floor.bin"
     start = time.perf_counter()

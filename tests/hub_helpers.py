@@ -1,4 +1,5 @@
-"""A stand-in for the Hugging Face Hub on 127.0.0.1, serving the routes huggingface_hub calls to resolve and download a model.
+"""A stand-in for the Hugging Face Hub on 127.0.0.1, serving the routes huggingface_hub calls to resolve and
+download a model.
 
 Routes (as huggingface_hub builds them, see ``HfApi.model_info``, ``HfApi.list_repo_tree`` and
 ``file_download.get_hf_file_metadata`` / ``http_get``):

@@ -1,4 +1,5 @@
-"""The merge diagnostic (docs/methods.md, the loss diagnostic) against a direct computation, and its behaviour in slack."""
+"""The merge diagnostic (docs/methods.md, the loss diagnostic) against a direct computation, and its behaviour
+in slack."""
 
 from __future__ import annotations
 

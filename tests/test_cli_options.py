@@ -19,7 +19,8 @@ SHAPE = LlamaShape(hidden=32, intermediate=64, layers=2, heads=2, kv_heads=1, ma
 def _no_cuda(text: str) -> str:
     if not torch.cuda.is_available():
         return f"{text}: no CUDA GPU is available"
-    return f"{text}: this machine has {torch.cuda.device_count()} CUDA GPU(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+    count = torch.cuda.device_count()
+    return f"{text}: this machine has {count} CUDA GPU(s) (cuda:0 to cuda:{count - 1})"
 
 
 # (command, option, value) -> the message after "argument OPTION: "
@@ -66,7 +67,8 @@ def test_missing_arguments_are_one_line_too(capsys):
         main(["train", "sft", "--base", "b"])
     assert exit_info.value.code == 2
     assert error_lines(capsys.readouterr().err) == [
-        "langmerge train sft: error: the following arguments are required: --data, --out (see langmerge train sft --help)"
+        "langmerge train sft: error: the following arguments are required: --data, --out "
+        "(see langmerge train sft --help)"
     ]
 
 

@@ -23,7 +23,8 @@ from mergekit_helpers import mergekit_exe
 
 
 def _peft_adapter(base_folder, out, *, seed=5, **config):
-    """An adapter made by PEFT with its defaults (``save_embedding_layers="auto"``) and random A/B; PEFT's merged state."""
+    """An adapter made by PEFT with its defaults (``save_embedding_layers="auto"``) and random A/B;
+    PEFT's merged state."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 

@@ -148,8 +148,10 @@ def test_slice_errors_are_named_and_collected(trio):
         "recipe key 'slices[0].parameters.density': not a parameter of task_arithmetic; known: "
     )
     assert errors[:1] + errors[2:] == [
-        "recipe key 'slices[0].sources': every source of a slice has the same number of layers (layer ranges of 2, 3 layers)",
-        "recipe key 'slices[1].sources[0].layer_range': [2, 2] is not a range of layers [start, stop) with 0 <= start < stop",
+        "recipe key 'slices[0].sources': every source of a slice has the same number of layers "
+        "(layer ranges of 2, 3 layers)",
+        "recipe key 'slices[1].sources[0].layer_range': [2, 2] is not a range of layers [start, stop) "
+        "with 0 <= start < stop",
         "recipe key 'slices[1].sources': the slice's base model " + repr(trio["base"]) + " is not one of its sources "
         "(list it with its layer_range)",
     ]

@@ -451,7 +451,8 @@ def check_study(study: Study) -> None:
 
 
 def load_study(path: str | Path, overrides: dict | None = None) -> Study:
-    """Read and check STUDY.yaml (or a JSON study file); ``overrides`` replace top-level keys (e.g. the executor from the CLI)."""
+    """Read and check STUDY.yaml (or a JSON study file); ``overrides`` replace top-level keys
+    (e.g. the executor from the CLI)."""
     path = Path(path)
     spec = load_config(
         path, StudySpec, "study", hint=" (name, out, base, sft, languages, methods)", overrides=overrides

@@ -58,7 +58,8 @@ def _data_step(study: Study, src: Source, role: str) -> Step:
 
 
 def _given(study: Study, value: str, key: str, label: str) -> Step:
-    """A model the study is given: a folder (keyed by its files) or a Hub id (keyed by its commit, fetched when the step runs)."""
+    """A model the study is given: a folder (keyed by its files) or a Hub id (keyed by its commit,
+    fetched when the step runs)."""
     model = study.model(value, key)
     if model.from_hub:
         return Step("given", label, GivenSettings(hub=model.repo_id, commit=model.commit))

