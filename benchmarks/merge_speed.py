@@ -64,6 +64,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+import torch
 import yaml
 
 import langmerge
@@ -148,8 +150,6 @@ def run_measured(cmd: list[str]) -> tuple[float, float]:
 
 
 def _ensure(folder: str, shape: LlamaShape) -> dict[str, Path]:
-    import torch
-
     trio_dir = cache_dir() / folder
     if not (trio_dir / "sft" / "config.json").exists():
         print(f"building the trio in {trio_dir} (once) ...", flush=True)
@@ -190,8 +190,6 @@ POOL = 3  # distinct chunks of random data per input; chunk k reads buffer k % P
 
 def io_rates(folder: Path, size: int = 512 << 20) -> tuple[float, float]:
     """(read GB/s, write GB/s) of this machine: a file written with fsync, then read back."""
-    import numpy as np
-
     path = folder / "io-probe.bin"
     data = np.random.default_rng(0).integers(0, 255, size, dtype=np.uint8).tobytes()
     t = time.perf_counter()
@@ -220,8 +218,6 @@ def _recipe_params(method, n):
 
 def time_kernel(method: str, kernel: str, shape: tuple[int, ...], chunk_bytes: int, dtype) -> tuple[float, float]:
     """(wall s, CPU s) of one tensor's merge over its chunks: every pass, as a merge runs them."""
-    import torch
-
     m = get_method(method)
     n = 2
     p = _recipe_params(method, n)
@@ -243,8 +239,7 @@ def time_kernel(method: str, kernel: str, shape: tuple[int, ...], chunk_bytes: i
 
 
 def time_mergekit(method: str, shape: tuple[int, ...], dtype) -> float:
-    import torch
-    from mergekit.merge_methods import merge_tensors
+    from mergekit.merge_methods import merge_tensors  # the test extra: only for the side-by-side timing
 
     g = torch.Generator().manual_seed(0)
     base = torch.randn(shape, generator=g).to(dtype)
@@ -262,8 +257,6 @@ def time_mergekit(method: str, shape: tuple[int, ...], dtype) -> float:
 
 
 def kernels_main(args) -> None:
-    import torch
-
     dtype = torch.bfloat16
     read_gbs, write_gbs = io_rates(cache_dir().parent if cache_dir().parent.exists() else Path(tempfile.gettempdir()))
     print(

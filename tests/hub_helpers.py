@@ -188,7 +188,7 @@ def use_hub(monkeypatch, cache: Path, endpoint: str | None = None, *, offline: b
     environment at call time and passes the cache and endpoint explicitly, so setting the variables suffices.
     ``HF_HUB_OFFLINE`` is also patched in huggingface_hub's constants so that its own HTTP layer agrees.
     """
-    import huggingface_hub.constants as constants
+    import huggingface_hub.constants as constants  # read from the environment when imported: only here
 
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HOME", str(Path(cache).parent / "hf-home"))

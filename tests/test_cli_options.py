@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from transformers.utils import logging as tf_logging
 
 from langmerge import merge
 from langmerge.cli import main
@@ -88,8 +89,6 @@ LIBRARY_BARS = ("Loading weights", "Writing model shards")
 @pytest.mark.parametrize("quiet", [False, True], ids=["bars", "--no-progress"])
 def test_no_progress_hides_the_bars_of_transformers(tmp_path, capsys, quiet):
     """A real training run loads the base (from_pretrained) and saves the model (save_pretrained)."""
-    from transformers.utils import logging as tf_logging
-
     base = write_model(tmp_path / "base", SHAPE)
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}?", "response": f"{i}!"}) + "\n" for i in range(4)))

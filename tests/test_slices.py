@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from langmerge.cli import main
 from langmerge.errors import LangmergeError
@@ -104,8 +105,6 @@ def test_slices_identical_to_mergekit_yaml(trio, tmp_path, name):
 
 
 def test_frankenmerge_stacks_layers_renumbered_and_generates(trio, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     out = tmp_path / "deep"
     assert main(["merge", _write(tmp_path, RECIPES["frankenmerge"](trio)), str(out), "--no-progress"]) == 0
     merged = load_file(str(out / "model.safetensors"))
