@@ -12,6 +12,7 @@ memory bound. Each command runs as its own process; wall time and peak resident 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -43,8 +44,6 @@ def main() -> None:
         merge = run_measured([exe, "merge", str(recipe), str(work / "merged"), "--no-progress", *threads])
         shutil.rmtree(work / "merged")
         if args.threads:
-            import os
-
             os.environ["OMP_NUM_THREADS"] = str(args.threads)  # analyze has no --threads; torch reads this
         one = run_measured([exe, "analyze", str(recipe), "-o", str(work / "a1"), "--no-progress"])
         many = run_measured(

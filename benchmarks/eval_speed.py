@@ -58,6 +58,7 @@ def lm_eval_task_folder(task, folder: Path) -> Path:
 
 
 def main() -> None:
+    # after HF_HUB_OFFLINE is set above: huggingface_hub (imported by transformers) reads it when imported
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

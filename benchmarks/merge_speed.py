@@ -39,8 +39,8 @@ machine are rough.
 
 ``--kernels`` times each method's merge of one tensor, chunk by chunk as a
 merge runs it (statistics passes and merge pass, with the kernel a merge plans;
-``--reference`` adds the reference kernel where that is the fused one), on each distinct tensor shape of the 1.1B trio and on a 128256 x
-4096 embedding, from chunks held in memory (a few reused buffers, so the big
+``--reference`` adds the reference kernel where that is the fused one), on each distinct tensor shape of
+the 1.1B trio and on a 128256 x 4096 embedding, from chunks held in memory (a few reused buffers, so the big
 tensor needs no gigabytes): GB/s of output and CPU seconds per GB. The I/O
 floor beside it is reading three inputs and writing one output at this
 machine's rates, measured in the same run (a file written with fsync, then
@@ -64,6 +64,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+import torch
 import yaml
 
 import langmerge
@@ -148,8 +150,6 @@ def run_measured(cmd: list[str]) -> tuple[float, float]:
 
 
 def _ensure(folder: str, shape: LlamaShape) -> dict[str, Path]:
-    import torch
-
     trio_dir = cache_dir() / folder
     if not (trio_dir / "sft" / "config.json").exists():
         print(f"building the trio in {trio_dir} (once) ...", flush=True)
@@ -190,8 +190,6 @@ POOL = 3  # distinct chunks of random data per input; chunk k reads buffer k % P
 
 def io_rates(folder: Path, size: int = 512 << 20) -> tuple[float, float]:
     """(read GB/s, write GB/s) of this machine: a file written with fsync, then read back."""
-    import numpy as np
-
     path = folder / "io-probe.bin"
     data = np.random.default_rng(0).integers(0, 255, size, dtype=np.uint8).tobytes()
     t = time.perf_counter()
@@ -220,8 +218,6 @@ def _recipe_params(method, n):
 
 def time_kernel(method: str, kernel: str, shape: tuple[int, ...], chunk_bytes: int, dtype) -> tuple[float, float]:
     """(wall s, CPU s) of one tensor's merge over its chunks: every pass, as a merge runs them."""
-    import torch
-
     m = get_method(method)
     n = 2
     p = _recipe_params(method, n)
@@ -243,8 +239,7 @@ def time_kernel(method: str, kernel: str, shape: tuple[int, ...], chunk_bytes: i
 
 
 def time_mergekit(method: str, shape: tuple[int, ...], dtype) -> float:
-    import torch
-    from mergekit.merge_methods import merge_tensors
+    from mergekit.merge_methods import merge_tensors  # the test extra: only for the side-by-side timing
 
     g = torch.Generator().manual_seed(0)
     base = torch.randn(shape, generator=g).to(dtype)
@@ -262,8 +257,6 @@ def time_mergekit(method: str, shape: tuple[int, ...], dtype) -> float:
 
 
 def kernels_main(args) -> None:
-    import torch
-
     dtype = torch.bfloat16
     read_gbs, write_gbs = io_rates(cache_dir().parent if cache_dir().parent.exists() else Path(tempfile.gettempdir()))
     print(
@@ -342,7 +335,8 @@ def read_inputs(inputs: list[Path], buf: memoryview | None = None) -> None:
 
 
 def io_floor(inputs: list[Path], out_bytes: int, folder: Path) -> float:
-    """Seconds to read every shard of ``inputs`` once and write ``out_bytes`` into ``folder`` (no fsync, as the merges)."""
+    """Seconds to read every shard of ``inputs`` once and write ``out_bytes`` into ``folder``
+    (no fsync, as the merges)."""
     buf = memoryview(bytearray(FLOOR_BUFFER))
     target = folder / "io-floor.bin"
     start = time.perf_counter()

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments
 
 from langmerge.synthetic import LlamaShape, write_model
 from langmerge.training import TrainOptions, train_ct
@@ -49,8 +50,6 @@ def run_langmerge(base: Path, text: Path, tokens: int, args, work: Path, repeat_
 
 
 def run_trainer(base: Path, text: Path, tokens: int, args, work: Path, repeat_index: int) -> float:
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
-
     tokenizer = load_tokenizer(base)
     plan = plan_ct(token_stream(tokenizer, [text]), [tokens], seq_len=args.seq_len, batch_size=args.batch_size, seed=0)
     rows = [plan.sequence(j) for j in range(len(plan.source))]
@@ -127,7 +126,6 @@ def main() -> None:
     tokens = args.steps * args.batch_size * args.seq_len
     text = work / "corpus.txt"
     text.write_text("\n".join(LINES * (tokens // sum(len(x) + 2 for x in LINES) + 2)) + "\n", encoding="utf-8")
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     n_params = sum(t.numel() for t in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base)).parameters())
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -16,9 +18,6 @@ NEW_TOKENS = ["வணக்கம்", "தமிழ்", "மொழி"]  # who
 
 def mergekit_yaml() -> str:
     """The ``mergekit-yaml`` of the test environment (next to the interpreter, else on PATH)."""
-    import shutil
-    import sys
-
     exe = Path(sys.executable).parent / "mergekit-yaml"
     return str(exe) if exe.exists() else shutil.which("mergekit-yaml")
 

@@ -1,4 +1,5 @@
-"""A stand-in for the Hugging Face Hub on 127.0.0.1, serving the routes huggingface_hub calls to resolve and download a model.
+"""A stand-in for the Hugging Face Hub on 127.0.0.1, serving the routes huggingface_hub calls to resolve and
+download a model.
 
 Routes (as huggingface_hub builds them, see ``HfApi.model_info``, ``HfApi.list_repo_tree`` and
 ``file_download.get_hf_file_metadata`` / ``http_get``):
@@ -187,7 +188,7 @@ def use_hub(monkeypatch, cache: Path, endpoint: str | None = None, *, offline: b
     environment at call time and passes the cache and endpoint explicitly, so setting the variables suffices.
     ``HF_HUB_OFFLINE`` is also patched in huggingface_hub's constants so that its own HTTP layer agrees.
     """
-    import huggingface_hub.constants as constants
+    import huggingface_hub.constants as constants  # read from the environment when imported: only here
 
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HOME", str(Path(cache).parent / "hf-home"))

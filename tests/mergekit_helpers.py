@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 from pathlib import Path
+
+import yaml
+from transformers import AutoTokenizer
 
 from langmerge.cli import main
 
@@ -17,17 +21,11 @@ def mergekit_exe(name: str = "mergekit-yaml") -> str:
 
 def vocab(folder: Path) -> dict[str, int]:
     """The vocabulary transformers loads from a model folder's tokenizer."""
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(folder).get_vocab()
 
 
 def merge_both(recipe: dict, tmp_path: Path) -> tuple[Path, Path]:
     """``recipe`` merged by mergekit-yaml into ``tmp_path/mk`` and by ``langmerge merge`` into ``tmp_path/lm``."""
-    import subprocess
-
-    import yaml
-
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     subprocess.run([mergekit_exe("mergekit-yaml"), str(path), str(tmp_path / "mk")], check=True, capture_output=True)

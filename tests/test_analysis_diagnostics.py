@@ -1,11 +1,14 @@
-"""The merge diagnostic (docs/methods.md, the loss diagnostic) against a direct computation, and its behaviour in slack."""
+"""The merge diagnostic (docs/methods.md, the loss diagnostic) against a direct computation, and its behaviour
+in slack."""
 
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from analysis_helpers import recipe, tiny_trio, weights
 from langmerge.analysis import analyze, module_type, tensor_tally
@@ -160,10 +163,6 @@ def test_bad_input_fails_before_reading_tensors(trio, tmp_path):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_an_input_holding_nan_or_inf_is_refused_naming_model_and_tensor(trio, tmp_path, kernel, bad):
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
     broken = tmp_path / "ct_bad"
     shutil.copytree(trio["ct"], broken)
     state = load_file(broken / "model.safetensors")

@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+import transformers as tf
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ckpt_helpers import load_state
 from langmerge.merge import merge
@@ -25,8 +27,6 @@ COMMON = dict(
 
 
 def _config(arch: str, vocab: int):
-    import transformers as tf
-
     if arch == "llama":
         return tf.LlamaConfig(vocab_size=vocab, **COMMON)
     if arch == "mistral":
@@ -43,8 +43,6 @@ def _config(arch: str, vocab: int):
 
 
 def _write_trio(root, arch: str) -> dict:
-    from transformers import AutoModelForCausalLM
-
     tok = char_tokenizer()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(_config(arch, len(tok)))
@@ -64,8 +62,6 @@ def _write_trio(root, arch: str) -> dict:
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"])
 def test_merged_architecture_loads_and_generates(tmp_path, arch):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     paths = _write_trio(tmp_path, arch)
     recipe = {
         "merge_method": "task_arithmetic",

@@ -7,6 +7,8 @@ import shutil
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
 
 from ckpt_helpers import SHAPE, load_state
 from langmerge.errors import LangmergeError
@@ -18,9 +20,6 @@ from langmerge.synthetic import LlamaShape, write_model
 
 def _make_adapter(base_folder, out, *, use_rslora=False, seed=3, targets=("q_proj", "v_proj", "down_proj")):
     """A PEFT LoRA adapter on ``base_folder`` with random (trained-looking) A and B; returns PEFT's merged state."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), use_rslora=use_rslora, lora_dropout=0.0)
     peft_model = get_peft_model(model, config)
@@ -65,8 +64,6 @@ def test_rslora_scale(models, tmp_path):
 
 
 def test_merge_with_adapter_equals_merge_with_peft_merged_model(models, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     full = tmp_path / "ct_full"
     model = AutoModelForCausalLM.from_pretrained(models["base"], dtype=torch.float32)
     model.load_state_dict(models["peft_merged"])

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from ckpt_helpers import NEW_TOKENS, load_state, make_extended_trio, recipe
+from ckpt_helpers import NEW_TOKENS, extend_vocabulary, load_state, make_extended_trio, recipe
 from langmerge.errors import LangmergeError
 from langmerge.io.writer import write_state_dict
 from langmerge.merge import merge
@@ -35,7 +37,6 @@ def test_union_rows_token_by_token(trio, tmp_path):
     out = tmp_path / "out"
     merge(recipe(trio, tokenizer_source="union"), out, progress=False)
     base, ct, sft, merged = (load_state(p) for p in (trio["base"], trio["ct"], trio["sft"], out))
-    from transformers import AutoTokenizer
 
     out_tok = AutoTokenizer.from_pretrained(out)
     ct_tok = AutoTokenizer.from_pretrained(trio["ct"])
@@ -61,8 +62,6 @@ def test_union_rows_token_by_token(trio, tmp_path):
 
 
 def test_union_logits_match_direct_reference(trio, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     out = tmp_path / "out"
     merge(recipe(trio, tokenizer_source="union"), out, progress=False)
     base, ct, sft = (load_state(p) for p in (trio["base"], trio["ct"], trio["sft"]))
@@ -88,8 +87,6 @@ def test_union_logits_match_direct_reference(trio, tmp_path):
 
 def test_ties_shared_rows_equal_merge_of_truncated_models(trio, tmp_path):
     """Shared rows of a union TIES merge equal a TIES merge of the CT model cut to the base vocabulary."""
-    import shutil
-
     cut = tmp_path / "ct_cut"
     shutil.copytree(trio["base"], cut)  # base tokenizer and config
     ct = load_state(trio["ct"])
@@ -113,7 +110,6 @@ def test_tokenizer_source_base_drops_new_tokens(trio, tmp_path):
     n = len(char_tokenizer())
     assert merged[EMB].shape[0] == merged[HEAD].shape[0] == n
     assert json.loads((out / "config.json").read_text())["vocab_size"] == n
-    from transformers import AutoTokenizer
 
     assert len(AutoTokenizer.from_pretrained(out)) == n
 
@@ -121,7 +117,6 @@ def test_tokenizer_source_base_drops_new_tokens(trio, tmp_path):
 def test_tokenizer_source_model_uses_its_vocabulary(trio, tmp_path):
     out = tmp_path / "out"
     merge(recipe(trio, tokenizer_source=str(trio["ct"])), out, progress=False)
-    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.get_vocab() == AutoTokenizer.from_pretrained(trio["ct"]).get_vocab()
@@ -130,10 +125,6 @@ def test_tokenizer_source_model_uses_its_vocabulary(trio, tmp_path):
 
 def test_tokens_the_base_lacks_average_the_models_that_have_them(tmp_path):
     """CT adds three words, SFT adds one of them plus its own: every presence pattern at once."""
-    from transformers import AutoTokenizer
-
-    from ckpt_helpers import extend_vocabulary
-
     paths = make_extended_trio(tmp_path)
     extend_vocabulary(paths["sft"], ["<tool>", "தமிழ்"], seed=11)
     out = tmp_path / "out"

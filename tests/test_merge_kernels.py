@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import struct
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 from mergekit.merge_methods import merge_tensors
+from mergekit.sparsify import RescaleNorm
 from mergekit.sparsify import bernoulli as mk_bernoulli
 
 from langmerge.methods import TensorParameters, get_method, merge_tensor
@@ -130,9 +134,6 @@ def test_magnitude_mask_keeps_exactly_k_even_with_ties():
 
 def _exact_rescaled(x: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x * mask * (L1(x) / L1(x * mask))`` with both norms summed exactly (fractions), each rounded to ``dtype``."""
-    import struct
-    from fractions import Fraction
-
     step = 1 << 16 if dtype == torch.bfloat16 else 1  # one unit in the last place, in float32 bits
 
     def value(bits):
@@ -152,8 +153,6 @@ def _exact_rescaled(x: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> 
 @pytest.mark.parametrize("seed", range(4))
 def test_dare_matches_mergekit_masks_with_the_same_seed(seed):
     """Same masks as mergekit (the same torch stream); rescale by exactly summed L1 norms (docs/methods.md, DARE)."""
-    from mergekit.sparsify import RescaleNorm
-
     delta = torch.randn(50, 30, generator=torch.Generator().manual_seed(seed))
     for dtype, rescale in [(torch.float32, True), (torch.bfloat16, True), (torch.float32, False)]:
         x = delta.to(dtype)
@@ -172,8 +171,6 @@ def test_dare_matches_mergekit_masks_with_the_same_seed(seed):
 
 def _ties_sv_reference(base, ct, sft, w, d, slack):
     """TIES-SV from its definition (docs/methods.md, TIES-SV), written independently in float64 numpy."""
-    import numpy as np
-
     b = base.double().numpy()
     vs, ms = [], []
     for x, wi, di in zip((ct, sft), w, d):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 
 from langmerge.errors import LangmergeError
 from langmerge.io.writer import plan_shards
@@ -61,8 +62,6 @@ def test_model_parameters_fall_back_to_global_then_default():
 
 
 def test_yaml_text_and_files_load_the_same(tmp_path):
-    import yaml
-
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(_recipe()))
     a = load_recipe(path).tensor_parameters("x", 0.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from fractions import Fraction
 
@@ -316,8 +317,6 @@ def test_dare_without_generators_draws_from_torch_global_stream_like_mergekit():
 
 
 def test_without_the_extension_the_reference_kernel_is_planned_with_one_log_line(monkeypatch, caplog):
-    import logging
-
     monkeypatch.setattr(fused_cpu, "_LIB", None)  # as where no C compiler built it
     driver._note_reference_only.cache_clear()
     info = TensorInfo("t", (64, 64), torch.bfloat16)

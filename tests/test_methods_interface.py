@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
+from pydantic import ValidationError
 from safetensors.torch import load_file
 
 import langmerge
@@ -131,10 +134,6 @@ def test_recipes_and_merge_use_the_registered_method(peak_method, trio, tmp_path
 
 
 def test_check_accepts_and_analyze_refuses_the_registered_method(peak_method, trio, tmp_path, capsys):
-    import json
-
-    import yaml
-
     report = check_recipe(_recipe(trio))
     assert report.exit_code == 0 and report.method == "peak_mean"
     path = tmp_path / "recipe.yaml"
@@ -158,8 +157,6 @@ def test_the_study_accepts_the_registered_method(peak_method):
 
 
 def test_unregistered_methods_are_refused_everywhere():
-    from pydantic import ValidationError
-
     assert "peak_mean" not in METHODS
     with pytest.raises(LangmergeError, match="unknown method 'peak_mean'"):
         get_method("peak_mean")

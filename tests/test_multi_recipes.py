@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from langmerge.cli import main
 from langmerge.errors import LangmergeError
@@ -96,7 +97,6 @@ def test_equal_to_mergekit_multi(trio, tmp_path):
         assert set(a) == set(b)
         for key in a:
             assert torch.equal(a[key], b[key]), (ours, key)
-    from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # the final model loads from OUT_DIR
     pinned = yaml.safe_load((out / "langmerge_recipe.yaml").read_text())

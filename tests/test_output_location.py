@@ -183,8 +183,8 @@ def test_file_size_limit_below_a_shard_is_refused_before_the_merge(slow_models, 
     assert (code, error_lines(err)) == (
         2,
         [
-            f"langmerge: error: output {tmp_path / 'out'}: model.safetensors will be {need:,} bytes but this process may "
-            "write files of at most 1,000,000 bytes (RLIMIT_FSIZE, ulimit -f)"
+            f"langmerge: error: output {tmp_path / 'out'}: model.safetensors will be {need:,} bytes "
+            "but this process may write files of at most 1,000,000 bytes (RLIMIT_FSIZE, ulimit -f)"
         ],
     )
     assert listing(tmp_path) == ["r.yaml"]

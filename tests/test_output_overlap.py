@@ -16,6 +16,7 @@ import yaml
 from langmerge.cli import main
 from langmerge.synthetic import LlamaShape, make_trio, write_model
 from output_helpers import error_lines, snapshot
+from study_helpers import study_dict, write_inputs, write_study
 
 SHAPE = LlamaShape(hidden=32, intermediate=64, layers=2, heads=2, kv_heads=1)
 IS, INSIDE, CONTAINS = "is", "is inside", "contains"
@@ -194,8 +195,6 @@ def test_output_overlapping_an_input_is_refused(world, capsys, case, force):
 
 
 def test_study_out_overlapping_its_inputs_is_refused(tmp_path, capsys, monkeypatch):
-    from study_helpers import study_dict, write_inputs, write_study
-
     root = tmp_path / "in"
     write_inputs(root)
     for out, relation, given in [

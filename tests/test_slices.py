@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from langmerge.cli import main
 from langmerge.errors import LangmergeError
@@ -104,8 +105,6 @@ def test_slices_identical_to_mergekit_yaml(trio, tmp_path, name):
 
 
 def test_frankenmerge_stacks_layers_renumbered_and_generates(trio, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     out = tmp_path / "deep"
     assert main(["merge", _write(tmp_path, RECIPES["frankenmerge"](trio)), str(out), "--no-progress"]) == 0
     merged = load_file(str(out / "model.safetensors"))
@@ -148,8 +147,10 @@ def test_slice_errors_are_named_and_collected(trio):
         "recipe key 'slices[0].parameters.density': not a parameter of task_arithmetic; known: "
     )
     assert errors[:1] + errors[2:] == [
-        "recipe key 'slices[0].sources': every source of a slice has the same number of layers (layer ranges of 2, 3 layers)",
-        "recipe key 'slices[1].sources[0].layer_range': [2, 2] is not a range of layers [start, stop) with 0 <= start < stop",
+        "recipe key 'slices[0].sources': every source of a slice has the same number of layers "
+        "(layer ranges of 2, 3 layers)",
+        "recipe key 'slices[1].sources[0].layer_range': [2, 2] is not a range of layers [start, stop) "
+        "with 0 <= start < stop",
         "recipe key 'slices[1].sources': the slice's base model " + repr(trio["base"]) + " is not one of its sources "
         "(list it with its layer_range)",
     ]

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from langmerge.errors import LangmergeError
 from langmerge.study import build_plan, load_study, run_study
@@ -100,8 +101,6 @@ def test_score_seeds_methods_and_device_are_checked(inputs, tmp_path):
     assert "methods.ties.merge_method" in msg and "unknown method 'tie'" in msg and "ties_sv" in msg
     d = study_dict(inputs, tmp_path / "out", sft={"data": str(inputs / "sft.jsonl"), "test": ["no_such_en"]})
     assert "sft.test" in _error(tmp_path, d)
-    import torch
-
     if not torch.cuda.is_available():
         d = study_dict(inputs, tmp_path / "out", evaluation={"device": "cuda"})
         msg = _error(tmp_path, d)

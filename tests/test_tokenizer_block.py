@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from mergekit._data import chat_templates
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
+from transformers.utils.chat_template_utils import render_jinja_template
 
 from langmerge.errors import LangmergeError
 from langmerge.merge import merge
@@ -157,8 +160,6 @@ CONVERSATIONS = [
 
 
 def _render(template: str, conversation, generation: bool) -> str:
-    from transformers.utils.chat_template_utils import render_jinja_template
-
     return render_jinja_template(
         conversations=[conversation],
         chat_template=template,
@@ -170,8 +171,6 @@ def _render(template: str, conversation, generation: bool) -> str:
 
 @pytest.mark.parametrize("name", ["chatml", "mistral", "alpaca"])
 def test_builtin_templates_render_as_mergekit_s(name):
-    from mergekit._data import chat_templates
-
     theirs = importlib.resources.files(chat_templates).joinpath(f"{name}.jinja").read_text()
     for conversation in CONVERSATIONS:
         for generation in (False, True):
@@ -198,8 +197,6 @@ def test_llama3_renders_the_format_by_hand():
 
 @pytest.mark.parametrize("setting", ["chatml", "jinja", "auto"])
 def test_chat_template_is_written_and_used_by_transformers(models, tmp_path, setting):
-    from transformers import AutoTokenizer
-
     own = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
     if setting == "auto":  # two of three models have the same template
         for key in ("chatml", "vocab"):

@@ -7,7 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from peft import PeftModel
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from langmerge.errors import LangmergeError
 from langmerge.merge import merge
@@ -32,8 +34,6 @@ def _weights(folder):
 
 
 def test_ct_loss_falls_and_checkpoint_loads(corpus, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     result = train_ct(corpus["base"], [corpus["ta"]], 2000, tmp_path / "ct", options=fast_options(), progress=False)
     assert result.completed and result.steps == len(result.losses)
     first, last = result.losses[0], float(np.mean(result.losses[-3:]))
@@ -168,8 +168,6 @@ def test_sft_loss_ignores_prompt_tokens(corpus, tmp_path):
     Two examples of different lengths share one micro-batch, so the shorter one is padded: neither its
     padding nor any prompt token (labelled IGNORE_INDEX) may add to the loss or to the token count.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     rows = [{"prompt": "abc", "response": "de"}, {"prompt": "b", "response": "cab"}]
     data = tmp_path / "two.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -209,9 +207,6 @@ def test_padding_and_prompt_positions_are_labelled_ignore_index():
 
 
 def test_lora_adapter_and_merged_checkpoint_agree(corpus, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     lora = LoraOptions(rank=4, alpha=8)
     opts = fast_options(lora=lora, lr=1e-2)
     adapter = train_ct(corpus["base"], [corpus["ta"]], 400, tmp_path / "adapter", options=opts, progress=False)

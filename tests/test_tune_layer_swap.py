@@ -1,4 +1,5 @@
-"""`tune` over layer_swap's integer k_bottom / k_top: finds a hidden optimum, in-memory merges equal `langmerge merge`."""
+"""`tune` over layer_swap's integer k_bottom / k_top: finds a hidden optimum, in-memory merges equal
+`langmerge merge`."""
 
 from __future__ import annotations
 

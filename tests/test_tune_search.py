@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import csv
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from analysis_helpers import recipe, tiny_trio, weights, write_recipe
 from langmerge.cli import main
@@ -31,9 +34,6 @@ def trio(tmp_path_factory):
 
 def target_objective(trio, dtype="float32"):
     """Negative squared distance to the hidden merge, which `langmerge merge` writes (independent of the tuner)."""
-    import tempfile
-    from pathlib import Path
-
     base = recipe(trio, dtype=dtype)
     dims = load_space(SPACE, load_recipe(base))
     out = Path(tempfile.mkdtemp()) / "target"
@@ -59,7 +59,6 @@ def test_grid_finds_the_hidden_optimum_and_the_recipe_reproduces_it(trio, tmp_pa
     best = yaml.safe_load((out / "best_recipe.yaml").read_text())
     assert best["models"][0]["parameters"]["weight"] == 0.6 and best["parameters"]["slack"] == 2
     assert main(["merge", str(out / "best_recipe.yaml"), str(tmp_path / "merged"), "--no-progress"]) == 0
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert objective(model, AutoTokenizer.from_pretrained(tmp_path / "merged")) == result.best.score

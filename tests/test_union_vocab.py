@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from langmerge.cli import main
 from mergekit_helpers import merge_both, vocab
@@ -70,7 +71,6 @@ def test_added_and_vocabulary_tokens_in_either_order(models, tmp_path, order, me
     assert len(ids) == 64 + 2 + 3
     _assert_equal_by_token(mk, lm)
     # the written tokenizer tokenizes the new tokens to their ids, and the model loads and runs
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(lm)
     new = [ids["<|im_start|>"], ids["_new_b"]]

@@ -6,6 +6,9 @@ import json
 import tempfile
 from pathlib import Path
 
+from tokenizers import Tokenizer
+from transformers import LlamaTokenizerFast
+
 from langmerge.synthetic import LlamaShape, write_model
 
 SHAPE = LlamaShape(hidden=32, intermediate=64, layers=2, heads=2, kv_heads=1)
@@ -13,9 +16,6 @@ SHAPE = LlamaShape(hidden=32, intermediate=64, layers=2, heads=2, kv_heads=1)
 
 def bpe_tokenizer(vocab_size: int = 64, extra_vocab: list[str] = (), added: list[str] = ()):
     """``<unk> <s> </s> _tok_3 ...`` as a BPE vocabulary (plus ``extra_vocab``), then ``added`` as added tokens."""
-    from tokenizers import Tokenizer
-    from transformers import LlamaTokenizerFast
-
     names = ["<unk>", "<s>", "</s>"] + [f"_tok_{i}" for i in range(3, vocab_size)] + list(extra_vocab)
     data = {
         "version": "1.0",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 from langmerge.errors import LangmergeError
 
 _DEVICE = re.compile(r"(cpu|cuda|mps)(?::(\d+))?")
@@ -12,8 +14,6 @@ _DEVICE = re.compile(r"(cpu|cuda|mps)(?::(\d+))?")
 def resolve_device(name: str, key: str = "--device", *, here: bool = True):
     """The ``torch.device`` for ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; a LangmergeError naming ``key``
     for any other name and (with ``here``) for a device this machine does not have."""
-    import torch
-
     m = _DEVICE.fullmatch(str(name).strip())
     if not m or (m[1] != "cuda" and m[2] is not None):
         raise LangmergeError(f"{key} {name!r}: not a device; use cpu, cuda, cuda:N or mps")

@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from tqdm.auto import tqdm
+
 
 class Reporter(Protocol):
     """What a long job says about its progress."""
@@ -36,13 +38,11 @@ class TqdmReporter:
 
     def __init__(self, desc: str, unit: str = "tensor"):
         self.desc, self.unit = desc, unit
-        self.bar: Any = None  # a tqdm bar once started (tqdm is imported when one is)
+        self.bar: Any = None  # a tqdm bar once started
         self.nbytes = 0
         self.began = time.perf_counter()
 
     def start(self, total: int) -> None:
-        from tqdm.auto import tqdm
-
         if self.bar is None:
             self.bar = tqdm(total=total, unit=self.unit, desc=self.desc)
             self.began = time.perf_counter()
@@ -74,6 +74,7 @@ def library_progress_bars(enabled: bool):
     if enabled:
         yield
         return
+    # huggingface_hub reads the environment when imported: imported where it is used (io/hub.py says why)
     from huggingface_hub import utils as hub
 
     hub_was_on = not hub.are_progress_bars_disabled()
@@ -83,7 +84,7 @@ def library_progress_bars(enabled: bool):
         undo.append(hub.enable_progress_bars)
     transformers_before = "transformers.utils.logging" in sys.modules
     if transformers_before:
-        from transformers.utils import logging as tf_logging
+        from transformers.utils import logging as tf_logging  # imported already (slow to import otherwise)
 
         if tf_logging.is_progress_bar_enabled():
             tf_logging.disable_progress_bar()

@@ -47,6 +47,7 @@ TINYLLAMA_1B = LlamaShape(
 
 def char_tokenizer(alphabet: list[str] | None = None):
     """A character-level fast tokenizer (no files from any hub needed)."""
+    # transformers is slow to import: only where a tokenizer is made (tokenizers comes with it)
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 from langmerge.cli_options import ALLOW_PICKLE, FORCE, NO_PROGRESS
+from langmerge.study.config import check_study, load_study
+from langmerge.study.plan import build_plan
+from langmerge.study.runner import cache_dir, run_study, select
 from langmerge.study.steps import Step, StepRecord
 
 
@@ -14,15 +18,9 @@ def _print_step(i: int, total: int, step: Step, record: StepRecord) -> None:
 
 
 def run_study_command(args) -> int:
-    from langmerge.study.config import load_study
-    from langmerge.study.plan import build_plan
-    from langmerge.study.runner import cache_dir, run_study, select
-
     study = load_study(args.study)
     if args.executor:
         study.spec.executor.kind = args.executor
-        from langmerge.study.config import check_study
-
         check_study(study)
     if args.dry_run:
         plan = build_plan(study)
@@ -41,13 +39,12 @@ def run_study_command(args) -> int:
         report=_print_step,
         allow_pickle=args.allow_pickle,
     )
+    assert result.report_dir is not None  # run_study writes the report unless told not to
     ran = len(result.ran)
     print(
         f"{len(result.records)} steps ({ran} run, {len(result.records) - ran} cached); "
         f"report: {result.report_dir / 'report.md'}"
     )
-    import json
-
     doc = json.loads((result.report_dir / "results.json").read_text())
     for f in doc["findings"]:
         print(f"  {f['finding']}: {f['verdict']}")

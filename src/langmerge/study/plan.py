@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from langmerge.errors import LangmergeError
+from langmerge.evaluation.builtin import BUILTIN_VERSION
 from langmerge.study.config import Source, Study
-from langmerge.study.run_steps import folder_fingerprint
+from langmerge.study.run_steps import data_path, folder_fingerprint, model_path
+from langmerge.study.sources import SOURCE_VERSION
 from langmerge.study.steps import (
     AnalyzeSettings,
     BaseSettings,
@@ -23,6 +25,8 @@ from langmerge.study.steps import (
     TuneSettings,
     file_digest,
 )
+from langmerge.training.api import load_tokenizer
+from langmerge.training.data import token_stream
 
 
 @dataclass
@@ -47,15 +51,15 @@ class Plan:
 
 def _data_step(study: Study, src: Source, role: str) -> Step:
     if src.builtin is not None:
-        from langmerge.study.sources import SOURCE_VERSION
-
         return Step("source", f"source {src.builtin}", SourceSettings(builtin=src.builtin, version=SOURCE_VERSION))
+    assert src.path is not None  # a Source is exactly one of path and builtin
     path = study.path(src.path).resolve()
     return Step("file", f"file {path.name}", FileSettings(path=str(path), sha256=file_digest(path)))
 
 
 def _given(study: Study, value: str, key: str, label: str) -> Step:
-    """A model the study is given: a folder (keyed by its files) or a Hub id (keyed by its commit, fetched when the step runs)."""
+    """A model the study is given: a folder (keyed by its files) or a Hub id (keyed by its commit,
+    fetched when the step runs)."""
     model = study.model(value, key)
     if model.from_hub:
         return Step("given", label, GivenSettings(hub=model.repo_id, commit=model.commit))
@@ -64,8 +68,6 @@ def _given(study: Study, value: str, key: str, label: str) -> Step:
 
 
 def _task_settings(study: Study, names: list[str]) -> TaskSettings:
-    from langmerge.evaluation.builtin import BUILTIN_VERSION
-
     resolved = []
     for name in names:
         if name.endswith((".yaml", ".yml")):
@@ -102,12 +104,14 @@ def build_plan(study: Study) -> Plan:
 
     replay = [data(src, "replay") for src in s.replay]
     texts = {lang: [data(src, "text") for src in ls.text] for lang, ls in s.languages.items()}
-    sft_data = data(s.sft.data[0], "sft") if s.sft.data else None
+    assert s.sft.data is not None  # SFTSpec requires it (one file)
+    sft_data = data(s.sft.data[0], "sft")
 
     if s.base.path is not None:
         base = _given(study, s.base.path, f"{study.source}: base.path", "base model")
     else:
-        vocab_inputs = [*replay, *[t for ts in texts.values() for t in ts], *([sft_data] if sft_data else [])]
+        assert s.base.builtin is not None  # a base is exactly one of path and builtin
+        vocab_inputs = [*replay, *[t for ts in texts.values() for t in ts], sft_data]
         tasks = sorted({t for ls in s.languages.values() for t in (*ls.validation, *ls.test)})
         base = Step(
             "base",
@@ -156,7 +160,7 @@ def build_plan(study: Study) -> Plan:
         for seed, model in {main_seed: sft, **seeded_sft}.items():
             label = "eval sft on English" + (f" (seed {seed})" if seed != main_seed else "")
             plan.english[(seed, "sft")] = _add(order, seen, Step("eval", label, english, {"model": model}))
-    ratio = list(study.ratio())
+    ratio = study.ratio()
 
     def ct_step(lang: str, budgets: list[int], seed: int | None) -> Step:
         training = s.ct_training.model_copy(update={"seed": seed} if seed is not None else {})
@@ -283,10 +287,6 @@ def build_plan(study: Study) -> Plan:
 
 def check_budgets(plan: Plan, ctx: Context) -> dict[str, dict]:
     """Every CT budget against the tokens its text (and replay) holds; run after the base exists."""
-    from langmerge.study.run_steps import data_path, model_path
-    from langmerge.training.api import load_tokenizer
-    from langmerge.training.data import token_stream
-
     study = plan.study
     if not plan.ct:
         return {}
@@ -294,10 +294,10 @@ def check_budgets(plan: Plan, ctx: Context) -> dict[str, dict]:
     counts: dict[str, dict] = {}
     replay_tokens = None
     for lang, step in plan.ct.items():
-        texts = [data_path(ctx, d) for n, d in step.deps.items() if n.startswith("text")]
-        replay = [data_path(ctx, d) for n, d in step.deps.items() if n.startswith("replay")]
+        texts: list[str | Path] = [data_path(ctx, d) for n, d in step.deps.items() if n.startswith("text")]
+        replay: list[str | Path] = [data_path(ctx, d) for n, d in step.deps.items() if n.startswith("replay")]
         available = len(token_stream(tokenizer, texts))
-        largest = max(step.settings.budgets)
+        largest = max(step.settings_as(CTSettings).budgets)
         counts[lang] = {"text_tokens": available}
         if largest > available and not study.spec.repeat:
             raise LangmergeError(

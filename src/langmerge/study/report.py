@@ -19,7 +19,8 @@ from langmerge.io.output import atomic_output_dir
 from langmerge.methods.registry import get_method
 from langmerge.study.config import REFERENCE_ROWS
 from langmerge.study.plan import Plan
-from langmerge.study.steps import Context, StepRecord
+from langmerge.study.steps import DONE, Context, StepRecord
+from langmerge.training.data import format_token_count
 
 ROW_LABELS = {"base": "base", "sft": "SFT (English)", "ct": "CT", "ct_sft": "CT-then-SFT"}
 LEVEL = 0.05  # significance level of the findings' tests
@@ -61,6 +62,7 @@ def _entry(plan: Plan, score: dict | None) -> dict:
         "tasks": {},
     }
     for name, t in score["tasks"].items():
+        ci: tuple[float, float] | None
         if "outcomes" in t:
             ci = st.bootstrap_ci([t["outcomes"]], resamples=resamples)
         else:
@@ -99,7 +101,7 @@ def collect(plan: Plan, ctx: Context) -> dict:
                     outcomes[(lang, budget, row)] = solving_groups(score)
                 tune = plan.tunes.get((lang, budget, row))
                 if tune is not None and tune.done(ctx.cache):
-                    info = _read(tune.folder(ctx.cache) / "done.json")["info"]
+                    info = json.loads((tune.folder(ctx.cache) / DONE).read_text())["info"]
                     entry["tuned"] = info.get("best")
                     entry["validation_score"] = info.get("validation_score")
                 rows.append(entry)
@@ -173,8 +175,6 @@ def _with_ci(v: float | None, ci, scale: float = 100, digits: int = 1) -> str:
 
 
 def _tokens(n: int) -> str:
-    from langmerge.training.data import format_token_count
-
     return format_token_count(n)
 
 
@@ -202,7 +202,8 @@ def findings(plan: Plan, data: dict) -> list[dict]:
         b = plan.study.budgets(lang)[0]
         if (lang, b, "ct_sft") not in outcomes:
             continue
-        candidates = [(m, _row(data, lang, b, m)) for m in merges if (lang, b, m) in outcomes]
+        # a merge with outcomes has its row (collect)
+        candidates = [(m, r) for m in merges if (lang, b, m) in outcomes and (r := _row(data, lang, b, m)) is not None]
         candidates = [(m, r) for m, r in candidates if r.get("validation_score") is not None] or candidates
         if not candidates:
             continue
@@ -240,7 +241,8 @@ def findings(plan: Plan, data: dict) -> list[dict]:
 
     # 2. TIES saturates: it gains more per doubling of CT tokens over the first budget interval than
     # over the last. Per example: (x1 - x0) / log2(b1 / b0) - (xk - x(k-1)) / log2(bk / b(k-1)), paired bootstrap.
-    lines, pooled_d, pooled_first = [], [], ([], [])
+    lines, pooled_d = [], []
+    pooled_first: tuple[list[list[int]], list[list[int]]] = ([], [])  # the second budget's outcomes, the first's
     ties = s.analysis.ties if s.analysis else next((m for m in merges if s.methods[m].merge_method == "ties"), None)
     if ties is not None:
         for lang in s.languages:
@@ -261,7 +263,9 @@ def findings(plan: Plan, data: dict) -> list[dict]:
             pooled_first[1].extend(x[0])
             series = ", ".join(f"{_tokens(b)}: {_pct(_score(data, lang, b, ties))}" for b in budgets)
             rates = [_loss(data, lang, b) for b in budgets]
-            loss = ", ".join(f"{_tokens(b)}: {_pct(r['ties_sft_loss_rate'])}%" for b, r in zip(budgets, rates) if r)
+            loss_text = ", ".join(
+                f"{_tokens(b)}: {_pct(r['ties_sft_loss_rate'])}%" for b, r in zip(budgets, rates) if r
+            )
             lines.append(f"{lang}: TIES score {series}")
             lines.append(
                 f"{lang}: gain over the first interval ({_tokens(budgets[0])} -> {_tokens(budgets[1])}): "
@@ -270,7 +274,7 @@ def findings(plan: Plan, data: dict) -> list[dict]:
             )
             lines.append(
                 f"{lang}: gain per doubling, first minus last interval: {_test_text(sat)}"
-                + (f"; SFT loss rate under TIES {loss}" if loss else "")
+                + (f"; SFT loss rate under TIES {loss_text}" if loss_text else "")
             )
     verdict, test_doc = "not testable", None
     if pooled_d:
@@ -514,7 +518,7 @@ def markdown(plan: Plan, data: dict, found: list[dict], gains: list[dict], timin
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # an optional dependency (langmerge[tune]), slow to import: only to draw the plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
+import yaml
+
+from langmerge.analysis import analyze
 from langmerge.errors import LangmergeError
+from langmerge.evaluation import evaluate, load_model, resolve_tasks, write_results
+from langmerge.evaluation.metrics import MAIN_METRIC
+from langmerge.evaluation.runner import EvalResult, autocast
+from langmerge.evaluation.tasks import Task
+from langmerge.io.hub import resolve_model
+from langmerge.io.reader import pretrained_options, read_config
+from langmerge.merge.recipe import load_recipe
+from langmerge.progress import TqdmReporter
+from langmerge.study.config import StudyTrainOptions
+from langmerge.study.miniature import build_base
+from langmerge.study.sources import write_source
 from langmerge.study.steps import (
     BaseSettings,
     Context,
@@ -15,6 +30,7 @@ from langmerge.study.steps import (
     EvalSettings,
     FileSettings,
     GivenSettings,
+    Runner,
     SFTSettings,
     SourceSettings,
     Step,
@@ -23,10 +39,10 @@ from langmerge.study.steps import (
     method_recipe,
     space_for_recipe,
 )
-
-if TYPE_CHECKING:  # for the annotation only: importing the evaluator means importing torch and transformers
-    from langmerge.evaluation.runner import EvalResult
-    from langmerge.study.config import StudyTrainOptions
+from langmerge.training import train_ct, train_sft
+from langmerge.training.data import format_token_count
+from langmerge.tuning import InMemoryMerger, tune
+from langmerge.tuning.objective import task_objective
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +77,12 @@ def model_path(ctx: Context, step: Step, budget: int | None = None) -> Path:
     if step.kind == "given":
         given = step.settings_as(GivenSettings)
         if given.hub is not None:
-            from langmerge.io.hub import resolve_model
-
             return resolve_model(
                 f"{given.hub}@{given.commit}", allow_pickle=ctx.allow_pickle, progress=ctx.progress
             ).folder
         return Path(str(given.path))
     out = ctx.out(step) / "model"
     if step.kind == "ct":
-        from langmerge.training.data import format_token_count
-
         if budget is None:
             raise LangmergeError(f"step {step.label}: which budget's checkpoint?")
         return (
@@ -96,9 +108,6 @@ def _options(step: Step) -> StudyTrainOptions:
 
 def study_tasks(settings: TaskSettings, part: str):
     """The Task objects of a step: resolved by name or path, then split (even examples validate, odd test)."""
-    from langmerge.evaluation import resolve_tasks
-    from langmerge.evaluation.tasks import Task
-
     tasks = resolve_tasks(list(settings.tasks))
     if settings.split == "none":
         return tasks
@@ -118,9 +127,7 @@ def task_score(results: EvalResult, score_tasks: list[str] | None = None) -> dic
     Each task also keeps its per-example outcomes (1 right, 0 wrong; bits and characters of each
     text for bits per character), in example order, for the report's intervals and paired tests.
     """
-    from langmerge.evaluation.metrics import MAIN_METRIC
-
-    per_task = {}
+    per_task: dict[str, dict[str, Any]] = {}
     for name, r in results.tasks.items():
         metric = MAIN_METRIC[r.kind]
         per_task[name] = {"metric": metric, "value": r.metrics[metric], "kind": r.kind, "n": r.n}
@@ -132,8 +139,6 @@ def task_score(results: EvalResult, score_tasks: list[str] | None = None) -> dic
             per_task[name]["outcomes"] = [x["correct"] for x in samples]
         if r.kind == "generation" and "lang_share" in r.metrics:
             per_task[name]["lang_share"] = r.metrics["lang_share"]
-    import fnmatch
-
     chosen = [
         n
         for n, v in per_task.items()
@@ -151,8 +156,6 @@ def run_file(step: Step, ctx: Context, out: Path) -> dict:
 
 
 def run_given(step: Step, ctx: Context, out: Path) -> dict:
-    from langmerge.io.reader import pretrained_options, read_config
-
     path = model_path(ctx, step)
     if not path.is_dir() or read_config(path) is None:
         raise LangmergeError(f"{step.label}: {path} is not a model folder (no config.json)")
@@ -161,21 +164,15 @@ def run_given(step: Step, ctx: Context, out: Path) -> dict:
 
 
 def run_source(step: Step, ctx: Context, out: Path) -> dict:
-    from langmerge.study.sources import write_source
-
     return write_source(step.settings_as(SourceSettings).builtin, out)
 
 
 def run_base(step: Step, ctx: Context, out: Path) -> dict:
-    from langmerge.study.miniature import build_base
-
     texts = _inputs(ctx, step, "vocab")
     return build_base(step.settings_as(BaseSettings), texts, out / "model", progress=ctx.progress)
 
 
 def run_ct(step: Step, ctx: Context, out: Path) -> dict:
-    from langmerge.training import train_ct
-
     s = step.settings_as(CTSettings)
     budgets = s.budgets
     result = train_ct(
@@ -201,8 +198,6 @@ def run_ct(step: Step, ctx: Context, out: Path) -> dict:
 
 
 def run_sft(step: Step, ctx: Context, out: Path) -> dict:
-    from langmerge.training import train_sft
-
     base = step.deps["base"]
     s = step.settings_as(SFTSettings)
     result = train_sft(
@@ -235,12 +230,6 @@ def _recipe(ctx: Context, step: Step) -> dict:
 
 
 def run_tune(step: Step, ctx: Context, out: Path) -> dict:
-    import yaml
-
-    from langmerge.progress import TqdmReporter
-    from langmerge.tuning import tune
-    from langmerge.tuning.objective import task_objective
-
     s = step.settings_as(TuneSettings)
     recipe = _recipe(ctx, step)
     space = space_for_recipe(s.method.space)
@@ -250,16 +239,11 @@ def run_tune(step: Step, ctx: Context, out: Path) -> dict:
     objective, _ = task_objective(tasks, limit=t.limit, batch_size=s.batch_size, seed=t.seed)
 
     def score(model, tokenizer) -> float:
-        from langmerge.evaluation.runner import autocast
-
         with autocast(next(model.parameters()).device, s.precision):
             return objective(model, tokenizer)
 
     if not space:
         # Nothing to tune; the validation score still ranks it among the merges (finding 1).
-        from langmerge.merge.recipe import load_recipe
-        from langmerge.tuning import InMemoryMerger
-
         (out / "best_recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
         loaded = load_recipe(recipe)
         merger = InMemoryMerger(loaded, device=s.device)
@@ -283,14 +267,9 @@ def run_tune(step: Step, ctx: Context, out: Path) -> dict:
 
 
 def run_eval(step: Step, ctx: Context, out: Path) -> dict:
-    from langmerge.evaluation import evaluate, load_model, write_results
-
     s = step.settings_as(EvalSettings)
     tasks = study_tasks(s.tasks, "test")
     if "tune" in step.deps:
-        from langmerge.merge.recipe import load_recipe
-        from langmerge.tuning import InMemoryMerger
-
         # The merge in memory: the same bits `langmerge merge best_recipe.yaml` writes.
         recipe = load_recipe(ctx.out(step.deps["tune"]) / "best_recipe.yaml")
         merger = InMemoryMerger(recipe, device=s.device, allow_pickle=ctx.allow_pickle)
@@ -319,13 +298,12 @@ def run_eval(step: Step, ctx: Context, out: Path) -> dict:
 
 
 def run_analyze(step: Step, ctx: Context, out: Path) -> dict:
-    from langmerge.analysis import analyze
-    from langmerge.merge.recipe import load_recipe
-
     doc = {}
     for role in ("ties", "ties_sv"):
         recipe = load_recipe(ctx.out(step.deps[role]) / "best_recipe.yaml")
-        sft = recipe.raw.models[1].model
+        models = recipe.raw.models
+        assert models is not None  # a study's recipe lists its models (method_recipe), it has no slices
+        sft = models[1].model
         report = analyze(recipe, protect=[sft], progress=ctx.progress, allow_pickle=ctx.allow_pickle)
         rate = report.total.loss_rate()[0]
         mass = report.total.mass_loss()[0]
@@ -342,7 +320,7 @@ def run_analyze(step: Step, ctx: Context, out: Path) -> dict:
     return {role: v["sft_loss_rate"] for role, v in doc.items()}
 
 
-RUNNERS = {
+RUNNERS: dict[str, Runner] = {
     "file": run_file,
     "given": run_given,
     "source": run_source,

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+
+import torch
 
 from langmerge.errors import LangmergeError
 from langmerge.io.output import check_disjoint, remove_dead_partials
 from langmerge.study.config import Study
 from langmerge.study.executors import Report, run_steps
 from langmerge.study.plan import Plan, build_plan, check_budgets
+from langmerge.study.report import write_report
 from langmerge.study.steps import Context, Step, StepRecord
 
 log = logging.getLogger(__name__)
@@ -81,8 +84,6 @@ def run_study(
     plan = build_plan(study)
     device = study.spec.evaluation.device
     if device.startswith("cuda"):
-        import torch
-
         if not torch.cuda.is_available():
             raise LangmergeError(
                 f"{study.source}: evaluation.device: {device}, but there is no CUDA device here "
@@ -118,7 +119,5 @@ def run_study(
     records += run_steps(rest, ctx, executor=kind, force=forced, report=shifted, **ray_options)
     report_dir = None
     if write:
-        from langmerge.study.report import write_report
-
         report_dir = write_report(plan, ctx, records, study.out / "report")
     return StudyResult(plan, records, report_dir, counts)

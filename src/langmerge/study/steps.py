@@ -17,16 +17,18 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_serializer, model_serializer
 
 from langmerge.errors import LangmergeError
 from langmerge.io.output import atomic_output_dir
 from langmerge.methods.registry import get_method
+from langmerge.progress import library_progress_bars
 from langmerge.study.config import MethodSpec, StudyTrainOptions, TuningSpec
 
 log = logging.getLogger(__name__)
@@ -238,13 +240,13 @@ Runner = Callable[[Step, Context, Path], dict]
 
 
 def runners() -> dict[str, Runner]:
-    from langmerge.study import run_steps
+    from langmerge.study import run_steps  # import cycle: the runners take this module's steps and settings
 
     return run_steps.RUNNERS
 
 
 def _cpu_seconds() -> float:
-    import resource
+    import resource  # POSIX only: imported here, the study's modules still import on Windows
 
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -256,8 +258,6 @@ def run_step(step: Step, ctx: Context, force: bool = False) -> StepRecord:
     marker = folder / DONE
     if marker.is_file() and not force:
         return StepRecord.model_validate({**json.loads(marker.read_text()), "cached": True})
-    from langmerge.progress import library_progress_bars
-
     start, cpu_start = time.perf_counter(), _cpu_seconds()
     fn = runners()[step.kind]
     # A Ray worker is a process of its own: the CLI's --no-progress does not reach its libraries.
@@ -283,12 +283,10 @@ def run_step(step: Step, ctx: Context, force: bool = False) -> StepRecord:
 # ----------------------------------------------------------------------------- recipes
 
 
-def method_recipe(method: MethodSpec, base: str, ct: str, sft: str, dtype: str) -> dict:
+def method_recipe(method: MethodSpec, base: str, ct: str, sft: str, dtype: str) -> dict[str, Any]:
     """The mergekit-format recipe of a study method over (base, CT, SFT)."""
-    from langmerge.methods.registry import get_method
-
     kind = get_method(method.merge_method)
-    recipe = {
+    recipe: dict[str, Any] = {
         "merge_method": method.merge_method,
         "models": [
             {"model": ct, "parameters": dict(method.ct)},
