@@ -48,7 +48,7 @@ class TaskResult(BaseModel):
     family: str | None
     n: int
     few_shot: int
-    metrics: dict[str, int | float | None]
+    metrics: dict[str, int | float]
     seconds: float
     examples_per_s: float | None
 

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -118,6 +119,7 @@ class TensorTask:
             return RowMean(self.average)
         if self.method is None:
             return CopyFirst()
+        assert self.params is not None  # a task with a method has its parameters
         generators = None
         if self.method.randomized:
             generators = [seeded_generator(self.seed, *self.seed_keys, i, device=self.info.device) for i in self.models]
@@ -177,7 +179,9 @@ class MergePlan:
     unreadable: list[LangmergeError] = field(default_factory=list)
     views: list[TensorSource] = field(default_factory=list)  # per model (base first): tensors under output names
     statics: list[_Static] = field(default_factory=list)
-    config_updates: dict = field(default_factory=dict)  # config.json changes besides the vocabulary's (slices' layers)
+    config_updates: dict[str, Any] = field(
+        default_factory=dict
+    )  # config.json changes besides the vocabulary's (slices' layers)
 
     @property
     def sources(self) -> list[TensorSource]:
@@ -208,7 +212,7 @@ class MergePlan:
         dtypes = {t.out_dtype for t in self.merged()}
         return next(iter(dtypes)) if len(dtypes) == 1 else None
 
-    def replan(self, recipe: Recipe, views: list[TensorSource] | None = None) -> list[TensorPlan]:
+    def replan(self, recipe: Recipe, views: Sequence[TensorSource] | None = None) -> list[TensorPlan]:
         """The tensors planned again with another recipe's parameters (the same models: the tuner's candidates),
         optionally reading from other views of the models (held in memory). Raises the first problem."""
         problems = _Problems()
@@ -235,7 +239,7 @@ class _Problems:
     def add(self, exc: LangmergeError, tensor: str | None = None) -> None:
         text = str(exc)
         named = tensor is not None and tensor in text
-        key = text.replace(tensor, "\0") if named else text
+        key = text.replace(tensor, "\0") if tensor is not None and named else text
         if key not in self._first:
             self._first[key], self._count[key], self._named[key] = exc, 0, named
         self._count[key] += 1
@@ -310,29 +314,36 @@ def survey_merge(
 
 
 def _build(
-    recipe: Recipe, *, allow_pickle: bool, models, progress: bool, device: torch.device, shard_bytes: int, collect: bool
+    recipe: Recipe,
+    *,
+    allow_pickle: bool,
+    models: Mapping[str, ResolvedModel] | None,
+    progress: bool,
+    device: torch.device,
+    shard_bytes: int,
+    collect: bool,
 ) -> MergePlan:
-    models = recipe_models(recipe, allow_pickle=allow_pickle, progress=progress, resolved=models)
+    resolved = recipe_models(recipe, allow_pickle=allow_pickle, progress=progress, resolved=models)
     if recipe.slices is not None:  # each slice planned as a whole-model merge of its layers, then stacked
         from langmerge.merge.slices import build_sliced  # here: slices imports this module
 
-        plan = build_sliced(
+        sliced = build_sliced(
             recipe,
             _build,
             allow_pickle=allow_pickle,
-            models=models,
+            models=resolved,
             progress=progress,
             device=device,
             shard_bytes=shard_bytes,
             collect=True,
         )
-        if not collect and (plan.problems or plan.unreadable):
-            plan.close()
+        if not collect and (sliced.problems or sliced.unreadable):
+            sliced.close()
             problems = _Problems()
-            for exc in plan.unreadable + plan.problems:
+            for exc in sliced.unreadable + sliced.problems:
                 problems.add(exc)
             problems.raise_first()
-        return plan
+        return sliced
     problems = _Problems()
     unreadable: list[LangmergeError] = []
     with ExitStack() as stack:
@@ -341,11 +352,11 @@ def _build(
             (problems.add(exc) if isinstance(exc, AdapterMismatch) else unreadable.append(exc))
 
         base, inputs = open_recipe_sources(
-            recipe, stack, allow_pickle=allow_pickle, models=models, on_error=failed if collect else None
+            recipe, stack, allow_pickle=allow_pickle, models=resolved, on_error=failed if collect else None
         )
         base = recipe.view_source(None, base) if base is not None else None
         inputs = [recipe.view_source(i, s) if s is not None else None for i, s in enumerate(inputs)]
-        plan = MergePlan(recipe, base, [s for s in inputs if s is not None], [], device, models=models)
+        plan = MergePlan(recipe, base, [s for s in inputs if s is not None], [], device, models=resolved)
         if unreadable or (base is None and recipe.has_base) or any(s is None for s in inputs):
             plan.problems, plan.unreadable = problems.errors(), unreadable
             stack.pop_all()

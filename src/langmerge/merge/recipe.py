@@ -559,7 +559,9 @@ class Recipe:
 class RecipeError(ConfigError):
     """Everything wrong with a recipe's shape at once: ``errors`` lists each (naming its key); the message joins them."""
 
-    def __init__(self, source: str, errors: list[str]):
+    source: str  # the recipe file, or "<recipe>" for one given as text or a mapping
+
+    def __init__(self, source: str, errors: list[str]) -> None:
         super().__init__(source, errors, "recipe")
 
 

@@ -23,7 +23,7 @@ layers (``layer_types``, where the config has one, follows the stack).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -190,7 +190,7 @@ class SlicedPlan(MergePlan):
 
     parts: list[MergePlan] = dataclasses.field(default_factory=list)
 
-    def replan(self, recipe: Recipe, views: list[TensorSource] | None = None) -> list[TensorPlan]:
+    def replan(self, recipe: Recipe, views: Sequence[TensorSource] | None = None) -> list[TensorPlan]:
         raise LangmergeError(
             "a slices recipe cannot be replanned with other parameters (tune takes whole-model recipes)"
         )

@@ -63,7 +63,7 @@ def task_objective(
             seed=seed,
             progress=False,
         )
-        values = []
+        values: list[float] = []
         for name, metric_name in metrics.items():
             value = results.tasks[name].metrics[metric_name]
             values.append(-value if metric_name in LOWER_IS_BETTER else value)
