@@ -462,8 +462,9 @@ def _static(
 ) -> _Static | None:
     reference = views[0]
     native = reference.dtype(name)
-    aligned = vocab is not None and vocab.is_aligned(name)
-    shape = (vocab.out_rows, *reference.shape(name)[1:]) if aligned else tuple(reference.shape(name))
+    out_rows = vocab.out_rows if vocab is not None and vocab.is_aligned(name) else None
+    aligned = out_rows is not None  # aligned rows exist only where the vocabularies differ (out_rows is set then)
+    shape = (out_rows, *reference.shape(name)[1:]) if out_rows is not None else tuple(reference.shape(name))
     if all(v.dtype(name).is_floating_point for v in views):
         return _Static(name, shape, native, False, aligned)
     try:
@@ -505,7 +506,7 @@ def _info(name: str, shape: tuple[int, ...], dtype: torch.dtype, plan: MergePlan
 
 
 def _plan_tensor(
-    static: _Static, recipe: Recipe, views: list[TensorSource], plan: MergePlan, problems: _Problems
+    static: _Static, recipe: Recipe, views: Sequence[TensorSource], plan: MergePlan, problems: _Problems
 ) -> TensorPlan:
     name = static.name
     offset = 1 if plan.base is not None else 0
@@ -544,16 +545,20 @@ def _plan_tensor(
             tuple(range(len(refs) - offset)),
         )
         return TensorPlan(name, static.shape, out_dtype, [task])
+    vocab = plan.vocab
+    assert vocab is not None  # an aligned tensor has a vocabulary plan
     tasks = []
-    for group in row_groups(plan.vocab):
-        task = _group_task(name, static, group, views, compute, method, params, seed, plan, offset)
-        if isinstance(task, LangmergeError):
-            problems.add(task, name)
+    for group in row_groups(vocab):
+        group_task = _group_task(name, static, group, views, compute, method, params, seed, vocab, plan, offset)
+        if isinstance(group_task, LangmergeError):
+            problems.add(group_task, name)
         else:
-            tasks.append(task)
-    for key, rows, model_rows in sourced_groups(plan.vocab):
+            tasks.append(group_task)
+    for key, rows, model_rows in sourced_groups(vocab):
         tasks.append(
-            _sourced_task(name, static, key, rows, model_rows, views, compute, method, params, seed, plan, offset)
+            _sourced_task(
+                name, static, key, rows, model_rows, views, compute, method, params, seed, vocab, plan, offset
+            )
         )
     return TensorPlan(name, static.shape, out_dtype, tasks, aligned=True)
 
@@ -561,14 +566,15 @@ def _plan_tensor(
 def _sourced_task(
     name: str,
     static: _Static,
-    key: tuple,
+    key: tuple[Any, ...],  # ("row", k), ("zero",) or ("mean",)
     rows: torch.Tensor,
     model_rows: torch.Tensor,
-    views: list[TensorSource],
+    views: Sequence[TensorSource],
     compute: torch.dtype,
     method: Method,
     params: MethodParameters,
     seed: int,
+    vocab: VocabPlan,
     plan: MergePlan,
     offset: int,
 ) -> TensorTask:
@@ -581,9 +587,7 @@ def _sourced_task(
     if key[0] == "zero":  # the input only gives the shape: any row of the first model
         ref = TensorRef(GatheredRows(views[0], {name: (name, torch.zeros_like(rows))}), name)
         return TensorTask(name, info, None, [ref], None, None, rows=rows, average=[])
-    refs = [
-        TensorRef(MeanRows(views[k], name, plan.vocab.own_rows(k), int(rows.numel())), name) for k in range(len(views))
-    ]
+    refs = [TensorRef(MeanRows(views[k], name, vocab.own_rows(k), int(rows.numel())), name) for k in range(len(views))]
     return TensorTask(
         name,
         info,
@@ -603,20 +607,21 @@ def _group_task(
     name: str,
     static: _Static,
     group: RowGroup,
-    views: list[TensorSource],
+    views: Sequence[TensorSource],
     compute: torch.dtype,
     method: Method,
     params: MethodParameters,
     seed: int,
+    vocab: VocabPlan,
     plan: MergePlan,
     offset: int,
-):
+) -> TensorTask | LangmergeError:
     """One row group of a vocabulary tensor as a task of its own (or the problem that stops it)."""
     shape = (int(group.rows.numel()), *static.shape[1:])
     info = _info(name, shape, compute, plan)
 
     def ref(k: int) -> TensorRef:
-        return TensorRef(GatheredRows(views[k], {name: (name, group.model_rows(plan.vocab, k))}), name)
+        return TensorRef(GatheredRows(views[k], {name: (name, group.model_rows(vocab, k))}), name)
 
     present = [i for i in range(len(plan.inputs)) if group.present[offset + i]]
     inputs = [ref(offset + i) for i in present]
@@ -664,6 +669,7 @@ def iter_tasks(tensors: list[TensorPlan]) -> Iterator[tuple[TensorPlan, TensorTa
 
 def with_params(task: TensorTask, update: Callable[[MethodParameters], MethodParameters]) -> TensorTask:
     """The task with its parameters changed (``analyze``'s protected models), the kernel chosen again."""
+    assert task.method is not None and task.params is not None  # merged, not copied
     params = update(task.params)
     kernel = choose_kernel(task.method, params, task.info)
     return dataclasses.replace(task, params=params, kernel=kernel)

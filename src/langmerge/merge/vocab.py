@@ -30,6 +30,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -130,7 +131,9 @@ class VocabPlan:
     output_tied: bool
     aliases: dict[int, dict[str, str]]  # per model: output-layer name -> the tied input embedding that stands for it
     notes: list[str]
-    sourced: dict[int, tuple] = field(default_factory=dict)  # output row -> its own source (tokenizer block, padding)
+    sourced: dict[int, tuple[Any, ...]] = field(
+        default_factory=dict
+    )  # output row -> its own source (tokenizer block, padding)
 
     @property
     def aligned_names(self) -> set[str]:
@@ -214,10 +217,10 @@ def row_groups(plan: VocabPlan) -> list[RowGroup]:
     return [g for g in groups if g.rows.numel()]
 
 
-def sourced_groups(plan: VocabPlan) -> list[tuple[tuple, torch.Tensor]]:
+def sourced_groups(plan: VocabPlan) -> list[tuple[tuple[Any, ...], torch.Tensor, torch.Tensor]]:
     """The rows with a source of their own, grouped by source kind: ``(("row", k), rows, model_rows)`` etc.
     Returns ``(key, rows, model_rows)`` with ``key`` ``("row", k)``, ``("zero",)`` or ``("mean",)``."""
-    groups: dict[tuple, tuple[list[int], list[int]]] = {}
+    groups: dict[tuple[Any, ...], tuple[list[int], list[int]]] = {}
     for j, how in sorted(plan.sourced.items()):
         key = how[:2] if how[0] == "row" else how
         rows, model_rows = groups.setdefault(key, ([], []))
@@ -462,7 +465,7 @@ def plan_vocabulary(recipe, base, inputs) -> VocabPlan:
         anyone |= row_map >= 0
         identity = m.rows == out_rows and bool((row_map == torch.arange(out_rows)).all())
         row_maps.append(None if identity else row_map)
-    sourced: dict[int, tuple] = {}
+    sourced: dict[int, tuple[Any, ...]] = {}
     if block is not None and block.tokens:
         sourced = token_rows(
             block, models, lambda r: _model_position(recipe, r, base is not None), out_tokens, lambda j: bool(anyone[j])
