@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tempfile
@@ -14,11 +15,11 @@ from langmerge.merge.plan import DEFAULT_SHARD_BYTES
 from langmerge.progress import TqdmReporter
 
 
-def _reporter(args, what: str) -> TqdmReporter | None:
+def _reporter(args: argparse.Namespace, what: str) -> TqdmReporter | None:
     return None if args.no_progress else TqdmReporter(what)
 
 
-def _merge(args) -> int:
+def _merge(args: argparse.Namespace) -> int:
     from langmerge.merge.recipe import load_recipe, read_recipe_documents
 
     several = read_recipe_documents(args.recipe) is not None  # a multi-document recipe: merge reads it
@@ -44,7 +45,7 @@ def _announce(ref: str, model: ResolvedModel) -> None:
     print(f"langmerge check: {ref}: {model.describe()}", file=sys.stderr, flush=True)
 
 
-def _check(args) -> int:
+def _check(args: argparse.Namespace) -> int:
     from langmerge.merge.check import check_recipe
 
     report = check_recipe(
@@ -54,7 +55,7 @@ def _check(args) -> int:
     return report.exit_code
 
 
-def _demo(args) -> int:
+def _demo(args: argparse.Namespace) -> int:
     """Merge a small generated trio with TIES-SV and say what happened."""
     from langmerge.io.output import atomic_output_dir, check_output_free
     from langmerge.synthetic import LlamaShape, make_trio
@@ -99,7 +100,7 @@ def _demo(args) -> int:
     return 0
 
 
-def add_commands(sub) -> None:
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("merge", help="merge models per a mergekit-style YAML recipe")
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("out_dir", help="output folder (a Hugging Face model folder)")
