@@ -96,7 +96,8 @@ def _tracked_and_tokens(
         ct = [e.model for e, p in zip(recipe.inputs, prot) if not p]
         if len(ct) != 1:
             raise LangmergeError(
-                f"{recipe.source}: cannot tell which model is the CT model ({len(ct)} unprotected models); pass --tokens"
+                f"{recipe.source}: cannot tell which model is the CT model ({len(ct)} unprotected models); "
+                "pass --tokens"
             )
         tokens.append(training_tokens(ct[0]))
     return tracked, tokens

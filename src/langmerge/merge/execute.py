@@ -84,7 +84,8 @@ def check_memory(memory: int) -> int:
 
 
 def _staged(task: TensorTask, device: torch.device) -> list[bool]:
-    """Per input: whether it is read into a staging buffer and then cast or moved (else read straight into its block)."""
+    """Per input: whether it is read into a staging buffer and then cast or moved (else read straight into its
+    block)."""
     return [ref.source.read_dtype(ref.name) != task.info.dtype or device.type != "cpu" for ref in task.refs]
 
 
@@ -487,7 +488,8 @@ class Executor:
         return merge, ranges, held <= self.memory // 4
 
     def run(self, tensors: list[TensorPlan], sink: Sink | None = None, final: FinalPass | None = None) -> None:
-        """Every task of ``tensors`` in order: statistics passes, then the merge pass into ``sink`` (or ``final``'s pass)."""
+        """Every task of ``tensors`` in order: statistics passes, then the merge pass into ``sink`` (or ``final``'s
+        pass)."""
         work = list(iter_tasks(tensors))
         if self.reporter is not None:
             self.reporter.start(len(tensors))

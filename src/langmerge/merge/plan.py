@@ -208,7 +208,8 @@ class MergePlan:
 
     @property
     def model_dtype(self) -> torch.dtype | None:
-        """The merged model's dtype (config.json's): the one output dtype of its merged tensors, None where they differ."""
+        """The merged model's dtype (config.json's): the one output dtype of its merged tensors, None where they
+        differ."""
         dtypes = {t.out_dtype for t in self.merged()}
         return next(iter(dtypes)) if len(dtypes) == 1 else None
 

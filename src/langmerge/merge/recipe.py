@@ -508,7 +508,8 @@ class Recipe:
             return self.method.tensor_parameters(values, self.protected)
         except ValidationError as exc:
             raise LangmergeError(
-                f"recipe parameters of {self.method.name} ({tensor}): {exc.errors()[0]['msg'].removeprefix('Value error, ')}"
+                f"recipe parameters of {self.method.name} ({tensor}): "
+                f"{exc.errors()[0]['msg'].removeprefix('Value error, ')}"
             ) from None
         except LangmergeError as exc:
             raise LangmergeError(f"tensor {tensor!r}: {exc}") from None
@@ -557,7 +558,8 @@ class Recipe:
 
 
 class RecipeError(ConfigError):
-    """Everything wrong with a recipe's shape at once: ``errors`` lists each (naming its key); the message joins them."""
+    """Everything wrong with a recipe's shape at once: ``errors`` lists each (naming its key); the message joins
+    them."""
 
     source: str  # the recipe file, or "<recipe>" for one given as text or a mapping
 
@@ -621,7 +623,8 @@ def read_recipe_documents(recipe: str | Path) -> tuple[str, list] | None:
 
 
 def load_recipe(recipe: str | Path | dict | Recipe) -> Recipe:
-    """A recipe from a file path (YAML, or JSON for a ``.json`` file), a YAML string, a dict, or a Recipe (returned as is)."""
+    """A recipe from a file path (YAML, or JSON for a ``.json`` file), a YAML string, a dict, or a Recipe
+    (returned as is)."""
     if isinstance(recipe, Recipe):
         return recipe
     source = "<recipe>"

@@ -65,7 +65,8 @@ def slice_models(raw: RecipeFile) -> list[ModelEntry]:
 
 
 class SliceView(GatheredRows):
-    """A model with only the layers ``start .. stop - 1``, numbered from 0; the tensors outside the layers as they are."""
+    """A model with only the layers ``start .. stop - 1``, numbered from 0; the tensors outside the layers as they
+    are."""
 
     def __init__(self, inner: TensorSource, start: int, stop: int):
         indices = [i for i in (layer_index(n) for n in inner.names) if i is not None]

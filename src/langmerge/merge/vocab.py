@@ -412,12 +412,14 @@ def plan_vocabulary(recipe, base, inputs) -> VocabPlan:
     if not explicit:
         raise LangmergeError(
             f"vocabulary mismatch: {sizes}. Set 'tokenizer_source' in the recipe: union (keep every model's tokens; "
-            "new tokens keep their trained rows), base, or one of the models; langmerge never truncates embeddings silently"
+            "new tokens keep their trained rows), base, or one of the models; langmerge never truncates embeddings "
+            "silently"
         )
     for m in models:
         if m.tokens is None:
             raise LangmergeError(
-                f"model {m.label}: vocabularies differ ({sizes}) but {m.tokenizer_folder} has no tokenizer.json to align rows by token"
+                f"model {m.label}: vocabularies differ ({sizes}) but {m.tokenizer_folder} has no tokenizer.json to "
+                "align rows by token"
             )
         if m.rows is None:
             raise LangmergeError(f"model {m.label}: no input embedding tensor found to align")
@@ -487,7 +489,8 @@ def plan_vocabulary(recipe, base, inputs) -> VocabPlan:
     if nowhere:  # mergekit's rule too: a token no model has a row for gets a zero row
         sourced.update({j: ("zero",) for j in (~anyone).nonzero().reshape(-1).tolist() if j not in sourced})
         notes.append(
-            f"{len(nowhere)} output tokens have an embedding row in no model ({_examples(nowhere)}): their rows are zero"
+            f"{len(nowhere)} output tokens have an embedding row in no model ({_examples(nowhere)}): "
+            "their rows are zero"
         )
 
     for m in models:
@@ -503,7 +506,8 @@ def plan_vocabulary(recipe, base, inputs) -> VocabPlan:
             )
     what = "union of all vocabularies" if chosen is None else f"vocabulary of {models[chosen].label}"
     notes.append(
-        f"vocabulary mismatch ({sizes}); tokenizer_source {recipe.tokenizer_source}: output is the {what}, {out_rows} rows, matched by token string"
+        f"vocabulary mismatch ({sizes}); tokenizer_source {recipe.tokenizer_source}: output is the {what}, "
+        f"{out_rows} rows, matched by token string"
     )
     rule_base = (
         "rows every model has follow the merge method; rows only some models have merge those models alone; "
@@ -517,7 +521,8 @@ def plan_vocabulary(recipe, base, inputs) -> VocabPlan:
         stale = [n for n in STALE_FOR_UNION if (ref.tokenizer_folder / n).exists()]
         if stale:
             notes.append(
-                f"union tokenizer: written as tokenizer.json; {', '.join(stale)} of the base are not copied (they would disagree)"
+                f"union tokenizer: written as tokenizer.json; {', '.join(stale)} of the base are not copied "
+                "(they would disagree)"
             )
     for note in notes:
         log.info("vocabulary: %s", note)

@@ -12,8 +12,8 @@ the total is the sum of both.
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import numpy as np
