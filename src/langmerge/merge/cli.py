@@ -10,9 +10,14 @@ from pathlib import Path
 
 from langmerge.cli_options import ALLOW_PICKLE, DEVICE, FORCE, NO_PROGRESS, THREADS, parse_size
 from langmerge.io.hub import ResolvedModel
+from langmerge.io.output import atomic_output_dir, check_output_free
+from langmerge.io.reader import pretrained_options
+from langmerge.merge.check import check_recipe
 from langmerge.merge.execute import DEFAULT_MEMORY, merge
 from langmerge.merge.plan import DEFAULT_SHARD_BYTES
+from langmerge.merge.recipe import load_recipe, read_recipe_documents
 from langmerge.progress import TqdmReporter
+from langmerge.synthetic import LlamaShape, make_trio
 
 
 def _reporter(args: argparse.Namespace, what: str) -> TqdmReporter | None:
@@ -20,8 +25,6 @@ def _reporter(args: argparse.Namespace, what: str) -> TqdmReporter | None:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from langmerge.merge.recipe import load_recipe, read_recipe_documents
-
     several = read_recipe_documents(args.recipe) is not None  # a multi-document recipe: merge reads it
     recipe = args.recipe if several else load_recipe(args.recipe)
     report = merge(
@@ -46,8 +49,6 @@ def _announce(ref: str, model: ResolvedModel) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from langmerge.merge.check import check_recipe
-
     report = check_recipe(
         args.recipe, allow_pickle=args.allow_pickle, progress=not args.no_progress, announce=_announce
     )
@@ -57,9 +58,6 @@ def _check(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     """Merge a small generated trio with TIES-SV and say what happened."""
-    from langmerge.io.output import atomic_output_dir, check_output_free
-    from langmerge.synthetic import LlamaShape, make_trio
-
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="langmerge-demo-"))
     # Both folders are checked before either is written: an existing one needs --force.
     check_output_free(work / "inputs", args.force)
@@ -87,9 +85,10 @@ def _demo(args: argparse.Namespace) -> int:
         reporter=_reporter(args, "merge (ties_sv)"),
     )
     print(report.summary())
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from langmerge.io.reader import pretrained_options
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+    )  # transformers takes seconds to import: not at `langmerge --help`
 
     options = pretrained_options(work / "merged")  # the folder's files by io/files.py's rule, safetensors only
     model = AutoModelForCausalLM.from_pretrained(work / "merged", **options)

@@ -354,7 +354,7 @@ class Recipe:
         self.has_base = policy == "required" or (policy == "optional" and raw.base_model is not None)
         entries = raw.models
         if raw.slices is not None:
-            from langmerge.merge.slices import slice_models
+            from langmerge.merge.slices import slice_models  # here: slices imports this module
 
             entries = slice_models(raw)
         # Inputs that contribute a task vector (or, for linear, a weighted term).
@@ -404,7 +404,7 @@ class Recipe:
                     _collect(errors, _check_setting, specs[key], value, where)
         _collect(errors, self._set_protected)
         if raw.slices is not None and not errors:
-            from langmerge.merge.slices import slice_recipes
+            from langmerge.merge.slices import slice_recipes  # here: slices imports this module
 
             self.slices = slice_recipes(self, errors)
         if errors:

@@ -26,12 +26,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from langmerge import __version__
 from langmerge.errors import LangmergeError
 from langmerge.io.hub import ResolvedModel
 from langmerge.io.metadata import TRAINING_METADATA
 from langmerge.io.output import atomic_output_dir, check_disjoint, check_output_free
+from langmerge.io.reader import read_config
 from langmerge.training.data import IGNORE_INDEX, TARGET
+from langmerge.training.lora import merged_model, wrap_lora
 from langmerge.training.options import TrainOptions
 from langmerge.training.schedule import cosine_lr, warmup_steps_for
 
@@ -132,8 +136,6 @@ def _micro_batches(items: list[Item], rank: int, world: int, micro: int) -> list
 
 
 def _base_dtype(base: Path) -> torch.dtype:
-    from langmerge.io.reader import read_config
-
     config = read_config(base)
     if config is None:
         raise LangmergeError(f"{base}: not a model folder (no config.json)")
@@ -146,7 +148,7 @@ def _base_dtype(base: Path) -> torch.dtype:
 
 class _Trainer:
     def __init__(self, job: Job, out: Path, options: TrainOptions, tokenizer, progress: bool):
-        from accelerate import Accelerator
+        from accelerate import Accelerator  # optional (the train extra)
 
         self.job, self.out, self.opt, self.tokenizer, self.progress = job, out, options, tokenizer, progress
         cuda = torch.cuda.is_available()
@@ -159,7 +161,7 @@ class _Trainer:
     # ------------------------------------------------------------------ setup
 
     def build(self) -> None:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM  # transformers takes seconds to import: not at `langmerge --help`
 
         torch.manual_seed(self.opt.seed)
         if self.opt.deterministic:
@@ -169,8 +171,6 @@ class _Trainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         if self.opt.lora:
-            from langmerge.training.lora import wrap_lora
-
             if self.opt.gradient_checkpointing:
                 model.enable_input_require_grads()
             model = wrap_lora(model, self.opt.lora)
@@ -258,8 +258,6 @@ class _Trainer:
     def _write_into(self, tmp: Path, state: dict, progress: dict) -> None:
         unwrapped = self.accelerator.unwrap_model(self.model)
         if self.opt.lora and self.opt.merge_lora:
-            from langmerge.training.lora import merged_model
-
             merged = merged_model(self.job.base, self.opt.lora, state, self.job.pretrained).to(self.save_dtype)
             merged.save_pretrained(tmp, safe_serialization=True)
         elif self.opt.lora:
@@ -271,8 +269,6 @@ class _Trainer:
         (tmp / METADATA_FILE).write_text(json.dumps(self.metadata(progress), indent=2) + "\n")
 
     def metadata(self, progress: dict) -> dict:
-        from langmerge import __version__
-
         return {
             "produced_by": f"langmerge {__version__} train {self.job.kind}",
             "kind": self.job.kind,
@@ -365,8 +361,6 @@ def run(
 ) -> TrainResult:
     """Train ``job`` into ``out``; with ``stop_after`` stop resumably after that many steps in total.
     ``progress``: show a progress bar."""
-    from tqdm.auto import tqdm
-
     out = Path(out)
     state_dir = prepare_output(out, force, resume)
     trainer = _Trainer(job, out, options, tokenizer, progress)

@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from langmerge.devices import resolve_device
 from langmerge.errors import LangmergeError
 from langmerge.io.tensor_source import MemorySource
 from langmerge.merge.execute import DEFAULT_MEMORY, Executor, MemorySink, load, write_model_files
 from langmerge.merge.plan import plan_merge
 from langmerge.merge.recipe import Recipe
 
-if TYPE_CHECKING:  # transformers is imported when the first model is built: a second or more
+if TYPE_CHECKING:  # transformers takes seconds to import: imported where a model is built
     from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,6 @@ class InMemoryMerger:
         progress: bool = True,
         memory: int = DEFAULT_MEMORY,
     ):
-        from langmerge.devices import resolve_device
-
         self.recipe = recipe
         self.method = recipe.method
         self.device = resolve_device(device)
@@ -73,7 +72,10 @@ class InMemoryMerger:
             with tempfile.TemporaryDirectory(prefix="langmerge-tune-") as tmp:
                 # The config and tokenizer `langmerge merge` would write, read back by transformers.
                 write_model_files(Path(tmp), plan)
-                from transformers import AutoConfig, AutoTokenizer
+                from transformers import (
+                    AutoConfig,
+                    AutoTokenizer,
+                )  # transformers takes seconds to import: not at `langmerge --help`
 
                 self.config = AutoConfig.from_pretrained(tmp)
                 self.tokenizer = AutoTokenizer.from_pretrained(tmp)
@@ -97,7 +99,9 @@ class InMemoryMerger:
         state = self.state_dict(candidate)
         model = self._model
         if model is None:
-            from transformers import AutoModelForCausalLM
+            from transformers import (
+                AutoModelForCausalLM,
+            )  # transformers takes seconds to import: not at `langmerge --help`
 
             model = self._model = AutoModelForCausalLM.from_config(self.config, dtype=self.model_dtype)
             model.eval()

@@ -46,7 +46,7 @@ def leaderboard_markdown(result: TuneResult, top: int = 20) -> str:
 
 def plot_scores(result: TuneResult, path: Path) -> Path:
     """The score against each searched parameter (best marked), and the best score so far by trial."""
-    import matplotlib
+    import matplotlib  # optional (the tune extra), imported only to plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
