@@ -364,7 +364,7 @@ def _build(
             return plan
         sources = plan.sources
         try:
-            plan.vocab = plan_vocabulary(recipe, base, inputs)
+            plan.vocab = plan_vocabulary(recipe, base, plan.inputs)  # every input opened (checked above)
         except LangmergeError as exc:
             plan.vocab_problem = exc
             problems.add(exc)
