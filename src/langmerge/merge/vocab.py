@@ -139,9 +139,8 @@ class VocabPlan:
     output_tied: bool
     aliases: dict[int, dict[str, str]]  # per model: output-layer name -> the tied input embedding that stands for it
     notes: list[str]
-    sourced: dict[int, tuple[Any, ...]] = field(
-        default_factory=dict
-    )  # output row -> its own source (tokenizer block, padding)
+    # output row -> its own source (tokenizer block, padding): ("row", k, row), ("zero",) or ("mean",)
+    sourced: dict[int, tuple[Any, ...]] = field(default_factory=dict)
 
     @property
     def aligned_names(self) -> set[str]:
