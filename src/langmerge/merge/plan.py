@@ -179,9 +179,8 @@ class MergePlan:
     unreadable: list[LangmergeError] = field(default_factory=list)
     views: list[TensorSource] = field(default_factory=list)  # per model (base first): tensors under output names
     statics: list[_Static] = field(default_factory=list)
-    config_updates: dict[str, Any] = field(
-        default_factory=dict
-    )  # config.json changes besides the vocabulary's (slices' layers)
+    # config.json changes besides the vocabulary's (slices' layers)
+    config_updates: dict[str, Any] = field(default_factory=dict)
 
     @property
     def sources(self) -> list[TensorSource]:
