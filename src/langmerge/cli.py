@@ -20,6 +20,8 @@ import sys
 import threading
 
 from langmerge.errors import LangmergeError
+from langmerge.io.output import WRITE_ERRORS
+from langmerge.progress import library_progress_bars
 
 COMMAND_PROVIDERS = (
     "langmerge.merge.cli",
@@ -83,8 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from langmerge.progress import library_progress_bars
-
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -97,8 +97,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"langmerge: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        from langmerge.io.output import WRITE_ERRORS
-
         if exc.errno not in WRITE_ERRORS:
             raise
         # Outside an output folder (e.g. a library's cache): still one line, not a traceback.

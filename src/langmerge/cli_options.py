@@ -22,6 +22,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
+from langmerge.devices import resolve_device
 from langmerge.errors import LangmergeError
 
 # ----------------------------------------------------------------------------- argparse types
@@ -55,8 +56,6 @@ def device_name(text: str) -> str:
     """An argparse type: cpu, cuda, cuda:N or mps, present on this machine."""
     if text == "cpu":
         return text  # the default: no need to import torch while parsing
-    from langmerge.devices import resolve_device  # imports torch: only for a device other than the default
-
     try:
         resolve_device(text, key="")
     except LangmergeError as exc:

@@ -30,7 +30,8 @@ MAX_ENTRIES = 100_000
 
 
 def read_input_text(path: Path, kind: str) -> str:
-    """The UTF-8 text of a file the user names; a missing, special, binary or non-UTF-8 file is a one-line error naming it."""
+    """The UTF-8 text of a file the user names; a missing, special, binary or non-UTF-8 file is a one-line error
+    naming it."""
     if not path.exists():
         raise LangmergeError(f"{kind} file {path} does not exist")
     data = read_regular(path)
@@ -104,7 +105,8 @@ def check_structure(document: object, source: object) -> None:
             entries, height = entries + n, max(height, h + 1)
         if entries > MAX_ENTRIES:
             raise LangmergeError(
-                f"{source}: key {_key(path[:8], more=len(path) > 8)}: more than {MAX_ENTRIES} entries once YAML aliases are expanded "
+                f"{source}: key {_key(path[:8], more=len(path) > 8)}: more than {MAX_ENTRIES} entries once YAML "
+                "aliases are expanded "
                 "(an alias bomb, or an alias to itself?); write the values out"
             )
         counted[id(node)] = (entries, height)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from langmerge.analysis.diagnostics import (
     AnalysisReport,
@@ -14,13 +16,15 @@ from langmerge.analysis.diagnostics import (
     percent,
     resolve_protected,
 )
+from langmerge.analysis.plots import plot_loss_by_layer, plot_loss_vs_slack, plot_loss_vs_tokens
 from langmerge.cli_options import ALLOW_PICKLE, DEVICE, FORCE, NO_PROGRESS
 from langmerge.errors import LangmergeError
+from langmerge.io.files import folder_file, read_json
 from langmerge.io.hub import resolve_model
 from langmerge.io.metadata import TRAINING_METADATA
 from langmerge.io.output import atomic_output_dir, check_output_free
 from langmerge.io.sources import recipe_input_paths
-from langmerge.merge.recipe import load_recipe
+from langmerge.merge.recipe import Recipe, load_recipe
 from langmerge.progress import TqdmReporter
 
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
@@ -56,15 +60,14 @@ def parse_tokens(text: str) -> list[int]:
 
 def training_tokens(model: str) -> int:
     """Target-language tokens a CT model was trained on, from its ``langmerge_training.json``."""
-    from langmerge.io.files import folder_file, read_json
-
     path = folder_file(resolve_model(model).folder, TRAINING_METADATA)
     if path is None:
         raise LangmergeError(
             f"{model}: no {TRAINING_METADATA} to read its CT token count from; pass --tokens, one per recipe"
         )
+    document: Any = read_json(path)  # any JSON: a document without tokens.target is the error below
     try:
-        tokens = read_json(path)["tokens"]["target"]
+        tokens = document["tokens"]["target"]
     except (KeyError, TypeError) as exc:
         raise LangmergeError(f"{path}: no tokens.target field ({exc}); pass --tokens, one per recipe") from None
     if not isinstance(tokens, int) or tokens <= 0:
@@ -72,7 +75,9 @@ def training_tokens(model: str) -> int:
     return tokens
 
 
-def _tracked_and_tokens(recipes, protected, tokens_arg):
+def _tracked_and_tokens(
+    recipes: list[Recipe], protected: list[list[bool]], tokens_arg: str | None
+) -> tuple[list[int], list[int]]:
     """Per recipe: the tracked (protected, SFT) model's index and the CT token count; checked before any work."""
     tracked = []
     for recipe, prot in zip(recipes, protected):
@@ -91,7 +96,8 @@ def _tracked_and_tokens(recipes, protected, tokens_arg):
         ct = [e.model for e, p in zip(recipe.inputs, prot) if not p]
         if len(ct) != 1:
             raise LangmergeError(
-                f"{recipe.source}: cannot tell which model is the CT model ({len(ct)} unprotected models); pass --tokens"
+                f"{recipe.source}: cannot tell which model is the CT model ({len(ct)} unprotected models); "
+                "pass --tokens"
             )
         tokens.append(training_tokens(ct[0]))
     return tracked, tokens
@@ -134,16 +140,15 @@ def summary_markdown(reports: list[AnalysisReport], tokens: list[int] | None) ->
     return "\n".join(lines) + "\n"
 
 
-def run_analyze(args) -> int:
-    from langmerge.analysis.plots import plot_loss_by_layer, plot_loss_vs_slack, plot_loss_vs_tokens
-
+def run_analyze(args: argparse.Namespace) -> int:
     slacks = parse_slacks(args.slack) if args.slack is not None else None
     protect = [p.strip() for p in args.protect.split(",") if p.strip()] if args.protect else None
     recipes = [load_recipe(r) for r in args.recipes]
     protected = [resolve_protected(r, protect) for r in recipes]
     for recipe, prot in zip(recipes, protected):
         check_analyzable(recipe, prot, [None] if slacks is None else slacks)
-    tracked, tokens = (None, None)
+    tracked: list[int] | None = None
+    tokens: list[int] | None = None
     if len(recipes) > 1:
         tracked, tokens = _tracked_and_tokens(recipes, protected, args.tokens)
         labels = [model_labels([e.model for e in r.inputs])[t] for r, t in zip(recipes, tracked)]
@@ -168,7 +173,7 @@ def run_analyze(args) -> int:
             )
         )
     with atomic_output_dir(args.out, force=args.force) as tmp:
-        doc = {"runs": [r.to_dict() for r in reports]}
+        doc: dict[str, Any] = {"runs": [r.to_dict() for r in reports]}
         if tokens is not None:
             doc["ct_tokens"] = tokens
         (tmp / "analysis.json").write_text(json.dumps(doc, indent=1) + "\n")
@@ -176,7 +181,7 @@ def run_analyze(args) -> int:
         plot_loss_by_layer(reports, tmp / "loss_by_layer.png")
         if sum(not isinstance(s, str) for s in reports[0].slack_labels) > 1:
             plot_loss_vs_slack(reports, tmp / "loss_vs_slack.png")
-        if tokens is not None:
+        if tokens is not None and tracked is not None:  # given together, by several recipes
             plot_loss_vs_tokens(reports, tokens, tracked, tmp / "loss_vs_tokens.png")
     for k, r in enumerate(reports):
         print(r.table() if tokens is None else f"[CT tokens {tokens[k]:,}] " + r.table())
@@ -184,7 +189,7 @@ def run_analyze(args) -> int:
     return 0
 
 
-def add_commands(sub) -> None:
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "analyze",
         help="report what a TIES-family merge keeps and loses per tensor, layer and module (no merge written)",

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 from langmerge.cli_options import ALLOW_PICKLE, BATCH_SIZE, DEVICE, FEW_SHOT, FORCE, LIMIT, NO_PROGRESS
+from langmerge.errors import LangmergeError
+from langmerge.evaluation.builtin import builtin_tasks
+from langmerge.evaluation.lm_eval_bridge import LM_EVAL_PRESETS
+from langmerge.evaluation.runner import evaluate, results_markdown, write_results
+from langmerge.io.hub import hub_repository_folder
+from langmerge.io.output import check_output_free
 
 
 def _split(text: str | None) -> list[str]:
@@ -10,9 +16,6 @@ def _split(text: str | None) -> list[str]:
 
 
 def _list_tasks() -> int:
-    from langmerge.evaluation.builtin import builtin_tasks
-    from langmerge.evaluation.lm_eval_bridge import LM_EVAL_PRESETS
-
     print("built-in tasks (name  kind  language):")
     for name, task in sorted(builtin_tasks().items()):
         print(f"  {name:28s} {task.spec['kind']:16s} {task.spec['language']}")
@@ -23,11 +26,6 @@ def _list_tasks() -> int:
 
 
 def _eval(args) -> int:
-    from langmerge.errors import LangmergeError
-    from langmerge.evaluation.runner import evaluate, results_markdown, write_results
-    from langmerge.io.hub import hub_repository_folder
-    from langmerge.io.output import check_output_free
-
     if args.list_tasks:
         return _list_tasks()
     if not args.model_dir:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -10,12 +11,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
 
+from langmerge.devices import resolve_device
 from langmerge.errors import LangmergeError
 from langmerge.evaluation import metrics
+from langmerge.evaluation.lm_eval_bridge import resolve_lm_eval_tasks, run_lm_eval
 from langmerge.evaluation.scoring import encode_pair, generate_greedy, loglikelihoods, texts_nll
 from langmerge.evaluation.tasks import Task, answer_text, context, resolve_tasks, with_few_shot
+from langmerge.io.hub import resolve_model
+from langmerge.io.output import atomic_output_dir
+from langmerge.io.reader import pretrained_options, read_config
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +56,7 @@ class TaskResult(BaseModel):
     family: str | None
     n: int
     few_shot: int
-    metrics: dict[str, int | float | None]
+    metrics: dict[str, int | float]
     seconds: float
     examples_per_s: float | None
 
@@ -77,10 +85,6 @@ class EvalResult(BaseModel):
 
 def autocast(device, precision: str):
     """The context that runs a model's matrix products in ``precision`` (bf16: torch.autocast; fp32: as stored)."""
-    import contextlib
-
-    import torch
-
     if precision not in PRECISIONS:
         raise LangmergeError(f"precision {precision!r}: use {' or '.join(PRECISIONS)}")
     if precision == "fp32":
@@ -101,12 +105,10 @@ def load_model(
     The folder is checked first (io/reader.pretrained_options): its files keep to
     io/files.py's rule, and pickle-only weights need ``allow_pickle``.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from langmerge.devices import resolve_device
-    from langmerge.io.hub import resolve_model
-    from langmerge.io.reader import pretrained_options, read_config
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+    )  # transformers takes seconds to import: not at `langmerge --help`
 
     dev = resolve_device(device)
     path = resolve_model(model_dir, allow_pickle=allow_pickle, progress=progress).folder
@@ -128,8 +130,6 @@ class _Progress:
     """One tqdm bar per task, counting examples."""
 
     def __init__(self, enabled: bool, name: str, total: int) -> None:
-        from tqdm.auto import tqdm
-
         # Counts can be fractional (a choice scored is part of an example): show them rounded.
         fmt = "{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]"
         self.bar = tqdm(total=total, desc=name, unit="ex", disable=not enabled, leave=False, bar_format=fmt)
@@ -314,13 +314,9 @@ def evaluate(
     # Tasks are checked before the model loads, so that bad input fails at once.
     lm_resolved = None
     if lm_eval_tasks:
-        from langmerge.evaluation.lm_eval_bridge import resolve_lm_eval_tasks
-
         lm_resolved = resolve_lm_eval_tasks(lm_eval_tasks, lm_eval_include)
     source = None
     if isinstance(model, (str, Path)):
-        from langmerge.io.hub import resolve_model
-
         model_name = str(model)
         source = resolve_model(model, allow_pickle=allow_pickle, progress=progress)
         model, tokenizer = load_model(source.folder, device=device, dtype=dtype, allow_pickle=allow_pickle)
@@ -367,8 +363,6 @@ def evaluate(
         results.samples[task.name] = samples
         log.info("%s: %s", task.name, scores)
     if lm_eval_tasks:
-        from langmerge.evaluation.lm_eval_bridge import run_lm_eval
-
         results.lm_eval = run_lm_eval(
             model,
             tokenizer,
@@ -455,7 +449,7 @@ def english_gaps(results: EvalResult) -> list[dict]:
 
 def plot_results(results: EvalResult, path: Path) -> None:
     """Bar chart of each task's main metric."""
-    import matplotlib
+    import matplotlib  # optional (the tune extra), imported only to plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -476,8 +470,6 @@ def plot_results(results: EvalResult, path: Path) -> None:
 
 def write_results(results: EvalResult, out_dir: str | Path, force: bool = False) -> Path:
     """Write results.json, samples.jsonl, results.md and results.png into a new folder (atomically)."""
-    from langmerge.io.output import atomic_output_dir
-
     with atomic_output_dir(out_dir, force) as tmp:
         (tmp / "results.json").write_text(
             json.dumps(results.summary(), indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8"

@@ -140,7 +140,8 @@ def _check_example(spec: TaskSpec, ex: Example) -> None:
         answer = doc.get(spec.answer_field)
         if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
             raise LangmergeError(
-                f"{ex.where}: field '{spec.answer_field}' must be an index into '{spec.choices_field}' (0..{len(choices) - 1})"
+                f"{ex.where}: field '{spec.answer_field}' must be an index into '{spec.choices_field}' "
+                f"(0..{len(choices) - 1})"
             )
     elif spec.kind == "generation":
         if not isinstance(doc.get(spec.answer_field), str):

@@ -39,7 +39,10 @@ CACHE_REPO_PREFIXES = ("models--", "datasets--", "spaces--")
 
 
 def cache_repository(folder: Path) -> Path | None:
-    """The cache repository (``models--ORG--NAME``) that the resolved ``folder`` is a snapshot of (or lies in), else None."""
+    """The cache repository (``models--ORG--NAME``) that the resolved ``folder`` is a snapshot of (or lies in).
+
+    None when ``folder`` is not in a Hugging Face cache.
+    """
     resolved = folder.resolve()
     for path in (resolved, *resolved.parents):
         snapshots = path.parent

@@ -387,7 +387,10 @@ def _snapshot_listing(snapshot: Path) -> set[str]:
 
 
 def _from_cache(ref: str, repo_id: str, revision: str | None, allow_pickle: bool) -> ResolvedModel | None:
-    """The model as the cache holds it (commit from its refs, files from its snapshot); None if not there or incomplete."""
+    """The model as the cache holds it (commit from its refs, files from its snapshot).
+
+    None if it is not there or incomplete.
+    """
     from huggingface_hub import try_to_load_from_cache
 
     cache = hub_cache_dir()

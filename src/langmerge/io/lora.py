@@ -238,7 +238,8 @@ class LoraSource(TensorSource):
             )
             if target not in self.base:
                 raise AdapterMismatch(
-                    f"adapter {self.label}: saved tensor {key!r} has no counterpart {target!r} in the base {self.base.label}"
+                    f"adapter {self.label}: saved tensor {key!r} has no counterpart {target!r} "
+                    f"in the base {self.base.label}"
                 )
             self.whole[target] = key
         for module, kinds in halves.items():
@@ -255,7 +256,8 @@ class LoraSource(TensorSource):
             a_shape, b_shape = self._shape(kinds[a]), self._shape(kinds[b])
             if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
                 raise LangmergeError(
-                    f"adapter {self.label}: module {module!r}: LoRA shapes {list(a_shape)} and {list(b_shape)} do not chain"
+                    f"adapter {self.label}: module {module!r}: LoRA shapes {list(a_shape)} and {list(b_shape)} "
+                    "do not chain"
                 )
             delta_shape = (b_shape[0], a_shape[1])
             if embedding or self.settings.fan_in_fan_out:
@@ -270,7 +272,8 @@ class LoraSource(TensorSource):
                 )
             if target in self.whole and ".base_layer." not in self.whole[target]:
                 raise LangmergeError(
-                    f"adapter {self.label}: {target!r} is both saved whole ({self.whole[target]!r}, modules_to_save) and adapted"
+                    f"adapter {self.label}: {target!r} is both saved whole ({self.whole[target]!r}, "
+                    "modules_to_save) and adapted"
                 )
             self.settings.scale(module, a_shape[0])  # validates rank/pattern now, before any merge
             self.pairs[target] = LoraPair(kinds[a], kinds[b], module, embedding)

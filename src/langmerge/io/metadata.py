@@ -58,7 +58,10 @@ def write_config(
 
 
 def copy_optional_files(source: Path, out: Path, names: tuple[str, ...]) -> list[str]:
-    """Copy those of ``names`` that the model folder ``source`` has; one breaking io/files.py's rule is skipped with a warning."""
+    """Copy those of ``names`` that the model folder ``source`` has.
+
+    A file breaking io/files.py's rule is skipped with a warning.
+    """
     copied = []
     for name in names:
         path = optional_folder_file(source, name)

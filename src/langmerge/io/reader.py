@@ -40,7 +40,10 @@ def _json_kind(value: object) -> str:
 
 
 def check_config(config: object, path: Path) -> dict[str, Any]:
-    """``config`` when it is a JSON object whose keys langmerge reads have the right types; else a LangmergeError naming the key."""
+    """``config`` when it is a JSON object whose keys langmerge reads have the right types.
+
+    Else a LangmergeError naming the key.
+    """
     if not isinstance(config, dict):
         raise LangmergeError(f"{path}: expected a JSON object, got {_json_kind(config)}")
     sections = [("", config)]

@@ -181,7 +181,8 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
             what = "overlaps the tensor before it" if entry.begin < position else "leaves a gap before it"
             raise LangmergeError(
                 f"{path}: corrupt safetensors entry for tensor {entry.name!r} (data_offsets "
-                f"{entry.begin - data_start}..{entry.end - data_start} {what}; expected to start at {position - data_start})"
+                f"{entry.begin - data_start}..{entry.end - data_start} {what}; "
+                f"expected to start at {position - data_start})"
             )
         position = entry.end
     if position > size:

@@ -36,7 +36,7 @@ def source_kind(source: TensorSource) -> str:
 
 
 def split_adapted(ref: str) -> tuple[str, str] | None:
-    """mergekit's ``BASE+ADAPTER``: ``(BASE, ADAPTER)`` for a reference naming a LoRA adapter on its own base, else None.
+    """mergekit's ``BASE+ADAPTER``: ``(BASE, ADAPTER)`` for a reference naming a LoRA adapter on its base, else None.
 
     An existing path wins (a folder may have ``+`` in its name); Hub ids cannot contain ``+``.
     """
@@ -147,7 +147,7 @@ def open_model(
 
 
 def _lora_source(label: str, base_ref: str, base_model: ResolvedModel, adapter: Path, allow_pickle: bool) -> LoraSource:
-    """The adapter in folder ``adapter`` applied to ``base_model`` (opened here, and closed if the adapter is refused)."""
+    """The adapter in folder ``adapter`` applied to ``base_model`` (opened here; closed if the adapter is refused)."""
     base = open_checkpoint(base_model.folder, label=base_ref, allow_pickle=allow_pickle)
     try:
         return LoraSource(
@@ -195,7 +195,8 @@ def open_recipe_sources(
 ) -> tuple[TensorSource | None, list[TensorSource | None]]:
     """``(base or None, inputs)`` for a recipe; each is closed by ``stack``.
 
-    With ``on_error``, a model that cannot be opened is reported there and stands as None; without it the error is raised.
+    With ``on_error``, a model that cannot be opened is reported there and stands as None; without it the error
+    is raised.
     """
     models = recipe_models(recipe, allow_pickle=allow_pickle) if models is None else models
 

@@ -100,7 +100,7 @@ class ShardedWriter:
         return self._current
 
     def write_at(self, name: str, start: int, values: torch.Tensor) -> None:
-        """Elements ``start .. start + values.numel()`` of the flattened tensor ``name``, at their place in its shard."""
+        """Elements ``start .. start + values.numel()`` of the flattened tensor ``name``, in place in its shard."""
         self._shard(name).write_at(name, start, values)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tempfile
@@ -9,18 +10,21 @@ from pathlib import Path
 
 from langmerge.cli_options import ALLOW_PICKLE, DEVICE, FORCE, NO_PROGRESS, THREADS, parse_size
 from langmerge.io.hub import ResolvedModel
+from langmerge.io.output import atomic_output_dir, check_output_free
+from langmerge.io.reader import pretrained_options
+from langmerge.merge.check import check_recipe
 from langmerge.merge.execute import DEFAULT_MEMORY, merge
 from langmerge.merge.plan import DEFAULT_SHARD_BYTES
+from langmerge.merge.recipe import load_recipe, read_recipe_documents
 from langmerge.progress import TqdmReporter
+from langmerge.synthetic import LlamaShape, make_trio
 
 
-def _reporter(args, what: str) -> TqdmReporter | None:
+def _reporter(args: argparse.Namespace, what: str) -> TqdmReporter | None:
     return None if args.no_progress else TqdmReporter(what)
 
 
-def _merge(args) -> int:
-    from langmerge.merge.recipe import load_recipe, read_recipe_documents
-
+def _merge(args: argparse.Namespace) -> int:
     several = read_recipe_documents(args.recipe) is not None  # a multi-document recipe: merge reads it
     recipe = args.recipe if several else load_recipe(args.recipe)
     report = merge(
@@ -44,9 +48,7 @@ def _announce(ref: str, model: ResolvedModel) -> None:
     print(f"langmerge check: {ref}: {model.describe()}", file=sys.stderr, flush=True)
 
 
-def _check(args) -> int:
-    from langmerge.merge.check import check_recipe
-
+def _check(args: argparse.Namespace) -> int:
     report = check_recipe(
         args.recipe, allow_pickle=args.allow_pickle, progress=not args.no_progress, announce=_announce
     )
@@ -54,11 +56,8 @@ def _check(args) -> int:
     return report.exit_code
 
 
-def _demo(args) -> int:
+def _demo(args: argparse.Namespace) -> int:
     """Merge a small generated trio with TIES-SV and say what happened."""
-    from langmerge.io.output import atomic_output_dir, check_output_free
-    from langmerge.synthetic import LlamaShape, make_trio
-
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="langmerge-demo-"))
     # Both folders are checked before either is written: an existing one needs --force.
     check_output_free(work / "inputs", args.force)
@@ -86,9 +85,10 @@ def _demo(args) -> int:
         reporter=_reporter(args, "merge (ties_sv)"),
     )
     print(report.summary())
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from langmerge.io.reader import pretrained_options
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+    )  # transformers takes seconds to import: not at `langmerge --help`
 
     options = pretrained_options(work / "merged")  # the folder's files by io/files.py's rule, safetensors only
     model = AutoModelForCausalLM.from_pretrained(work / "merged", **options)
@@ -99,7 +99,7 @@ def _demo(args) -> int:
     return 0
 
 
-def add_commands(sub) -> None:
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("merge", help="merge models per a mergekit-style YAML recipe")
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("out_dir", help="output folder (a Hugging Face model folder)")

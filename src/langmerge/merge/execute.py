@@ -33,9 +33,10 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
@@ -45,10 +46,18 @@ from langmerge.io.metadata import write_config, write_model_card
 from langmerge.io.output import atomic_output_dir, check_output_free, check_space
 from langmerge.io.sources import recipe_input_paths
 from langmerge.io.writer import ShardedWriter
-from langmerge.merge.plan import DEFAULT_SHARD_BYTES, MergePlan, TensorPlan, TensorTask, iter_tasks, plan_merge
+from langmerge.merge.plan import (
+    DEFAULT_SHARD_BYTES,
+    MergePlan,
+    TensorPlan,
+    TensorRef,
+    TensorTask,
+    iter_tasks,
+    plan_merge,
+)
 from langmerge.merge.recipe import Recipe, load_recipe, read_recipe_documents
 from langmerge.merge.tokenizer_block import resolve_chat_template, write_chat_template
-from langmerge.methods.base import Block, NonFiniteMerge, TensorMerge
+from langmerge.methods.base import Block, NonFiniteMerge, Pass, TensorMerge
 from langmerge.methods.driver import chunk_ranges, thread_limit
 from langmerge.methods.fused_cpu import all_finite
 from langmerge.progress import Reporter
@@ -75,14 +84,15 @@ def check_memory(memory: int) -> int:
 
 
 def _staged(task: TensorTask, device: torch.device) -> list[bool]:
-    """Per input: whether it is read into a staging buffer and then cast or moved (else read straight into its block)."""
+    """Per input: whether it is read into a staging buffer and then cast or moved (else read straight into its
+    block)."""
     return [ref.source.read_dtype(ref.name) != task.info.dtype or device.type != "cpu" for ref in task.refs]
 
 
 _NOWHERE = torch.empty(0)
 
 
-def load(ref, dtype: torch.dtype, device: torch.device, memory: int = DEFAULT_MEMORY) -> torch.Tensor:
+def load(ref: TensorRef, dtype: torch.dtype, device: torch.device, memory: int = DEFAULT_MEMORY) -> torch.Tensor:
     """The whole tensor ``ref`` names, in ``dtype`` on ``device``, read in pieces of an eighth of ``memory``."""
     source, name = ref.source, ref.name
     n = source.numel(name)
@@ -141,7 +151,9 @@ class _Buffers:
         self.blocks: dict[int, torch.Tensor] = {}
         self.staging: dict[int, torch.Tensor] = {}
 
-    def _get(self, store: dict, k: int, dtype: torch.dtype, n: int, device: torch.device) -> torch.Tensor:
+    def _get(
+        self, store: dict[int, torch.Tensor], k: int, dtype: torch.dtype, n: int, device: torch.device
+    ) -> torch.Tensor:
         buf = store.get(k)
         if buf is None or buf.dtype != dtype or buf.numel() < n:
             store[k] = buf = torch.empty(
@@ -194,9 +206,10 @@ class _Reader:
     def __init__(self, device: torch.device, arena_bytes: int, timings: Timings):
         self.device = device
         self.timings = timings
-        self.orders: queue.Queue = queue.Queue()
-        self.ready: queue.Queue = queue.Queue()
-        self.free: queue.Queue = queue.Queue()
+        self.orders: queue.Queue[_Order | None] = queue.Queue()  # None: stop
+        # a block read, with the buffers to free once it is used (None: held in an arena), or the reader's error
+        self.ready: queue.Queue[tuple[Block, _Buffers | None] | BaseException] = queue.Queue()
+        self.free: queue.Queue[_Buffers] = queue.Queue()
         for _ in range(READ_SLOTS):
             self.free.put(_Buffers(device))
         self.staging = _Buffers(device)  # for held tensors (their blocks are in an arena)
@@ -209,7 +222,7 @@ class _Reader:
         """Read one pass over the task's chunks (after the passes ordered before)."""
         self.orders.put(_Order(task, ranges, hold))
 
-    def blocks(self, count: int):
+    def blocks(self, count: int) -> Iterator[Block]:
         """The next pass's ``count`` blocks, in order; each block's buffers are reused once the loop body is done."""
         for _ in range(count):
             start = time.perf_counter()
@@ -222,7 +235,7 @@ class _Reader:
             if buffers is not None:
                 self.free.put(buffers)
 
-    def _fill(self, task: TensorTask, a: int, b: int, buffers, staging: _Buffers) -> Block:
+    def _fill(self, task: TensorTask, a: int, b: int, buffers: _Buffers | _Arena, staging: _Buffers) -> Block:
         n = b - a
         dtype = task.info.dtype
         values = []
@@ -269,15 +282,20 @@ class _Reader:
                     self.arenas[arena].reset()
                     held, held_blocks = order.task, []
                 for a, b in order.ranges:
-                    buffers = self.arenas[arena] if order.hold else self._take()
+                    if order.hold:  # into the arena, kept for the later passes
+                        start = time.perf_counter()
+                        block = self._fill(order.task, a, b, self.arenas[arena], self.staging)
+                        self.timings.read += time.perf_counter() - start
+                        held_blocks.append(block)
+                        self.ready.put((block, None))
+                        continue
+                    buffers = self._take()
                     if buffers is None:
                         return
                     start = time.perf_counter()
-                    block = self._fill(order.task, a, b, buffers, self.staging if order.hold else buffers)
+                    block = self._fill(order.task, a, b, buffers, buffers)
                     self.timings.read += time.perf_counter() - start
-                    if order.hold:
-                        held_blocks.append(block)
-                    self.ready.put((block, None if order.hold else buffers))
+                    self.ready.put((block, buffers))
         except BaseException as exc:  # handed to the caller, which raises it
             self.ready.put(exc)
 
@@ -291,9 +309,10 @@ class _Reader:
 # ----------------------------------------------------------------------------- where merged chunks go
 
 
-def _row_runs(task: TensorTask, start: int, stop: int, width: int):
+def _row_runs(task: TensorTask, start: int, stop: int, width: int) -> Iterator[tuple[int, int, int]]:
     """``(output element, values offset, count)`` for the task's elements ``start .. stop`` (rows mapped)."""
     rows = task.rows
+    assert rows is not None  # called for the tasks of row groups only
     first, last = start // width, (stop - 1) // width
     wanted = rows[first : last + 1]
     breaks = (torch.nonzero(wanted[1:] - wanted[:-1] != 1).reshape(-1) + 1).tolist()
@@ -315,8 +334,11 @@ class FileSink:
     def __init__(self, writer: ShardedWriter, timings: Timings):
         self.writer = writer
         self.timings = timings
-        self.queue: queue.Queue = queue.Queue()
-        self.free: queue.Queue = queue.Queue()
+        # what to write (None: stop), with the buffers to free once it is written
+        self.queue: queue.Queue[
+            tuple[TensorPlan, TensorTask, int, torch.Tensor, dict[torch.dtype, torch.Tensor]] | None
+        ] = queue.Queue()
+        self.free: queue.Queue[dict[torch.dtype, torch.Tensor]] = queue.Queue()
         for _ in range(WRITE_SLOTS):
             self.free.put({})
         self.error: BaseException | None = None
@@ -405,6 +427,15 @@ class MemorySink:
 FinalPass = Callable[[TensorPlan, TensorTask, TensorMerge], Callable[[Block], None]]
 
 
+class Sink(Protocol):
+    """Where merged chunks go (``FileSink``, ``MemorySink``): ``stage`` gives the chunk's output buffer, filled,
+    and ``commit`` hands it over."""
+
+    def stage(self, tensor: TensorPlan, task: TensorTask, start: int, merged: torch.Tensor) -> torch.Tensor: ...
+
+    def commit(self, tensor: TensorPlan, task: TensorTask, start: int, values: torch.Tensor) -> None: ...
+
+
 def nonfinite_input(task: TensorTask, block: Block) -> LangmergeError | None:
     """The error naming the first input of ``block`` that holds NaN or Inf, or None where every input is finite."""
     for ref, values in zip(task.refs, [*([block.base] if block.base is not None else []), *block.inputs]):
@@ -456,8 +487,9 @@ class Executor:
         held = len(task.refs) * sum(-(-(b - a) * c // _ALIGN) * _ALIGN for a, b in ranges)
         return merge, ranges, held <= self.memory // 4
 
-    def run(self, tensors: list[TensorPlan], sink=None, final: FinalPass | None = None) -> None:
-        """Every task of ``tensors`` in order: statistics passes, then the merge pass into ``sink`` (or ``final``'s pass)."""
+    def run(self, tensors: list[TensorPlan], sink: Sink | None = None, final: FinalPass | None = None) -> None:
+        """Every task of ``tensors`` in order: statistics passes, then the merge pass into ``sink`` (or ``final``'s
+        pass)."""
         work = list(iter_tasks(tensors))
         if self.reporter is not None:
             self.reporter.start(len(tensors))
@@ -494,14 +526,17 @@ class Executor:
         finally:
             reader.close()
 
-    def _next(self, passes):
+    def _next(self, passes: Iterator[Pass]) -> Pass | None:
         began = time.perf_counter()
         try:
             return next(passes, None)
         finally:
             self.timings.compute += time.perf_counter() - began
 
-    def _writes(self, tensor: TensorPlan, task: TensorTask, merge: TensorMerge, sink) -> Callable[[Block], None]:
+    def _writes(
+        self, tensor: TensorPlan, task: TensorTask, merge: TensorMerge, sink: Sink | None
+    ) -> Callable[[Block], None]:
+        assert sink is not None  # run() takes a sink or a final pass
         floating = tensor.out_dtype.is_floating_point
 
         def consume(block: Block) -> None:
@@ -540,7 +575,7 @@ class MergeReport:
 
 
 def merge(
-    recipe,
+    recipe: str | Path | dict[str, Any] | Recipe,
     out_dir: str | Path,
     *,
     force: bool = False,
@@ -551,7 +586,7 @@ def merge(
     progress: bool = True,
     reporter: Reporter | None = None,
     allow_pickle: bool = False,
-    adopt: list[Path] = (),
+    adopt: Sequence[Path] = (),
 ) -> MergeReport:
     """Merge per ``recipe`` (path, YAML text, dict or Recipe) into the folder ``out_dir``.
 
@@ -651,14 +686,16 @@ def _merge(
 
 def write_model_files(folder: Path, plan: MergePlan) -> None:
     """config.json and the tokenizer of the merged model: what transformers loads besides the weights."""
+    vocab = plan.vocab
+    assert vocab is not None  # a plan without a vocabulary plan has a problem: it is never merged
     write_config(
         folder,
         plan.reference.config(),
         plan.model_dtype,
         plan.reference.label,
-        updates={**plan.vocab.config_updates(), **plan.config_updates},
+        updates={**vocab.config_updates(), **plan.config_updates},
     )
-    plan.vocab.write_tokenizer(folder)
+    vocab.write_tokenizer(folder)
 
 
 def _write_metadata(folder: Path, plan: MergePlan, recipe: Recipe) -> None:

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -118,6 +119,7 @@ class TensorTask:
             return RowMean(self.average)
         if self.method is None:
             return CopyFirst()
+        assert self.params is not None  # a task with a method has its parameters
         generators = None
         if self.method.randomized:
             generators = [seeded_generator(self.seed, *self.seed_keys, i, device=self.info.device) for i in self.models]
@@ -177,7 +179,8 @@ class MergePlan:
     unreadable: list[LangmergeError] = field(default_factory=list)
     views: list[TensorSource] = field(default_factory=list)  # per model (base first): tensors under output names
     statics: list[_Static] = field(default_factory=list)
-    config_updates: dict = field(default_factory=dict)  # config.json changes besides the vocabulary's (slices' layers)
+    # config.json changes besides the vocabulary's (slices' layers)
+    config_updates: dict[str, Any] = field(default_factory=dict)
 
     @property
     def sources(self) -> list[TensorSource]:
@@ -204,11 +207,12 @@ class MergePlan:
 
     @property
     def model_dtype(self) -> torch.dtype | None:
-        """The merged model's dtype (config.json's): the one output dtype of its merged tensors, None where they differ."""
+        """The merged model's dtype (config.json's): the one output dtype of its merged tensors, None where they
+        differ."""
         dtypes = {t.out_dtype for t in self.merged()}
         return next(iter(dtypes)) if len(dtypes) == 1 else None
 
-    def replan(self, recipe: Recipe, views: list[TensorSource] | None = None) -> list[TensorPlan]:
+    def replan(self, recipe: Recipe, views: Sequence[TensorSource] | None = None) -> list[TensorPlan]:
         """The tensors planned again with another recipe's parameters (the same models: the tuner's candidates),
         optionally reading from other views of the models (held in memory). Raises the first problem."""
         problems = _Problems()
@@ -235,7 +239,7 @@ class _Problems:
     def add(self, exc: LangmergeError, tensor: str | None = None) -> None:
         text = str(exc)
         named = tensor is not None and tensor in text
-        key = text.replace(tensor, "\0") if named else text
+        key = text.replace(tensor, "\0") if tensor is not None and named else text
         if key not in self._first:
             self._first[key], self._count[key], self._named[key] = exc, 0, named
         self._count[key] += 1
@@ -310,29 +314,36 @@ def survey_merge(
 
 
 def _build(
-    recipe: Recipe, *, allow_pickle: bool, models, progress: bool, device: torch.device, shard_bytes: int, collect: bool
+    recipe: Recipe,
+    *,
+    allow_pickle: bool,
+    models: Mapping[str, ResolvedModel] | None,
+    progress: bool,
+    device: torch.device,
+    shard_bytes: int,
+    collect: bool,
 ) -> MergePlan:
-    models = recipe_models(recipe, allow_pickle=allow_pickle, progress=progress, resolved=models)
+    resolved = recipe_models(recipe, allow_pickle=allow_pickle, progress=progress, resolved=models)
     if recipe.slices is not None:  # each slice planned as a whole-model merge of its layers, then stacked
         from langmerge.merge.slices import build_sliced  # here: slices imports this module
 
-        plan = build_sliced(
+        sliced = build_sliced(
             recipe,
             _build,
             allow_pickle=allow_pickle,
-            models=models,
+            models=resolved,
             progress=progress,
             device=device,
             shard_bytes=shard_bytes,
             collect=True,
         )
-        if not collect and (plan.problems or plan.unreadable):
-            plan.close()
+        if not collect and (sliced.problems or sliced.unreadable):
+            sliced.close()
             problems = _Problems()
-            for exc in plan.unreadable + plan.problems:
+            for exc in sliced.unreadable + sliced.problems:
                 problems.add(exc)
             problems.raise_first()
-        return plan
+        return sliced
     problems = _Problems()
     unreadable: list[LangmergeError] = []
     with ExitStack() as stack:
@@ -341,18 +352,18 @@ def _build(
             (problems.add(exc) if isinstance(exc, AdapterMismatch) else unreadable.append(exc))
 
         base, inputs = open_recipe_sources(
-            recipe, stack, allow_pickle=allow_pickle, models=models, on_error=failed if collect else None
+            recipe, stack, allow_pickle=allow_pickle, models=resolved, on_error=failed if collect else None
         )
         base = recipe.view_source(None, base) if base is not None else None
         inputs = [recipe.view_source(i, s) if s is not None else None for i, s in enumerate(inputs)]
-        plan = MergePlan(recipe, base, [s for s in inputs if s is not None], [], device, models=models)
+        plan = MergePlan(recipe, base, [s for s in inputs if s is not None], [], device, models=resolved)
         if unreadable or (base is None and recipe.has_base) or any(s is None for s in inputs):
             plan.problems, plan.unreadable = problems.errors(), unreadable
             stack.pop_all()
             return plan
         sources = plan.sources
         try:
-            plan.vocab = plan_vocabulary(recipe, base, inputs)
+            plan.vocab = plan_vocabulary(recipe, base, plan.inputs)  # every input opened (checked above)
         except LangmergeError as exc:
             plan.vocab_problem = exc
             problems.add(exc)
@@ -451,8 +462,9 @@ def _static(
 ) -> _Static | None:
     reference = views[0]
     native = reference.dtype(name)
-    aligned = vocab is not None and vocab.is_aligned(name)
-    shape = (vocab.out_rows, *reference.shape(name)[1:]) if aligned else tuple(reference.shape(name))
+    out_rows = vocab.out_rows if vocab is not None and vocab.is_aligned(name) else None
+    aligned = out_rows is not None  # aligned rows exist only where the vocabularies differ (out_rows is set then)
+    shape = (out_rows, *reference.shape(name)[1:]) if out_rows is not None else tuple(reference.shape(name))
     if all(v.dtype(name).is_floating_point for v in views):
         return _Static(name, shape, native, False, aligned)
     try:
@@ -494,7 +506,7 @@ def _info(name: str, shape: tuple[int, ...], dtype: torch.dtype, plan: MergePlan
 
 
 def _plan_tensor(
-    static: _Static, recipe: Recipe, views: list[TensorSource], plan: MergePlan, problems: _Problems
+    static: _Static, recipe: Recipe, views: Sequence[TensorSource], plan: MergePlan, problems: _Problems
 ) -> TensorPlan:
     name = static.name
     offset = 1 if plan.base is not None else 0
@@ -533,16 +545,20 @@ def _plan_tensor(
             tuple(range(len(refs) - offset)),
         )
         return TensorPlan(name, static.shape, out_dtype, [task])
+    vocab = plan.vocab
+    assert vocab is not None  # an aligned tensor has a vocabulary plan
     tasks = []
-    for group in row_groups(plan.vocab):
-        task = _group_task(name, static, group, views, compute, method, params, seed, plan, offset)
-        if isinstance(task, LangmergeError):
-            problems.add(task, name)
+    for group in row_groups(vocab):
+        group_task = _group_task(name, static, group, views, compute, method, params, seed, vocab, plan, offset)
+        if isinstance(group_task, LangmergeError):
+            problems.add(group_task, name)
         else:
-            tasks.append(task)
-    for key, rows, model_rows in sourced_groups(plan.vocab):
+            tasks.append(group_task)
+    for key, rows, model_rows in sourced_groups(vocab):
         tasks.append(
-            _sourced_task(name, static, key, rows, model_rows, views, compute, method, params, seed, plan, offset)
+            _sourced_task(
+                name, static, key, rows, model_rows, views, compute, method, params, seed, vocab, plan, offset
+            )
         )
     return TensorPlan(name, static.shape, out_dtype, tasks, aligned=True)
 
@@ -550,14 +566,15 @@ def _plan_tensor(
 def _sourced_task(
     name: str,
     static: _Static,
-    key: tuple,
+    key: tuple[Any, ...],  # ("row", k), ("zero",) or ("mean",)
     rows: torch.Tensor,
     model_rows: torch.Tensor,
-    views: list[TensorSource],
+    views: Sequence[TensorSource],
     compute: torch.dtype,
     method: Method,
     params: MethodParameters,
     seed: int,
+    vocab: VocabPlan,
     plan: MergePlan,
     offset: int,
 ) -> TensorTask:
@@ -570,9 +587,7 @@ def _sourced_task(
     if key[0] == "zero":  # the input only gives the shape: any row of the first model
         ref = TensorRef(GatheredRows(views[0], {name: (name, torch.zeros_like(rows))}), name)
         return TensorTask(name, info, None, [ref], None, None, rows=rows, average=[])
-    refs = [
-        TensorRef(MeanRows(views[k], name, plan.vocab.own_rows(k), int(rows.numel())), name) for k in range(len(views))
-    ]
+    refs = [TensorRef(MeanRows(views[k], name, vocab.own_rows(k), int(rows.numel())), name) for k in range(len(views))]
     return TensorTask(
         name,
         info,
@@ -592,20 +607,21 @@ def _group_task(
     name: str,
     static: _Static,
     group: RowGroup,
-    views: list[TensorSource],
+    views: Sequence[TensorSource],
     compute: torch.dtype,
     method: Method,
     params: MethodParameters,
     seed: int,
+    vocab: VocabPlan,
     plan: MergePlan,
     offset: int,
-):
+) -> TensorTask | LangmergeError:
     """One row group of a vocabulary tensor as a task of its own (or the problem that stops it)."""
     shape = (int(group.rows.numel()), *static.shape[1:])
     info = _info(name, shape, compute, plan)
 
     def ref(k: int) -> TensorRef:
-        return TensorRef(GatheredRows(views[k], {name: (name, group.model_rows(plan.vocab, k))}), name)
+        return TensorRef(GatheredRows(views[k], {name: (name, group.model_rows(vocab, k))}), name)
 
     present = [i for i in range(len(plan.inputs)) if group.present[offset + i]]
     inputs = [ref(offset + i) for i in present]
@@ -653,6 +669,7 @@ def iter_tasks(tensors: list[TensorPlan]) -> Iterator[tuple[TensorPlan, TensorTa
 
 def with_params(task: TensorTask, update: Callable[[MethodParameters], MethodParameters]) -> TensorTask:
     """The task with its parameters changed (``analyze``'s protected models), the kernel chosen again."""
+    assert task.method is not None and task.params is not None  # merged, not copied
     params = update(task.params)
     kernel = choose_kernel(task.method, params, task.info)
     return dataclasses.replace(task, params=params, kernel=kernel)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, TypeAlias
 
@@ -29,6 +29,7 @@ from pydantic import (
     ValidationError,
 )
 from pydantic_core import PydanticCustomError
+from typing_extensions import TypeIs
 
 from langmerge.errors import LangmergeError
 from langmerge.input_files import (
@@ -40,6 +41,7 @@ from langmerge.input_files import (
     read_input_text,
     validation_errors,
 )
+from langmerge.io.tensor_source import TensorSource
 from langmerge.merge.tokenizer_block import TokenizerSettings, check_chat_template
 from langmerge.methods.base import Method, MethodParameters, ParameterSpec
 from langmerge.methods.registry import get_method
@@ -89,7 +91,7 @@ def _check_scalar_shape(value: Any, at: str) -> None:
         raise _shape_error(f"expected a number or true/false, got {value!r}", at)
 
 
-def _check_leaves(values: list, at: str) -> None:
+def _check_leaves(values: list[Any], at: str) -> None:
     if not values:
         raise _shape_error("empty list", at)
     if any(isinstance(v, dict) for v in values):
@@ -144,10 +146,15 @@ def parse_setting(value: Any) -> ParameterSetting:
     return _SETTING.validate_python(value)
 
 
+def _are_conditionals(values: object) -> TypeIs[list[ConditionalValue]]:
+    """Whether ``values`` is a (non-empty) list of conditional values."""
+    return isinstance(values, list) and bool(values) and all(isinstance(c, ConditionalValue) for c in values)
+
+
 def _scalars(setting: ParameterSetting) -> list[tuple[Any, str]]:
     """Every scalar of a setting with where it is inside it (``""``, ``[1]``, ``[0].value[2]``)."""
     conditionals = [setting] if isinstance(setting, ConditionalValue) else setting
-    if isinstance(conditionals, list) and conditionals and all(isinstance(c, ConditionalValue) for c in conditionals):
+    if _are_conditionals(conditionals):
         out = []
         for i, cond in enumerate(conditionals):
             at = f"[{i}].value" if isinstance(setting, list) else ".value"
@@ -291,21 +298,22 @@ def evaluate_setting(setting: ParameterSetting, tensor_name: str, t: float) -> A
         setting = [setting]
     if not isinstance(setting, list):
         return setting
-    if setting and all(isinstance(e, ConditionalValue) for e in setting):
+    if _are_conditionals(setting):
         for cond in setting:
             if cond.filter is None or cond.filter == "*" or cond.filter in tensor_name:
                 return evaluate_setting(cond.value, tensor_name, t)
         return None
-    if all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
-        scaled = t * (len(setting) - 1)
+    numbers = [e for e in setting if isinstance(e, (int, float)) and not isinstance(e, bool)]
+    if len(numbers) == len(setting):  # every one a number: a gradient
+        scaled = t * (len(numbers) - 1)
         i0 = int(scaled)
-        i1 = min(len(setting) - 1, i0 + 1)
+        i1 = min(len(numbers) - 1, i0 + 1)
         frac = scaled - i0
-        return (1 - frac) * setting[i0] + frac * setting[i1]
+        return (1 - frac) * numbers[i0] + frac * numbers[i1]
     return setting[int(t * (len(setting) - 1))]
 
 
-def _collect(errors: list[str], check, *args) -> None:
+def _collect(errors: list[str], check: Callable[..., object], *args: Any) -> None:
     """Run one check, adding its LangmergeError's message to ``errors`` (so a recipe's errors are reported together)."""
     try:
         check(*args)
@@ -352,20 +360,21 @@ class Recipe:
         self.base_model = raw.base_model
         # Whether the merge reads a base (the origin of the task vectors): docs/methods.md, "The method interface".
         self.has_base = policy == "required" or (policy == "optional" and raw.base_model is not None)
-        entries = raw.models
+        entries = raw.models or []  # neither models nor slices: no model, refused below
         if raw.slices is not None:
-            from langmerge.merge.slices import slice_models
+            from langmerge.merge.slices import slice_models  # here: slices imports this module
 
             entries = slice_models(raw)
         # Inputs that contribute a task vector (or, for linear, a weighted term).
         # As in mergekit, a base model listed under 'models' is not a task vector; for a method that takes the
         # base as one more input (mergekit's "ignored" base), a base not listed joins after the models.
         # References compare by model_key: one folder spelt two ways is one model.
-        base_key = model_key(raw.base_model) if raw.base_model is not None else None
+        base = raw.base_model
+        base_key = model_key(base) if base is not None else None
         if self.has_base and base_key is not None:
             self.inputs = [e for e in entries if model_key(e.model) != base_key]
-        elif policy == "input" and base_key is not None and all(model_key(e.model) != base_key for e in entries):
-            self.inputs = [*entries, ModelEntry(model=raw.base_model)]
+        elif policy == "input" and base is not None and all(model_key(e.model) != base_key for e in entries):
+            self.inputs = [*entries, ModelEntry(model=base)]
         else:
             self.inputs = list(entries)
         if not self.inputs:
@@ -404,7 +413,7 @@ class Recipe:
                     _collect(errors, _check_setting, specs[key], value, where)
         _collect(errors, self._set_protected)
         if raw.slices is not None and not errors:
-            from langmerge.merge.slices import slice_recipes
+            from langmerge.merge.slices import slice_recipes  # here: slices imports this module
 
             self.slices = slice_recipes(self, errors)
         if errors:
@@ -439,7 +448,7 @@ class Recipe:
         if self.slices is not None:
             raise LangmergeError(f"{self.source}: langmerge {command} takes recipes of whole 'models', not 'slices'")
 
-    def view_source(self, index: int | None, source):
+    def view_source(self, index: int | None, source: TensorSource) -> TensorSource:
         """The source a plan reads for input ``index`` (None: the base); a slice shows only its layers."""
         return source
 
@@ -450,11 +459,11 @@ class Recipe:
 
     def _models_named(self, key: str) -> list[bool]:
         """Which inputs the model references at ``parameters.KEY`` name (one reference or a list)."""
-        refs = self.raw.parameters.get(key, [])
-        if isinstance(refs, str):
-            refs = [refs]
-        if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+        setting = self.raw.parameters.get(key, [])
+        given = [setting] if isinstance(setting, str) else setting
+        if not isinstance(given, list) or not all(isinstance(r, str) for r in given):
             raise LangmergeError(f"recipe key 'parameters.{key}': expected a model reference or a list of them")
+        refs = [r for r in given if isinstance(r, str)]  # every one, as just checked
         names = [e.model for e in self.inputs]
         keys = [model_key(n) for n in names]
         named = {model_key(r) for r in refs}
@@ -508,7 +517,8 @@ class Recipe:
             return self.method.tensor_parameters(values, self.protected)
         except ValidationError as exc:
             raise LangmergeError(
-                f"recipe parameters of {self.method.name} ({tensor}): {exc.errors()[0]['msg'].removeprefix('Value error, ')}"
+                f"recipe parameters of {self.method.name} ({tensor}): "
+                f"{exc.errors()[0]['msg'].removeprefix('Value error, ')}"
             ) from None
         except LangmergeError as exc:
             raise LangmergeError(f"tensor {tensor!r}: {exc}") from None
@@ -516,14 +526,14 @@ class Recipe:
     def seed(self, tensor: str) -> int:
         return int(self._value("seed", None, tensor, 0.0)) if "seed" in self.method.parameters else 0
 
-    def to_dict(self, references: Mapping[str, str] | None = None) -> dict:
+    def to_dict(self, references: Mapping[str, str] | None = None) -> dict[str, Any]:
         """The recipe as written; ``references`` renames model references wherever they occur
         (``base_model``, ``models``, the tokenizer source, ``protect``), e.g. to ``org/name@commit``."""
         doc = self.raw.model_dump(exclude_none=True, exclude_defaults=False)
         if not references:
             return doc
 
-        def rename(ref):
+        def rename(ref: Any) -> Any:
             if not isinstance(ref, str):
                 return ref
             if ref not in references and "+" in ref:  # BASE+ADAPTER: each side renamed
@@ -557,9 +567,12 @@ class Recipe:
 
 
 class RecipeError(ConfigError):
-    """Everything wrong with a recipe's shape at once: ``errors`` lists each (naming its key); the message joins them."""
+    """Everything wrong with a recipe's shape at once: ``errors`` lists each (naming its key); the message joins
+    them."""
 
-    def __init__(self, source: str, errors: list[str]):
+    source: str  # the recipe file, or "<recipe>" for one given as text or a mapping
+
+    def __init__(self, source: str, errors: list[str]) -> None:
         super().__init__(source, errors, "recipe")
 
 
@@ -601,7 +614,7 @@ def _read_recipe_file(path: Path) -> Any:
 _SEVERAL = " here (langmerge merge runs a file of several recipes, as mergekit-multi does)"
 
 
-def read_recipe_documents(recipe: str | Path) -> tuple[str, list] | None:
+def read_recipe_documents(recipe: str | Path) -> tuple[str, list[Any]] | None:
     """``(source, documents)`` when the recipe file (or YAML text) holds several documents (mergekit-multi's
     format, ``merge.multi``), else None."""
     path = _recipe_file(recipe)
@@ -618,29 +631,31 @@ def read_recipe_documents(recipe: str | Path) -> tuple[str, list] | None:
     return (source, documents) if len(documents) > 1 else None
 
 
-def load_recipe(recipe: str | Path | dict | Recipe) -> Recipe:
-    """A recipe from a file path (YAML, or JSON for a ``.json`` file), a YAML string, a dict, or a Recipe (returned as is)."""
+def load_recipe(recipe: str | Path | dict[str, Any] | Recipe) -> Recipe:
+    """A recipe from a file path (YAML, or JSON for a ``.json`` file), a YAML string, a dict, or a Recipe
+    (returned as is)."""
     if isinstance(recipe, Recipe):
         return recipe
     source = "<recipe>"
+    document: object = recipe
     if isinstance(recipe, (str, Path)):
         path = _recipe_file(recipe)
         if path is not None:
             source = str(path)
-            recipe = _read_recipe_file(path)
+            document = _read_recipe_file(path)
         else:
-            recipe = parse_yaml(recipe, source, "recipe", _SEVERAL)
+            document = parse_yaml(str(recipe), source, "recipe", _SEVERAL)  # text: a Path names a file
     else:
         check_structure(recipe, source)
-    if not isinstance(recipe, dict):
+    if not isinstance(document, dict):
         raise LangmergeError(f"{source}: a recipe is a YAML mapping with 'merge_method' and 'models'")
     absent = (
         []
-        if "models" in recipe or "slices" in recipe
+        if "models" in document or "slices" in document
         else ["recipe key 'models' is required (or 'slices', layer ranges)"]
     )
     try:
-        raw = RecipeFile.model_validate(recipe)
+        raw = RecipeFile.model_validate(document)
     except ValidationError as exc:
         raise RecipeError(source, absent + validation_errors(exc, "recipe key", UNSUPPORTED_KEYS)) from None
     if absent:

@@ -23,7 +23,7 @@ layers (``layer_types``, where the config has one, follows the stack).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -65,7 +65,8 @@ def slice_models(raw: RecipeFile) -> list[ModelEntry]:
 
 
 class SliceView(GatheredRows):
-    """A model with only the layers ``start .. stop - 1``, numbered from 0; the tensors outside the layers as they are."""
+    """A model with only the layers ``start .. stop - 1``, numbered from 0; the tensors outside the layers as they
+    are."""
 
     def __init__(self, inner: TensorSource, start: int, stop: int):
         indices = [i for i in (layer_index(n) for n in inner.names) if i is not None]
@@ -190,7 +191,7 @@ class SlicedPlan(MergePlan):
 
     parts: list[MergePlan] = dataclasses.field(default_factory=list)
 
-    def replan(self, recipe: Recipe, views: list[TensorSource] | None = None) -> list[TensorPlan]:
+    def replan(self, recipe: Recipe, views: Sequence[TensorSource] | None = None) -> list[TensorPlan]:
         raise LangmergeError(
             "a slices recipe cannot be replanned with other parameters (tune takes whole-model recipes)"
         )

@@ -106,7 +106,8 @@ BUILTIN_CHAT_TEMPLATES = {
         "{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}{{ '\n\n### Response:\n' }}{% endif %}"
     ),
     "exaone": (
-        "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}{{ '[|system|][|endofturn|]\n' }}{% endif %}"
+        "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+        "{{ '[|system|][|endofturn|]\n' }}{% endif %}"
         "{{ '[|' + m['role'] + '|]' + m['content'] + ('\n' if m['role'] == 'user' else '[|endofturn|]\n') }}"
         "{% endfor %}{% if add_generation_prompt %}{{ '[|assistant|]' }}{% endif %}"
     ),

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,12 +40,13 @@ from langmerge.io.metadata import copy_tokenizer
 from langmerge.io.tensor_source import GatheredRows, TensorSource, into
 from langmerge.io.tokenizer import (
     STALE_FOR_UNION,
+    TokenizerOwner,
     UnionTokenizer,
     build_union_tokenizer,
     read_added_tokens,
     read_tokens,
 )
-from langmerge.merge.recipe import layer_index, model_key
+from langmerge.merge.recipe import Recipe, layer_index, model_key
 from langmerge.merge.tokenizer_block import token_rows
 from langmerge.methods.base import Block, NonFiniteMerge, TensorMerge
 from langmerge.methods.fused_cpu import all_finite
@@ -75,7 +78,7 @@ class ModelVocab:
     tokenizer_folder: Path
     input_name: str | None
     output_name: str | None
-    config: dict = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
     added: frozenset[str] = (
         frozenset()
     )  # tokenizer.json's added tokens (the others are the tokenizer model's vocabulary)
@@ -87,6 +90,12 @@ class ModelVocab:
     @property
     def vocab_names(self) -> list[str]:
         return [n for n in (self.input_name, self.output_name) if n is not None]
+
+    def aligned(self) -> tuple[dict[str, int], int]:
+        """``(tokens, rows)`` of a model whose rows are aligned by token (``plan_vocabulary`` refuses a model
+        without either first)."""
+        assert self.tokens is not None and self.rows is not None
+        return self.tokens, self.rows
 
     def size_text(self) -> str:
         toks = "no tokenizer.json" if self.tokens is None else f"{len(self.tokens)} tokens"
@@ -130,7 +139,8 @@ class VocabPlan:
     output_tied: bool
     aliases: dict[int, dict[str, str]]  # per model: output-layer name -> the tied input embedding that stands for it
     notes: list[str]
-    sourced: dict[int, tuple] = field(default_factory=dict)  # output row -> its own source (tokenizer block, padding)
+    # output row -> its own source (tokenizer block, padding): ("row", k, row), ("zero",) or ("mean",)
+    sourced: dict[int, tuple[Any, ...]] = field(default_factory=dict)
 
     @property
     def aligned_names(self) -> set[str]:
@@ -141,15 +151,20 @@ class VocabPlan:
     def is_aligned(self, name: str) -> bool:
         return name in self.aligned_names
 
+    def output(self) -> tuple[dict[str, int], int]:
+        """``(out_tokens, out_rows)`` where the vocabularies are aligned by token (both are set then)."""
+        assert self.out_tokens is not None and self.out_rows is not None
+        return self.out_tokens, self.out_rows
+
     def own_rows(self, index: int) -> torch.Tensor:
         """Model ``index``'s rows that hold an output token (padding rows' mean is taken over these)."""
+        out_tokens, out_rows = self.output()
         row_map = self.row_maps[index]
         if row_map is None:
-            return torch.tensor(
-                sorted(j for j in self.out_tokens.values() if j < self.models[index].rows), dtype=torch.long
-            )
-        tokens = torch.zeros(self.out_rows, dtype=torch.bool)
-        tokens[list(self.out_tokens.values())] = True
+            rows = self.models[index].aligned()[1]
+            return torch.tensor(sorted(j for j in out_tokens.values() if j < rows), dtype=torch.long)
+        tokens = torch.zeros(out_rows, dtype=torch.bool)
+        tokens[list(out_tokens.values())] = True
         return row_map[tokens & (row_map >= 0)]
 
     def view(self, index: int, source: TensorSource) -> TensorSource:
@@ -162,13 +177,13 @@ class VocabPlan:
             source, {**{n: (n, None) for n in source.names}, **{a: (t, None) for a, t in aliases.items()}}
         )
 
-    def config_updates(self) -> dict:
-        updates: dict = {}
+    def config_updates(self) -> dict[str, Any]:
+        updates: dict[str, Any] = {}
         if self.out_rows is not None:
             updates["vocab_size"] = self.out_rows
         if self.models[0].input_name is not None:
             updates["tie_word_embeddings"] = self.output_tied
-        if self.tokenizer_model not in (None, 0):
+        if self.tokenizer_model is not None and self.tokenizer_model != 0:
             source_config = self.models[self.tokenizer_model].config
             for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
                 if key in source_config:
@@ -178,6 +193,7 @@ class VocabPlan:
     def write_tokenizer(self, out: Path) -> list[str]:
         if self.union is not None:
             return self.union.write(out)
+        assert self.tokenizer_model is not None  # None: a union, written above
         return copy_tokenizer(self.models[self.tokenizer_model].tokenizer_folder, out)
 
 
@@ -202,7 +218,7 @@ class RowGroup:
 def row_groups(plan: VocabPlan) -> list[RowGroup]:
     """The output rows of the vocabulary tensors by presence pattern (which models have each row's token),
     without the rows that have a source of their own (``VocabPlan.sourced``)."""
-    rows = plan.out_rows
+    rows = plan.output()[1]
     presence = torch.stack([torch.ones(rows, dtype=torch.bool) if m is None else m >= 0 for m in plan.row_maps], dim=1)
     keep = torch.ones(rows, dtype=torch.bool)
     keep[list(plan.sourced)] = False
@@ -214,10 +230,10 @@ def row_groups(plan: VocabPlan) -> list[RowGroup]:
     return [g for g in groups if g.rows.numel()]
 
 
-def sourced_groups(plan: VocabPlan) -> list[tuple[tuple, torch.Tensor]]:
+def sourced_groups(plan: VocabPlan) -> list[tuple[tuple[Any, ...], torch.Tensor, torch.Tensor]]:
     """The rows with a source of their own, grouped by source kind: ``(("row", k), rows, model_rows)`` etc.
     Returns ``(key, rows, model_rows)`` with ``key`` ``("row", k)``, ``("zero",)`` or ``("mean",)``."""
-    groups: dict[tuple, tuple[list[int], list[int]]] = {}
+    groups: dict[tuple[Any, ...], tuple[list[int], list[int]]] = {}
     for j, how in sorted(plan.sourced.items()):
         key = how[:2] if how[0] == "row" else how
         rows, model_rows = groups.setdefault(key, ([], []))
@@ -254,13 +270,14 @@ class MeanRows(TensorSource):
     def _row_mean(self) -> torch.Tensor:
         with self._lock:
             if self._mean is None:
-                total = None
+                total: torch.Tensor | None = None
                 for a in range(0, int(self.rows.numel()), self.PIECE_ROWS):
                     piece = GatheredRows(self.inner, {self.name: (self.name, self.rows[a : a + self.PIECE_ROWS])}).get(
                         self.name
                     )
                     part = piece.to(torch.float64).sum(dim=0)
                     total = part if total is None else total + part
+                assert total is not None  # a padding row's mean is over at least one row
                 self._mean = (total / max(1, int(self.rows.numel()))).to(self.read_dtype(self.name))
             return self._mean
 
@@ -296,18 +313,18 @@ class RowMean(TensorMerge):
         return out
 
 
-def _model_position(recipe, ref: str, has_base: bool) -> int | None:
+def _model_position(recipe: Recipe, ref: str, has_base: bool) -> int | None:
     """Where the model ``ref`` names is among the vocabulary step's models (the base first), else None."""
     offset = 1 if has_base else 0
     index = recipe.input_index(ref)  # compared by resolved path, as the recipe compares its models
     if index is not None:
         return offset + index
-    if has_base and model_key(ref) == model_key(recipe.base_model):
+    if has_base and recipe.base_model is not None and model_key(ref) == model_key(recipe.base_model):
         return 0
     return None
 
 
-def _resolve_source(recipe, has_base: bool) -> int | None:
+def _resolve_source(recipe: Recipe, has_base: bool) -> int | None:
     source = recipe.tokenizer_source
     if source == "base":
         return 0
@@ -337,27 +354,30 @@ def _union(
     model order, then id order), since the tokenizers library numbers added
     tokens after the vocabulary.
     """
-    seen = set(ref.tokens)
-    vocab_tokens: list[tuple[str, ModelVocab]] = []
-    added_tokens: list[tuple[str, ModelVocab]] = []
+    ref_tokens, ref_rows = ref.aligned()
+    seen = set(ref_tokens)
+    vocab_tokens: list[tuple[str, TokenizerOwner | None]] = []
+    added_tokens: list[tuple[str, TokenizerOwner | None]] = []
     for m in others:
-        unused = [t for t, i in m.tokens.items() if i >= m.rows]
+        tokens, rows = m.aligned()
+        unused = [t for t, i in tokens.items() if i >= rows]
         if unused:
             notes.append(
-                f"{m.label}: {len(unused)} tokens beyond its {m.rows} embedding rows have no row and are "
-                f"not taken into the union ({_examples(sorted(unused, key=m.tokens.get))})"
+                f"{m.label}: {len(unused)} tokens beyond its {rows} embedding rows have no row and are "
+                f"not taken into the union ({_examples(sorted(unused, key=tokens.__getitem__))})"
             )
-        for token, i in sorted(m.tokens.items(), key=lambda kv: kv[1]):
-            if token in seen or i >= m.rows:
+        for token, i in sorted(tokens.items(), key=lambda kv: kv[1]):
+            if token in seen or i >= rows:
                 continue
             seen.add(token)
             (added_tokens if token in m.added else vocab_tokens).append((token, m))
-    recipe_tokens = [(t, None) for t in wanted if t not in seen]  # the tokenizer block's, after every model's
-    first_id = max(ref.rows, max(ref.tokens.values(), default=-1) + 1)
+    # the tokenizer block's, after every model's
+    recipe_tokens: list[tuple[str, TokenizerOwner | None]] = [(t, None) for t in wanted if t not in seen]
+    first_id = max(ref_rows, max(ref_tokens.values(), default=-1) + 1)
     return build_union_tokenizer(ref, vocab_tokens + added_tokens + recipe_tokens, first_id)
 
 
-def plan_vocabulary(recipe, base, inputs) -> VocabPlan:
+def plan_vocabulary(recipe: Recipe, base: TensorSource | None, inputs: Sequence[TensorSource]) -> VocabPlan:
     """Decide the output vocabulary and each model's row map; raises on a mismatch the recipe does not resolve."""
     sources = ([base] if base is not None else []) + list(inputs)
     models = [describe_model(s) for s in sources]
@@ -374,7 +394,7 @@ def plan_vocabulary(recipe, base, inputs) -> VocabPlan:
     if tied and any(tied) and not all(tied):
         out_name = next(m.output_name for m in models if m.output_name is not None)
         for i, m in enumerate(models):
-            if m.tied:
+            if m.tied and m.input_name is not None:  # tied: an input embedding and no output layer
                 aliases[i] = {out_name: m.input_name}
                 m.output_name = out_name
         notes.append(
@@ -409,12 +429,14 @@ def plan_vocabulary(recipe, base, inputs) -> VocabPlan:
     if not explicit:
         raise LangmergeError(
             f"vocabulary mismatch: {sizes}. Set 'tokenizer_source' in the recipe: union (keep every model's tokens; "
-            "new tokens keep their trained rows), base, or one of the models; langmerge never truncates embeddings silently"
+            "new tokens keep their trained rows), base, or one of the models; langmerge never truncates embeddings "
+            "silently"
         )
     for m in models:
         if m.tokens is None:
             raise LangmergeError(
-                f"model {m.label}: vocabularies differ ({sizes}) but {m.tokenizer_folder} has no tokenizer.json to align rows by token"
+                f"model {m.label}: vocabularies differ ({sizes}) but {m.tokenizer_folder} has no tokenizer.json to "
+                "align rows by token"
             )
         if m.rows is None:
             raise LangmergeError(f"model {m.label}: no input embedding tensor found to align")
@@ -424,16 +446,17 @@ def plan_vocabulary(recipe, base, inputs) -> VocabPlan:
     if chosen is None:
         union, out_tokens = _union(ref, models[1:], notes, wanted)
     else:
-        out_tokens = dict(models[chosen].tokens)
+        chosen_tokens, chosen_rows = models[chosen].aligned()
+        out_tokens = dict(chosen_tokens)
         extra = [t for t in wanted if t not in out_tokens]
         if extra:
-            first_id = max(models[chosen].rows, max(out_tokens.values(), default=-1) + 1)
+            first_id = max(chosen_rows, max(out_tokens.values(), default=-1) + 1)
             union, out_tokens = build_union_tokenizer(models[chosen], [(t, None) for t in extra], first_id)
             notes.append(
                 f"tokenizer.tokens: {len(extra)} tokens added to the tokenizer of {models[chosen].label} "
                 f"({_examples(extra)})"
             )
-    out_rows = max(models[chosen or 0].rows, max(out_tokens.values(), default=-1) + 1)
+    out_rows = max(models[chosen or 0].aligned()[1], max(out_tokens.values(), default=-1) + 1)
     if block is not None and block.pad_to_multiple_of and out_rows % block.pad_to_multiple_of:
         padded = -(-out_rows // block.pad_to_multiple_of) * block.pad_to_multiple_of
         notes.append(
@@ -448,21 +471,22 @@ def plan_vocabulary(recipe, base, inputs) -> VocabPlan:
     row_maps: list[torch.Tensor | None] = []
     anyone = torch.zeros(out_rows, dtype=torch.bool)
     for m in models:
-        own_ids = set(m.tokens.values())
+        model_tokens, model_rows = m.aligned()
+        own_ids = set(model_tokens.values())
         rm = [-1] * out_rows
-        for j, token in enumerate(by_id):
-            if token is None:
-                if j < m.rows and j not in own_ids:
+        for j, out_token in enumerate(by_id):
+            if out_token is None:
+                if j < model_rows and j not in own_ids:
                     rm[j] = j  # padding rows line up by index
             else:
-                i = m.tokens.get(token)
-                if i is not None and i < m.rows:
-                    rm[j] = i
+                row = model_tokens.get(out_token)
+                if row is not None and row < model_rows:
+                    rm[j] = row
         row_map = torch.tensor(rm, dtype=torch.long)
         anyone |= row_map >= 0
-        identity = m.rows == out_rows and bool((row_map == torch.arange(out_rows)).all())
+        identity = model_rows == out_rows and bool((row_map == torch.arange(out_rows)).all())
         row_maps.append(None if identity else row_map)
-    sourced: dict[int, tuple] = {}
+    sourced: dict[int, tuple[Any, ...]] = {}
     if block is not None and block.tokens:
         sourced = token_rows(
             block, models, lambda r: _model_position(recipe, r, base is not None), out_tokens, lambda j: bool(anyone[j])
@@ -484,12 +508,14 @@ def plan_vocabulary(recipe, base, inputs) -> VocabPlan:
     if nowhere:  # mergekit's rule too: a token no model has a row for gets a zero row
         sourced.update({j: ("zero",) for j in (~anyone).nonzero().reshape(-1).tolist() if j not in sourced})
         notes.append(
-            f"{len(nowhere)} output tokens have an embedding row in no model ({_examples(nowhere)}): their rows are zero"
+            f"{len(nowhere)} output tokens have an embedding row in no model ({_examples(nowhere)}): "
+            "their rows are zero"
         )
 
     for m in models:
-        lacking = [t for t in m.tokens if t not in out_tokens]
-        extra = [t for t in out_tokens if t not in m.tokens]
+        model_tokens = m.aligned()[0]
+        lacking = [t for t in model_tokens if t not in out_tokens]
+        extra = [t for t in out_tokens if t not in model_tokens]
         if lacking:
             notes.append(
                 f"{m.label}: {len(lacking)} tokens not in the output vocabulary are dropped ({_examples(lacking)})"
@@ -500,7 +526,8 @@ def plan_vocabulary(recipe, base, inputs) -> VocabPlan:
             )
     what = "union of all vocabularies" if chosen is None else f"vocabulary of {models[chosen].label}"
     notes.append(
-        f"vocabulary mismatch ({sizes}); tokenizer_source {recipe.tokenizer_source}: output is the {what}, {out_rows} rows, matched by token string"
+        f"vocabulary mismatch ({sizes}); tokenizer_source {recipe.tokenizer_source}: output is the {what}, "
+        f"{out_rows} rows, matched by token string"
     )
     rule_base = (
         "rows every model has follow the merge method; rows only some models have merge those models alone; "
@@ -514,7 +541,8 @@ def plan_vocabulary(recipe, base, inputs) -> VocabPlan:
         stale = [n for n in STALE_FOR_UNION if (ref.tokenizer_folder / n).exists()]
         if stale:
             notes.append(
-                f"union tokenizer: written as tokenizer.json; {', '.join(stale)} of the base are not copied (they would disagree)"
+                f"union tokenizer: written as tokenizer.json; {', '.join(stale)} of the base are not copied "
+                "(they would disagree)"
             )
     for note in notes:
         log.info("vocabulary: %s", note)

@@ -377,7 +377,8 @@ def tally(
 
 
 def l1_sums(x: torch.Tensor, threads: int | None = None) -> np.ndarray[Any, Any]:
-    """Per float32 exponent (0 counted as 1), the integer sum of the mantissas of ``|x|``: ``exact.ExactL1``'s buckets."""
+    """Per float32 exponent (0 counted as 1), the integer sum of the mantissas of ``|x|`` (``exact.ExactL1``'s
+    buckets)."""
     x = _flat(x)
     sums = np.zeros(256, dtype=np.uint64)
     _lib().lm_l1_sums(_bf(x), _ptr(x), x.numel(), _np_ptr(sums), threads or default_threads())

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from langmerge.errors import LangmergeError
+from langmerge.io.files import check_folder_files
 from langmerge.io.hub import hub_repository_folder, resolve_model
 from langmerge.io.reader import pretrained_options, read_config
 from langmerge.training.data import (
@@ -32,9 +33,7 @@ def _tokens(value: int | str) -> int:
 
 def load_tokenizer(base: Path):
     """The tokenizer of a model folder, checked by io/files.py's rule first; never runs code from the folder."""
-    from transformers import AutoTokenizer
-
-    from langmerge.io.files import check_folder_files
+    from transformers import AutoTokenizer  # transformers takes seconds to import: not at `langmerge --help`
 
     if read_config(base) is None:
         raise LangmergeError(f"{base}: not a model folder (no config.json)")

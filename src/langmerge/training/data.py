@@ -12,8 +12,8 @@ the total is the sum of both.
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import numpy as np
@@ -192,7 +192,10 @@ def plan_ct(
         seqs += [(REPLAY, s, n) for s, n in _chunks(prev_r, r_upto, seq_len)]
         order = np.random.default_rng([seed, k]).permutation(len(seqs))
         for i in order:
-            source.append(seqs[i][0]), start.append(seqs[i][1]), length.append(seqs[i][2])
+            kind, offset, size = seqs[i]
+            source.append(kind)
+            start.append(offset)
+            length.append(size)
         segment_end = len(source)
         bounds.extend(range(bounds[-1] + batch_size, segment_end, batch_size))
         bounds.append(segment_end)

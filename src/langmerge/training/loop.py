@@ -19,18 +19,23 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from langmerge import __version__
 from langmerge.errors import LangmergeError
 from langmerge.io.hub import ResolvedModel
 from langmerge.io.metadata import TRAINING_METADATA
 from langmerge.io.output import atomic_output_dir, check_disjoint, check_output_free
+from langmerge.io.reader import read_config
 from langmerge.training.data import IGNORE_INDEX, TARGET
+from langmerge.training.lora import merged_model, wrap_lora
 from langmerge.training.options import TrainOptions
 from langmerge.training.schedule import cosine_lr, warmup_steps_for
 
@@ -131,8 +136,6 @@ def _micro_batches(items: list[Item], rank: int, world: int, micro: int) -> list
 
 
 def _base_dtype(base: Path) -> torch.dtype:
-    from langmerge.io.reader import read_config
-
     config = read_config(base)
     if config is None:
         raise LangmergeError(f"{base}: not a model folder (no config.json)")
@@ -145,7 +148,7 @@ def _base_dtype(base: Path) -> torch.dtype:
 
 class _Trainer:
     def __init__(self, job: Job, out: Path, options: TrainOptions, tokenizer, progress: bool):
-        from accelerate import Accelerator
+        from accelerate import Accelerator  # optional (the train extra)
 
         self.job, self.out, self.opt, self.tokenizer, self.progress = job, out, options, tokenizer, progress
         cuda = torch.cuda.is_available()
@@ -158,7 +161,7 @@ class _Trainer:
     # ------------------------------------------------------------------ setup
 
     def build(self) -> None:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM  # transformers takes seconds to import: not at `langmerge --help`
 
         torch.manual_seed(self.opt.seed)
         if self.opt.deterministic:
@@ -168,8 +171,6 @@ class _Trainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         if self.opt.lora:
-            from langmerge.training.lora import wrap_lora
-
             if self.opt.gradient_checkpointing:
                 model.enable_input_require_grads()
             model = wrap_lora(model, self.opt.lora)
@@ -196,7 +197,9 @@ class _Trainer:
         # Every process holds the whole step, so the step's token counts need no communication.
         target = sum(len(it.input_ids) for it in items if it.source == TARGET)
         replay = sum(len(it.input_ids) for it in items) - target
-        batches = _micro_batches(items, acc.process_index, acc.num_processes, self.opt.micro_batch_size)
+        micro_size = self.opt.micro_batch_size
+        assert micro_size is not None  # TrainOptions' validator puts the batch size where none is given
+        batches = _micro_batches(items, acc.process_index, acc.num_processes, micro_size)
         self.model.train()
         losses = []  # stays on the device: one copy to the CPU per step, not one per micro-batch
         for i, micro in enumerate(batches):
@@ -255,8 +258,6 @@ class _Trainer:
     def _write_into(self, tmp: Path, state: dict, progress: dict) -> None:
         unwrapped = self.accelerator.unwrap_model(self.model)
         if self.opt.lora and self.opt.merge_lora:
-            from langmerge.training.lora import merged_model
-
             merged = merged_model(self.job.base, self.opt.lora, state, self.job.pretrained).to(self.save_dtype)
             merged.save_pretrained(tmp, safe_serialization=True)
         elif self.opt.lora:
@@ -268,8 +269,6 @@ class _Trainer:
         (tmp / METADATA_FILE).write_text(json.dumps(self.metadata(progress), indent=2) + "\n")
 
     def metadata(self, progress: dict) -> dict:
-        from langmerge import __version__
-
         return {
             "produced_by": f"langmerge {__version__} train {self.job.kind}",
             "kind": self.job.kind,
@@ -362,17 +361,15 @@ def run(
 ) -> TrainResult:
     """Train ``job`` into ``out``; with ``stop_after`` stop resumably after that many steps in total.
     ``progress``: show a progress bar."""
-    from tqdm.auto import tqdm
-
     out = Path(out)
     state_dir = prepare_output(out, force, resume)
     trainer = _Trainer(job, out, options, tokenizer, progress)
     acc = trainer.accelerator
     trainer.build()
-    # From here on ``progress`` is the run's counts (the trainer holds the flag).
-    progress = trainer.load_resume_state() if resume else None
-    if progress is None:
-        progress = {
+    # The run's counts, resumed or new (``progress``, the flag, is the trainer's now).
+    counts = trainer.load_resume_state() if resume else None
+    if counts is None:
+        counts = {
             "step": 0,
             "target_tokens": 0,
             "replay_tokens": 0,
@@ -382,67 +379,67 @@ def run(
             "fingerprint": job.fingerprint,
         }
     else:
-        log.info("resuming at step %d of %d", progress["step"], job.steps)
+        log.info("resuming at step %d of %d", counts["step"], job.steps)
     budget_at = {steps: name for name, steps in job.save_steps.items() if steps < job.steps}
     end = job.steps if stop_after is None else min(job.steps, stop_after)
     bar = tqdm(
         total=job.steps,
-        initial=progress["step"],
+        initial=counts["step"],
         unit="step",
         disable=not (trainer.progress and acc.is_main_process),
         desc=f"train {job.kind}",
     )
     started = time.perf_counter()
-    seconds_before = progress["seconds"]
-    last_state_step = progress["step"]
+    seconds_before = counts["seconds"]
+    last_state_step = counts["step"]
     try:
-        while progress["step"] < end:
-            step = progress["step"]
+        while counts["step"] < end:
+            step = counts["step"]
             loss, target, replay, predicted = trainer.train_step(step)
-            progress["step"] = step + 1
-            progress["target_tokens"] += target
-            progress["replay_tokens"] += replay
-            progress["trained_tokens"] += predicted
-            progress["losses"].append(loss)
-            progress["seconds"] = seconds_before + time.perf_counter() - started
+            counts["step"] = step + 1
+            counts["target_tokens"] += target
+            counts["replay_tokens"] += replay
+            counts["trained_tokens"] += predicted
+            counts["losses"].append(loss)
+            counts["seconds"] = seconds_before + time.perf_counter() - started
             bar.update(1)
             bar.set_postfix(
                 loss=f"{loss:.4f}",
-                tok_s=f"{(progress['target_tokens'] + progress['replay_tokens']) / max(progress['seconds'], 1e-9):,.0f}",
+                tok_s=f"{(counts['target_tokens'] + counts['replay_tokens']) / max(counts['seconds'], 1e-9):,.0f}",
             )
-            if progress["step"] in budget_at:
-                trainer.write_model(state_dir / budget_at[progress["step"]], progress)
+            if counts["step"] in budget_at:
+                trainer.write_model(state_dir / budget_at[counts["step"]], counts)
             if (
                 options.checkpoint_every
-                and progress["step"] % options.checkpoint_every == 0
-                and progress["step"] < job.steps
+                and counts["step"] % options.checkpoint_every == 0
+                and counts["step"] < job.steps
             ):
-                trainer.save_resume_state(progress)
-                last_state_step = progress["step"]
+                trainer.save_resume_state(counts)
+                last_state_step = counts["step"]
     finally:
         bar.close()
-    if progress["step"] < job.steps:
-        if last_state_step != progress["step"]:
-            trainer.save_resume_state(progress)
-        done = {n: state_dir / n for s, n in budget_at.items() if s <= progress["step"]}
-        return _result(state_dir, progress, job, completed=False, checkpoints=done)
+    if counts["step"] < job.steps:
+        if last_state_step != counts["step"]:
+            trainer.save_resume_state(counts)
+        done = {n: state_dir / n for s, n in budget_at.items() if s <= counts["step"]}
+        return _result(state_dir, counts, job, completed=False, checkpoints=done)
     # Complete: the final model becomes OUT, with the budget checkpoints inside it.
     names = list(budget_at.values())
-    trainer.write_final(progress, names, force)
-    return _result(out, progress, job, completed=True, checkpoints={n: out / n for n in names})
+    trainer.write_final(counts, names, force)
+    return _result(out, counts, job, completed=True, checkpoints={n: out / n for n in names})
 
 
-def _result(out: Path, progress: dict, job: Job, completed: bool, checkpoints: dict[str, Path]) -> TrainResult:
-    losses = list(progress["losses"])
+def _result(out: Path, counts: dict[str, Any], job: Job, completed: bool, checkpoints: dict[str, Path]) -> TrainResult:
+    losses = list(counts["losses"])
     return TrainResult(
         out=out,
         checkpoints=checkpoints,
         completed=completed,
-        steps=progress["step"],
-        target_tokens=progress["target_tokens"],
-        replay_tokens=progress["replay_tokens"],
-        trained_tokens=progress["trained_tokens"],
+        steps=counts["step"],
+        target_tokens=counts["target_tokens"],
+        replay_tokens=counts["replay_tokens"],
+        trained_tokens=counts["trained_tokens"],
         final_loss=losses[-1] if losses else None,
         losses=losses,
-        seconds=progress["seconds"],
+        seconds=counts["seconds"],
     )

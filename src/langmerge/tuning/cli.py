@@ -9,13 +9,12 @@ from langmerge.io.output import check_output_free
 from langmerge.io.sources import recipe_input_paths
 from langmerge.merge.recipe import load_recipe
 from langmerge.progress import TqdmReporter
+from langmerge.tuning.objective import task_objective
+from langmerge.tuning.search import check_search, tune
+from langmerge.tuning.space import load_space
 
 
 def run_tune(args) -> int:
-    from langmerge.tuning.objective import task_objective
-    from langmerge.tuning.search import check_search, tune
-    from langmerge.tuning.space import load_space
-
     # Every input is checked before the models are loaded: recipe, space, search settings, tasks, output.
     recipe = load_recipe(args.recipe)
     dims = load_space(args.space, recipe)

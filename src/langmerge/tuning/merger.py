@@ -15,14 +15,19 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from langmerge.devices import resolve_device
 from langmerge.errors import LangmergeError
 from langmerge.io.tensor_source import MemorySource
 from langmerge.merge.execute import DEFAULT_MEMORY, Executor, MemorySink, load, write_model_files
 from langmerge.merge.plan import plan_merge
 from langmerge.merge.recipe import Recipe
+
+if TYPE_CHECKING:  # transformers takes seconds to import: imported where a model is built
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +44,6 @@ class InMemoryMerger:
         progress: bool = True,
         memory: int = DEFAULT_MEMORY,
     ):
-        from langmerge.devices import resolve_device
-
         self.recipe = recipe
         self.method = recipe.method
         self.device = resolve_device(device)
@@ -69,13 +72,16 @@ class InMemoryMerger:
             with tempfile.TemporaryDirectory(prefix="langmerge-tune-") as tmp:
                 # The config and tokenizer `langmerge merge` would write, read back by transformers.
                 write_model_files(Path(tmp), plan)
-                from transformers import AutoConfig, AutoTokenizer
+                from transformers import (
+                    AutoConfig,
+                    AutoTokenizer,
+                )  # transformers takes seconds to import: not at `langmerge --help`
 
                 self.config = AutoConfig.from_pretrained(tmp)
                 self.tokenizer = AutoTokenizer.from_pretrained(tmp)
         finally:
             plan.close()  # the files: what is needed is in memory now
-        self._model = None
+        self._model: PreTrainedModel | None = None  # built on the first candidate
 
     @property
     def nbytes(self) -> int:
@@ -88,20 +94,23 @@ class InMemoryMerger:
         Executor(self.device, self.memory).run(tensors, sink)
         return sink.tensors
 
-    def model(self, candidate: Recipe):
+    def model(self, candidate: Recipe) -> PreTrainedModel:
         """The transformers model holding ``candidate``'s merged weights (one model object, reloaded each call)."""
         state = self.state_dict(candidate)
-        if self._model is None:
-            from transformers import AutoModelForCausalLM
+        model = self._model
+        if model is None:
+            from transformers import (
+                AutoModelForCausalLM,
+            )  # transformers takes seconds to import: not at `langmerge --help`
 
-            self._model = AutoModelForCausalLM.from_config(self.config, dtype=self.model_dtype)
-            self._model.eval()
-        missing, unexpected = self._model.load_state_dict(state, strict=False)
+            model = self._model = AutoModelForCausalLM.from_config(self.config, dtype=self.model_dtype)
+            model.eval()
+        missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected:
-            raise LangmergeError(f"the merged tensor {unexpected[0]!r} is not a weight of {type(self._model).__name__}")
-        own = self._model.state_dict()
+            raise LangmergeError(f"the merged tensor {unexpected[0]!r} is not a weight of {type(model).__name__}")
+        own = model.state_dict()
         loaded = {own[k].data_ptr() for k in state if k in own}
         untied = [k for k in missing if own[k].data_ptr() not in loaded]
         if untied:
-            raise LangmergeError(f"the merge has no tensor for {untied[0]!r} of {type(self._model).__name__}")
-        return self._model
+            raise LangmergeError(f"the merge has no tensor for {untied[0]!r} of {type(model).__name__}")
+        return model

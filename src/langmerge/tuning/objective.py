@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from langmerge.errors import LangmergeError
+from langmerge.evaluation import evaluate, resolve_tasks
 from langmerge.evaluation.metrics import MAIN_METRIC
 
 Objective = Callable[[object, object], float]
@@ -34,8 +35,6 @@ def task_objective(
     seed: int = 0,
 ) -> tuple[Objective, list[str]]:
     """An objective over validation tasks, resolved now (a missing task is an error before any merge)."""
-    from langmerge.evaluation import evaluate, resolve_tasks
-
     names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
     if not [n for n in names if n]:
         raise LangmergeError("--tasks: no validation task given")
@@ -63,7 +62,7 @@ def task_objective(
             seed=seed,
             progress=False,
         )
-        values = []
+        values: list[float] = []
         for name, metric_name in metrics.items():
             value = results.tasks[name].metrics[metric_name]
             values.append(-value if metric_name in LOWER_IS_BETTER else value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -15,10 +16,10 @@ def _fmt(v) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
-def leaderboard_rows(result: TuneResult) -> list[dict]:
+def leaderboard_rows(result: TuneResult) -> list[dict[str, Any]]:
     rows = []
     for rank, t in enumerate(result.ranked(), start=1):
-        row = {"rank": rank, "trial": t.number}
+        row: dict[str, Any] = {"rank": rank, "trial": t.number}
         row.update({d.key: t.values[d.key] for d in result.dims})
         row.update({result.objective: t.score, "seconds": round(t.seconds, 3)})
         rows.append(row)
@@ -45,7 +46,7 @@ def leaderboard_markdown(result: TuneResult, top: int = 20) -> str:
 
 def plot_scores(result: TuneResult, path: Path) -> Path:
     """The score against each searched parameter (best marked), and the best score so far by trial."""
-    import matplotlib
+    import matplotlib  # optional (the tune extra), imported only to plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -87,7 +87,7 @@ def check_search(search: str, dims: list[Dimension], trials: int | None) -> int:
             )
         return size
     try:
-        import optuna  # noqa: F401
+        import optuna  # noqa: F401  (optional: the tune extra)
     except ImportError:
         raise LangmergeError("--search tpe needs optuna: pip install 'langmerge[tune]'") from None
     return trials or DEFAULT_TPE_TRIALS
@@ -159,7 +159,7 @@ def tune(
             for values in grid_points(dims):
                 evaluate(values)
         else:
-            import optuna
+            import optuna  # optional (the tune extra)
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
@@ -177,7 +177,7 @@ def tune(
         settings=SearchSettings(recipe=recipe.source, search=search, trials=n_trials, seed=seed),
     )
     if out_dir is not None:
-        from langmerge.tuning.report import write_tune_outputs
+        from langmerge.tuning.report import write_tune_outputs  # here: report imports this module
 
         with atomic_output_dir(out_dir, force=force) as tmp:
             write_tune_outputs(result, tmp)

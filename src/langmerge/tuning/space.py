@@ -157,24 +157,31 @@ class Dimension:
     step: float | None = None
     log: bool = False
 
+    def _bounds(self) -> tuple[float, float]:
+        """A range's low and high (a dimension without ``values`` is a range: it has both)."""
+        assert self.low is not None and self.high is not None
+        return self.low, self.high
+
     def grid(self) -> list:
         """Every value of a grid search: the listed values, or ``low, low + step, ..., high``."""
         if self.values is not None:
             return list(self.values)
         if self.step is None:
             raise LangmergeError(f"search space key {self.key!r}: a grid search needs 'values' or a 'step'")
-        count = int(math.floor((self.high - self.low) / self.step + 1e-9)) + 1
+        low, high = self._bounds()
+        count = int(math.floor((high - low) / self.step + 1e-9)) + 1
         # Rounded so that the values (and the recipe written with them) read as typed: 0.3, not 0.30000000000000004.
-        points = [round(self.low + k * self.step, 10) for k in range(count)]
+        points = [round(low + k * self.step, 10) for k in range(count)]
         return [self.kind(v) for v in points]
 
     def suggest(self, trial) -> Any:
         """The value an Optuna trial proposes for this key."""
         if self.values is not None:
             return trial.suggest_categorical(self.key, list(self.values))
+        low, high = self._bounds()
         if self.kind is int:
-            return trial.suggest_int(self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
-        value = trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
+            return trial.suggest_int(self.key, int(low), int(high), step=int(self.step or 1), log=self.log)
+        value = trial.suggest_float(self.key, low, high, step=self.step, log=self.log)
         # Stepped values rounded as in ``grid``, so that 0.2 + 0.4 is written as 0.6.
         return round(value, 10) if self.step is not None else value
 
@@ -191,7 +198,7 @@ def apply_values(recipe_dict: dict, dims: list[Dimension], values: dict[str, Any
 
 
 def _model_index(recipe: Recipe, ref: str, key: str, where: str) -> int:
-    models = [e.model for e in recipe.raw.models]
+    models = [e.model for e in recipe.raw.models or []]  # load_space took a recipe of whole models
     if ref.isdigit():
         index = int(ref)
         if index >= len(models):
@@ -216,11 +223,14 @@ def _model_index(recipe: Recipe, ref: str, key: str, where: str) -> int:
 def _dimension(recipe: Recipe, key: str, entry: ValueList | Range, where: str) -> Dimension:
     specs = recipe.method.parameters
     m, g = _MODEL_KEY.match(key), _GLOBAL_KEY.match(key)
-    if not (m or g):
+    if m is not None:
+        name = m.group(2)
+    elif g is not None:
+        name = g.group(1)
+    else:
         raise LangmergeError(
             f"{where}: key {key!r}: not a recipe parameter key; use models[I].parameters.NAME or parameters.NAME"
         )
-    name = m.group(2) if m else g.group(1)
     tunable = sorted(n for n in specs if n != "int8_mask")
     if name not in specs or name == "int8_mask":
         raise LangmergeError(
@@ -252,13 +262,14 @@ def read_space(space: str | Path | dict | SearchSpace) -> tuple[SearchSpace, str
     if isinstance(space, SearchSpace):
         return space, "search space"
     where = "search space"
+    document: object = space
     if isinstance(space, (str, Path)):
         where = str(space)
-        space = read_config_document(Path(space), "search space")
-    if not isinstance(space, dict) or not space:
+        document = read_config_document(Path(space), "search space")
+    if not isinstance(document, dict) or not document:
         raise LangmergeError(f"{where}: a search space is a non-empty mapping of recipe keys to ranges or values")
     try:
-        return SearchSpace.model_validate({str(key): entry for key, entry in space.items()}), where
+        return SearchSpace.model_validate({str(key): entry for key, entry in document.items()}), where
     except ValidationError as exc:
         # an entry's messages name its fields themselves: the key is the space's key (the location's first part)
         raise ConfigError(where, validation_errors(exc, key_depth=1), "search space") from None
@@ -266,6 +277,7 @@ def read_space(space: str | Path | dict | SearchSpace) -> tuple[SearchSpace, str
 
 def load_space(space: str | Path | dict | SearchSpace, recipe: Recipe) -> list[Dimension]:
     """Parse and check a search space against ``recipe`` (every bound and value is resolved as a recipe would be)."""
+    recipe.require_whole_models("tune")
     space, where = read_space(space)
     dims = [_dimension(recipe, key, entry, where) for key, entry in space.root.items()]
     seen: dict[tuple, str] = {}
