@@ -140,9 +140,8 @@ def validation_errors(
     """
     out = []
     for err in exc.errors():
-        loc = key_path(err["loc"][:key_depth]) + (err.get("ctx") or {}).get(
-            "at", ""
-        )  # ``at``: a place inside the value
+        inside = (err.get("ctx") or {}).get("at", "")  # a place inside the value (``[1].value``)
+        loc = key_path(err["loc"][:key_depth]) + inside
         if err["type"] == "extra_forbidden" and unsupported and loc in unsupported:
             text = f"{what} {loc!r}: {unsupported[loc]}"
         elif err["type"] == "extra_forbidden":

@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_serializer, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, SerializerFunctionWrapHandler, model_serializer
 
 from langmerge.errors import LangmergeError
 from langmerge.io.output import atomic_output_dir
@@ -112,6 +112,10 @@ class BaseSettings(StepSettings):
     tasks: TaskSettings | None
 
 
+# A training step's options, dumped as the settings study caches began with (study.config.KEYED_TRAINING).
+KeyedTraining = Annotated[StudyTrainOptions, PlainSerializer(lambda training: training.step_settings())]
+
+
 class CTSettings(StepSettings):
     """One language's continued pre-training, saved at each budget."""
 
@@ -119,11 +123,7 @@ class CTSettings(StepSettings):
     budgets: list[int]
     replay_ratio: tuple[int, int]
     repeat: bool
-    training: StudyTrainOptions
-
-    @field_serializer("training")
-    def _keyed_training(self, training: StudyTrainOptions) -> dict[str, Any]:
-        return training.step_settings()  # the keys study caches began with (study.config.KEYED_TRAINING)
+    training: KeyedTraining
 
 
 class SFTSettings(StepSettings):
@@ -131,12 +131,7 @@ class SFTSettings(StepSettings):
 
     absent_when_none = ("budget",)
     epochs: int
-    training: StudyTrainOptions
-
-    @field_serializer("training")
-    def _keyed_training(self, training: StudyTrainOptions) -> dict[str, Any]:
-        return training.step_settings()  # the keys study caches began with (study.config.KEYED_TRAINING)
-
+    training: KeyedTraining
     budget: int | None = None
 
 
