@@ -22,7 +22,9 @@ its TIES stands in): wall time and peak resident memory (``ru_maxrss`` from
   output's folder, with the merge's durability (langmerge and mergekit write
   without fsync; so does the floor); each method's time against it, both the
   merge itself (planning, merging, writing, as the CLI reports it) and the
-  whole process (with the interpreter's and torch's start-up);
+  whole process (with the interpreter's and torch's start-up); and the CPU seconds of each
+  (user + system: the launcher's ``wait4`` for the processes, the floor's thread's ``getrusage``),
+  which the rest of a shared machine's load inflates far less than wall time;
 - cold against warm: the first merge after a fresh install (langmerge's
   bytecode caches, its only compile caches, removed first: the C kernels are
   built at install time and nothing is compiled at run time) against the
@@ -34,8 +36,10 @@ its TIES stands in): wall time and peak resident memory (``ru_maxrss`` from
   rest of the merge (planning, metadata).
 
 Inputs are read from the page cache where it holds them (each method's
-floor is measured just before its warm run, in the state that run finds). Figures from a shared
-machine are rough.
+floor is measured just before its warm run, in the state that run finds). Before every timed run
+(each merge, mergekit's, the floor) the page cache's dirty pages are written out (``sync``, not
+timed), so no run pays for the previous run's output being written back to disk. Figures from a
+shared machine are rough.
 
 ``--kernels`` times each method's merge of one tensor, chunk by chunk as a
 merge runs it (statistics passes and merge pass, with the kernel a merge plans;
@@ -56,6 +60,7 @@ import argparse
 import math
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -111,22 +116,23 @@ def cache_dir() -> Path:
     return Path(root) / "bench"
 
 
-# Runs a command and writes its peak RSS (KiB, from wait4) to argv[1]. A child's ru_maxrss starts at the RSS of
-# the process that spawned it (Linux keeps the spawner's high-water mark across fork/vfork and exec), so each
-# measured command is spawned by this small launcher, not by the benchmark process, which holds gigabytes
-# after generating a trio.
+# Runs a command and writes its peak RSS (KiB, from wait4) and CPU seconds (user + system) to argv[1].
+# A child's ru_maxrss starts at the RSS of the process that spawned it (Linux keeps the spawner's high-water
+# mark across fork/vfork and exec), so each measured command is spawned by this small launcher, not by the
+# benchmark process, which holds gigabytes after generating a trio.
 LAUNCHER = """
 import os, subprocess, sys
 proc = subprocess.Popen(sys.argv[2:])
 _, status, usage = os.wait4(proc.pid, 0)
 with open(sys.argv[1], "w") as f:
-    f.write(str(usage.ru_maxrss))
+    f.write(f"{usage.ru_maxrss} {usage.ru_utime + usage.ru_stime}")
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-def run_child(cmd: list[str]) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS (GB) and standard output of one command, spawned by a small launcher."""
+def run_child(cmd: list[str]) -> tuple[float, float, str, float]:
+    """Wall seconds, peak RSS (GB), standard output and CPU seconds (user + system) of one command, spawned by
+    a small launcher."""
     with (
         tempfile.TemporaryFile() as out,
         tempfile.TemporaryFile() as err,
@@ -140,12 +146,13 @@ def run_child(cmd: list[str]) -> tuple[float, float, str]:
             err.seek(0)
             raise SystemExit(f"failed: {' '.join(cmd)}\n{err.read().decode()[-2000:]}")
         out.seek(0)
-        return wall, int(rss.read()) * 1024 / 1e9, out.read().decode()  # ru_maxrss is KiB on Linux
+        maxrss, cpu = rss.read().split()
+        return wall, int(maxrss) * 1024 / 1e9, out.read().decode(), float(cpu)  # ru_maxrss is KiB on Linux
 
 
 def run_measured(cmd: list[str]) -> tuple[float, float]:
     """Wall seconds and peak RSS (GB) of one child process."""
-    wall, rss, _ = run_child(cmd)
+    wall, rss, _, _ = run_child(cmd)
     return wall, rss
 
 
@@ -334,20 +341,33 @@ def read_inputs(inputs: list[Path], buf: memoryview | None = None) -> None:
                     pass
 
 
-def io_floor(inputs: list[Path], out_bytes: int, folder: Path) -> float:
-    """Seconds to read every shard of ``inputs`` once and write ``out_bytes`` into ``folder``
-    (no fsync, as the merges)."""
+def settle() -> None:
+    """Write out the page cache's dirty pages (the last run's output), untimed, so that each timed run
+    starts from the same state and none pays for the one before it."""
+    os.sync()
+
+
+def _thread_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_THREAD)
+    return usage.ru_utime + usage.ru_stime
+
+
+def io_floor(inputs: list[Path], out_bytes: int, folder: Path) -> tuple[float, float]:
+    """Wall and CPU seconds (user + system) to read every shard of ``inputs`` once and write ``out_bytes``
+    into ``folder`` (no fsync, as the merges)."""
     buf = memoryview(bytearray(FLOOR_BUFFER))
     target = folder / "io-floor.bin"
+    settle()
+    cpu = _thread_cpu()
     start = time.perf_counter()
     read_inputs(inputs, buf)
     with open(target, "wb", buffering=0) as f:
         left = out_bytes
         while left:
             left -= f.write(buf[: min(left, FLOOR_BUFFER)])
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, _thread_cpu() - cpu
     target.unlink()
-    return seconds
+    return seconds, cpu
 
 
 def clear_compile_caches() -> None:
@@ -362,7 +382,8 @@ def langmerge_run(recipe: Path, out: Path, args) -> dict:
         cmd += ["--threads", str(args.threads)]
     if args.memory:
         cmd += ["--memory", args.memory]
-    wall, rss, stdout = run_child(cmd)
+    settle()
+    wall, rss, stdout, cpu = run_child(cmd)
     shutil.rmtree(out)
     summary, timings = SUMMARY.search(stdout), TIMINGS.search(stdout)
     if summary is None or timings is None:
@@ -371,6 +392,7 @@ def langmerge_run(recipe: Path, out: Path, args) -> dict:
     return {
         "wall": wall,
         "rss": rss,
+        "cpu": cpu,
         "merge": float(summary.group(3)),
         "read": read,
         "compute": compute,
@@ -380,9 +402,10 @@ def langmerge_run(recipe: Path, out: Path, args) -> dict:
 
 
 def mergekit_run(recipe: Path, out: Path, args) -> dict:
-    wall, rss, _ = run_child([str(Path(sys.executable).parent / "mergekit-yaml"), str(recipe), str(out)])
+    settle()
+    wall, rss, _, cpu = run_child([str(Path(sys.executable).parent / "mergekit-yaml"), str(recipe), str(out)])
     shutil.rmtree(out)
-    return {"wall": wall, "rss": rss}
+    return {"wall": wall, "rss": rss, "cpu": cpu}
 
 
 def bench_trio(name: str, paths: dict[str, Path], methods: list[str], with_mergekit: bool, args) -> None:
@@ -403,7 +426,7 @@ def bench_trio(name: str, paths: dict[str, Path], methods: list[str], with_merge
             clear_compile_caches()
             cold = langmerge_run(recipe, work / "lm", args)
             # the floor just before the warm run, in the state it finds (the inputs cached where they fit)
-            floor = io_floor(method_inputs, out_bytes, work)
+            floor, floor_cpu = io_floor(method_inputs, out_bytes, work)
             warm = langmerge_run(recipe, work / "lm", args)
             mk = None
             if with_mergekit:
@@ -413,7 +436,7 @@ def bench_trio(name: str, paths: dict[str, Path], methods: list[str], with_merge
                     mk_recipe.write_text(yaml.safe_dump(RECIPES[theirs](paths)))
                     theirs_done[theirs] = mergekit_run(mk_recipe, work / "mk", args)
                 mk = theirs_done[theirs]
-            rows.append((method, cold, warm, mk, floor))
+            rows.append((method, cold, warm, mk, floor, floor_cpu))
             print(
                 f"  {method}: langmerge {warm['wall']:.1f} s (cold {cold['wall']:.1f} s), I/O floor {floor:.1f} s"
                 + (f", mergekit {mk['wall']:.1f} s" if mk else ""),
@@ -427,19 +450,30 @@ def bench_trio(name: str, paths: dict[str, Path], methods: list[str], with_merge
         f"\n{'method':<16}{'langmerge s':>12}{'GB':>6}{'mergekit s':>11}{'GB':>6}{'speed-up':>9}{'mem':>7}"
         f"{'floor s':>8}{'merge/floor':>12}{'wall/floor':>11}{'cold/warm':>10}"
     )
-    for method, cold, warm, mk, floor in rows:
+    for method, cold, warm, mk, floor, _ in rows:
         mw, mr = (mk["wall"], mk["rss"]) if mk else (nan, nan)
         print(
             f"{method:<16}{warm['wall']:>12.1f}{warm['rss']:>6.2f}{mw:>11.1f}{mr:>6.2f}{mw / warm['wall']:>8.1f}x"
             f"{warm['rss'] / mr:>6.2f}x{floor:>8.1f}{warm['merge'] / floor:>11.2f}x{warm['wall'] / floor:>10.2f}x"
             f"{cold['wall'] / warm['wall']:>9.2f}x"
         )
+    print(
+        "\nCPU seconds (user + system; what other work on the machine inflates least): whole processes, and the"
+        " floor's thread"
+    )
+    print(f"{'method':<16}{'langmerge':>10}{'mergekit':>9}{'ratio':>7}{'floor':>7}{'langmerge/floor':>16}")
+    for method, _, warm, mk, _, floor_cpu in rows:
+        mc = mk["cpu"] if mk else nan
+        print(
+            f"{method:<16}{warm['cpu']:>10.1f}{mc:>9.1f}{mc / warm['cpu']:>6.1f}x{floor_cpu:>7.1f}"
+            f"{warm['cpu'] / floor_cpu:>15.2f}x"
+        )
     print("\nwhere langmerge's time went (warm run, seconds): the executor's threads, then the rest")
     print(
         f"{'method':<16}{'process':>8}{'merge':>7}{'read':>7}{'compute':>8}{'write':>7}{'idle':>6}{'plan+meta':>10}"
         f"{'start-up':>9}"
     )
-    for method, _, warm, _, _ in rows:
+    for method, _, warm, _, _, _ in rows:
         rest = warm["merge"] - warm["compute"] - warm["idle"]
         print(
             f"{method:<16}{warm['wall']:>8.1f}{warm['merge']:>7.1f}{warm['read']:>7.1f}{warm['compute']:>8.1f}"
