@@ -22,6 +22,7 @@ from langmerge.devices import resolve_device
 from langmerge.errors import LangmergeError
 from langmerge.evaluation.builtin import builtin_task_names, cldr, numbers, udhr
 from langmerge.evaluation.metrics import language_id_labels
+from langmerge.evaluation.options import BatchSize, ExampleLimit, Precision
 from langmerge.input_files import load_config
 from langmerge.io.files import folder_file
 from langmerge.io.hub import ResolvedModel, hub_repository_folder, parse_hub_id, resolve_model
@@ -30,6 +31,7 @@ from langmerge.methods.registry import METHODS, get_method
 from langmerge.study.sources import BUILTIN_SOURCES, missing_requirement
 from langmerge.training.data import parse_ratio, parse_token_count
 from langmerge.training.options import TrainOptions
+from langmerge.tuning.options import SearchKind, TrialBudget
 from langmerge.tuning.search import check_search
 from langmerge.tuning.space import load_space
 
@@ -202,20 +204,22 @@ class MethodSpec(_Strict):
 
 
 class TuningSpec(_Strict):
-    search: Literal["grid", "tpe"] = "grid"
-    trials: int | None = None
-    limit: int | None = Field(None, ge=1)  # validation examples per task
+    # The fields `langmerge tune` has too are declared once, in tuning/options.py and evaluation/options.py.
+    search: SearchKind = "grid"
+    trials: TrialBudget = None
+    limit: ExampleLimit = Field(None, description="validation examples per task")
     seed: int = 0
 
 
 class EvaluationSpec(_Strict):
-    limit: int | None = Field(None, ge=1)  # test examples per task
-    batch_size: int = Field(16, ge=1)
+    # The fields `langmerge eval` has too are declared once, in evaluation/options.py.
+    limit: ExampleLimit = Field(None, description="test examples per task")
+    batch_size: BatchSize = 16
     # "alternate": each task's even-numbered examples validate, odd-numbered ones test, so a task
     # named in both lists never scores a merge on the examples it was tuned on. "none": whole tasks.
     split: Literal["alternate", "none"] = "alternate"
     device: str = "cpu"  # where merges are tuned and models evaluated (cpu or cuda)
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: matrix products in bfloat16 (torch.autocast)
+    precision: Precision = "fp32"
     resamples: int = Field(10_000, ge=100)  # bootstrap resamples of every interval and paired test
 
 

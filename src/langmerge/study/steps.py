@@ -26,6 +26,7 @@ from typing import Annotated, Any, ClassVar, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, SerializerFunctionWrapHandler, model_serializer
 
 from langmerge.errors import LangmergeError
+from langmerge.evaluation.options import Precision
 from langmerge.io.output import atomic_output_dir
 from langmerge.methods.registry import get_method
 from langmerge.progress import library_progress_bars
@@ -144,7 +145,7 @@ class EvalSettings(StepSettings):
     batch_size: int
     lm_eval: list[str]
     device: str
-    precision: str
+    precision: Precision
     score_tasks: list[str] | None = None  # the tasks the score averages ([]: all); absent for English evaluations
     budget: int | None = None
     method_name: str | None = None
@@ -160,7 +161,7 @@ class TuneSettings(StepSettings):
     batch_size: int
     dtype: str
     device: str
-    precision: str
+    precision: Precision
 
 
 class AnalyzeSettings(StepSettings):
