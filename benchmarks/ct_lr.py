@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from langmerge.evaluation import evaluate
+from langmerge.evaluation import EvalOptions, evaluate
 from langmerge.training import TrainOptions, train_ct
 from langmerge.training.data import format_token_count, parse_token_count
 
@@ -55,8 +55,8 @@ def main() -> None:
     tasks = args.tasks.split(",")
 
     def bpc(model) -> dict:
-        r = evaluate(str(model), tasks, progress=False, precision="bf16")
-        return {t: r["tasks"][t]["metrics"]["bpc"] for t in tasks}
+        r = evaluate(str(model), tasks, options=EvalOptions(precision="bf16"), progress=False)
+        return {t: r.tasks[t].metrics["bpc"] for t in tasks}
 
     rows = [("base", 0, bpc(base), 0.0)]
     for lr in (float(x) for x in args.lrs.split(",")):

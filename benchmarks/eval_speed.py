@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from langmerge.evaluation import evaluate, resolve_tasks
+from langmerge.evaluation import EvalOptions, evaluate, resolve_tasks
 from langmerge.evaluation.lm_eval_bridge import resolve_lm_eval_tasks, run_lm_eval
 from langmerge.synthetic import LlamaShape, write_model
 
@@ -93,9 +93,9 @@ def main() -> None:
         resolved = resolve_lm_eval_tasks(["langmerge_bench"], [lm_eval_task_folder(task, tmp / "lm")])
 
         def ours():
-            return evaluate(model, [task], tokenizer=tok, batch_size=args.batch_size, progress=False)["tasks"][
-                task.name
-            ]["metrics"]["acc"]
+            options = EvalOptions(batch_size=args.batch_size)
+            result = evaluate(model, [task], tokenizer=tok, options=options, progress=False)
+            return result.tasks[task.name].metrics["acc"]
 
         def theirs():
             return run_lm_eval(model, tok, [], batch_size=args.batch_size, resolved=resolved)["results"][

@@ -67,7 +67,7 @@ def test_errors_name_the_file_and_every_key_path(tmp_path, suffix, text):
     with pytest.raises(ConfigError) as info:
         load_config(path, Settings, "settings")
     assert info.value.errors == [
-        "key 'items[1].size': Input should be greater than or equal to 1",
+        "key 'items[1].size': must be at least 1, got 0",
         "key 'items[1].colour': unknown key",
     ]
     assert str(info.value) == f"{path}: 2 errors: " + "; ".join(info.value.errors)

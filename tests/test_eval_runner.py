@@ -4,11 +4,12 @@ import json
 import math
 
 import pytest
+from pydantic import ValidationError
 
 from eval_helpers import MC_DOCS, MC_SPEC, direct_loglikelihood, write_task
 from langmerge.cli import main
 from langmerge.errors import LangmergeError
-from langmerge.evaluation import evaluate, load_task, metrics, write_results
+from langmerge.evaluation import EvalOptions, evaluate, load_task, metrics, write_results
 from langmerge.evaluation.builtin import materialize
 
 TAMIL_GEN_DOCS = [
@@ -23,7 +24,7 @@ GEN_SPEC = {"name": "toy_gen_ta", "kind": "generation", "language": "ta", "promp
 def test_multiple_choice_accuracy_from_direct_forward_passes(tiny_model, tmp_path):
     model, tok = tiny_model
     task = load_task(write_task(tmp_path, MC_SPEC, MC_DOCS))
-    res = evaluate(model, [task], tokenizer=tok, batch_size=5, progress=False)
+    res = evaluate(model, [task], tokenizer=tok, options=EvalOptions(batch_size=5), progress=False)
     hits = hits_norm = 0
     for doc in MC_DOCS:
         ctx = tok.encode(f"Q: {doc['question']}\nA:")
@@ -43,7 +44,7 @@ def test_folder_and_loaded_model_give_the_same_deterministic_results(tiny_model,
     path = write_task(tmp_path, {**MC_SPEC, "few_shot": 2}, MC_DOCS)
     a = evaluate(tiny_model_dir, [str(path)], progress=False)
     b = evaluate(model, [str(path)], tokenizer=tok, progress=False)
-    c = evaluate(model, [str(path)], tokenizer=tok, progress=False, batch_size=2)
+    c = evaluate(model, [str(path)], tokenizer=tok, progress=False, options=EvalOptions(batch_size=2))
     assert a.tasks["toy_mc"].metrics == b.tasks["toy_mc"].metrics == c.tasks["toy_mc"].metrics
     assert [s["context"] for s in a.samples["toy_mc"]] == [s["context"] for s in b.samples["toy_mc"]]
 
@@ -97,10 +98,10 @@ def test_chat_template(tiny_model, tmp_path):
     model, tok = tiny_model
     task = load_task(write_task(tmp_path, MC_SPEC, MC_DOCS))
     with pytest.raises(LangmergeError, match="no chat template"):
-        evaluate(model, [task], tokenizer=tok, chat_template=True, progress=False)
+        evaluate(model, [task], tokenizer=tok, options=EvalOptions(chat_template=True), progress=False)
     tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
     try:
-        res = evaluate(model, [task], tokenizer=tok, chat_template=True, progress=False)
+        res = evaluate(model, [task], tokenizer=tok, options=EvalOptions(chat_template=True), progress=False)
     finally:
         tok.chat_template = None
     assert res.samples["toy_mc"][0]["context"] == "<user>Q: a b c\nA:\n<assistant>"
@@ -109,7 +110,7 @@ def test_chat_template(tiny_model, tmp_path):
 def test_write_results_and_gap_to_english(tiny_model, tmp_path):
     model, tok = tiny_model
     tasks = [load_task(materialize(n, tmp_path / "cache")) for n in ("next_day_ta", "next_day_en")]
-    res = evaluate(model, tasks, tokenizer=tok, progress=False, limit=4)
+    res = evaluate(model, tasks, tokenizer=tok, progress=False, options=EvalOptions(limit=4))
     out = write_results(res, tmp_path / "out")
     summary = json.loads((out / "results.json").read_text())
     assert summary["tasks"]["next_day_ta"]["n"] == 4 and "samples" not in summary
@@ -186,7 +187,7 @@ def test_per_example_outcomes_and_bf16_precision(tiny_model, tmp_path):
     model, tok = tiny_model
     task = load_task(write_task(tmp_path, MC_SPEC, MC_DOCS))
     fp32 = evaluate(model, [task], tokenizer=tok, progress=False)
-    bf16 = evaluate(model, [task], tokenizer=tok, progress=False, precision="bf16")
+    bf16 = evaluate(model, [task], tokenizer=tok, progress=False, options=EvalOptions(precision="bf16"))
     samples = fp32.samples["toy_mc"]
     assert [s["correct"] for s in samples] == [int(s["predicted"] == s["gold"]) for s in samples]
     assert sum(s["correct"] for s in samples) / len(samples) == fp32.tasks["toy_mc"].metrics["acc"]
@@ -194,5 +195,5 @@ def test_per_example_outcomes_and_bf16_precision(tiny_model, tmp_path):
         assert b["loglikelihoods"] == pytest.approx(a["loglikelihoods"], abs=0.1)
         assert b["loglikelihoods"] != a["loglikelihoods"]  # the products did run in bfloat16
     assert bf16.settings.precision == "bf16"
-    with pytest.raises(LangmergeError, match="precision 'fp16'"):
-        evaluate(model, [task], tokenizer=tok, progress=False, precision="fp16")
+    with pytest.raises(ValidationError, match=r"precision\n  Input should be 'fp32' or 'bf16'"):
+        EvalOptions(precision="fp16")

@@ -28,7 +28,7 @@ from ckpt_helpers import SHAPE, load_state
 from eval_helpers import MC_DOCS, MC_SPEC, write_task
 from langmerge.cli import main
 from langmerge.errors import LangmergeError
-from langmerge.evaluation import evaluate
+from langmerge.evaluation import EvalOptions, evaluate
 from langmerge.evaluation.tasks import Example, render
 from langmerge.io.reader import pretrained_options
 from langmerge.merge.recipe import model_key
@@ -631,9 +631,9 @@ def test_folder_handed_to_transformers_is_checked_first(models, tmp_path, capsys
 def test_eval_loads_pickle_only_weights_with_allow_pickle(models, tmp_path, task_file):
     folder = _pickle_only(models["base"], tmp_path / "fx" / "bin")
     with pytest.raises(LangmergeError, match="--allow-pickle"):
-        evaluate(folder, [str(task_file)], limit=3, progress=False)
-    got = evaluate(folder, [str(task_file)], limit=3, progress=False, allow_pickle=True)
-    want = evaluate(models["base"], [str(task_file)], limit=3, progress=False)
+        evaluate(folder, [str(task_file)], options=EvalOptions(limit=3), progress=False)
+    got = evaluate(folder, [str(task_file)], options=EvalOptions(limit=3), progress=False, allow_pickle=True)
+    want = evaluate(models["base"], [str(task_file)], options=EvalOptions(limit=3), progress=False)
     assert got.tasks["toy_mc"].metrics == want.tasks["toy_mc"].metrics
     assert got.samples == want.samples  # the same weights: the same log-likelihood of every choice
 

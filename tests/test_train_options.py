@@ -15,11 +15,8 @@ from pydantic import BaseModel, ValidationError
 from langmerge.cli import build_parser, main
 from langmerge.cli_options import (
     ALLOW_PICKLE,
-    BATCH_SIZE,
     DEVICE,
-    FEW_SHOT,
     FORCE,
-    LIMIT,
     NO_PROGRESS,
     THREADS,
     field_help,
@@ -189,11 +186,30 @@ def test_train_help_lists_every_option_with_its_default_and_unit(kind, capsys):
         (["--seq-len", "1"], "argument --seq-len: must be at least 2, got 1"),
         (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
         (["--lora", "--lora-dropout", "1.0"], "argument --lora-dropout: must be less than 1.0, got 1.0"),
+        (["--seq-len", "two"], "argument --seq-len: expected a whole number of at least 2, got 'two'"),
+        (["--lr", "fast"], "argument --lr: expected a number of at least 0.0, got 'fast'"),
+    ],
+)
+def test_a_value_a_field_refuses_is_refused_while_parsing(tmp_path, monkeypatch, capsys, argv, message):
+    """As argparse refuses any bad value: one line naming the command and the flag, exit 2, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*TRAIN_ARGV["sft"], *argv])
+    assert exit_info.value.code == 2
+    assert error_lines(capsys.readouterr().err) == [
+        f"langmerge train sft: error: {message} (see langmerge train sft --help)"
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
         (["--merge-lora"], "--merge-lora needs --lora"),
         (["--lora-rank", "4"], "--lora-rank needs --lora"),
     ],
 )
-def test_a_value_the_model_refuses_is_one_line_naming_the_flag(tmp_path, monkeypatch, capsys, argv, message):
+def test_a_check_across_fields_is_one_line_naming_the_flags(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
     assert main([*TRAIN_ARGV["sft"], *argv]) == 2
     assert error_lines(capsys.readouterr().err) == [f"langmerge: error: {message}"]
@@ -217,9 +233,6 @@ SHARED = {
     ALLOW_PICKLE.name: {"merge", "check", "eval", "analyze", "tune", "study", "train ct", "train sft"},
     DEVICE.name: {"merge", "eval", "analyze", "tune"},
     THREADS.name: {"merge"},
-    BATCH_SIZE.name: {"eval", "tune"},
-    LIMIT.name: {"eval", "tune"},
-    FEW_SHOT.name: {"eval", "tune"},
 }
 SHARED_VALUES = {
     "--force": [],
@@ -227,11 +240,8 @@ SHARED_VALUES = {
     "--allow-pickle": [],
     "--device": ["cpu"],
     "--threads": ["3"],
-    "--batch-size": ["5"],
-    "--limit": ["7"],
-    "--few-shot": ["2"],
 }
-FLAGS = [FORCE, NO_PROGRESS, ALLOW_PICKLE, DEVICE, THREADS, BATCH_SIZE, LIMIT, FEW_SHOT]
+FLAGS = [FORCE, NO_PROGRESS, ALLOW_PICKLE, DEVICE, THREADS]
 
 
 @pytest.mark.parametrize("flag", FLAGS, ids=lambda f: f.name)
@@ -239,8 +249,6 @@ def test_shared_flags_parse_identically_in_every_command(flag):
     commands = _commands(build_parser())
     having = {}
     for name, parser in commands.items():
-        if name.startswith("train ") and flag.name in model_flags(TrainOptions).values():
-            continue  # train's --batch-size is a training option (sequences per optimizer step), not this flag
         actions = [a for a in parser._actions if flag.name in a.option_strings]
         if actions:
             having[name] = actions[0]

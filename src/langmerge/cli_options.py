@@ -6,8 +6,11 @@ when it defaults to on), a sequence as several values, and a nested model that m
 (``lora``) as ``--lora`` plus ``--lora-<field>`` for its fields. The help is the field's
 ``description`` with its default and unit (``json_schema_extra``: ``unit``, ``default_text``;
 ``metavar`` names the value).
-``model_from_args(args, Model)`` builds the model from the flags given, so the model's defaults
-and checks are the only ones; a value it refuses is a one-line ``LangmergeError`` naming the flag.
+A value that a field's own constraints refuse is refused while parsing, as argparse refuses any
+bad value (one line naming the flag, exit 2). ``model_from_args(args, Model)`` builds the model from
+the flags given, so the model's defaults and checks are the only ones; a check across fields that
+fails is a one-line ``LangmergeError`` naming the flags. Both word an error as
+``input_files.error_text`` does, the one wording configuration files' errors have too.
 """
 
 from __future__ import annotations
@@ -16,14 +19,16 @@ import argparse
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
 from langmerge.devices import resolve_device
 from langmerge.errors import LangmergeError
+from langmerge.input_files import describe_error, error_text
 
 # ----------------------------------------------------------------------------- argparse types
 
@@ -89,12 +94,6 @@ ALLOW_PICKLE = SharedFlag(
 )
 DEVICE = SharedFlag("--device", "cpu, cuda, cuda:N or mps", {"type": device_name, "default": "cpu"})
 THREADS = SharedFlag("--threads", "CPU threads for the tensor arithmetic", {"type": positive_int, "default": None})
-# Evaluation on tasks (eval, tune)
-BATCH_SIZE = SharedFlag("--batch-size", "examples per forward pass (default 16)", {"type": positive_int, "default": 16})
-LIMIT = SharedFlag("--limit", "first N examples of each task", {"type": positive_int, "default": None})
-FEW_SHOT = SharedFlag(
-    "--few-shot", "few-shot examples per prompt (default: each task's own)", {"type": int, "default": None}
-)
 
 
 # ----------------------------------------------------------------------------- flags from a model
@@ -163,9 +162,45 @@ def model_flags(model: type[BaseModel]) -> dict[tuple[str, ...], str]:
     return {option.path: option.flag for option, _, _ in _options(model)}
 
 
-def add_model_options(parser, model: type[BaseModel]) -> None:
-    """One flag per field of ``model`` (see the module's docstring), on ``parser`` or an argument group."""
+def _bounds_text(info: FieldInfo) -> str:
+    """The field's bounds in words: `` of at least 1``."""
+    words = {"ge": "at least", "gt": "more than", "le": "at most", "lt": "less than"}
+    parts = [f"{words[key]} {getattr(m, key)}" for m in info.metadata for key in words if hasattr(m, key)]
+    return " of " + " and ".join(parts) if parts else ""
+
+
+def _value_type(annotation: type, info: FieldInfo):
+    """An argparse type for one field: the text as ``annotation``, checked by the field's own constraints, so a
+    refused value is argparse's one line naming the flag, worded as ``input_files.error_text`` words it."""
+    parts = (annotation, *info.metadata)
+    checked: Any = Annotated[parts] if info.metadata else annotation
+    adapter: TypeAdapter[Any] = TypeAdapter(checked)
+    kind = {int: "a whole number", float: "a number"}.get(annotation)
+
+    def parse(text: str) -> Any:
+        try:
+            value = annotation(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind}{_bounds_text(info)}, got {text!r}") from None
+        try:
+            return adapter.validate_python(value)
+        except ValidationError as exc:
+            raise argparse.ArgumentTypeError(error_text(exc.errors()[0])) from None
+
+    parse.__name__ = annotation.__name__  # argparse's fallback message names the type
+    return parse
+
+
+def add_model_options(parser, model: type[BaseModel], shared: Sequence[SharedFlag] = ()) -> None:
+    """One flag per field of ``model`` (see the module's docstring), on ``parser`` or an argument group.
+
+    A field whose flag is one of ``shared`` (``--device``) is added as that flag, as every command has it.
+    """
+    common = {flag.name: flag for flag in shared}
     for option, info, annotation in _options(model):
+        if option.flag in common:
+            common.pop(option.flag).add(parser)
+            continue
         kwargs: dict[str, Any] = {"dest": option.dest, "default": argparse.SUPPRESS, "help": field_help(info)}
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         if "metavar" in extra:
@@ -181,10 +216,12 @@ def add_model_options(parser, model: type[BaseModel]) -> None:
         elif _is_sequence(annotation):
             kwargs["nargs"] = "+"
         elif annotation in (int, float, str):
-            kwargs["type"] = annotation
+            kwargs["type"] = _value_type(annotation, info)
         else:
             raise TypeError(f"{model.__name__}.{'.'.join(option.path)}: no command-line form for {annotation}")
         parser.add_argument(option.flag, **kwargs)
+    if common:
+        raise TypeError(f"{model.__name__} has no field for {', '.join(common)}")
 
 
 def model_from_args(args: argparse.Namespace, model: type[BaseModel]):
@@ -215,28 +252,16 @@ def model_from_args(args: argparse.Namespace, model: type[BaseModel]):
         raise LangmergeError(option_message(exc, model_flags(model))) from None
 
 
-_BOUNDS = {
-    "greater_than_equal": ("ge", "at least"),
-    "greater_than": ("gt", "more than"),
-    "less_than_equal": ("le", "at most"),
-    "less_than": ("lt", "less than"),
-}
-
-
 def option_message(exc: ValidationError, flags: dict[tuple[str, ...], str]) -> str:
-    """The first error pydantic reports, in flags: ``argument --seq-len: must be at least 2, got 1``.
+    """The first error pydantic reports, in flags: ``argument --seq-len: must be at least 2, got 1``
+    (``input_files.describe_error``'s wording, after the flag).
 
     A check across fields (no location) names the fields by key; they become flags too.
     """
     err = exc.errors()[0]
-    if err["type"] in _BOUNDS:
-        key, words = _BOUNDS[err["type"]]
-        text = f"must be {words} {err['ctx'][key]}, got {err['input']}"
-    else:
-        text = err["msg"].removeprefix("Value error, ")
     loc = tuple(str(p) for p in err["loc"])
     if loc in flags:
-        return f"argument {flags[loc]}: {text}"
+        return describe_error(err, f"argument {flags[loc]}")
     names = {"_".join(path): flag for path, flag in flags.items()}
     pattern = r"\b(" + "|".join(sorted(map(re.escape, names), key=len, reverse=True)) + r")\b"
-    return re.sub(pattern, lambda m: names[m.group(1)], text)
+    return re.sub(pattern, lambda m: names[m.group(1)], error_text(err))

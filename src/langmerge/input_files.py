@@ -15,6 +15,7 @@ from typing import TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from langmerge.errors import LangmergeError
 from langmerge.io.files import parse_json, read_regular
@@ -144,15 +145,41 @@ def validation_errors(
         loc = key_path(err["loc"][:key_depth]) + inside
         if err["type"] == "extra_forbidden" and unsupported and loc in unsupported:
             text = f"{what} {loc!r}: {unsupported[loc]}"
-        elif err["type"] == "extra_forbidden":
-            text = f"{what} {loc!r}: unknown key"
-        elif err["type"] == "missing":
-            text = f"{what} {loc!r} is required"
         else:
-            text = f"{what} {loc!r}: {err['msg'].removeprefix('Value error, ')}"
+            text = describe_error(err, f"{what} {loc!r}")
         if text not in out:
             out.append(text)
     return out
+
+
+_BOUNDS = {
+    "greater_than_equal": ("ge", "at least"),
+    "greater_than": ("gt", "more than"),
+    "less_than_equal": ("le", "at most"),
+    "less_than": ("lt", "less than"),
+}
+
+
+def error_text(err: ErrorDetails) -> str:
+    """What one pydantic error says is wrong, without where: ``must be at least 1, got 0``.
+
+    The one wording of a refused value, for configuration files (``validation_errors``: after a key path) and
+    the command line (``cli_options``: after a flag).
+    """
+    if err["type"] in _BOUNDS:
+        key, words = _BOUNDS[err["type"]]
+        return f"must be {words} {err['ctx'][key]}, got {err['input']}"
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    return err["msg"].removeprefix("Value error, ")
+
+
+def describe_error(err: ErrorDetails, where: str) -> str:
+    """One pydantic error after ``where`` (``key 'a.b'``, ``argument --seq-len``): ``where: error_text``, or
+    ``where is required``."""
+    if err["type"] == "missing":
+        return f"{where} is required"
+    return f"{where}: {error_text(err)}"
 
 
 def key_path(loc: tuple) -> str:

@@ -19,6 +19,7 @@ from langmerge.devices import resolve_device
 from langmerge.errors import LangmergeError
 from langmerge.evaluation import metrics
 from langmerge.evaluation.lm_eval_bridge import resolve_lm_eval_tasks, run_lm_eval
+from langmerge.evaluation.options import EvalOptions
 from langmerge.evaluation.scoring import encode_pair, generate_greedy, loglikelihoods, texts_nll
 from langmerge.evaluation.tasks import Task, answer_text, context, resolve_tasks, with_few_shot
 from langmerge.io.hub import resolve_model
@@ -35,7 +36,8 @@ PRECISIONS = ("fp32", "bf16")
 
 
 class EvalSettings(BaseModel):
-    """How a model was evaluated (``results.json``'s ``settings``)."""
+    """How a model was evaluated (``results.json``'s ``settings``): the ``EvalOptions`` it was evaluated with,
+    but where the model was placed (``device``, ``dtype``)."""
 
     model_config = ConfigDict(extra="forbid")
     few_shot: int | None  # None: each task's own count
@@ -269,48 +271,40 @@ def evaluate(
     tasks: Sequence[str | Task] | str,
     *,
     tokenizer=None,
-    few_shot: int | None = None,
-    batch_size: int = 16,
-    limit: int | None = None,
-    chat_template: bool = False,
-    max_length: int | None = None,
-    seed: int = 0,
+    options: EvalOptions = EvalOptions(),
     progress: bool = True,
-    device: str = "cpu",
-    dtype: str | None = None,
     cache_dir: Path | None = None,
     lm_eval_tasks: Sequence[str] = (),
     lm_eval_include: Sequence[str | Path] = (),
     generate=generate_greedy,
     allow_pickle: bool = False,
-    precision: str = "fp32",
 ) -> EvalResult:
     """Evaluate a model on langmerge tasks (and optionally lm-eval tasks).
 
     ``model`` is a model folder or Hub id, or an already-loaded causal LM with its
     ``tokenizer`` (as the tuner passes in-memory merged candidates). ``tasks``
     are built-in task names, shell patterns of them (``next_day_*``), task YAML
-    paths or loaded ``Task`` objects. ``few_shot`` overrides every task's own
-    count; ``limit`` keeps the first N examples of each task; ``chat_template``
-    wraps each prompt in the tokenizer's chat template (an error if it has
-    none). ``generate`` is the greedy generation function (replaceable, e.g. to
-    test the language check with a fixed answerer). ``precision="bf16"`` runs the
-    model's matrix products in bfloat16 (``torch.autocast``; about twice as fast on
-    CPUs with AVX-512 BF16), the weights staying as loaded. The result holds
-    ``tasks`` (per-task metrics), ``samples`` (per-example outputs) and, with
-    ``lm_eval_tasks``, ``lm_eval`` (lm-eval's results). ``allow_pickle`` lets a
-    model folder with only pickle (.bin) weights load (with ``weights_only=True``).
+    paths or loaded ``Task`` objects. ``options`` (``EvalOptions``, the flags of
+    ``langmerge eval``): ``few_shot`` overrides every task's own count; ``limit``
+    keeps the first N examples of each task; ``chat_template`` wraps each prompt in
+    the tokenizer's chat template (an error if it has none); ``precision="bf16"``
+    runs the model's matrix products in bfloat16 (``torch.autocast``; about twice as
+    fast on CPUs with AVX-512 BF16), the weights staying as loaded; ``device`` and
+    ``dtype`` place a model loaded from a folder. ``generate`` is the greedy
+    generation function (replaceable, e.g. to test the language check with a fixed
+    answerer). The result holds ``tasks`` (per-task metrics), ``samples``
+    (per-example outputs) and, with ``lm_eval_tasks``, ``lm_eval`` (lm-eval's
+    results). ``allow_pickle`` lets a model folder with only pickle (.bin) weights
+    load (with ``weights_only=True``).
     """
-    if limit is not None and limit < 1:
-        raise LangmergeError(f"limit must be at least 1, got {limit}")
-    autocast("cpu", precision)  # a bad precision fails before the model loads
     if not isinstance(model, (str, Path)) and tokenizer is None:
         raise LangmergeError("evaluate: an already-loaded model needs its tokenizer (tokenizer=...)")
+    o = options
     names = tasks.split(",") if isinstance(tasks, str) else list(tasks)
     task_list = resolve_tasks(names, cache_dir) if names else []
     if not task_list and not lm_eval_tasks:
         raise LangmergeError("no tasks given")
-    task_list = [with_few_shot(t, few_shot) for t in task_list]
+    task_list = [with_few_shot(t, o.few_shot) for t in task_list]
     # Tasks are checked before the model loads, so that bad input fails at once.
     lm_resolved = None
     if lm_eval_tasks:
@@ -319,33 +313,25 @@ def evaluate(
     if isinstance(model, (str, Path)):
         model_name = str(model)
         source = resolve_model(model, allow_pickle=allow_pickle, progress=progress)
-        model, tokenizer = load_model(source.folder, device=device, dtype=dtype, allow_pickle=allow_pickle)
+        model, tokenizer = load_model(source.folder, device=o.device, dtype=o.dtype, allow_pickle=allow_pickle)
     else:
         model_name = getattr(model.config, "_name_or_path", "") or type(model).__name__
         model.eval()
-    if chat_template and not getattr(tokenizer, "chat_template", None):
+    if o.chat_template and not getattr(tokenizer, "chat_template", None):
         raise LangmergeError(f"the tokenizer of {model_name} has no chat template; drop --chat-template")
     model_device = next(model.parameters()).device
-    opts = {"seed": seed, "chat": chat_template, "batch_size": batch_size, "max_length": max_length}
+    opts = {"seed": o.seed, "chat": o.chat_template, "batch_size": o.batch_size, "max_length": o.max_length}
     results = EvalResult(
         model=model_name,
         model_source=source.to_json() if source is not None and source.repo_id else None,
-        settings=EvalSettings(
-            few_shot=few_shot,
-            batch_size=batch_size,
-            limit=limit,
-            chat_template=chat_template,
-            max_length=max_length,
-            seed=seed,
-            precision=precision,
-        ),
+        settings=EvalSettings.model_validate(o.model_dump(include=set(EvalSettings.model_fields))),
     )
     for task in task_list:
-        idx = list(range(len(task.examples)))[:limit]
+        idx = list(range(len(task.examples)))[: o.limit]
         bar = _Progress(progress, task.name, len(idx))
         start = time.perf_counter()
         try:
-            with autocast(model_device, precision):
+            with autocast(model_device, o.precision):
                 scores, samples = _run_task(task, idx, model, tokenizer, opts, bar, generate)
         finally:
             bar.close()
@@ -367,9 +353,9 @@ def evaluate(
             model,
             tokenizer,
             lm_eval_tasks,
-            batch_size=batch_size,
-            limit=limit,
-            num_fewshot=few_shot,
+            batch_size=o.batch_size,
+            limit=o.limit,
+            num_fewshot=o.few_shot,
             resolved=lm_resolved,
             progress=progress,
         )

@@ -14,24 +14,26 @@ import fnmatch
 import importlib.util
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator, model_validator
 
 from langmerge.devices import resolve_device
 from langmerge.errors import LangmergeError
 from langmerge.evaluation.builtin import builtin_task_names, cldr, numbers, udhr
 from langmerge.evaluation.metrics import language_id_labels
+from langmerge.evaluation.options import BatchSize, ExampleLimit, Precision
 from langmerge.input_files import load_config
 from langmerge.io.files import folder_file
 from langmerge.io.hub import ResolvedModel, hub_repository_folder, parse_hub_id, resolve_model
-from langmerge.merge.recipe import load_recipe
+from langmerge.merge.recipe import Parameters, load_recipe
 from langmerge.methods.registry import METHODS, get_method
 from langmerge.study.sources import BUILTIN_SOURCES, missing_requirement
 from langmerge.training.data import parse_ratio, parse_token_count
 from langmerge.training.options import TrainOptions
+from langmerge.tuning.options import SearchKind, TrialBudget
 from langmerge.tuning.search import check_search
-from langmerge.tuning.space import load_space
+from langmerge.tuning.space import SpaceEntry, load_space
 
 BUILTIN_BASES = ("gemma3-270m",)
 # Method names of the report's rows that are not merges.
@@ -177,13 +179,31 @@ class LanguageSpec(_Strict):
     _norm = field_validator("text", mode="before")(lambda cls, v: _sources(v))
 
 
+def as_written(value: Any) -> Any:
+    """A typed value as the study file wrote it: its models with only the keys given (a conditional value without
+    ``filter``, a range without ``step``), as plain data. A method's settings are part of its tune steps' cache
+    key, which hashes this form: the keys are those the steps had when the settings were plain dicts."""
+    if isinstance(value, BaseModel):
+        return as_written(value.model_dump(exclude_unset=True))
+    if isinstance(value, dict):
+        return {key: as_written(v) for key, v in value.items()}
+    if isinstance(value, list):
+        return [as_written(v) for v in value]
+    return value
+
+
+# A method's parameters and space, typed (the recipe's value union, the tuning space's entries), dumped as written.
+WrittenParameters = Annotated[Parameters, PlainSerializer(as_written)]
+WrittenSpace = Annotated[dict[str, SpaceEntry], PlainSerializer(as_written)]
+
+
 class MethodSpec(_Strict):
     merge_method: str  # a registered method (langmerge.methods.registry)
     label: str | None = None  # the report's row name
-    ct: dict[str, Any] = Field(default_factory=dict)  # per-model parameters of the CT model
-    sft: dict[str, Any] = Field(default_factory=dict)  # ... and of the SFT model
-    parameters: dict[str, Any] = Field(default_factory=dict)  # global parameters
-    space: dict[str, Any] = Field(default_factory=dict)  # tuning space: models[ct|sft].parameters.X, parameters.X
+    ct: WrittenParameters = Field(default_factory=dict)  # per-model parameters of the CT model
+    sft: WrittenParameters = Field(default_factory=dict)  # ... and of the SFT model
+    parameters: WrittenParameters = Field(default_factory=dict)  # global parameters
+    space: WrittenSpace = Field(default_factory=dict)  # tuning space: models[ct|sft].parameters.X, parameters.X
 
     @field_validator("merge_method")
     @classmethod
@@ -194,7 +214,7 @@ class MethodSpec(_Strict):
 
     @field_validator("space")
     @classmethod
-    def _space_keys(cls, space: dict) -> dict:
+    def _space_keys(cls, space: dict[str, SpaceEntry]) -> dict[str, SpaceEntry]:
         for key in space:
             if key.startswith("models[") and not MODEL_REF.match(key):
                 raise ValueError(f"space key {key!r}: address the models as models[ct] or models[sft]")
@@ -202,20 +222,22 @@ class MethodSpec(_Strict):
 
 
 class TuningSpec(_Strict):
-    search: Literal["grid", "tpe"] = "grid"
-    trials: int | None = None
-    limit: int | None = Field(None, ge=1)  # validation examples per task
+    # The fields `langmerge tune` has too are declared once, in tuning/options.py and evaluation/options.py.
+    search: SearchKind = "grid"
+    trials: TrialBudget = None
+    limit: ExampleLimit = Field(None, description="validation examples per task")
     seed: int = 0
 
 
 class EvaluationSpec(_Strict):
-    limit: int | None = Field(None, ge=1)  # test examples per task
-    batch_size: int = Field(16, ge=1)
+    # The fields `langmerge eval` has too are declared once, in evaluation/options.py.
+    limit: ExampleLimit = Field(None, description="test examples per task")
+    batch_size: BatchSize = 16
     # "alternate": each task's even-numbered examples validate, odd-numbered ones test, so a task
     # named in both lists never scores a merge on the examples it was tuned on. "none": whole tasks.
     split: Literal["alternate", "none"] = "alternate"
     device: str = "cpu"  # where merges are tuned and models evaluated (cpu or cuda)
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: matrix products in bfloat16 (torch.autocast)
+    precision: Precision = "fp32"
     resamples: int = Field(10_000, ge=100)  # bootstrap resamples of every interval and paired test
 
 

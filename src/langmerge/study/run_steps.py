@@ -12,7 +12,7 @@ import yaml
 
 from langmerge.analysis import analyze
 from langmerge.errors import LangmergeError
-from langmerge.evaluation import evaluate, load_model, resolve_tasks, write_results
+from langmerge.evaluation import EvalOptions, evaluate, load_model, resolve_tasks, write_results
 from langmerge.evaluation.metrics import MAIN_METRIC
 from langmerge.evaluation.runner import EvalResult, autocast
 from langmerge.evaluation.tasks import Task
@@ -236,7 +236,7 @@ def run_tune(step: Step, ctx: Context, out: Path) -> dict:
     tasks = study_tasks(s.tasks, "validation")
     t = s.tuning
     # The mean task-solving metric on the validation halves, bits per character negated.
-    objective, _ = task_objective(tasks, limit=t.limit, batch_size=s.batch_size, seed=t.seed)
+    objective, _ = task_objective(tasks, options=EvalOptions(limit=t.limit, batch_size=s.batch_size, seed=t.seed))
 
     def score(model, tokenizer) -> float:
         with autocast(next(model.parameters()).device, s.precision):
@@ -283,12 +283,9 @@ def run_eval(step: Step, ctx: Context, out: Path) -> dict:
         model,
         tasks,
         tokenizer=tokenizer,
-        limit=s.limit,
-        batch_size=s.batch_size,
+        options=EvalOptions(limit=s.limit, batch_size=s.batch_size, device=s.device, precision=s.precision),
         progress=ctx.progress,
         lm_eval_tasks=s.lm_eval,
-        device=s.device,
-        precision=s.precision,
     )
     results.model = name
     write_results(results, out / "results")

@@ -26,10 +26,12 @@ from typing import Annotated, Any, ClassVar, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, SerializerFunctionWrapHandler, model_serializer
 
 from langmerge.errors import LangmergeError
+from langmerge.evaluation.options import Precision
 from langmerge.io.output import atomic_output_dir
 from langmerge.methods.registry import get_method
 from langmerge.progress import library_progress_bars
-from langmerge.study.config import MethodSpec, StudyTrainOptions, TuningSpec
+from langmerge.study.config import MethodSpec, StudyTrainOptions, TuningSpec, as_written
+from langmerge.tuning.space import SpaceEntry
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +146,7 @@ class EvalSettings(StepSettings):
     batch_size: int
     lm_eval: list[str]
     device: str
-    precision: str
+    precision: Precision
     score_tasks: list[str] | None = None  # the tasks the score averages ([]: all); absent for English evaluations
     budget: int | None = None
     method_name: str | None = None
@@ -160,7 +162,7 @@ class TuneSettings(StepSettings):
     batch_size: int
     dtype: str
     device: str
-    precision: str
+    precision: Precision
 
 
 class AnalyzeSettings(StepSettings):
@@ -281,13 +283,14 @@ def run_step(step: Step, ctx: Context, force: bool = False) -> StepRecord:
 def method_recipe(method: MethodSpec, base: str, ct: str, sft: str, dtype: str) -> dict[str, Any]:
     """The mergekit-format recipe of a study method over (base, CT, SFT)."""
     kind = get_method(method.merge_method)
+    written = method.model_dump()  # plain data, as a recipe file holds (best_recipe.yaml is written from it)
     recipe: dict[str, Any] = {
         "merge_method": method.merge_method,
         "models": [
-            {"model": ct, "parameters": dict(method.ct)},
-            {"model": sft, "parameters": dict(method.sft)},
+            {"model": ct, "parameters": written["ct"]},
+            {"model": sft, "parameters": written["sft"]},
         ],
-        "parameters": dict(method.parameters),
+        "parameters": written["parameters"],
         "dtype": dtype,
     }
     if kind.max_models == 1:
@@ -307,8 +310,10 @@ def method_recipe(method: MethodSpec, base: str, ct: str, sft: str, dtype: str) 
     return recipe
 
 
-def space_for_recipe(space: dict) -> dict:
-    """Space keys with models[ct] / models[sft] as the recipe's indices (0 and 1)."""
+def space_for_recipe(space: dict[str, SpaceEntry]) -> dict[str, Any]:
+    """A method's space as a search space (plain data, as written) with models[ct] / models[sft] as the recipe's
+    indices (0 and 1)."""
     return {
-        key.replace("models[ct]", "models[0]").replace("models[sft]", "models[1]"): spec for key, spec in space.items()
+        key.replace("models[ct]", "models[0]").replace("models[sft]", "models[1]"): as_written(entry)
+        for key, entry in space.items()
     }

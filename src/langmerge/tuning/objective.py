@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from langmerge.errors import LangmergeError
-from langmerge.evaluation import evaluate, resolve_tasks
+from langmerge.evaluation import EvalOptions, evaluate, resolve_tasks
 from langmerge.evaluation.metrics import MAIN_METRIC
 
 Objective = Callable[[object, object], float]
@@ -29,18 +29,14 @@ def task_objective(
     tasks: Sequence[str] | str,
     *,
     metric: str = "auto",
-    limit: int | None = None,
-    batch_size: int = 16,
-    few_shot: int | None = None,
-    seed: int = 0,
+    options: EvalOptions = EvalOptions(),
 ) -> tuple[Objective, list[str]]:
-    """An objective over validation tasks, resolved now (a missing task is an error before any merge)."""
+    """An objective over validation tasks, resolved now (a missing task is an error before any merge); each model
+    is evaluated with ``options`` (``limit``, ``batch_size``, ``few_shot``, ``seed``: the model is already placed)."""
     names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
     if not [n for n in names if n]:
         raise LangmergeError("--tasks: no validation task given")
     resolved = resolve_tasks(names)
-    if limit is not None and limit < 1:
-        raise LangmergeError(f"--limit must be at least 1, got {limit}")
     metrics = {}
     for task in resolved:
         name = AUTO_METRIC[task.spec.kind] if metric == "auto" else metric
@@ -56,10 +52,7 @@ def task_objective(
             model,
             resolved,
             tokenizer=tokenizer,
-            limit=limit,
-            batch_size=batch_size,
-            few_shot=few_shot,
-            seed=seed,
+            options=options,
             progress=False,
         )
         values: list[float] = []
