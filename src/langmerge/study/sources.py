@@ -92,10 +92,11 @@ def _python_docs_en() -> list[str]:
 
 # English SFT pairs per Bible task format (verse_cont, bible_genre per genre): the full set, and a
 # small one for the quick preset (each CT-then-SFT run repeats the SFT run's cost). The small set is
-# mostly genre pairs: measured, one epoch of 100 genre pairs teaches a 270M model only the answer
-# prior, 400 teach the task (docs/study.md), and no number of verse_cont pairs a CPU can afford
-# teaches the lettered format; 32 keep the format in the data. Its 20.2k tokens are fewer than the
-# 20.9k of the earlier small set (160 verse_cont, 20 per genre).
+# mostly genre pairs, since one epoch of the full set's 800 verse_cont pairs does not teach a 270M
+# model the lettered format and its 400 genre pairs do teach the genre task; 32 verse_cont pairs keep
+# the format in the data. Its 20.2k tokens are fewer than the 20.9k of the earlier small set (160
+# verse_cont, 20 per genre). Measured (docs/study.md): one epoch of it teaches the genre task no
+# better than the earlier set did (the answer prior only).
 SFT_SIZES = {"english-tasks-sft": (800, 80), "english-tasks-sft-small": (32, 56)}
 
 
