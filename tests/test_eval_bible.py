@@ -49,7 +49,8 @@ def built():
         )
     }
     ct = {lang: "\n".join(bible.ct_verses(lang)) for lang in bible.LANGUAGES}
-    sft = BUILTIN_SOURCES["english-tasks-sft"][1]()
+    # Both SFT sets (the full preset's and the quick preset's), one after the other.
+    sft = BUILTIN_SOURCES["english-tasks-sft"][1]() + BUILTIN_SOURCES["english-tasks-sft-small"][1]()
     return tasks, ct, sft
 
 
@@ -149,7 +150,7 @@ def test_in_ct_text_agrees_with_a_full_scan():
 def test_english_sft_data_is_english_and_from_other_books(built):
     _, _, sft = built
     prompts = [r["prompt"] for r in sft if r["prompt"].startswith("Verse: ")]
-    assert len(prompts) == 800 + 5 * 80
+    assert len(prompts) == (800 + 5 * 80) + (32 + 5 * 56)
     ny_words = {"ndipo", "Yehova", "Mulungu", "anati"}
     assert not any(w in r["prompt"] + r["response"] for r in sft for w in ny_words)
     held = {t for r, t in bible.kjv_verses().items() if r[0] in bible.HELD_OUT_BOOKS}
@@ -163,3 +164,23 @@ def test_builders_are_deterministic(built):
     assert bible.build_verse_cont("ny") == tasks[("cont", "ny")]
     assert bible.build_genre("en") == tasks[("genre", "en")]
     assert bible.build_bible_bpc("ny") == tasks[("bpc", "ny")]
+
+
+def test_the_small_sft_set_is_mostly_genre_pairs_balanced_and_answered_right():
+    """The quick preset's set: 32 verse_cont pairs, 56 bible_genre pairs per genre (each answer re-read from the
+    KJV package's own file), the 345 calendar and number pairs, and the same records on every build."""
+    records = BUILTIN_SOURCES["english-tasks-sft-small"][1]()
+    assert records == BUILTIN_SOURCES["english-tasks-sft-small"][1]()
+    cont = [r for r in records if r["prompt"].startswith("Verse: ") and "\nA. " in r["prompt"]]
+    genre = [r for r in records if r["prompt"].startswith("Verse: ") and "Part of the Bible:" in r["prompt"]]
+    assert len(cont) == 32 and len(genre) == 5 * 56 and len(records) == 32 + 5 * 56 + 345
+    by_text = {t: r for r, t in bible.kjv_verses().items()}
+    answers = []
+    for r in genre:
+        ref = by_text[r["prompt"][len("Verse: ") :].split("\n")[0]]
+        assert ref[0] not in bible.HELD_OUT_BOOKS
+        assert r["prompt"].startswith(f"Verse: {raw_kjv(ref)}\n")
+        assert r["response"] == " " + bible.BOOK_GENRE[ref[0]]
+        answers.append(bible.BOOK_GENRE[ref[0]])
+    assert {g: answers.count(g) for g in bible.GENRES} == {g: 56 for g in bible.GENRES}
+    assert len({r["prompt"] for r in cont + genre}) == len(cont + genre)  # (the random sums do repeat)

@@ -72,6 +72,12 @@ def test_bad_space_key_and_unknown_method_field(inputs, tmp_path):
     assert "methods.ties.densty" in _error(tmp_path, d)
 
 
+def test_group_by_length_is_for_sft_training_only(inputs, tmp_path):
+    d = study_dict(inputs, tmp_path / "out", ct_training={"group_by_length": True})
+    msg = _error(tmp_path, d)
+    assert "ct_training" in msg and "group_by_length applies to SFT" in msg
+
+
 def test_unknown_builtin_source(inputs, tmp_path):
     d = study_dict(inputs, tmp_path / "out", replay=[{"builtin": "english-tasks-sft"}])
     msg = _error(tmp_path, d)

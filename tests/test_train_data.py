@@ -11,6 +11,7 @@ from langmerge.errors import LangmergeError
 from langmerge.synthetic import char_tokenizer
 from langmerge.training.data import (
     IGNORE_INDEX,
+    LENGTH_GROUP_STEPS,
     REPLAY,
     TARGET,
     build_sft_example,
@@ -18,6 +19,7 @@ from langmerge.training.data import (
     format_token_count,
     parse_token_count,
     plan_ct,
+    plan_sft_order,
     read_documents,
     read_sft_records,
     token_stream,
@@ -213,3 +215,60 @@ def test_cosine_schedule_against_the_formula():
     assert lrs[5] == pytest.approx(0.1 + 0.45 * (1 + np.cos(np.pi * 3 / 7)))
     assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
     assert warmup_steps_for(100, 0.05) == 5 and warmup_steps_for(100, 7) == 7 and warmup_steps_for(1, 0.5) == 0
+
+
+def _padding(order, bounds, lengths):
+    """Padded positions of a plan: per step, batch rows times the longest example, less the example tokens."""
+    total = 0
+    for s in range(len(bounds) - 1):
+        step = lengths[order[bounds[s] : bounds[s + 1]]]
+        total += len(step) * int(step.max()) - int(step.sum())
+    return total
+
+
+def test_sft_order_without_grouping_is_a_seeded_shuffle_per_epoch():
+    order, bounds = plan_sft_order(10, 2, 4, seed=3)
+    expected = np.concatenate([np.random.default_rng([3, e]).permutation(10) for e in range(2)])
+    assert order.tolist() == expected.tolist()
+    assert bounds.tolist() == [0, 4, 8, 12, 16, 20]  # steps run across the epoch boundary, as they always did
+
+
+def test_length_grouping_reaches_the_least_padding_on_a_hand_built_case():
+    """Lengths 1..16 in batches of 4, one group: sorted, the steps are 16-13, 12-9, 8-5 and 4-1, each padded by
+    4 * max - sum = 6 positions (24 in all), the least any split into steps of 4 can have."""
+    lengths = np.arange(1, 17)
+    order, bounds = plan_sft_order(16, 1, 4, seed=0, lengths=lengths)
+    steps = [sorted(lengths[order[bounds[s] : bounds[s + 1]]].tolist()) for s in range(len(bounds) - 1)]
+    assert sorted(steps) == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]]
+    assert _padding(order, bounds, lengths) == 24
+    plain_order, plain_bounds = plan_sft_order(16, 1, 4, seed=0)
+    assert _padding(plain_order, plain_bounds, lengths) > 24
+
+
+def test_length_grouping_is_deterministic_and_sees_every_example_once_per_epoch():
+    rng = np.random.default_rng(7)
+    n, batch, epochs = 2 * LENGTH_GROUP_STEPS * 4 + 37, 4, 3  # two full groups and a partial one
+    lengths = rng.choice([12, 90], size=n) + rng.integers(0, 5, size=n)  # calendar-like and Bible-like examples
+    order, bounds = plan_sft_order(n, epochs, batch, seed=5, lengths=lengths)
+    again, again_bounds = plan_sft_order(n, epochs, batch, seed=5, lengths=lengths)
+    assert order.tolist() == again.tolist() and bounds.tolist() == again_bounds.tolist()
+    other, _ = plan_sft_order(n, epochs, batch, seed=6, lengths=lengths)
+    assert other.tolist() != order.tolist()
+    sizes = np.diff(bounds)
+    per_epoch = -(-n // batch)
+    assert len(sizes) == epochs * per_epoch and sizes.sum() == epochs * n
+    for e in range(epochs):  # a step never spans two epochs, and each epoch holds every example once
+        epoch_steps = range(e * per_epoch, (e + 1) * per_epoch)
+        seen = np.concatenate([order[bounds[s] : bounds[s + 1]] for s in epoch_steps])
+        assert sorted(seen.tolist()) == list(range(n))
+        assert sorted(sizes[list(epoch_steps)].tolist()) == [n % batch] + [batch] * (per_epoch - 1)
+    plain_order, plain_bounds = plan_sft_order(n, epochs, batch, seed=5)
+    assert _padding(order, bounds, lengths) < _padding(plain_order, plain_bounds, lengths) / 5
+    # The steps are shuffled after grouping: long and short steps alternate rather than come in sorted runs.
+    longest = [int(lengths[order[bounds[s] : bounds[s + 1]]].max()) for s in range(per_epoch)]
+    assert longest != sorted(longest, reverse=True) and longest != sorted(longest)
+
+
+def test_length_grouping_needs_one_length_per_example():
+    with pytest.raises(LangmergeError, match="3 example lengths given for 4 examples"):
+        plan_sft_order(4, 1, 2, seed=0, lengths=[1, 2, 3])

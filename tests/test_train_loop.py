@@ -190,6 +190,37 @@ def test_sft_loss_ignores_prompt_tokens(corpus, tmp_path):
     assert abs(float(np.mean(all_terms)) - expected) > 1e-3
 
 
+def test_group_by_length_pads_less_and_trains_on_the_same_tokens(corpus, tmp_path, monkeypatch):
+    """Short and long examples mixed: every batch the model receives is padded (attention mask zeros) far less
+    with group_by_length, and the same tokens are trained on."""
+    rows = [{"prompt": "a" * (1 if k % 2 else 20), "response": "b"} for k in range(16)]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    real_collate = loop_module._collate
+    padded: list[int] = []
+
+    def counting_collate(items, pad_id, device):
+        batch = real_collate(items, pad_id, device)
+        padded.append(int((batch["attention_mask"] == 0).sum()))
+        return batch
+
+    monkeypatch.setattr(loop_module, "_collate", counting_collate)
+    results = {}
+    for grouped in (False, True):
+        padded.clear()
+        options = fast_options(batch_size=4, micro_batch_size=4, group_by_length=grouped)
+        result = train_sft(corpus["base"], data, tmp_path / f"sft-{grouped}", options=options, progress=False)
+        results[grouped] = (sum(padded), result.tokens_seen, result.trained_tokens)
+    # Examples are bos + prompt + "b" + eos: 4 and 23 tokens. Grouped, each step holds one length: no padding.
+    assert results[True] == (0, 8 * 4 + 8 * 23, 16 * 2)
+    assert results[False][1:] == results[True][1:] and results[False][0] >= 19
+
+
+def test_group_by_length_is_refused_for_ct(corpus, tmp_path):
+    with pytest.raises(LangmergeError, match="group_by_length applies to SFT"):
+        train_ct(corpus["base"], [corpus["ta"]], 100, tmp_path / "ct", options=fast_options(group_by_length=True))
+
+
 def test_padding_and_prompt_positions_are_labelled_ignore_index():
     """The collated batch: labels of padding are IGNORE_INDEX (and the mask 0), prompt labels are kept as given."""
     items = [

@@ -23,7 +23,7 @@ from langmerge.cli_options import (
     model_flags,
     model_from_args,
 )
-from langmerge.study.config import STUDY_OWNED, StudySpec, StudyTrainOptions
+from langmerge.study.config import SFT_ONLY, STUDY_OWNED, StudySpec, StudyTrainOptions
 from langmerge.training import LoraOptions, TrainOptions
 from output_helpers import error_lines
 from study_helpers import study_dict
@@ -112,8 +112,12 @@ def test_every_field_is_a_study_training_key(tmp_path, path):
         with pytest.raises(ValidationError, match=f"{path[0]}: set by the study"):
             StudySpec.model_validate(d)
         return
+    if path[0] in SFT_ONLY:
+        with pytest.raises(ValidationError, match=f"{path[0]} applies to SFT"):
+            StudySpec.model_validate(d)
+        d["ct_training"] = {}
     spec = StudySpec.model_validate(d)
-    for training in (spec.ct_training, spec.sft.training):
+    for training in (spec.sft.training,) if path[0] in SFT_ONLY else (spec.ct_training, spec.sft.training):
         assert isinstance(training, TrainOptions)
         got = _get(training, path)
         assert got is not None if path == ("lora",) else got == value

@@ -99,6 +99,8 @@ KEYED_TRAINING: dict[str, Any] = {
 # Fields of TrainOptions a study sets itself: merging reads full checkpoints, so LoRA adapters are always
 # merged in; a step is written whole or not at all, so it keeps no resumable state.
 STUDY_OWNED = ("merge_lora", "checkpoint_every")
+# Fields of TrainOptions about SFT examples only: train_ct refuses them, and so does ct_training.
+SFT_ONLY = ("group_by_length",)
 
 
 def _keyed(model: BaseModel, keyed: dict[str, Any], exclude: tuple[str, ...] = ()) -> dict:
@@ -279,6 +281,14 @@ class StudySpec(_Strict):
     dtype: str = "float32"  # compute dtype of the merges
 
     _norm = field_validator("replay", mode="before")(lambda cls, v: _sources(v))
+
+    @field_validator("ct_training")
+    @classmethod
+    def _ct_packed(cls, options: StudyTrainOptions) -> StudyTrainOptions:
+        given = [name for name in SFT_ONLY if getattr(options, name)]
+        if given:
+            raise ValueError(f"{given[0]} applies to SFT (sft.training): CT's packed sequences all have seq_len")
+        return options
 
     @field_validator("methods")
     @classmethod

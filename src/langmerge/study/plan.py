@@ -9,7 +9,7 @@ from langmerge.errors import LangmergeError
 from langmerge.evaluation.builtin import BUILTIN_VERSION
 from langmerge.study.config import Source, Study
 from langmerge.study.run_steps import data_path, folder_fingerprint, model_path
-from langmerge.study.sources import SOURCE_VERSION
+from langmerge.study.sources import source_version
 from langmerge.study.steps import (
     AnalyzeSettings,
     BaseSettings,
@@ -51,7 +51,9 @@ class Plan:
 
 def _data_step(study: Study, src: Source, role: str) -> Step:
     if src.builtin is not None:
-        return Step("source", f"source {src.builtin}", SourceSettings(builtin=src.builtin, version=SOURCE_VERSION))
+        return Step(
+            "source", f"source {src.builtin}", SourceSettings(builtin=src.builtin, version=source_version(src.builtin))
+        )
     assert src.path is not None  # a Source is exactly one of path and builtin
     path = study.path(src.path).resolve()
     return Step("file", f"file {path.name}", FileSettings(path=str(path), sha256=file_digest(path)))

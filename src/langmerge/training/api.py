@@ -85,6 +85,10 @@ def train_ct(
     ``replay`` files are mixed in at ``replay_ratio`` (target parts : replay parts).
     """
     out = Path(out)
+    if options.group_by_length:
+        raise LangmergeError(
+            "group_by_length applies to SFT: CT's packed sequences all have the sequence length (drop the option)"
+        )
     total = _tokens(tokens)
     budgets = sorted({_tokens(b) for b in save_at} | {total})
     if budgets[-1] > total:
@@ -179,7 +183,8 @@ def train_sft(
     examples, dropped = build_sft_examples(tokenizer, data, options.seq_len)
     if dropped:
         log.warning("%s: %d examples dropped: no response token within %d tokens", data, dropped, options.seq_len)
-    order, bounds = plan_sft_order(len(examples), epochs, options.batch_size, options.seed)
+    lengths = [len(ex.input_ids) for ex in examples] if options.group_by_length else None
+    order, bounds = plan_sft_order(len(examples), epochs, options.batch_size, options.seed, lengths=lengths)
 
     def step_items(step: int) -> list[Item]:
         return [

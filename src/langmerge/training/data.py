@@ -12,6 +12,7 @@ the total is the sum of both.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -318,10 +319,43 @@ def build_sft_examples(tokenizer, path: str | Path, max_len: int) -> tuple[list[
     return examples, dropped
 
 
-def plan_sft_order(n_examples: int, epochs: int, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Example indices in training order (a fresh seeded shuffle per epoch) and the step bounds."""
+# Examples are sorted by length within groups of this many steps (transformers' LengthGroupedSampler sorts
+# within mega-batches of 50 batches): enough for the lengths to sort, few enough for the steps to stay mixed.
+LENGTH_GROUP_STEPS = 50
+
+
+def plan_sft_order(
+    n_examples: int, epochs: int, batch_size: int, seed: int, *, lengths: Sequence[int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Example indices in training order (a fresh seeded shuffle per epoch) and the step bounds.
+
+    With ``lengths`` (each example's token count: ``group_by_length``) each epoch's shuffle is cut
+    into groups of ``LENGTH_GROUP_STEPS * batch_size`` examples, each group sorted by length
+    (longest first, ties in shuffled order) and cut into steps, and the epoch's steps are shuffled
+    again (seeded), so that a step's examples are padded little and long steps do not all come
+    first. A step then never spans two epochs; every example is still seen once per epoch.
+    """
     if epochs < 1:
         raise LangmergeError(f"epochs must be at least 1, got {epochs}")
-    order = np.concatenate([np.random.default_rng([seed, e]).permutation(n_examples) for e in range(epochs)])
-    bounds = np.asarray(list(range(0, len(order), batch_size)) + [len(order)], dtype=np.int64)
+    shuffles = [np.random.default_rng([seed, e]).permutation(n_examples) for e in range(epochs)]
+    if lengths is None:
+        order = np.concatenate(shuffles)
+        bounds = np.asarray(list(range(0, len(order), batch_size)) + [len(order)], dtype=np.int64)
+        return order, bounds
+    sizes = np.asarray(lengths, dtype=np.int64)
+    if sizes.shape != (n_examples,):
+        raise LangmergeError(f"{len(sizes)} example lengths given for {n_examples} examples")
+    group = LENGTH_GROUP_STEPS * batch_size
+    steps: list[np.ndarray] = []
+    for e, perm in enumerate(shuffles):
+        grouped = np.concatenate(
+            [
+                chunk[np.argsort(-sizes[chunk], kind="stable")]
+                for chunk in np.split(perm, list(range(group, n_examples, group)))
+            ]
+        )
+        epoch_steps = [grouped[i : i + batch_size] for i in range(0, n_examples, batch_size)]
+        steps += [epoch_steps[i] for i in np.random.default_rng([seed, e, 1]).permutation(len(epoch_steps))]
+    order = np.concatenate(steps).astype(np.int64)
+    bounds = np.concatenate([[0], np.cumsum([len(s) for s in steps])]).astype(np.int64)
     return order, bounds

@@ -63,6 +63,12 @@ class TrainOptions(BaseModel):
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW's decoupled weight decay")
     max_grad_norm: float = Field(1.0, ge=0.0, description="gradient clipping: the largest gradient norm (0: off)")
     seed: int = Field(0, ge=0, description="seed of the data order and of LoRA's initialisation")
+    group_by_length: bool = Field(
+        False,
+        description="SFT: put examples of similar length into the same step, so little of a batch is padding "
+        "(each epoch's seeded shuffle is sorted by length within groups of 50 steps, then the steps are shuffled; "
+        "transformers' group_by_length)",
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     gradient_checkpointing: bool = Field(False, description="trade compute for activation memory")
     lora: LoraOptions | None = Field(None, description="train LoRA adapters instead of every parameter")
