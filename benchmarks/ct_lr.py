@@ -30,7 +30,8 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _one(cache: Path, kind: str, name: str | None = None) -> Path:
+def finished_step(cache: Path, kind: str, name: str | None = None) -> Path:
+    """The folder of a finished study step of ``kind`` in a study's cache (a builtin source by ``name``)."""
     for done in sorted(cache.glob(f"{kind}-*/done.json")):
         record = json.loads(done.read_text())
         if name is None or record["settings"].get("builtin") == name:
@@ -48,9 +49,9 @@ def main() -> None:
     ap.add_argument("--tasks", default="bible_bpc_ny,udhr_bpc_ny")
     args = ap.parse_args()
     cache = Path(args.study_out) / "cache"
-    base = _one(cache, "base") / "model"
-    text = _one(cache, "source", "bible-ny") / "data.txt"
-    replay = _one(cache, "source", "python-docs-en") / "data.txt"
+    base = finished_step(cache, "base") / "model"
+    text = finished_step(cache, "source", "bible-ny") / "data.txt"
+    replay = finished_step(cache, "source", "python-docs-en") / "data.txt"
     budgets = sorted(parse_token_count(b) for b in args.budgets.split(","))
     tasks = args.tasks.split(",")
 

@@ -16,21 +16,13 @@ study's timings are.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
+from ct_lr import finished_step  # same folder: the study cache's layout, read once
 from langmerge.training import TrainOptions, train_sft
 from langmerge.training import loop as loop_module
-
-
-def _one(cache: Path, kind: str, name: str | None = None) -> Path:
-    for done in sorted(cache.glob(f"{kind}-*/done.json")):
-        record = json.loads(done.read_text())
-        if name is None or record["settings"].get("builtin") == name:
-            return done.parent
-    raise SystemExit(f"{cache}: no finished {kind} step{f' for {name}' if name else ''}; run the study first")
 
 
 def main() -> None:
@@ -40,8 +32,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
     cache = Path(args.study_out) / "cache"
-    base = _one(cache, "base") / "model"
-    data = _one(cache, "source", args.data) / "data.jsonl"
+    base = finished_step(cache, "base") / "model"
+    data = finished_step(cache, "source", args.data) / "data.jsonl"
 
     # The CPU time of the training steps alone (not the model's loading), and the padding the model is fed.
     step_cpu, padded = [0.0], [0]
