@@ -23,8 +23,9 @@ from langmerge.cli_options import (
     model_flags,
     model_from_args,
 )
-from langmerge.study.config import SFT_ONLY, STUDY_OWNED, StudySpec, StudyTrainOptions
+from langmerge.study.config import STUDY_OWNED, StudySpec, StudyTrainOptions
 from langmerge.training import LoraOptions, TrainOptions
+from langmerge.training.options import SFT_ONLY
 from output_helpers import error_lines
 from study_helpers import study_dict
 

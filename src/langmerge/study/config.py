@@ -30,7 +30,7 @@ from langmerge.merge.recipe import Parameters, load_recipe
 from langmerge.methods.registry import METHODS, get_method
 from langmerge.study.sources import BUILTIN_SOURCES, missing_requirement
 from langmerge.training.data import parse_ratio, parse_token_count
-from langmerge.training.options import TrainOptions
+from langmerge.training.options import TrainOptions, sft_only_problem
 from langmerge.tuning.options import SearchKind, TrialBudget
 from langmerge.tuning.search import check_search
 from langmerge.tuning.space import SpaceEntry, load_space
@@ -99,8 +99,6 @@ KEYED_TRAINING: dict[str, Any] = {
 # Fields of TrainOptions a study sets itself: merging reads full checkpoints, so LoRA adapters are always
 # merged in; a step is written whole or not at all, so it keeps no resumable state.
 STUDY_OWNED = ("merge_lora", "checkpoint_every")
-# Fields of TrainOptions about SFT examples only: train_ct refuses them, and so does ct_training.
-SFT_ONLY = ("group_by_length",)
 
 
 def _keyed(model: BaseModel, keyed: dict[str, Any], exclude: tuple[str, ...] = ()) -> dict:
@@ -285,9 +283,9 @@ class StudySpec(_Strict):
     @field_validator("ct_training")
     @classmethod
     def _ct_packed(cls, options: StudyTrainOptions) -> StudyTrainOptions:
-        given = [name for name in SFT_ONLY if getattr(options, name)]
-        if given:
-            raise ValueError(f"{given[0]} applies to SFT (sft.training): CT's packed sequences all have seq_len")
+        problem = sft_only_problem(options)
+        if problem:
+            raise ValueError(f"{problem} (set it in sft.training)")
         return options
 
     @field_validator("methods")

@@ -22,7 +22,7 @@ from langmerge.training.data import (
     token_stream,
 )
 from langmerge.training.loop import Item, Job, TrainResult, fingerprint, prepare_output, run
-from langmerge.training.options import TrainOptions
+from langmerge.training.options import TrainOptions, sft_only_problem
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +85,9 @@ def train_ct(
     ``replay`` files are mixed in at ``replay_ratio`` (target parts : replay parts).
     """
     out = Path(out)
-    if options.group_by_length:
-        raise LangmergeError(
-            "group_by_length applies to SFT: CT's packed sequences all have the sequence length (drop the option)"
-        )
+    problem = sft_only_problem(options)
+    if problem:
+        raise LangmergeError(f"{problem} (drop the option)")
     total = _tokens(tokens)
     budgets = sorted({_tokens(b) for b in save_at} | {total})
     if budgets[-1] > total:

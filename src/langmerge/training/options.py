@@ -39,6 +39,19 @@ class LoraOptions(BaseModel):
         return "all-linear" if value == ["all-linear"] else value
 
 
+# Fields about SFT examples only: CT packs its text into sequences that all have seq_len, so train_ct and a
+# study's ct_training refuse them (``sft_only_problem``).
+SFT_ONLY = ("group_by_length",)
+
+
+def sft_only_problem(options: TrainOptions) -> str | None:
+    """What is wrong with ``options`` for CT, if one of them applies to SFT only (``SFT_ONLY``)."""
+    given = [name for name in SFT_ONLY if getattr(options, name)]
+    if not given:
+        return None
+    return f"{given[0]} applies to SFT: CT's packed sequences all have the sequence length"
+
+
 class TrainOptions(BaseModel):
     """Everything about a training run except its data."""
 
