@@ -28,7 +28,7 @@ from pydantic.fields import FieldInfo
 
 from langmerge.devices import resolve_device
 from langmerge.errors import LangmergeError
-from langmerge.input_files import describe_error, error_text
+from langmerge.input_files import BOUND_WORDS, describe_error, error_text
 
 # ----------------------------------------------------------------------------- argparse types
 
@@ -164,8 +164,8 @@ def model_flags(model: type[BaseModel]) -> dict[tuple[str, ...], str]:
 
 def _bounds_text(info: FieldInfo) -> str:
     """The field's bounds in words: `` of at least 1``."""
-    words = {"ge": "at least", "gt": "more than", "le": "at most", "lt": "less than"}
-    parts = [f"{words[key]} {getattr(m, key)}" for m in info.metadata for key in words if hasattr(m, key)]
+    bounds = BOUND_WORDS.items()
+    parts = [f"{words} {getattr(m, key)}" for m in info.metadata for key, words in bounds if hasattr(m, key)]
     return " of " + " and ".join(parts) if parts else ""
 
 

@@ -152,12 +152,10 @@ def validation_errors(
     return out
 
 
-_BOUNDS = {
-    "greater_than_equal": ("ge", "at least"),
-    "greater_than": ("gt", "more than"),
-    "less_than_equal": ("le", "at most"),
-    "less_than": ("lt", "less than"),
-}
+# A numeric bound in words, by pydantic's constraint name (``Field(ge=1)``); and the constraint of each
+# bound error type.
+BOUND_WORDS = {"ge": "at least", "gt": "more than", "le": "at most", "lt": "less than"}
+_BOUNDS = {"greater_than_equal": "ge", "greater_than": "gt", "less_than_equal": "le", "less_than": "lt"}
 
 
 def error_text(err: ErrorDetails) -> str:
@@ -167,8 +165,8 @@ def error_text(err: ErrorDetails) -> str:
     the command line (``cli_options``: after a flag).
     """
     if err["type"] in _BOUNDS:
-        key, words = _BOUNDS[err["type"]]
-        return f"must be {words} {err['ctx'][key]}, got {err['input']}"
+        key = _BOUNDS[err["type"]]
+        return f"must be {BOUND_WORDS[key]} {err['ctx'][key]}, got {err['input']}"
     if err["type"] == "extra_forbidden":
         return "unknown key"
     return err["msg"].removeprefix("Value error, ")
