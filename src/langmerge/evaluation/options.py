@@ -3,7 +3,7 @@
 It is what ``evaluate`` takes and what the option flags of ``langmerge eval`` are generated
 from (langmerge/cli_options.py). The settings that ``langmerge tune`` and a study's
 ``evaluation`` section share with it are declared once here, as annotated types
-(``BatchSize``, ``ExampleLimit``, ``FewShot``, ``Precision``), so a check or a help text
+(``BatchSize``, ``ExampleLimit``, ``FewShot``, ``Device``, ``Precision``), so a check or a help text
 changed here changes in all of them. Each field's ``description`` is its help text;
 ``json_schema_extra`` gives its ``unit``, ``default_text`` and ``metavar`` (as in
 training/options.py).
@@ -34,6 +34,8 @@ FewShot = Annotated[
         json_schema_extra={"metavar": "N", "default_text": "each task's own"},
     ),
 ]
+# The flag is the shared --device (cli_options.DEVICE), which checks the device is on this machine.
+Device = Annotated[str, Field(description=DEVICE.help)]
 Precision = Annotated[
     Literal["fp32", "bf16"],
     Field(description="bf16: matrix products in bfloat16 (torch.autocast), about twice as fast on AVX-512 BF16 CPUs"),
@@ -56,8 +58,7 @@ class EvalOptions(BaseModel):
         json_schema_extra={"unit": "tokens", "default_text": "the model's"},
     )
     seed: int = Field(0, description="seed of the few-shot selection")
-    # The flag is the shared --device (cli_options.DEVICE), which checks the device is on this machine.
-    device: str = Field(DEVICE.options["default"], description=DEVICE.help)
+    device: Device = DEVICE.options["default"]
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="dtype the weights are loaded in", json_schema_extra={"default_text": "the checkpoint's"}
     )

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from langmerge.cli_options import DEVICE
-from langmerge.evaluation.options import BatchSize, EvalOptions, ExampleLimit, FewShot
+from langmerge.evaluation.options import BatchSize, Device, EvalOptions, ExampleLimit, FewShot
 
 SearchKind = Annotated[Literal["grid", "tpe"], Field(description="grid (every point) or tpe (Optuna)")]
 TrialBudget = Annotated[
@@ -36,8 +36,7 @@ class TuneOptions(BaseModel):
     limit: ExampleLimit = None
     few_shot: FewShot = Field(None, description="override every task's few-shot count")
     batch_size: BatchSize = 16
-    # The flag is the shared --device (cli_options.DEVICE), which checks the device is on this machine.
-    device: str = Field(DEVICE.options["default"], description=DEVICE.help)
+    device: Device = DEVICE.options["default"]
 
     def eval_options(self) -> EvalOptions:
         """How each candidate is scored on the validation tasks."""
