@@ -10,7 +10,8 @@ PYTHONPATH=<main>/src, printing ``{label: step.key()}``.
 quick.yaml's keys were recorded again (by this file's ``_config_keys``) when the quick preset itself changed:
 SFT with ``group_by_length`` and a new ``english-tasks-sft-small`` with its own source version (which the pruned
 base's vocabulary and so every later step depend on), two SFT epochs, and ``bible_genre_ny`` alone for validation
-and score; full.yaml's and the tune steps' are still 5e85b07's.
+and score; CT-then-SFT at 500 tokens only (``ct_sft_budgets``) removed four steps and changed none.
+full.yaml's and the tune steps' are still 5e85b07's.
 """
 
 from __future__ import annotations
@@ -85,8 +86,6 @@ RECORDED_CONFIG_KEYS = {
         "eval layer_swap ny 500": "dd0cc005f1e15e0a",
         "analyze ny 500": "ed66283d436e49a0",
         "eval ct ny 2,000": "c053dad747544d79",
-        "ct-then-sft ny 2,000": "a76a0bea78bedf69",
-        "eval ct-then-sft ny 2,000": "134a00f3ee0cdf98",
         "tune ties ny 2,000": "dd1fb2674b06f629",
         "eval ties ny 2,000": "b37ddc4218c3b943",
         "tune ties_sv ny 2,000": "c0a1a7a22442781b",
@@ -95,8 +94,6 @@ RECORDED_CONFIG_KEYS = {
         "eval layer_swap ny 2,000": "2ad27f871b967422",
         "analyze ny 2,000": "8267ffb772c3a7f4",
         "eval ct ny 8,000": "9d71192e6371c96d",
-        "ct-then-sft ny 8,000": "07f7ea55a09d915b",
-        "eval ct-then-sft ny 8,000": "fb71972033e2673b",
         "tune ties ny 8,000": "1a7d6fdde12c4234",
         "eval ties ny 8,000": "f29a557f030424a4",
         "tune ties_sv ny 8,000": "da6bed6bc097ad3c",

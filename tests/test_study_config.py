@@ -129,3 +129,18 @@ def test_seeds_repeat_the_smallest_budget_and_the_sft_run(inputs, tmp_path):
     # The main runs are the same steps as without seeds: the seed repeats add steps, they change none.
     plain = build_plan(load_study(write_study(tmp_path / "plain.yaml", study_dict(inputs, tmp_path / "out"))))
     assert {s.key() for s in plain.steps} <= {s.key() for s in plan.steps}
+
+
+def test_ct_sft_budgets_train_the_baseline_at_those_budgets_only(inputs, tmp_path):
+    d = study_dict(inputs, tmp_path / "out")
+    d["languages"]["ny"]["ct_sft_budgets"] = [300]
+    plan = build_plan(load_study(write_study(tmp_path / "study.yaml", d)))
+    assert [s.label for s in plan.steps if s.kind == "ct_sft"] == ["ct-then-sft ny 300"]
+    assert {k for k in plan.evals if k[2] == "ct_sft"} == {("ny", 300, "ct_sft")}
+    # The steps kept are those of the study without the option: fewer steps, none changed.
+    every = build_plan(load_study(write_study(tmp_path / "every.yaml", study_dict(inputs, tmp_path / "out"))))
+    assert {s.key() for s in plan.steps} < {s.key() for s in every.steps}
+    assert len([s for s in every.steps if s.kind == "ct_sft"]) == 3
+    d["languages"]["ny"]["ct_sft_budgets"] = ["1k"]
+    msg = _error(tmp_path, d)
+    assert "languages.ny.ct_sft_budgets" in msg and "1,000 is not one of the budgets [300, 600, 1200]" in msg

@@ -168,6 +168,9 @@ class SFTSpec(_Strict):
 class LanguageSpec(_Strict):
     text: list[Source] = Field(default_factory=list)  # CT text (several files are concatenated)
     budgets: list[int | str] = Field(min_length=1)  # target-language tokens per CT checkpoint
+    # The budgets whose CT checkpoint is also fine-tuned into the CT-then-SFT baseline (one SFT run
+    # each); None: every budget. Finding 1 needs the smallest; the others draw the baseline's curve.
+    ct_sft_budgets: list[int | str] | None = Field(None, min_length=1)
     checkpoints: dict[str, str] = Field(
         default_factory=dict
     )  # budget -> a trained CT model, folder or Hub id (then no text needed)
@@ -297,6 +300,11 @@ class StudySpec(_Strict):
         return methods
 
 
+def _token_counts(values: list[int | str]) -> list[int]:
+    """Budgets as written (``2k``, ``1M``, 500) as sorted, distinct token counts."""
+    return sorted({b if isinstance(b, int) else parse_token_count(b) for b in values})
+
+
 class Study:
     """A checked study: the spec plus resolved paths and budgets."""
 
@@ -315,7 +323,14 @@ class Study:
         return p if p.is_absolute() else self.root / p
 
     def budgets(self, lang: str) -> list[int]:
-        return sorted({b if isinstance(b, int) else parse_token_count(b) for b in self.spec.languages[lang].budgets})
+        return _token_counts(self.spec.languages[lang].budgets)
+
+    def ct_sft_budgets(self, lang: str) -> list[int]:
+        """The budgets that get a CT-then-SFT run (``languages.LANG.ct_sft_budgets``; default all)."""
+        chosen = self.spec.languages[lang].ct_sft_budgets
+        if chosen is None:
+            return self.budgets(lang)
+        return _token_counts(chosen)
 
     def checkpoints(self, lang: str) -> dict[int, str]:
         """Budget -> the given CT model's reference (as ``model_ref`` reads it)."""
@@ -444,6 +459,9 @@ def check_study(study: Study) -> None:
             if b not in budgets:
                 raise LangmergeError(f"{key}.checkpoints: budget {b:,} is not one of the budgets {budgets}")
             study.model(value, f"{key}.checkpoints")
+        for b in study.ct_sft_budgets(lang):
+            if b not in budgets:
+                raise LangmergeError(f"{key}.ct_sft_budgets: budget {b:,} is not one of the budgets {budgets}")
         if any(b not in given for b in budgets) and not ls.text:
             raise LangmergeError(f"{key}.text: CT text is needed to train the budgets without a checkpoint")
         for i, src in enumerate(ls.text):

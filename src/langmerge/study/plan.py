@@ -182,23 +182,25 @@ def build_plan(study: Study) -> Plan:
     def budget_steps(
         lang: str, b: int, ct: Step, sft: Step, ev: EvalSettings, valid: TaskSettings, tag: str, methods: list[str]
     ) -> dict[str, Step]:
-        """CT-then-SFT and the tuned merges of one budget, and the evaluations of CT, CT-then-SFT and the merges."""
+        """CT-then-SFT (where the language's ct_sft_budgets has ``b``) and the tuned merges of one budget, and the
+        evaluations of CT, CT-then-SFT and the merges."""
         budget = {"budget": b} if ct.kind == "ct" else {}
         evals = {"ct": _add(order, seen, Step("eval", f"eval ct {tag}", ev.model_copy(update=budget), {"model": ct}))}
-        # a given SFT model has no training settings: CT-then-SFT trains as the study's sft.training says
-        training = sft.settings.training if isinstance(sft.settings, SFTSettings) else s.sft.training
-        ct_sft = _add(
-            order,
-            seen,
-            Step(
-                "ct_sft",
-                f"ct-then-sft {tag}",
-                SFTSettings(epochs=s.sft.epochs, training=training, budget=budget.get("budget")),
-                {"base": ct, "data": sft_data},
-                training=True,
-            ),
-        )
-        evals["ct_sft"] = _add(order, seen, Step("eval", f"eval ct-then-sft {tag}", ev, {"model": ct_sft}))
+        if b in study.ct_sft_budgets(lang):
+            # a given SFT model has no training settings: CT-then-SFT trains as the study's sft.training says
+            training = sft.settings.training if isinstance(sft.settings, SFTSettings) else s.sft.training
+            ct_sft = _add(
+                order,
+                seen,
+                Step(
+                    "ct_sft",
+                    f"ct-then-sft {tag}",
+                    SFTSettings(epochs=s.sft.epochs, training=training, budget=budget.get("budget")),
+                    {"base": ct, "data": sft_data},
+                    training=True,
+                ),
+            )
+            evals["ct_sft"] = _add(order, seen, Step("eval", f"eval ct-then-sft {tag}", ev, {"model": ct_sft}))
         for name in methods:
             m = s.methods[name]
             tune = _add(
