@@ -79,6 +79,20 @@ def test_tensor_tally_equals_direct_computation(weights_, kernel):
         )
 
 
+def test_a_tensor_of_several_work_items_sums_them_exactly(kernel):
+    # 700 x 400 entries: two of the fused kernel's work items (262,144 entries each), tallied by the threads
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(700, 400, generator=g)
+    inputs = [base + 0.3 * torch.randn(700, 400, generator=g), base + 0.1 * torch.randn(700, 400, generator=g)]
+    p = TensorParameters(weights=[1.0, 1.0], normalize=True, densities=[0.4, 0.6], protected=[False, True])
+    tally = tensor_tally(get_method("ties_sv"), base, inputs, p, [0.0, 2.0])
+    for s, slack in enumerate([0.0, 2.0]):
+        models, both, conflict = direct(base, inputs, [1.0, 1.0], [0.4, 0.6], slack, [False, True])
+        assert [int(tally.kept[i]) for i in range(2)] == [m["kept"] for m in models]
+        assert [int(tally.lost[s, i]) for i in range(2)] == [m["lost"] for m in models]
+        assert (tally.both_kept[0], tally.conflicts[0]) == (both, conflict)
+
+
 def test_whole_model_totals_equal_direct_computation_per_tensor(trio, kernel):
     report = analyze(recipe(trio), slacks=[0.0, 1.0], progress=False)
     base, ct, sft = (weights(trio[k]) for k in ("base", "ct", "sft"))
