@@ -22,6 +22,7 @@ from langmerge.evaluation.lm_eval_bridge import resolve_lm_eval_tasks, run_lm_ev
 from langmerge.evaluation.options import EvalOptions
 from langmerge.evaluation.scoring import encode_pair, generate_greedy, loglikelihoods, texts_nll
 from langmerge.evaluation.tasks import Task, answer_text, context, resolve_tasks, with_few_shot
+from langmerge.heap import reuse_freed_memory
 from langmerge.io.hub import resolve_model
 from langmerge.io.output import atomic_output_dir
 from langmerge.io.reader import pretrained_options, read_config
@@ -266,6 +267,7 @@ def _run_task(task, idx, model, tokenizer, opts, bar, generate) -> tuple[dict, l
     return _run_bits_per_char(task, idx, model, tokenizer, opts, bar)
 
 
+@reuse_freed_memory()  # the same large tensors every batch: their pages kept (langmerge.heap)
 def evaluate(
     model,
     tasks: Sequence[str | Task] | str,

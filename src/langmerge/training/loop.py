@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from langmerge import __version__
 from langmerge.errors import LangmergeError
+from langmerge.heap import reuse_freed_memory
 from langmerge.io.hub import ResolvedModel
 from langmerge.io.metadata import TRAINING_METADATA
 from langmerge.io.output import atomic_output_dir, check_disjoint, check_output_free
@@ -348,6 +349,7 @@ def prepare_output(out: Path, force: bool, resume: bool, inputs: Sequence[str | 
     return state
 
 
+@reuse_freed_memory()  # the same large tensors every batch: their pages kept (langmerge.heap)
 def run(
     job: Job,
     out: str | Path,
