@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from langmerge.study.config import load_study
-from langmerge.study.miniature import kept_token_ids, prune_vocabulary, pruned_tokenizer_json, task_strings
+from langmerge.study.miniature import kept_token_ids, occurring, prune_vocabulary, pruned_tokenizer_json, task_strings
 from langmerge.study.plan import build_plan
 from langmerge.study.sources import BUILTIN_SOURCES
 from langmerge.synthetic import LlamaShape, write_model
@@ -120,3 +121,22 @@ def test_pruned_gemma_tokenizer_tokenizes_the_miniature_data_identically(tmp_pat
         if pruned.encode(s, add_special_tokens=False).ids != [new_id[i] for i in ids]
     ]
     assert mismatches == []
+
+
+def test_occurring_agrees_with_a_search_of_the_whole_text():
+    rng = random.Random(0)
+    alphabet = "<>ab\n\t\0"
+    text = "".join(rng.choice(alphabet) for _ in range(5000)) + "<long-token-at-the-end>"
+    strings = [
+        "",
+        "<long-token-at-the-end>",
+        "<never>",
+        "\0a",
+        *("".join(rng.choices(alphabet, k=rng.randint(1, 6))) for _ in range(400)),
+    ]
+    expected = {s for s in strings if s in text}
+    assert occurring(strings, text) == expected
+    assert {"", "<long-token-at-the-end>"} <= expected and "<never>" not in expected
+    # a text where few positions begin a string: the windows are searched, not the text
+    sparse = "x" * 20000 + "<ab" + "x" * 100 + "<a>"
+    assert occurring(["<ab", "<a>", "<a", "<b", "<abx", "<abxx>"], sparse) == {"<ab", "<a>", "<a", "<abx"}
