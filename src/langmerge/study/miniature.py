@@ -94,7 +94,7 @@ def occurring(strings: list[str], text: str) -> set[str]:
     the whole text: Gemma-3's 6,321 added tokens that begin with "<" against the few thousand "<" of the
     miniature's texts, not megabytes each (the pruned base's step: 21 s -> under 1 s)."""
     groups: dict[str, list[str]] = defaultdict(list)
-    found = {s for s in strings if not s}  # the empty string occurs in any text
+    found: set[str] = {s for s in strings if not s}  # the empty string occurs in any text
     for s in strings:
         if s:
             groups[s[0]].append(s)
