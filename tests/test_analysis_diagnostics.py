@@ -93,6 +93,26 @@ def test_a_tensor_of_several_work_items_sums_them_exactly(kernel):
         assert (tally.both_kept[0], tally.conflicts[0]) == (both, conflict)
 
 
+def test_fused_tally_equals_the_reference_on_magnitudes_tied_at_the_trim_boundary(monkeypatch):
+    # Entries of a few magnitudes only, so many tie at each model's trim threshold and the exact selection
+    # keeps the first of them (by index) up to a cutoff; chunks of 7 rows (3,500 entries: not a multiple of the
+    # fused kernel's tiles, each chunk at another offset) over more than one work item, in bfloat16.
+    g = torch.Generator().manual_seed(2)
+    base = torch.zeros(601, 500, dtype=torch.bfloat16)
+    inputs = [torch.randint(-3, 4, (601, 500), generator=g).to(torch.bfloat16) * s for s in (1.0, 0.5)]
+    p = TensorParameters(weights=[0.7, 1.3], normalize=True, densities=[0.3, 0.55], protected=[False, True])
+    tallies = {}
+    for kernel, min_numel in (("reference", 1 << 62), ("fused", 1)):
+        monkeypatch.setattr(fused_cpu, "MIN_NUMEL", min_numel)
+        tallies[kernel] = tensor_tally(get_method("ties_sv"), base, inputs, p, [0.0, 1.0], chunk_bytes=7 * 500 * 2)
+    ref, fused = tallies["reference"], tallies["fused"]
+    assert fused.kept.tolist() == ref.kept.tolist() and fused.lost.tolist() == ref.lost.tolist()
+    assert (fused.both_kept.tolist(), fused.conflicts.tolist()) == (ref.both_kept.tolist(), ref.conflicts.tolist())
+    assert fused.kept.tolist() == [int(0.3 * base.numel()), int(0.55 * base.numel())]  # ties cut exactly at k
+    for name in ("kept_mass", "lost_mass", "squared_norm"):  # float64 sums, added in another order
+        assert getattr(fused, name) == pytest.approx(getattr(ref, name), rel=1e-12), name
+
+
 def test_whole_model_totals_equal_direct_computation_per_tensor(trio, kernel):
     report = analyze(recipe(trio), slacks=[0.0, 1.0], progress=False)
     base, ct, sft = (weights(trio[k]) for k in ("base", "ct", "sft"))

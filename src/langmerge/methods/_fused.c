@@ -521,42 +521,79 @@ LM_INLINE void tally_task_impl(tally_ctx *c, int64_t t, const int bf) {
     int mm = m > 0 ? m : 1, nq = np > 0 ? np : 1, vm = votes * m > 0 ? votes * m : 1;
     /* The task's sums in a buffer of its own, copied out once: summing straight into the shared partial
      * arrays, whose tasks sit side by side in a cache line, made two threads six times slower than one. */
-    void *buf = calloc(1, sizeof(float) * 2 * mm + sizeof(int64_t) * (mm + 2 * nq + vm) + sizeof(double) * (2 * mm + vm));
+    void *buf = calloc(1, sizeof(int64_t) * (mm + 2 * nq + vm) + sizeof(double) * (2 * mm + vm) +
+                              sizeof(float) * TILE * (2 * mm + 3));
     int64_t *restrict kept = buf;
     int64_t *restrict both = kept + mm, *restrict conflicts = both + nq, *restrict lost = conflicts + nq;
     double *restrict kept_mass = (double *)(lost + vm), *restrict squared = kept_mass + mm;
     double *restrict lost_mass = squared + mm;
-    float *restrict tv = (float *)(lost_mass + vm);
-    float *restrict v = tv + mm;
-    for (int64_t j = lo; j < hi; j++) {
-        float b = load(c->base, j, bf);
+    float *restrict tv = (float *)(lost_mass + vm); /* m x TILE: trimmed task vectors */
+    float *restrict v = tv + mm * TILE;            /* m x TILE: weighted */
+    float *restrict bt = v + mm * TILE, *restrict mass = bt + TILE;
+    float *restrict dt = mass + TILE; /* one model's entries before trimming; then its lost masses */
+    /* Tile by tile, one model (pair, vote) at a time with its sums in registers: each sum still adds the
+     * entries in index order, so the results are those of an entry-by-entry loop (4x sooner with 2 threads). */
+    for (int64_t t0 = lo; t0 < hi; t0 += TILE) {
+        int len = hi - t0 < TILE ? (int)(hi - t0) : TILE;
+        for (int k = 0; k < len; k++) bt[k] = load(c->base, t0 + k, bf);
         for (int i = 0; i < m; i++) {
-            float d = rnd(load(c->xs[i], j, bf) - b, bf);
-            squared[i] += (double)d * (double)d;
-            if (c->trim[i]) {
-                uint32_t key = key_of(d);
-                d = d * (float)((key > c->thresholds[i]) | ((key == c->thresholds[i]) & (c->offset + j < c->cutoffs[i])));
+            float *restrict tvi = tv + i * TILE, *restrict vi = v + i * TILE;
+            const void *x = c->xs[i];
+            const float w = c->weights[i];
+            const uint32_t thr = c->thresholds[i];
+            const int64_t cut = c->cutoffs[i] - c->offset - t0; /* key == thr is kept below this k */
+            const int trim = c->trim[i];
+            int64_t nonzero = 0;
+            /* the entries first (a loop that vectorizes), then the float64 sums in index order (one that cannot) */
+            for (int k = 0; k < len; k++) {
+                float d = rnd(load(x, t0 + k, bf) - bt[k], bf);
+                dt[k] = d;
+                if (trim) {
+                    uint32_t key = key_of(d);
+                    d = d * (float)((key > thr) | ((key == thr) & (k < cut)));
+                }
+                tvi[k] = d;
+                vi[k] = rnd(w * d, bf);
+                nonzero += d != 0.0f;
             }
-            tv[i] = d;
-            v[i] = rnd(c->weights[i] * d, bf);
-            kept[i] += d != 0.0f;
-            kept_mass[i] += d < 0 ? -d : d;
+            double sq = squared[i], km = kept_mass[i];
+            for (int k = 0; k < len; k++) {
+                sq += (double)dt[k] * (double)dt[k];
+                km += tvi[k] < 0 ? -tvi[k] : tvi[k];
+            }
+            squared[i] = sq, kept_mass[i] = km, kept[i] += nonzero;
         }
         for (int q = 0; q < np; q++) {
-            int a = c->pair_a[q], e = c->pair_b[q];
-            int kb = (tv[a] != 0.0f) & (tv[e] != 0.0f);
-            both[q] += kb;
-            conflicts[q] += kb & (sign_of(v[a]) != sign_of(v[e]));
+            const float *ta = tv + c->pair_a[q] * TILE, *te = tv + c->pair_b[q] * TILE;
+            const float *va = v + c->pair_a[q] * TILE, *ve = v + c->pair_b[q] * TILE;
+            int64_t nb = 0, nc = 0;
+            for (int k = 0; k < len; k++) {
+                int kb = (ta[k] != 0.0f) & (te[k] != 0.0f);
+                nb += kb;
+                nc += kb & (sign_of(va[k]) != sign_of(ve[k]));
+            }
+            both[q] += nb, conflicts[q] += nc;
         }
         for (int s = 0; s < votes; s++) {
-            float mass = 0.0f;
-            for (int i = 0; i < m; i++) mass += v[i] * c->scales[s * m + i];
-            if (c->round_vote[s]) mass = rnd(mass, bf);
-            int up = mass >= 0.0f;
+            for (int k = 0; k < len; k++) mass[k] = 0.0f;
+            for (int i = 0; i < m; i++) { /* the vote's sum in model order, as the merge adds it */
+                const float sc = c->scales[s * m + i], *vi = v + i * TILE;
+                for (int k = 0; k < len; k++) mass[k] += vi[k] * sc;
+            }
+            if (c->round_vote[s])
+                for (int k = 0; k < len; k++) mass[k] = rnd(mass[k], bf);
             for (int i = 0; i < m; i++) {
-                int here = (tv[i] != 0.0f) & !((v[i] != 0.0f) & ((v[i] > 0.0f) == up));
-                lost[s * m + i] += here;
-                lost_mass[s * m + i] += here ? (tv[i] < 0 ? -tv[i] : tv[i]) : 0.0;
+                const float *tvi = tv + i * TILE, *vi = v + i * TILE;
+                int64_t nl = 0;
+                for (int k = 0; k < len; k++) {
+                    int up = mass[k] >= 0.0f;
+                    int here = (tvi[k] != 0.0f) & !((vi[k] != 0.0f) & ((vi[k] > 0.0f) == up));
+                    nl += here;
+                    dt[k] = here ? (tvi[k] < 0 ? -tvi[k] : tvi[k]) : 0.0f;
+                }
+                double lm = lost_mass[s * m + i];
+                for (int k = 0; k < len; k++) lm += dt[k];
+                lost[s * m + i] += nl, lost_mass[s * m + i] = lm;
             }
         }
     }
